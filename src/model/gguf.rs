@@ -1,0 +1,205 @@
+//! Reading llama.cpp GGUF files: config from metadata, weights dequantized to f32 under HF
+//! names (q/k rows un-permuted back to HF's rotate-half layout), tokenizer and chat template.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{Device, Tensor};
+
+use super::config::LlamaConfig;
+use super::tokenizer::{self, TokenizerSpec};
+use crate::{Error, Result};
+
+/// What a GGUF file holds, read and converted.
+pub struct GgufModel {
+    /// Architecture hyper-parameters.
+    pub config: LlamaConfig,
+    /// Weights under HF names (`model.layers.0.self_attn.q_proj.weight`, ...), f32.
+    pub tensors: HashMap<String, Tensor>,
+    /// The tokenizer built from the metadata.
+    pub tokenizer: tokenizers::Tokenizer,
+    /// Special tokens and chat template.
+    pub spec: TokenizerSpec,
+}
+
+fn meta<'a>(c: &'a Content, path: &Path, key: &str) -> Result<&'a Value> {
+    c.metadata
+        .get(key)
+        .ok_or_else(|| Error::bad_input(path, None, format!("GGUF metadata key `{key}` is missing")))
+}
+
+fn meta_u(c: &Content, path: &Path, key: &str) -> Result<usize> {
+    let v = meta(c, path, key)?;
+    let n = match v {
+        Value::U8(x) => *x as u64,
+        Value::U16(x) => *x as u64,
+        Value::U32(x) => *x as u64,
+        Value::U64(x) => *x,
+        Value::I32(x) if *x >= 0 => *x as u64,
+        Value::I64(x) if *x >= 0 => *x as u64,
+        _ => return Err(Error::bad_input(path, None, format!("GGUF metadata `{key}` is not an unsigned integer"))),
+    };
+    Ok(n as usize)
+}
+
+fn meta_f(c: &Content, key: &str) -> Option<f64> {
+    match c.metadata.get(key)? {
+        Value::F32(x) => Some(*x as f64),
+        Value::F64(x) => Some(*x),
+        _ => None,
+    }
+}
+
+/// Maps a GGUF tensor name to its HF name (`None` for tensors we do not use).
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (idx, rest) = rest.split_once('.')?;
+    let idx: usize = idx.parse().ok()?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let hf = match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{idx}.{hf}.{kind}"))
+}
+
+/// Undoes llama.cpp's q/k row permutation (interleaved RoPE → HF rotate-half layout), as
+/// PyTorch transformers does when it reads a GGUF: rows viewed as
+/// (heads, head_dim/2, 2) are transposed to (heads, 2, head_dim/2).
+pub fn unpermute_rows(w: &Tensor, n_heads: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    let half = rows / n_heads / 2;
+    let t = w
+        .reshape((n_heads, half, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?;
+    Ok(t)
+}
+
+/// Reads a GGUF file: config, dequantized f32 weights under HF names, tokenizer.
+pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let content = Content::read(&mut file)
+        .map_err(|e| Error::bad_input(path, None, format!("not a readable GGUF file: {e}")))?;
+    let arch = match meta(&content, path, "general.architecture")? {
+        Value::String(s) => s.clone(),
+        _ => return Err(Error::bad_input(path, None, "general.architecture is not a string")),
+    };
+    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
+        return Err(Error::bad_input(
+            path,
+            None,
+            format!("architecture `{arch}` is not supported (llama, mistral, qwen2 are)"),
+        ));
+    }
+    let k = |s: &str| format!("{arch}.{s}");
+    let n_heads = meta_u(&content, path, &k("attention.head_count"))?;
+    let n_kv = content
+        .metadata
+        .get(&k("attention.head_count_kv"))
+        .map(|_| meta_u(&content, path, &k("attention.head_count_kv")))
+        .transpose()?
+        .unwrap_or(n_heads);
+    let hidden = meta_u(&content, path, &k("embedding_length"))?;
+    let has_output = content.tensor_infos.contains_key("output.weight");
+    let vocab_size = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .map(|t| t.shape.dims()[0])
+        .ok_or_else(|| Error::bad_input(path, None, "tensor token_embd.weight is missing"))?;
+    let head_dim = content
+        .metadata
+        .get(&k("attention.key_length"))
+        .and_then(|v| v.to_u32().ok())
+        .map(|v| v as usize)
+        .filter(|&d| d != hidden / n_heads);
+    let config = LlamaConfig {
+        vocab_size,
+        hidden_size: hidden,
+        intermediate_size: meta_u(&content, path, &k("feed_forward_length"))?,
+        num_hidden_layers: meta_u(&content, path, &k("block_count"))?,
+        num_attention_heads: n_heads,
+        num_key_value_heads: Some(n_kv),
+        head_dim,
+        rms_norm_eps: meta_f(&content, &k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        rope_theta: meta_f(&content, &k("rope.freq_base")).unwrap_or(10_000.0),
+        max_position_embeddings: meta_u(&content, path, &k("context_length")).unwrap_or(2048),
+        tie_word_embeddings: !has_output,
+        attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        bos_token_id: content.metadata.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
+        eos_token_id: content
+            .metadata
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(|v| v.to_u32().ok())
+            .map(serde_json::Value::from),
+        model_type: arch.clone(),
+    };
+    config.validate().map_err(|r| Error::bad_input(path, None, r))?;
+
+    let mut tensors = HashMap::new();
+    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+    for name in names {
+        let Some(hf) = hf_name(&name) else {
+            tracing::debug!("skipping GGUF tensor {name}");
+            continue;
+        };
+        let qt = content
+            .tensor(&mut file, &name, device)
+            .map_err(|e| Error::bad_input(path, None, format!("tensor {name}: {e}")))?;
+        let mut t = qt.dequantize(device)?;
+        // llama.cpp permutes q/k rows for its interleaved RoPE; Qwen2 conversions do not.
+        if arch != "qwen2" {
+            if name.contains(".attn_q.") {
+                t = unpermute_rows(&t, n_heads)?;
+            } else if name.contains(".attn_k.") {
+                t = unpermute_rows(&t, n_kv)?;
+            }
+        }
+        tensors.insert(hf, t);
+    }
+    let (tokenizer, spec) = tokenizer::from_gguf(&content, path)?;
+    Ok(GgufModel { config, tensors, tokenizer, spec })
+}
+
+/// Prints-friendly summary of GGUF metadata (for `tunebench model info`): every key except
+/// the large token arrays.
+pub fn metadata_summary(path: &Path) -> Result<Vec<(String, String)>> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let content = Content::read(&mut file)
+        .map_err(|e| Error::bad_input(path, None, format!("not a readable GGUF file: {e}")))?;
+    let mut out: Vec<(String, String)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| {
+            let s = match v {
+                Value::Array(a) => format!("[array of {}]", a.len()),
+                Value::String(s) if s.len() > 200 => format!("{}…", &s[..s.floor_char_boundary(200)]),
+                other => format!("{other:?}"),
+            };
+            (k.clone(), s)
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}

@@ -1,0 +1,391 @@
+//! A Llama-family decoder written for training (Llama 2/3, SmolLM, Mistral, Qwen2).
+//!
+//! Follows HF transformers' `LlamaForCausalLM` (modeling_llama.py): pre-norm decoder layers,
+//! grouped-query attention with rotate-half RoPE, SwiGLU MLP, optional tied LM head. Every
+//! projection is a [`Linear`] slot a PEFT method can wrap; the base weights are plain tensors
+//! (never `Var`s), so only adapter tensors receive gradients. Only ops with a backward are
+//! used (see `ops`); there is no KV cache in the model struct.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::LlamaConfig;
+use super::linear::{ForwardCtx, Linear};
+use super::ops;
+use crate::{Error, Result};
+
+/// Causal self-attention with grouped-query heads.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+/// The SwiGLU feed-forward block.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    /// Gate projection.
+    pub gate_proj: Linear,
+    /// Up projection.
+    pub up_proj: Linear,
+    /// Down projection.
+    pub down_proj: Linear,
+}
+
+/// One pre-norm decoder layer.
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    /// Self-attention.
+    pub self_attn: Attention,
+    /// Feed-forward.
+    pub mlp: Mlp,
+    input_layernorm: Tensor,
+    post_attention_layernorm: Tensor,
+}
+
+/// The whole decoder plus LM head.
+#[derive(Clone, Debug)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed_tokens: Tensor,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    /// The LM head (shares the embedding matrix when tied).
+    pub lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+impl Attention {
+    fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, ctx: &ForwardCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+        let (b, s, _) = xs.dims3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
+        let q = self.q_proj.forward(xs, ctx)?.reshape((b, s, nh, hd))?.transpose(1, 2)?;
+        let k = self.k_proj.forward(xs, ctx)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?;
+        let v = self.v_proj.forward(xs, ctx)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = ops::rope(&q.contiguous()?, cos, sin)?;
+        let mut k = ops::rope(&k.contiguous()?, cos, sin)?;
+        let mut v = v;
+        if let Some(c) = cache {
+            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            c.k = Some(k.clone());
+            c.v = Some(v.clone());
+        }
+        // Grouped-query attention without copying K/V: the `rep` query heads sharing one KV
+        // head are stacked along the row axis, (b, nkv, rep·s, hd).
+        let rep = nh / nkv;
+        let q = q.reshape((b, nkv, rep * s, hd))?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = ops::causal_softmax(&scores, s, 1.0 / (hd as f64).sqrt())?;
+        let out = probs.matmul(&v)?.reshape((b, nh, s, hd))?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+        self.o_proj.forward(&out, ctx)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let g = self.gate_proj.forward(xs, ctx)?.silu()?;
+        let u = self.up_proj.forward(xs, ctx)?;
+        self.down_proj.forward(&(g * u)?, ctx)
+    }
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cfg: &LlamaConfig,
+        cos: &Tensor,
+        sin: &Tensor,
+        ctx: &ForwardCtx,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let h = ops::rms_norm(xs, &self.input_layernorm, cfg.rms_norm_eps)?;
+        let xs = (xs + self.self_attn.forward(&h, cos, sin, ctx, cache)?)?;
+        let h = ops::rms_norm(&xs, &self.post_attention_layernorm, cfg.rms_norm_eps)?;
+        Ok((&xs + self.mlp.forward(&h, ctx)?)?)
+    }
+}
+
+fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let max = cfg.max_position_embeddings.max(1);
+    let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / hd as f32)).collect();
+    let mut cos = Vec::with_capacity(max * hd / 2);
+    let mut sin = Vec::with_capacity(max * hd / 2);
+    for p in 0..max {
+        for f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((Tensor::from_vec(cos, (max, hd / 2), device)?, Tensor::from_vec(sin, (max, hd / 2), device)?))
+}
+
+impl Llama {
+    /// Builds the model from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, …).
+    /// `source` names the file in errors.
+    pub fn from_tensors(cfg: LlamaConfig, mut t: HashMap<String, Tensor>, source: &std::path::Path, device: &Device) -> Result<Self> {
+        let mut take = |name: &str| -> Result<Tensor> {
+            let x = t
+                .remove(name)
+                .ok_or_else(|| Error::bad_input(source, None, format!("tensor `{name}` is missing")))?;
+            Ok(x.to_dtype(DType::F32)?.to_device(device)?)
+        };
+        let embed_tokens = take("model.embed_tokens.weight")?;
+        let (nh, nkv, hd, h) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim(), cfg.hidden_size);
+        let check = |name: &str, x: &Tensor, want: &[usize]| -> Result<()> {
+            if x.dims() != want {
+                return Err(Error::bad_input(source, None, format!("tensor `{name}` has shape {:?}, expected {want:?}", x.dims())));
+            }
+            Ok(())
+        };
+        check("model.embed_tokens.weight", &embed_tokens, &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut lin = |m: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                let name = format!("{p}.{m}");
+                let w = take(&format!("{name}.weight"))?;
+                check(&format!("{name}.weight"), &w, &[out, inp])?;
+                let b = if bias { Some(take(&format!("{name}.bias"))?) } else { None };
+                Ok(Linear::new(name, w, b))
+            };
+            let ab = cfg.attention_bias;
+            let self_attn = Attention {
+                q_proj: lin("self_attn.q_proj", nh * hd, h, ab)?,
+                k_proj: lin("self_attn.k_proj", nkv * hd, h, ab)?,
+                v_proj: lin("self_attn.v_proj", nkv * hd, h, ab)?,
+                o_proj: lin("self_attn.o_proj", h, nh * hd, false)?,
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            };
+            let mlp = Mlp {
+                gate_proj: lin("mlp.gate_proj", cfg.intermediate_size, h, false)?,
+                up_proj: lin("mlp.up_proj", cfg.intermediate_size, h, false)?,
+                down_proj: lin("mlp.down_proj", h, cfg.intermediate_size, false)?,
+            };
+            layers.push(DecoderLayer {
+                self_attn,
+                mlp,
+                input_layernorm: take(&format!("{p}.input_layernorm.weight"))?,
+                post_attention_layernorm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+            });
+        }
+        let norm = take("model.norm.weight")?;
+        let lm_w = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            take("lm_head.weight").or_else(|_| Ok::<_, Error>(embed_tokens.clone()))?
+        };
+        let lm_head = Linear::new("lm_head", lm_w, None);
+        let (cos, sin) = rope_tables(&cfg, device)?;
+        Ok(Llama { cfg, embed_tokens, layers, norm, lm_head, cos, sin, device: device.clone() })
+    }
+
+    /// A model with seeded random weights (tests and benchmarks of shapes).
+    pub fn random(cfg: LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut t = HashMap::new();
+        let mut rnd = |shape: &[usize], scale: f32| -> Result<Tensor> {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect();
+            Ok(Tensor::from_vec(v, shape, device)?)
+        };
+        let (h, nh, nkv, hd, f) = (cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim(), cfg.intermediate_size);
+        let s = 1.0 / (h as f32).sqrt();
+        t.insert("model.embed_tokens.weight".to_string(), rnd(&[cfg.vocab_size, h], 1.0)?);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            for (m, o, inp) in [
+                ("self_attn.q_proj", nh * hd, h),
+                ("self_attn.k_proj", nkv * hd, h),
+                ("self_attn.v_proj", nkv * hd, h),
+                ("self_attn.o_proj", h, nh * hd),
+                ("mlp.gate_proj", f, h),
+                ("mlp.up_proj", f, h),
+                ("mlp.down_proj", h, f),
+            ] {
+                t.insert(format!("{p}.{m}.weight"), rnd(&[o, inp], s * 2.0)?);
+                if cfg.attention_bias && m != "self_attn.o_proj" && m.starts_with("self_attn") {
+                    t.insert(format!("{p}.{m}.bias"), rnd(&[o], 0.1)?);
+                }
+            }
+            t.insert(format!("{p}.input_layernorm.weight"), (rnd(&[h], 0.2)? + 1.0)?);
+            t.insert(format!("{p}.post_attention_layernorm.weight"), (rnd(&[h], 0.2)? + 1.0)?);
+        }
+        t.insert("model.norm.weight".to_string(), (rnd(&[h], 0.2)? + 1.0)?);
+        if !cfg.tie_word_embeddings {
+            t.insert("lm_head.weight".to_string(), rnd(&[cfg.vocab_size, h], s)?);
+        }
+        Self::from_tensors(cfg, t, std::path::Path::new("<random>"), device)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The embedding matrix (vocab, hidden).
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
+    /// Every linear slot with its HF module path, in model order (LM head last).
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = Vec::new();
+        for l in &self.layers {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            v.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]);
+        }
+        v.push(&self.lm_head);
+        v
+    }
+
+    /// Mutable access to every linear slot (for installing adapters and merging).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = Vec::new();
+        for l in &mut self.layers {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            v.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]);
+        }
+        v.push(&mut self.lm_head);
+        v
+    }
+
+    /// Final hidden states (after the last norm), (b, s, hidden). `ids`: (b, s) u32.
+    pub fn hidden(&self, ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.hidden_cached(ids, ctx, None)
+    }
+
+    /// Like [`Llama::hidden`], continuing from (and extending) an inference KV cache: `ids`
+    /// are the new tokens, placed after the `cache.len()` already cached positions.
+    pub fn hidden_cached(&self, ids: &Tensor, ctx: &ForwardCtx, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (_, new) = ids.dims2()?;
+        let pos = cache.as_ref().map(|c| c.len).unwrap_or(0);
+        let s = pos + new;
+        if s > self.cfg.max_position_embeddings {
+            return Err(Error::Msg(format!(
+                "sequence of {s} tokens is longer than the model's context ({})",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let (b, _) = ids.dims2()?;
+        let mut xs = self.embed_tokens.embedding(&ids.flatten_all()?)?.reshape((b, new, self.cfg.hidden_size))?;
+        let cos = self.cos.narrow(0, pos, new)?;
+        let sin = self.sin.narrow(0, pos, new)?;
+        if let Some(c) = cache.as_deref_mut() {
+            if c.layers.len() != self.layers.len() {
+                c.layers = vec![LayerCache::default(); self.layers.len()];
+            }
+            c.len = s;
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let lctx = ForwardCtx { seed: ctx.seed.wrapping_mul(1_000_003).wrapping_add(i as u64), ..*ctx };
+            let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            xs = layer.forward(&xs, &self.cfg, &cos, &sin, &lctx, lc)?;
+        }
+        Ok(ops::rms_norm(&xs, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    /// Logits (b, s, vocab) for every position.
+    pub fn logits(&self, ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let h = self.hidden(ids, ctx)?;
+        self.lm_head.forward(&h, ctx)
+    }
+
+    /// Sum of next-token cross-entropy over the positions whose label is not -100, and the
+    /// number of such positions. `labels` are aligned with `ids` (HF convention): position t
+    /// predicts `labels[t+1]`. The LM head runs only on counted positions, in chunks of
+    /// `chunk` rows, so the full (b·s, vocab) logits never exist at once.
+    pub fn loss_sum(&self, ids: &Tensor, labels: &[i64], ctx: &ForwardCtx, chunk: usize) -> Result<(Tensor, usize)> {
+        let (b, s) = ids.dims2()?;
+        let h = self.hidden(ids, ctx)?.reshape((b * s, self.cfg.hidden_size))?;
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for bi in 0..b {
+            for t in 0..s.saturating_sub(1) {
+                let l = labels[bi * s + t + 1];
+                if l >= 0 {
+                    rows.push((bi * s + t) as u32);
+                    targets.push(l as u32);
+                }
+            }
+        }
+        let n = rows.len();
+        if n == 0 {
+            return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0));
+        }
+        let mut total: Option<Tensor> = None;
+        for start in (0..n).step_by(chunk.max(1)) {
+            let end = (start + chunk.max(1)).min(n);
+            let idx = Tensor::from_slice(&rows[start..end], end - start, &self.device)?;
+            let tgt = Tensor::from_slice(&targets[start..end], end - start, &self.device)?;
+            let hs = h.index_select(&idx, 0)?;
+            let logits = self.lm_head.forward(&hs, ctx)?;
+            let mask = Tensor::ones(end - start, DType::F32, &self.device)?;
+            let part = ops::masked_nll_sum(&logits, &tgt, &mask)?;
+            total = Some(match total {
+                Some(t) => (t + part)?,
+                None => part,
+            });
+        }
+        let total = total.ok_or_else(|| Error::Msg("empty loss".into()))?;
+        Ok((total, n))
+    }
+}
+
+/// One layer's cached keys and values, (b, kv_heads, len, head_dim).
+#[derive(Clone, Debug, Default)]
+pub struct LayerCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+/// An inference KV cache, passed to [`Llama::hidden_cached`] (the model holds none).
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Last-position helper: softmax-free greedy pick from (vocab,) logits.
+pub fn argmax_last(logits: &Tensor) -> Result<u32> {
+    Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?)
+}

@@ -1,0 +1,92 @@
+//! Models: configuration, weight loading (GGUF and HF safetensors folders), tokenizers, chat
+//! templates, and the Llama-family decoder written for training.
+
+pub mod config;
+pub mod gguf;
+pub mod linear;
+pub mod llama;
+pub mod ops;
+pub mod tokenizer;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+pub use config::LlamaConfig;
+pub use linear::{ForwardCtx, Linear, LinearAdapter};
+pub use llama::Llama;
+pub use tokenizer::TokenizerSpec;
+
+use crate::{Error, Result};
+
+/// A model ready to train or run: weights, tokenizer, special tokens, chat template.
+pub struct LoadedModel {
+    /// The decoder.
+    pub model: Llama,
+    /// The tokenizer.
+    pub tokenizer: tokenizers::Tokenizer,
+    /// Special tokens and chat template.
+    pub spec: TokenizerSpec,
+    /// Where it was loaded from.
+    pub source: PathBuf,
+}
+
+/// Loads a model from a `.gguf` file or a HF folder (config.json, model.safetensors or a
+/// sharded index, tokenizer.json, tokenizer_config.json). Weights are f32 on `device`.
+pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
+    if !path.exists() {
+        return Err(Error::bad_input(path, None, "model path does not exist (run scripts/setup for the default model)"));
+    }
+    if path.is_file() {
+        let g = gguf::load(path, device)?;
+        let model = Llama::from_tensors(g.config, g.tensors, path, device)?;
+        return Ok(LoadedModel { model, tokenizer: g.tokenizer, spec: g.spec, source: path.to_path_buf() });
+    }
+    let cfg = LlamaConfig::from_hf_json(&required(path, "config.json")?)?;
+    let tensors = read_safetensors_folder(path, device)?;
+    let (tokenizer, spec) = tokenizer::from_hf_folder(path)?;
+    let model = Llama::from_tensors(cfg, tensors, path, device)?;
+    Ok(LoadedModel { model, tokenizer, spec, source: path.to_path_buf() })
+}
+
+fn required(dir: &Path, file: &str) -> Result<PathBuf> {
+    let p = dir.join(file);
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(Error::bad_input(dir, None, format!("model folder has no {file}")))
+    }
+}
+
+/// Reads `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
+fn read_safetensors_folder(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let single = dir.join("model.safetensors");
+    let files: Vec<PathBuf> = if single.exists() {
+        vec![single]
+    } else {
+        let index = required(dir, "model.safetensors.index.json")
+            .map_err(|_| Error::bad_input(dir, None, "model folder has neither model.safetensors nor model.safetensors.index.json"))?;
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::bad_input(&index, Some(e.line()), e.to_string()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::bad_input(&index, None, "no `weight_map` object"))?;
+        let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(str::to_string)).collect();
+        shards.sort();
+        shards.dedup();
+        shards.into_iter().map(|s| dir.join(s)).collect()
+    };
+    let mut out = HashMap::new();
+    for f in files {
+        if !f.exists() {
+            return Err(Error::bad_input(&f, None, "weight shard listed in the index is missing"));
+        }
+        let t = candle_core::safetensors::load(&f, device).map_err(|e| Error::bad_input(&f, None, e.to_string()))?;
+        for (k, v) in t {
+            out.insert(k, v.to_dtype(DType::F32)?);
+        }
+    }
+    Ok(out)
+}

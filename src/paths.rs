@@ -1,0 +1,34 @@
+//! Where Tunebench keeps its files: the app data dir and the folders under it.
+
+use std::path::PathBuf;
+
+/// The file name of the default model inside the models folder.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The app data dir: `$TUNEBENCH_HOME`, else `$XDG_DATA_HOME/tunebench`, else
+/// `~/.local/share/tunebench` (the same rule `scripts/setup` uses).
+pub fn home() -> PathBuf {
+    if let Some(h) = std::env::var_os("TUNEBENCH_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(x).join("tunebench");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local").join("share").join("tunebench")
+}
+
+/// The models folder.
+pub fn models_dir() -> PathBuf {
+    home().join("models")
+}
+
+/// The runs folder (one sub-folder per run).
+pub fn runs_dir() -> PathBuf {
+    home().join("runs")
+}
+
+/// The path of the default model (it exists after `scripts/setup`).
+pub fn default_model() -> PathBuf {
+    models_dir().join(DEFAULT_MODEL_FILE)
+}
