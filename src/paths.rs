@@ -32,3 +32,35 @@ pub fn runs_dir() -> PathBuf {
 pub fn default_model() -> PathBuf {
     models_dir().join(DEFAULT_MODEL_FILE)
 }
+
+/// The bundled assets folder (presets, sample datasets): `$TUNEBENCH_ASSETS`, else the
+/// source tree's `assets/` when it exists (development builds), else a copy of the assets
+/// embedded in the binary, unpacked once into `<app data>/assets`.
+pub fn assets_dir() -> PathBuf {
+    if let Some(a) = std::env::var_os("TUNEBENCH_ASSETS").filter(|a| !a.is_empty()) {
+        return PathBuf::from(a);
+    }
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets");
+    if src.join("presets").exists() {
+        return src;
+    }
+    let dir = home().join("assets");
+    for (rel, text) in EMBEDDED_ASSETS {
+        let p = dir.join(rel);
+        if !p.exists() {
+            if let Some(parent) = p.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            let _ = std::fs::write(&p, text);
+        }
+    }
+    dir
+}
+
+/// Assets compiled into the binary so an installed `tunebench` runs the quickstart anywhere.
+const EMBEDDED_ASSETS: &[(&str, &str)] = &[
+    ("presets/quickstart.toml", include_str!("../assets/presets/quickstart.toml")),
+    ("datasets/persona/train.jsonl", include_str!("../assets/datasets/persona/train.jsonl")),
+    ("datasets/persona/eval.jsonl", include_str!("../assets/datasets/persona/eval.jsonl")),
+    ("datasets/persona/README.md", include_str!("../assets/datasets/persona/README.md")),
+];

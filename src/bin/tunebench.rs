@@ -1,10 +1,18 @@
 //! The `tunebench` command line: thin argument parsing over the engine.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
+use candle_core::Device;
 use clap::{Parser, Subcommand};
-use tunebench::{model, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use tunebench::data::Message;
+use tunebench::model::{self, LoadedModel};
+use tunebench::peft::Adapter;
+use tunebench::train::{self, heldout, RunConfig, TrainEvent, TrainObserver, TrainOptions};
+use tunebench::{Error, Result};
 
 #[derive(Parser)]
 #[command(name = "tunebench", version, about = "Fine-tune language models on your own workstation")]
@@ -15,12 +23,60 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Train an adapter: `--config run.toml` or `--preset quickstart`.
+    Train {
+        /// Run config (TOML; every key is documented in the README).
+        #[arg(long, conflicts_with = "preset")]
+        config: Option<PathBuf>,
+        /// A bundled preset (see `tunebench presets`).
+        #[arg(long)]
+        preset: Option<String>,
+        /// Continue from the newest checkpoint in the run folder.
+        #[arg(long)]
+        resume: bool,
+        /// Override the run folder.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override the model path.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Override train.max_steps.
+        #[arg(long)]
+        max_steps: Option<usize>,
+        /// Print events as JSON lines instead of a progress bar.
+        #[arg(long)]
+        json: bool,
+        /// Skip the held-out generation check.
+        #[arg(long)]
+        no_heldout: bool,
+    },
+    /// List the bundled presets.
+    Presets,
+    /// Score a model (and adapter) on held-out prompts: share of answers that contain an
+    /// expected string.
+    Eval {
+        /// Model (default: the installed default model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// PEFT adapter folder.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Held-out prompts (JSONL of {prompt, expect}); default: the bundled persona set.
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        /// Longest answer in tokens.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Print every answer.
+        #[arg(long)]
+        verbose: bool,
+    },
     /// Inspect a model file or folder.
     Model {
         #[command(subcommand)]
         cmd: ModelCmd,
     },
-    /// Generate a continuation of a prompt (quick check of a model or adapter).
+    /// Generate an answer (quick check of a model or adapter).
     Generate {
         /// Model: a .gguf file or HF folder (default: the installed default model).
         #[arg(long)]
@@ -40,6 +96,9 @@ enum Cmd {
         /// Sampling temperature (0 = greedy).
         #[arg(long, default_value_t = 0.0)]
         temperature: f64,
+        /// Nucleus sampling mass.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
         /// Seed for sampling.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -60,6 +119,58 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write a freshly initialised LoRA adapter in PEFT's format (interop checks).
+    LoraInit {
+        /// Model.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Rank.
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        /// Alpha.
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f64,
+        /// Comma-separated module names, or all-linear.
+        #[arg(long, default_value = "q_proj,v_proj")]
+        targets: String,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Give B random non-zero values (a fresh LoRA has B = 0 and changes nothing).
+        #[arg(long)]
+        random_b: bool,
+    },
+    /// Benchmark LoRA training steps on fixed batches (a safetensors file holding an i64
+    /// `input_ids` [n, batch, seq]); prints one JSON line.
+    BenchTrain {
+        /// Model.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Batches file.
+        #[arg(long)]
+        batches: PathBuf,
+        /// Rank.
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        /// Alpha.
+        #[arg(long, default_value_t = 32.0)]
+        alpha: f64,
+        /// Comma-separated module names, or all-linear.
+        #[arg(long, default_value = "all-linear")]
+        targets: String,
+        /// Learning rate.
+        #[arg(long, default_value_t = 1e-4)]
+        lr: f64,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 2)]
+        warmup_steps: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 6)]
+        steps: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -75,9 +186,182 @@ fn model_path(p: Option<PathBuf>) -> PathBuf {
     p.unwrap_or_else(tunebench::paths::default_model)
 }
 
+fn load_with_adapter(path: Option<PathBuf>, adapter: Option<&Path>) -> Result<LoadedModel> {
+    let mut m = model::load(&model_path(path), &Device::Cpu)?;
+    if let Some(a) = adapter {
+        Adapter::load(&mut m.model, a)?;
+    }
+    Ok(m)
+}
+
+fn targets_of(s: &str) -> Vec<&str> {
+    s.split(',').map(str::trim).filter(|t| !t.is_empty()).collect()
+}
+
+/// The CLI's observer: a progress bar with loss, tokens/s and ETA, plus event lines.
+struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl TrainObserver for Progress {
+    fn on_event(&mut self, ev: &TrainEvent) {
+        match ev {
+            TrainEvent::Started { total_steps, start_step, train_examples, val_examples, trainable_params, total_params } => {
+                eprintln!(
+                    "training {total_steps} steps on {train_examples} examples ({val_examples} held for validation); trainable params {trainable_params} of {total_params} ({:.2}%)",
+                    100.0 * *trainable_params as f64 / *total_params as f64
+                );
+                let bar = ProgressBar::new(*total_steps as u64);
+                bar.set_style(
+                    ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                bar.set_position(*start_step as u64);
+                bar.reset_eta();
+                self.bar = Some(bar);
+            }
+            TrainEvent::Step { step, loss, lr, tokens_per_s, .. } => {
+                if let Some(b) = &self.bar {
+                    b.set_position(*step as u64);
+                    b.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {tokens_per_s:.0} tok/s"));
+                }
+            }
+            other => {
+                let line = match other {
+                    TrainEvent::Eval { step, val_loss, perplexity } => format!("step {step}: val loss {val_loss:.4}, perplexity {perplexity:.2}"),
+                    TrainEvent::Heldout { phase, correct, total } => {
+                        format!("held-out prompts answered correctly ({phase} training): {correct}/{total} ({:.0}%)", 100.0 * *correct as f64 / (*total).max(1) as f64)
+                    }
+                    TrainEvent::Checkpoint { step, path } => format!("step {step}: checkpoint {path}"),
+                    TrainEvent::Finished { step, stopped: true, .. } => format!("stopped at step {step}; continue with --resume"),
+                    TrainEvent::Finished { step, adapter, .. } => format!("finished {step} steps; adapter: {adapter}"),
+                    TrainEvent::Message { text } => text.clone(),
+                    _ => String::new(),
+                };
+                match &self.bar {
+                    Some(b) if !b.is_finished() => b.println(line),
+                    _ => eprintln!("{line}"),
+                }
+                if matches!(other, TrainEvent::Finished { .. }) {
+                    if let Some(b) = &self.bar {
+                        b.finish_and_clear();
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn cmd_train(
+    config: Option<PathBuf>,
+    preset: Option<String>,
+    resume: bool,
+    out: Option<PathBuf>,
+    model: Option<PathBuf>,
+    max_steps: Option<usize>,
+    json: bool,
+    no_heldout: bool,
+) -> Result<()> {
+    let mut cfg = match (config, preset) {
+        (Some(c), _) => RunConfig::from_file(&c)?,
+        (None, Some(p)) => RunConfig::preset(&p)?,
+        (None, None) => return Err(Error::Msg("give --config run.toml or --preset NAME (see `tunebench presets`)".into())),
+    };
+    if let Some(o) = out {
+        cfg.output.dir = Some(o);
+    }
+    if let Some(m) = model {
+        cfg.model.path = Some(m);
+    }
+    if let Some(s) = max_steps {
+        cfg.train.max_steps = s;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // First Ctrl-C: checkpoint and stop; the handler stays installed, a second one kills.
+        let _ = ctrlc_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("stopping after this step (checkpoint first); press Ctrl-C again to abort");
+        });
+    }
+    let opts = TrainOptions { resume, stop: Some(stop), skip_heldout: no_heldout, ..Default::default() };
+    let summary = if json {
+        train::train(&cfg, &opts, &mut train::observer::JsonLines)?
+    } else {
+        train::train(&cfg, &opts, &mut Progress { bar: None })?
+    };
+    if !json {
+        if let (Some(b), Some(a)) = (&summary.heldout_before, &summary.heldout_after) {
+            println!(
+                "held-out accuracy: {:.0}% before -> {:.0}% after ({} prompts)",
+                100.0 * b.accuracy(),
+                100.0 * a.accuracy(),
+                a.total
+            );
+        }
+        if let (Some(f), Some(l)) = (summary.losses.first(), summary.losses.last()) {
+            println!("train loss {f:.4} -> {l:.4} over {} steps", summary.steps);
+        }
+        if let (Some(f), Some(l)) = (summary.val_losses.first(), summary.val_losses.last()) {
+            println!("val loss {:.4} (step {}) -> {:.4} (step {})", f.1, f.0, l.1, l.0);
+        }
+        println!("adapter: {}", summary.adapter_dir.display());
+    }
+    Ok(())
+}
+
+/// Installs a SIGINT handler without extra crates (POSIX `signal`).
+fn ctrlc_handler(f: impl Fn() + Send + Sync + 'static) -> std::io::Result<()> {
+    use std::sync::OnceLock;
+    static HANDLER: OnceLock<Box<dyn Fn() + Send + Sync>> = OnceLock::new();
+    let _ = HANDLER.set(Box::new(f));
+    extern "C" fn on_sigint(_: i32) {
+        if let Some(h) = HANDLER.get() {
+            h();
+        }
+    }
+    #[cfg(unix)]
+    {
+        extern "C" {
+            fn signal(signum: i32, handler: extern "C" fn(i32)) -> usize;
+        }
+        // SAFETY: installing a plain C signal handler; it only touches an atomic and stderr.
+        unsafe {
+            signal(2, on_sigint);
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
-    let device = candle_core::Device::Cpu;
+    let device = Device::Cpu;
     match cli.cmd {
+        Cmd::Train { config, preset, resume, out, model, max_steps, json, no_heldout } => {
+            cmd_train(config, preset, resume, out, model, max_steps, json, no_heldout)?
+        }
+        Cmd::Presets => {
+            for (name, desc, _) in train::config::PRESETS {
+                println!("{name:12} {desc}");
+            }
+        }
+        Cmd::Eval { model, adapter, prompts, max_tokens, verbose } => {
+            let m = load_with_adapter(model, adapter.as_deref())?;
+            let template = train::trainer::template_for(&m)?;
+            let path = prompts.unwrap_or_else(|| tunebench::paths::assets_dir().join("datasets/persona/eval.jsonl"));
+            let ps = heldout::read_prompts(&path)?;
+            let bar = ProgressBar::new(ps.len() as u64);
+            let r = heldout::score(&m, &template, &ps, max_tokens, |d, _| bar.set_position(d as u64))?;
+            bar.finish_and_clear();
+            if verbose {
+                for a in &r.answers {
+                    println!("[{}] {} => {}", if a.correct { "ok" } else { "--" }, a.prompt, a.answer.replace('\n', " "));
+                }
+            }
+            println!("held-out accuracy: {}/{} ({:.0}%)", r.correct, r.total, 100.0 * r.accuracy());
+        }
         Cmd::Model { cmd: ModelCmd::Info { path } } => {
             let path = model_path(path);
             if path.is_file() {
@@ -87,38 +371,53 @@ fn run(cli: Cli) -> Result<()> {
             }
             let m = model::load(&path, &device)?;
             println!("{}", serde_json::to_string_pretty(m.model.config()).unwrap_or_default());
+            println!("parameters: {}", m.model.num_params());
         }
-        Cmd::Generate { model, adapter, prompt, raw, max_tokens, temperature, seed } => {
-            let m = model::load(&model_path(model), &device)?;
-            if adapter.is_some() {
-                return Err(tunebench::Error::Msg("adapters: not wired yet".into()));
-            }
-            let text = if raw { prompt } else { format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n") };
-            let enc = m.tokenizer.encode(text, false).map_err(|e| tunebench::Error::Tokenizer(e.to_string()))?;
+        Cmd::Generate { model, adapter, prompt, raw, max_tokens, temperature, top_p, seed } => {
+            let m = load_with_adapter(model, adapter.as_deref())?;
+            let text = if raw {
+                prompt
+            } else {
+                train::trainer::template_for(&m)?.render(&[Message { role: "user".into(), content: prompt }], true)?
+            };
+            let enc = m.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
             let opts = tunebench::infer::SampleOptions {
                 max_new_tokens: max_tokens,
                 temperature,
+                top_p,
                 seed,
                 stop_ids: vec![m.spec.eos_id],
-                ..Default::default()
             };
             let out = tunebench::infer::generate(&m.model, enc.get_ids(), &opts, |_| {})?;
-            let s = m.tokenizer.decode(&out, true).map_err(|e| tunebench::Error::Tokenizer(e.to_string()))?;
+            let s = m.tokenizer.decode(&out, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
             println!("{s}");
         }
         Cmd::Logits { model, adapter, tokens, out } => {
-            let m = model::load(&model_path(model), &device)?;
-            if adapter.is_some() {
-                return Err(tunebench::Error::Msg("adapters: not wired yet".into()));
-            }
-            let text = std::fs::read_to_string(&tokens).map_err(|e| tunebench::Error::io(&tokens, e))?;
-            let seqs: Vec<Vec<u32>> =
-                serde_json::from_str(&text).map_err(|e| tunebench::Error::bad_input(&tokens, Some(e.line()), e.to_string()))?;
+            let m = load_with_adapter(model, adapter.as_deref())?;
+            let text = std::fs::read_to_string(&tokens).map_err(|e| Error::io(&tokens, e))?;
+            let seqs: Vec<Vec<u32>> = serde_json::from_str(&text).map_err(|e| Error::bad_input(&tokens, Some(e.line()), e.to_string()))?;
             let mut map = std::collections::HashMap::new();
             for (i, s) in seqs.iter().enumerate() {
                 map.insert(format!("logits.{i}"), tunebench::infer::sequence_logits(&m.model, s)?);
             }
             candle_core::safetensors::save(&map, &out)?;
+        }
+        Cmd::LoraInit { model, out, rank, alpha, targets, seed, random_b } => {
+            let mut m = model::load(&model_path(model.clone()), &device)?;
+            let cfg = RunConfig::lora(rank, alpha, &targets_of(&targets));
+            let a = Adapter::inject(&mut m.model, &cfg, seed)?;
+            if random_b {
+                for (i, (_, l)) in a.layers.iter().enumerate() {
+                    let b = candle_core::Tensor::randn(0f32, 0.02, l.b.dims(), &device)?;
+                    let _ = i;
+                    l.b.set(&b)?;
+                }
+            }
+            a.save(&out, &model_path(model).display().to_string())?;
+        }
+        Cmd::BenchTrain { model, batches, rank, alpha, targets, lr, warmup_steps, steps } => {
+            let r = tunebench::train::bench::run(&model_path(model), &batches, rank, alpha, &targets_of(&targets), lr, warmup_steps, steps)?;
+            println!("{}", serde_json::to_string(&r).map_err(|e| Error::Msg(e.to_string()))?);
         }
     }
     Ok(())

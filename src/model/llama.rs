@@ -141,12 +141,23 @@ fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
 impl Llama {
     /// Builds the model from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, …).
     /// `source` names the file in errors.
-    pub fn from_tensors(cfg: LlamaConfig, mut t: HashMap<String, Tensor>, source: &std::path::Path, device: &Device) -> Result<Self> {
+    pub fn from_tensors(cfg: LlamaConfig, t: HashMap<String, Tensor>, source: &std::path::Path, device: &Device) -> Result<Self> {
+        Self::from_tensors_dtype(cfg, t, source, device, DType::F32)
+    }
+
+    /// Like [`Llama::from_tensors`] with the weights in `dtype` (F64 for gradient checks).
+    pub fn from_tensors_dtype(
+        cfg: LlamaConfig,
+        mut t: HashMap<String, Tensor>,
+        source: &std::path::Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let mut take = |name: &str| -> Result<Tensor> {
             let x = t
                 .remove(name)
                 .ok_or_else(|| Error::bad_input(source, None, format!("tensor `{name}` is missing")))?;
-            Ok(x.to_dtype(DType::F32)?.to_device(device)?)
+            Ok(x.to_dtype(dtype)?.to_device(device)?)
         };
         let embed_tokens = take("model.embed_tokens.weight")?;
         let (nh, nkv, hd, h) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim(), cfg.hidden_size);
@@ -202,6 +213,11 @@ impl Llama {
 
     /// A model with seeded random weights (tests and benchmarks of shapes).
     pub fn random(cfg: LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
+        Self::random_dtype(cfg, seed, device, DType::F32)
+    }
+
+    /// [`Llama::random`] in `dtype`.
+    pub fn random_dtype(cfg: LlamaConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut t = HashMap::new();
@@ -236,7 +252,7 @@ impl Llama {
         if !cfg.tie_word_embeddings {
             t.insert("lm_head.weight".to_string(), rnd(&[cfg.vocab_size, h], s)?);
         }
-        Self::from_tensors(cfg, t, std::path::Path::new("<random>"), device)
+        Self::from_tensors_dtype(cfg, t, std::path::Path::new("<random>"), device, dtype)
     }
 
     /// The configuration.
@@ -247,6 +263,21 @@ impl Llama {
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Number of base-model parameters (the tied LM head counted once).
+    pub fn num_params(&self) -> usize {
+        let mut n = self.embed_tokens.elem_count() + self.norm.elem_count();
+        for l in &self.layers {
+            n += l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count();
+        }
+        for lin in self.linears() {
+            if lin.name() == "lm_head" && self.cfg.tie_word_embeddings {
+                continue;
+            }
+            n += lin.weight().elem_count() + lin.bias().map(|b| b.elem_count()).unwrap_or(0);
+        }
+        n
     }
 
     /// The embedding matrix (vocab, hidden).
@@ -339,7 +370,7 @@ impl Llama {
         }
         let n = rows.len();
         if n == 0 {
-            return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0));
+            return Ok((Tensor::zeros((), self.embed_tokens.dtype(), &self.device)?, 0));
         }
         let mut total: Option<Tensor> = None;
         for start in (0..n).step_by(chunk.max(1)) {
@@ -348,7 +379,7 @@ impl Llama {
             let tgt = Tensor::from_slice(&targets[start..end], end - start, &self.device)?;
             let hs = h.index_select(&idx, 0)?;
             let logits = self.lm_head.forward(&hs, ctx)?;
-            let mask = Tensor::ones(end - start, DType::F32, &self.device)?;
+            let mask = Tensor::ones(end - start, logits.dtype(), &self.device)?;
             let part = ops::masked_nll_sum(&logits, &tgt, &mask)?;
             total = Some(match total {
                 Some(t) => (t + part)?,

@@ -169,7 +169,7 @@ pub fn rms_norm(xs: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
 /// RMSNorm from differentiable primitives (reference and non-CPU path).
 pub fn rms_norm_composed(xs: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
     let dtype = xs.dtype();
-    let x = xs.to_dtype(DType::F32)?;
+    let x = if dtype == DType::F64 { xs.clone() } else { xs.to_dtype(DType::F32)? };
     let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     x.broadcast_mul(&r)?.to_dtype(dtype)?.broadcast_mul(w)
 }
@@ -318,11 +318,12 @@ pub fn causal_softmax_composed(xs: &Tensor, q_len: usize, scale: f64) -> CResult
 /// target is not `ignore` (given as `mask`, f32 0/1 of shape (n,)), differentiable in logits.
 /// Returns (sum of losses over counted rows, as a scalar tensor).
 pub fn masked_nll_sum(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> CResult<Tensor> {
-    let logits = logits.to_dtype(DType::F32)?;
+    let logits = if logits.dtype() == DType::F64 { logits.clone() } else { logits.to_dtype(DType::F32)? };
+    let mask = mask.to_dtype(logits.dtype())?;
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
     let nll = (lse - picked)?.squeeze(1)?;
-    (nll * mask)?.sum_all()
+    (nll * &mask)?.sum_all()
 }

@@ -1,1 +1,275 @@
-//! peft (work in progress).
+//! Parameter-efficient fine-tuning methods.
+//!
+//! Mirrors HF peft's tuners: a method is a config (serde, validated, PEFT's JSON keys), an
+//! `inject` step that installs trainable tensors into the model's [`Linear`] slots, save/load
+//! in PEFT's adapter format (`adapter_config.json` + `adapter_model.safetensors`, PEFT key
+//! names), and `merge` where the math allows. [`registry`] lists the methods for the UI/CLI.
+
+pub mod lora;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Linear, Llama};
+use crate::{Error, Result};
+pub use lora::{LoraConfig, LoraLayer};
+
+/// One entry of the method registry.
+#[derive(Clone, Debug, Serialize)]
+pub struct MethodInfo {
+    /// Name used in configs and the CLI (`lora`).
+    pub name: &'static str,
+    /// HF peft's `peft_type`.
+    pub peft_type: &'static str,
+    /// One line for the UI.
+    pub description: &'static str,
+}
+
+/// Every method this build supports.
+pub fn registry() -> &'static [MethodInfo] {
+    &[MethodInfo {
+        name: "lora",
+        peft_type: "LORA",
+        description: "Low-rank update B·A added to frozen projections (Hu et al. 2021); rsLoRA scaling optional.",
+    }]
+}
+
+/// A method and its settings, as written in a run config (`[peft] method = "lora"`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "lowercase", deny_unknown_fields)]
+pub enum PeftConfig {
+    /// LoRA.
+    Lora(LoraConfig),
+}
+
+impl Default for PeftConfig {
+    fn default() -> Self {
+        PeftConfig::Lora(LoraConfig::default())
+    }
+}
+
+impl PeftConfig {
+    /// Checks the values; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            PeftConfig::Lora(c) => c.validate(),
+        }
+    }
+}
+
+/// Which linear layers a method wraps: module names matched as in peft (a module matches
+/// when its path equals the name or ends with `.name`), or `"all-linear"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// `"all-linear"`: every linear layer except the LM head.
+    Keyword(String),
+    /// Explicit module names.
+    Names(Vec<String>),
+}
+
+impl TargetModules {
+    /// Checks the keyword; names are checked against the model in [`TargetModules::resolve`].
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            TargetModules::Keyword(k) if k == "all-linear" => Ok(()),
+            TargetModules::Keyword(k) => Err(Error::config(
+                "peft.target_modules",
+                format!("`{k}` is neither \"all-linear\" nor a list of module names (e.g. [\"q_proj\", \"v_proj\"])"),
+            )),
+            TargetModules::Names(n) if n.is_empty() => Err(Error::config("peft.target_modules", "the list is empty")),
+            TargetModules::Names(_) => Ok(()),
+        }
+    }
+
+    /// The full module paths selected in `model`; an unknown name is an error listing the
+    /// names the model has.
+    pub fn resolve(&self, model: &Llama) -> Result<BTreeSet<String>> {
+        self.validate()?;
+        let all: Vec<&Linear> = model.linears();
+        match self {
+            TargetModules::Keyword(_) => Ok(all.iter().filter(|l| l.name() != "lm_head").map(|l| l.name().to_string()).collect()),
+            TargetModules::Names(names) => {
+                let mut out = BTreeSet::new();
+                for n in names {
+                    let hits: Vec<&&Linear> = all.iter().filter(|l| l.name() == n || l.name().ends_with(&format!(".{n}"))).collect();
+                    if hits.is_empty() {
+                        let known: BTreeSet<&str> = all.iter().map(|l| l.short_name()).collect();
+                        return Err(Error::config(
+                            "peft.target_modules",
+                            format!("unknown target module `{n}`; this model has: {}", known.into_iter().collect::<Vec<_>>().join(", ")),
+                        ));
+                    }
+                    out.extend(hits.into_iter().map(|l| l.name().to_string()));
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Inverted dropout with a reproducible mask drawn from `seed` (so a resumed run draws the
+/// same masks as an uninterrupted one).
+pub fn dropout(xs: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let n = xs.elem_count();
+    let keep = 1.0 - p;
+    let threshold = (p * u64::MAX as f64) as u64;
+    let scale = (1.0 / keep) as f32;
+    const CHUNK: usize = 4096;
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
+        let mut state = seed ^ (ci as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        for m in chunk.iter_mut() {
+            // splitmix64
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            *m = if z >= threshold { scale } else { 0.0 };
+        }
+    });
+    let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+    Ok((xs * mask)?)
+}
+
+/// The adapter installed in a model: its config and trainable layers.
+#[derive(Debug)]
+pub struct Adapter {
+    /// The method and settings.
+    pub config: PeftConfig,
+    /// (PEFT key prefix, layer) for every wrapped module.
+    pub layers: Vec<(String, Arc<LoraLayer>)>,
+}
+
+const CONFIG_FILE: &str = "adapter_config.json";
+const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+impl Adapter {
+    /// Installs a fresh adapter into `model`.
+    pub fn inject(model: &mut Llama, config: &PeftConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let layers = match config {
+            PeftConfig::Lora(c) => lora::inject(model, c, seed)?,
+        };
+        Ok(Adapter { config: config.clone(), layers })
+    }
+
+    /// The trainable tensors under their PEFT keys (`….lora_A.weight`), in a fixed order.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let mut v = Vec::with_capacity(self.layers.len() * 2);
+        for (p, l) in &self.layers {
+            v.push((format!("{p}.lora_A.weight"), l.a.clone()));
+            v.push((format!("{p}.lora_B.weight"), l.b.clone()));
+        }
+        v
+    }
+
+    /// Number of trainable parameters.
+    pub fn num_params(&self) -> usize {
+        self.trainable().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// PEFT's `adapter_config.json` for this adapter.
+    pub fn peft_config_json(&self, base_model: &str) -> serde_json::Value {
+        match &self.config {
+            PeftConfig::Lora(c) => serde_json::json!({
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": base_model,
+                "r": c.r,
+                "lora_alpha": c.lora_alpha,
+                "lora_dropout": c.lora_dropout,
+                "target_modules": c.target_modules,
+                "use_rslora": c.use_rslora,
+                "rank_pattern": c.rank_pattern,
+                "alpha_pattern": c.alpha_pattern,
+                "bias": "none",
+                "fan_in_fan_out": false,
+                "inference_mode": true,
+                "init_lora_weights": true,
+                "modules_to_save": null,
+                "use_dora": false,
+                "revision": null,
+            }),
+        }
+    }
+
+    /// Saves in PEFT's format into `dir` (created if needed). Each file is written to a
+    /// temporary name, fsynced and renamed, so a crash never leaves a half-written adapter.
+    pub fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut map = HashMap::new();
+        for (k, v) in self.trainable() {
+            map.insert(k, v.as_tensor().clone());
+        }
+        let weights = dir.join(WEIGHTS_FILE);
+        crate::train::checkpoint::atomic_write(&weights, |tmp| Ok(candle_core::safetensors::save(&map, tmp)?))?;
+        let cfg = serde_json::to_string_pretty(&self.peft_config_json(base_model)).map_err(|e| Error::Msg(e.to_string()))?;
+        let cfg_path = dir.join(CONFIG_FILE);
+        crate::train::checkpoint::atomic_write(&cfg_path, |tmp| std::fs::write(tmp, cfg.as_bytes()).map_err(|e| Error::io(tmp, e)))?;
+        Ok(())
+    }
+
+    /// Loads a PEFT adapter folder into `model` (replacing any installed adapter).
+    pub fn load(model: &mut Llama, dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join(CONFIG_FILE);
+        if !cfg_path.exists() {
+            return Err(Error::bad_input(dir, None, format!("adapter folder has no {CONFIG_FILE}")));
+        }
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::bad_input(&cfg_path, Some(e.line()), e.to_string()))?;
+        let peft_type = v.get("peft_type").and_then(|t| t.as_str()).unwrap_or("LORA");
+        if peft_type != "LORA" {
+            return Err(Error::bad_input(&cfg_path, None, format!("peft_type `{peft_type}` is not supported yet")));
+        }
+        for (key, unsupported) in [("use_dora", true), ("fan_in_fan_out", true)] {
+            if v.get(key).and_then(|x| x.as_bool()) == Some(unsupported) {
+                return Err(Error::bad_input(&cfg_path, None, format!("`{key}: true` is not supported yet")));
+            }
+        }
+        if v.get("modules_to_save").is_some_and(|m| !m.is_null()) {
+            return Err(Error::bad_input(&cfg_path, None, "`modules_to_save` is not supported yet"));
+        }
+        let c: LoraConfig = serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        if !weights_path.exists() {
+            return Err(Error::bad_input(dir, None, format!("adapter folder has no {WEIGHTS_FILE}")));
+        }
+        let weights = candle_core::safetensors::load(&weights_path, model.device())
+            .map_err(|e| Error::bad_input(&weights_path, None, e.to_string()))?;
+        // peft may save keys with the adapter name (`lora_A.default.weight`); accept both.
+        let weights: HashMap<String, Tensor> =
+            weights.into_iter().map(|(k, t)| (k.replace(".default.weight", ".weight"), t)).collect();
+        remove_all(model);
+        let layers = lora::inject_loaded(model, &c, &weights, &weights_path)?;
+        Ok(Adapter { config: PeftConfig::Lora(c), layers })
+    }
+
+    /// Folds the adapter into the base weights (`W += s·B·A`) and uninstalls it: the model then
+    /// computes the same function with no adapter overhead.
+    pub fn merge_into(&self, model: &mut Llama) -> Result<()> {
+        let by_prefix: HashMap<&str, &Arc<LoraLayer>> = self.layers.iter().map(|(p, l)| (p.as_str(), l)).collect();
+        for lin in model.linears_mut() {
+            if let Some(l) = by_prefix.get(lora::peft_prefix(lin).as_str()) {
+                let merged = (lin.weight() + l.delta_weight()?)?;
+                lin.set_weight(merged);
+                lin.set_adapter(None);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes every adapter from `model`.
+pub fn remove_all(model: &mut Llama) {
+    for lin in model.linears_mut() {
+        lin.set_adapter(None);
+    }
+}

@@ -1,0 +1,229 @@
+//! LoRA: low-rank adaptation of frozen linear layers.
+//!
+//! Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021); rsLoRA scaling from
+//! Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (2023).
+//! Follows HF peft's `tuners/lora` (config keys, init, key names, merge):
+//! `y = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ` with A (r, in) Kaiming-uniform, B (out, r) zero, and
+//! `s = alpha / r` (or `alpha / √r` with rsLoRA).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::{Tensor, Var};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::{dropout, TargetModules};
+use crate::model::{ForwardCtx, Linear, LinearAdapter, Llama};
+use crate::{Error, Result};
+
+/// LoRA settings; reads and writes HF peft's `adapter_config.json` keys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Rank of the update.
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// Scaling numerator: the update is multiplied by `lora_alpha / r`.
+    #[serde(default = "default_alpha")]
+    pub lora_alpha: f64,
+    /// Dropout on the adapter's input during training.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Which linear layers get an adapter: module names (`["q_proj", "v_proj"]`) or
+    /// `"all-linear"` (every projection except the LM head).
+    #[serde(default = "default_targets")]
+    pub target_modules: TargetModules,
+    /// rsLoRA: scale by `lora_alpha / √r` instead.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Per-module rank overrides (module-name suffix → r), as in peft.
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha overrides, as in peft.
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_targets() -> TargetModules {
+    TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: default_r(),
+            lora_alpha: default_alpha(),
+            lora_dropout: 0.0,
+            target_modules: default_targets(),
+            use_rslora: false,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+        }
+    }
+}
+
+impl LoraConfig {
+    /// Checks the values; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::config("peft.r", "rank must be at least 1"));
+        }
+        if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            return Err(Error::config("peft.lora_alpha", "must be a positive number"));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(Error::config("peft.lora_dropout", "must be in [0, 1)"));
+        }
+        if let Some((k, _)) = self.rank_pattern.iter().find(|(_, &r)| r == 0) {
+            return Err(Error::config(format!("peft.rank_pattern.{k}"), "rank must be at least 1"));
+        }
+        self.target_modules.validate()
+    }
+
+    fn pattern<T: Copy>(map: &BTreeMap<String, T>, module: &str) -> Option<T> {
+        map.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}"))).map(|(_, v)| *v)
+    }
+
+    /// (rank, scale) for one module.
+    pub fn rank_and_scale(&self, module: &str) -> (usize, f64) {
+        let r = Self::pattern(&self.rank_pattern, module).unwrap_or(self.r);
+        let alpha = Self::pattern(&self.alpha_pattern, module).unwrap_or(self.lora_alpha);
+        let scale = if self.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+        (r, scale)
+    }
+}
+
+/// One LoRA-wrapped linear layer's trainable pair.
+#[derive(Debug)]
+pub struct LoraLayer {
+    /// (r, in).
+    pub a: Var,
+    /// (out, r).
+    pub b: Var,
+    /// alpha / r (or alpha / √r).
+    pub scale: f64,
+    dropout: f64,
+    index: u64,
+}
+
+impl LinearAdapter for LoraLayer {
+    fn forward(&self, xs: &Tensor, base: Tensor, _w: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let x = if ctx.train && self.dropout > 0.0 {
+            dropout(xs, self.dropout, ctx.seed ^ self.index.wrapping_mul(0x9E37_79B9_7F4A_7C15))?
+        } else {
+            xs.clone()
+        };
+        let a = self.a.as_tensor();
+        let b = self.b.as_tensor();
+        let down = x.broadcast_matmul(&a.t()?)?;
+        let up = down.broadcast_matmul(&b.t()?)?;
+        Ok((base + (up * self.scale)?)?)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl LoraLayer {
+    /// The weight update `scale · B·A`, (out, in).
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?)
+    }
+}
+
+/// Installs fresh LoRA layers on the targeted linears. Returns `(peft key prefix, layer)` for
+/// every wrapped module, e.g. `base_model.model.model.layers.0.self_attn.q_proj`.
+pub fn inject(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> Result<Vec<(String, Arc<LoraLayer>)>> {
+    cfg.validate()?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let targets = cfg.target_modules.resolve(model)?;
+    let mut out = Vec::new();
+    for (index, lin) in model.linears_mut().into_iter().enumerate() {
+        if !targets.contains(&lin.name().to_string()) {
+            continue;
+        }
+        let (inp, outf) = lin.in_out();
+        let (r, scale) = cfg.rank_and_scale(lin.name());
+        // Kaiming-uniform with a = √5, as nn.Linear and peft: bound = 1/√fan_in.
+        let bound = 1.0 / (inp as f32).sqrt();
+        let a: Vec<f32> = (0..r * inp).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound).collect();
+        let dev = lin.weight().device();
+        let dtype = lin.weight().dtype();
+        let a = Var::from_tensor(&Tensor::from_vec(a, (r, inp), dev)?.to_dtype(dtype)?)?;
+        let b = Var::from_tensor(&Tensor::zeros((outf, r), dtype, dev)?)?;
+        let layer = Arc::new(LoraLayer { a, b, scale, dropout: cfg.lora_dropout, index: index as u64 });
+        lin.set_adapter(Some(layer.clone()));
+        out.push((peft_prefix(lin), layer));
+    }
+    Ok(out)
+}
+
+/// Installs LoRA layers with given weights (from a saved adapter). `weights` maps PEFT keys
+/// (`…q_proj.lora_A.weight`) to tensors; `source` names the file in errors.
+pub fn inject_loaded(
+    model: &mut Llama,
+    cfg: &LoraConfig,
+    weights: &std::collections::HashMap<String, Tensor>,
+    source: &std::path::Path,
+) -> Result<Vec<(String, Arc<LoraLayer>)>> {
+    cfg.validate()?;
+    let targets = cfg.target_modules.resolve(model)?;
+    let mut out = Vec::new();
+    let mut used = 0usize;
+    for (index, lin) in model.linears_mut().into_iter().enumerate() {
+        if !targets.contains(&lin.name().to_string()) {
+            continue;
+        }
+        let prefix = peft_prefix(lin);
+        let get = |which: &str| -> Result<Tensor> {
+            let key = format!("{prefix}.{which}.weight");
+            weights
+                .get(&key)
+                .cloned()
+                .ok_or_else(|| Error::bad_input(source, None, format!("adapter tensor `{key}` is missing")))
+        };
+        let dtype = lin.weight().dtype();
+        let a = get("lora_A")?.to_dtype(dtype)?.to_device(lin.weight().device())?;
+        let b = get("lora_B")?.to_dtype(dtype)?.to_device(lin.weight().device())?;
+        let (inp, outf) = lin.in_out();
+        let (r, scale) = cfg.rank_and_scale(lin.name());
+        if a.dims() != [r, inp] || b.dims() != [outf, r] {
+            return Err(Error::bad_input(
+                source,
+                None,
+                format!("{prefix}: lora_A {:?} / lora_B {:?} do not fit r={r}, in={inp}, out={outf}", a.dims(), b.dims()),
+            ));
+        }
+        used += 2;
+        let layer = Arc::new(LoraLayer {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            scale,
+            dropout: cfg.lora_dropout,
+            index: index as u64,
+        });
+        lin.set_adapter(Some(layer.clone()));
+        out.push((prefix, layer));
+    }
+    let lora_keys = weights.keys().filter(|k| k.contains(".lora_A.") || k.contains(".lora_B.")).count();
+    if used != lora_keys {
+        return Err(Error::bad_input(
+            source,
+            None,
+            format!("adapter has {lora_keys} LoRA tensors but its target_modules select {used}: the files do not match"),
+        ));
+    }
+    Ok(out)
+}
+
+/// PEFT's module key for a linear: `base_model.model.<HF module path>`.
+pub fn peft_prefix(lin: &Linear) -> String {
+    format!("base_model.model.{}", lin.name())
+}

@@ -1,0 +1,155 @@
+//! AdamW with decoupled weight decay (Loshchilov & Hutter 2019), the learning-rate schedule,
+//! and global-norm gradient clipping. Matches PyTorch's `torch.optim.AdamW` update order.
+
+use std::collections::HashMap;
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// AdamW hyper-parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamWParams {
+    /// β₁.
+    pub beta1: f64,
+    /// β₂.
+    pub beta2: f64,
+    /// ε.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+/// AdamW over a fixed, named list of variables; its state can be saved and restored.
+pub struct AdamW {
+    vars: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    step: usize,
+    p: AdamWParams,
+}
+
+impl AdamW {
+    /// A fresh optimizer over `vars`.
+    pub fn new(vars: Vec<(String, Var)>, p: AdamWParams) -> Result<Self> {
+        let m = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        let v = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(AdamW { vars, m, v, step: 0, p })
+    }
+
+    /// The optimized variables.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// One update with learning rate `lr`; `grads[i]` is the gradient of `vars[i]`.
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step += 1;
+        let AdamWParams { beta1: b1, beta2: b2, eps, weight_decay: wd } = self.p;
+        let bc1 = 1.0 - b1.powi(self.step as i32);
+        let bc2 = 1.0 - b2.powi(self.step as i32);
+        for (i, (_, var)) in self.vars.iter().enumerate() {
+            let g = &grads[i];
+            let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
+            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let mut p = var.as_tensor().clone();
+            if wd != 0.0 {
+                p = (p * (1.0 - lr * wd))?;
+            }
+            let denom = ((v.clone() / bc2)?.sqrt()? + eps)?;
+            let upd = ((m.clone() / bc1)? / denom)?;
+            var.set(&(p - (upd * lr)?)?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> usize {
+        self.step
+    }
+
+    /// The state as named tensors (`m.<var>`, `v.<var>`, `step`).
+    pub fn state(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            out.insert(format!("m.{name}"), self.m[i].clone());
+            out.insert(format!("v.{name}"), self.v[i].clone());
+        }
+        let dev = self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        out.insert("step".into(), Tensor::new(&[self.step as u32], &dev)?);
+        Ok(out)
+    }
+
+    /// Restores state written by [`AdamW::state`].
+    pub fn restore(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        for (i, (name, var)) in self.vars.iter().enumerate() {
+            for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+                let key = format!("{prefix}.{name}");
+                let t = state.get(&key).ok_or_else(|| Error::Msg(format!("optimizer state has no `{key}`")))?;
+                if t.dims() != var.dims() {
+                    return Err(Error::Msg(format!("optimizer state `{key}` has shape {:?}, expected {:?}", t.dims(), var.dims())));
+                }
+                *slot = t.clone();
+            }
+        }
+        let step = state.get("step").ok_or_else(|| Error::Msg("optimizer state has no `step`".into()))?;
+        self.step = step.to_vec1::<u32>()?.first().copied().unwrap_or(0) as usize;
+        Ok(())
+    }
+}
+
+/// Learning-rate schedule after warmup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Half-cosine from the peak to `min_lr_ratio × peak`.
+    #[default]
+    Cosine,
+    /// Straight line from the peak to `min_lr_ratio × peak`.
+    Linear,
+    /// Constant at the peak.
+    Constant,
+}
+
+/// The learning rate for 0-based optimizer step `step` of `total`: linear warmup over
+/// `warmup` steps (reaching the peak at step `warmup − 1`), then the schedule.
+pub fn lr_at(step: usize, total: usize, warmup: usize, peak: f64, schedule: Schedule, min_ratio: f64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1);
+    let progress = ((step - warmup) as f64 / span as f64).min(1.0);
+    let min = peak * min_ratio;
+    match schedule {
+        Schedule::Constant => peak,
+        Schedule::Linear => min + (peak - min) * (1.0 - progress),
+        Schedule::Cosine => min + (peak - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+    }
+}
+
+/// Global L2 norm of `grads`.
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads {
+        sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    Ok(sq.sqrt())
+}
+
+/// Scales `grads` in place so their global norm is at most `max_norm` (as
+/// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let norm = global_norm(grads)?;
+    if max_norm > 0.0 && norm.is_finite() {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in grads.iter_mut() {
+                *g = (&*g * coef)?;
+            }
+        }
+    }
+    Ok(norm)
+}

@@ -1,0 +1,294 @@
+//! The training loop: micro-batches with gradient accumulation, AdamW, warmup + schedule,
+//! global-norm clipping, periodic validation and atomic checkpoints, exact resume.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use super::checkpoint::{self, TrainerState};
+use super::config::RunConfig;
+use super::heldout;
+use super::observer::{TrainEvent, TrainObserver};
+use super::optim::{self, AdamW, AdamWParams};
+use crate::data::{self, Batch, Batcher, ChatTemplate, DataOptions, Example};
+use crate::model::{self, ForwardCtx, LoadedModel};
+use crate::peft::Adapter;
+use crate::{Error, Result};
+
+/// How to run (as opposed to what to train, which is the [`RunConfig`]).
+#[derive(Clone, Default)]
+pub struct TrainOptions {
+    /// Continue from the newest checkpoint in the run folder.
+    pub resume: bool,
+    /// Set to request a graceful stop: checkpoint, then return.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Stop (as if requested) after this many steps in this session (tests, benchmarks).
+    pub stop_after: Option<usize>,
+    /// Skip the held-out generation check.
+    pub skip_heldout: bool,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    /// Steps completed in total.
+    pub steps: usize,
+    /// Loss of every completed step (earlier sessions included when resumed).
+    pub losses: Vec<f64>,
+    /// Validation loss per evaluation (step, loss) in this session.
+    pub val_losses: Vec<(usize, f64)>,
+    /// Held-out score before training, when measured.
+    pub heldout_before: Option<heldout::HeldoutReport>,
+    /// Held-out score after training, when measured.
+    pub heldout_after: Option<heldout::HeldoutReport>,
+    /// The final adapter folder.
+    pub adapter_dir: PathBuf,
+    /// True when stopped early (resumable).
+    pub stopped: bool,
+}
+
+/// The chat template a model ships, or ChatML.
+pub fn template_for(m: &LoadedModel) -> Result<ChatTemplate> {
+    match &m.spec.chat_template {
+        Some(src) => ChatTemplate::new(src, m.spec.bos_token.as_deref().unwrap_or(""), &m.spec.eos_token),
+        None => Ok(ChatTemplate::chatml()),
+    }
+}
+
+/// Mean validation loss per target token over `val`.
+pub fn validate(m: &LoadedModel, val: &[Example], batch_size: usize, chunk: usize) -> Result<f64> {
+    let mut sum = 0f64;
+    let mut n = 0usize;
+    for b in data::eval_batches(val, batch_size.max(1), m.spec.pad_id) {
+        let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), m.model.device())?;
+        let (l, k) = m.model.loss_sum(&ids, &b.labels, &ForwardCtx::default(), chunk)?;
+        sum += l.to_scalar::<f32>()? as f64;
+        n += k;
+    }
+    Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+}
+
+/// Runs (or resumes) a training run end to end.
+pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) -> Result<TrainSummary> {
+    let device = Device::Cpu;
+    let out_dir = cfg.output_dir();
+    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    let cfg_text = toml::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
+    checkpoint::atomic_write(&out_dir.join("config.toml"), |p| std::fs::write(p, &cfg_text).map_err(|e| Error::io(p, e)))?;
+
+    let mut m = model::load(&cfg.model_path(), &device)?;
+    let template = template_for(&m)?;
+    let d = &cfg.data;
+    let data_opts = DataOptions {
+        format: d.format,
+        max_len: d.max_len,
+        train_on_prompt: d.train_on_prompt,
+        val_fraction: d.val_fraction,
+        val_max: d.val_max,
+        seed: cfg.seed,
+        max_examples: d.max_examples,
+    };
+    let dataset = data::load_dataset(&d.path, &data_opts, &template, &m.tokenizer)?;
+    if dataset.train.is_empty() {
+        return Err(Error::bad_input(&d.path, None, "no training examples left after the validation split"));
+    }
+    obs.on_event(&TrainEvent::Message {
+        text: format!(
+            "data: {} train / {} val examples, {} tokens, {} truncated",
+            dataset.train.len(),
+            dataset.val.len(),
+            dataset.stats.tokens,
+            dataset.stats.truncated
+        ),
+    });
+
+    let heldout_prompts = match (&cfg.eval.prompts, opts.skip_heldout) {
+        (Some(p), false) => Some(heldout::read_prompts(p)?),
+        _ => None,
+    };
+    let mut heldout_before = None;
+    if let (Some(prompts), true, false) = (&heldout_prompts, cfg.eval.before, opts.resume) {
+        let r = heldout::score(&m, &template, prompts, cfg.eval.max_new_tokens, |_, _| {})?;
+        obs.on_event(&TrainEvent::Heldout { phase: "before".into(), correct: r.correct, total: r.total });
+        heldout_before = Some(r);
+    }
+
+    let adapter = Adapter::inject(&mut m.model, &cfg.peft, cfg.seed)?;
+    let vars = adapter.trainable();
+    let t = &cfg.train;
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWParams { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_eps, weight_decay: t.weight_decay },
+    )?;
+    let mut batcher = Batcher::new(dataset.train.len(), t.batch_size, cfg.seed, m.spec.pad_id);
+    let micro_per_epoch = batcher.steps_per_epoch();
+    let total_steps = if t.max_steps > 0 {
+        t.max_steps
+    } else {
+        ((t.epochs * micro_per_epoch as f64) / t.grad_accum as f64).ceil().max(1.0) as usize
+    };
+    let warmup = if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total_steps as f64).round() as usize };
+
+    let ckpt_dir = out_dir.join("checkpoints");
+    let mut state = TrainerState {
+        step: 0,
+        tokens_seen: 0,
+        batcher: serde_json::Value::Null,
+        seed: cfg.seed,
+        elapsed_s: 0.0,
+        val_loss: None,
+        losses: vec![],
+    };
+    if opts.resume {
+        let Some((_, last)) = checkpoint::list(&ckpt_dir).pop() else {
+            return Err(Error::Msg(format!("nothing to resume: no checkpoint in {}", ckpt_dir.display())));
+        };
+        let ck = checkpoint::load(&last, &device)?;
+        let wpath = ck.adapter_dir.join("adapter_model.safetensors");
+        let w = candle_core::safetensors::load(&wpath, &device).map_err(|e| Error::bad_input(&wpath, None, e.to_string()))?;
+        for (k, v) in &vars {
+            let t = w.get(k).ok_or_else(|| Error::bad_input(&wpath, None, format!("checkpoint has no `{k}`")))?;
+            v.set(t)?;
+        }
+        opt.restore(&ck.optim)?;
+        let bs: data::BatcherState =
+            serde_json::from_value(ck.state.batcher.clone()).map_err(|e| Error::bad_input(&last, None, format!("data position: {e}")))?;
+        batcher.restore(bs);
+        state = ck.state;
+        obs.on_event(&TrainEvent::Message { text: format!("resumed from {} (step {})", last.display(), state.step) });
+    }
+
+    obs.on_event(&TrainEvent::Started {
+        total_steps,
+        start_step: state.step,
+        train_examples: dataset.train.len(),
+        val_examples: dataset.val.len(),
+        trainable_params: adapter.num_params(),
+        total_params: m.model.num_params(),
+    });
+
+    let base_name = cfg.model_path().display().to_string();
+    let save_ckpt = |state: &TrainerState, opt: &AdamW| -> Result<PathBuf> {
+        let dir = ckpt_dir.join(checkpoint::dir_name(state.step));
+        checkpoint::save(&dir, |p| adapter.save(p, &base_name), &opt.state()?, state)?;
+        let all = checkpoint::list(&ckpt_dir);
+        if all.len() > t.keep_checkpoints.max(1) {
+            for (_, old) in &all[..all.len() - t.keep_checkpoints.max(1)] {
+                let _ = std::fs::remove_dir_all(old);
+            }
+        }
+        Ok(dir)
+    };
+
+    let session_start = Instant::now();
+    let elapsed_before = state.elapsed_s;
+    let mut val_losses = Vec::new();
+    let mut stopped = false;
+    let mut session_steps = 0usize;
+    while state.step < total_steps {
+        let step_start = Instant::now();
+        let micro: Vec<Batch> = (0..t.grad_accum).map(|_| batcher.next_batch(&dataset.train)).collect();
+        let n_targets: usize = micro.iter().map(|b| b.n_target_tokens).sum();
+        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut loss_total = 0f64;
+        let mut step_tokens = 0u64;
+        for (mi, b) in micro.iter().enumerate() {
+            step_tokens += (b.batch_size * b.seq_len) as u64;
+            if n_targets == 0 {
+                continue;
+            }
+            let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &device)?;
+            let ctx = ForwardCtx { train: true, seed: cfg.seed ^ ((state.step as u64) << 20) ^ mi as u64 };
+            let (sum, _) = m.model.loss_sum(&ids, &b.labels, &ctx, t.loss_chunk)?;
+            let loss = (sum / n_targets as f64)?;
+            let lv = loss.to_scalar::<f32>()? as f64;
+            if !lv.is_finite() {
+                let lr = optim::lr_at(state.step, total_steps, warmup, t.lr, t.schedule, t.min_lr_ratio);
+                return Err(Error::Training(format!(
+                    "the loss became {lv} at step {}; nothing was saved from this step. Lower train.lr (now {lr:.2e}) or train.max_grad_norm and resume from the last checkpoint",
+                    state.step + 1
+                )));
+            }
+            loss_total += lv;
+            let grads = loss.backward()?;
+            for (i, (_, v)) in vars.iter().enumerate() {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    acc[i] = Some(match acc[i].take() {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        let mut grads: Vec<Tensor> =
+            acc.into_iter().zip(&vars).map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like())).collect::<candle_core::Result<_>>()?;
+        let grad_norm = optim::clip_grad_norm(&mut grads, t.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(Error::Training(format!("the gradient norm became {grad_norm} at step {}; lower train.lr", state.step + 1)));
+        }
+        let lr = optim::lr_at(state.step, total_steps, warmup, t.lr, t.schedule, t.min_lr_ratio);
+        opt.step(&grads, lr)?;
+        state.step += 1;
+        session_steps += 1;
+        state.tokens_seen += step_tokens;
+        state.losses.push(loss_total);
+        state.batcher = serde_json::to_value(batcher.state()).map_err(|e| Error::Msg(e.to_string()))?;
+        state.elapsed_s = elapsed_before + session_start.elapsed().as_secs_f64();
+        let dt = step_start.elapsed().as_secs_f64();
+        obs.on_event(&TrainEvent::Step {
+            step: state.step,
+            loss: loss_total,
+            lr,
+            grad_norm,
+            tokens_seen: state.tokens_seen,
+            tokens_per_s: step_tokens as f64 / dt.max(1e-9),
+            elapsed_s: state.elapsed_s,
+        });
+        let last = state.step == total_steps;
+        if !dataset.val.is_empty() && ((t.eval_steps > 0 && state.step % t.eval_steps == 0) || last) {
+            let vl = validate(&m, &dataset.val, t.batch_size, t.loss_chunk)?;
+            state.val_loss = Some(vl);
+            val_losses.push((state.step, vl));
+            obs.on_event(&TrainEvent::Eval { step: state.step, val_loss: vl, perplexity: vl.exp() });
+        }
+        let stop_requested = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+            || opts.stop_after.is_some_and(|n| session_steps >= n && !last);
+        if (t.save_steps > 0 && state.step % t.save_steps == 0) || last || stop_requested {
+            let dir = save_ckpt(&state, &opt)?;
+            obs.on_event(&TrainEvent::Checkpoint { step: state.step, path: dir.display().to_string() });
+        }
+        if stop_requested {
+            stopped = true;
+            break;
+        }
+    }
+
+    let adapter_dir = out_dir.join("adapter");
+    if !stopped {
+        adapter.save(&adapter_dir, &base_name)?;
+    }
+    let mut heldout_after = None;
+    if let (Some(prompts), false) = (&heldout_prompts, stopped) {
+        let r = heldout::score(&m, &template, prompts, cfg.eval.max_new_tokens, |_, _| {})?;
+        obs.on_event(&TrainEvent::Heldout { phase: "after".into(), correct: r.correct, total: r.total });
+        let report = serde_json::to_string_pretty(&r).map_err(|e| Error::Msg(e.to_string()))?;
+        let p = out_dir.join("heldout_after.json");
+        checkpoint::atomic_write(&p, |tmp| std::fs::write(tmp, &report).map_err(|e| Error::io(tmp, e)))?;
+        heldout_after = Some(r);
+    }
+    obs.on_event(&TrainEvent::Finished { step: state.step, stopped, adapter: adapter_dir.display().to_string() });
+    Ok(TrainSummary { steps: state.step, losses: state.losses, val_losses, heldout_before, heldout_after, adapter_dir, stopped })
+}
+
+/// Path helper for callers that only need the run folder of a config.
+pub fn run_dir(cfg: &RunConfig) -> PathBuf {
+    cfg.output_dir()
+}
+
+/// True when `dir` holds at least one complete checkpoint.
+pub fn has_checkpoint(dir: &Path) -> bool {
+    !checkpoint::list(&dir.join("checkpoints")).is_empty()
+}
