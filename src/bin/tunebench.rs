@@ -387,6 +387,7 @@ fn run(cli: Cli) -> Result<()> {
                 top_p,
                 seed,
                 stop_ids: vec![m.spec.eos_id],
+                min_new_tokens: 0,
             };
             let out = tunebench::infer::generate(&m.model, enc.get_ids(), &opts, |_| {})?;
             let s = m.tokenizer.decode(&out, true).map_err(|e| Error::Tokenizer(e.to_string()))?;

@@ -20,11 +20,14 @@ pub struct SampleOptions {
     pub seed: u64,
     /// Token ids that end the answer.
     pub stop_ids: Vec<u32>,
+    /// The stop tokens are suppressed until this many tokens were generated (as HF's
+    /// `min_new_tokens`).
+    pub min_new_tokens: usize,
 }
 
 impl Default for SampleOptions {
     fn default() -> Self {
-        SampleOptions { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids: vec![] }
+        SampleOptions { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids: vec![], min_new_tokens: 0 }
     }
 }
 
@@ -84,7 +87,14 @@ pub fn generate(model: &Llama, prompt: &[u32], opts: &SampleOptions, mut on_toke
         let h = model.hidden_cached(&ids, &ctx, Some(&mut cache))?;
         let last = h.narrow(1, next_input.len() - 1, 1)?;
         let logits = model.lm_head.forward(&last, &ctx)?.flatten_all()?.to_dtype(DType::F32)?;
-        let logits: Vec<f32> = logits.to_vec1()?;
+        let mut logits: Vec<f32> = logits.to_vec1()?;
+        if out.len() < opts.min_new_tokens {
+            for &s in &opts.stop_ids {
+                if let Some(l) = logits.get_mut(s as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         let tok = pick(&logits, opts, &mut rng);
         if opts.stop_ids.contains(&tok) {
             break;
