@@ -258,7 +258,7 @@ impl RunConfig {
     /// Parses TOML; `origin` names the file in errors and anchors relative paths.
     pub fn from_toml(text: &str, origin: Option<&Path>) -> Result<Self> {
         let mut cfg: RunConfig = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let line = e.span().map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1);
             let what = e.message().to_string();
             match origin {
                 Some(p) => Error::bad_input(p, line, format!("config: {what}")),
