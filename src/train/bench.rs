@@ -39,8 +39,8 @@ pub fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs `warmup + steps` LoRA training steps (full causal-LM loss on every token, AdamW at a
-/// constant `lr`) cycling through the batches in `batches_file`.
+/// Runs `warmup + steps` LoRA training steps (full causal-LM loss on every token, AdamW
+/// without weight decay at a constant `lr`) cycling through the batches in `batches_file`.
 #[allow(clippy::too_many_arguments)]
 pub fn run(model_path: &Path, batches_file: &Path, rank: usize, alpha: f64, targets: &[&str], lr: f64, warmup: usize, steps: usize) -> Result<BenchResult> {
     let device = Device::Cpu;
@@ -52,7 +52,7 @@ pub fn run(model_path: &Path, batches_file: &Path, rank: usize, alpha: f64, targ
         .to_dtype(DType::U32)?;
     let (n, b, s) = ids.dims3().map_err(|_| Error::bad_input(batches_file, None, "`input_ids` must be [n_batches, batch, seq]"))?;
     let adapter = Adapter::inject(&mut m.model, &RunConfig::lora(rank, alpha, targets), 0)?;
-    let mut opt = AdamW::new(adapter.trainable(), AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 })?;
+    let mut opt = AdamW::new(adapter.trainable(), AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })?;
     let vars = adapter.trainable();
     let mut losses = Vec::new();
     let mut step_s = Vec::new();
