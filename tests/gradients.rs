@@ -65,6 +65,29 @@ fn fused_causal_softmax_matches_composed() {
 }
 
 #[test]
+fn fused_swiglu_matches_composed() {
+    let g = randn(&[3, 5, 24], 31, DType::F32);
+    let u = randn(&[3, 5, 24], 32, DType::F32);
+    // Gradient in the gate (u fixed) and in up (g fixed).
+    check_op(&g, |g| ops::swiglu(g, &u).unwrap(), |g| ops::swiglu_composed(g, &u).unwrap(), 1e-5);
+    check_op(&u, |u| ops::swiglu(&g, u).unwrap(), |u| ops::swiglu_composed(&g, u).unwrap(), 1e-5);
+}
+
+#[test]
+fn fused_linear_cross_entropy_matches_composed() {
+    let h = randn(&[7, 16], 21, DType::F32);
+    let w = randn(&[50, 16], 22, DType::F32);
+    let targets = [3u32, 0, 49, 7, 7, 12, 30];
+    // chunk 3 exercises several chunks and a short last one.
+    check_op(
+        &h,
+        |h| ops::linear_cross_entropy(h, &w, &targets, 3).unwrap(),
+        |h| ops::cross_entropy_rows(&h.matmul(&w.t().unwrap()).unwrap(), &targets).unwrap(),
+        1e-5,
+    );
+}
+
+#[test]
 fn frozen_linear_gives_input_gradient_and_none_to_the_weight() {
     let x = Var::from_tensor(&randn(&[2, 3, 8], 7, DType::F32)).unwrap();
     let w = randn(&[5, 8], 8, DType::F32);

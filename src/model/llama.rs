@@ -99,9 +99,9 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let g = self.gate_proj.forward(xs, ctx)?.silu()?;
+        let g = self.gate_proj.forward(xs, ctx)?;
         let u = self.up_proj.forward(xs, ctx)?;
-        self.down_proj.forward(&(g * u)?, ctx)
+        self.down_proj.forward(&ops::swiglu(&g, &u)?, ctx)
     }
 }
 
@@ -363,6 +363,9 @@ impl Llama {
             for t in 0..s.saturating_sub(1) {
                 let l = labels[bi * s + t + 1];
                 if l >= 0 {
+                    if l as usize >= self.cfg.vocab_size {
+                        return Err(Error::Msg(format!("label {l} is outside the vocabulary ({} tokens)", self.cfg.vocab_size)));
+                    }
                     rows.push((bi * s + t) as u32);
                     targets.push(l as u32);
                 }
@@ -372,21 +375,20 @@ impl Llama {
         if n == 0 {
             return Ok((Tensor::zeros((), self.embed_tokens.dtype(), &self.device)?, 0));
         }
-        let mut total: Option<Tensor> = None;
-        for start in (0..n).step_by(chunk.max(1)) {
-            let end = (start + chunk.max(1)).min(n);
-            let idx = Tensor::from_slice(&rows[start..end], end - start, &self.device)?;
-            let tgt = Tensor::from_slice(&targets[start..end], end - start, &self.device)?;
-            let hs = h.index_select(&idx, 0)?;
-            let logits = self.lm_head.forward(&hs, ctx)?;
-            let mask = Tensor::ones(end - start, logits.dtype(), &self.device)?;
-            let part = ops::masked_nll_sum(&logits, &tgt, &mask)?;
-            total = Some(match total {
-                Some(t) => (t + part)?,
-                None => part,
-            });
-        }
-        let total = total.ok_or_else(|| Error::Msg("empty loss".into()))?;
+        let idx = Tensor::from_slice(&rows, n, &self.device)?;
+        let hs = h.index_select(&idx, 0)?;
+        let total = if self.lm_head.adapter().is_none() && self.lm_head.bias().is_none() {
+            ops::linear_cross_entropy(&hs, self.lm_head.weight(), &targets, chunk)?.sum_all()?
+        } else {
+            // An adapter on the LM head: logits through the slot, then cross-entropy.
+            let mut parts = Vec::new();
+            for start in (0..n).step_by(chunk.max(1)) {
+                let end = (start + chunk.max(1)).min(n);
+                let logits = self.lm_head.forward(&hs.narrow(0, start, end - start)?, ctx)?;
+                parts.push(ops::cross_entropy_rows(&logits, &targets[start..end])?);
+            }
+            Tensor::cat(&parts, 0)?.sum_all()?
+        };
         Ok((total, n))
     }
 }

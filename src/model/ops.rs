@@ -314,16 +314,165 @@ pub fn causal_softmax_composed(xs: &Tensor, q_len: usize, scale: f64) -> CResult
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-/// Mean cross-entropy of `logits` (n, vocab) against `targets` (n, u32) over the rows whose
-/// target is not `ignore` (given as `mask`, f32 0/1 of shape (n,)), differentiable in logits.
-/// Returns (sum of losses over counted rows, as a scalar tensor).
-pub fn masked_nll_sum(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> CResult<Tensor> {
+// ---------------------------------------------------------------------------------------------
+// Fused LM head + cross-entropy
+// ---------------------------------------------------------------------------------------------
+
+struct LinearCrossEntropy {
+    /// (vocab, hidden), frozen.
+    w: Tensor,
+    targets: Vec<u32>,
+    chunk: usize,
+    /// dLoss_i/dh_i for every row, computed in the forward pass (the loss is per row, so the
+    /// backward only scales it by the incoming gradient).
+    dh: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
+}
+
+impl CustomOp1 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let h = contiguous_f32(s, l, "linear-cross-entropy")?;
+        let (n, d) = l.shape().dims2()?;
+        let vocab = self.w.dim(0)?;
+        let mut losses = vec![0f32; n];
+        let mut dh = vec![0f32; n * d];
+        let wt = self.w.t()?;
+        for start in (0..n).step_by(self.chunk.max(1)) {
+            let rows = self.chunk.max(1).min(n - start);
+            let hc = Tensor::from_slice(&h[start * d..(start + rows) * d], (rows, d), &Device::Cpu)?;
+            let mut lg: Vec<f32> = hc.matmul(&wt)?.flatten_all()?.to_vec1()?;
+            let targets = &self.targets[start..start + rows];
+            let out = &mut losses[start..start + rows];
+            // Each row: loss = lse − logit[target]; gradient row = softmax − onehot.
+            lg.par_chunks_mut(vocab).zip(out.par_iter_mut()).zip(targets.par_iter()).for_each(|((row, loss), &t)| {
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for v in row.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                let t = t as usize;
+                let picked = row[t];
+                *loss = sum.ln() - picked.ln().max(f32::MIN);
+                if !loss.is_finite() {
+                    // exp underflowed for the target: fall back to the exact form.
+                    *loss = f32::INFINITY;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|v| *v *= inv);
+                row[t] -= 1.0;
+            });
+            let g = Tensor::from_vec(lg, (rows, vocab), &Device::Cpu)?;
+            let dhc: Vec<f32> = g.matmul(&self.w)?.flatten_all()?.to_vec1()?;
+            dh[start * d..(start + rows) * d].copy_from_slice(&dhc);
+        }
+        if let Ok(mut slot) = self.dh.lock() {
+            *slot = Some(Tensor::from_vec(dh, (n, d), &Device::Cpu)?);
+        }
+        Ok((CpuStorage::F32(losses), Shape::from(n)))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let dh = self.dh.lock().ok().and_then(|s| s.clone());
+        let Some(dh) = dh else { candle_core::bail!("linear-cross-entropy: backward without forward") };
+        Ok(Some(dh.broadcast_mul(&grad.unsqueeze(1)?)?))
+    }
+}
+
+/// Per-row cross-entropy of `hs · wᵀ` (an LM head with frozen weight `w`, (vocab, hidden))
+/// against `targets`, shape (n,). On CPU/f32 the logits are produced `chunk` rows at a time and
+/// dropped at once; the gradient for `hs` is computed in the same pass (Liger-style), so the
+/// (n, vocab) logits never stay in memory and need no composed log-softmax backward.
+pub fn linear_cross_entropy(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize) -> CResult<Tensor> {
+    if use_fused(hs) && hs.track_op() {
+        let op = LinearCrossEntropy { w: w.clone(), targets: targets.to_vec(), chunk, dh: Default::default() };
+        return hs.contiguous()?.apply_op1(op);
+    }
+    // Composed path (other devices/dtypes, and no-grad evaluation), chunk by chunk.
+    let n = hs.dim(0)?;
+    let mut parts = Vec::new();
+    for start in (0..n).step_by(chunk.max(1)) {
+        let rows = chunk.max(1).min(n - start);
+        let logits = frozen_linear(&hs.narrow(0, start, rows)?, w)?;
+        parts.push(cross_entropy_rows(&logits, &targets[start..start + rows])?);
+    }
+    Tensor::cat(&parts, 0)
+}
+
+/// Per-row cross-entropy of `logits` (n, vocab) against `targets`, from differentiable
+/// primitives (computed in f32, or f64 for f64 input).
+pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> CResult<Tensor> {
     let logits = if logits.dtype() == DType::F64 { logits.clone() } else { logits.to_dtype(DType::F32)? };
-    let mask = mask.to_dtype(logits.dtype())?;
+    let tgt = Tensor::from_slice(targets, targets.len(), logits.device())?;
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
-    let nll = (lse - picked)?.squeeze(1)?;
-    (nll * &mask)?.sum_all()
+    let picked = shifted.gather(&tgt.unsqueeze(1)?, 1)?;
+    (lse - picked)?.squeeze(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+// ---------------------------------------------------------------------------------------------
+
+struct SwiGlu;
+
+fn binary_slices<'a>(a: &'a CpuStorage, al: &Layout, b: &'a CpuStorage, bl: &Layout, op: &str) -> CResult<(&'a [f32], &'a [f32])> {
+    let (x, y) = (contiguous_f32(a, al, op)?, contiguous_f32(b, bl, op)?);
+    if x.len() != y.len() {
+        candle_core::bail!("{op}: operands differ in size");
+    }
+    Ok((x, y))
+}
+
+impl candle_core::CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (g, u) = binary_slices(a, al, b, bl, "swiglu")?;
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(o, (g, u))| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        });
+        Ok((CpuStorage::F32(out), al.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (gd, ud, dd) = (g.flatten_all()?.to_vec1::<f32>()?, u.flatten_all()?.to_vec1::<f32>()?, grad.flatten_all()?.to_vec1::<f32>()?);
+        let n = gd.len();
+        let mut dg = vec![0f32; n];
+        let mut du = vec![0f32; n];
+        dg.par_chunks_mut(4096).zip(du.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
+            let base = c * 4096;
+            for i in 0..dg.len() {
+                let (x, y, d) = (gd[base + i], ud[base + i], dd[base + i]);
+                let s = 1.0 / (1.0 + (-x).exp());
+                du[i] = d * x * s;
+                dg[i] = d * y * s * (1.0 + x * (1.0 - s));
+            }
+        });
+        let dev = g.device();
+        Ok((Some(Tensor::from_vec(dg, g.shape(), dev)?), Some(Tensor::from_vec(du, u.shape(), dev)?)))
+    }
+}
+
+/// `silu(gate) · up`, the SwiGLU activation, with a fused CPU kernel and analytic backward.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
+    if use_fused(gate) && up.dtype() == DType::F32 {
+        gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+    } else {
+        swiglu_composed(gate, up)
+    }
+}
+
+/// SwiGLU from differentiable primitives (reference and non-CPU path).
+pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
+    gate.silu()? * up
 }

@@ -182,7 +182,7 @@ fn default_keep() -> usize {
     2
 }
 fn default_chunk() -> usize {
-    1024
+    256
 }
 
 impl Default for TrainSection {
