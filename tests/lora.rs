@@ -1,7 +1,7 @@
 //! LoRA properties on a tiny random Llama: merged == unmerged, save→load round-trips in
 //! PEFT's format, and bad configs/adapters fail with clear messages.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use tunebench::model::{ForwardCtx, Llama, LlamaConfig};
 use tunebench::peft::{Adapter, LoraConfig, PeftConfig, TargetModules};
 
@@ -20,7 +20,7 @@ fn cfg(targets: TargetModules, rslora: bool) -> PeftConfig {
 fn perturb(a: &Adapter) {
     for (i, (_, l)) in a.layers.iter().enumerate() {
         let b = Tensor::randn(0f32, 0.2, l.b.dims(), &Device::Cpu).unwrap();
-        let _ = i;
+        assert_eq!(b.dims(), l.b.dims(), "layer {i}");
         l.b.set(&b).unwrap();
     }
 }
@@ -100,5 +100,4 @@ fn bad_adapter_folders_are_reported() {
     std::fs::write(&p, text).unwrap();
     let err = Adapter::load(&mut model(), dir.path()).unwrap_err().to_string();
     assert!(err.contains("v_proj") && err.contains("do not fit"), "{err}");
-    let _ = DType::F32;
 }

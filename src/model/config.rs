@@ -101,7 +101,7 @@ impl LlamaConfig {
         if nh % self.kv_heads() != 0 {
             return Err(format!("num_attention_heads {nh} is not a multiple of num_key_value_heads {}", self.kv_heads()));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!("head_dim {} must be even for RoPE", self.head_dim()));
         }
         Ok(())

@@ -146,7 +146,7 @@ pub fn inject(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
     let targets = cfg.target_modules.resolve(model)?;
     let mut out = Vec::new();
     for (index, lin) in model.linears_mut().into_iter().enumerate() {
-        if !targets.contains(&lin.name().to_string()) {
+        if !targets.contains(lin.name()) {
             continue;
         }
         let (inp, outf) = lin.in_out();
@@ -178,7 +178,7 @@ pub fn inject_loaded(
     let mut out = Vec::new();
     let mut used = 0usize;
     for (index, lin) in model.linears_mut().into_iter().enumerate() {
-        if !targets.contains(&lin.name().to_string()) {
+        if !targets.contains(lin.name()) {
             continue;
         }
         let prefix = peft_prefix(lin);

@@ -248,7 +248,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
             elapsed_s: state.elapsed_s,
         });
         let last = state.step == total_steps;
-        if !dataset.val.is_empty() && ((t.eval_steps > 0 && state.step % t.eval_steps == 0) || last) {
+        if !dataset.val.is_empty() && ((t.eval_steps > 0 && state.step.is_multiple_of(t.eval_steps)) || last) {
             let vl = validate(&m, &dataset.val, t.batch_size, t.loss_chunk)?;
             state.val_loss = Some(vl);
             val_losses.push((state.step, vl));
@@ -256,7 +256,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         }
         let stop_requested = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
             || opts.stop_after.is_some_and(|n| session_steps >= n && !last);
-        if (t.save_steps > 0 && state.step % t.save_steps == 0) || last || stop_requested {
+        if (t.save_steps > 0 && state.step.is_multiple_of(t.save_steps)) || last || stop_requested {
             let dir = save_ckpt(&state, &opt)?;
             obs.on_event(&TrainEvent::Checkpoint { step: state.step, path: dir.display().to_string() });
         }

@@ -1,0 +1,216 @@
+"""Adapter interop between Tunebench and HF PEFT on the default model (SmolLM2-135M-Instruct GGUF).
+
+Checks, each on the same token ids of several prompts (chat-templated, English, Chinese, code):
+  base      `tunebench logits` without adapter  vs  transformers (GGUF dequantized to f32)
+  A         adapter from `tunebench lora-init --random-b` loaded by PeftModel.from_pretrained
+            (its keys and values must be exactly what PEFT holds afterwards) vs `tunebench logits --adapter`
+  B         LoRA made by PEFT (r=8, alpha=16, all 7 projections, lora_B random with a fixed seed),
+            save_pretrained'ed, vs `tunebench logits --adapter` on that folder
+  trained   (with --adapter DIR) an adapter trained by `tunebench train`, as in A
+Pass: max|logit diff| <= tol * max(1, max|logit|) (tol 1e-2 by default); an adapter check also
+needs the adapter to move the logits by more than that tolerance (else an ignored adapter
+would pass). Exit status 0 when every check passes, 1 when one fails, 2 on a setup error.
+
+CLI contract used (implemented by the Rust side):
+  tunebench logits --model GGUF [--adapter DIR] --tokens ids.json --out out.safetensors
+      ids.json: list of lists of token ids; out: f32 tensors logits.0, logits.1, ... of [seq_len, vocab]
+  tunebench lora-init --model GGUF --out DIR --rank 8 --alpha 16
+      --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --seed 1 --random-b
+
+Run:
+  py=$(scripts/pyenv | tail -n1)
+  "$py" bench/peft_interop.py [--tunebench target/release/tunebench] [--model GGUF] [--adapter DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import shutil
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tbcommon as tb  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CHAT = [{"role": "user", "content": "Give me three tips for staying healthy."}]
+TEXTS = [
+    "Fine-tuning a small language model on a laptop is slow, but it works if you are patient.",
+    "低秩适配（LoRA）只训练很少的参数，却能让模型学会新的任务。",
+    "for (int i = 0; i < n; ++i) {\n    sum += a[i] * b[i];\n}\n",
+]
+B_STD = 0.05  # std of the random lora_B of direction B
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="Tunebench <-> HF PEFT adapter interop check",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--tunebench", default=tb.default_binary(),
+                    help="tunebench binary (default: $TUNEBENCH_BIN or target/release/tunebench)")
+    ap.add_argument("--model", default=tb.default_model(), help="GGUF file (default: %(default)s)")
+    ap.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                    help="also check this PEFT-format adapter (e.g. trained by `tunebench train`); repeatable")
+    ap.add_argument("--tol", type=float, default=1e-2,
+                    help="max |diff| allowed, relative to max(1, max|logit|) (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=1234, help="seed of direction B's lora_B (default: %(default)s)")
+    ap.add_argument("--keep", metavar="DIR", help="keep the adapters, token file and logits in DIR")
+    args = ap.parse_args()
+
+    tb.require_file(args.model, "model", "run scripts/setup")
+    for d in args.adapter:
+        if not os.path.isfile(os.path.join(d, "adapter_config.json")):
+            tb.die(f"--adapter {d}: no adapter_config.json there")
+    exe = tb.binary_argv(args.tunebench)
+
+    import numpy as np
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+    from safetensors.numpy import load_file
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    work = args.keep or tempfile.mkdtemp(prefix="tunebench-interop-")
+    os.makedirs(work, exist_ok=True)
+
+    base, tok = tb.load_hf(args.model, attn="eager")
+    base.eval()
+    pristine = copy.deepcopy(base)  # PEFT injects into the model it wraps: keep a clean copy per check
+    texts = [tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)] + TEXTS
+    token_ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    tokens_path = os.path.join(work, "tokens.json")
+    with open(tokens_path, "w") as f:
+        json.dump(token_ids, f)
+    print(f"prompts: {len(token_ids)} ({', '.join(str(len(t)) for t in token_ids)} tokens); work dir {work}",
+          file=sys.stderr)
+
+    def hf_logits(model) -> list:
+        out = []
+        with torch.no_grad():
+            for ids in token_ids:
+                out.append(model(torch.tensor([ids])).logits[0].float().numpy())
+        return out
+
+    def ours_logits(tag: str, adapter: str | None) -> list:
+        out = os.path.join(work, f"logits-{tag}.safetensors")
+        argv = exe + ["logits", "--model", args.model, "--tokens", tokens_path, "--out", out]
+        if adapter:
+            argv += ["--adapter", adapter]
+        tb.run_measured(argv).check(f"tunebench logits ({tag})")
+        tensors = load_file(out)
+        res = []
+        for i, ids in enumerate(token_ids):
+            name = f"logits.{i}"
+            if name not in tensors:
+                tb.die(f"{out}: no tensor {name} (has {sorted(tensors)[:8]})", 1)
+            t = tensors[name]
+            if t.dtype != np.float32 or t.shape != (len(ids), base.config.vocab_size):
+                tb.die(f"{out}: {name} is {t.dtype}{list(t.shape)}, want float32[{len(ids)}, {base.config.vocab_size}]", 1)
+            res.append(t)
+        return res
+
+    rows = []
+
+    def compare(check: str, ref: list, ours: list, effect_vs: list | None = None) -> None:
+        max_diff = max(float(np.abs(a - b).max()) for a, b in zip(ref, ours))
+        max_logit = max(float(np.abs(a).max()) for a in ref)
+        allowed = args.tol * max(1.0, max_logit)
+        argmax_agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref, ours))
+        positions = sum(a.shape[0] for a in ref)
+        ok = max_diff <= allowed
+        effect = None
+        note = ""
+        if effect_vs is not None:
+            effect = max(float(np.abs(a - b).max()) for a, b in zip(ref, effect_vs))
+            if effect <= allowed:
+                ok = False
+                note = "adapter barely moves the logits: cannot tell loaded from ignored"
+        if max_diff > allowed:
+            note = f"logits differ by more than {allowed:.3g}"
+        rows.append((check, max_diff, max_logit, max_diff / max(1.0, max_logit), effect,
+                     f"{argmax_agree}/{positions}", ok, note))
+
+    def peft_check_loaded(model, adapter_dir: str) -> str | None:
+        """None if PEFT holds exactly the adapter file's tensors, else what is wrong."""
+        from safetensors.torch import load_file as load_torch
+
+        path = os.path.join(adapter_dir, "adapter_model.safetensors")
+        if not os.path.isfile(path):
+            return f"{path} missing"
+        file_sd = load_torch(path)
+        held = get_peft_model_state_dict(model)
+        missing = sorted(set(held) - set(file_sd))
+        extra = sorted(set(file_sd) - set(held))
+        if missing or extra:
+            return (f"key mismatch with PEFT: {len(missing)} missing (e.g. {missing[:2]}), "
+                    f"{len(extra)} unexpected (e.g. {extra[:2]})")
+        for k, v in file_sd.items():
+            if held[k].shape != v.shape or not torch.equal(held[k].float(), v.float()):
+                return f"{k}: PEFT holds a different tensor than the file ({list(held[k].shape)} vs {list(v.shape)})"
+        if not any(k.endswith("lora_B.weight") and bool(v.abs().max() > 0) for k, v in file_sd.items()):
+            return "all lora_B are zero: the adapter is a no-op"
+        return None
+
+    # --- base -------------------------------------------------------------------------------
+    ref_base = hf_logits(base)
+    compare("base: tunebench vs transformers", ref_base, ours_logits("base", None))
+
+    # --- A: tunebench lora-init -> PEFT ---------------------------------------------------------
+    dir_a = os.path.join(work, "adapter-tunebench-init")
+    tb.run_measured(exe + ["lora-init", "--model", args.model, "--out", dir_a, "--rank", "8", "--alpha", "16",
+                           "--targets", ",".join(TARGETS), "--seed", "1", "--random-b"]).check("tunebench lora-init")
+    adapter_checks = [("A: tunebench lora-init -> PEFT", dir_a)] + [
+        (f"trained: {os.path.basename(os.path.normpath(d))} -> PEFT", d) for d in args.adapter]
+    for check, adir in adapter_checks:
+        cfg = json.load(open(os.path.join(adir, "adapter_config.json")))
+        if cfg.get("peft_type") != "LORA":
+            rows.append((check, None, None, None, None, "", False, f"peft_type {cfg.get('peft_type')!r}, want 'LORA'"))
+            continue
+        model = PeftModel.from_pretrained(copy.deepcopy(pristine), adir)
+        model.eval()
+        problem = peft_check_loaded(model, adir)
+        if problem:
+            rows.append((check, None, None, None, None, "", False, problem))
+            continue
+        compare(check, hf_logits(model), ours_logits(os.path.basename(adir), adir), effect_vs=ref_base)
+        del model
+
+    # --- B: PEFT -> tunebench ---------------------------------------------------------------
+    torch.manual_seed(args.seed)
+    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, bias="none",
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(copy.deepcopy(pristine), lcfg)
+    gen = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * B_STD)
+    model.eval()
+    dir_b = os.path.join(work, "adapter-peft")
+    model.save_pretrained(dir_b)
+    compare("B: PEFT save_pretrained -> tunebench", hf_logits(model), ours_logits("peft", dir_b), effect_vs=ref_base)
+
+    # --- report -----------------------------------------------------------------------------
+    head = f"{'check':<40} {'max|diff|':>10} {'max|logit|':>10} {'diff/scale':>10} {'adapter effect':>14} {'argmax':>9}  result"
+    print(head)
+    print("-" * len(head))
+    def fmt(v, f):
+        width = int(f.split(".")[0])
+        return "-".rjust(width) if v is None else format(v, f)
+
+    for check, md, ml, rel, eff, agree, ok, note in rows:
+        print(f"{check:<40} {fmt(md, '10.3e')} {fmt(ml, '10.3f')} {fmt(rel, '10.2e')} {fmt(eff, '14.3f')} "
+              f"{agree:>9}  {'PASS' if ok else 'FAIL'}{'  (' + note + ')' if note else ''}")
+    print(f"tolerance: max|diff| <= {args.tol:g} * max(1, max|logit|); 'adapter effect' = max|logits(adapter) - logits(base)| "
+          f"in the reference, which must exceed that tolerance")
+    failed = [r for r in rows if not r[6]]
+    if failed or args.keep:
+        print(f"adapters, token ids and logits kept in {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

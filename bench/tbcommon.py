@@ -1,0 +1,120 @@
+"""Shared helpers of the bench/ reference scripts: finding the model and the tunebench binary,
+running it with its own peak-RSS measurement, loading the GGUF in transformers."""
+from __future__ import annotations
+
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+# Everything is local: never let huggingface_hub / PEFT try the network for the GGUF's "repo".
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF dequantization progress bar
+for _msg in (r".*is_gradient_checkpointing.*", r".*Unable to fetch remote file.*", r".*Could not find a config file.*"):
+    warnings.filterwarnings("ignore", message=_msg)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model() -> str:
+    home = os.environ.get("TUNEBENCH_HOME") or os.path.join(
+        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "tunebench"
+    )
+    return os.path.join(home, "models", MODEL_FILE)
+
+
+def default_binary() -> str:
+    return os.environ.get("TUNEBENCH_BIN") or os.path.join(ROOT, "target", "release", "tunebench")
+
+
+def die(msg: str, code: int = 2) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def require_file(path: str, what: str, hint: str) -> str:
+    if not os.path.isfile(path):
+        die(f"{what} not found: {path} ({hint})")
+    return path
+
+
+def binary_argv(path: str) -> list[str]:
+    """argv prefix that runs the tunebench binary (a .py stand-in runs under this python)."""
+    if not os.path.isfile(path):
+        die(f"tunebench binary not found: {path} (build it with `cargo build --release`, "
+            "or pass --tunebench PATH / set TUNEBENCH_BIN)")
+    if path.endswith(".py"):
+        return [sys.executable, path]
+    if not os.access(path, os.X_OK):
+        die(f"tunebench binary is not executable: {path}")
+    return [path]
+
+
+class Result:
+    def __init__(self, argv, returncode, stdout, stderr, seconds, peak_rss_bytes):
+        self.argv, self.returncode, self.stdout, self.stderr = argv, returncode, stdout, stderr
+        self.seconds, self.peak_rss_bytes = seconds, peak_rss_bytes
+
+    def check(self, what: str) -> "Result":
+        if self.returncode != 0:
+            tail = "\n".join(self.stderr.strip().splitlines()[-25:])
+            die(f"{what} failed (exit {self.returncode}): {shlex.join(self.argv)}\n{tail}", 1)
+        return self
+
+
+def run_measured(argv: list[str], stream_stderr: bool = False, env: dict | None = None) -> Result:
+    """Run argv as a child process and return its output and its own peak RSS (os.wait4's
+    ru_maxrss of exactly that child, not of its children)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(argv, stdout=out, stderr=None if stream_stderr else err, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        secs = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        rss = ru.ru_maxrss * (1024 if sys.platform != "darwin" else 1)
+        return Result(argv, p.returncode, out.read().decode("utf-8", "replace"),
+                      err.read().decode("utf-8", "replace"), secs, rss)
+
+
+def quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def load_hf(model_path: str, attn: str = "sdpa"):
+    """(model, tokenizer) with transformers reading the GGUF: float32, q/k un-permuted, lm_head tied."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    model_dir, name = os.path.split(os.path.abspath(model_path))
+    tok = AutoTokenizer.from_pretrained(model_dir, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=name, dtype=torch.float32,
+                                                 attn_implementation=attn)
+    return model, tok
+
+
+def self_peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1024 if sys.platform != "darwin" else 1)
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "peft", "gguf", "safetensors", "tokenizers", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
