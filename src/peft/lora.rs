@@ -119,11 +119,18 @@ impl LinearAdapter for LoraLayer {
         } else {
             xs.clone()
         };
-        let a = self.a.as_tensor();
-        let b = self.b.as_tensor();
-        let down = x.broadcast_matmul(&a.t()?)?;
-        let up = down.broadcast_matmul(&b.t()?)?;
-        Ok((base + (up * self.scale)?)?)
+        // Plain 2-D matmuls on (tokens, features): one GEMM each instead of one per batch row
+        // (and no broadcast to reduce in the backward).
+        let dims = x.dims().to_vec();
+        let (inp, out) = (self.a.dim(1)?, self.b.dim(0)?);
+        let x2 = x.reshape(((), inp))?;
+        let down = x2.matmul(&self.a.as_tensor().t()?)?;
+        let up = (down.matmul(&self.b.as_tensor().t()?)? * self.scale)?;
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = out;
+        }
+        Ok((base + up.reshape(out_dims)?)?)
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
