@@ -85,3 +85,34 @@ fn dataset_errors_name_file_and_line() {
         assert!(e.contains(name) && e.contains(want), "{name}: {e}");
     }
 }
+
+/// The README's run-config table states the real defaults (rows whose default is a TOML
+/// literal are checked against a config that sets nothing but `data.path`).
+#[test]
+fn readme_defaults_are_the_real_defaults() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let cfg = RunConfig::from_toml(MINIMAL, None).unwrap();
+    let actual = toml::Value::try_from(&cfg).unwrap();
+    let mut checked = 0;
+    for line in readme.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (key, default) = (cells[1], cells[2]);
+        if key.contains(',') || key.contains('/') || !default.starts_with('`') || default.contains('/') {
+            continue;
+        }
+        let key = key.trim_matches('`');
+        let Ok(want) = format!("v = {}", default.trim_matches('`')).parse::<toml::Table>() else { continue };
+        let mut v = &actual;
+        for part in key.split('.') {
+            v = v.get(part).unwrap_or_else(|| panic!("README documents `{key}`, which the config does not have"));
+        }
+        let want = &want["v"];
+        let same = match (v, want) {
+            (toml::Value::Float(a), toml::Value::Integer(b)) => *a == *b as f64,
+            (a, b) => a == b,
+        };
+        assert!(same, "README says `{key}` defaults to {want}, the code says {v}");
+        checked += 1;
+    }
+    assert!(checked >= 20, "only {checked} README defaults were checked");
+}

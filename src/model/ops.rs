@@ -349,18 +349,16 @@ impl CustomOp1 for LinearCrossEntropy {
             // Each row: loss = lse − logit[target]; gradient row = softmax − onehot.
             lg.par_chunks_mut(vocab).zip(out.par_iter_mut()).zip(targets.par_iter()).for_each(|((row, loss), &t)| {
                 let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let t = t as usize;
+                let target_logit = row[t];
                 let mut sum = 0f32;
                 for v in row.iter_mut() {
                     *v = (*v - max).exp();
                     sum += *v;
                 }
-                let t = t as usize;
-                let picked = row[t];
-                *loss = sum.ln() - picked.ln().max(f32::MIN);
-                if !loss.is_finite() {
-                    // exp underflowed for the target: fall back to the exact form.
-                    *loss = f32::INFINITY;
-                }
+                // lse − logit[t], in the shifted form (exact even when exp underflows; NaN
+                // logits give a NaN loss, which the trainer reports).
+                *loss = sum.ln() - (target_logit - max);
                 let inv = 1.0 / sum;
                 row.iter_mut().for_each(|v| *v *= inv);
                 row[t] -= 1.0;

@@ -96,146 +96,90 @@ fn default_val_max() -> usize {
 
 /// `[train]`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainSection {
     /// Passes over the training set (ignored when `max_steps` > 0).
-    #[serde(default = "default_epochs")]
     pub epochs: f64,
     /// Stop after this many optimizer steps (0 = use `epochs`).
-    #[serde(default)]
     pub max_steps: usize,
     /// Examples per micro-batch.
-    #[serde(default = "default_batch")]
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
-    #[serde(default = "default_one")]
     pub grad_accum: usize,
     /// Peak learning rate.
-    #[serde(default = "default_lr")]
     pub lr: f64,
     /// cosine | linear | constant.
-    #[serde(default)]
     pub schedule: Schedule,
     /// Warmup steps (overrides `warmup_ratio` when > 0).
-    #[serde(default)]
     pub warmup_steps: usize,
     /// Warmup as a share of all steps.
-    #[serde(default)]
     pub warmup_ratio: f64,
     /// Final learning rate as a share of the peak.
-    #[serde(default)]
     pub min_lr_ratio: f64,
     /// AdamW decoupled weight decay.
-    #[serde(default)]
     pub weight_decay: f64,
     /// AdamW β₁.
-    #[serde(default = "default_b1")]
     pub adam_beta1: f64,
     /// AdamW β₂.
-    #[serde(default = "default_b2")]
     pub adam_beta2: f64,
     /// AdamW ε.
-    #[serde(default = "default_eps")]
     pub adam_eps: f64,
     /// Clip gradients to this global L2 norm (0 = off).
-    #[serde(default = "default_one_f")]
     pub max_grad_norm: f64,
     /// Validate every N steps (0 = only at the end).
-    #[serde(default)]
     pub eval_steps: usize,
     /// Checkpoint every N steps (0 = only at the end).
-    #[serde(default)]
     pub save_steps: usize,
     /// Keep the newest N checkpoints.
-    #[serde(default = "default_keep")]
     pub keep_checkpoints: usize,
     /// Rows of the LM head computed at once in the loss (bounds logits memory).
-    #[serde(default = "default_chunk")]
     pub loss_chunk: usize,
 }
 
-fn default_epochs() -> f64 {
-    3.0
-}
-fn default_batch() -> usize {
-    4
-}
-fn default_one() -> usize {
-    1
-}
-fn default_one_f() -> f64 {
-    1.0
-}
-fn default_lr() -> f64 {
-    2e-4
-}
-fn default_b1() -> f64 {
-    0.9
-}
-fn default_b2() -> f64 {
-    0.999
-}
-fn default_eps() -> f64 {
-    1e-8
-}
-fn default_keep() -> usize {
-    2
-}
-fn default_chunk() -> usize {
-    256
-}
 
+/// The defaults of every `[train]` key (missing keys take these; see the README table).
 impl Default for TrainSection {
     fn default() -> Self {
-        // Deserializing an empty table applies every serde default.
-        toml::from_str("").unwrap_or_else(|_| unreachable_defaults())
-    }
-}
-
-fn unreachable_defaults() -> TrainSection {
-    TrainSection {
-        epochs: default_epochs(),
-        max_steps: 0,
-        batch_size: default_batch(),
-        grad_accum: 1,
-        lr: default_lr(),
-        schedule: Schedule::Cosine,
-        warmup_steps: 0,
-        warmup_ratio: 0.0,
-        min_lr_ratio: 0.0,
-        weight_decay: 0.0,
-        adam_beta1: default_b1(),
-        adam_beta2: default_b2(),
-        adam_eps: default_eps(),
-        max_grad_norm: 1.0,
-        eval_steps: 0,
-        save_steps: 0,
-        keep_checkpoints: default_keep(),
-        loss_chunk: default_chunk(),
+        TrainSection {
+            epochs: 3.0,
+            max_steps: 0,
+            batch_size: 4,
+            grad_accum: 1,
+            lr: 2e-4,
+            schedule: Schedule::Cosine,
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            min_lr_ratio: 0.0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            max_grad_norm: 1.0,
+            eval_steps: 0,
+            save_steps: 0,
+            keep_checkpoints: 2,
+            loss_chunk: 256,
+        }
     }
 }
 
 /// `[eval]`: a held-out generation check run before and after training.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EvalSection {
     /// JSONL of `{"prompt", "expect": [..]}`; an answer is correct when it contains any
     /// `expect` string (case-insensitive).
-    #[serde(default)]
     pub prompts: Option<PathBuf>,
     /// Longest generated answer.
-    #[serde(default = "default_eval_tokens")]
     pub max_new_tokens: usize,
     /// Also score the base model before training.
-    #[serde(default = "default_true")]
     pub before: bool,
 }
 
-fn default_eval_tokens() -> usize {
-    48
-}
-fn default_true() -> bool {
-    true
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection { prompts: None, max_new_tokens: 48, before: true }
+    }
 }
 
 /// `[output]`

@@ -1,7 +1,11 @@
 //! Shared helpers for integration tests that need the real default model.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use tunebench::model::{Llama, LlamaConfig};
 
 /// The default model, installed by `scripts/setup`; panics with instructions when missing.
 pub fn default_model() -> PathBuf {
@@ -16,3 +20,47 @@ pub fn default_model() -> PathBuf {
     );
     p
 }
+
+/// Writes `model` as a HF folder (config.json, safetensors — one file or two shards with an
+/// index —, the tiny test tokenizer, tokenizer_config.json with a ChatML template). Norm
+/// weights are written as ones.
+pub fn write_folder(dir: &std::path::Path, cfg: &LlamaConfig, model: &Llama, sharded: bool) {
+    std::fs::write(dir.join("config.json"), serde_json::to_string(cfg).unwrap()).unwrap();
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    t.insert("model.embed_tokens.weight".into(), model.embed_tokens().clone());
+    for lin in model.linears() {
+        if lin.name() != "lm_head" {
+            t.insert(format!("{}.weight", lin.name()), lin.weight().clone());
+        }
+    }
+    // Norm weights are not exposed; write ones (the reference model below uses ones too).
+    let h = cfg.hidden_size;
+    for i in 0..cfg.num_hidden_layers {
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            t.insert(format!("model.layers.{i}.{n}.weight"), Tensor::ones(h, candle_core::DType::F32, &Device::Cpu).unwrap());
+        }
+    }
+    t.insert("model.norm.weight".into(), Tensor::ones(h, candle_core::DType::F32, &Device::Cpu).unwrap());
+    if sharded {
+        let (mut a, mut b) = (HashMap::new(), HashMap::new());
+        let mut map = serde_json::Map::new();
+        for (i, (k, v)) in t.into_iter().enumerate() {
+            let shard = if i % 2 == 0 { "model-00001-of-00002.safetensors" } else { "model-00002-of-00002.safetensors" };
+            map.insert(k.clone(), shard.into());
+            if i % 2 == 0 { a.insert(k, v) } else { b.insert(k, v) };
+        }
+        candle_core::safetensors::save(&a, dir.join("model-00001-of-00002.safetensors")).unwrap();
+        candle_core::safetensors::save(&b, dir.join("model-00002-of-00002.safetensors")).unwrap();
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    } else {
+        candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    }
+    tunebench::data::testing::tiny_tokenizer().save(dir.join("tokenizer.json"), false).unwrap();
+    let tc = serde_json::json!({
+        "eos_token": "<|im_end|>",
+        "chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+}
+

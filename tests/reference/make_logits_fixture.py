@@ -29,6 +29,9 @@ import sys
 
 import numpy as np
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never try the network
+os.environ.setdefault("TQDM_DISABLE", "1")    # transformers' GGUF dequantization progress bar
+
 DEFAULT_MODEL = os.path.join(
     os.environ.get("TUNEBENCH_HOME")
     or os.path.join(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "tunebench"),
