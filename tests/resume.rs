@@ -54,6 +54,7 @@ fn resumed_run_matches_uninterrupted_run() {
     let first = train::train(&cfg, &TrainOptions { stop_after: Some(3), ..Default::default() }, &mut NoObserver).unwrap();
     assert!(first.stopped);
     assert_eq!(first.losses.len(), 3);
+    assert!(first.adapter_dir.join("adapter_model.safetensors").exists(), "a stopped run points at its checkpoint's adapter");
     let ckpts = train::checkpoint::list(&tmp.path().join("split/checkpoints"));
     assert_eq!(ckpts.iter().map(|c| c.0).collect::<Vec<_>>(), vec![3], "one checkpoint, at the stop");
     let second = train::train(&cfg, &TrainOptions { resume: true, ..Default::default() }, &mut NoObserver).unwrap();

@@ -236,7 +236,9 @@ impl TrainObserver for Progress {
                         format!("held-out prompts answered correctly ({phase} training): {correct}/{total} ({:.0}%)", 100.0 * *correct as f64 / (*total).max(1) as f64)
                     }
                     TrainEvent::Checkpoint { step, path } => format!("step {step}: checkpoint {path}"),
-                    TrainEvent::Finished { step, stopped: true, .. } => format!("stopped at step {step}; continue with --resume"),
+                    TrainEvent::Finished { step, stopped: true, .. } => {
+                        format!("stopped at step {step} (checkpoint saved); continue with --resume")
+                    }
                     TrainEvent::Finished { step, adapter, .. } => format!("finished {step} steps; adapter: {adapter}"),
                     TrainEvent::Message { text } => text.clone(),
                     _ => String::new(),
@@ -275,11 +277,15 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
     {
         let stop = stop.clone();
         // First Ctrl-C: checkpoint and stop; the handler stays installed, a second one kills.
+        // Only async-signal-safe work in the handler: set the flag, or exit on the second press.
         let _ = ctrlc_handler(move || {
             if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
+                extern "C" {
+                    fn _exit(code: i32) -> !;
+                }
+                // SAFETY: _exit is async-signal-safe and ends the process at once.
+                unsafe { _exit(130) }
             }
-            eprintln!("stopping after this step (checkpoint first); press Ctrl-C again to abort");
         });
     }
     let opts = TrainOptions { resume, stop: Some(stop), skip_heldout: no_heldout, ..Default::default() };
@@ -323,7 +329,7 @@ fn ctrlc_handler(f: impl Fn() + Send + Sync + 'static) -> std::io::Result<()> {
         extern "C" {
             fn signal(signum: i32, handler: extern "C" fn(i32)) -> usize;
         }
-        // SAFETY: installing a plain C signal handler; it only touches an atomic and stderr.
+        // SAFETY: installing a plain C signal handler; it only touches an atomic (or calls _exit).
         unsafe {
             signal(2, on_sigint);
         }

@@ -266,10 +266,14 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         }
     }
 
-    let adapter_dir = out_dir.join("adapter");
-    if !stopped {
-        adapter.save(&adapter_dir, &base_name)?;
-    }
+    // A stopped run's newest adapter is the one in its last checkpoint.
+    let adapter_dir = if stopped {
+        ckpt_dir.join(checkpoint::dir_name(state.step)).join(checkpoint::ADAPTER_DIR)
+    } else {
+        let dir = out_dir.join("adapter");
+        adapter.save(&dir, &base_name)?;
+        dir
+    };
     let mut heldout_after = None;
     if let (Some(prompts), false) = (&heldout_prompts, stopped) {
         let r = heldout::score(&m, &template, prompts, cfg.eval.max_new_tokens, |_, _| {})?;
