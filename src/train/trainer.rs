@@ -1,7 +1,7 @@
 //! The training loop: micro-batches with gradient accumulation, AdamW, warmup + schedule,
 //! global-norm clipping, periodic validation and atomic checkpoints, exact resume.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -285,14 +285,4 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
     }
     obs.on_event(&TrainEvent::Finished { step: state.step, stopped, adapter: adapter_dir.display().to_string() });
     Ok(TrainSummary { steps: state.step, losses: state.losses, val_losses, heldout_before, heldout_after, adapter_dir, stopped })
-}
-
-/// Path helper for callers that only need the run folder of a config.
-pub fn run_dir(cfg: &RunConfig) -> PathBuf {
-    cfg.output_dir()
-}
-
-/// True when `dir` holds at least one complete checkpoint.
-pub fn has_checkpoint(dir: &Path) -> bool {
-    !checkpoint::list(&dir.join("checkpoints")).is_empty()
 }
