@@ -46,6 +46,22 @@ pub enum Error {
     /// Training diverged or could not continue.
     #[error("training stopped: {0}")]
     Training(String),
+    /// The run store (SQLite) failed or holds something unexpected.
+    #[error("run store {}: {reason}", path.display())]
+    Store {
+        /// The database file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A run, dataset, model or checkpoint id that does not exist.
+    #[error("no {what} with id {id}")]
+    NotFound {
+        /// "run", "dataset", ...
+        what: &'static str,
+        /// The id asked for.
+        id: i64,
+    },
     /// Anything else, with a message for the user.
     #[error("{0}")]
     Msg(String),

@@ -5,12 +5,16 @@
 //! HTTP server are thin layers over it. See ARCHITECTURE.md for the map.
 #![deny(missing_docs)]
 
+pub mod api;
+#[allow(missing_docs)]
+pub mod chart;
 pub mod data;
 pub mod error;
 pub mod infer;
 pub mod model;
 pub mod paths;
 pub mod peft;
+pub mod store;
 pub mod train;
 
 pub use error::{Error, Result};

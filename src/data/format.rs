@@ -11,6 +11,17 @@
 //! * **Plain text** (`.txt`, `.text`, `.md`): blocks separated by blank lines, each one a
 //!   [`Record::Text`]; streamed line by line.
 //!
+//! * **CSV / TSV** (`.csv`, `.tsv`): a header row naming the columns, then one record per row;
+//!   streamed. Cells of the columns `conversations`, `messages`, `history` and `tools` hold
+//!   JSON. Errors name the row's line.
+//! * **Parquet** (`.parquet`): one record per row, streamed row group by row group; nested
+//!   columns (lists of structs for `messages`) map to JSON arrays of objects. Errors name the
+//!   row ("line" = 1-based row number).
+//!
+//! In the two table containers the columns must fit a schema, checked when the file is opened:
+//! `instruction` + `output` (alpaca; `prompt`/`question` and `response`/`completion`/`answer`
+//! are accepted for them), `conversations` (sharegpt), `messages`, or `text`.
+//!
 //! Files of any other extension are sniffed: JSON if they start with `[` or `{`, plain text
 //! when the format is `text`, an error otherwise.
 //!
@@ -203,9 +214,175 @@ pub fn read_records(path: &Path, format: Format) -> Result<RecordIter> {
             };
             Source::Array(ArrayReader::new(text))
         }
+        Container::Csv | Container::Parquet => {
+            let source = if container == Container::Csv {
+                Source::Csv(CsvSource::open(path)?)
+            } else {
+                Source::Parquet(ParquetSource::open(path)?)
+            };
+            let columns = match &source {
+                Source::Csv(c) => c.columns.clone(),
+                Source::Parquet(p) => p.columns.clone(),
+                _ => unreachable!(),
+            };
+            check_columns(path, &columns, schema)?;
+            source
+        }
     };
     tracing::debug!(path = %path.display(), ?container, %format, "reading dataset");
-    Ok(RecordIter { path: path.to_path_buf(), source, schema, produced: 0, done: false })
+    Ok(RecordIter { path: path.to_path_buf(), source, schema, produced: 0, done: false, keep_going: false, fatal: false })
+}
+
+/// The container of a dataset file, as named in the store: `jsonl`, `json`, `text`, `csv`
+/// or `parquet`.
+pub fn container_name(path: &Path, format: Format) -> Result<&'static str> {
+    Ok(match detect_container(path, format)? {
+        Container::JsonLines => "jsonl",
+        Container::JsonArray => "json",
+        Container::PlainText => "text",
+        Container::Csv => "csv",
+        Container::Parquet => "parquet",
+    })
+}
+
+/// Alpaca column aliases accepted in CSV and Parquet files: (alias, canonical).
+const TABLE_ALIASES: &[(&str, &str)] =
+    &[("prompt", "instruction"), ("question", "instruction"), ("response", "output"), ("completion", "output"), ("answer", "output")];
+
+/// Columns holding JSON in a CSV file.
+const JSON_COLUMNS: &[&str] = &["conversations", "messages", "history", "tools"];
+
+/// The canonical names of a table's columns (aliases applied when the canonical one is absent).
+fn canonical_columns(columns: &[String]) -> Vec<String> {
+    columns
+        .iter()
+        .map(|c| {
+            let lower = c.trim().to_ascii_lowercase();
+            match TABLE_ALIASES.iter().find(|(a, _)| *a == lower) {
+                Some((_, canon)) if !columns.iter().any(|o| o.trim().eq_ignore_ascii_case(canon)) => canon.to_string(),
+                _ => lower,
+            }
+        })
+        .collect()
+}
+
+/// Checks that a table's columns fit the requested schema (or some schema, for `auto`).
+fn check_columns(path: &Path, columns: &[String], schema: Option<Schema>) -> Result<()> {
+    let canon = canonical_columns(columns);
+    let has = |k: &str| canon.iter().any(|c| c == k);
+    let fits = |s: Schema| match s {
+        Schema::Alpaca => has("instruction") && has("output"),
+        Schema::ShareGpt => has("conversations") || has("messages"),
+        Schema::Messages => has("messages"),
+        Schema::Text => has("text"),
+    };
+    let ok = match schema {
+        Some(s) => fits(s),
+        None => [Schema::Alpaca, Schema::ShareGpt, Schema::Messages, Schema::Text].into_iter().any(fits),
+    };
+    if ok {
+        return Ok(());
+    }
+    let want = match schema {
+        Some(Schema::Alpaca) => "`instruction` and `output` (or `prompt`/`question` and `response`/`completion`/`answer`)",
+        Some(Schema::ShareGpt) => "`conversations`",
+        Some(Schema::Messages) => "`messages`",
+        Some(Schema::Text) => "`text`",
+        None => "`instruction` + `output` (alpaca), `conversations` (sharegpt), `messages`, or `text`",
+    };
+    Err(Error::bad_input(path, Some(1), format!("the columns [{}] do not fit: expected {want}", columns.join(", "))))
+}
+
+/// Renames alias columns and parses JSON cells of a table row.
+fn table_row(columns: &[String], cells: Vec<Value>) -> Value {
+    let mut obj = Map::new();
+    for (name, v) in columns.iter().zip(cells) {
+        let v = match v {
+            Value::String(s) if JSON_COLUMNS.contains(&name.as_str()) && s.trim_start().starts_with(['[', '{']) => {
+                serde_json::from_str(&s).unwrap_or(Value::String(s))
+            }
+            Value::String(s) if s.is_empty() && name != "output" && name != "text" => Value::Null,
+            other => other,
+        };
+        obj.insert(name.clone(), v);
+    }
+    Value::Object(obj)
+}
+
+/// CSV rows as JSON objects.
+struct CsvSource {
+    reader: csv::Reader<File>,
+    columns: Vec<String>,
+    record: csv::StringRecord,
+}
+
+impl CsvSource {
+    fn open(path: &Path) -> Result<Self> {
+        let tsv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut reader = csv::ReaderBuilder::new().delimiter(if tsv { b'\t' } else { b',' }).flexible(false).from_reader(file);
+        let headers = reader.headers().map_err(|e| csv_error(path, e))?.clone();
+        let raw: Vec<String> = headers.iter().map(|h| h.trim_start_matches('\u{feff}').to_string()).collect();
+        if raw.iter().all(|h| h.trim().is_empty()) {
+            return Err(Error::bad_input(path, Some(1), "the CSV file has no header row"));
+        }
+        Ok(CsvSource { reader, columns: canonical_columns(&raw), record: csv::StringRecord::new() })
+    }
+
+    fn next(&mut self, path: &Path) -> Option<Result<(usize, Value)>> {
+        match self.reader.read_record(&mut self.record) {
+            Ok(false) => None,
+            Ok(true) => {
+                let line = self.record.position().map(|p| p.line() as usize).unwrap_or(0);
+                let cells = self.record.iter().map(|c| Value::String(c.to_string())).collect();
+                Some(Ok((line, table_row(&self.columns, cells))))
+            }
+            Err(e) => Some(Err(csv_error(path, e))),
+        }
+    }
+}
+
+fn csv_error(path: &Path, e: csv::Error) -> Error {
+    let line = e.position().map(|p| p.line() as usize);
+    let reason = match e.kind() {
+        csv::ErrorKind::Utf8 { .. } => "not valid UTF-8 (save the file as UTF-8)".to_string(),
+        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => format!("this row has {len} fields; the header has {expected_len}"),
+        _ => format!("invalid CSV: {e}"),
+    };
+    Error::bad_input(path, line, reason)
+}
+
+/// Parquet rows as JSON objects, read row group by row group.
+struct ParquetSource {
+    rows: parquet::record::reader::RowIter<'static>,
+    columns: Vec<String>,
+    row: usize,
+}
+
+impl ParquetSource {
+    fn open(path: &Path) -> Result<Self> {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let reader = SerializedFileReader::new(file).map_err(|e| Error::bad_input(path, None, format!("not a readable Parquet file: {e}")))?;
+        let raw: Vec<String> = reader.metadata().file_metadata().schema().get_fields().iter().map(|f| f.name().to_string()).collect();
+        let rows = parquet::record::reader::RowIter::from_file_into(Box::new(reader));
+        Ok(ParquetSource { rows, columns: canonical_columns(&raw), row: 0 })
+    }
+
+    fn next(&mut self, path: &Path) -> Option<Result<(usize, Value)>> {
+        let row = self.rows.next()?;
+        self.row += 1;
+        Some(match row {
+            Ok(r) => {
+                let cells = match r.to_json_value() {
+                    Value::Object(o) => o.into_iter().map(|(_, v)| v).collect(),
+                    other => vec![other],
+                };
+                Ok((self.row, table_row(&self.columns, cells)))
+            }
+            Err(e) => Err(Error::bad_input(path, Some(self.row), format!("row {}: cannot read: {e}", self.row))),
+        })
+    }
 }
 
 /// A stream of records from one file; see [`read_records`].
@@ -215,6 +392,8 @@ pub struct RecordIter {
     schema: Option<Schema>,
     produced: usize,
     done: bool,
+    keep_going: bool,
+    fatal: bool,
 }
 
 impl fmt::Debug for RecordIter {
@@ -239,8 +418,41 @@ impl RecordIter {
         self.schema.map(Schema::format)
     }
 
+    /// Keep reading after a bad record where the container allows it (JSON Lines, text, CSV,
+    /// Parquet rows, and schema errors in a JSON array), so that every problem of a file can
+    /// be listed (dataset import). A syntax error in a JSON array still ends the stream.
+    pub fn keep_going(mut self) -> Self {
+        self.keep_going = true;
+        self
+    }
+
     fn next_inner(&mut self) -> Option<Result<(usize, Record)>> {
         match &mut self.source {
+            Source::Csv(src) => {
+                let (line, value) = match src.next(&self.path)? {
+                    Ok(v) => v,
+                    Err(e) => {
+                        // A CSV reader cannot resync after a malformed quote.
+                        self.fatal = !matches!(e, Error::BadInput { ref reason, .. } if reason.contains("fields"));
+                        return Some(Err(e));
+                    }
+                };
+                Some(to_record(&value, &mut self.schema).map(|r| (line, r)).map_err(|reason| Error::bad_input(&self.path, Some(line), reason)))
+            }
+            Source::Parquet(src) => {
+                let (row, value) = match src.next(&self.path)? {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.fatal = true;
+                        return Some(Err(e));
+                    }
+                };
+                Some(
+                    to_record(&value, &mut self.schema)
+                        .map(|r| (row, r))
+                        .map_err(|reason| Error::bad_input(&self.path, Some(row), format!("row {row}: {reason}"))),
+                )
+            }
             Source::Lines(reader) => loop {
                 let (line, text) = match reader.next_line(&self.path)? {
                     Ok(l) => l,
@@ -293,6 +505,7 @@ impl RecordIter {
                     Ok(None) => return None,
                     Ok(Some(v)) => v,
                     Err((line, reason)) => {
+                        self.fatal = true;
                         return Some(Err(Error::bad_input(&self.path, Some(line), reason)));
                     }
                 };
@@ -316,6 +529,7 @@ impl Iterator for RecordIter {
         let item = self.next_inner();
         match &item {
             Some(Ok(_)) => self.produced += 1,
+            Some(Err(_)) if self.keep_going && !self.fatal => {}
             Some(Err(_)) => self.done = true,
             None => {
                 self.done = true;
@@ -337,6 +551,8 @@ enum Container {
     JsonLines,
     JsonArray,
     PlainText,
+    Csv,
+    Parquet,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -362,6 +578,8 @@ enum Source {
     Lines(LineReader),
     Blocks(LineReader),
     Array(ArrayReader),
+    Csv(CsvSource),
+    Parquet(ParquetSource),
 }
 
 fn not_utf8(path: &Path, line: usize) -> Error {
@@ -399,6 +617,8 @@ fn detect_container(path: &Path, format: Format) -> Result<Container> {
     match ext.as_str() {
         "jsonl" | "ndjson" => return Ok(Container::JsonLines),
         "txt" | "text" | "md" => return Ok(Container::PlainText),
+        "csv" | "tsv" => return Ok(Container::Csv),
+        "parquet" => return Ok(Container::Parquet),
         _ => {}
     }
     match first_significant_byte(path)? {

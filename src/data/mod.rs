@@ -24,7 +24,7 @@ use tokenizers::Tokenizer;
 
 pub use batch::{eval_batches, Batch, Batcher, BatcherState};
 pub use encode::{encode, eos_id, try_encode, EncodeOptions, EncodeOutcome, Example, SkipReason, IGNORE_INDEX};
-pub use format::{read_records, Format, Message, Record, RecordIter, TOOLS_PREAMBLE};
+pub use format::{container_name, read_records, Format, Message, Record, RecordIter, TOOLS_PREAMBLE};
 pub use template::{ChatTemplate, CHATML};
 
 use crate::{Error, Result};

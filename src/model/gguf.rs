@@ -113,49 +113,9 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
             format!("architecture `{arch}` is not supported (llama, mistral, qwen2 are)"),
         ));
     }
-    let k = |s: &str| format!("{arch}.{s}");
-    let n_heads = meta_u(&content, path, &k("attention.head_count"))?;
-    let n_kv = content
-        .metadata
-        .get(&k("attention.head_count_kv"))
-        .map(|_| meta_u(&content, path, &k("attention.head_count_kv")))
-        .transpose()?
-        .unwrap_or(n_heads);
-    let hidden = meta_u(&content, path, &k("embedding_length"))?;
-    let has_output = content.tensor_infos.contains_key("output.weight");
-    let vocab_size = content
-        .tensor_infos
-        .get("token_embd.weight")
-        .map(|t| t.shape.dims()[0])
-        .ok_or_else(|| Error::bad_input(path, None, "tensor token_embd.weight is missing"))?;
-    let head_dim = content
-        .metadata
-        .get(&k("attention.key_length"))
-        .and_then(|v| v.to_u32().ok())
-        .map(|v| v as usize)
-        .filter(|&d| d != hidden / n_heads);
-    let config = LlamaConfig {
-        vocab_size,
-        hidden_size: hidden,
-        intermediate_size: meta_u(&content, path, &k("feed_forward_length"))?,
-        num_hidden_layers: meta_u(&content, path, &k("block_count"))?,
-        num_attention_heads: n_heads,
-        num_key_value_heads: Some(n_kv),
-        head_dim,
-        rms_norm_eps: meta_f(&content, &k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
-        rope_theta: meta_f(&content, &k("rope.freq_base")).unwrap_or(10_000.0),
-        max_position_embeddings: meta_u(&content, path, &k("context_length")).unwrap_or(2048),
-        tie_word_embeddings: !has_output,
-        attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-        bos_token_id: content.metadata.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
-        eos_token_id: content
-            .metadata
-            .get("tokenizer.ggml.eos_token_id")
-            .and_then(|v| v.to_u32().ok())
-            .map(serde_json::Value::from),
-        model_type: arch.clone(),
-    };
-    config.validate().map_err(|r| Error::bad_input(path, None, r))?;
+    let config = config_of(&content, path, &arch)?;
+    let n_heads = config.num_attention_heads;
+    let n_kv = config.kv_heads();
 
     let mut tensors = HashMap::new();
     let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
@@ -180,6 +140,64 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
     }
     let (tokenizer, spec) = tokenizer::from_gguf(&content, path)?;
     Ok(GgufModel { config, tensors, tokenizer, spec })
+}
+
+/// The architecture of a GGUF file from its metadata alone (no tensor data is read).
+pub fn read_config(path: &Path) -> Result<LlamaConfig> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let content = Content::read(&mut file).map_err(|e| Error::bad_input(path, None, format!("not a readable GGUF file: {e}")))?;
+    let arch = match meta(&content, path, "general.architecture")? {
+        Value::String(s) => s.clone(),
+        _ => return Err(Error::bad_input(path, None, "general.architecture is not a string")),
+    };
+    config_of(&content, path, &arch)
+}
+
+fn config_of(content: &Content, path: &Path, arch: &str) -> Result<LlamaConfig> {
+    let k = |s: &str| format!("{arch}.{s}");
+    let n_heads = meta_u(content, path, &k("attention.head_count"))?;
+    let n_kv = content
+        .metadata
+        .get(&k("attention.head_count_kv"))
+        .map(|_| meta_u(content, path, &k("attention.head_count_kv")))
+        .transpose()?
+        .unwrap_or(n_heads);
+    let hidden = meta_u(content, path, &k("embedding_length"))?;
+    let has_output = content.tensor_infos.contains_key("output.weight");
+    let vocab_size = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .map(|t| t.shape.dims()[0])
+        .ok_or_else(|| Error::bad_input(path, None, "tensor token_embd.weight is missing"))?;
+    let head_dim = content
+        .metadata
+        .get(&k("attention.key_length"))
+        .and_then(|v| v.to_u32().ok())
+        .map(|v| v as usize)
+        .filter(|&d| d != hidden / n_heads);
+    let config = LlamaConfig {
+        vocab_size,
+        hidden_size: hidden,
+        intermediate_size: meta_u(content, path, &k("feed_forward_length"))?,
+        num_hidden_layers: meta_u(content, path, &k("block_count"))?,
+        num_attention_heads: n_heads,
+        num_key_value_heads: Some(n_kv),
+        head_dim,
+        rms_norm_eps: meta_f(content, &k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        rope_theta: meta_f(content, &k("rope.freq_base")).unwrap_or(10_000.0),
+        max_position_embeddings: meta_u(content, path, &k("context_length")).unwrap_or(2048),
+        tie_word_embeddings: !has_output,
+        attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        bos_token_id: content.metadata.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
+        eos_token_id: content
+            .metadata
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(|v| v.to_u32().ok())
+            .map(serde_json::Value::from),
+        model_type: arch.to_string(),
+    };
+    config.validate().map_err(|r| Error::bad_input(path, None, r))?;
+    Ok(config)
 }
 
 /// Prints-friendly summary of GGUF metadata (for `tunebench model info`): every key except

@@ -50,6 +50,32 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     Ok(LoadedModel { model, tokenizer, spec, source: path.to_path_buf() })
 }
 
+/// Reads only the architecture of a `.gguf` file or HF folder (for estimates).
+pub fn load_config(path: &Path) -> Result<LlamaConfig> {
+    if !path.exists() {
+        return Err(Error::bad_input(path, None, "model path does not exist (run scripts/setup for the default model)"));
+    }
+    if path.is_file() {
+        return gguf::read_config(path);
+    }
+    LlamaConfig::from_hf_json(&required(path, "config.json")?)
+}
+
+/// Loads only the tokenizer (and its special tokens and chat template) of a `.gguf` file or
+/// HF folder, without the weights: what dataset import and preview need.
+pub fn load_tokenizer(path: &Path) -> Result<(tokenizers::Tokenizer, TokenizerSpec)> {
+    if !path.exists() {
+        return Err(Error::bad_input(path, None, "model path does not exist (run scripts/setup for the default model)"));
+    }
+    if path.is_file() {
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+            .map_err(|e| Error::bad_input(path, None, format!("not a readable GGUF file: {e}")))?;
+        return tokenizer::from_gguf(&content, path);
+    }
+    tokenizer::from_hf_folder(path)
+}
+
 fn required(dir: &Path, file: &str) -> Result<PathBuf> {
     let p = dir.join(file);
     if p.exists() {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Linear, Llama};
+use crate::model::Llama;
 use crate::{Error, Result};
 pub use lora::{LoraConfig, LoraLayer};
 
@@ -59,6 +59,13 @@ impl PeftConfig {
             PeftConfig::Lora(c) => c.validate(),
         }
     }
+
+    /// The method's registry name (`lora`, ...).
+    pub fn method_name(&self) -> &'static str {
+        match self {
+            PeftConfig::Lora(_) => "lora",
+        }
+    }
 }
 
 /// Which linear layers a method wraps: module names matched as in peft (a module matches
@@ -89,22 +96,29 @@ impl TargetModules {
     /// The full module paths selected in `model`; an unknown name is an error listing the
     /// names the model has.
     pub fn resolve(&self, model: &Llama) -> Result<BTreeSet<String>> {
+        let names: Vec<&str> = model.linears().into_iter().map(|l| l.name()).collect();
+        self.resolve_names(&names)
+    }
+
+    /// [`resolve`](Self::resolve) over a list of full linear module names (`lm_head` is never
+    /// selected by `all-linear`).
+    pub fn resolve_names(&self, all: &[&str]) -> Result<BTreeSet<String>> {
         self.validate()?;
-        let all: Vec<&Linear> = model.linears();
+        let short = |n: &str| n.rsplit('.').next().unwrap_or(n).to_string();
         match self {
-            TargetModules::Keyword(_) => Ok(all.iter().filter(|l| l.name() != "lm_head").map(|l| l.name().to_string()).collect()),
+            TargetModules::Keyword(_) => Ok(all.iter().filter(|l| **l != "lm_head").map(|l| l.to_string()).collect()),
             TargetModules::Names(names) => {
                 let mut out = BTreeSet::new();
                 for n in names {
-                    let hits: Vec<&&Linear> = all.iter().filter(|l| l.name() == n || l.name().ends_with(&format!(".{n}"))).collect();
+                    let hits: Vec<&&str> = all.iter().filter(|l| **l == n || l.ends_with(&format!(".{n}"))).collect();
                     if hits.is_empty() {
-                        let known: BTreeSet<&str> = all.iter().map(|l| l.short_name()).collect();
+                        let known: BTreeSet<String> = all.iter().map(|l| short(l)).collect();
                         return Err(Error::config(
                             "peft.target_modules",
                             format!("unknown target module `{n}`; this model has: {}", known.into_iter().collect::<Vec<_>>().join(", ")),
                         ));
                     }
-                    out.extend(hits.into_iter().map(|l| l.name().to_string()));
+                    out.extend(hits.into_iter().map(|l| l.to_string()));
                 }
                 Ok(out)
             }

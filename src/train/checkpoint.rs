@@ -75,11 +75,37 @@ pub fn save(dir: &Path, write_adapter: impl FnOnce(&Path) -> Result<()>, optim: 
     sync_dir(&tmp.join(ADAPTER_DIR));
     sync_dir(&tmp);
     if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        remove(dir)?;
     }
     std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
     sync_dir(parent);
     Ok(())
+}
+
+/// Deletes a checkpoint folder so that it is never seen half-deleted: it is first renamed to
+/// a hidden `.<name>.deleting` sibling (atomic), then removed. Leftovers of a process killed
+/// while removing are cleaned by [`clean_leftovers`].
+pub fn remove(dir: &Path) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let doomed = parent.join(format!(".{name}.deleting"));
+    if doomed.exists() {
+        std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
+    }
+    std::fs::rename(dir, &doomed).map_err(|e| Error::io(dir, e))?;
+    sync_dir(parent);
+    std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
+}
+
+/// Removes what a killed process left under `checkpoints_dir`: half-written (`.partial`) and
+/// half-deleted (`.deleting`) folders.
+pub fn clean_leftovers(checkpoints_dir: &Path) {
+    for e in std::fs::read_dir(checkpoints_dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && (name.ends_with(".partial") || name.ends_with(".deleting")) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// A checkpoint read back.

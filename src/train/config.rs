@@ -174,11 +174,13 @@ pub struct EvalSection {
     pub max_new_tokens: usize,
     /// Also score the base model before training.
     pub before: bool,
+    /// At each validation, answer the first N prompts and record the answers as samples.
+    pub samples: usize,
 }
 
 impl Default for EvalSection {
     fn default() -> Self {
-        EvalSection { prompts: None, max_new_tokens: 48, before: true }
+        EvalSection { prompts: None, max_new_tokens: 48, before: true, samples: 2 }
     }
 }
 

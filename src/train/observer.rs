@@ -65,6 +65,21 @@ pub enum TrainEvent {
         /// Its folder.
         path: String,
     },
+    /// An old checkpoint was pruned from disk (`train.keep_checkpoints`).
+    CheckpointRemoved {
+        /// Its step.
+        step: usize,
+    },
+    /// A sample answer generated at a validation step (the first `eval.samples` held-out
+    /// prompts, greedy).
+    Sample {
+        /// After this step.
+        step: usize,
+        /// The prompt.
+        prompt: String,
+        /// The answer.
+        output: String,
+    },
     /// The run ended normally or by request.
     Finished {
         /// Steps completed.

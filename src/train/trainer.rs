@@ -23,6 +23,9 @@ use crate::{Error, Result};
 pub struct TrainOptions {
     /// Continue from the newest checkpoint in the run folder.
     pub resume: bool,
+    /// Continue from this checkpoint folder (the run store's newest recorded checkpoint);
+    /// implies `resume`.
+    pub resume_from: Option<PathBuf>,
     /// Set to request a graceful stop: checkpoint, then return.
     pub stop: Option<Arc<AtomicBool>>,
     /// Stop (as if requested) after this many steps in this session (tests, benchmarks).
@@ -52,8 +55,13 @@ pub struct TrainSummary {
 
 /// The chat template a model ships, or ChatML.
 pub fn template_for(m: &LoadedModel) -> Result<ChatTemplate> {
-    match &m.spec.chat_template {
-        Some(src) => ChatTemplate::new(src, m.spec.bos_token.as_deref().unwrap_or(""), &m.spec.eos_token),
+    template_for_spec(&m.spec)
+}
+
+/// The chat template of a tokenizer spec, or ChatML.
+pub fn template_for_spec(spec: &model::TokenizerSpec) -> Result<ChatTemplate> {
+    match &spec.chat_template {
+        Some(src) => ChatTemplate::new(src, spec.bos_token.as_deref().unwrap_or(""), &spec.eos_token),
         None => Ok(ChatTemplate::chatml()),
     }
 }
@@ -110,7 +118,8 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         _ => None,
     };
     let mut heldout_before = None;
-    if let (Some(prompts), true, false) = (&heldout_prompts, cfg.eval.before, opts.resume) {
+    let resuming = opts.resume || opts.resume_from.is_some();
+    if let (Some(prompts), true, false) = (&heldout_prompts, cfg.eval.before, resuming) {
         let r = heldout::score(&m, &template, prompts, cfg.eval.max_new_tokens, |_, _| {})?;
         obs.on_event(&TrainEvent::Heldout { phase: "before".into(), correct: r.correct, total: r.total });
         heldout_before = Some(r);
@@ -142,9 +151,13 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         val_loss: None,
         losses: vec![],
     };
-    if opts.resume {
-        let Some((_, last)) = checkpoint::list(&ckpt_dir).pop() else {
-            return Err(Error::Msg(format!("nothing to resume: no checkpoint in {}", ckpt_dir.display())));
+    if resuming {
+        let last = match &opts.resume_from {
+            Some(dir) => dir.clone(),
+            None => match checkpoint::list(&ckpt_dir).pop() {
+                Some((_, last)) => last,
+                None => return Err(Error::Msg(format!("nothing to resume: no checkpoint in {}", ckpt_dir.display()))),
+            },
         };
         let ck = checkpoint::load(&last, &device)?;
         let wpath = ck.adapter_dir.join("adapter_model.safetensors");
@@ -171,13 +184,18 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
     });
 
     let base_name = cfg.model_path().display().to_string();
-    let save_ckpt = |state: &TrainerState, opt: &AdamW| -> Result<PathBuf> {
+    // A checkpoint is announced (and recorded by the store) before older ones are pruned, so
+    // the newest recorded checkpoint always exists on disk.
+    let save_ckpt = |state: &TrainerState, opt: &AdamW, obs: &mut dyn TrainObserver| -> Result<PathBuf> {
         let dir = ckpt_dir.join(checkpoint::dir_name(state.step));
         checkpoint::save(&dir, |p| adapter.save(p, &base_name), &opt.state()?, state)?;
+        obs.on_event(&TrainEvent::Checkpoint { step: state.step, path: dir.display().to_string() });
         let all = checkpoint::list(&ckpt_dir);
         if all.len() > t.keep_checkpoints.max(1) {
-            for (_, old) in &all[..all.len() - t.keep_checkpoints.max(1)] {
-                let _ = std::fs::remove_dir_all(old);
+            for (step, old) in &all[..all.len() - t.keep_checkpoints.max(1)] {
+                if checkpoint::remove(old).is_ok() {
+                    obs.on_event(&TrainEvent::CheckpointRemoved { step: *step });
+                }
             }
         }
         Ok(dir)
@@ -253,12 +271,20 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
             state.val_loss = Some(vl);
             val_losses.push((state.step, vl));
             obs.on_event(&TrainEvent::Eval { step: state.step, val_loss: vl, perplexity: vl.exp() });
+            if let Some(prompts) = &heldout_prompts {
+                let k = cfg.eval.samples.min(prompts.len());
+                if k > 0 {
+                    let r = heldout::score(&m, &template, &prompts[..k], cfg.eval.max_new_tokens, |_, _| {})?;
+                    for a in r.answers {
+                        obs.on_event(&TrainEvent::Sample { step: state.step, prompt: a.prompt, output: a.answer });
+                    }
+                }
+            }
         }
         let stop_requested = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
             || opts.stop_after.is_some_and(|n| session_steps >= n && !last);
         if (t.save_steps > 0 && state.step.is_multiple_of(t.save_steps)) || last || stop_requested {
-            let dir = save_ckpt(&state, &opt)?;
-            obs.on_event(&TrainEvent::Checkpoint { step: state.step, path: dir.display().to_string() });
+            save_ckpt(&state, &opt, obs)?;
         }
         if stop_requested {
             stopped = true;

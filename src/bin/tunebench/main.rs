@@ -2,8 +2,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use candle_core::Device;
 use clap::{Parser, Subcommand};
@@ -11,8 +9,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tunebench::data::Message;
 use tunebench::model::{self, LoadedModel};
 use tunebench::peft::Adapter;
-use tunebench::train::{self, heldout, RunConfig, TrainEvent, TrainObserver, TrainOptions};
+use tunebench::train::{self, heldout, RunConfig, TrainEvent, TrainObserver};
 use tunebench::{Error, Result};
+
+mod runs;
 
 #[derive(Parser)]
 #[command(name = "tunebench", version, about = "Fine-tune language models on your own workstation")]
@@ -27,6 +27,33 @@ enum Cmd {
     Train(TrainArgs),
     /// List the bundled presets.
     Presets,
+    /// Recorded runs: list, show, stop, resume, delete, chart.
+    Runs {
+        #[command(subcommand)]
+        cmd: runs::RunsCmd,
+    },
+    /// Compare runs: metrics table, config diff, samples; `--out` writes the overlay chart.
+    Compare(runs::CompareArgs),
+    /// Datasets: import (with validation and statistics), preview, list.
+    Datasets {
+        #[command(subcommand)]
+        cmd: runs::DatasetsCmd,
+    },
+    /// Predict parameters, peak memory and time per step of a run config before running it.
+    Estimate(runs::EstimateArgs),
+    /// Run queued runs (one per device at a time) until Ctrl-C, printing events as JSON lines;
+    /// workers keep running when it exits, and the next `queue` re-attaches to them.
+    Queue {
+        /// Exit once nothing is queued or running.
+        #[arg(long)]
+        exit_when_idle: bool,
+    },
+    /// Internal: the training worker the app's supervisor starts (JSON lines on stdout).
+    #[command(hide = true)]
+    Worker {
+        #[command(subcommand)]
+        cmd: runs::WorkerCmd,
+    },
     /// Score a model (and adapter) on held-out prompts: share of answers that contain an
     /// expected string.
     Eval {
@@ -156,7 +183,7 @@ struct TrainArgs {
     /// A bundled preset (see `tunebench presets`).
     #[arg(long)]
     preset: Option<String>,
-    /// Continue from the newest checkpoint in the run folder.
+    /// Continue the newest stopped, interrupted or failed run of this config's name.
     #[arg(long)]
     resume: bool,
     /// Override the run folder.
@@ -202,8 +229,8 @@ fn targets_of(s: &str) -> Vec<&str> {
 }
 
 /// The CLI's observer: a progress bar with loss, tokens/s and ETA, plus event lines.
-struct Progress {
-    bar: Option<ProgressBar>,
+pub(crate) struct Progress {
+    pub(crate) bar: Option<ProgressBar>,
 }
 
 impl TrainObserver for Progress {
@@ -237,7 +264,7 @@ impl TrainObserver for Progress {
                     }
                     TrainEvent::Checkpoint { step, path } => format!("step {step}: checkpoint {path}"),
                     TrainEvent::Finished { step, stopped: true, .. } => {
-                        format!("stopped at step {step} (checkpoint saved); continue with --resume")
+                        format!("stopped at step {step} (checkpoint saved); continue with `tunebench runs resume RUN`")
                     }
                     TrainEvent::Finished { step, adapter, .. } => format!("finished {step} steps; adapter: {adapter}"),
                     TrainEvent::Message { text } => text.clone(),
@@ -273,74 +300,41 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
     if let Some(s) = max_steps {
         cfg.train.max_steps = s;
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // First Ctrl-C: checkpoint and stop; the handler stays installed, a second one kills.
-        // Only async-signal-safe work in the handler: set the flag, or exit on the second press.
-        let _ = ctrlc_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                extern "C" {
-                    fn _exit(code: i32) -> !;
-                }
-                // SAFETY: _exit is async-signal-safe and ends the process at once.
-                unsafe { _exit(130) }
+    let rt = runs::runtime()?;
+    let wb = runs::workbench(&rt)?;
+    let run_id = if resume {
+        let runs = rt.block_on(wb.runs())?;
+        let found = runs.iter().find(|r| r.name == cfg.name && r.status.is_resumable() && r.status != tunebench::store::RunStatus::Queued);
+        match found {
+            Some(r) => r.id,
+            None => {
+                return Err(Error::Msg(format!(
+                    "no stopped, interrupted or failed run named `{}` to resume (see `tunebench runs list`)",
+                    cfg.name
+                )))
             }
-        });
-    }
-    let opts = TrainOptions { resume, stop: Some(stop), skip_heldout: no_heldout, ..Default::default() };
-    let summary = if json {
-        train::train(&cfg, &opts, &mut train::observer::JsonLines)?
+        }
     } else {
-        train::train(&cfg, &opts, &mut Progress { bar: None })?
+        let r = rt.block_on(wb.create_run(tunebench::api::CreateRun { config: cfg, dataset_id: None, device: "cpu".into() }))?;
+        r.id
     };
+    drop(wb);
     if !json {
-        if let (Some(b), Some(a)) = (&summary.heldout_before, &summary.heldout_after) {
-            println!(
-                "held-out accuracy: {:.0}% before -> {:.0}% after ({} prompts)",
-                100.0 * b.accuracy(),
-                100.0 * a.accuracy(),
-                a.total
-            );
-        }
-        if let (Some(f), Some(l)) = (summary.losses.first(), summary.losses.last()) {
-            println!("train loss {f:.4} -> {l:.4} over {} steps", summary.steps);
-        }
-        if let (Some(f), Some(l)) = (summary.val_losses.first(), summary.val_losses.last()) {
-            println!("val loss {:.4} (step {}) -> {:.4} (step {})", f.1, f.0, l.1, l.0);
-        }
-        println!("adapter: {}", summary.adapter_dir.display());
+        eprintln!("run {run_id}");
     }
-    Ok(())
-}
-
-/// Installs a SIGINT handler without extra crates (POSIX `signal`).
-fn ctrlc_handler(f: impl Fn() + Send + Sync + 'static) -> std::io::Result<()> {
-    use std::sync::OnceLock;
-    static HANDLER: OnceLock<Box<dyn Fn() + Send + Sync>> = OnceLock::new();
-    let _ = HANDLER.set(Box::new(f));
-    extern "C" fn on_sigint(_: i32) {
-        if let Some(h) = HANDLER.get() {
-            h();
-        }
-    }
-    #[cfg(unix)]
-    {
-        extern "C" {
-            fn signal(signum: i32, handler: extern "C" fn(i32)) -> usize;
-        }
-        // SAFETY: installing a plain C signal handler; it only touches an atomic (or calls _exit).
-        unsafe {
-            signal(2, on_sigint);
-        }
-    }
-    Ok(())
+    runs::foreground(&rt, run_id, json, no_heldout)
 }
 
 fn run(cli: Cli) -> Result<()> {
     let device = Device::Cpu;
     match cli.cmd {
         Cmd::Train(args) => cmd_train(args)?,
+        Cmd::Runs { cmd } => runs::cmd_runs(cmd)?,
+        Cmd::Compare(a) => runs::cmd_compare(a)?,
+        Cmd::Datasets { cmd } => runs::cmd_datasets(cmd)?,
+        Cmd::Estimate(a) => runs::cmd_estimate(a)?,
+        Cmd::Worker { cmd } => runs::cmd_worker(cmd)?,
+        Cmd::Queue { exit_when_idle } => runs::cmd_queue(exit_when_idle)?,
         Cmd::Presets => {
             for (name, desc, _) in train::config::PRESETS {
                 println!("{name:12} {desc}");

@@ -1,0 +1,292 @@
+//! Estimates before a run: parameters (total, trainable, share), predicted peak memory by part
+//! and predicted time per step — from the model's architecture alone (no weights are read).
+//!
+//! Memory model (CPU, f32, as this engine trains):
+//! * weights: every base parameter in f32 (GGUF weights are dequantized on load);
+//! * adapter: trainable parameters × (value + gradient + accumulated gradient + AdamW m, v);
+//! * activations kept for the backward pass, per token and decoder layer: the layer input,
+//!   both norm outputs, q/k/v (projected, laid out, rotated), attention output, MLP
+//!   gate/up/activation, projections' outputs and residual sums, plus each LoRA target's
+//!   extra output and rank-r intermediate — see [`activation_floats_per_token_layer`];
+//!   attention scores and probabilities, (batch, heads, seq, seq) per layer;
+//! * the loss: `loss_chunk` rows of vocabulary logits, probabilities and gradient at once;
+//! * a fixed runtime overhead (binary, tokenizer, allocator slack).
+//!
+//! With gradient checkpointing only each layer's input is kept and one layer's activations
+//! are recomputed at a time; the engine does not checkpoint on CPU yet, so that figure is
+//! given for planning only. The constants were calibrated against measured peak RSS
+//! (bench/RESULTS.md); `tests/estimate.rs` checks the prediction on several configs.
+//!
+//! Time: matmul FLOPs of forward + backward (frozen weights get only the input gradient)
+//! divided by this machine's measured f32 matmul rate, times an overhead factor for the
+//! non-matmul ops.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::Workbench;
+use crate::model::LlamaConfig;
+use crate::peft::PeftConfig;
+use crate::train::RunConfig;
+use crate::{Error, Result};
+
+/// Runtime overhead outside tensors (binary, tokenizer, allocator slack), bytes.
+pub const OVERHEAD_BYTES: u64 = 150 << 20;
+/// Measured activation bytes ÷ the counted floats × 4 (allocator fragmentation, temporaries
+/// alive at the peak).
+pub const ACTIVATION_FACTOR: f64 = 1.0;
+/// Step time ÷ pure matmul time (norms, softmax, RoPE, element-wise ops, optimizer).
+pub const TIME_OVERHEAD: f64 = 1.35;
+
+/// Request: estimate a run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EstimateRequest {
+    /// The run configuration.
+    pub config: RunConfig,
+}
+
+/// Predicted peak memory.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MemoryEstimate {
+    /// Predicted peak resident memory, bytes.
+    pub total_bytes: u64,
+    /// The parts: weights, adapter + optimizer, activations, attention, loss, runtime.
+    pub parts: Vec<(String, u64)>,
+    /// The same with gradient checkpointing per decoder layer (planning figure).
+    pub total_bytes_checkpointed: u64,
+}
+
+/// Response: the estimate.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Estimate {
+    /// All base parameters.
+    pub total_params: u64,
+    /// Trainable parameters.
+    pub trainable_params: u64,
+    /// Trainable share, %.
+    pub trainable_pct: f64,
+    /// Memory.
+    pub memory: MemoryEstimate,
+    /// Predicted seconds per optimizer step.
+    pub step_s: f64,
+    /// Optimizer steps (from max_steps, or epochs × the dataset's rows when it can be counted).
+    pub total_steps: u64,
+    /// Predicted seconds for the run.
+    pub total_s: f64,
+    /// Sequence length assumed (data.max_len).
+    pub seq_len: usize,
+    /// Training FLOPs per step.
+    pub flops_per_step: f64,
+    /// This machine's measured f32 matmul rate, GFLOP/s.
+    pub machine_gflops: f64,
+    /// Things to look at (memory beyond the machine's RAM, ...).
+    pub warnings: Vec<String>,
+}
+
+/// The linear layers of a Llama-family model: (full name, in features, out features).
+pub fn linear_shapes(c: &LlamaConfig) -> Vec<(String, usize, usize)> {
+    let (d, ff, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
+    let (q, kv) = (c.num_attention_heads * hd, c.kv_heads() * hd);
+    let mut v = Vec::new();
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        v.push((format!("{p}.self_attn.q_proj"), d, q));
+        v.push((format!("{p}.self_attn.k_proj"), d, kv));
+        v.push((format!("{p}.self_attn.v_proj"), d, kv));
+        v.push((format!("{p}.self_attn.o_proj"), q, d));
+        v.push((format!("{p}.mlp.gate_proj"), d, ff));
+        v.push((format!("{p}.mlp.up_proj"), d, ff));
+        v.push((format!("{p}.mlp.down_proj"), ff, d));
+    }
+    v.push(("lm_head".into(), d, c.vocab_size));
+    v
+}
+
+/// All parameters of the base model (tied embeddings counted once).
+pub fn total_params(c: &LlamaConfig) -> u64 {
+    let d = c.hidden_size as u64;
+    let lin = linear_shapes(c);
+    let layers: u64 = lin.iter().filter(|(n, _, _)| n != "lm_head").map(|(_, i, o)| (*i * *o) as u64).sum();
+    let bias: u64 = if c.attention_bias {
+        let hd = c.head_dim() as u64;
+        c.num_hidden_layers as u64 * (c.num_attention_heads as u64 * hd + 2 * c.kv_heads() as u64 * hd)
+    } else {
+        0
+    };
+    let norms = c.num_hidden_layers as u64 * 2 * d + d;
+    let embed = c.vocab_size as u64 * d;
+    let head = if c.tie_word_embeddings { 0 } else { embed };
+    layers + bias + norms + embed + head
+}
+
+/// The adapted linears and their rank: (name, in, out, r).
+pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize, usize, usize)>> {
+    let shapes = linear_shapes(c);
+    match peft {
+        PeftConfig::Lora(l) => {
+            let names: Vec<&str> = shapes.iter().map(|(n, _, _)| n.as_str()).collect();
+            let chosen = l.target_modules.resolve_names(&names)?;
+            Ok(shapes
+                .into_iter()
+                .filter(|(n, _, _)| chosen.contains(n))
+                .map(|(n, i, o)| {
+                    let r = l.rank_and_scale(&n).0;
+                    (n, i, o, r)
+                })
+                .collect())
+        }
+    }
+}
+
+/// Floats kept for the backward pass per token and decoder layer (without attention scores).
+pub fn activation_floats_per_token_layer(c: &LlamaConfig, lora_per_layer: &[(usize, usize, usize)]) -> f64 {
+    let (d, ff) = (c.hidden_size as f64, c.intermediate_size as f64);
+    let q = (c.num_attention_heads * c.head_dim()) as f64;
+    let kv = (c.kv_heads() * c.head_dim()) as f64;
+    // input, norm1, q (proj, laid out, rotated), k (×3), v (×2), attention out (laid out,
+    // merged), o_proj out, residual, norm2, gate, up, activation, down out, residual.
+    let base = d + d + 3.0 * q + 3.0 * kv + 2.0 * kv + 2.0 * q + d + d + d + ff + ff + ff + d + d;
+    // Each LoRA target adds x·A (r), its B output and the sum with the frozen output.
+    let lora: f64 = lora_per_layer.iter().map(|&(_, o, r)| r as f64 + 2.0 * o as f64).sum();
+    base + lora
+}
+
+/// This machine's f32 matmul rate in GFLOP/s (measured once per process, ~0.2 s).
+pub fn machine_gflops() -> f64 {
+    static RATE: OnceLock<f64> = OnceLock::new();
+    *RATE.get_or_init(|| {
+        let dev = candle_core::Device::Cpu;
+        let (m, k, n) = (512usize, 576usize, 1536usize);
+        let a = candle_core::Tensor::ones((m, k), candle_core::DType::F32, &dev).and_then(|t| t.affine(0.5, 0.1));
+        let b = candle_core::Tensor::ones((k, n), candle_core::DType::F32, &dev).and_then(|t| t.affine(0.25, 0.2));
+        let (Ok(a), Ok(b)) = (a, b) else { return 20.0 };
+        let _ = a.matmul(&b);
+        let start = Instant::now();
+        let mut reps = 0u32;
+        while start.elapsed().as_secs_f64() < 0.2 || reps < 3 {
+            if a.matmul(&b).is_err() {
+                return 20.0;
+            }
+            reps += 1;
+        }
+        2.0 * (m * k * n) as f64 * reps as f64 / start.elapsed().as_secs_f64() / 1e9
+    })
+}
+
+/// Total RAM of this machine, bytes.
+pub fn machine_ram_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = s.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Estimates a run from its config and the model's architecture. `rows`: the dataset's
+/// example count when known (for the number of steps).
+pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>) -> Result<Estimate> {
+    cfg.peft.validate()?;
+    let t = &cfg.train;
+    let (b, s) = (t.batch_size as u64, cfg.data.max_len as u64);
+    let layers = model.num_hidden_layers as u64;
+    let total = total_params(model);
+    let ad = adapted(model, &cfg.peft)?;
+    let trainable: u64 = ad.iter().map(|(_, i, o, r)| (r * (i + o)) as u64).sum();
+    let lora_l0: Vec<(usize, usize, usize)> =
+        ad.iter().filter(|(n, _, _, _)| n.starts_with("model.layers.0.")).map(|(_, i, o, r)| (*i, *o, *r)).collect();
+
+    let weights = 4 * total;
+    let adapter = trainable * 4 * 5;
+    let per_tok_layer = activation_floats_per_token_layer(model, &lora_l0);
+    let tokens = b * s;
+    let acts = (ACTIVATION_FACTOR * 4.0 * per_tok_layer * (tokens * layers) as f64) as u64 + 4 * tokens * model.hidden_size as u64 * 2;
+    let attn = 4 * 2 * b * model.num_attention_heads as u64 * s * s * layers;
+    let chunk = (t.loss_chunk as u64).min(tokens).max(1);
+    let loss = 4 * 3 * chunk * model.vocab_size as u64;
+    let total_bytes = weights + adapter + acts + attn + loss + OVERHEAD_BYTES;
+    let one_layer = acts / layers.max(1) + attn / layers.max(1);
+    let ckpt = weights + adapter + 4 * tokens * model.hidden_size as u64 * layers + one_layer + loss + OVERHEAD_BYTES;
+
+    // FLOPs: forward 2·tokens·(linear params) + attention 4·b·s²·(heads·head_dim) per layer;
+    // backward: input gradients of every linear (2·tokens·params again), attention ×2, LoRA
+    // weight gradients.
+    let lin_params: f64 = linear_shapes(model).iter().map(|(_, i, o)| (*i * *o) as f64).sum();
+    let attn_fwd = 4.0 * (b * s * s) as f64 * (model.num_attention_heads * model.head_dim()) as f64 * layers as f64 / 2.0;
+    let lora_flops: f64 = ad.iter().map(|(_, i, o, r)| 2.0 * (*r * (*i + *o)) as f64).sum::<f64>() * tokens as f64 * 3.0;
+    let flops_micro = 2.0 * tokens as f64 * lin_params * 2.0 + 3.0 * attn_fwd + lora_flops;
+    let flops = flops_micro * t.grad_accum as f64;
+    let gflops = machine_gflops();
+    let step_s = flops / (gflops * 1e9) * TIME_OVERHEAD;
+
+    let total_steps = if t.max_steps > 0 {
+        t.max_steps as u64
+    } else {
+        let rows = rows.unwrap_or(0);
+        let train_rows = rows.saturating_sub(((cfg.data.val_fraction * rows as f64).round() as u64).min(cfg.data.val_max as u64));
+        let micro = train_rows.div_ceil(b.max(1));
+        ((t.epochs * micro as f64) / t.grad_accum as f64).ceil() as u64
+    };
+    let mut warnings = Vec::new();
+    if let Some(ram) = machine_ram_bytes() {
+        if total_bytes > ram * 9 / 10 {
+            warnings.push(format!(
+                "predicted peak memory {:.1} GiB is close to or above this machine's {:.1} GiB: lower train.batch_size or data.max_len",
+                total_bytes as f64 / (1u64 << 30) as f64,
+                ram as f64 / (1u64 << 30) as f64
+            ));
+        }
+    }
+    if cfg.data.max_len > model.max_position_embeddings {
+        warnings.push(format!("data.max_len {} is longer than the model's context ({})", cfg.data.max_len, model.max_position_embeddings));
+    }
+    Ok(Estimate {
+        total_params: total,
+        trainable_params: trainable,
+        trainable_pct: 100.0 * trainable as f64 / total.max(1) as f64,
+        memory: MemoryEstimate {
+            total_bytes,
+            parts: vec![
+                ("weights (f32)".into(), weights),
+                ("adapter + optimizer".into(), adapter),
+                ("activations".into(), acts),
+                ("attention scores".into(), attn),
+                ("loss (logits chunk)".into(), loss),
+                ("runtime".into(), OVERHEAD_BYTES),
+            ],
+            total_bytes_checkpointed: ckpt,
+        },
+        step_s,
+        total_steps,
+        total_s: step_s * total_steps as f64,
+        seq_len: s as usize,
+        flops_per_step: flops,
+        machine_gflops: gflops,
+        warnings,
+    })
+}
+
+/// Counts the records of a dataset file cheaply (for the number of steps): an imported
+/// record's rows when the path matches, else a streaming count.
+fn count_rows(path: &std::path::Path, format: crate::data::Format) -> Option<u64> {
+    let it = crate::data::read_records(path, format).ok()?;
+    Some(it.filter(|r| r.is_ok()).count() as u64)
+}
+
+impl Workbench {
+    /// Estimates a run before it starts.
+    pub async fn estimate(&self, req: &EstimateRequest) -> Result<Estimate> {
+        let model_path = req.config.model_path();
+        let model = crate::model::load_config(&model_path)?;
+        let cfg = req.config.clone();
+        let rows = match self.store.datasets().await?.into_iter().find(|d| std::path::Path::new(&d.path) == cfg.data.path) {
+            Some(d) => Some(d.rows as u64),
+            None if cfg.train.max_steps == 0 => {
+                let (p, f) = (cfg.data.path.clone(), cfg.data.format);
+                tokio::task::spawn_blocking(move || count_rows(&p, f)).await.map_err(|e| Error::Msg(e.to_string()))?
+            }
+            None => None,
+        };
+        let rows = rows.map(|r| cfg.data.max_examples.map_or(r, |m| r.min(m as u64)));
+        tokio::task::spawn_blocking(move || estimate(&cfg, &model, rows)).await.map_err(|e| Error::Msg(e.to_string()))?
+    }
+}

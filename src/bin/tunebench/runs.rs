@@ -1,0 +1,589 @@
+//! CLI commands over the run store: runs, compare, datasets, estimate and the worker.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::{Args, Subcommand};
+use tunebench::api::compare::CompareRequest;
+use tunebench::api::datasets::{ImportRequest, PreviewRequest};
+use tunebench::api::estimate::EstimateRequest;
+use tunebench::api::{worker, RunChartRequest, Workbench, WorkbenchOptions};
+use tunebench::chart::{Theme, XAxis};
+use tunebench::store::{RunRecord, RunStatus};
+use tunebench::train::observer::JsonLines;
+use tunebench::train::RunConfig;
+use tunebench::{Error, Result};
+
+use crate::Progress;
+
+#[derive(Subcommand)]
+pub enum RunsCmd {
+    /// List runs, newest first.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one run: status, progress, metrics, checkpoints, samples, log tail.
+    Show {
+        /// Run id.
+        id: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a running run (it checkpoints first) or take a queued one out of the queue.
+    Stop {
+        /// Run id.
+        id: i64,
+    },
+    /// Continue a stopped, interrupted or failed run from its last checkpoint, here in the
+    /// foreground.
+    Resume {
+        /// Run id.
+        id: i64,
+        /// Print events as JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Skip the held-out generation check.
+        #[arg(long)]
+        no_heldout: bool,
+        /// Only put it back in the queue (`tunebench queue` or the app runs it).
+        #[arg(long)]
+        queue: bool,
+    },
+    /// Delete a run's records and its folder.
+    Delete {
+        /// Run id.
+        id: i64,
+        /// Keep the run folder (checkpoints, adapter) on disk.
+        #[arg(long)]
+        keep_files: bool,
+    },
+    /// Write a run's chart (loss, learning rate, grad norm, tokens/s) as PNG or SVG.
+    Chart {
+        /// Run id.
+        id: i64,
+        /// Output file (.png or .svg).
+        #[arg(long)]
+        out: PathBuf,
+        /// X axis: step, tokens or time.
+        #[arg(long, default_value = "step")]
+        x: String,
+        /// Dark theme.
+        #[arg(long)]
+        dark: bool,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Run ids.
+    #[arg(required = true, num_args = 1..)]
+    runs: Vec<i64>,
+    /// Write the overlay chart here (.png or .svg).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Metric to overlay: loss, val_loss, lr, grad_norm, tokens_per_s.
+    #[arg(long, default_value = "loss")]
+    metric: String,
+    /// X axis: step, tokens or time.
+    #[arg(long, default_value = "step")]
+    x: String,
+    /// EMA smoothing weight in [0, 1).
+    #[arg(long, default_value_t = 0.0)]
+    smoothing: f64,
+    /// Logarithmic y axis.
+    #[arg(long)]
+    log_y: bool,
+    /// Dark theme.
+    #[arg(long)]
+    dark: bool,
+    /// Replace an existing chart file.
+    #[arg(long)]
+    force: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum DatasetsCmd {
+    /// Validate a dataset file, count rows and tokens, and record it.
+    Import {
+        /// JSON, JSONL, CSV, Parquet or text file.
+        path: PathBuf,
+        /// Display name (default: the file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// auto | alpaca | sharegpt | messages | text.
+        #[arg(long, default_value = "auto")]
+        format: String,
+        /// Longest example in tokens (for the truncation share).
+        #[arg(long, default_value_t = 512)]
+        max_len: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the first examples rendered through the chat template, trained spans marked.
+    Preview {
+        /// Dataset id or file.
+        dataset: String,
+        /// Examples.
+        #[arg(short, default_value_t = 3)]
+        n: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List imported datasets.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct EstimateArgs {
+    /// Run config (TOML).
+    #[arg(long, conflicts_with = "preset")]
+    config: Option<PathBuf>,
+    /// A bundled preset.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum WorkerCmd {
+    /// Train one recorded run.
+    Train {
+        /// Run id.
+        #[arg(long)]
+        run: i64,
+        /// The store (default: the app data dir's).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Skip the held-out generation check.
+        #[arg(long)]
+        no_heldout: bool,
+    },
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::Msg(format!("tokio runtime: {e}")))
+}
+
+pub fn workbench(rt: &tokio::runtime::Runtime) -> Result<Workbench> {
+    rt.block_on(Workbench::open(WorkbenchOptions::new(tunebench::paths::home())))
+}
+
+fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))?);
+    Ok(())
+}
+
+fn x_axis(s: &str) -> Result<XAxis> {
+    match s {
+        "step" | "steps" => Ok(XAxis::Step),
+        "tokens" => Ok(XAxis::Tokens),
+        "time" | "wall" | "wall_time" => Ok(XAxis::WallTime),
+        other => Err(Error::Msg(format!("unknown x axis `{other}`: use step, tokens or time"))),
+    }
+}
+
+fn theme(dark: bool) -> Theme {
+    if dark {
+        Theme::Dark
+    } else {
+        Theme::Light
+    }
+}
+
+/// Trains run `run_id` in this process (Ctrl-C: checkpoint and stop).
+pub fn foreground(rt: &tokio::runtime::Runtime, run_id: i64, json: bool, no_heldout: bool) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    worker::install_stop_signals(stop.clone());
+    let db = tunebench::paths::home().join(tunebench::store::DB_FILE);
+    let out = if json {
+        worker::run_worker(&db, run_id, stop, no_heldout, &mut JsonLines)?
+    } else {
+        worker::run_worker(&db, run_id, stop, no_heldout, &mut Progress { bar: None })?
+    };
+    if json {
+        return match out.error {
+            Some(e) => Err(Error::Msg(e)),
+            None => Ok(()),
+        };
+    }
+    let wb = workbench(rt)?;
+    let run = rt.block_on(wb.store().run(run_id))?;
+    let fm = &run.final_metrics;
+    if let (Some(b), Some(a)) = (fm.get("heldout_before").and_then(|v| v.as_f64()), fm.get("heldout_after").and_then(|v| v.as_f64())) {
+        println!("held-out accuracy: {:.0}% before -> {:.0}% after", 100.0 * b, 100.0 * a);
+    }
+    if let Some(l) = fm.get("final_loss").and_then(|v| v.as_f64()) {
+        println!("final train loss {l:.4}");
+    }
+    if let Some(v) = fm.get("final_val_loss").and_then(|v| v.as_f64()) {
+        println!("final val loss {v:.4} (perplexity {:.2})", v.exp());
+    }
+    match out.status {
+        RunStatus::Failed => Err(Error::Msg(format!("run {run_id} failed: {}", out.error.unwrap_or_default()))),
+        RunStatus::Stopped => {
+            println!("run {run_id} stopped at step {}; continue with `tunebench runs resume {run_id}`", out.steps);
+            Ok(())
+        }
+        _ => {
+            if let Some(a) = out.adapter_dir {
+                println!("run {run_id} completed; adapter: {}", a.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_runs(runs: &[RunRecord]) {
+    println!("{:>4}  {:<24} {:<11} {:<6} {:>11} {:>10} {:>10}  created", "id", "name", "status", "method", "step", "loss", "val loss");
+    for r in runs {
+        let fm = &r.final_metrics;
+        let f = |k: &str| fm.get(k).and_then(|v| v.as_f64()).map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+        println!(
+            "{:>4}  {:<24} {:<11} {:<6} {:>11} {:>10} {:>10}  {}",
+            r.id,
+            truncate(&r.name, 24),
+            r.status.as_str(),
+            r.method,
+            format!("{}/{}", r.step, r.total_steps.map(|t| t.to_string()).unwrap_or_else(|| "?".into())),
+            f("final_loss"),
+            f("final_val_loss"),
+            age(r.created_at)
+        );
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        s.chars().take(n - 1).collect::<String>() + "…"
+    }
+}
+
+fn age(ms: i64) -> String {
+    let s = (tunebench::store::now_ms() - ms).max(0) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+pub fn cmd_runs(cmd: RunsCmd) -> Result<()> {
+    let rt = runtime()?;
+    let wb = workbench(&rt)?;
+    match cmd {
+        RunsCmd::List { json } => {
+            let runs = rt.block_on(wb.runs())?;
+            if json {
+                json_out(&runs)?;
+            } else {
+                print_runs(&runs);
+            }
+        }
+        RunsCmd::Show { id, json } => {
+            let d = rt.block_on(wb.run_detail(id))?;
+            if json {
+                return json_out(&d);
+            }
+            let r = &d.run;
+            println!("run {} `{}`: {} ({})", r.id, r.name, r.status, r.method);
+            println!("  model    {}", r.model_path);
+            println!("  dataset  {}", r.dataset_path);
+            println!("  folder   {}", r.out_dir);
+            println!("  progress step {}/{}, {} tokens, {:.0}s", r.step, r.total_steps.unwrap_or(0), r.tokens_seen, r.elapsed_s);
+            if let (Some(t), Some(a)) = (r.trainable_params, r.total_params) {
+                println!("  params   {t} trainable of {a} ({:.2}%)", 100.0 * t as f64 / a.max(1) as f64);
+            }
+            if let Some(p) = r.peak_rss_bytes {
+                println!("  memory   peak {:.2} GiB", p as f64 / (1u64 << 30) as f64);
+            }
+            if let Some(e) = &r.error {
+                println!("  error    {e}");
+            }
+            if let Some(o) = r.final_metrics.as_object().filter(|o| !o.is_empty()) {
+                println!("  metrics  {}", serde_json::to_string(o).unwrap_or_default());
+            }
+            for c in &d.checkpoints {
+                println!(
+                    "  checkpoint step {:>6} {}{}",
+                    c.step,
+                    c.path,
+                    if c.removed { " (pruned)" } else { "" }
+                );
+            }
+            for s in d.samples.iter().rev().take(4).rev() {
+                println!("  sample @{}: {} => {}", s.step, s.prompt, s.output.replace('\n', " "));
+            }
+            for (_, l) in d.logs.iter().rev().take(8).rev() {
+                println!("  log: {l}");
+            }
+        }
+        RunsCmd::Stop { id } => {
+            eprintln!("stopping run {id} (it writes a checkpoint first)…");
+            let s = rt.block_on(wb.stop_run(id))?;
+            println!("run {id}: {s}");
+        }
+        RunsCmd::Resume { id, queue: true, .. } => {
+            rt.block_on(wb.resume_run(id))?;
+            println!("run {id} queued");
+        }
+        RunsCmd::Resume { id, json, no_heldout, queue: false } => {
+            let run = rt.block_on(wb.store().run(id))?;
+            if !run.status.is_resumable() {
+                return Err(Error::Msg(format!("run {id} is {}: only stopped, interrupted or failed runs can be resumed", run.status)));
+            }
+            drop(wb);
+            foreground(&rt, id, json, no_heldout)?;
+        }
+        RunsCmd::Delete { id, keep_files } => {
+            rt.block_on(wb.delete_run(id, !keep_files))?;
+            println!("deleted run {id}");
+        }
+        RunsCmd::Chart { id, out, x, dark, force } => {
+            let req = RunChartRequest { run_id: id, x_axis: x_axis(&x)?, theme: theme(dark), width: 1200, height: 900 };
+            let spec = rt.block_on(wb.run_chart_spec(&req))?;
+            Workbench::export_chart(&spec, &out, force)?;
+            println!("wrote {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+pub fn cmd_compare(a: CompareArgs) -> Result<()> {
+    let rt = runtime()?;
+    let wb = workbench(&rt)?;
+    let mut req = CompareRequest::new(a.runs.clone());
+    req.metric = a.metric;
+    req.x_axis = x_axis(&a.x)?;
+    req.smoothing = a.smoothing;
+    req.log_y = a.log_y;
+    req.theme = theme(a.dark);
+    let c = rt.block_on(wb.compare(&req))?;
+    if let Some(out) = &a.out {
+        req.width = 1200;
+        req.height = 700;
+        let spec = rt.block_on(wb.compare_chart_spec(&req))?;
+        Workbench::export_chart(&spec, out, a.force)?;
+        if !a.json {
+            println!("wrote {}", out.display());
+        }
+    }
+    if a.json {
+        return json_out(&c);
+    }
+    let opt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    println!(
+        "{:>4}  {:<20} {:<10} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>10}",
+        "id", "name", "status", "steps", "loss", "val", "best val", "ppl", "tok/s", "wall s", "peak GiB", "trainable"
+    );
+    for r in &c.table {
+        println!(
+            "{:>4}  {:<20} {:<10} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8.0} {:>9} {:>10}",
+            r.run_id,
+            truncate(&r.name, 20),
+            r.status.as_str(),
+            r.steps,
+            opt(r.final_loss),
+            opt(r.final_val_loss),
+            opt(r.best_val_loss),
+            r.best_perplexity.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into()),
+            r.tokens_per_s.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into()),
+            r.wall_s,
+            r.peak_rss_bytes.map(|b| format!("{:.2}", b as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "-".into()),
+            r.trainable_params.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+        );
+    }
+    if c.config_diff.is_empty() {
+        println!("\nconfigs: identical");
+    } else {
+        println!("\nconfig differences:");
+        for d in &c.config_diff {
+            let vals: Vec<String> = d.values.iter().map(|v| v.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "(unset)".into())).collect();
+            println!("  {:<28} {}", d.key, vals.join("  |  "));
+        }
+    }
+    for g in &c.samples {
+        println!("\nsample @ step {}: {}", g.step, g.prompt);
+        for (r, o) in c.table.iter().zip(&g.outputs) {
+            println!("  [{}] {}", r.name, o.as_deref().unwrap_or("-").replace('\n', " "));
+        }
+    }
+    Ok(())
+}
+
+pub fn cmd_datasets(cmd: DatasetsCmd) -> Result<()> {
+    let rt = runtime()?;
+    let wb = workbench(&rt)?;
+    match cmd {
+        DatasetsCmd::Import { path, name, format, max_len, json } => {
+            let req = ImportRequest { path, name, format: parse_format(&format)?, max_len, model: None };
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:30} {percent}% importing [{elapsed_precise} < {eta_precise}]")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let rec = rt.block_on(wb.import_dataset(&req, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            }))?;
+            bar.finish_and_clear();
+            if json {
+                return json_out(&rec);
+            }
+            println!("dataset {} `{}`: {} rows ({} / {}), {} bytes", rec.id, rec.name, rec.rows, rec.container, rec.format, rec.bytes);
+            if let Some(t) = rec.tokens {
+                println!("  tokens {t}");
+            }
+            if let Some(st) = rec.stats.as_object() {
+                if let Some(tr) = st.get("truncated").and_then(|v| v.as_u64()) {
+                    println!("  truncated at {} tokens: {tr}", max_len);
+                }
+            }
+            let errs = rec.errors.as_array().cloned().unwrap_or_default();
+            if !errs.is_empty() {
+                println!("  {} problem(s):", errs.len());
+                for e in errs.iter().take(20) {
+                    println!("    line {}: {}", e.get("line").and_then(|l| l.as_u64()).unwrap_or(0), e.get("reason").and_then(|r| r.as_str()).unwrap_or(""));
+                }
+            }
+        }
+        DatasetsCmd::Preview { dataset, n, json } => {
+            let req = match dataset.parse::<i64>() {
+                Ok(id) => PreviewRequest { dataset_id: Some(id), path: None, n, format: None, max_len: 512, model: None },
+                Err(_) => PreviewRequest { dataset_id: None, path: Some(PathBuf::from(dataset)), n, format: None, max_len: 512, model: None },
+            };
+            let p = rt.block_on(wb.preview_dataset(&req))?;
+            if json {
+                return json_out(&p);
+            }
+            for (i, ex) in p.examples.iter().enumerate() {
+                println!("── example {} ({} tokens, {} trained){}", i + 1, ex.tokens, ex.trained_tokens, if ex.truncated { ", truncated" } else { "" });
+                for span in &ex.spans {
+                    if span.trained {
+                        print!("\x1b[1;32m{}\x1b[0m", span.text);
+                    } else {
+                        print!("\x1b[2m{}\x1b[0m", span.text);
+                    }
+                }
+                println!();
+            }
+            println!("(bright green: trained on; dim: masked from the loss)");
+        }
+        DatasetsCmd::List { json } => {
+            let ds = rt.block_on(wb.store().datasets())?;
+            if json {
+                return json_out(&ds);
+            }
+            println!("{:>4}  {:<24} {:<8} {:<9} {:>8} {:>10} {:>7}  path", "id", "name", "type", "format", "rows", "tokens", "errors");
+            for d in ds {
+                println!(
+                    "{:>4}  {:<24} {:<8} {:<9} {:>8} {:>10} {:>7}  {}",
+                    d.id,
+                    truncate(&d.name, 24),
+                    d.container,
+                    d.format,
+                    d.rows,
+                    d.tokens.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                    d.errors.as_array().map(|a| a.len()).unwrap_or(0),
+                    d.path
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_format(s: &str) -> Result<tunebench::data::Format> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| Error::Msg(format!("unknown dataset format `{s}`: use auto, alpaca, sharegpt, messages or text")))
+}
+
+pub fn cmd_estimate(a: EstimateArgs) -> Result<()> {
+    let cfg = match (a.config, a.preset) {
+        (Some(c), _) => RunConfig::from_file(&c)?,
+        (None, Some(p)) => RunConfig::preset(&p)?,
+        (None, None) => return Err(Error::Msg("give --config run.toml or --preset NAME".into())),
+    };
+    let rt = runtime()?;
+    let wb = workbench(&rt)?;
+    let e = rt.block_on(wb.estimate(&EstimateRequest { config: cfg }))?;
+    if a.json {
+        return json_out(&e);
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!("parameters   {} total, {} trainable ({:.3}%)", e.total_params, e.trainable_params, e.trainable_pct);
+    println!("peak memory  {:.2} GiB predicted", gib(e.memory.total_bytes));
+    for (k, v) in &e.memory.parts {
+        println!("  {k:<22} {:.3} GiB", gib(*v));
+    }
+    println!("time         {:.2} s/step predicted ({} steps, about {:.0} s)", e.step_s, e.total_steps, e.total_s);
+    for w in &e.warnings {
+        println!("warning: {w}");
+    }
+    Ok(())
+}
+
+pub fn cmd_worker(cmd: WorkerCmd) -> Result<()> {
+    match cmd {
+        WorkerCmd::Train { run, db, no_heldout } => {
+            let db = db.unwrap_or_else(|| tunebench::paths::home().join(tunebench::store::DB_FILE));
+            let stop = Arc::new(AtomicBool::new(false));
+            worker::install_stop_signals(stop.clone());
+            let out = worker::run_worker(&db, run, stop, no_heldout, &mut JsonLines)?;
+            match out.error {
+                Some(e) => Err(Error::Msg(e)),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+pub fn cmd_queue(exit_when_idle: bool) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut o = WorkbenchOptions::new(tunebench::paths::home());
+        o.supervise = true;
+        let wb = Workbench::open(o).await?;
+        let mut rx = wb.subscribe();
+        eprintln!("queue: running queued runs from {} (Ctrl-C to leave; workers keep going)", wb.store().path().display());
+        loop {
+            tokio::select! {
+                ev = rx.recv() => {
+                    if let Ok(ev) = ev {
+                        println!("{}", serde_json::to_string(&ev).unwrap_or_default());
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => break,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
+                    if exit_when_idle {
+                        let runs = wb.runs().await?;
+                        if !runs.iter().any(|r| matches!(r.status, RunStatus::Queued | RunStatus::Running)) {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
