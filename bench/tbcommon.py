@@ -2,6 +2,7 @@
 running it with its own peak-RSS measurement, loading the GGUF in transformers."""
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shlex
@@ -68,19 +69,42 @@ class Result:
         return self
 
 
+# Linux starts a child's peak-RSS counter (ru_maxrss) at its parent's RSS at fork time, so a
+# child forked straight from this (possibly large) Python process could never report less than
+# it. The measured command is therefore forked from a fresh, small Python process instead.
+_LAUNCHER = r"""
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"code": os.waitstatus_to_exitcode(status), "maxrss_kb": ru.ru_maxrss}, f)
+"""
+
+
 def run_measured(argv: list[str], stream_stderr: bool = False, env: dict | None = None) -> Result:
-    """Run argv as a child process and return its output and its own peak RSS (os.wait4's
-    ru_maxrss of exactly that child, not of its children)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    """Run argv as a child process and return its output and its own peak RSS (ru_maxrss of
+    exactly that child, forked from a fresh launcher so the parent's size does not leak in)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile(suffix=".json") as meta:
         t0 = time.perf_counter()
-        p = subprocess.Popen(argv, stdout=out, stderr=None if stream_stderr else err, env=env)
-        _, status, ru = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
+        p = subprocess.Popen([sys.executable, "-c", _LAUNCHER, meta.name] + list(argv), stdout=out,
+                             stderr=None if stream_stderr else err, env=env)
+        p.wait()
         secs = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
-        rss = ru.ru_maxrss * (1024 if sys.platform != "darwin" else 1)
-        return Result(argv, p.returncode, out.read().decode("utf-8", "replace"),
+        try:
+            with open(meta.name) as f:
+                m = json.load(f)
+        except (OSError, ValueError):
+            m = {"code": p.returncode or 1, "maxrss_kb": 0}
+        rss = m["maxrss_kb"] * (1024 if sys.platform != "darwin" else 1)
+        return Result(argv, m["code"], out.read().decode("utf-8", "replace"),
                       err.read().decode("utf-8", "replace"), secs, rss)
 
 

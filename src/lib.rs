@@ -6,7 +6,6 @@
 #![deny(missing_docs)]
 
 pub mod api;
-#[allow(missing_docs)]
 pub mod chart;
 pub mod data;
 pub mod error;

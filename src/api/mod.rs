@@ -7,6 +7,7 @@
 //! (`tunebench worker train`, see [`worker`]). The CLI's `tunebench train` is the exception: it
 //! runs [`worker::run_worker`] in its own process, in the foreground, recorded the same way.
 
+pub mod bench;
 pub mod compare;
 pub mod datasets;
 pub mod estimate;
@@ -188,6 +189,12 @@ impl Workbench {
         let data_path = cfg.data.path.clone();
         if !data_path.is_file() {
             return Err(Error::bad_input(&data_path, None, "the dataset file does not exist (moved or deleted?)"));
+        }
+        // Record plain absolute paths (`a/../b` makes config diffs noisy).
+        let data_path = std::fs::canonicalize(&data_path).unwrap_or(data_path);
+        cfg.data.path = data_path.clone();
+        if let Some(p) = cfg.eval.prompts.as_ref().and_then(|p| std::fs::canonicalize(p).ok()) {
+            cfg.eval.prompts = Some(p);
         }
         let model_path = cfg.model_path();
         if !model_path.exists() {

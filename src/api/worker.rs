@@ -41,14 +41,6 @@ pub struct WorkerOutcome {
     pub recording_s: f64,
 }
 
-/// Peak resident set size of this process (VmHWM), in bytes.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// The start time of process `pid` in clock ticks since boot (field 22 of /proc/pid/stat):
 /// with the pid it identifies a process even after the pid is reused.
 pub fn process_start_ticks(pid: u32) -> Option<i64> {
@@ -250,11 +242,13 @@ pub fn run_worker(db: &Path, run_id: i64, stop: Arc<AtomicBool>, skip_heldout: b
             Err(Error::Msg(format!("internal error (please report): {}", msg.unwrap_or_else(|| "panic".into()))))
         }
     };
-    let peak = peak_rss_bytes().map(|b| b as i64);
+    let peak = Some(crate::train::bench::peak_rss_bytes() as i64).filter(|&b| b > 0);
     match result {
         Ok(summary) => {
             let status = if summary.stopped { RunStatus::Stopped } else { RunStatus::Completed };
-            let finals = rt.block_on(final_metrics(&store, run_id, heldout))?;
+            let mut finals = rt.block_on(final_metrics(&store, run_id, heldout))?;
+            // The cost of recording this session (store writes), for bench/RESULTS.md.
+            finals["recording_s"] = json!(recording_s);
             rt.block_on(store.finish_run(run_id, pid as i64, status, None, &finals, peak))?;
             Ok(WorkerOutcome {
                 status,
@@ -277,7 +271,7 @@ pub fn run_worker(db: &Path, run_id: i64, stop: Arc<AtomicBool>, skip_heldout: b
 fn finish_failed(rt: &tokio::runtime::Runtime, store: &Store, run_id: i64, pid: u32, e: Error) -> Result<WorkerOutcome> {
     let msg = e.to_string();
     let finals = rt.block_on(final_metrics(store, run_id, (None, None))).unwrap_or_else(|_| json!({}));
-    rt.block_on(store.finish_run(run_id, pid as i64, RunStatus::Failed, Some(&msg), &finals, peak_rss_bytes().map(|b| b as i64)))?;
+    rt.block_on(store.finish_run(run_id, pid as i64, RunStatus::Failed, Some(&msg), &finals, Some(crate::train::bench::peak_rss_bytes() as i64).filter(|&b| b > 0)))?;
     let step = rt.block_on(store.run(run_id)).map(|r| r.step as usize).unwrap_or(0);
     Ok(WorkerOutcome { status: RunStatus::Failed, steps: step, adapter_dir: None, error: Some(msg), heldout: (None, None), recording_s: 0.0 })
 }

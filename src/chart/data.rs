@@ -1,7 +1,7 @@
 //! Series preprocessing: LTTB downsampling, EMA smoothing, cleaning and axis
 //! ranges.
 
-use super::{ChartSpec, DEFAULT_MAX_POINTS, LineStyle, Rgb};
+use super::{ChartSpec, LineStyle, Rgb, DEFAULT_MAX_POINTS};
 
 /// Largest-Triangle-Three-Buckets downsampling (Steinarsson 2013) in O(n).
 ///
@@ -28,7 +28,10 @@ pub fn lttb(points: &[(f64, f64)], threshold: usize) -> Vec<(f64, f64)> {
     let bucket_start = |i: usize| ((i as f64 * every) as usize + 1).min(n - 1);
     let mut a = points[0];
     for i in 0..threshold - 2 {
-        let (start, end) = (bucket_start(i), bucket_start(i + 1).max(bucket_start(i) + 1));
+        let (start, end) = (
+            bucket_start(i),
+            bucket_start(i + 1).max(bucket_start(i) + 1),
+        );
         // Average of the next bucket (the last point for the last bucket).
         let (next_start, next_end) = if i + 1 < threshold - 2 {
             (end, bucket_start(i + 2).max(end + 1).min(n - 1))
@@ -37,7 +40,9 @@ pub fn lttb(points: &[(f64, f64)], threshold: usize) -> Vec<(f64, f64)> {
         };
         let next = &points[next_start..next_end.max(next_start + 1)];
         let inv = 1.0 / next.len() as f64;
-        let (avg_x, avg_y) = next.iter().fold((0.0, 0.0), |(sx, sy), p| (sx + p.0 * inv, sy + p.1 * inv));
+        let (avg_x, avg_y) = next
+            .iter()
+            .fold((0.0, 0.0), |(sx, sy), p| (sx + p.0 * inv, sy + p.1 * inv));
 
         // Point of this bucket forming the largest triangle with `a` and the
         // next bucket's average (twice the area; the factor does not matter).
@@ -67,15 +72,17 @@ pub fn lttb(points: &[(f64, f64)], threshold: usize) -> Vec<(f64, f64)> {
 /// are clamped to 0.999. A series whose finite values are all equal is
 /// returned unchanged (as TensorBoard does).
 pub fn ema(points: &[(f64, f64)], weight: f64) -> Vec<(f64, f64)> {
-    if !(weight > 0.0) {
+    if weight.is_nan() || weight <= 0.0 {
         return points.to_vec();
     }
     let weight = weight.min(0.999);
     let mut finite = points.iter().map(|p| p.1).filter(|y| y.is_finite());
-    if let Some(first) = finite.next() {
-        if finite.all(|y| y == first) {
-            return points.to_vec();
-        }
+    let constant = match finite.next() {
+        Some(first) => finite.all(|y| y == first),
+        None => true,
+    };
+    if constant {
+        return points.to_vec();
     }
     let mut acc = 0.0;
     let mut debias_pow = 1.0; // weight^k
@@ -86,7 +93,13 @@ pub fn ema(points: &[(f64, f64)], weight: f64) -> Vec<(f64, f64)> {
                 return (x, y);
             }
             acc = acc * weight + (1.0 - weight) * y;
-            debias_pow *= weight;
+            // Once weight^k no longer changes 1 - weight^k, pin it to zero: left
+            // alone it would sink into (slow) subnormal numbers and stay there.
+            debias_pow = if debias_pow > f64::EPSILON {
+                debias_pow * weight
+            } else {
+                0.0
+            };
             (x, acc / (1.0 - debias_pow))
         })
         .collect()
@@ -143,7 +156,8 @@ fn clamp_finite(v: f64) -> f64 {
 /// widened around their value.
 pub(crate) fn pad_linear(lo: f64, hi: f64, frac: f64) -> (f64, f64) {
     let scale = lo.abs().max(hi.abs());
-    if !(hi - lo > scale * 1e-12) {
+    // Inputs are finite, so the difference is never NaN (it may be +inf).
+    if hi - lo <= scale * 1e-12 {
         let c = (lo + hi) / 2.0;
         let d = if c.abs() < 1e-300 { 1.0 } else { c.abs() * 0.1 };
         return (clamp_finite(c - d), clamp_finite(c + d));
@@ -155,16 +169,28 @@ pub(crate) fn pad_linear(lo: f64, hi: f64, frac: f64) -> (f64, f64) {
 /// Log range (both ends > 0) padded by `frac` of the decades spanned.
 pub(crate) fn pad_log(lo: f64, hi: f64, frac: f64) -> (f64, f64) {
     let (llo, lhi) = (lo.log10(), hi.log10());
-    if !(lhi - llo > 1e-9) {
-        return (lo / 2.0, hi * 2.0);
-    }
-    let pad = (lhi - llo) * frac;
-    (10f64.powf(llo - pad).max(f64::MIN_POSITIVE), clamp_finite(10f64.powf(lhi + pad)))
+    let (lo, hi) = if lhi - llo <= 1e-9 {
+        (lo / 2.0, hi * 2.0)
+    } else {
+        let pad = (lhi - llo) * frac;
+        (10f64.powf(llo - pad), 10f64.powf(lhi + pad))
+    };
+    // Keep both ends finite, positive and apart.
+    let lo = lo.clamp(f64::MIN_POSITIVE, f64::MAX / 4.0);
+    (lo, hi.clamp(lo * 2.0, f64::MAX))
 }
 
 pub(crate) fn prepare(spec: &ChartSpec) -> Prepared {
-    let max_points = if spec.max_points == 0 { DEFAULT_MAX_POINTS } else { spec.max_points };
-    let smoothing = if spec.smoothing > 0.0 && spec.smoothing.is_finite() { spec.smoothing } else { 0.0 };
+    let max_points = if spec.max_points == 0 {
+        DEFAULT_MAX_POINTS
+    } else {
+        spec.max_points
+    };
+    let smoothing = if spec.smoothing > 0.0 && spec.smoothing.is_finite() {
+        spec.smoothing
+    } else {
+        0.0
+    };
     let mut x_all: Option<(f64, f64)> = None;
     let merge = |acc: Option<(f64, f64)>, r: Option<(f64, f64)>| match (acc, r) {
         (Some(a), Some(b)) => Some((a.0.min(b.0), a.1.max(b.1))),
@@ -187,11 +213,20 @@ pub(crate) fn prepare(spec: &ChartSpec) -> Prepared {
                     x_all = merge(x_all, min_max(pts.iter().map(|p| p.0)));
                     y_all = merge(y_all, min_max(pts.iter().map(|p| p.1)));
                     let (line, raw) = if smoothing > 0.0 {
-                        (lttb(&ema(&pts, smoothing), max_points), Some(lttb(&pts, max_points)))
+                        (
+                            lttb(&ema(&pts, smoothing), max_points),
+                            Some(lttb(&pts, max_points)),
+                        )
                     } else {
                         (lttb(&pts, max_points), None)
                     };
-                    Some(PreparedSeries { name: s.name.clone(), color: s.color, style: s.style, line, raw })
+                    Some(PreparedSeries {
+                        name: s.name.clone(),
+                        color: s.color,
+                        style: s.style,
+                        line,
+                        raw,
+                    })
                 })
                 .collect();
             let y_range = match (y_all, panel.log_y) {

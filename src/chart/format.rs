@@ -45,14 +45,15 @@ impl Ticks {
 /// Decimals needed to write multiples of `step` exactly (at most 12).
 fn decimals_for(step: f64) -> usize {
     let step = step.abs();
-    if !(step > 0.0) || !step.is_finite() {
+    if !step.is_finite() || step <= 0.0 {
         return 0;
     }
-    (0..12).find(|&d| {
-        let scaled = step * 10f64.powi(d as i32);
-        (scaled - scaled.round()).abs() < 1e-6 * scaled.max(1.0)
-    })
-    .unwrap_or(12)
+    (0..12)
+        .find(|&d| {
+            let scaled = step * 10f64.powi(d as i32);
+            (scaled - scaled.round()).abs() < 1e-6 * scaled.max(1.0)
+        })
+        .unwrap_or(12)
 }
 
 fn trim_zeros(s: &str) -> String {
@@ -63,7 +64,11 @@ fn trim_zeros(s: &str) -> String {
 }
 
 fn no_negative_zero(s: String) -> String {
-    if s.starts_with('-') && s[1..].chars().all(|c| c == '0' || c == '.') { s[1..].to_string() } else { s }
+    if s.starts_with('-') && s[1..].chars().all(|c| c == '0' || c == '.') {
+        s[1..].to_string()
+    } else {
+        s
+    }
 }
 
 /// "3e-4", "1.5e6": mantissa with `digits` decimals.
@@ -77,12 +82,20 @@ fn si(v: f64, step: f64) -> String {
         .into_iter()
         .find(|&(d, _)| a >= d)
         .unwrap_or((1.0, ""));
-    let s = no_negative_zero(trim_zeros(&format!("{:.*}", decimals_for(step / div).min(6), v / div)));
-    if s == "0" { s } else { format!("{s}{suffix}") }
+    let s = no_negative_zero(trim_zeros(&format!(
+        "{:.*}",
+        decimals_for(step / div).min(6),
+        v / div
+    )));
+    if s == "0" {
+        s
+    } else {
+        format!("{s}{suffix}")
+    }
 }
 
 fn log_label(v: f64) -> String {
-    if !(v > 0.0) || !v.is_finite() {
+    if !v.is_finite() || v <= 0.0 {
         return format!("{v}");
     }
     if !(1e-3..1e6).contains(&v) {
@@ -100,15 +113,22 @@ fn log_label(v: f64) -> String {
 fn nice_step(span: f64, max_count: usize) -> f64 {
     let raw = span / max_count.max(1) as f64;
     let mag = 10f64.powf(raw.log10().floor());
-    [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * mag).find(|&s| s >= raw * (1.0 - 1e-9)).unwrap_or(10.0 * mag)
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * mag)
+        .find(|&s| s >= raw * (1.0 - 1e-9))
+        .unwrap_or(10.0 * mag)
 }
 
 /// Ticks at multiples of a nice step inside `[lo, hi]`. With `si` labels use
 /// k/M/B suffixes.
 pub(crate) fn linear_ticks(lo: f64, hi: f64, max_count: usize, si: bool) -> Ticks {
     let span = hi - lo;
-    if !(span > 0.0) || !span.is_finite() {
-        return Ticks { values: vec![lo], format: TickFormat::Fixed(0) };
+    if !span.is_finite() || span <= 0.0 {
+        return Ticks {
+            values: vec![lo],
+            format: TickFormat::Fixed(0),
+        };
     }
     let step = nice_step(span, max_count);
     let (k0, k1) = ((lo / step).ceil(), (hi / step).floor());
@@ -116,7 +136,11 @@ pub(crate) fn linear_ticks(lo: f64, hi: f64, max_count: usize, si: bool) -> Tick
         (0..=(k1 - k0) as i64)
             .map(|i| {
                 let v = (k0 + i as f64) * step;
-                if v.abs() < step * 1e-9 { 0.0 } else { v }
+                if v.abs() < step * 1e-9 {
+                    0.0
+                } else {
+                    v
+                }
             })
             .collect()
     } else {
@@ -125,7 +149,7 @@ pub(crate) fn linear_ticks(lo: f64, hi: f64, max_count: usize, si: bool) -> Tick
     let max_abs = lo.abs().max(hi.abs());
     let format = if si {
         TickFormat::Si { step }
-    } else if max_abs < 1e-3 || max_abs >= 1e6 {
+    } else if !(1e-3..1e6).contains(&max_abs) {
         TickFormat::Sci { step }
     } else {
         TickFormat::Fixed(decimals_for(step))
@@ -140,25 +164,48 @@ pub(crate) fn log_ticks(lo: f64, hi: f64, max_count: usize) -> Ticks {
     let max_count = max_count.max(2);
     let (a, b) = (lo.log10(), hi.log10());
     let in_range = |v: f64| v >= lo * (1.0 - 1e-9) && v <= hi * (1.0 + 1e-9);
-    let (e0, e1) = ((a - 1e-9).ceil() as i32, (b + 1e-9).floor() as i32);
-    let decades: Vec<i32> = (e0..=e1).collect();
-    if decades.len() > max_count {
-        let stride = decades.len().div_ceil(max_count) as i32;
-        let values = decades.iter().filter(|e| e.rem_euclid(stride) == 0).map(|&e| 10f64.powi(e)).collect();
-        return Ticks { values, format: TickFormat::Log };
+    if !(a.is_finite() && b.is_finite() && b > a) {
+        return Ticks {
+            values: vec![lo],
+            format: TickFormat::Log,
+        };
     }
+    // f64 spans at most ~630 decades, so these stay small.
+    let (e0, e1) = ((a - 1e-9).ceil() as i32, (b + 1e-9).floor() as i32);
+    let count = (e1 - e0 + 1).max(0) as usize;
+    if count > max_count {
+        let stride = count.div_ceil(max_count) as i32;
+        let values = (e0..=e1)
+            .filter(|e| e.rem_euclid(stride) == 0)
+            .map(|e| 10f64.powi(e))
+            .collect();
+        return Ticks {
+            values,
+            format: TickFormat::Log,
+        };
+    }
+    let decades: Vec<i32> = (e0..=e1).collect();
     if decades.len() >= 3 {
-        return Ticks { values: decades.iter().map(|&e| 10f64.powi(e)).collect(), format: TickFormat::Log };
+        return Ticks {
+            values: decades.iter().map(|&e| 10f64.powi(e)).collect(),
+            format: TickFormat::Log,
+        };
     }
     let with_125: Vec<f64> = ((a.floor() as i32)..=(b.ceil() as i32))
         .flat_map(|e| [1.0, 2.0, 5.0].map(|m| m * 10f64.powi(e)))
         .filter(|&v| in_range(v))
         .collect();
     if with_125.len() >= 2 && with_125.len() <= max_count + 1 {
-        return Ticks { values: with_125, format: TickFormat::Log };
+        return Ticks {
+            values: with_125,
+            format: TickFormat::Log,
+        };
     }
     if with_125.len() > max_count + 1 && !decades.is_empty() {
-        return Ticks { values: decades.iter().map(|&e| 10f64.powi(e)).collect(), format: TickFormat::Log };
+        return Ticks {
+            values: decades.iter().map(|&e| 10f64.powi(e)).collect(),
+            format: TickFormat::Log,
+        };
     }
     linear_ticks(lo, hi, max_count, false)
 }
@@ -174,19 +221,31 @@ mod tests {
     #[test]
     fn linear() {
         let t = linear_ticks(-0.1, 3.1, 7, false);
-        assert_eq!(labels(&t), ["0.0", "0.5", "1.0", "1.5", "2.0", "2.5", "3.0"]);
+        assert_eq!(
+            labels(&t),
+            ["0.0", "0.5", "1.0", "1.5", "2.0", "2.5", "3.0"]
+        );
         let t = linear_ticks(-1.5e-5, 3.15e-4, 4, false);
         assert_eq!(labels(&t), ["0", "1e-4", "2e-4", "3e-4"]);
         let t = linear_ticks(-30.0, 3030.0, 7, false);
-        assert_eq!(labels(&t), ["0", "500", "1000", "1500", "2000", "2500", "3000"]);
+        assert_eq!(
+            labels(&t),
+            ["0", "500", "1000", "1500", "2000", "2500", "3000"]
+        );
         let t = linear_ticks(0.0, 1_500_000.0, 8, true);
-        assert_eq!(labels(&t), ["0", "200k", "400k", "600k", "800k", "1M", "1.2M", "1.4M"]);
+        assert_eq!(
+            labels(&t),
+            ["0", "200k", "400k", "600k", "800k", "1M", "1.2M", "1.4M"]
+        );
     }
 
     #[test]
     fn log() {
         let t = log_ticks(1e-5, 10.0, 10);
-        assert_eq!(labels(&t), ["1e-5", "1e-4", "0.001", "0.01", "0.1", "1", "10"]);
+        assert_eq!(
+            labels(&t),
+            ["1e-5", "1e-4", "0.001", "0.01", "0.1", "1", "10"]
+        );
         let t = log_ticks(0.3, 4.0, 8);
         assert_eq!(labels(&t), ["0.5", "1", "2"]);
         let t = log_ticks(1.5, 1.9, 4);

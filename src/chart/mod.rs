@@ -25,6 +25,22 @@
 //!    `spec.max_points` points (0 means [`DEFAULT_MAX_POINTS`]), so the cost of
 //!    drawing does not depend on the length of the input.
 //!
+//! # Layout
+//!
+//! Panels are stacked top to bottom and share the x range (union of all
+//! panels) and the width of the y label area, so their plot areas line up. With
+//! more than one panel the first gets 55 % of the height and the others share
+//! the rest. The x axis description ([`XAxis::label`]) is drawn under the bottom
+//! panel only; upper panels show x tick labels only when each of them is at
+//! least ~150 px tall (otherwise only the grid). Every panel has its title
+//! above it, its y description on the left and a legend (series names, on a
+//! semi-transparent box) in its upper-right corner, except a panel whose only
+//! series has the same name as the panel title (the title already names it:
+//! [`run_chart`]'s secondary panels). Fonts scale with the image size; an
+//! image too small to hold the axes (less than ~100 px high for one panel,
+//! ~300 px for [`run_chart`]'s four, or less than ~80 px wide) contains only
+//! the background and the title.
+//!
 //! `LineStyle::Markers` draws the line plus a filled circle on every point
 //! (only while the line has at most [`MAX_MARKERS`] points after
 //! downsampling; above that only the line). A series with a single point always
@@ -60,9 +76,13 @@
 //!
 //! PNG output is rasterised by plotters' bitmap backend into an RGB8 buffer of
 //! exactly `width × height` and encoded by a small built-in PNG/zlib encoder
-//! (no extra dependency). Text uses DejaVu Sans, embedded in the binary and
+//! (no extra dependency). Lines are drawn segment by segment there (a wide
+//! polyline is filled as one polygon by plotters, which leaves holes where a
+//! noisy line folds back). Text uses DejaVu Sans, embedded in the binary and
 //! registered once (see [`register_embedded_font`]); every render function
-//! calls it, so nothing needs to be done by the caller.
+//! calls it, so nothing needs to be done by the caller. plotters 0.3.7 places
+//! bitmap glyphs without their left side bearing, so PNG letter spacing is
+//! slightly uneven at small sizes; SVG text is unaffected.
 
 mod data;
 mod format;
@@ -75,7 +95,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub use data::{ema, lttb};
-pub use palette::{PALETTE, palette_color, stable_color};
+pub use palette::{palette_color, stable_color, PALETTE};
 pub use render::register_embedded_font;
 
 /// Default for [`ChartSpec::max_points`].
@@ -124,9 +144,11 @@ pub enum LineStyle {
 pub struct Series {
     /// Shown in the legend.
     pub name: String,
+    /// Line colour.
     pub color: Rgb,
     /// `(x, y)` points, normally sorted by x.
     pub points: Vec<(f64, f64)>,
+    /// Solid, dashed or with point markers.
     #[serde(default)]
     pub style: LineStyle,
 }
@@ -134,7 +156,12 @@ pub struct Series {
 impl Series {
     /// A solid series.
     pub fn new(name: impl Into<String>, color: Rgb, points: Vec<(f64, f64)>) -> Self {
-        Series { name: name.into(), color, points, style: LineStyle::Solid }
+        Series {
+            name: name.into(),
+            color,
+            points,
+            style: LineStyle::Solid,
+        }
     }
 
     /// Same series with another style.
@@ -151,6 +178,7 @@ pub struct Panel {
     pub title: String,
     /// Y axis description.
     pub y_label: String,
+    /// The lines drawn in this panel.
     pub series: Vec<Series>,
     /// Logarithmic y axis (non-positive values are dropped).
     #[serde(default)]
@@ -160,7 +188,12 @@ pub struct Panel {
 impl Panel {
     /// A linear panel without series.
     pub fn new(title: impl Into<String>, y_label: impl Into<String>) -> Self {
-        Panel { title: title.into(), y_label: y_label.into(), series: Vec::new(), log_y: false }
+        Panel {
+            title: title.into(),
+            y_label: y_label.into(),
+            series: Vec::new(),
+            log_y: false,
+        }
     }
 }
 
@@ -217,11 +250,13 @@ pub struct ChartSpec {
     /// main panel and gets 55 % of the height; the others share the rest
     /// equally.
     pub panels: Vec<Panel>,
+    /// What the x values are (steps, tokens, seconds).
     pub x_axis: XAxis,
     /// Pixels, 1..=[`MAX_DIMENSION`].
     pub width: u32,
     /// Pixels, 1..=[`MAX_DIMENSION`].
     pub height: u32,
+    /// Light or dark colours.
     pub theme: Theme,
     /// TensorBoard-style EMA weight in `[0, 1)`; 0 (or anything not in
     /// `(0, 1)`) turns smoothing off; values are clamped to 0.999.
@@ -249,7 +284,9 @@ impl Default for ChartSpec {
 /// Output image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ImageFormat {
+    /// Scalable vector graphics (the UI's format).
     Svg,
+    /// PNG bitmap (export).
     Png,
 }
 
@@ -276,28 +313,44 @@ impl ImageFormat {
 /// Everything that can go wrong while rendering.
 #[derive(thiserror::Error, Debug)]
 pub enum ChartError {
+    /// No panels.
     #[error("chart has nothing to draw: the spec contains no panels")]
     EmptySpec,
     #[error(
         "invalid chart size {width}x{height}: width and height must be between 1 and {} pixels",
         MAX_DIMENSION
     )]
-    BadSize { width: u32, height: u32 },
+    /// Width or height out of range.
+    BadSize {
+        /// Requested width.
+        width: u32,
+        /// Requested height.
+        height: u32,
+    },
+    /// plotters failed.
     #[error("chart drawing backend error: {0}")]
     Backend(String),
+    /// The embedded font could not be registered.
     #[error("cannot load the embedded chart font: {0}")]
     Font(String),
+    /// Writing the image failed.
     #[error("cannot write chart image {}: {source}", path.display())]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// The file name's extension is neither .svg nor .png.
     #[error(
         "cannot choose an image format for {}: the file name must end in .svg or .png",
         path.display()
     )]
-    UnknownFormat { path: PathBuf },
+    UnknownFormat {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 /// Renders the chart as an SVG document.
@@ -328,10 +381,14 @@ pub fn render_image(spec: &ChartSpec, format: ImageFormat) -> Result<Vec<u8>, Ch
 /// Renders the chart and writes it to `path`; the format comes from the
 /// extension (`.svg` or `.png`).
 pub fn render_to_file(spec: &ChartSpec, path: &Path) -> Result<(), ChartError> {
-    let format = ImageFormat::from_path(path)
-        .ok_or_else(|| ChartError::UnknownFormat { path: path.to_path_buf() })?;
+    let format = ImageFormat::from_path(path).ok_or_else(|| ChartError::UnknownFormat {
+        path: path.to_path_buf(),
+    })?;
     let bytes = render_image(spec, format)?;
-    std::fs::write(path, bytes).map_err(|source| ChartError::Io { path: path.to_path_buf(), source })
+    std::fs::write(path, bytes).map_err(|source| ChartError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// A run's live chart: a main "loss" panel (train loss solid, val loss with
@@ -353,8 +410,14 @@ pub fn run_chart(
     height: u32,
 ) -> ChartSpec {
     fn panel(title: &str, y_label: &str, series: Vec<Series>) -> Option<Panel> {
-        let series: Vec<Series> = series.into_iter().filter(|s| !s.points.is_empty()).collect();
-        (!series.is_empty()).then(|| Panel { series, ..Panel::new(title, y_label) })
+        let series: Vec<Series> = series
+            .into_iter()
+            .filter(|s| !s.points.is_empty())
+            .collect();
+        (!series.is_empty()).then(|| Panel {
+            series,
+            ..Panel::new(title, y_label)
+        })
     }
     let panels = [
         panel(
@@ -365,9 +428,21 @@ pub fn run_chart(
                 Series::new("val loss", palette_color(1), val_loss).with_style(LineStyle::Markers),
             ],
         ),
-        panel("learning rate", "lr", vec![Series::new("learning rate", palette_color(2), lr)]),
-        panel("grad norm", "norm", vec![Series::new("grad norm", palette_color(3), grad_norm)]),
-        panel("throughput", "tokens/s", vec![Series::new("throughput", palette_color(4), tokens_per_s)]),
+        panel(
+            "learning rate",
+            "lr",
+            vec![Series::new("learning rate", palette_color(2), lr)],
+        ),
+        panel(
+            "grad norm",
+            "norm",
+            vec![Series::new("grad norm", palette_color(3), grad_norm)],
+        ),
+        panel(
+            "throughput",
+            "tokens/s",
+            vec![Series::new("throughput", palette_color(4), tokens_per_s)],
+        ),
     ];
     ChartSpec {
         title: Some(run_name.to_string()),
@@ -383,7 +458,7 @@ pub fn run_chart(
 /// N runs of one metric overlaid in a single panel; each run's colour is
 /// [`stable_color`]`(run id)` and its legend entry is the run name. Runs
 /// without points are left out.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub fn compare_chart(
     metric_label: &str,
     runs: Vec<(i64, String, Vec<(f64, f64)>)>,
@@ -401,7 +476,11 @@ pub fn compare_chart(
         .collect();
     ChartSpec {
         title: None,
-        panels: vec![Panel { series, log_y, ..Panel::new(metric_label, metric_label) }],
+        panels: vec![Panel {
+            series,
+            log_y,
+            ..Panel::new(metric_label, metric_label)
+        }],
         x_axis,
         width,
         height,

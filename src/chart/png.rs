@@ -6,7 +6,11 @@
 /// Encodes `rgb` (`width * height * 3` bytes, rows top to bottom) as PNG.
 pub(crate) fn encode_rgb8(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
     let row_len = width as usize * 3;
-    assert_eq!(rgb.len(), row_len * height as usize, "RGB buffer size does not match the image size");
+    assert_eq!(
+        rgb.len(),
+        row_len * height as usize,
+        "RGB buffer size does not match the image size"
+    );
 
     let filtered = filter_rows(rgb, row_len);
     let idat = zlib_compress(&filtered);
@@ -40,13 +44,19 @@ fn crc32(data: &[u8]) -> u32 {
         for (n, entry) in t.iter_mut().enumerate() {
             let mut c = n as u32;
             for _ in 0..8 {
-                c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0xedb8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
             }
             *entry = c;
         }
         t
     });
-    !data.iter().fold(!0u32, |c, &b| table[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8))
+    !data.iter().fold(!0u32, |c, &b| {
+        table[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8)
+    })
 }
 
 fn adler32(data: &[u8]) -> u32 {
@@ -66,7 +76,11 @@ fn adler32(data: &[u8]) -> u32 {
 
 fn paeth(a: u8, b: u8, c: u8) -> u8 {
     let p = a as i16 + b as i16 - c as i16;
-    let (pa, pb, pc) = ((p - a as i16).abs(), (p - b as i16).abs(), (p - c as i16).abs());
+    let (pa, pb, pc) = (
+        (p - a as i16).abs(),
+        (p - b as i16).abs(),
+        (p - c as i16).abs(),
+    );
     if pa <= pb && pa <= pc {
         a
     } else if pb <= pc {
@@ -80,13 +94,17 @@ fn paeth(a: u8, b: u8, c: u8) -> u8 {
 /// absolute (signed) residuals.
 fn filter_rows(rgb: &[u8], row_len: usize) -> Vec<u8> {
     const BPP: usize = 3;
-    let rows = if row_len == 0 { 0 } else { rgb.len() / row_len };
+    let rows = rgb.len().checked_div(row_len).unwrap_or(0);
     let mut out = Vec::with_capacity(rows * (row_len + 1));
     let zero_row = vec![0u8; row_len];
     let mut candidates: [Vec<u8>; 5] = std::array::from_fn(|_| vec![0u8; row_len]);
     for r in 0..rows {
         let cur = &rgb[r * row_len..(r + 1) * row_len];
-        let prev = if r == 0 { &zero_row[..] } else { &rgb[(r - 1) * row_len..r * row_len] };
+        let prev = if r == 0 {
+            &zero_row[..]
+        } else {
+            &rgb[(r - 1) * row_len..r * row_len]
+        };
         for i in 0..row_len {
             let a = if i >= BPP { cur[i - BPP] } else { 0 };
             let b = prev[i];
@@ -98,7 +116,11 @@ fn filter_rows(rgb: &[u8], row_len: usize) -> Vec<u8> {
             candidates[3][i] = x.wrapping_sub(((a as u16 + b as u16) / 2) as u8);
             candidates[4][i] = x.wrapping_sub(paeth(a, b, c));
         }
-        let score = |v: &Vec<u8>| v.iter().map(|&b| (b as i8).unsigned_abs() as u64).sum::<u64>();
+        let score = |v: &Vec<u8>| {
+            v.iter()
+                .map(|&b| (b as i8).unsigned_abs() as u64)
+                .sum::<u64>()
+        };
         let (best, _) = candidates
             .iter()
             .enumerate()
@@ -141,15 +163,21 @@ impl BitWriter {
     }
 }
 
-const LEN_BASE: [u16; 29] =
-    [3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163, 195, 227, 258];
-const LEN_EXTRA: [u8; 29] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0];
-const DIST_BASE: [u16; 30] = [
-    1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537, 2049, 3073, 4097, 6145,
-    8193, 12289, 16385, 24577,
+const LEN_BASE: [u16; 29] = [
+    3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131,
+    163, 195, 227, 258,
 ];
-const DIST_EXTRA: [u8; 30] =
-    [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13];
+const LEN_EXTRA: [u8; 29] = [
+    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0,
+];
+const DIST_BASE: [u16; 30] = [
+    1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537,
+    2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577,
+];
+const DIST_EXTRA: [u8; 30] = [
+    0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13,
+    13,
+];
 
 /// Fixed Huffman literal/length code (RFC 1951, 3.2.6).
 fn put_litlen(w: &mut BitWriter, sym: u32) {
@@ -167,7 +195,10 @@ fn put_match(w: &mut BitWriter, len: usize, dist: usize) {
     w.put((len - LEN_BASE[li] as usize) as u32, LEN_EXTRA[li] as u32);
     let di = DIST_BASE.partition_point(|&b| b as usize <= dist) - 1;
     w.put_code(di as u32, 5);
-    w.put((dist - DIST_BASE[di] as usize) as u32, DIST_EXTRA[di] as u32);
+    w.put(
+        (dist - DIST_BASE[di] as usize) as u32,
+        DIST_EXTRA[di] as u32,
+    );
 }
 
 fn zlib_compress(data: &[u8]) -> Vec<u8> {
@@ -178,7 +209,11 @@ fn zlib_compress(data: &[u8]) -> Vec<u8> {
     const MAX_CHAIN: usize = 24;
     const NIL: u32 = u32::MAX;
 
-    let mut w = BitWriter { out: Vec::with_capacity(data.len() / 8 + 64), acc: 0, bits: 0 };
+    let mut w = BitWriter {
+        out: Vec::with_capacity(data.len() / 8 + 64),
+        acc: 0,
+        bits: 0,
+    };
     w.out.extend_from_slice(&[0x78, 0x5e]); // zlib header: deflate, 32 KiB window, check bits ok
     w.put(1, 1); // BFINAL
     w.put(1, 2); // BTYPE = fixed Huffman
@@ -212,7 +247,11 @@ fn zlib_compress(data: &[u8]) -> Vec<u8> {
                     break;
                 }
                 if data[c + best_len.min(max_len - 1)] == data[i + best_len.min(max_len - 1)] {
-                    let len = data[c..c + max_len].iter().zip(&data[i..i + max_len]).take_while(|(a, b)| a == b).count();
+                    let len = data[c..c + max_len]
+                        .iter()
+                        .zip(&data[i..i + max_len])
+                        .take_while(|(a, b)| a == b)
+                        .count();
                     if len > best_len {
                         best_len = len;
                         best_dist = i - c;

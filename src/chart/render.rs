@@ -1,21 +1,24 @@
 //! Drawing with plotters: layout, theme, axes, series and legends.
 
 use std::iter::once;
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
 
-use plotters::coord::Shift;
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
-use plotters::style::{FontStyle, register_font};
+use plotters::style::{register_font, FontStyle};
 
-use super::data::{Prepared, PreparedPanel, prepare};
-use super::format::{Ticks, linear_ticks, log_ticks};
-use super::svg_tags::{DASH, Role, Tagger};
-use super::{ChartError, ChartSpec, LineStyle, MAX_DIMENSION, MAX_MARKERS, Rgb, Theme, XAxis};
+use super::data::{prepare, Prepared, PreparedPanel};
+use super::format::{linear_ticks, log_ticks, Ticks};
+use super::svg_tags::{Role, Tagger, DASH};
+use super::{ChartError, ChartSpec, LineStyle, Rgb, Theme, XAxis, MAX_DIMENSION, MAX_MARKERS};
 
-static FONT_BYTES: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/fonts/DejaVuSans.ttf"));
+static FONT_BYTES: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/assets/fonts/DejaVuSans.ttf"
+));
 static FONT_REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
 
 /// Registers the embedded DejaVu Sans as plotters' `"sans-serif"` font
@@ -36,7 +39,10 @@ pub fn register_embedded_font() -> Result<(), ChartError> {
 fn validate(spec: &ChartSpec) -> Result<(), ChartError> {
     let ok = |v: u32| (1..=MAX_DIMENSION).contains(&v);
     if !ok(spec.width) || !ok(spec.height) {
-        return Err(ChartError::BadSize { width: spec.width, height: spec.height });
+        return Err(ChartError::BadSize {
+            width: spec.width,
+            height: spec.height,
+        });
     }
     if spec.panels.is_empty() {
         return Err(ChartError::EmptySpec);
@@ -141,7 +147,12 @@ struct AxisCoord {
 
 impl AxisCoord {
     fn new(lo: f64, hi: f64, log: bool, ticks: &Ticks) -> Self {
-        AxisCoord { lo, hi, log, ticks: ticks.values.clone() }
+        AxisCoord {
+            lo,
+            hi,
+            log,
+            ticks: ticks.values.clone(),
+        }
     }
 }
 
@@ -162,7 +173,11 @@ impl Ranged for AxisCoord {
 
     fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
         // Only major ticks; there are no minor grid lines.
-        if hint.weight().allow_light_points() { Vec::new() } else { self.ticks.clone() }
+        if hint.weight().allow_light_points() {
+            Vec::new()
+        } else {
+            self.ticks.clone()
+        }
     }
 
     fn range(&self) -> std::ops::Range<f64> {
@@ -209,27 +224,53 @@ fn draw_chart<DB: DrawingBackend>(
     let colors = Colors::of(spec.theme);
     root.fill(&colors.bg)?;
     let px = |v: f64| (v * s).round() as u32;
-    let font = |size: f64, color: RGBColor| -> TextStyle<'static> { ("sans-serif", size * s).into_font().color(&color) };
+    let font = |size: f64, color: RGBColor| -> TextStyle<'static> {
+        ("sans-serif", size * s).into_font().color(&color)
+    };
 
     let mut area = root.clone();
     if let Some(title) = spec.title.as_deref().filter(|t| !t.is_empty()) {
-        let style = ("sans-serif", 16.0 * s, FontStyle::Bold).into_font().color(&colors.text);
+        let style = ("sans-serif", 16.0 * s, FontStyle::Bold)
+            .into_font()
+            .color(&colors.text);
         area = area.titled(title, style)?;
     }
     let area = area.margin(px(2.0), px(4.0), px(6.0), px(10.0));
-    let (area_w, area_h) = area.dim_in_pixel();
+    // Sizes from the pixel range: on a tiny image the area can be inverted.
+    let (xr, yr) = area.get_pixel_range();
+    let (area_w, area_h) = ((xr.end - xr.start) as f64, (yr.end - yr.start) as f64);
+    if area_w < 40.0 || area_h < 30.0 {
+        return Ok(()); // too small for axes: background (and title) only
+    }
 
     // Vertical split: the main panel gets 55 % when there are others; the
     // bottom panel additionally gets the room for the x axis description.
     let n = prepared.panels.len();
-    let (x_area_bottom, x_area_other) = (px(44.0), px(22.0));
-    let extra = (x_area_bottom - x_area_other) as f64;
-    let avail = (area_h as f64 - extra).max(n as f64);
+    let x_area_bottom = px(44.0);
+    // Upper panels share the x axis: they show tick labels only when the
+    // smallest of them is tall enough, and then all of them do.
+    let smallest_upper = match n {
+        1 => 0.0,
+        2 => (area_h - x_area_bottom as f64) * 0.55,
+        _ => (area_h - x_area_bottom as f64) * 0.45 / (n - 1) as f64,
+    };
+    let x_area_upper = if smallest_upper >= 150.0 * s {
+        px(22.0)
+    } else {
+        0
+    };
+    let extra = (x_area_bottom - x_area_upper) as f64;
+    let avail = area_h - extra;
+    if avail < 8.0 * n as f64 {
+        return Ok(());
+    }
     let mut heights: Vec<f64> = if n == 1 {
         vec![avail]
     } else {
         let main = (avail * 0.55).round();
-        once(main).chain((1..n).map(|_| (avail - main) / (n - 1) as f64)).collect()
+        once(main)
+            .chain((1..n).map(|_| (avail - main) / (n - 1) as f64))
+            .collect()
     };
     heights[n - 1] += extra;
     let breaks: Vec<i32> = heights[..n - 1]
@@ -250,25 +291,40 @@ fn draw_chart<DB: DrawingBackend>(
         let panel_h = panel_area.dim_in_pixel().1 as f64;
         let x_area = if i + 1 == n {
             x_area_bottom
-        } else if panel_h >= 150.0 * s {
-            x_area_other
         } else {
-            0 // upper panels share the x axis; tick labels only where there is room
+            x_area_upper
         };
         let title_size = if i == 0 { 14.0 } else { 13.0 };
-        let title_h = root.estimate_text_size(&panel.title, &font(title_size, colors.text))?.1 as f64 + 10.0;
-        let plot_h = (panel_h - title_h - x_area as f64 - 10.0 * s).max(10.0);
-        let max_count = ((plot_h / (38.0 * s)) as usize).clamp(1, 10);
+        let title_h = root
+            .estimate_text_size(&panel.title, &font(title_size, colors.text))?
+            .1 as f64
+            + 10.0;
+        let plot_h = panel_h - title_h - x_area as f64 - 10.0 * s;
+        if plot_h < 8.0 {
+            return Ok(()); // too small for this many panels: background (and title) only
+        }
+        let max_count = ((plot_h / (38.0 * s)) as usize).clamp(2, 10);
         let (y0, y1) = panel.y_range;
-        let y_ticks = if panel.log_y { log_ticks(y0, y1, max_count) } else { linear_ticks(y0, y1, max_count, false) };
+        let y_ticks = if panel.log_y {
+            log_ticks(y0, y1, max_count)
+        } else {
+            linear_ticks(y0, y1, max_count, false)
+        };
         for label in y_ticks.labels() {
             widest = widest.max(root.estimate_text_size(&label, &label_style)?.0);
         }
-        layouts.push(PanelLayout { x_area, title_size, y_ticks });
+        layouts.push(PanelLayout {
+            x_area,
+            title_size,
+            y_ticks,
+        });
     }
     let y_area = widest + px(34.0);
 
-    let plot_w = (area_w as f64 - y_area as f64 - 10.0 * s).max(10.0);
+    let plot_w = area_w - y_area as f64 - 10.0 * s;
+    if plot_w < 16.0 {
+        return Ok(());
+    }
     let (x0, x1) = prepared.x_range;
     let si = match spec.x_axis {
         XAxis::Tokens => true,
@@ -276,8 +332,17 @@ fn draw_chart<DB: DrawingBackend>(
     };
     let x_ticks = linear_ticks(x0, x1, ((plot_w / (95.0 * s)) as usize).clamp(2, 12), si);
 
-    let mut ctx = Ctx { s, colors, x_axis: spec.x_axis, x_range: prepared.x_range, x_ticks, tagger };
-    for (i, ((panel, panel_area), layout)) in prepared.panels.iter().zip(&areas).zip(&layouts).enumerate() {
+    let mut ctx = Ctx {
+        s,
+        colors,
+        x_axis: spec.x_axis,
+        x_range: prepared.x_range,
+        x_ticks,
+        tagger,
+    };
+    for (i, ((panel, panel_area), layout)) in
+        prepared.panels.iter().zip(&areas).zip(&layouts).enumerate()
+    {
         let bottom = i + 1 == n;
         let mut builder = ChartBuilder::on(panel_area);
         builder
@@ -328,9 +393,20 @@ fn draw_panel<'a, DB: DrawingBackend + 'a>(
     mesh.draw()?;
 
     if panel.series.is_empty() {
-        let center = ((x0 + x1) / 2.0, if panel.log_y { (y0 * y1).sqrt() } else { (y0 + y1) / 2.0 });
-        let style = ctx.font(13.0, colors.muted).pos(Pos::new(HPos::Center, VPos::Center));
-        chart.plotting_area().draw(&Text::new("no data", center, style))?;
+        let center = (
+            (x0 + x1) / 2.0,
+            if panel.log_y {
+                (y0 * y1).sqrt()
+            } else {
+                (y0 + y1) / 2.0
+            },
+        );
+        let style = ctx
+            .font(13.0, colors.muted)
+            .pos(Pos::new(HPos::Center, VPos::Center));
+        chart
+            .plotting_area()
+            .draw(&Text::new("no data", center, style))?;
         return Ok(());
     }
 
@@ -341,7 +417,10 @@ fn draw_panel<'a, DB: DrawingBackend + 'a>(
         let tagger = &mut *ctx.tagger;
         if let Some(raw) = &s.raw {
             let a = tagger.alpha(0.25, Role::Raw, &s.name, index, false);
-            chart.draw_series(once(PathElement::new(raw.clone(), RGBAColor(r, g, b, a).stroke_width(1))))?;
+            chart.draw_series(once(PathElement::new(
+                raw.clone(),
+                RGBAColor(r, g, b, a).stroke_width(1),
+            )))?;
         }
         let dashed = s.style == LineStyle::Dashed;
         let a = tagger.alpha(1.0, Role::Line, &s.name, index, dashed && native);
@@ -350,11 +429,20 @@ fn draw_panel<'a, DB: DrawingBackend + 'a>(
             // SVG: one polyline per series (dashes via stroke-dasharray).
             chart.draw_series(once(PathElement::new(s.line.clone(), line_style)))?
         } else if dashed {
-            chart.draw_series(DashedLineSeries::new(s.line.iter().copied(), DASH.0, DASH.1, line_style))?
+            chart.draw_series(DashedLineSeries::new(
+                s.line.iter().copied(),
+                DASH.0,
+                DASH.1,
+                line_style,
+            ))?
         } else {
             // Bitmap: one quad per segment; a wide polyline is filled as a
             // single polygon, which leaves holes where a noisy line folds back.
-            chart.draw_series(s.line.windows(2).map(|w| PathElement::new(vec![w[0], w[1]], line_style)))?
+            chart.draw_series(
+                s.line
+                    .windows(2)
+                    .map(|w| PathElement::new(vec![w[0], w[1]], line_style)),
+            )?
         };
         let (color, style) = (RGBColor(r, g, b), s.style);
         // Legend sample: a 20 px line, dashed or with a marker. Unused parts
@@ -372,7 +460,8 @@ fn draw_panel<'a, DB: DrawingBackend + 'a>(
                 + Circle::new((10, 0), 3, dot)
         });
 
-        let markers = (s.style == LineStyle::Markers && s.line.len() <= MAX_MARKERS) || s.line.len() == 1;
+        let markers =
+            (s.style == LineStyle::Markers && s.line.len() <= MAX_MARKERS) || s.line.len() == 1;
         if markers {
             let a = tagger.alpha(1.0, Role::Marker, &s.name, index, false);
             let fill = RGBAColor(r, g, b, a).filled();

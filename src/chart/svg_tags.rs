@@ -52,16 +52,32 @@ pub(crate) const DASH: (u32, u32) = (8, 5);
 
 impl Tagger {
     pub(crate) fn new(enabled: bool) -> Self {
-        Tagger { enabled, tags: Vec::new() }
+        Tagger {
+            enabled,
+            tags: Vec::new(),
+        }
     }
 
     /// The opacity to draw the element with: `opacity` itself when disabled,
     /// otherwise a fresh code that [`Tagger::apply`] turns back into `opacity`.
-    pub(crate) fn alpha(&mut self, opacity: f64, role: Role, series: &str, panel: usize, dashed: bool) -> f64 {
+    pub(crate) fn alpha(
+        &mut self,
+        opacity: f64,
+        role: Role,
+        series: &str,
+        panel: usize,
+        dashed: bool,
+    ) -> f64 {
         if !self.enabled {
             return opacity;
         }
-        self.tags.push(Tag { role, series: series.to_string(), panel, opacity, dashed });
+        self.tags.push(Tag {
+            role,
+            series: series.to_string(),
+            panel,
+            opacity,
+            dashed,
+        });
         code_alpha(self.tags.len() - 1)
     }
 
@@ -76,13 +92,17 @@ impl Tagger {
         if self.tags.is_empty() {
             return svg.to_string();
         }
-        let codes: HashMap<String, usize> = (0..self.tags.len()).map(|k| (format!("{}", code_alpha(k)), k)).collect();
+        let codes: HashMap<String, usize> = (0..self.tags.len())
+            .map(|k| (format!("{}", code_alpha(k)), k))
+            .collect();
         let mut out = String::with_capacity(svg.len() + self.tags.len() * 96);
         let mut rest = svg;
         while let Some(pos) = rest.find('<') {
             out.push_str(&rest[..pos]);
             rest = &rest[pos..];
-            let name = ["<polyline ", "<circle "].into_iter().find(|n| rest.starts_with(n));
+            let name = ["<polyline ", "<circle "]
+                .into_iter()
+                .find(|n| rest.starts_with(n));
             let (Some(name), Some(end)) = (name, rest.find('>')) else {
                 out.push('<');
                 rest = &rest[1..];
@@ -90,7 +110,8 @@ impl Tagger {
             };
             let element = &rest[..end];
             rest = &rest[end..];
-            let coded = find_attr(element, "opacity").and_then(|(range, value)| Some((range, codes.get(value)?)));
+            let coded = find_attr(element, "opacity")
+                .and_then(|(range, value)| Some((range, codes.get(value)?)));
             let Some((range, &k)) = coded else {
                 out.push_str(element);
                 continue;

@@ -374,10 +374,8 @@ impl ParquetSource {
         self.row += 1;
         Some(match row {
             Ok(r) => {
-                let cells = match r.to_json_value() {
-                    Value::Object(o) => o.into_iter().map(|(_, v)| v).collect(),
-                    other => vec![other],
-                };
+                // Column order as in the schema (a JSON object of the row would sort the keys).
+                let cells = r.get_column_iter().map(|(_, field)| field.to_json_value()).collect();
                 Ok((self.row, table_row(&self.columns, cells)))
             }
             Err(e) => Err(Error::bad_input(path, Some(self.row), format!("row {}: cannot read: {e}", self.row))),

@@ -823,15 +823,15 @@ impl Store {
     }
 
     /// One series of a run, in step order.
+    ///
+    /// This is the one hot read (charts of long runs): it runs on the raw SQLite handle of a
+    /// pooled connection, because sqlx's per-row overhead (~1 µs) would dominate a
+    /// million-point series (bench/RESULTS.md).
     pub async fn series(&self, run_id: i64, name: &str) -> Result<Vec<MetricPoint>> {
-        let rows: Vec<(i64, i64, f64, f64)> =
-            sqlx::query_as("SELECT step, tokens, wall_s, value FROM metrics WHERE run_id = ? AND name = ? ORDER BY step")
-                .bind(run_id)
-                .bind(name)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| self.err(e))?;
-        Ok(rows.into_iter().map(|(step, tokens, wall_s, value)| MetricPoint { step, tokens, wall_s, value }).collect())
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
+        let mut handle = conn.lock_handle().await.map_err(|e| self.err(e))?;
+        let db = handle.as_raw_handle().as_ptr();
+        read_series(db, run_id, name).map_err(|reason| Error::Store { path: self.path.clone(), reason })
     }
 
     /// The metric names a run has.
@@ -877,5 +877,40 @@ impl Store {
             .map_err(|e| self.err(e))?;
         rows.reverse();
         Ok(rows)
+    }
+}
+
+/// Reads one metric series with the SQLite C API on a connection the caller has locked.
+fn read_series(db: *mut libsqlite3_sys::sqlite3, run_id: i64, name: &str) -> std::result::Result<Vec<MetricPoint>, String> {
+    use libsqlite3_sys as ffi;
+    const SQL: &str = "SELECT step, tokens, wall_s, value FROM metrics WHERE run_id = ?1 AND name = ?2 ORDER BY step";
+    let errmsg = |db: *mut ffi::sqlite3| {
+        // SAFETY: sqlite3_errmsg returns a NUL-terminated string owned by the connection.
+        unsafe { std::ffi::CStr::from_ptr(ffi::sqlite3_errmsg(db)) }.to_string_lossy().into_owned()
+    };
+    let mut stmt: *mut ffi::sqlite3_stmt = std::ptr::null_mut();
+    // SAFETY: `db` is a live connection locked for this thread by the caller; SQL and the
+    // bound name outlive the statement (SQLITE_TRANSIENT copies the name).
+    unsafe {
+        if ffi::sqlite3_prepare_v2(db, SQL.as_ptr().cast(), SQL.len() as i32, &mut stmt, std::ptr::null_mut()) != ffi::SQLITE_OK {
+            return Err(errmsg(db));
+        }
+        ffi::sqlite3_bind_int64(stmt, 1, run_id);
+        ffi::sqlite3_bind_text(stmt, 2, name.as_ptr().cast(), name.len() as i32, ffi::SQLITE_TRANSIENT());
+        let mut out = Vec::new();
+        let result = loop {
+            match ffi::sqlite3_step(stmt) {
+                ffi::SQLITE_ROW => out.push(MetricPoint {
+                    step: ffi::sqlite3_column_int64(stmt, 0),
+                    tokens: ffi::sqlite3_column_int64(stmt, 1),
+                    wall_s: ffi::sqlite3_column_double(stmt, 2),
+                    value: ffi::sqlite3_column_double(stmt, 3),
+                }),
+                ffi::SQLITE_DONE => break Ok(out),
+                _ => break Err(errmsg(db)),
+            }
+        };
+        ffi::sqlite3_finalize(stmt);
+        result
     }
 }

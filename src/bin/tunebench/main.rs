@@ -145,6 +145,20 @@ enum Cmd {
         #[arg(long)]
         random_b: bool,
     },
+    /// Benchmark the run store: record a run with N metric points in a fresh store under
+    /// `--home`, then time querying and charting it; prints one JSON line.
+    #[command(hide = true)]
+    BenchStore {
+        /// Folder for the fresh store.
+        #[arg(long)]
+        home: PathBuf,
+        /// Steps (points per series).
+        #[arg(long, default_value_t = 1_000_000)]
+        points: usize,
+        /// Steps per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+    },
     /// Benchmark LoRA training steps on fixed batches (a safetensors file holding an i64
     /// `input_ids` [n, batch, seq]); prints one JSON line.
     BenchTrain {
@@ -410,6 +424,11 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             a.save(&out, &model_path(model).display().to_string())?;
+        }
+        Cmd::BenchStore { home, points, batch } => {
+            let rt = runs::runtime()?;
+            let r = rt.block_on(tunebench::api::bench::store_bench(&home, points, batch))?;
+            println!("{}", serde_json::to_string(&r).map_err(|e| Error::Msg(e.to_string()))?);
         }
         Cmd::BenchTrain { model, batches, rank, alpha, targets, lr, warmup_steps, steps } => {
             let r = tunebench::train::bench::run(&model_path(model), &batches, rank, alpha, &targets_of(&targets), lr, warmup_steps, steps)?;
