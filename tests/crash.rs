@@ -236,5 +236,10 @@ fn graceful_stop_checkpoints_and_resumes() {
         assert_eq!(r.status, RunStatus::Completed, "{:?}", r.error);
         check_consistent(wb.store(), run.id, Path::new(&r.out_dir)).await;
         assert_eq!(r.step as usize, STEPS);
+        // The base model was registered with its size, and the run points at it.
+        let models = wb.store().models().await.unwrap();
+        assert_eq!(models.len(), 1);
+        assert_eq!((models[0].kind.as_str(), models[0].params), ("gguf", Some(134_515_008)));
+        assert_eq!(r.model_id, Some(models[0].id));
     });
 }

@@ -13,6 +13,7 @@ fn new_run(name: &str) -> NewRun {
         name: name.into(),
         method: "lora".into(),
         config: serde_json::json!({"name": name, "train": {"lr": 1e-3}}),
+        model_id: None,
         model_path: "/m.gguf".into(),
         dataset_path: "/d.jsonl".into(),
         dataset_id: None,

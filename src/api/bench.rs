@@ -49,6 +49,7 @@ pub async fn store_bench(home: &Path, points: usize, batch: usize) -> Result<Sto
             name: "bench".into(),
             method: "lora".into(),
             config: serde_json::json!({}),
+            model_id: None,
             model_path: String::new(),
             dataset_path: String::new(),
             dataset_id: None,

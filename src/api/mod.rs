@@ -200,7 +200,20 @@ impl Workbench {
         if !model_path.exists() {
             return Err(Error::bad_input(&model_path, None, "the base model does not exist"));
         }
+        let model_path = std::fs::canonicalize(&model_path).unwrap_or(model_path);
+        let arch = crate::model::load_config(&model_path)?;
+        let model_id = self
+            .store
+            .upsert_model(
+                &model_path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                &model_path.display().to_string(),
+                if model_path.is_file() { "gguf" } else { "hf" },
+                Some(estimate::total_params(&arch) as i64),
+                &serde_json::to_value(&arch).map_err(|e| Error::Msg(e.to_string()))?,
+            )
+            .await?;
         let new = NewRun {
+            model_id: Some(model_id),
             name: cfg.name.clone(),
             method: cfg.peft.method_name().to_string(),
             config: serde_json::to_value(&cfg).map_err(|e| Error::Msg(e.to_string()))?,

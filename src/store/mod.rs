@@ -157,6 +157,8 @@ pub struct NewRun {
     pub method: String,
     /// Full config (JSON).
     pub config: serde_json::Value,
+    /// Registered base model.
+    pub model_id: Option<i64>,
     /// Base model path.
     pub model_path: String,
     /// Dataset path.
@@ -497,12 +499,13 @@ impl Store {
     /// Inserts a run in the `queued` state at the end of its device's queue.
     pub async fn insert_run(&self, r: &NewRun) -> Result<i64> {
         sqlx::query_scalar(
-            "INSERT INTO runs (name, status, method, config, model_path, dataset_path, dataset_id, out_dir, device, queue_pos, created_at)
-             VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(queue_pos), 0) + 1 FROM runs), ?) RETURNING id",
+            "INSERT INTO runs (name, status, method, config, model_id, model_path, dataset_path, dataset_id, out_dir, device, queue_pos, created_at)
+             VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(queue_pos), 0) + 1 FROM runs), ?) RETURNING id",
         )
         .bind(&r.name)
         .bind(&r.method)
         .bind(json_text(&r.config))
+        .bind(r.model_id)
         .bind(&r.model_path)
         .bind(&r.dataset_path)
         .bind(r.dataset_id)
