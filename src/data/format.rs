@@ -1293,11 +1293,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = read_records(&dir.path().join("nope.jsonl"), Format::Auto).unwrap_err().to_string();
         assert!(e.contains("nope.jsonl"), "{e}");
-        let p = write(&dir, "d.csv", b"a,b\n1,2\n");
+        let p = write(&dir, "d.dat", b"a,b\n1,2\n");
         let e = read_records(&p, Format::Auto).unwrap_err().to_string();
-        assert!(e.contains("d.csv") && e.contains(".csv"), "{e}");
+        assert!(e.contains("d.dat") && e.contains(".dat"), "{e}");
         // Sniffed as text when asked for text.
         assert_eq!(all(&p, Format::Text).unwrap().len(), 1);
+        // A CSV file is a table: its columns must fit a schema.
+        let p = write(&dir, "d.csv", b"a,b\n1,2\n");
+        let e = read_records(&p, Format::Auto).unwrap_err().to_string();
+        assert!(e.contains("d.csv:1") && e.contains("[a, b]"), "{e}");
+        let p = write(&dir, "t.csv", b"text\nhello\n\"two\nlines\"\n");
+        assert_eq!(all(&p, Format::Auto).unwrap().len(), 2);
         // A .json file that is JSON Lines.
         let p = write(&dir, "l.json", b"{\"text\": \"a\"}\n{\"text\": \"b\"}\n");
         assert_eq!(all(&p, Format::Auto).unwrap().len(), 2);

@@ -53,6 +53,12 @@ pub enum RunsCmd {
         #[arg(long)]
         queue: bool,
     },
+    /// Put queued runs first in the queue, in this order (others keep their order).
+    Reorder {
+        /// Queued run ids.
+        #[arg(required = true, num_args = 1..)]
+        ids: Vec<i64>,
+    },
     /// Delete a run's records and its folder.
     Delete {
         /// Run id.
@@ -354,6 +360,11 @@ pub fn cmd_runs(cmd: RunsCmd) -> Result<()> {
             }
             drop(wb);
             foreground(&rt, id, json, no_heldout)?;
+        }
+        RunsCmd::Reorder { ids } => {
+            rt.block_on(wb.reorder_queue(&ids))?;
+            let queued = rt.block_on(wb.store().runs_with_status(RunStatus::Queued))?;
+            println!("queue: {}", queued.iter().map(|r| format!("{} ({})", r.id, r.name)).collect::<Vec<_>>().join(", "));
         }
         RunsCmd::Delete { id, keep_files } => {
             rt.block_on(wb.delete_run(id, !keep_files))?;
