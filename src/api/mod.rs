@@ -236,6 +236,21 @@ impl Workbench {
         self.store.run(id).await
     }
 
+    /// Imported datasets, newest first.
+    pub async fn datasets(&self) -> Result<Vec<crate::store::DatasetRecord>> {
+        self.store.datasets().await
+    }
+
+    /// Forgets an imported dataset (the file is not touched).
+    pub async fn delete_dataset(&self, id: i64) -> Result<()> {
+        self.store.delete_dataset(id).await
+    }
+
+    /// Registered base models.
+    pub async fn models(&self) -> Result<Vec<crate::store::ModelRecord>> {
+        self.store.models().await
+    }
+
     /// Every run, newest first.
     pub async fn runs(&self) -> Result<Vec<RunRecord>> {
         self.store.runs().await
