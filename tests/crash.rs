@@ -243,3 +243,26 @@ fn graceful_stop_checkpoints_and_resumes() {
         assert_eq!(r.model_id, Some(models[0].id));
     });
 }
+
+#[test]
+fn a_worker_that_does_not_stop_in_time_is_killed() {
+    let home = tempfile::tempdir().unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let mut o = WorkbenchOptions::new(home.path());
+        o.supervise = true;
+        o.worker_exe = Some(exe());
+        // No time to finish the step and write a checkpoint: the stop is forced.
+        o.stop_timeout = Duration::ZERO;
+        let wb = Workbench::open(o).await.unwrap();
+        let run = wb.create_run(CreateRun { config: config("stubborn"), dataset_id: None, device: "cpu".into() }).await.unwrap();
+        let r = wait_for(&wb, run.id, "a step", |r| r.status == RunStatus::Running && r.step >= 1).await;
+        let status = wb.stop_run(run.id).await.unwrap();
+        assert_eq!(status, RunStatus::Interrupted);
+        let now = wb.store().run(run.id).await.unwrap();
+        assert!(now.error.as_deref().unwrap_or("").contains("did not stop"), "{:?}", now.error);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!tunebench::api::worker::process_alive(r.worker_pid.unwrap(), r.worker_start), "the worker is gone");
+        check_consistent(wb.store(), run.id, Path::new(&now.out_dir)).await;
+    });
+}

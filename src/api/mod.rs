@@ -297,9 +297,12 @@ impl Workbench {
                         return Ok(RunStatus::Interrupted);
                     }
                     if Instant::now() > deadline {
+                        // Marked first so the reason is this one, not the watcher's "was killed";
+                        // anything the worker writes in between lies after its last checkpoint
+                        // and is discarded on resume.
+                        let reason = format!("killed: it did not stop within the stop timeout ({:?})", self.stop_timeout);
+                        supervisor::mark_gone(&self.store, id, pid, &reason).await?;
                         supervisor::signal_worker(pid, run.worker_start, libc::SIGKILL)?;
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        supervisor::mark_gone(&self.store, id, pid, "killed: it did not stop within the stop timeout").await?;
                         return Ok(RunStatus::Interrupted);
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -285,7 +285,7 @@ impl TrainObserver for Progress {
                     _ => String::new(),
                 };
                 match &self.bar {
-                    Some(b) if !b.is_finished() => b.println(line),
+                    Some(b) if !b.is_finished() && !b.is_hidden() => b.println(line),
                     _ => eprintln!("{line}"),
                 }
                 if matches!(other, TrainEvent::Finished { .. }) {
@@ -443,6 +443,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
