@@ -113,7 +113,7 @@ fn lora_all(r: usize) -> PeftConfig {
 
 /// Sets every LoRA B to small random values so that every A receives a gradient too.
 fn randomize_b(adapter: &Adapter, dtype: DType) {
-    for (i, (_, l)) in adapter.layers.iter().enumerate() {
+    for (i, (_, l)) in adapter.lora_layers().into_iter().enumerate() {
         let b = (randn(l.b.dims(), 100 + i as u64, dtype) * 0.3).unwrap();
         l.b.set(&b).unwrap();
     }

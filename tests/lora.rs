@@ -18,7 +18,7 @@ fn cfg(targets: TargetModules, rslora: bool) -> PeftConfig {
 }
 
 fn perturb(a: &Adapter) {
-    for (i, (_, l)) in a.layers.iter().enumerate() {
+    for (i, (_, l)) in a.lora_layers().into_iter().enumerate() {
         let b = Tensor::randn(0f32, 0.2, l.b.dims(), &Device::Cpu).unwrap();
         assert_eq!(b.dims(), l.b.dims(), "layer {i}");
         l.b.set(&b).unwrap();

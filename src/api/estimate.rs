@@ -129,36 +129,45 @@ pub fn total_params(c: &LlamaConfig) -> u64 {
     layers + bias + norms + embed + head
 }
 
-/// The adapted linears and their rank: (name, in, out, r).
-pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize, usize, usize)>> {
+/// The adapted linears: (name, in, out, trainable parameters, extra activation floats per
+/// token kept for the backward pass).
+pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize, usize, usize, usize)>> {
     let shapes = linear_shapes(c);
-    match peft {
-        PeftConfig::Lora(l) => {
-            let names: Vec<&str> = shapes.iter().map(|(n, _, _)| n.as_str()).collect();
-            let chosen = l.target_modules.resolve_names(&names)?;
-            Ok(shapes
-                .into_iter()
-                .filter(|(n, _, _)| chosen.contains(n))
-                .map(|(n, i, o)| {
+    let names: Vec<&str> = shapes.iter().map(|(n, _, _)| n.as_str()).collect();
+    let targets = match peft {
+        PeftConfig::Lora(l) => &l.target_modules,
+        PeftConfig::Ia3(l) => &l.target_modules,
+        PeftConfig::Bitfit(l) => &l.target_modules,
+    };
+    let chosen = targets.resolve_names(&names)?;
+    Ok(shapes
+        .into_iter()
+        .filter(|(n, _, _)| chosen.contains(n))
+        .map(|(n, i, o)| {
+            let (params, acts) = match peft {
+                // x·A (r), its B output and the sum with the frozen output.
+                PeftConfig::Lora(l) => {
                     let r = l.rank_and_scale(&n).0;
-                    (n, i, o, r)
-                })
-                .collect())
-        }
-    }
+                    (r * (i + o), r + 2 * o)
+                }
+                PeftConfig::Ia3(l) if l.feedforward_modules.iter().any(|f| n == *f || n.ends_with(&format!(".{f}"))) => (i, i),
+                PeftConfig::Ia3(_) => (o, o),
+                PeftConfig::Bitfit(_) => (o, o),
+            };
+            (n, i, o, params, acts)
+        })
+        .collect())
 }
 
 /// Floats kept for the backward pass per token and decoder layer (without attention scores).
-pub fn activation_floats_per_token_layer(c: &LlamaConfig, lora_per_layer: &[(usize, usize, usize)]) -> f64 {
+pub fn activation_floats_per_token_layer(c: &LlamaConfig, adapter_floats: f64) -> f64 {
     let (d, ff) = (c.hidden_size as f64, c.intermediate_size as f64);
     let q = (c.num_attention_heads * c.head_dim()) as f64;
     let kv = (c.kv_heads() * c.head_dim()) as f64;
     // input, norm1, q (proj, laid out, rotated), k (×3), v (×2), attention out (laid out,
     // merged), o_proj out, residual, norm2, gate, up, activation, down out, residual.
     let base = d + d + 3.0 * q + 3.0 * kv + 2.0 * kv + 2.0 * q + d + d + d + ff + ff + ff + d + d;
-    // Each LoRA target adds x·A (r), its B output and the sum with the frozen output.
-    let lora: f64 = lora_per_layer.iter().map(|&(_, o, r)| r as f64 + 2.0 * o as f64).sum();
-    base + lora
+    base + adapter_floats
 }
 
 /// This machine's f32 matmul rate in GFLOP/s (measured once per process, ~0.2 s).
@@ -202,13 +211,12 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     let layers = model.num_hidden_layers as u64;
     let total = total_params(model);
     let ad = adapted(model, &cfg.peft)?;
-    let trainable: u64 = ad.iter().map(|(_, i, o, r)| (r * (i + o)) as u64).sum();
-    let lora_l0: Vec<(usize, usize, usize)> =
-        ad.iter().filter(|(n, _, _, _)| n.starts_with("model.layers.0.")).map(|(_, i, o, r)| (*i, *o, *r)).collect();
+    let trainable: u64 = ad.iter().map(|a| a.3 as u64).sum();
+    let adapter_floats: f64 = ad.iter().filter(|a| a.0.starts_with("model.layers.0.")).map(|a| a.4 as f64).sum();
 
     let weights = 4 * total;
     let adapter = trainable * ADAPTER_BYTES_PER_PARAM;
-    let per_tok_layer = activation_floats_per_token_layer(model, &lora_l0);
+    let per_tok_layer = activation_floats_per_token_layer(model, adapter_floats);
     let tokens = b * s;
     let acts = (ACTIVATION_FACTOR * 4.0 * per_tok_layer * (tokens * layers) as f64) as u64 + 4 * tokens * model.hidden_size as u64 * 2;
     let attn = (ATTENTION_COPIES * 4.0 * (b * model.num_attention_heads as u64 * s * s * layers) as f64) as u64;
@@ -223,7 +231,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     // weight gradients.
     let lin_params: f64 = linear_shapes(model).iter().map(|(_, i, o)| (*i * *o) as f64).sum();
     let attn_fwd = 4.0 * (b * s * s) as f64 * (model.num_attention_heads * model.head_dim()) as f64 * layers as f64 / 2.0;
-    let lora_flops: f64 = ad.iter().map(|(_, i, o, r)| 2.0 * (*r * (*i + *o)) as f64).sum::<f64>() * tokens as f64 * 3.0;
+    let lora_flops: f64 = ad.iter().map(|a| 2.0 * a.3 as f64).sum::<f64>() * tokens as f64 * 3.0;
     let flops_micro = 2.0 * tokens as f64 * lin_params * 2.0 + 3.0 * attn_fwd + lora_flops;
     let flops = flops_micro * t.grad_accum as f64;
     let gflops = machine_gflops();

@@ -22,6 +22,11 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     /// Returns the adapted output given the layer input `xs` and the frozen output `base`
     /// (`xs·Wᵀ + b`).
     fn forward(&self, xs: &Tensor, base: Tensor, weight: &Tensor, ctx: &ForwardCtx) -> Result<Tensor>;
+    /// Computes the whole layer instead, when the method changes the input of the frozen
+    /// product (IA3 on feed-forward layers); `None` (the default) = use [`forward`](Self::forward).
+    fn forward_full(&self, _xs: &Tensor, _weight: &Tensor, _bias: Option<&Tensor>, _ctx: &ForwardCtx) -> Option<Result<Tensor>> {
+        None
+    }
     /// Downcasting support, for saving and merging.
     fn as_any(&self) -> &dyn std::any::Any;
 }
@@ -84,8 +89,18 @@ impl Linear {
         self.weight = weight;
     }
 
+    /// Replaces the frozen bias (used by merge).
+    pub fn set_bias(&mut self, bias: Option<Tensor>) {
+        self.bias = bias;
+    }
+
     /// Forward pass.
     pub fn forward(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        if let Some(a) = &self.adapter {
+            if let Some(y) = a.forward_full(xs, &self.weight, self.bias.as_ref(), ctx) {
+                return y;
+            }
+        }
         let mut y = ops::frozen_linear(xs, &self.weight)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;

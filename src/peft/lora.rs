@@ -13,8 +13,9 @@ use candle_core::{Tensor, Var};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::{dropout, TargetModules};
-use crate::model::{ForwardCtx, Linear, LinearAdapter, Llama};
+pub use super::peft_prefix;
+use super::{dropout, PeftLayer, TargetModules};
+use crate::model::{ForwardCtx, LinearAdapter, Llama};
 use crate::{Error, Result};
 
 /// LoRA settings; reads and writes HF peft's `adapter_config.json` keys.
@@ -138,6 +139,16 @@ impl LinearAdapter for LoraLayer {
     }
 }
 
+impl PeftLayer for LoraLayer {
+    fn params(&self) -> Vec<(String, Var)> {
+        vec![("lora_A.weight".into(), self.a.clone()), ("lora_B.weight".into(), self.b.clone())]
+    }
+
+    fn merged(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        Ok(Some(((weight + self.delta_weight()?)?, bias.cloned())))
+    }
+}
+
 impl LoraLayer {
     /// The weight update `scale · B·A`, (out, in).
     pub fn delta_weight(&self) -> Result<Tensor> {
@@ -230,7 +241,3 @@ pub fn inject_loaded(
     Ok(out)
 }
 
-/// PEFT's module key for a linear: `base_model.model.<HF module path>`.
-pub fn peft_prefix(lin: &Linear) -> String {
-    format!("base_model.model.{}", lin.name())
-}

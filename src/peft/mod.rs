@@ -5,6 +5,8 @@
 //! in PEFT's adapter format (`adapter_config.json` + `adapter_model.safetensors`, PEFT key
 //! names), and `merge` where the math allows. [`registry`] lists the methods for the UI/CLI.
 
+pub mod bitfit;
+pub mod ia3;
 pub mod lora;
 
 use std::collections::{BTreeSet, HashMap};
@@ -14,9 +16,30 @@ use std::sync::Arc;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::model::Llama;
+use crate::model::{Linear, LinearAdapter, Llama};
 use crate::{Error, Result};
+pub use bitfit::{BitfitConfig, BitfitLayer};
+pub use ia3::{Ia3Config, Ia3Layer};
 pub use lora::{LoraConfig, LoraLayer};
+
+/// A method's layer installed in a [`Linear`] slot: its trainable tensors (under PEFT key
+/// suffixes), what it saves, and how it folds into the frozen weights.
+pub trait PeftLayer: LinearAdapter {
+    /// Trainable tensors: (key suffix after the module's PEFT prefix, e.g. `lora_A.weight`).
+    fn params(&self) -> Vec<(String, Var)>;
+    /// What is saved (default: the trainable tensors as they are).
+    fn saved(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect())
+    }
+    /// The frozen weight and bias with this layer folded in, or None when the method cannot
+    /// be merged.
+    fn merged(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<(Tensor, Option<Tensor>)>>;
+}
+
+/// PEFT's module key for a linear: `base_model.model.<HF module path>`.
+pub fn peft_prefix(lin: &Linear) -> String {
+    format!("base_model.model.{}", lin.name())
+}
 
 /// One entry of the method registry.
 #[derive(Clone, Debug, Serialize)]
@@ -31,11 +54,23 @@ pub struct MethodInfo {
 
 /// Every method this build supports.
 pub fn registry() -> &'static [MethodInfo] {
-    &[MethodInfo {
-        name: "lora",
-        peft_type: "LORA",
-        description: "Low-rank update B·A added to frozen projections (Hu et al. 2021); rsLoRA scaling optional.",
-    }]
+    &[
+        MethodInfo {
+            name: "lora",
+            peft_type: "LORA",
+            description: "Low-rank update B·A added to frozen projections (Hu et al. 2021); rsLoRA scaling optional.",
+        },
+        MethodInfo {
+            name: "ia3",
+            peft_type: "IA3",
+            description: "Learned scaling of attention outputs (k, v) and feed-forward inputs (down) (Liu et al. 2022); a few thousand parameters.",
+        },
+        MethodInfo {
+            name: "bitfit",
+            peft_type: "BITFIT",
+            description: "Train only the bias terms (Ben Zaken et al. 2021); Llama-family models get zero-initialised biases to train. Own file format.",
+        },
+    ]
 }
 
 /// A method and its settings, as written in a run config (`[peft] method = "lora"`).
@@ -44,6 +79,10 @@ pub fn registry() -> &'static [MethodInfo] {
 pub enum PeftConfig {
     /// LoRA.
     Lora(LoraConfig),
+    /// IA3.
+    Ia3(Ia3Config),
+    /// BitFit.
+    Bitfit(BitfitConfig),
 }
 
 impl Default for PeftConfig {
@@ -57,6 +96,8 @@ impl PeftConfig {
     pub fn validate(&self) -> Result<()> {
         match self {
             PeftConfig::Lora(c) => c.validate(),
+            PeftConfig::Ia3(c) => c.validate(),
+            PeftConfig::Bitfit(c) => c.validate(),
         }
     }
 
@@ -64,6 +105,8 @@ impl PeftConfig {
     pub fn method_name(&self) -> &'static str {
         match self {
             PeftConfig::Lora(_) => "lora",
+            PeftConfig::Ia3(_) => "ia3",
+            PeftConfig::Bitfit(_) => "bitfit",
         }
     }
 }
@@ -158,7 +201,7 @@ pub struct Adapter {
     /// The method and settings.
     pub config: PeftConfig,
     /// (PEFT key prefix, layer) for every wrapped module.
-    pub layers: Vec<(String, Arc<LoraLayer>)>,
+    pub layers: Vec<(String, Arc<dyn PeftLayer>)>,
 }
 
 const CONFIG_FILE: &str = "adapter_config.json";
@@ -169,7 +212,9 @@ impl Adapter {
     pub fn inject(model: &mut Llama, config: &PeftConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         let layers = match config {
-            PeftConfig::Lora(c) => lora::inject(model, c, seed)?,
+            PeftConfig::Lora(c) => lora::inject(model, c, seed)?.into_iter().map(|(p, l)| (p, l as Arc<dyn PeftLayer>)).collect(),
+            PeftConfig::Ia3(c) => ia3::inject(model, c, seed, None)?,
+            PeftConfig::Bitfit(c) => bitfit::inject(model, c, None)?,
         };
         Ok(Adapter { config: config.clone(), layers })
     }
@@ -178,10 +223,16 @@ impl Adapter {
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let mut v = Vec::with_capacity(self.layers.len() * 2);
         for (p, l) in &self.layers {
-            v.push((format!("{p}.lora_A.weight"), l.a.clone()));
-            v.push((format!("{p}.lora_B.weight"), l.b.clone()));
+            for (k, var) in l.params() {
+                v.push((format!("{p}.{k}"), var));
+            }
         }
         v
+    }
+
+    /// The LoRA layers (empty for other methods).
+    pub fn lora_layers(&self) -> Vec<(&str, &LoraLayer)> {
+        self.layers.iter().filter_map(|(p, l)| l.as_any().downcast_ref::<LoraLayer>().map(|x| (p.as_str(), x))).collect()
     }
 
     /// Number of trainable parameters.
@@ -211,6 +262,24 @@ impl Adapter {
                 "use_dora": false,
                 "revision": null,
             }),
+            PeftConfig::Ia3(c) => serde_json::json!({
+                "peft_type": "IA3",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": base_model,
+                "target_modules": c.target_modules,
+                "feedforward_modules": c.feedforward_modules,
+                "fan_in_fan_out": false,
+                "inference_mode": true,
+                "init_ia3_weights": c.init_ia3_weights,
+                "modules_to_save": null,
+                "revision": null,
+            }),
+            PeftConfig::Bitfit(c) => serde_json::json!({
+                "peft_type": "BITFIT",
+                "format_version": 1,
+                "base_model_name_or_path": base_model,
+                "target_modules": c.target_modules,
+            }),
         }
     }
 
@@ -219,8 +288,10 @@ impl Adapter {
     pub fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut map = HashMap::new();
-        for (k, v) in self.trainable() {
-            map.insert(k, v.as_tensor().clone());
+        for (p, l) in &self.layers {
+            for (k, t) in l.saved()? {
+                map.insert(format!("{p}.{k}"), t);
+            }
         }
         let weights = dir.join(WEIGHTS_FILE);
         crate::train::checkpoint::atomic_write(&weights, |tmp| Ok(candle_core::safetensors::save(&map, tmp)?))?;
@@ -230,7 +301,8 @@ impl Adapter {
         Ok(())
     }
 
-    /// Loads a PEFT adapter folder into `model` (replacing any installed adapter).
+    /// Loads an adapter folder (PEFT's LORA or IA3, or our BITFIT) into `model`, replacing
+    /// any installed adapter.
     pub fn load(model: &mut Llama, dir: &Path) -> Result<Self> {
         let cfg_path = dir.join(CONFIG_FILE);
         if !cfg_path.exists() {
@@ -239,10 +311,7 @@ impl Adapter {
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::bad_input(&cfg_path, Some(e.line()), e.to_string()))?;
-        let peft_type = v.get("peft_type").and_then(|t| t.as_str()).unwrap_or("LORA");
-        if peft_type != "LORA" {
-            return Err(Error::bad_input(&cfg_path, None, format!("peft_type `{peft_type}` is not supported yet")));
-        }
+        let peft_type = v.get("peft_type").and_then(|t| t.as_str()).unwrap_or("LORA").to_string();
         for (key, unsupported) in [("use_dora", true), ("fan_in_fan_out", true)] {
             if v.get(key).and_then(|x| x.as_bool()) == Some(unsupported) {
                 return Err(Error::bad_input(&cfg_path, None, format!("`{key}: true` is not supported yet")));
@@ -251,29 +320,48 @@ impl Adapter {
         if v.get("modules_to_save").is_some_and(|m| !m.is_null()) {
             return Err(Error::bad_input(&cfg_path, None, "`modules_to_save` is not supported yet"));
         }
-        let c: LoraConfig = serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?;
+        let config = match peft_type.as_str() {
+            "LORA" => PeftConfig::Lora(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
+            "IA3" => PeftConfig::Ia3(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
+            "BITFIT" => PeftConfig::Bitfit(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
+            other => return Err(Error::bad_input(&cfg_path, None, format!("peft_type `{other}` is not supported yet"))),
+        };
         let weights_path = dir.join(WEIGHTS_FILE);
         if !weights_path.exists() {
             return Err(Error::bad_input(dir, None, format!("adapter folder has no {WEIGHTS_FILE}")));
         }
         let weights = candle_core::safetensors::load(&weights_path, model.device())
             .map_err(|e| Error::bad_input(&weights_path, None, e.to_string()))?;
-        // peft may save keys with the adapter name (`lora_A.default.weight`); accept both.
-        let weights: HashMap<String, Tensor> =
-            weights.into_iter().map(|(k, t)| (k.replace(".default.weight", ".weight"), t)).collect();
+        // peft may save keys with the adapter name (`lora_A.default.weight`, `ia3_l.default`);
+        // accept both.
+        let weights: HashMap<String, Tensor> = weights
+            .into_iter()
+            .map(|(k, t)| (k.replace(".default.weight", ".weight").trim_end_matches(".default").to_string(), t))
+            .collect();
         remove_all(model);
-        let layers = lora::inject_loaded(model, &c, &weights, &weights_path)?;
-        Ok(Adapter { config: PeftConfig::Lora(c), layers })
+        let layers = match &config {
+            PeftConfig::Lora(c) => lora::inject_loaded(model, c, &weights, &weights_path)?
+                .into_iter()
+                .map(|(p, l)| (p, l as Arc<dyn PeftLayer>))
+                .collect(),
+            PeftConfig::Ia3(c) => ia3::inject(model, c, 0, Some((&weights, &weights_path)))?,
+            PeftConfig::Bitfit(c) => bitfit::inject(model, c, Some((&weights, &weights_path)))?,
+        };
+        Ok(Adapter { config, layers })
     }
 
-    /// Folds the adapter into the base weights (`W += s·B·A`) and uninstalls it: the model then
-    /// computes the same function with no adapter overhead.
+    /// Folds the adapter into the base weights (LoRA: `W += s·B·A`; IA3: rows/columns scaled;
+    /// BitFit: the trained bias) and uninstalls it: the model then computes the same function
+    /// with no adapter overhead.
     pub fn merge_into(&self, model: &mut Llama) -> Result<()> {
-        let by_prefix: HashMap<&str, &Arc<LoraLayer>> = self.layers.iter().map(|(p, l)| (p.as_str(), l)).collect();
+        let by_prefix: HashMap<&str, &Arc<dyn PeftLayer>> = self.layers.iter().map(|(p, l)| (p.as_str(), l)).collect();
         for lin in model.linears_mut() {
-            if let Some(l) = by_prefix.get(lora::peft_prefix(lin).as_str()) {
-                let merged = (lin.weight() + l.delta_weight()?)?;
-                lin.set_weight(merged);
+            if let Some(l) = by_prefix.get(peft_prefix(lin).as_str()) {
+                let Some((w, b)) = l.merged(lin.weight(), lin.bias())? else {
+                    return Err(Error::Msg(format!("{} cannot be merged", self.config.method_name())));
+                };
+                lin.set_weight(w);
+                lin.set_bias(b);
                 lin.set_adapter(None);
             }
         }

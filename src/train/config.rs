@@ -193,6 +193,26 @@ pub struct OutputSection {
     pub dir: Option<PathBuf>,
 }
 
+fn check_peft_keys(text: &str, peft: &PeftConfig) -> Result<()> {
+    let Ok(table) = toml::from_str::<toml::Table>(text) else { return Ok(()) };
+    let Some(toml::Value::Table(given)) = table.get("peft") else { return Ok(()) };
+    let known = match serde_json::to_value(peft) {
+        Ok(serde_json::Value::Object(o)) => o,
+        _ => return Ok(()),
+    };
+    for key in given.keys() {
+        if !known.contains_key(key) {
+            let mut names: Vec<&str> = known.keys().map(String::as_str).filter(|k| *k != "method").collect();
+            names.sort();
+            return Err(Error::config(
+                format!("peft.{key}"),
+                format!("unknown key for method `{}`; its keys are: {}", peft.method_name(), names.join(", ")),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The bundled presets: (name, description, TOML).
 pub const PRESETS: &[(&str, &str, &str)] = &[(
     "quickstart",
@@ -214,7 +234,10 @@ impl RunConfig {
         if let Some(dir) = origin.and_then(|p| p.parent()) {
             cfg.resolve_paths(dir);
         }
-        cfg.validate().map_err(|e| match (e, origin) {
+        // `[peft]` keys are checked here: each method's config also reads PEFT's
+        // adapter_config.json, which has keys of its own, so it cannot deny unknown fields.
+        let checked = check_peft_keys(text, &cfg.peft);
+        checked.and_then(|_| cfg.validate()).map_err(|e| match (e, origin) {
             (Error::Config { key, reason, .. }, Some(p)) => Error::Config { path: Some(p.to_path_buf()), key, reason },
             (e, _) => e,
         })?;

@@ -418,7 +418,7 @@ fn run(cli: Cli) -> Result<()> {
                 // Uniform in ±0.035 (std 0.02), seeded, so the adapter is reproducible.
                 use rand::{Rng, SeedableRng};
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xB);
-                for (_, l) in &a.layers {
+                for (_, l) in a.lora_layers() {
                     let v: Vec<f32> = (0..l.b.elem_count()).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * 0.0346).collect();
                     l.b.set(&candle_core::Tensor::from_vec(v, l.b.dims(), &device)?)?;
                 }

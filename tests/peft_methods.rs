@@ -1,0 +1,262 @@
+//! One test matrix over every PEFT method, on a tiny random Llama (with and without q/k/v
+//! biases): forward, gradients against central finite differences (f64), gradients reach exactly
+//! the method's tensors while the base stays bit-identical, save → load gives identical
+//! outputs, merged == unmerged, and the trainable-parameter count follows the method's formula.
+
+use candle_core::{DType, Device, Tensor};
+use tunebench::model::{ForwardCtx, Llama, LlamaConfig};
+use tunebench::peft::{Adapter, BitfitConfig, Ia3Config, LoraConfig, PeftConfig, TargetModules};
+
+fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+fn tiny(dtype: DType, bias: bool) -> (Llama, LlamaConfig) {
+    let mut cfg = LlamaConfig::tiny(40);
+    cfg.attention_bias = bias;
+    (Llama::random_dtype(cfg.clone(), 11, &Device::Cpu, dtype).unwrap(), cfg)
+}
+
+fn all_linear() -> TargetModules {
+    TargetModules::Keyword("all-linear".into())
+}
+
+/// Every method, with a config that touches several kinds of layer.
+fn methods() -> Vec<(&'static str, PeftConfig)> {
+    vec![
+        ("lora", PeftConfig::Lora(LoraConfig { r: 2, lora_alpha: 4.0, target_modules: all_linear(), ..Default::default() })),
+        ("ia3", PeftConfig::Ia3(Ia3Config::default())),
+        (
+            "ia3-all",
+            PeftConfig::Ia3(Ia3Config { target_modules: all_linear(), feedforward_modules: vec!["down_proj".into(), "up_proj".into()], init_ia3_weights: true }),
+        ),
+        ("bitfit", PeftConfig::Bitfit(BitfitConfig::default())),
+    ]
+}
+
+/// The trainable-parameter count each method documents.
+fn formula(cfg: &LlamaConfig, peft: &PeftConfig) -> usize {
+    let (d, ff, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+    let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
+    // (short name, in, out)
+    let layer = [("q_proj", d, q), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", q, d), ("gate_proj", d, ff), ("up_proj", d, ff), ("down_proj", ff, d)];
+    let per_layer: usize = layer
+        .iter()
+        .map(|&(n, i, o)| match peft {
+            PeftConfig::Lora(c) => c.r * (i + o),
+            PeftConfig::Ia3(c) => {
+                let targeted = match &c.target_modules {
+                    TargetModules::Names(ns) => ns.iter().any(|x| x == n),
+                    TargetModules::Keyword(_) => true,
+                };
+                match (targeted, c.feedforward_modules.iter().any(|f| f == n)) {
+                    (false, _) => 0,
+                    (true, true) => i,
+                    (true, false) => o,
+                }
+            }
+            PeftConfig::Bitfit(_) => o,
+        })
+        .sum();
+    per_layer * cfg.num_hidden_layers
+}
+
+/// Sets every trainable tensor to random values (so that every part of every method matters).
+fn randomize(adapter: &Adapter, dtype: DType) {
+    for (i, (_, v)) in adapter.trainable().iter().enumerate() {
+        let base = if v.as_tensor().flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()[0] == 1.0 { 1.0 } else { 0.0 };
+        let t = ((randn(v.dims(), 300 + i as u64, dtype) * 0.3).unwrap() + base).unwrap();
+        v.set(&t).unwrap();
+    }
+}
+
+fn batch() -> (Tensor, Vec<i64>) {
+    let ids: Vec<u32> = vec![1, 5, 9, 3, 7, 2, 30, 11, 4, 8, 12, 3, 3, 17, 21, 6];
+    let mut labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+    labels[0] = -100;
+    labels[8] = -100;
+    (Tensor::from_vec(ids, (2, 8), &Device::Cpu).unwrap(), labels)
+}
+
+fn logits(m: &Llama) -> Vec<f64> {
+    let (ids, _) = batch();
+    m.logits(&ids, &ForwardCtx::default()).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
+
+fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn parameter_counts_follow_the_formulas() {
+    for bias in [false, true] {
+        for (name, peft) in methods() {
+            let (mut m, cfg) = tiny(DType::F32, bias);
+            let a = Adapter::inject(&mut m, &peft, 1).unwrap();
+            assert_eq!(a.num_params(), formula(&cfg, &peft), "{name}");
+            // The estimate (from the architecture alone) agrees.
+            let est: usize = tunebench::api::estimate::adapted(&cfg, &peft).unwrap().iter().map(|x| x.3).sum();
+            assert_eq!(est, a.num_params(), "{name}: estimate");
+        }
+    }
+}
+
+#[test]
+fn gradients_match_central_finite_differences() {
+    for bias in [false, true] {
+        for (name, peft) in methods() {
+            let (mut model, _) = tiny(DType::F64, bias);
+            let adapter = Adapter::inject(&mut model, &peft, 3).unwrap();
+            randomize(&adapter, DType::F64);
+            let (ids, labels) = batch();
+            let ctx = ForwardCtx::default();
+            let loss = |m: &Llama| -> f64 {
+                let (s, n) = m.loss_sum(&ids, &labels, &ctx, 5).unwrap();
+                s.to_scalar::<f64>().unwrap() / n as f64
+            };
+            let (s, n) = model.loss_sum(&ids, &labels, &ctx, 5).unwrap();
+            let grads = (s / n as f64).unwrap().backward().unwrap();
+            let eps = 1e-5;
+            for (key, var) in adapter.trainable() {
+                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: {key} got no gradient"));
+                let gv = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                for &j in &[0, orig.len() / 2, orig.len() - 1] {
+                    let set = |delta: f64| {
+                        let mut v = orig.clone();
+                        v[j] += delta;
+                        var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+                    };
+                    set(eps);
+                    let lp = loss(&model);
+                    set(-eps);
+                    let lm = loss(&model);
+                    set(0.0);
+                    let fd = (lp - lm) / (2.0 * eps);
+                    let err = (fd - gv[j]).abs() / fd.abs().max(gv[j].abs()).max(1e-4);
+                    assert!(err < 1e-4, "{name} bias={bias} {key}[{j}]: analytic {} vs finite difference {fd}", gv[j]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn only_the_method_trains_and_the_base_stays_bit_identical() {
+    for (name, peft) in methods() {
+        let (mut model, _) = tiny(DType::F32, true);
+        let weights_before: Vec<Vec<f32>> = model.linears().iter().map(|l| l.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
+        let biases_before: Vec<Option<Vec<f32>>> =
+            model.linears().iter().map(|l| l.bias().map(|b| b.to_vec1::<f32>().unwrap())).collect();
+        let adapter = Adapter::inject(&mut model, &peft, 3).unwrap();
+        randomize(&adapter, DType::F32);
+        let (ids, labels) = batch();
+        let mut opt = tunebench::train::optim::AdamW::new(
+            adapter.trainable(),
+            tunebench::train::optim::AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+        )
+        .unwrap();
+        let (mut first, mut last) = (None, 0.0);
+        for _ in 0..8 {
+            let (s, n) = model.loss_sum(&ids, &labels, &ForwardCtx { train: true, seed: 1 }, 7).unwrap();
+            let loss = (s / n as f64).unwrap();
+            last = loss.to_scalar::<f32>().unwrap();
+            first.get_or_insert(last);
+            let g = loss.backward().unwrap();
+            let mut grads = Vec::new();
+            for (key, v) in adapter.trainable() {
+                let gt = g.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: {key} got no gradient")).clone();
+                assert!(gt.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{name}: {key} has a zero gradient");
+                grads.push(gt);
+            }
+            // Nothing else in the graph is a Var: the embedding and every frozen weight get none.
+            assert!(g.get(model.embed_tokens()).is_none(), "{name}: the embedding got a gradient");
+            for l in model.linears() {
+                assert!(g.get(l.weight()).is_none(), "{name}: {} got a gradient", l.name());
+            }
+            opt.step(&grads, 1e-2).unwrap();
+        }
+        assert!(last < first.unwrap(), "{name}: loss {} -> {last} did not fall", first.unwrap());
+        for (l, (w, b)) in model.linears().iter().zip(weights_before.iter().zip(&biases_before)) {
+            assert_eq!(&l.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap(), w, "{name}: {} changed", l.name());
+            assert_eq!(&l.bias().map(|b| b.to_vec1::<f32>().unwrap()), b, "{name}: {} bias changed", l.name());
+        }
+    }
+}
+
+#[test]
+fn save_load_round_trips_and_merge_equals_unmerged() {
+    for bias in [false, true] {
+        for (name, peft) in methods() {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut model, _) = tiny(DType::F64, bias);
+            let base = logits(&model);
+            let adapter = Adapter::inject(&mut model, &peft, 5).unwrap();
+            randomize(&adapter, DType::F64);
+            let tuned = logits(&model);
+            assert!(max_rel(&tuned, &base) > 1e-3, "{name}: the adapter changes the output");
+            adapter.save(dir.path(), "tiny").unwrap();
+
+            // Load into a fresh copy of the base: identical outputs.
+            let (mut fresh, _) = tiny(DType::F64, bias);
+            let loaded = Adapter::load(&mut fresh, dir.path()).unwrap();
+            assert_eq!(loaded.config, peft, "{name}: config round-trips");
+            // Identical up to f64 rounding (BitFit stores the trained bias, bias + change).
+            let loaded_logits = logits(&fresh);
+            assert!(max_rel(&loaded_logits, &tuned) < 1e-12, "{name} bias={bias}: loaded adapter differs by {}", max_rel(&loaded_logits, &tuned));
+
+            // Merge: same function, no adapter left.
+            loaded.merge_into(&mut fresh).unwrap();
+            assert!(fresh.linears().iter().all(|l| l.adapter().is_none()));
+            let merged = logits(&fresh);
+            assert!(max_rel(&merged, &tuned) < 1e-10, "{name} bias={bias}: merged differs by {}", max_rel(&merged, &tuned));
+        }
+    }
+}
+
+#[test]
+fn bad_configs_and_mismatched_files_are_explained() {
+    let (mut m, _) = tiny(DType::F32, false);
+    let bad = PeftConfig::Ia3(Ia3Config {
+        target_modules: TargetModules::Names(vec!["k_proj".into()]),
+        feedforward_modules: vec!["down_proj".into()],
+        init_ia3_weights: true,
+    });
+    let e = Adapter::inject(&mut m, &bad, 1).unwrap_err().to_string();
+    assert!(e.contains("peft.feedforward_modules") && e.contains("down_proj"), "{e}");
+    let bad = PeftConfig::Bitfit(BitfitConfig { target_modules: TargetModules::Names(vec!["nope".into()]) });
+    let e = Adapter::inject(&mut m, &bad, 1).unwrap_err().to_string();
+    assert!(e.contains("peft.target_modules") && e.contains("nope"), "{e}");
+
+    // An IA3 adapter saved for another shape is refused, naming the tensor.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, _) = tiny(DType::F32, false);
+    Adapter::inject(&mut a, &PeftConfig::Ia3(Ia3Config::default()), 1).unwrap().save(dir.path(), "tiny").unwrap();
+    let mut other_cfg = LlamaConfig::tiny(40);
+    other_cfg.intermediate_size += 8;
+    let mut other = Llama::random_dtype(other_cfg, 1, &Device::Cpu, DType::F32).unwrap();
+    let e = Adapter::load(&mut other, dir.path()).unwrap_err().to_string();
+    assert!(e.contains("ia3_l") && e.contains("adapter_model.safetensors"), "{e}");
+}
+
+#[test]
+fn methods_are_selected_by_name_in_run_configs() {
+    for (method, extra) in [("ia3", "target_modules = [\"k_proj\", \"v_proj\", \"down_proj\"]\nfeedforward_modules = [\"down_proj\"]"), ("bitfit", "target_modules = \"all-linear\"")] {
+        let text = format!("[data]\npath = \"x.jsonl\"\n[peft]\nmethod = \"{method}\"\n{extra}\n");
+        let cfg = tunebench::train::RunConfig::from_toml(&text, None).unwrap();
+        assert_eq!(cfg.peft.method_name(), method);
+    }
+    let names: Vec<&str> = tunebench::peft::registry().iter().map(|m| m.name).collect();
+    assert_eq!(names, vec!["lora", "ia3", "bitfit"]);
+    let text = "[data]\npath = \"x.jsonl\"\n[peft]\nmethod = \"ia3\"\nr = 8\n";
+    let e = tunebench::train::RunConfig::from_toml(text, None).unwrap_err().to_string();
+    assert!(e.contains("peft.r") && e.contains("feedforward_modules"), "unknown keys of a method are errors: {e}");
+    let text = "[data]\npath = \"x.jsonl\"\n[peft]\nmethod = \"lora\"\nrr = 8\n";
+    let e = tunebench::train::RunConfig::from_toml(text, None).unwrap_err().to_string();
+    assert!(e.contains("peft.rr") && e.contains("lora_alpha"), "{e}");
+}
