@@ -151,6 +151,7 @@ fn only_the_method_trains_and_the_base_stays_bit_identical() {
     for (name, peft) in methods() {
         let (mut model, _) = tiny(DType::F32, true);
         let weights_before: Vec<Vec<f32>> = model.linears().iter().map(|l| l.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
+        let embed_before = model.embed_tokens().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let biases_before: Vec<Option<Vec<f32>>> =
             model.linears().iter().map(|l| l.bias().map(|b| b.to_vec1::<f32>().unwrap())).collect();
         let adapter = Adapter::inject(&mut model, &peft, 3).unwrap();
@@ -182,6 +183,7 @@ fn only_the_method_trains_and_the_base_stays_bit_identical() {
             opt.step(&grads, 1e-2).unwrap();
         }
         assert!(last < first.unwrap(), "{name}: loss {} -> {last} did not fall", first.unwrap());
+        assert_eq!(model.embed_tokens().flatten_all().unwrap().to_vec1::<f32>().unwrap(), embed_before, "{name}: embedding changed");
         for (l, (w, b)) in model.linears().iter().zip(weights_before.iter().zip(&biases_before)) {
             assert_eq!(&l.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap(), w, "{name}: {} changed", l.name());
             assert_eq!(&l.bias().map(|b| b.to_vec1::<f32>().unwrap()), b, "{name}: {} bias changed", l.name());
