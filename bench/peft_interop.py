@@ -6,6 +6,9 @@ Checks, each on the same token ids of several prompts (chat-templated, English, 
             (its keys and values must be exactly what PEFT holds afterwards) vs `tunebench logits --adapter`
   B         LoRA made by PEFT (r=8, alpha=16, all 7 projections, lora_B random with a fixed seed),
             save_pretrained'ed, vs `tunebench logits --adapter` on that folder
+  C         IA3 adapter from `tunebench lora-init --method ia3 --random-b` (k, v, down; down as
+            feed-forward; vectors 1 ± 0.2) loaded by PeftModel.from_pretrained, as in A
+  D         IA3 made by PEFT (same targets, ia3_l random around 1), save_pretrained'ed, as in B
   trained   (with --adapter DIR) an adapter trained by `tunebench train`, as in A
 Pass: max|logit diff| <= tol * max(1, max|logit|) (tol 1e-2 by default); an adapter check also
 needs the adapter to move the logits by more than that tolerance (else an ignored adapter
@@ -16,6 +19,8 @@ CLI contract used (implemented by the Rust side):
       ids.json: list of lists of token ids; out: f32 tensors logits.0, logits.1, ... of [seq_len, vocab]
   tunebench lora-init --model GGUF --out DIR --rank 8 --alpha 16
       --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --seed 1 --random-b
+  tunebench lora-init --method ia3 --model GGUF --out DIR --targets k_proj,v_proj,down_proj
+      --feedforward down_proj --seed 2 --random-b
 
 Run:
   py=$(scripts/pyenv | tail -n1)
@@ -42,6 +47,8 @@ TEXTS = [
     "for (int i = 0; i < n; ++i) {\n    sum += a[i] * b[i];\n}\n",
 ]
 B_STD = 0.05  # std of the random lora_B of direction B
+IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]  # PEFT's IA3 defaults for Llama
+IA3_FF = ["down_proj"]
 
 
 def main() -> int:
@@ -66,7 +73,7 @@ def main() -> int:
 
     import numpy as np
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+    from peft import IA3Config, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
     from safetensors.numpy import load_file
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -147,7 +154,8 @@ def main() -> int:
         for k, v in file_sd.items():
             if held[k].shape != v.shape or not torch.equal(held[k].float(), v.float()):
                 return f"{k}: PEFT holds a different tensor than the file ({list(held[k].shape)} vs {list(v.shape)})"
-        if not any(k.endswith("lora_B.weight") and bool(v.abs().max() > 0) for k, v in file_sd.items()):
+        lora = any(k.endswith("lora_B.weight") for k in file_sd)
+        if lora and not any(k.endswith("lora_B.weight") and bool(v.abs().max() > 0) for k, v in file_sd.items()):
             return "all lora_B are zero: the adapter is a no-op"
         return None
 
@@ -159,12 +167,16 @@ def main() -> int:
     dir_a = os.path.join(work, "adapter-tunebench-init")
     tb.run_measured(exe + ["lora-init", "--model", args.model, "--out", dir_a, "--rank", "8", "--alpha", "16",
                            "--targets", ",".join(TARGETS), "--seed", "1", "--random-b"]).check("tunebench lora-init")
-    adapter_checks = [("A: tunebench lora-init -> PEFT", dir_a)] + [
+    dir_c = os.path.join(work, "adapter-tunebench-ia3")
+    tb.run_measured(exe + ["lora-init", "--method", "ia3", "--model", args.model, "--out", dir_c,
+                           "--targets", ",".join(IA3_TARGETS), "--feedforward", ",".join(IA3_FF), "--seed", "2",
+                           "--random-b"]).check("tunebench lora-init --method ia3")
+    adapter_checks = [("A: tunebench lora-init -> PEFT", dir_a), ("C: tunebench IA3 -> PEFT", dir_c)] + [
         (f"trained: {os.path.basename(os.path.normpath(d))} -> PEFT", d) for d in args.adapter]
     for check, adir in adapter_checks:
         cfg = json.load(open(os.path.join(adir, "adapter_config.json")))
-        if cfg.get("peft_type") != "LORA":
-            rows.append((check, None, None, None, None, "", False, f"peft_type {cfg.get('peft_type')!r}, want 'LORA'"))
+        if cfg.get("peft_type") not in ("LORA", "IA3"):
+            rows.append((check, None, None, None, None, "", False, f"peft_type {cfg.get('peft_type')!r}, want 'LORA' or 'IA3'"))
             continue
         model = PeftModel.from_pretrained(copy.deepcopy(pristine), adir)
         model.eval()
@@ -189,6 +201,19 @@ def main() -> int:
     dir_b = os.path.join(work, "adapter-peft")
     model.save_pretrained(dir_b)
     compare("B: PEFT save_pretrained -> tunebench", hf_logits(model), ours_logits("peft", dir_b), effect_vs=ref_base)
+
+    # --- D: PEFT IA3 -> tunebench -----------------------------------------------------------
+    icfg = IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FF, task_type="CAUSAL_LM")
+    model = get_peft_model(copy.deepcopy(pristine), icfg)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.2)
+    model.eval()
+    dir_d = os.path.join(work, "adapter-peft-ia3")
+    model.save_pretrained(dir_d)
+    compare("D: PEFT IA3 save_pretrained -> tunebench", hf_logits(model), ours_logits("peft-ia3", dir_d), effect_vs=ref_base)
 
     # --- report -----------------------------------------------------------------------------
     head = f"{'check':<40} {'max|diff|':>10} {'max|logit|':>10} {'diff/scale':>10} {'adapter effect':>14} {'argmax':>9}  result"

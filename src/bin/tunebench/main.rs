@@ -121,7 +121,7 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Write a freshly initialised LoRA adapter in PEFT's format (interop checks).
+    /// Write a freshly initialised LoRA or IA3 adapter in PEFT's format (interop checks).
     LoraInit {
         /// Model.
         #[arg(long)]
@@ -141,9 +141,16 @@ enum Cmd {
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Give B random non-zero values (a fresh LoRA has B = 0 and changes nothing).
+        /// Give B random non-zero values (a fresh LoRA has B = 0 and changes nothing; for IA3,
+        /// scale vectors around 1 instead of exactly 1).
         #[arg(long)]
         random_b: bool,
+        /// lora or ia3.
+        #[arg(long, default_value = "lora")]
+        method: String,
+        /// IA3: comma-separated feed-forward modules (their input is scaled).
+        #[arg(long, default_value = "down_proj")]
+        feedforward: String,
     },
     /// Benchmark the run store: record a run with N metric points in a fresh store under
     /// `--home`, then time querying and charting it; prints one JSON line.
@@ -410,7 +417,31 @@ fn run(cli: Cli) -> Result<()> {
             }
             candle_core::safetensors::save(&map, &out)?;
         }
-        Cmd::LoraInit { model, out, rank, alpha, targets, seed, random_b } => {
+        Cmd::LoraInit { model, out, rank, alpha, targets, seed, random_b, method, feedforward } if method == "ia3" => {
+            let _ = (rank, alpha);
+            let mut m = model::load(&model_path(model.clone()), &device)?;
+            let names: Vec<String> = targets_of(&targets).into_iter().map(String::from).collect();
+            let cfg = tunebench::peft::PeftConfig::Ia3(tunebench::peft::Ia3Config {
+                target_modules: tunebench::peft::TargetModules::Names(names),
+                feedforward_modules: targets_of(&feedforward).into_iter().map(String::from).collect(),
+                init_ia3_weights: true,
+            });
+            let a = Adapter::inject(&mut m.model, &cfg, seed)?;
+            if random_b {
+                // 1 ± 0.2, seeded, so the adapter is reproducible.
+                use rand::{Rng, SeedableRng};
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x1A3);
+                for (_, v) in a.trainable() {
+                    let x: Vec<f32> = (0..v.elem_count()).map(|_| 1.0 + (rng.random::<f32>() * 2.0 - 1.0) * 0.2).collect();
+                    v.set(&candle_core::Tensor::from_vec(x, v.dims(), &device)?)?;
+                }
+            }
+            a.save(&out, &model_path(model).display().to_string())?;
+        }
+        Cmd::LoraInit { method, .. } if method != "lora" => {
+            return Err(Error::Msg(format!("lora-init: unknown method `{method}` (lora or ia3)")));
+        }
+        Cmd::LoraInit { model, out, rank, alpha, targets, seed, random_b, .. } => {
             let mut m = model::load(&model_path(model.clone()), &device)?;
             let cfg = RunConfig::lora(rank, alpha, &targets_of(&targets));
             let a = Adapter::inject(&mut m.model, &cfg, seed)?;
