@@ -255,6 +255,15 @@ fn methods_are_selected_by_name_in_run_configs() {
     }
     let names: Vec<&str> = tunebench::peft::registry().iter().map(|m| m.name).collect();
     assert_eq!(names, vec!["lora", "ia3", "bitfit"]);
+    for n in names {
+        let cfg = tunebench::peft::PeftConfig::default_for(n).unwrap_or_else(|| panic!("{n} has no default config"));
+        assert_eq!(cfg.method_name(), n);
+        // The defaults written out read back as the same config.
+        let mut t = toml::Table::new();
+        t.insert("peft".into(), toml::Value::try_from(&cfg).unwrap());
+        let text = format!("[data]\npath = \"x.jsonl\"\n{}", toml::to_string(&t).unwrap());
+        assert_eq!(tunebench::train::RunConfig::from_toml(&text, None).unwrap().peft, cfg, "{n}");
+    }
     let text = "[data]\npath = \"x.jsonl\"\n[peft]\nmethod = \"ia3\"\nr = 8\n";
     let e = tunebench::train::RunConfig::from_toml(text, None).unwrap_err().to_string();
     assert!(e.contains("peft.r") && e.contains("feedforward_modules"), "unknown keys of a method are errors: {e}");

@@ -92,6 +92,16 @@ impl Default for PeftConfig {
 }
 
 impl PeftConfig {
+    /// The default config of a registered method (`lora`, `ia3`, `bitfit`), or None.
+    pub fn default_for(method: &str) -> Option<PeftConfig> {
+        Some(match method {
+            "lora" => PeftConfig::Lora(LoraConfig::default()),
+            "ia3" => PeftConfig::Ia3(Ia3Config::default()),
+            "bitfit" => PeftConfig::Bitfit(BitfitConfig::default()),
+            _ => return None,
+        })
+    }
+
     /// Checks the values; errors name the key.
     pub fn validate(&self) -> Result<()> {
         match self {

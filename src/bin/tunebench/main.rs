@@ -27,6 +27,8 @@ enum Cmd {
     Train(TrainArgs),
     /// List the bundled presets.
     Presets,
+    /// List the PEFT methods with their `[peft]` keys and defaults.
+    Methods,
     /// Recorded runs: list, show, stop, resume, delete, chart.
     Runs {
         #[command(subcommand)]
@@ -356,6 +358,19 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Estimate(a) => runs::cmd_estimate(a)?,
         Cmd::Worker { cmd } => runs::cmd_worker(cmd)?,
         Cmd::Queue { exit_when_idle } => runs::cmd_queue(exit_when_idle)?,
+        Cmd::Methods => {
+            for m in tunebench::peft::registry() {
+                println!("{} ({})\n  {}", m.name, m.peft_type, m.description);
+                if let Some(cfg) = tunebench::peft::PeftConfig::default_for(m.name) {
+                    let mut t = toml::Table::new();
+                    t.insert("peft".into(), toml::Value::try_from(&cfg).map_err(|e| Error::Msg(e.to_string()))?);
+                    let text = toml::to_string(&t).map_err(|e| Error::Msg(e.to_string()))?;
+                    for line in text.lines() {
+                        println!("    {line}");
+                    }
+                }
+            }
+        }
         Cmd::Presets => {
             for (name, desc, _) in train::config::PRESETS {
                 println!("{name:12} {desc}");
