@@ -9,7 +9,7 @@ trainable parameters, tokens/s, peak memory, final validation loss and held-out 
 range (IA3 and BitFit train a few thousand parameters and want a larger one).
 
 Usage: python3 bench/methods_bench.py [--bin target/release/tunebench] [--steps 30]
-       [--methods lora,ia3,bitfit]
+       [--methods lora,dora,ia3,bitfit]
 Prints a Markdown block for bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tbcommon import ROOT, binary_argv, default_binary, default_model, require_f
 
 METHODS = {
     "lora": ('method = "lora"\nr = 16\nlora_alpha = 32\ntarget_modules = "all-linear"', 1e-3),
+    "dora": ('method = "lora"\nr = 16\nlora_alpha = 32\ntarget_modules = "all-linear"\nuse_dora = true', 1e-3),
     "ia3": ('method = "ia3"\ntarget_modules = ["k_proj", "v_proj", "down_proj"]\nfeedforward_modules = ["down_proj"]', 1e-2),
     "bitfit": ('method = "bitfit"\ntarget_modules = "all-linear"', 5e-3),
 }

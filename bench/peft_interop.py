@@ -9,6 +9,8 @@ Checks, each on the same token ids of several prompts (chat-templated, English, 
   C         IA3 adapter from `tunebench lora-init --method ia3 --random-b` (k, v, down; down as
             feed-forward; vectors 1 ± 0.2) loaded by PeftModel.from_pretrained, as in A
   D         IA3 made by PEFT (same targets, ia3_l random around 1), save_pretrained'ed, as in B
+  E         DoRA adapter from `tunebench lora-init --dora --random-b` (q, v, down) → PEFT, as in A
+  F         DoRA made by PEFT (use_dora, lora_B random, magnitude scaled randomly), as in B
   trained   (with --adapter DIR) an adapter trained by `tunebench train`, as in A
 Pass: max|logit diff| <= tol * max(1, max|logit|) (tol 1e-2 by default); an adapter check also
 needs the adapter to move the logits by more than that tolerance (else an ignored adapter
@@ -49,6 +51,7 @@ TEXTS = [
 B_STD = 0.05  # std of the random lora_B of direction B
 IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]  # PEFT's IA3 defaults for Llama
 IA3_FF = ["down_proj"]
+DORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def main() -> int:
@@ -171,7 +174,11 @@ def main() -> int:
     tb.run_measured(exe + ["lora-init", "--method", "ia3", "--model", args.model, "--out", dir_c,
                            "--targets", ",".join(IA3_TARGETS), "--feedforward", ",".join(IA3_FF), "--seed", "2",
                            "--random-b"]).check("tunebench lora-init --method ia3")
-    adapter_checks = [("A: tunebench lora-init -> PEFT", dir_a), ("C: tunebench IA3 -> PEFT", dir_c)] + [
+    dir_e = os.path.join(work, "adapter-tunebench-dora")
+    tb.run_measured(exe + ["lora-init", "--dora", "--model", args.model, "--out", dir_e, "--rank", "4", "--alpha", "8",
+                           "--targets", ",".join(DORA_TARGETS), "--seed", "3", "--random-b"]).check("tunebench lora-init --dora")
+    adapter_checks = [("A: tunebench lora-init -> PEFT", dir_a), ("C: tunebench IA3 -> PEFT", dir_c),
+                      ("E: tunebench DoRA -> PEFT", dir_e)] + [
         (f"trained: {os.path.basename(os.path.normpath(d))} -> PEFT", d) for d in args.adapter]
     for check, adir in adapter_checks:
         cfg = json.load(open(os.path.join(adir, "adapter_config.json")))
@@ -214,6 +221,22 @@ def main() -> int:
     dir_d = os.path.join(work, "adapter-peft-ia3")
     model.save_pretrained(dir_d)
     compare("D: PEFT IA3 save_pretrained -> tunebench", hf_logits(model), ours_logits("peft-ia3", dir_d), effect_vs=ref_base)
+
+    # --- F: PEFT DoRA -> tunebench ----------------------------------------------------------
+    dcfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=DORA_TARGETS, use_dora=True,
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(copy.deepcopy(pristine), dcfg)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * B_STD)
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
+    model.eval()
+    dir_f = os.path.join(work, "adapter-peft-dora")
+    model.save_pretrained(dir_f)
+    compare("F: PEFT DoRA save_pretrained -> tunebench", hf_logits(model), ours_logits("peft-dora", dir_f), effect_vs=ref_base)
 
     # --- report -----------------------------------------------------------------------------
     head = f"{'check':<40} {'max|diff|':>10} {'max|logit|':>10} {'diff/scale':>10} {'adapter effect':>14} {'argmax':>9}  result"

@@ -1,4 +1,4 @@
-//! One test matrix over every PEFT method, on a tiny random Llama (with and without q/k/v
+//! One test matrix over every PEFT method (LoRA, DoRA, IA3, BitFit), on a tiny random Llama (with and without q/k/v
 //! biases): forward, gradients against central finite differences (f64), gradients reach exactly
 //! the method's tensors while the base stays bit-identical, save → load gives identical
 //! outputs, merged == unmerged, and the trainable-parameter count follows the method's formula.
@@ -29,6 +29,7 @@ fn all_linear() -> TargetModules {
 fn methods() -> Vec<(&'static str, PeftConfig)> {
     vec![
         ("lora", PeftConfig::Lora(LoraConfig { r: 2, lora_alpha: 4.0, target_modules: all_linear(), ..Default::default() })),
+        ("dora", PeftConfig::Lora(LoraConfig { r: 2, lora_alpha: 4.0, target_modules: all_linear(), use_dora: true, ..Default::default() })),
         ("ia3", PeftConfig::Ia3(Ia3Config::default())),
         (
             "ia3-all",
@@ -47,7 +48,7 @@ fn formula(cfg: &LlamaConfig, peft: &PeftConfig) -> usize {
     let per_layer: usize = layer
         .iter()
         .map(|&(n, i, o)| match peft {
-            PeftConfig::Lora(c) => c.r * (i + o),
+            PeftConfig::Lora(c) => c.r * (i + o) + if c.use_dora { o } else { 0 },
             PeftConfig::Ia3(c) => {
                 let targeted = match &c.target_modules {
                     TargetModules::Names(ns) => ns.iter().any(|x| x == n),
@@ -114,7 +115,8 @@ fn gradients_match_central_finite_differences() {
             let adapter = Adapter::inject(&mut model, &peft, 3).unwrap();
             randomize(&adapter, DType::F64);
             let (ids, labels) = batch();
-            let ctx = ForwardCtx::default();
+            // Training mode: the trainable tensors are tracked (no dropout in these configs).
+            let ctx = ForwardCtx { train: true, seed: 0 };
             let loss = |m: &Llama| -> f64 {
                 let (s, n) = m.loss_sum(&ids, &labels, &ctx, 5).unwrap();
                 s.to_scalar::<f64>().unwrap() / n as f64
@@ -183,6 +185,12 @@ fn only_the_method_trains_and_the_base_stays_bit_identical() {
             opt.step(&grads, 1e-2).unwrap();
         }
         assert!(last < first.unwrap(), "{name}: loss {} -> {last} did not fall", first.unwrap());
+        // Eval mode (inference) builds no graph through the adapter: nothing to keep alive.
+        let eval_out = model.logits(&ids, &ForwardCtx::default()).unwrap().sum_all().unwrap();
+        let g = eval_out.backward().unwrap();
+        for (key, v) in adapter.trainable() {
+            assert!(g.get(v.as_tensor()).is_none(), "{name}: {key} is tracked in eval mode");
+        }
         assert_eq!(model.embed_tokens().flatten_all().unwrap().to_vec1::<f32>().unwrap(), embed_before, "{name}: embedding changed");
         for (l, (w, b)) in model.linears().iter().zip(weights_before.iter().zip(&biases_before)) {
             assert_eq!(&l.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap(), w, "{name}: {} changed", l.name());

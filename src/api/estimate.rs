@@ -146,9 +146,11 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
         .map(|(n, i, o)| {
             let (params, acts) = match peft {
                 // x·A (r), its B output and the sum with the frozen output.
+                // DoRA adds the magnitude vector (out) and the scaled sum (out) per token.
                 PeftConfig::Lora(l) => {
                     let r = l.rank_and_scale(&n).0;
-                    (r * (i + o), r + 2 * o)
+                    let dora = if l.use_dora { o } else { 0 };
+                    (r * (i + o) + dora, r + 2 * o + 2 * dora)
                 }
                 PeftConfig::Ia3(l) if l.feedforward_modules.iter().any(|f| n == *f || n.ends_with(&format!(".{f}"))) => (i, i),
                 PeftConfig::Ia3(_) => (o, o),

@@ -10,7 +10,8 @@ use crate::Result;
 /// Per-forward facts an adapter may need (train vs eval, the seed for dropout masks).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ForwardCtx {
-    /// Training mode (dropout on).
+    /// Training mode: dropout on, and adapters hand their trainable tensors to the graph (in
+    /// eval mode they use detached copies, so inference builds no autograd graph).
     pub train: bool,
     /// Seed for this forward pass's random masks; combined with each module's index so every
     /// module draws its own, reproducible, mask.

@@ -57,8 +57,8 @@ pub struct BitfitLayer {
 }
 
 impl LinearAdapter for BitfitLayer {
-    fn forward(&self, _xs: &Tensor, base: Tensor, _w: &Tensor, _ctx: &ForwardCtx) -> Result<Tensor> {
-        Ok(base.broadcast_add(self.delta.as_tensor())?)
+    fn forward(&self, _xs: &Tensor, base: Tensor, _w: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        Ok(base.broadcast_add(&super::var_tensor(&self.delta, ctx))?)
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

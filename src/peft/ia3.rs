@@ -81,17 +81,17 @@ pub struct Ia3Layer {
 }
 
 impl LinearAdapter for Ia3Layer {
-    fn forward(&self, _xs: &Tensor, base: Tensor, _w: &Tensor, _ctx: &ForwardCtx) -> Result<Tensor> {
+    fn forward(&self, _xs: &Tensor, base: Tensor, _w: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         // Attention targets only (feed-forward ones compute in `forward_full`).
-        Ok(base.broadcast_mul(&self.l.as_tensor().flatten_all()?)?)
+        Ok(base.broadcast_mul(&super::var_tensor(&self.l, ctx).flatten_all()?)?)
     }
 
-    fn forward_full(&self, xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, _ctx: &ForwardCtx) -> Option<Result<Tensor>> {
+    fn forward_full(&self, xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
         if !self.feedforward {
             return None;
         }
         let run = || -> Result<Tensor> {
-            let scaled = xs.broadcast_mul(&self.l.as_tensor().flatten_all()?)?;
+            let scaled = xs.broadcast_mul(&super::var_tensor(&self.l, ctx).flatten_all()?)?;
             let y = ops::frozen_linear(&scaled, weight)?;
             Ok(match bias {
                 Some(b) => y.broadcast_add(b)?,

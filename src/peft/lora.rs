@@ -5,6 +5,14 @@
 //! Follows HF peft's `tuners/lora` (config keys, init, key names, merge):
 //! `y = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ` with A (r, in) Kaiming-uniform, B (out, r) zero, and
 //! `s = alpha / r` (or `alpha / √r` with rsLoRA).
+//!
+//! DoRA (`use_dora`; Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", 2024) splits
+//! the adapted weight into a direction and a learned per-output magnitude `m` (PEFT's
+//! `lora_magnitude_vector`, initialised to the row norms of W):
+//! `y = m / ‖W + s·B·A‖_row ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b`. PEFT detaches the norm in the backward
+//! (the paper's §4.3 memory saving); we keep its exact gradient, so the forward pass, the file
+//! format and the merge are PEFT's while training follows the true gradient (checked against
+//! finite differences like every method).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use super::peft_prefix;
 use super::{dropout, PeftLayer, TargetModules};
-use crate::model::{ForwardCtx, LinearAdapter, Llama};
+use crate::model::{ops, ForwardCtx, LinearAdapter, Llama};
 use crate::{Error, Result};
 
 /// LoRA settings; reads and writes HF peft's `adapter_config.json` keys.
@@ -43,6 +51,9 @@ pub struct LoraConfig {
     /// Per-module alpha overrides, as in peft.
     #[serde(default)]
     pub alpha_pattern: BTreeMap<String, f64>,
+    /// DoRA: learn a magnitude per output feature on top of the low-rank direction update.
+    #[serde(default)]
+    pub use_dora: bool,
 }
 
 fn default_r() -> usize {
@@ -65,6 +76,7 @@ impl Default for LoraConfig {
             use_rslora: false,
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
+            use_dora: false,
         }
     }
 }
@@ -109,29 +121,82 @@ pub struct LoraLayer {
     pub b: Var,
     /// alpha / r (or alpha / √r).
     pub scale: f64,
+    /// DoRA's magnitude vector (out,), when `use_dora`.
+    pub magnitude: Option<Var>,
+    /// DoRA: the squared row norms of the frozen W (it never changes while installed).
+    w2: Option<Tensor>,
     dropout: f64,
     index: u64,
 }
 
-impl LinearAdapter for LoraLayer {
-    fn forward(&self, xs: &Tensor, base: Tensor, _w: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let x = if ctx.train && self.dropout > 0.0 {
+use super::var_tensor as t;
+
+impl LoraLayer {
+    fn dropped(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        Ok(if ctx.train && self.dropout > 0.0 {
             dropout(xs, self.dropout, ctx.seed ^ self.index.wrapping_mul(0x9E37_79B9_7F4A_7C15))?
         } else {
             xs.clone()
-        };
-        // Plain 2-D matmuls on (tokens, features): one GEMM each instead of one per batch row
-        // (and no broadcast to reduce in the backward).
+        })
+    }
+
+    /// `s·(x·Aᵀ)·Bᵀ` with plain 2-D matmuls on (tokens, features): one GEMM each instead of one
+    /// per batch row (and no broadcast to reduce in the backward).
+    fn update(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let (inp, out) = (self.a.dim(1)?, self.b.dim(0)?);
+        let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
+        let (inp, out) = (a.dim(1)?, b.dim(0)?);
         let x2 = x.reshape(((), inp))?;
-        let down = x2.matmul(&self.a.as_tensor().t()?)?;
-        let up = (down.matmul(&self.b.as_tensor().t()?)? * self.scale)?;
+        let down = x2.matmul(&a.t()?)?;
+        let up = (down.matmul(&b.t()?)? * self.scale)?;
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = out;
         }
-        Ok((base + up.reshape(out_dims)?)?)
+        Ok(up.reshape(out_dims)?)
+    }
+
+    /// DoRA's `m / ‖W + s·B·A‖_row`, (out,), without forming W + s·B·A: the squared row norm
+    /// is `‖W_r‖² + 2s·⟨B_r, (A·Wᵀ)ᵀ_r⟩ + s²·B_r·(A·Aᵀ)·B_rᵀ`, so no (out, in) temporary is
+    /// kept for the backward and the frozen W gets no gradient (A·Wᵀ goes through
+    /// `frozen_linear`).
+    fn dora_scale(&self, magnitude: &Var, weight: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (a, b, s) = (t(&self.a, ctx), t(&self.b, ctx), self.scale);
+        let w2 = match &self.w2 {
+            Some(w2) => w2.clone(),
+            None => weight.sqr()?.sum(1)?,
+        };
+        let awt = ops::frozen_linear(&a, weight)?.t()?;
+        let cross = (&b * awt)?.sum(1)?;
+        let gram = a.matmul(&a.t()?)?;
+        let quad = (b.matmul(&gram)? * &b)?.sum(1)?;
+        let norm = ((w2 + (cross * (2.0 * s))?)? + (quad * (s * s))?)?.sqrt()?;
+        Ok((t(magnitude, ctx) / norm)?)
+    }
+}
+
+impl LinearAdapter for LoraLayer {
+    fn forward(&self, xs: &Tensor, base: Tensor, _w: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let x = self.dropped(xs, ctx)?;
+        Ok((base + self.update(&x, ctx)?)?)
+    }
+
+    fn forward_full(&self, xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
+        let magnitude = self.magnitude.as_ref()?;
+        let run = || -> Result<Tensor> {
+            // PEFT's form: base(x) + (g − 1)·(x̃·Wᵀ) + g·s·(x̃·Aᵀ)·Bᵀ with g = m / ‖W + s·B·A‖_row
+            // and x̃ = dropout(x) (= x when dropout is off, giving g·(x·Wᵀ + update) + b).
+            let g = self.dora_scale(magnitude, weight, ctx)?;
+            let y = ops::frozen_linear(xs, weight)?;
+            let x = self.dropped(xs, ctx)?;
+            let (plain, y_drop) = if ctx.train && self.dropout > 0.0 { (y.clone(), ops::frozen_linear(&x, weight)?) } else { (y.clone(), y) };
+            let mut out = (plain + (y_drop.broadcast_mul(&(&g - 1.0)?)? + self.update(&x, ctx)?.broadcast_mul(&g)?)?)?;
+            if let Some(b) = bias {
+                out = out.broadcast_add(b)?;
+            }
+            Ok(out)
+        };
+        Some(run())
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -141,11 +206,20 @@ impl LinearAdapter for LoraLayer {
 
 impl PeftLayer for LoraLayer {
     fn params(&self) -> Vec<(String, Var)> {
-        vec![("lora_A.weight".into(), self.a.clone()), ("lora_B.weight".into(), self.b.clone())]
+        let mut v = vec![("lora_A.weight".into(), self.a.clone()), ("lora_B.weight".into(), self.b.clone())];
+        if let Some(m) = &self.magnitude {
+            v.push(("lora_magnitude_vector".into(), m.clone()));
+        }
+        v
     }
 
     fn merged(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<(Tensor, Option<Tensor>)>> {
-        Ok(Some(((weight + self.delta_weight()?)?, bias.cloned())))
+        let w = (weight + self.delta_weight()?)?;
+        let w = match &self.magnitude {
+            Some(m) => w.broadcast_mul(&self.dora_scale(m, weight, &ForwardCtx::default())?.unsqueeze(1)?)?,
+            None => w,
+        };
+        Ok(Some((w, bias.cloned())))
     }
 }
 
@@ -176,7 +250,13 @@ pub fn inject(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
         let dtype = lin.weight().dtype();
         let a = Var::from_tensor(&Tensor::from_vec(a, (r, inp), dev)?.to_dtype(dtype)?)?;
         let b = Var::from_tensor(&Tensor::zeros((outf, r), dtype, dev)?)?;
-        let layer = Arc::new(LoraLayer { a, b, scale, dropout: cfg.lora_dropout, index: index as u64 });
+        // DoRA starts with m = ‖W‖_row (B = 0), so the model is unchanged.
+        let w2 = if cfg.use_dora { Some(lin.weight().sqr()?.sum(1)?) } else { None };
+        let magnitude = match &w2 {
+            Some(w2) => Some(Var::from_tensor(&w2.sqrt()?)?),
+            None => None,
+        };
+        let layer = Arc::new(LoraLayer { a, b, scale, magnitude, w2, dropout: cfg.lora_dropout, index: index as u64 });
         lin.set_adapter(Some(layer.clone()));
         out.push((peft_prefix(lin), layer));
     }
@@ -220,10 +300,23 @@ pub fn inject_loaded(
             ));
         }
         used += 2;
+        let magnitude = if cfg.use_dora {
+            let key = format!("{prefix}.lora_magnitude_vector");
+            let m = weights.get(&key).ok_or_else(|| Error::bad_input(source, None, format!("adapter tensor `{key}` is missing (use_dora)")))?;
+            if m.dims() != [outf] {
+                return Err(Error::bad_input(source, None, format!("{key} is {:?}; this model needs [{outf}]", m.dims())));
+            }
+            Some(Var::from_tensor(&m.to_dtype(dtype)?.to_device(lin.weight().device())?)?)
+        } else {
+            None
+        };
+        let w2 = if cfg.use_dora { Some(lin.weight().sqr()?.sum(1)?) } else { None };
         let layer = Arc::new(LoraLayer {
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
             scale,
+            magnitude,
+            w2,
             dropout: cfg.lora_dropout,
             index: index as u64,
         });

@@ -36,6 +36,17 @@ pub trait PeftLayer: LinearAdapter {
     fn merged(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<(Tensor, Option<Tensor>)>>;
 }
 
+/// The tensor of a trainable `Var` for a forward pass: tracked while training; detached
+/// otherwise, so inference (generation with a KV cache) builds no autograd graph that would
+/// keep every step's intermediates alive.
+pub fn var_tensor(v: &Var, ctx: &crate::model::ForwardCtx) -> Tensor {
+    if ctx.train {
+        v.as_tensor().clone()
+    } else {
+        v.as_detached_tensor()
+    }
+}
+
 /// PEFT's module key for a linear: `base_model.model.<HF module path>`.
 pub fn peft_prefix(lin: &Linear) -> String {
     format!("base_model.model.{}", lin.name())
@@ -58,7 +69,7 @@ pub fn registry() -> &'static [MethodInfo] {
         MethodInfo {
             name: "lora",
             peft_type: "LORA",
-            description: "Low-rank update B·A added to frozen projections (Hu et al. 2021); rsLoRA scaling optional.",
+            description: "Low-rank update B·A added to frozen projections (Hu et al. 2021); rsLoRA scaling and DoRA (use_dora: learned per-output magnitude, Liu et al. 2024) optional.",
         },
         MethodInfo {
             name: "ia3",
@@ -269,7 +280,7 @@ impl Adapter {
                 "inference_mode": true,
                 "init_lora_weights": true,
                 "modules_to_save": null,
-                "use_dora": false,
+                "use_dora": c.use_dora,
                 "revision": null,
             }),
             PeftConfig::Ia3(c) => serde_json::json!({
@@ -322,7 +333,7 @@ impl Adapter {
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::bad_input(&cfg_path, Some(e.line()), e.to_string()))?;
         let peft_type = v.get("peft_type").and_then(|t| t.as_str()).unwrap_or("LORA").to_string();
-        for (key, unsupported) in [("use_dora", true), ("fan_in_fan_out", true)] {
+        for (key, unsupported) in [("fan_in_fan_out", true)] {
             if v.get(key).and_then(|x| x.as_bool()) == Some(unsupported) {
                 return Err(Error::bad_input(&cfg_path, None, format!("`{key}: true` is not supported yet")));
             }

@@ -153,6 +153,9 @@ enum Cmd {
         /// IA3: comma-separated feed-forward modules (their input is scaled).
         #[arg(long, default_value = "down_proj")]
         feedforward: String,
+        /// LoRA: DoRA (learned magnitude per output feature).
+        #[arg(long)]
+        dora: bool,
     },
     /// Benchmark the run store: record a run with N metric points in a fresh store under
     /// `--home`, then time querying and charting it; prints one JSON line.
@@ -432,7 +435,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             candle_core::safetensors::save(&map, &out)?;
         }
-        Cmd::LoraInit { model, out, rank, alpha, targets, seed, random_b, method, feedforward } if method == "ia3" => {
+        Cmd::LoraInit { model, out, rank, alpha, targets, seed, random_b, method, feedforward, .. } if method == "ia3" => {
             let _ = (rank, alpha);
             let mut m = model::load(&model_path(model.clone()), &device)?;
             let names: Vec<String> = targets_of(&targets).into_iter().map(String::from).collect();
@@ -456,9 +459,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::LoraInit { method, .. } if method != "lora" => {
             return Err(Error::Msg(format!("lora-init: unknown method `{method}` (lora or ia3)")));
         }
-        Cmd::LoraInit { model, out, rank, alpha, targets, seed, random_b, .. } => {
+        Cmd::LoraInit { model, out, rank, alpha, targets, seed, random_b, dora, .. } => {
             let mut m = model::load(&model_path(model.clone()), &device)?;
-            let cfg = RunConfig::lora(rank, alpha, &targets_of(&targets));
+            let mut cfg = RunConfig::lora(rank, alpha, &targets_of(&targets));
+            if let tunebench::peft::PeftConfig::Lora(c) = &mut cfg {
+                c.use_dora = dora;
+            }
             let a = Adapter::inject(&mut m.model, &cfg, seed)?;
             if random_b {
                 // Uniform in ±0.035 (std 0.02), seeded, so the adapter is reproducible.
