@@ -194,49 +194,43 @@ def main() -> int:
         compare(check, hf_logits(model), ours_logits(os.path.basename(adir), adir), effect_vs=ref_base)
         del model
 
-    # --- B: PEFT -> tunebench ---------------------------------------------------------------
-    torch.manual_seed(args.seed)
-    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, bias="none",
-                      task_type="CAUSAL_LM")
-    model = get_peft_model(copy.deepcopy(pristine), lcfg)
-    gen = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * B_STD)
-    model.eval()
-    dir_b = os.path.join(work, "adapter-peft")
-    model.save_pretrained(dir_b)
-    compare("B: PEFT save_pretrained -> tunebench", hf_logits(model), ours_logits("peft", dir_b), effect_vs=ref_base)
+    # --- B, D, F: PEFT -> tunebench ---------------------------------------------------------
+    def peft_made(check: str, tag: str, cfg, seed: int, randomize) -> None:
+        """Make an adapter with PEFT, give its tensors non-trivial values, save it, and compare
+        PEFT's logits with ours on the saved folder."""
+        torch.manual_seed(seed)
+        model = get_peft_model(copy.deepcopy(pristine), cfg)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                randomize(name, p, gen)
+        model.eval()
+        adir = os.path.join(work, f"adapter-{tag}")
+        model.save_pretrained(adir)
+        compare(check, hf_logits(model), ours_logits(tag, adir), effect_vs=ref_base)
 
-    # --- D: PEFT IA3 -> tunebench -----------------------------------------------------------
-    icfg = IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FF, task_type="CAUSAL_LM")
-    model = get_peft_model(copy.deepcopy(pristine), icfg)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ia3_l" in name:
-                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.2)
-    model.eval()
-    dir_d = os.path.join(work, "adapter-peft-ia3")
-    model.save_pretrained(dir_d)
-    compare("D: PEFT IA3 save_pretrained -> tunebench", hf_logits(model), ours_logits("peft-ia3", dir_d), effect_vs=ref_base)
+    def random_lora_b(name, p, gen):
+        if "lora_B" in name:
+            p.copy_(torch.randn(p.shape, generator=gen) * B_STD)
 
-    # --- F: PEFT DoRA -> tunebench ----------------------------------------------------------
-    dcfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=DORA_TARGETS, use_dora=True,
-                      task_type="CAUSAL_LM")
-    model = get_peft_model(copy.deepcopy(pristine), dcfg)
-    gen = torch.Generator().manual_seed(args.seed + 2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * B_STD)
-            if "lora_magnitude_vector" in name:
-                p.mul_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
-    model.eval()
-    dir_f = os.path.join(work, "adapter-peft-dora")
-    model.save_pretrained(dir_f)
-    compare("F: PEFT DoRA save_pretrained -> tunebench", hf_logits(model), ours_logits("peft-dora", dir_f), effect_vs=ref_base)
+    def random_dora(name, p, gen):
+        random_lora_b(name, p, gen)
+        if "lora_magnitude_vector" in name:
+            p.mul_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
+
+    def random_ia3(name, p, gen):
+        if "ia3_l" in name:
+            p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.2)
+
+    peft_made("B: PEFT save_pretrained -> tunebench", "peft",
+              LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, bias="none",
+                         task_type="CAUSAL_LM"), args.seed, random_lora_b)
+    peft_made("D: PEFT IA3 save_pretrained -> tunebench", "peft-ia3",
+              IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FF, task_type="CAUSAL_LM"),
+              args.seed + 1, random_ia3)
+    peft_made("F: PEFT DoRA save_pretrained -> tunebench", "peft-dora",
+              LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=DORA_TARGETS, use_dora=True,
+                         task_type="CAUSAL_LM"), args.seed + 2, random_dora)
 
     # --- report -----------------------------------------------------------------------------
     head = f"{'check':<40} {'max|diff|':>10} {'max|logit|':>10} {'diff/scale':>10} {'adapter effect':>14} {'argmax':>9}  result"
