@@ -34,7 +34,7 @@ pub struct CompareRequest {
     #[serde(default)]
     pub theme: Theme,
     /// Chart size in pixels.
-    #[serde(default = "default_width")]
+    #[serde(default = "super::default_width")]
     pub width: u32,
     /// Chart size in pixels.
     #[serde(default = "default_height")]
@@ -43,9 +43,6 @@ pub struct CompareRequest {
 
 fn default_metric() -> String {
     "loss".into()
-}
-fn default_width() -> u32 {
-    960
 }
 fn default_height() -> u32 {
     540
@@ -61,7 +58,7 @@ impl CompareRequest {
             smoothing: 0.0,
             log_y: false,
             theme: Theme::default(),
-            width: default_width(),
+            width: super::default_width(),
             height: default_height(),
         }
     }
@@ -233,7 +230,7 @@ impl Workbench {
 
         // Steps at which every run has samples, and for each the prompts in first-seen order.
         let step_sets: Vec<BTreeSet<i64>> = samples_by_run.iter().map(|s| s.iter().map(|x| x.step).collect()).collect();
-        let common: BTreeSet<i64> = step_sets.iter().skip(1).fold(step_sets[0].clone(), |acc, s| acc.intersection(s).copied().collect());
+        let common: BTreeSet<i64> = step_sets.into_iter().reduce(|acc, s| acc.intersection(&s).copied().collect()).unwrap_or_default();
         let mut samples = Vec::new();
         for step in common {
             let mut prompts: Vec<&str> = Vec::new();

@@ -122,7 +122,7 @@ pub struct RunChartRequest {
     pub height: u32,
 }
 
-fn default_width() -> u32 {
+pub(crate) fn default_width() -> u32 {
     960
 }
 fn default_height() -> u32 {
@@ -153,12 +153,7 @@ impl Workbench {
             sup.start().await?;
             Some(sup)
         } else {
-            for run in store.runs_with_status(RunStatus::Running).await? {
-                let pid = run.worker_pid.unwrap_or(0);
-                if !worker::process_alive(pid, run.worker_start) {
-                    supervisor::mark_gone(&store, run.id, pid, "its worker is gone (the app or machine stopped while it trained)").await?;
-                }
-            }
+            supervisor::sweep(&store).await?;
             None
         };
         Ok(Workbench { store, home: opts.home, events, supervisor, stop_timeout: opts.stop_timeout })

@@ -47,15 +47,10 @@ impl Supervisor {
     /// Re-attaches to live workers of `running` runs and marks the others `interrupted`, then
     /// starts the queue. Call once, inside a tokio runtime.
     pub async fn start(self: &Arc<Self>) -> Result<()> {
-        for run in self.store.runs_with_status(RunStatus::Running).await? {
-            let pid = run.worker_pid.unwrap_or(0);
-            if pid > 0 && process_alive(pid, run.worker_start) {
-                self.workers.lock().unwrap_or_else(|p| p.into_inner()).insert(run.id, pid);
-                let me = self.clone();
-                tokio::spawn(async move { me.watch_foreign(run.id, pid, run.worker_start).await });
-            } else {
-                mark_gone(&self.store, run.id, pid, "its worker is gone (the app or machine stopped while it trained)").await?;
-            }
+        for (run_id, pid, start) in sweep(&self.store).await? {
+            self.workers.lock().unwrap_or_else(|p| p.into_inner()).insert(run_id, pid);
+            let me = self.clone();
+            tokio::spawn(async move { me.watch_foreign(run_id, pid, start).await });
         }
         let me = self.clone();
         tokio::spawn(async move { me.schedule_loop().await });
@@ -201,6 +196,21 @@ impl Supervisor {
         }
         self.wake.notify_one();
     }
+}
+
+/// Marks every `running` run whose worker is gone `interrupted`; returns the runs whose worker
+/// is alive: (run id, pid, process start time).
+pub async fn sweep(store: &Store) -> Result<Vec<(i64, i64, Option<i64>)>> {
+    let mut live = Vec::new();
+    for run in store.runs_with_status(RunStatus::Running).await? {
+        let pid = run.worker_pid.unwrap_or(0);
+        if pid > 0 && process_alive(pid, run.worker_start) {
+            live.push((run.id, pid, run.worker_start));
+        } else {
+            mark_gone(store, run.id, pid, "its worker is gone (the app or machine stopped while it trained)").await?;
+        }
+    }
+    Ok(live)
 }
 
 /// Marks a run whose worker is gone `interrupted` (resumable from its last checkpoint).
