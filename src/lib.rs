@@ -9,6 +9,8 @@ pub mod api;
 pub mod chart;
 pub mod data;
 pub mod error;
+pub mod eval;
+pub mod export;
 pub mod infer;
 pub mod model;
 pub mod paths;
@@ -26,8 +28,23 @@ pub use error::{Error, Result};
 /// user set `CANDLE_NUM_THREADS` we turn the pool off on ≤ 4 cores and shorten its spinning
 /// elsewhere. Must run before the first tensor op (the pool is created lazily, once).
 pub fn init_cpu_runtime() {
+    init_cpu_runtime_for(Workload::Training)
+}
+
+/// What a process will mostly do, for [`init_cpu_runtime_for`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Training (and everything else): element-wise ops dominate after the matmuls.
+    Training,
+    /// Generation from quantized weights: candle's quantized matmuls run on the barrier pool,
+    /// so it keeps every core (decoding on 2 cores is ~2x slower with the pool off).
+    Inference,
+}
+
+/// [`init_cpu_runtime`] for a given workload.
+pub fn init_cpu_runtime_for(workload: Workload) {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() && cores <= 4 {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() && cores <= 4 && workload == Workload::Training {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {

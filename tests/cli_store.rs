@@ -5,25 +5,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use tunebench::store::{MetricRow, NewRun, RunStatus, Store, WriteBatch};
 
-fn tb(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tunebench")).args(args).env("TUNEBENCH_HOME", home).output().unwrap()
-}
-
-fn ok(home: &Path, args: &[&str]) -> String {
-    let o = tb(home, args);
-    assert!(o.status.success(), "tunebench {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn fails(home: &Path, args: &[&str]) -> String {
-    let o = tb(home, args);
-    assert!(!o.status.success(), "tunebench {args:?} should fail");
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{fails, ok};
 
 /// Two finished runs and one queued run, recorded directly in the store.
 fn seed_runs(home: &Path) -> (i64, i64, i64) {

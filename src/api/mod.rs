@@ -8,9 +8,11 @@
 //! runs [`worker::run_worker`] in its own process, in the foreground, recorded the same way.
 
 pub mod bench;
+pub mod chat;
 pub mod compare;
 pub mod datasets;
 pub mod estimate;
+pub mod evaluate;
 pub mod supervisor;
 pub mod worker;
 
@@ -47,6 +49,35 @@ pub enum ApiEvent {
         status: RunStatus,
         /// Error text, when failed or interrupted.
         error: Option<String>,
+    },
+    /// A piece of a chat answer, as it is generated.
+    ChatText {
+        /// The chat.
+        chat_id: i64,
+        /// The turn being answered.
+        turn: i64,
+        /// Who is answering (None = the base model).
+        variant: Option<String>,
+        /// New text.
+        text: String,
+    },
+    /// Evaluation progress of a run's checkpoint.
+    EvalProgress {
+        /// The run.
+        run_id: i64,
+        /// Answers generated.
+        done: usize,
+        /// Examples to answer.
+        total: usize,
+    },
+    /// A chat answer is complete.
+    ChatDone {
+        /// The chat.
+        chat_id: i64,
+        /// The turn.
+        turn: i64,
+        /// The whole answer.
+        answer: chat::ChatAnswer,
     },
 }
 
@@ -136,6 +167,7 @@ pub struct Workbench {
     events: broadcast::Sender<ApiEvent>,
     supervisor: Option<Arc<Supervisor>>,
     stop_timeout: Duration,
+    chat_model: Arc<std::sync::Mutex<chat::LoadedChat>>,
 }
 
 impl Workbench {
@@ -156,7 +188,7 @@ impl Workbench {
             supervisor::sweep(&store).await?;
             None
         };
-        Ok(Workbench { store, home: opts.home, events, supervisor, stop_timeout: opts.stop_timeout })
+        Ok(Workbench { store, home: opts.home, events, supervisor, stop_timeout: opts.stop_timeout, chat_model: Default::default() })
     }
 
     /// The run store.

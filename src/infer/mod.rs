@@ -1,93 +1,128 @@
-//! Generation: KV-cached decoding with greedy or temperature/top-p sampling.
+//! Generation: KV-cached decoding, sampling, streaming text with stop strings, cancellation.
+//!
+//! [`generate_tokens`] is the decoding loop (prefill the prompt once, then one token per step
+//! against the KV cache); [`generate_text`] adds the tokenizer: text streamed as it becomes
+//! final (never half a UTF-8 character, never the start of a stop string that may still
+//! complete), cut at the first stop string. Models from GGUF files keep their quantized
+//! weights ([`crate::model::load_quantized`]); adapters apply on top (see [`chat`]).
+
+pub mod chat;
+pub mod sampling;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use candle_core::{DType, Tensor, D};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
 
 use crate::model::llama::KvCache;
 use crate::model::{ForwardCtx, Llama};
-use crate::Result;
+use crate::{Error, Result};
+pub use sampling::SampleOptions;
 
-/// Sampling settings.
-#[derive(Clone, Debug)]
-pub struct SampleOptions {
-    /// Longest answer, in tokens.
-    pub max_new_tokens: usize,
-    /// 0 = greedy.
-    pub temperature: f64,
-    /// Nucleus sampling mass (1.0 = off).
-    pub top_p: f64,
-    /// Seed for sampling.
-    pub seed: u64,
-    /// Token ids that end the answer.
-    pub stop_ids: Vec<u32>,
-    /// The stop tokens are suppressed until this many tokens were generated (as HF's
-    /// `min_new_tokens`).
-    pub min_new_tokens: usize,
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+    /// The model's context is full.
+    Context,
+    /// Cancelled by the caller.
+    Cancelled,
 }
 
-impl Default for SampleOptions {
-    fn default() -> Self {
-        SampleOptions { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids: vec![], min_new_tokens: 0 }
-    }
+/// The tokens of one answer and how long they took.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Generation {
+    /// New tokens (without the stop token).
+    pub tokens: Vec<u32>,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Seconds from the call to the first new token (prompt processing + one step).
+    pub ttft_s: f64,
+    /// Seconds for the whole call.
+    pub total_s: f64,
 }
 
-fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut rand::rngs::StdRng) -> u32 {
-    let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) })
-            .0 as u32
-    };
-    if opts.temperature <= 0.0 {
-        return argmax();
-    }
-    let t = opts.temperature as f32;
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(usize, f32)> = logits.iter().enumerate().map(|(i, &l)| (i, ((l - max) / t).exp())).collect();
-    let total: f32 = probs.iter().map(|p| p.1).sum();
-    probs.iter_mut().for_each(|p| p.1 /= total);
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let mut keep = probs.len();
-    let mut acc = 0.0;
-    for (i, p) in probs.iter().enumerate() {
-        acc += p.1;
-        if acc >= opts.top_p as f32 {
-            keep = i + 1;
-            break;
+impl Generation {
+    /// Tokens per second after the first one (decode speed), 0 when fewer than 2 tokens.
+    pub fn decode_tok_s(&self) -> f64 {
+        let n = self.tokens.len().saturating_sub(1);
+        let t = self.total_s - self.ttft_s;
+        if n == 0 || t <= 0.0 {
+            0.0
+        } else {
+            n as f64 / t
         }
     }
-    let kept = &probs[..keep];
-    let mass: f32 = kept.iter().map(|p| p.1).sum();
-    let mut r = rng.random::<f32>() * mass;
-    for p in kept {
-        r -= p.1;
-        if r <= 0.0 {
-            return p.0 as u32;
-        }
-    }
-    kept.last().map(|p| p.0 as u32).unwrap_or_else(argmax)
 }
 
-/// Generates a continuation of `prompt` (token ids); returns the new tokens (without the stop
-/// token). `on_token` sees each new token as it is produced.
-pub fn generate(model: &Llama, prompt: &[u32], opts: &SampleOptions, mut on_token: impl FnMut(u32)) -> Result<Vec<u32>> {
-    let dev = model.device();
+/// Checks a prompt against the model's context before any work: empty prompts and prompts
+/// that leave no room for an answer are errors that say so.
+pub fn check_prompt(model: &Llama, prompt: &[u32]) -> Result<()> {
+    let ctx = model.config().max_position_embeddings;
+    if prompt.is_empty() {
+        return Err(Error::Msg("the prompt is empty".into()));
+    }
+    if prompt.len() >= ctx {
+        return Err(Error::Msg(format!(
+            "the prompt has {} tokens; the model's context is {ctx} tokens, leaving no room for an answer (shorten the prompt or the conversation)",
+            prompt.len()
+        )));
+    }
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= model.config().vocab_size) {
+        return Err(Error::Msg(format!("token id {bad} is outside the vocabulary ({} tokens)", model.config().vocab_size)));
+    }
+    Ok(())
+}
+
+/// Last-position logits of `ids` appended to `cache`, as f32 values.
+fn step(model: &Llama, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
     let ctx = ForwardCtx::default();
+    let t = Tensor::from_slice(ids, (1, ids.len()), model.device())?;
+    let h = model.hidden_cached(&t, &ctx, Some(cache))?;
+    let last = h.narrow(1, ids.len() - 1, 1)?;
+    let logits = model.lm_head.forward(&last, &ctx)?.flatten_all()?.to_dtype(DType::F32)?;
+    Ok(logits.to_vec1()?)
+}
+
+/// Decodes after `prompt` with a KV cache. `on_token` sees each new token and returns false
+/// to stop (finish = `Stop`); `cancel` (checked before every step) ends with `Cancelled`.
+pub fn generate_tokens(
+    model: &Llama,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    cancel: Option<&AtomicBool>,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Generation> {
+    opts.validate()?;
+    check_prompt(model, prompt)?;
+    let start = Instant::now();
+    let max_ctx = model.config().max_position_embeddings;
     let mut cache = KvCache::default();
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+    let mut context: Vec<u32> = prompt.to_vec();
     let mut out = Vec::new();
-    let mut next_input: Vec<u32> = prompt.to_vec();
-    let max_ctx = model.config().max_position_embeddings;
-    for _ in 0..opts.max_new_tokens {
-        if cache.len() + next_input.len() > max_ctx {
-            break;
+    let mut ttft = None;
+    let mut next: Vec<u32> = prompt.to_vec();
+    let finish = loop {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            break FinishReason::Cancelled;
         }
-        let ids = Tensor::from_slice(&next_input, (1, next_input.len()), dev)?;
-        let h = model.hidden_cached(&ids, &ctx, Some(&mut cache))?;
-        let last = h.narrow(1, next_input.len() - 1, 1)?;
-        let logits = model.lm_head.forward(&last, &ctx)?.flatten_all()?.to_dtype(DType::F32)?;
-        let mut logits: Vec<f32> = logits.to_vec1()?;
+        if out.len() >= opts.max_new_tokens {
+            break FinishReason::Length;
+        }
+        if cache.len() + next.len() > max_ctx {
+            break FinishReason::Context;
+        }
+        let mut logits = step(model, &next, &mut cache)?;
+        sampling::apply_repetition_penalty(&mut logits, &context, opts.repetition_penalty);
         if out.len() < opts.min_new_tokens {
             for &s in &opts.stop_ids {
                 if let Some(l) = logits.get_mut(s as usize) {
@@ -95,15 +130,109 @@ pub fn generate(model: &Llama, prompt: &[u32], opts: &SampleOptions, mut on_toke
                 }
             }
         }
-        let tok = pick(&logits, opts, &mut rng);
+        let tok = sampling::pick(&logits, opts, &mut rng);
+        ttft.get_or_insert_with(|| start.elapsed().as_secs_f64());
         if opts.stop_ids.contains(&tok) {
-            break;
+            break FinishReason::Stop;
         }
-        on_token(tok);
         out.push(tok);
-        next_input = vec![tok];
+        context.push(tok);
+        if !on_token(tok) {
+            break FinishReason::Stop;
+        }
+        next = vec![tok];
+    };
+    let total_s = start.elapsed().as_secs_f64();
+    Ok(Generation { tokens: out, finish, prompt_tokens: prompt.len(), ttft_s: ttft.unwrap_or(total_s), total_s })
+}
+
+/// Generates a continuation of `prompt` (token ids); returns the new tokens (without the stop
+/// token). `on_token` sees each new token as it is produced.
+pub fn generate(model: &Llama, prompt: &[u32], opts: &SampleOptions, mut on_token: impl FnMut(u32)) -> Result<Vec<u32>> {
+    Ok(generate_tokens(model, prompt, opts, None, |t| {
+        on_token(t);
+        true
+    })?
+    .tokens)
+}
+
+/// An answer as text.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TextGeneration {
+    /// The answer (cut before a stop string).
+    pub text: String,
+    /// Tokens and timings.
+    #[serde(flatten)]
+    pub generation: Generation,
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of some stop string (that
+/// text must be held back: the stop string may still complete).
+fn pending_stop_prefix(text: &str, stops: &[String]) -> usize {
+    let mut keep = 0;
+    for s in stops {
+        for (i, _) in s.char_indices().skip(1) {
+            if i > keep && text.ends_with(&s[..i]) {
+                keep = i;
+            }
+        }
     }
-    Ok(out)
+    keep
+}
+
+/// Like [`generate_tokens`], streaming text: `on_text` receives each piece once it is final.
+/// Stops at the first of `opts.stop_strings` (cut from the answer).
+pub fn generate_text(
+    model: &Llama,
+    tokenizer: &tokenizers::Tokenizer,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    cancel: Option<&AtomicBool>,
+    mut on_text: impl FnMut(&str),
+) -> Result<TextGeneration> {
+    let mut ids: Vec<u32> = Vec::new();
+    let mut text = String::new();
+    let mut sent = 0usize;
+    let mut stopped_at: Option<usize> = None;
+    let mut err: Option<Error> = None;
+    let mut generation = generate_tokens(model, prompt, opts, cancel, |tok| {
+        ids.push(tok);
+        match tokenizer.decode(&ids, true) {
+            Ok(t) => text = t,
+            Err(e) => {
+                err = Some(Error::Tokenizer(e.to_string()));
+                return false;
+            }
+        }
+        if let Some(pos) = opts.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
+            stopped_at = Some(pos);
+            if pos > sent {
+                on_text(&text[sent..pos]);
+            }
+            sent = pos;
+            return false;
+        }
+        // A trailing U+FFFD is half a character still being spelled out byte by byte.
+        let mut safe = text.trim_end_matches('\u{FFFD}').len();
+        safe -= pending_stop_prefix(&text[..safe], &opts.stop_strings);
+        if safe > sent && text.is_char_boundary(safe) {
+            on_text(&text[sent..safe]);
+            sent = safe;
+        }
+        true
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    match stopped_at {
+        Some(pos) => {
+            text.truncate(pos);
+            generation.finish = FinishReason::Stop;
+        }
+        None if text.len() > sent => on_text(&text[sent..]),
+        None => {}
+    }
+    Ok(TextGeneration { text, generation })
 }
 
 /// Full-sequence logits for `ids` (1-D), shape (seq, vocab), with no cache (the reference the
@@ -116,4 +245,18 @@ pub fn sequence_logits(model: &Llama, ids: &[u32]) -> Result<Tensor> {
 /// Index of the largest value in a 1-D tensor.
 pub fn argmax(t: &Tensor) -> Result<u32> {
     Ok(t.argmax(D::Minus1)?.to_scalar::<u32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pending_stop_prefix;
+
+    #[test]
+    fn held_back_text_is_the_longest_started_stop_string() {
+        let stops = vec!["<|im_end|>".to_string(), "\nUser:".to_string()];
+        assert_eq!(pending_stop_prefix("Hello <|im", &stops), 4);
+        assert_eq!(pending_stop_prefix("Hello\nUs", &stops), 3);
+        assert_eq!(pending_stop_prefix("Hello", &stops), 0);
+        assert_eq!(pending_stop_prefix("a <", &stops), 1);
+    }
 }

@@ -5,9 +5,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::config::LlamaConfig;
+use super::linear::FrozenWeight;
 use super::tokenizer::{self, TokenizerSpec};
 use crate::{Error, Result};
 
@@ -99,6 +101,33 @@ pub fn unpermute_rows(w: &Tensor, n_heads: usize) -> Result<Tensor> {
 
 /// Reads a GGUF file: config, dequantized f32 weights under HF names, tokenizer.
 pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
+    let (config, weights, tokenizer, spec) = read(path, device, false)?;
+    let tensors = weights.into_iter().map(|(k, w)| Ok((k, w.dense()?))).collect::<Result<_>>()?;
+    Ok(GgufModel { config, tensors, tokenizer, spec })
+}
+
+/// What a GGUF file holds with its matrices left in their quantized blocks (for inference).
+pub struct GgufQuantized {
+    /// Architecture hyper-parameters.
+    pub config: LlamaConfig,
+    /// Weights under HF names: quantized matrices, dense f32 vectors.
+    pub weights: HashMap<String, FrozenWeight>,
+    /// The tokenizer built from the metadata.
+    pub tokenizer: tokenizers::Tokenizer,
+    /// Special tokens and chat template.
+    pub spec: TokenizerSpec,
+}
+
+/// Reads a GGUF file keeping quantized matrices quantized (q/k rows are still moved to HF's
+/// layout, block rows being independent), so inference multiplies the blocks directly.
+pub fn load_quantized(path: &Path, device: &Device) -> Result<GgufQuantized> {
+    let (config, weights, tokenizer, spec) = read(path, device, true)?;
+    Ok(GgufQuantized { config, weights, tokenizer, spec })
+}
+
+type Read = (LlamaConfig, HashMap<String, FrozenWeight>, tokenizers::Tokenizer, TokenizerSpec);
+
+fn read(path: &Path, device: &Device, keep_quantized: bool) -> Result<Read> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content = Content::read(&mut file)
         .map_err(|e| Error::bad_input(path, None, format!("not a readable GGUF file: {e}")))?;
@@ -117,7 +146,7 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
     let n_heads = config.num_attention_heads;
     let n_kv = config.kv_heads();
 
-    let mut tensors = HashMap::new();
+    let mut weights = HashMap::new();
     let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
     for name in names {
         let Some(hf) = hf_name(&name) else {
@@ -127,19 +156,55 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
         let qt = content
             .tensor(&mut file, &name, device)
             .map_err(|e| Error::bad_input(path, None, format!("tensor {name}: {e}")))?;
-        let mut t = qt.dequantize(device)?;
         // llama.cpp permutes q/k rows for its interleaved RoPE; Qwen2 conversions do not.
-        if arch != "qwen2" {
-            if name.contains(".attn_q.") {
-                t = unpermute_rows(&t, n_heads)?;
-            } else if name.contains(".attn_k.") {
-                t = unpermute_rows(&t, n_kv)?;
+        let heads = match () {
+            _ if arch == "qwen2" => None,
+            _ if name.contains(".attn_q.") => Some(n_heads),
+            _ if name.contains(".attn_k.") => Some(n_kv),
+            _ => None,
+        };
+        let block_quantized = !matches!(qt.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        let w = if keep_quantized && block_quantized && qt.shape().rank() == 2 {
+            let qt = match heads {
+                Some(h) => unpermute_quantized_rows(&qt, h, device)?,
+                None => qt,
+            };
+            FrozenWeight::quantized(qt)?
+        } else {
+            let mut t = qt.dequantize(device)?;
+            if let Some(h) = heads {
+                t = unpermute_rows(&t, h)?;
             }
-        }
-        tensors.insert(hf, t);
+            FrozenWeight::Dense(t)
+        };
+        weights.insert(hf, w);
     }
     let (tokenizer, spec) = tokenizer::from_gguf(&content, path)?;
-    Ok(GgufModel { config, tensors, tokenizer, spec })
+    Ok((config, weights, tokenizer, spec))
+}
+
+/// [`unpermute_rows`] on quantized blocks: a row's blocks move together, byte for byte.
+fn unpermute_quantized_rows(q: &QTensor, n_heads: usize, device: &Device) -> Result<QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    let dtype = q.dtype();
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    let data = q.data()?;
+    if data.len() != rows * row_bytes || rows % (2 * n_heads) != 0 {
+        return Err(Error::Msg(format!("cannot permute the rows of a {rows}x{cols} {dtype:?} tensor for {n_heads} heads")));
+    }
+    let half = rows / n_heads / 2;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..n_heads {
+        for j in 0..half {
+            for t in 0..2 {
+                let old = h * 2 * half + j * 2 + t;
+                let new = h * 2 * half + t * half + j;
+                out[new * row_bytes..(new + 1) * row_bytes].copy_from_slice(&data[old * row_bytes..(old + 1) * row_bytes]);
+            }
+        }
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(out), device, dtype)?;
+    Ok(QTensor::new(storage, (rows, cols))?)
 }
 
 /// The architecture of a GGUF file from its metadata alone (no tensor data is read).

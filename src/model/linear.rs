@@ -2,10 +2,115 @@
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use super::ops;
 use crate::Result;
+
+/// A frozen weight matrix (out, in): dense (training, HF folders) or kept in its GGUF
+/// quantized blocks (inference from GGUF files), multiplied without ever being expanded.
+#[derive(Clone, Debug)]
+pub enum FrozenWeight {
+    /// A plain tensor.
+    Dense(Tensor),
+    /// llama.cpp blocks (Q4_1, Q8_0, k-quants, …) and the matmul that reads them directly.
+    Quantized {
+        /// The blocks.
+        q: Arc<QTensor>,
+        /// Its matmul.
+        mm: QMatMul,
+    },
+}
+
+impl FrozenWeight {
+    /// Wraps quantized blocks.
+    pub fn quantized(q: QTensor) -> Result<Self> {
+        let q = Arc::new(q);
+        let mm = QMatMul::from_arc(q.clone())?;
+        Ok(FrozenWeight::Quantized { q, mm })
+    }
+
+    /// Shape, (out, in).
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            FrozenWeight::Dense(t) => t.dims(),
+            FrozenWeight::Quantized { q, .. } => q.shape().dims(),
+        }
+    }
+
+    /// Number of elements.
+    pub fn elem_count(&self) -> usize {
+        self.dims().iter().product()
+    }
+
+    /// The dtype products come out in (quantized weights compute in f32).
+    pub fn dtype(&self) -> DType {
+        match self {
+            FrozenWeight::Dense(t) => t.dtype(),
+            FrozenWeight::Quantized { .. } => DType::F32,
+        }
+    }
+
+    /// Where the weight lives.
+    pub fn device(&self) -> Device {
+        match self {
+            FrozenWeight::Dense(t) => t.device().clone(),
+            FrozenWeight::Quantized { q, .. } => q.device(),
+        }
+    }
+
+    /// The dense tensor, when the weight is dense.
+    pub fn as_dense(&self) -> Option<&Tensor> {
+        match self {
+            FrozenWeight::Dense(t) => Some(t),
+            FrozenWeight::Quantized { .. } => None,
+        }
+    }
+
+    /// True when held quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, FrozenWeight::Quantized { .. })
+    }
+
+    /// The weight as a dense tensor: the tensor itself, or a fresh f32 dequantization (not
+    /// kept: callers that need it often should hold on to it).
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(t) => Ok(t.clone()),
+            FrozenWeight::Quantized { q, .. } => Ok(q.dequantize(&q.device())?),
+        }
+    }
+
+    /// `xs·Wᵀ` over the last axis. Dense weights get no gradient (see `ops::frozen_linear`);
+    /// quantized ones run the quantized kernel when no gradient must flow to `xs`, and are
+    /// dequantized for the product otherwise.
+    pub fn product(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => Ok(ops::frozen_linear(xs, w)?),
+            FrozenWeight::Quantized { q, .. }
+                if !xs.track_op() && q.dtype() == GgmlDType::Q4_1 && xs.device().is_cpu() && xs.dtype() == DType::F32 =>
+            {
+                let (n, k) = q.shape().dims2()?;
+                super::qmatmul::matmul_q4_1(xs, &q.data()?, n, k)
+            }
+            FrozenWeight::Quantized { mm, .. } if !xs.track_op() => Ok(mm.forward(xs)?),
+            FrozenWeight::Quantized { q, .. } => Ok(ops::frozen_linear(xs, &q.dequantize(&q.device())?)?),
+        }
+    }
+
+    /// Rows of the matrix for the given ids (embedding lookup), (…, in).
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => {
+                let mut dims = ids.dims().to_vec();
+                dims.push(w.dim(1)?);
+                Ok(w.embedding(&ids.flatten_all()?)?.reshape(dims)?)
+            }
+            FrozenWeight::Quantized { q, .. } => Ok(q.embedding(ids)?),
+        }
+    }
+}
 
 /// Per-forward facts an adapter may need (train vs eval, the seed for dropout masks).
 #[derive(Clone, Copy, Debug, Default)]
@@ -22,10 +127,10 @@ pub struct ForwardCtx {
 pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     /// Returns the adapted output given the layer input `xs` and the frozen output `base`
     /// (`xs·Wᵀ + b`).
-    fn forward(&self, xs: &Tensor, base: Tensor, weight: &Tensor, ctx: &ForwardCtx) -> Result<Tensor>;
+    fn forward(&self, xs: &Tensor, base: Tensor, weight: &FrozenWeight, ctx: &ForwardCtx) -> Result<Tensor>;
     /// Computes the whole layer instead, when the method changes the input of the frozen
     /// product (IA3 on feed-forward layers); `None` (the default) = use [`forward`](Self::forward).
-    fn forward_full(&self, _xs: &Tensor, _weight: &Tensor, _bias: Option<&Tensor>, _ctx: &ForwardCtx) -> Option<Result<Tensor>> {
+    fn forward_full(&self, _xs: &Tensor, _weight: &FrozenWeight, _bias: Option<&Tensor>, _ctx: &ForwardCtx) -> Option<Result<Tensor>> {
         None
     }
     /// Downcasting support, for saving and merging.
@@ -38,7 +143,7 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
 #[derive(Clone, Debug)]
 pub struct Linear {
     name: String,
-    weight: Tensor,
+    weight: FrozenWeight,
     bias: Option<Tensor>,
     adapter: Option<Arc<dyn LinearAdapter>>,
 }
@@ -46,6 +151,11 @@ pub struct Linear {
 impl Linear {
     /// A frozen linear layer; `weight` is (out, in).
     pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::with_weight(name, FrozenWeight::Dense(weight), bias)
+    }
+
+    /// A frozen linear layer over a dense or quantized weight.
+    pub fn with_weight(name: impl Into<String>, weight: FrozenWeight, bias: Option<Tensor>) -> Self {
         Linear { name: name.into(), weight, bias, adapter: None }
     }
 
@@ -60,7 +170,7 @@ impl Linear {
     }
 
     /// The frozen weight, (out, in).
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &FrozenWeight {
         &self.weight
     }
 
@@ -85,9 +195,9 @@ impl Linear {
         self.adapter.as_ref()
     }
 
-    /// Replaces the frozen weight (used by merge).
+    /// Replaces the frozen weight with a dense one (used by merge).
     pub fn set_weight(&mut self, weight: Tensor) {
-        self.weight = weight;
+        self.weight = FrozenWeight::Dense(weight);
     }
 
     /// Replaces the frozen bias (used by merge).
@@ -102,7 +212,7 @@ impl Linear {
                 return y;
             }
         }
-        let mut y = ops::frozen_linear(xs, &self.weight)?;
+        let mut y = self.weight.product(xs)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

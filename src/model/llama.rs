@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::LlamaConfig;
-use super::linear::{ForwardCtx, Linear};
+use super::linear::{ForwardCtx, FrozenWeight, Linear};
 use super::ops;
 use crate::{Error, Result};
 
@@ -57,7 +57,7 @@ pub struct DecoderLayer {
 #[derive(Clone, Debug)]
 pub struct Llama {
     cfg: LlamaConfig,
-    embed_tokens: Tensor,
+    embed_tokens: FrozenWeight,
     /// Decoder layers.
     pub layers: Vec<DecoderLayer>,
     norm: Tensor,
@@ -148,35 +148,53 @@ impl Llama {
     /// Like [`Llama::from_tensors`] with the weights in `dtype` (F64 for gradient checks).
     pub fn from_tensors_dtype(
         cfg: LlamaConfig,
-        mut t: HashMap<String, Tensor>,
+        t: HashMap<String, Tensor>,
         source: &std::path::Path,
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let mut take = |name: &str| -> Result<Tensor> {
+        let w = t.into_iter().map(|(k, v)| (k, FrozenWeight::Dense(v))).collect();
+        Self::from_weights(cfg, w, source, device, dtype)
+    }
+
+    /// Builds the model from HF-named weights that may be quantized (GGUF inference): dense
+    /// ones are converted to `dtype` on `device`, quantized matrices are kept as they are,
+    /// and vectors (norms, biases) are always dense.
+    pub fn from_weights(
+        cfg: LlamaConfig,
+        mut t: HashMap<String, FrozenWeight>,
+        source: &std::path::Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut take_w = |name: &str| -> Result<FrozenWeight> {
             let x = t
                 .remove(name)
                 .ok_or_else(|| Error::bad_input(source, None, format!("tensor `{name}` is missing")))?;
-            Ok(x.to_dtype(dtype)?.to_device(device)?)
+            Ok(match x {
+                FrozenWeight::Dense(x) => FrozenWeight::Dense(x.to_dtype(dtype)?.to_device(device)?),
+                q => q,
+            })
         };
-        let embed_tokens = take("model.embed_tokens.weight")?;
+        let dense = |w: FrozenWeight| -> Result<Tensor> { Ok(w.dense()?.to_dtype(dtype)?.to_device(device)?) };
+        let embed_tokens = take_w("model.embed_tokens.weight")?;
         let (nh, nkv, hd, h) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim(), cfg.hidden_size);
-        let check = |name: &str, x: &Tensor, want: &[usize]| -> Result<()> {
-            if x.dims() != want {
-                return Err(Error::bad_input(source, None, format!("tensor `{name}` has shape {:?}, expected {want:?}", x.dims())));
+        let check = |name: &str, x: &[usize], want: &[usize]| -> Result<()> {
+            if x != want {
+                return Err(Error::bad_input(source, None, format!("tensor `{name}` has shape {x:?}, expected {want:?}")));
             }
             Ok(())
         };
-        check("model.embed_tokens.weight", &embed_tokens, &[cfg.vocab_size, h])?;
+        check("model.embed_tokens.weight", embed_tokens.dims(), &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let mut lin = |m: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
                 let name = format!("{p}.{m}");
-                let w = take(&format!("{name}.weight"))?;
-                check(&format!("{name}.weight"), &w, &[out, inp])?;
-                let b = if bias { Some(take(&format!("{name}.bias"))?) } else { None };
-                Ok(Linear::new(name, w, b))
+                let w = take_w(&format!("{name}.weight"))?;
+                check(&format!("{name}.weight"), w.dims(), &[out, inp])?;
+                let b = if bias { Some(dense(take_w(&format!("{name}.bias"))?)?) } else { None };
+                Ok(Linear::with_weight(name, w, b))
             };
             let ab = cfg.attention_bias;
             let self_attn = Attention {
@@ -196,17 +214,17 @@ impl Llama {
             layers.push(DecoderLayer {
                 self_attn,
                 mlp,
-                input_layernorm: take(&format!("{p}.input_layernorm.weight"))?,
-                post_attention_layernorm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+                input_layernorm: dense(take_w(&format!("{p}.input_layernorm.weight"))?)?,
+                post_attention_layernorm: dense(take_w(&format!("{p}.post_attention_layernorm.weight"))?)?,
             });
         }
-        let norm = take("model.norm.weight")?;
+        let norm = dense(take_w("model.norm.weight")?)?;
         let lm_w = if cfg.tie_word_embeddings {
             embed_tokens.clone()
         } else {
-            take("lm_head.weight").or_else(|_| Ok::<_, Error>(embed_tokens.clone()))?
+            take_w("lm_head.weight").or_else(|_| Ok::<_, Error>(embed_tokens.clone()))?
         };
-        let lm_head = Linear::new("lm_head", lm_w, None);
+        let lm_head = Linear::with_weight("lm_head", lm_w, None);
         let (cos, sin) = rope_tables(&cfg, device)?;
         Ok(Llama { cfg, embed_tokens, layers, norm, lm_head, cos, sin, device: device.clone() })
     }
@@ -281,7 +299,7 @@ impl Llama {
     }
 
     /// The embedding matrix (vocab, hidden).
-    pub fn embed_tokens(&self) -> &Tensor {
+    pub fn embed_tokens(&self) -> &FrozenWeight {
         &self.embed_tokens
     }
 
@@ -327,7 +345,7 @@ impl Llama {
             )));
         }
         let (b, _) = ids.dims2()?;
-        let mut xs = self.embed_tokens.embedding(&ids.flatten_all()?)?.reshape((b, new, self.cfg.hidden_size))?;
+        let mut xs = self.embed_tokens.rows(&ids.flatten_all()?)?.reshape((b, new, self.cfg.hidden_size))?;
         let cos = self.cos.narrow(0, pos, new)?;
         let sin = self.sin.narrow(0, pos, new)?;
         if let Some(c) = cache.as_deref_mut() {
@@ -378,7 +396,7 @@ impl Llama {
         let idx = Tensor::from_slice(&rows, n, &self.device)?;
         let hs = h.index_select(&idx, 0)?;
         let total = if self.lm_head.adapter().is_none() && self.lm_head.bias().is_none() {
-            ops::linear_cross_entropy(&hs, self.lm_head.weight(), &targets, chunk)?.sum_all()?
+            ops::linear_cross_entropy(&hs, &self.lm_head.weight().dense()?, &targets, chunk)?.sum_all()?
         } else {
             // An adapter on the LM head: logits through the slot, then cross-entropy.
             let mut parts = Vec::new();
@@ -421,4 +439,39 @@ impl KvCache {
 /// Last-position helper: softmax-free greedy pick from (vocab,) logits.
 pub fn argmax_last(logits: &Tensor) -> Result<u32> {
     Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?)
+}
+
+impl Llama {
+    /// Every weight under its HF name, dense, in checkpoint order: the embedding, each layer's
+    /// norms, projections and biases, the final norm, and `lm_head.weight` only when the LM
+    /// head is not the embedding matrix itself (an untied model, or a merge that changed the
+    /// head). What an export writes.
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.dense()?)];
+        let push_linear = |out: &mut Vec<(String, Tensor)>, lin: &Linear| -> Result<()> {
+            out.push((format!("{}.weight", lin.name()), lin.weight().dense()?));
+            if let Some(b) = lin.bias() {
+                out.push((format!("{}.bias", lin.name()), b.clone()));
+            }
+            Ok(())
+        };
+        for (i, l) in self.layers.iter().enumerate() {
+            out.push((format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.clone()));
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
+                push_linear(&mut out, lin)?;
+            }
+            out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), l.post_attention_layernorm.clone()));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        let tied = match (self.lm_head.weight(), &self.embed_tokens) {
+            (FrozenWeight::Dense(a), FrozenWeight::Dense(b)) => a.id() == b.id(),
+            (FrozenWeight::Quantized { q: a, .. }, FrozenWeight::Quantized { q: b, .. }) => std::sync::Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if !tied || self.lm_head.bias().is_some() {
+            push_linear(&mut out, &self.lm_head)?;
+        }
+        Ok(out)
+    }
 }

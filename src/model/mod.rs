@@ -6,6 +6,7 @@ pub mod gguf;
 pub mod linear;
 pub mod llama;
 pub mod ops;
+pub mod qmatmul;
 pub mod tokenizer;
 
 use std::collections::HashMap;
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 pub use config::LlamaConfig;
-pub use linear::{ForwardCtx, Linear, LinearAdapter};
+pub use linear::{ForwardCtx, FrozenWeight, Linear, LinearAdapter};
 pub use llama::Llama;
 pub use tokenizer::TokenizerSpec;
 
@@ -48,6 +49,18 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     let (tokenizer, spec) = tokenizer::from_hf_folder(path)?;
     let model = Llama::from_tensors(cfg, tensors, path, device)?;
     Ok(LoadedModel { model, tokenizer, spec, source: path.to_path_buf() })
+}
+
+/// Loads a model for inference: a `.gguf` file keeps its quantized matrices quantized (the
+/// matmuls read the blocks directly: less memory and faster decoding); a HF folder loads as
+/// [`load`] does. Adapters apply on top as usual; merging needs [`load`]'s dense weights.
+pub fn load_quantized(path: &Path, device: &Device) -> Result<LoadedModel> {
+    if path.is_file() {
+        let g = gguf::load_quantized(path, device)?;
+        let model = Llama::from_weights(g.config, g.weights, path, device, DType::F32)?;
+        return Ok(LoadedModel { model, tokenizer: g.tokenizer, spec: g.spec, source: path.to_path_buf() });
+    }
+    load(path, device)
 }
 
 /// Reads only the architecture of a `.gguf` file or HF folder (for estimates).

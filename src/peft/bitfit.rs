@@ -19,7 +19,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::{PeftLayer, TargetModules};
-use crate::model::{ForwardCtx, LinearAdapter, Llama};
+use crate::model::{ForwardCtx, FrozenWeight, LinearAdapter, Llama};
 use crate::{Error, Result};
 
 /// BitFit settings.
@@ -57,7 +57,7 @@ pub struct BitfitLayer {
 }
 
 impl LinearAdapter for BitfitLayer {
-    fn forward(&self, _xs: &Tensor, base: Tensor, _w: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+    fn forward(&self, _xs: &Tensor, base: Tensor, _w: &FrozenWeight, ctx: &ForwardCtx) -> Result<Tensor> {
         Ok(base.broadcast_add(&super::var_tensor(&self.delta, ctx))?)
     }
 
@@ -106,7 +106,7 @@ pub fn inject(
         }
         let (_, outf) = lin.in_out();
         let prefix = super::peft_prefix(lin);
-        let (dev, dtype) = (lin.weight().device().clone(), lin.weight().dtype());
+        let (dev, dtype) = (lin.weight().device(), lin.weight().dtype());
         let frozen = lin.bias().cloned();
         let delta = match weights {
             None => Tensor::zeros(outf, dtype, &dev)?,

@@ -18,7 +18,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::{PeftLayer, TargetModules};
-use crate::model::{ops, ForwardCtx, LinearAdapter, Llama};
+use crate::model::{ForwardCtx, FrozenWeight, LinearAdapter, Llama};
 use crate::{Error, Result};
 
 /// IA3 settings; reads and writes HF peft's `adapter_config.json` keys.
@@ -81,18 +81,18 @@ pub struct Ia3Layer {
 }
 
 impl LinearAdapter for Ia3Layer {
-    fn forward(&self, _xs: &Tensor, base: Tensor, _w: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+    fn forward(&self, _xs: &Tensor, base: Tensor, _w: &FrozenWeight, ctx: &ForwardCtx) -> Result<Tensor> {
         // Attention targets only (feed-forward ones compute in `forward_full`).
         Ok(base.broadcast_mul(&super::var_tensor(&self.l, ctx).flatten_all()?)?)
     }
 
-    fn forward_full(&self, xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
+    fn forward_full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
         if !self.feedforward {
             return None;
         }
         let run = || -> Result<Tensor> {
             let scaled = xs.broadcast_mul(&super::var_tensor(&self.l, ctx).flatten_all()?)?;
-            let y = ops::frozen_linear(&scaled, weight)?;
+            let y = weight.product(&scaled)?;
             Ok(match bias {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
@@ -126,7 +126,7 @@ impl PeftLayer for Ia3Layer {
     }
 }
 
-fn fresh(shape: (usize, usize), init_ones: bool, seed: u64, weight: &Tensor) -> Result<Tensor> {
+fn fresh(shape: (usize, usize), init_ones: bool, seed: u64, weight: &FrozenWeight) -> Result<Tensor> {
     let n = shape.0 * shape.1;
     let v: Vec<f32> = if init_ones {
         vec![1.0; n]
@@ -135,7 +135,7 @@ fn fresh(shape: (usize, usize), init_ones: bool, seed: u64, weight: &Tensor) -> 
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         (0..n).map(|_| 0.5 + rng.random::<f32>()).collect()
     };
-    Ok(Tensor::from_vec(v, shape, weight.device())?.to_dtype(weight.dtype())?)
+    Ok(Tensor::from_vec(v, shape, &weight.device())?.to_dtype(weight.dtype())?)
 }
 
 /// Installs IA3 vectors on the targeted linears (fresh, or from `weights` of a saved adapter,
@@ -165,7 +165,7 @@ pub fn inject(
                 if t.dims() != [shape.0, shape.1] {
                     return Err(Error::bad_input(source, None, format!("{key} is {:?}; this model needs {shape:?}", t.dims())));
                 }
-                t.to_dtype(lin.weight().dtype())?.to_device(lin.weight().device())?
+                t.to_dtype(lin.weight().dtype())?.to_device(&lin.weight().device())?
             }
         };
         let layer = Arc::new(Ia3Layer { l: Var::from_tensor(&l)?, feedforward });

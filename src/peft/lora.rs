@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use super::peft_prefix;
 use super::{dropout, PeftLayer, TargetModules};
-use crate::model::{ops, ForwardCtx, LinearAdapter, Llama};
+use crate::model::{FrozenWeight, ForwardCtx, LinearAdapter, Llama};
 use crate::{Error, Result};
 
 /// LoRA settings; reads and writes HF peft's `adapter_config.json` keys.
@@ -125,6 +125,10 @@ pub struct LoraLayer {
     pub magnitude: Option<Var>,
     /// DoRA: the squared row norms of the frozen W (it never changes while installed).
     w2: Option<Tensor>,
+    /// DoRA: `m / ‖W + s·B·A‖_row` from the last eval-mode forward. Valid until the next
+    /// training forward (which clears it: only training changes A, B and m through the
+    /// optimizer), so generation computes it once instead of once per token.
+    eval_scale: std::sync::Mutex<Option<Tensor>>,
     dropout: f64,
     index: u64,
 }
@@ -160,36 +164,46 @@ impl LoraLayer {
     /// is `‖W_r‖² + 2s·⟨B_r, (A·Wᵀ)ᵀ_r⟩ + s²·B_r·(A·Aᵀ)·B_rᵀ`, so no (out, in) temporary is
     /// kept for the backward and the frozen W gets no gradient (A·Wᵀ goes through
     /// `frozen_linear`).
-    fn dora_scale(&self, magnitude: &Var, weight: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+    fn dora_scale(&self, magnitude: &Var, weight: &FrozenWeight, ctx: &ForwardCtx) -> Result<Tensor> {
+        let mut cached = self.eval_scale.lock().unwrap_or_else(|p| p.into_inner());
+        if ctx.train {
+            *cached = None;
+        } else if let Some(g) = cached.as_ref() {
+            return Ok(g.clone());
+        }
         let (a, b, s) = (t(&self.a, ctx), t(&self.b, ctx), self.scale);
         let w2 = match &self.w2 {
             Some(w2) => w2.clone(),
-            None => weight.sqr()?.sum(1)?,
+            None => weight.dense()?.sqr()?.sum(1)?,
         };
-        let awt = ops::frozen_linear(&a, weight)?.t()?;
+        let awt = weight.product(&a)?.t()?;
         let cross = (&b * awt)?.sum(1)?;
         let gram = a.matmul(&a.t()?)?;
         let quad = (b.matmul(&gram)? * &b)?.sum(1)?;
         let norm = ((w2 + (cross * (2.0 * s))?)? + (quad * (s * s))?)?.sqrt()?;
-        Ok((t(magnitude, ctx) / norm)?)
+        let g = (t(magnitude, ctx) / norm)?;
+        if !ctx.train {
+            *cached = Some(g.clone());
+        }
+        Ok(g)
     }
 }
 
 impl LinearAdapter for LoraLayer {
-    fn forward(&self, xs: &Tensor, base: Tensor, _w: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, base: Tensor, _w: &FrozenWeight, ctx: &ForwardCtx) -> Result<Tensor> {
         let x = self.dropped(xs, ctx)?;
         Ok((base + self.update(&x, ctx)?)?)
     }
 
-    fn forward_full(&self, xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
+    fn forward_full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
         let magnitude = self.magnitude.as_ref()?;
         let run = || -> Result<Tensor> {
             // PEFT's form: base(x) + (g − 1)·(x̃·Wᵀ) + g·s·(x̃·Aᵀ)·Bᵀ with g = m / ‖W + s·B·A‖_row
             // and x̃ = dropout(x) (= x when dropout is off, giving g·(x·Wᵀ + update) + b).
             let g = self.dora_scale(magnitude, weight, ctx)?;
-            let y = ops::frozen_linear(xs, weight)?;
+            let y = weight.product(xs)?;
             let x = self.dropped(xs, ctx)?;
-            let (plain, y_drop) = if ctx.train && self.dropout > 0.0 { (y.clone(), ops::frozen_linear(&x, weight)?) } else { (y.clone(), y) };
+            let (plain, y_drop) = if ctx.train && self.dropout > 0.0 { (y.clone(), weight.product(&x)?) } else { (y.clone(), y) };
             let mut out = (plain + (y_drop.broadcast_mul(&(&g - 1.0)?)? + self.update(&x, ctx)?.broadcast_mul(&g)?)?)?;
             if let Some(b) = bias {
                 out = out.broadcast_add(b)?;
@@ -216,7 +230,7 @@ impl PeftLayer for LoraLayer {
     fn merged(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let w = (weight + self.delta_weight()?)?;
         let w = match &self.magnitude {
-            Some(m) => w.broadcast_mul(&self.dora_scale(m, weight, &ForwardCtx::default())?.unsqueeze(1)?)?,
+            Some(m) => w.broadcast_mul(&self.dora_scale(m, &FrozenWeight::Dense(weight.clone()), &ForwardCtx { train: true, seed: 0 })?.unsqueeze(1)?)?,
             None => w,
         };
         Ok(Some((w, bias.cloned())))
@@ -246,17 +260,17 @@ pub fn inject(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
         // Kaiming-uniform with a = √5, as nn.Linear and peft: bound = 1/√fan_in.
         let bound = 1.0 / (inp as f32).sqrt();
         let a: Vec<f32> = (0..r * inp).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound).collect();
-        let dev = lin.weight().device();
+        let dev = &lin.weight().device();
         let dtype = lin.weight().dtype();
         let a = Var::from_tensor(&Tensor::from_vec(a, (r, inp), dev)?.to_dtype(dtype)?)?;
         let b = Var::from_tensor(&Tensor::zeros((outf, r), dtype, dev)?)?;
         // DoRA starts with m = ‖W‖_row (B = 0), so the model is unchanged.
-        let w2 = if cfg.use_dora { Some(lin.weight().sqr()?.sum(1)?) } else { None };
+        let w2 = if cfg.use_dora { Some(lin.weight().dense()?.sqr()?.sum(1)?) } else { None };
         let magnitude = match &w2 {
             Some(w2) => Some(Var::from_tensor(&w2.sqrt()?)?),
             None => None,
         };
-        let layer = Arc::new(LoraLayer { a, b, scale, magnitude, w2, dropout: cfg.lora_dropout, index: index as u64 });
+        let layer = Arc::new(LoraLayer { a, b, scale, magnitude, w2, eval_scale: Default::default(), dropout: cfg.lora_dropout, index: index as u64 });
         lin.set_adapter(Some(layer.clone()));
         out.push((peft_prefix(lin), layer));
     }
@@ -287,9 +301,9 @@ pub fn inject_loaded(
                 .cloned()
                 .ok_or_else(|| Error::bad_input(source, None, format!("adapter tensor `{key}` is missing")))
         };
-        let dtype = lin.weight().dtype();
-        let a = get("lora_A")?.to_dtype(dtype)?.to_device(lin.weight().device())?;
-        let b = get("lora_B")?.to_dtype(dtype)?.to_device(lin.weight().device())?;
+        let (dtype, dev) = (lin.weight().dtype(), lin.weight().device());
+        let a = get("lora_A")?.to_dtype(dtype)?.to_device(&dev)?;
+        let b = get("lora_B")?.to_dtype(dtype)?.to_device(&dev)?;
         let (inp, outf) = lin.in_out();
         let (r, scale) = cfg.rank_and_scale(lin.name());
         if a.dims() != [r, inp] || b.dims() != [outf, r] {
@@ -306,17 +320,18 @@ pub fn inject_loaded(
             if m.dims() != [outf] {
                 return Err(Error::bad_input(source, None, format!("{key} is {:?}; this model needs [{outf}]", m.dims())));
             }
-            Some(Var::from_tensor(&m.to_dtype(dtype)?.to_device(lin.weight().device())?)?)
+            Some(Var::from_tensor(&m.to_dtype(dtype)?.to_device(&dev)?)?)
         } else {
             None
         };
-        let w2 = if cfg.use_dora { Some(lin.weight().sqr()?.sum(1)?) } else { None };
+        let w2 = if cfg.use_dora { Some(lin.weight().dense()?.sqr()?.sum(1)?) } else { None };
         let layer = Arc::new(LoraLayer {
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
             scale,
             magnitude,
             w2,
+            eval_scale: Default::default(),
             dropout: cfg.lora_dropout,
             index: index as u64,
         });

@@ -378,13 +378,43 @@ impl Adapter {
         let by_prefix: HashMap<&str, &Arc<dyn PeftLayer>> = self.layers.iter().map(|(p, l)| (p.as_str(), l)).collect();
         for lin in model.linears_mut() {
             if let Some(l) = by_prefix.get(peft_prefix(lin).as_str()) {
-                let Some((w, b)) = l.merged(lin.weight(), lin.bias())? else {
+                let Some((w, b)) = l.merged(&lin.weight().dense()?, lin.bias())? else {
                     return Err(Error::Msg(format!("{} cannot be merged", self.config.method_name())));
                 };
                 lin.set_weight(w);
                 lin.set_bias(b);
                 lin.set_adapter(None);
             }
+        }
+        Ok(())
+    }
+}
+
+impl Adapter {
+    /// Installs this adapter's layers on `model` in place of whatever was installed (the
+    /// base weights are never touched, so switching adapters — or back to none with
+    /// [`remove_all`] — leaves the base bit-identical). Fails when the model lacks a module
+    /// the adapter wraps or its shape differs.
+    pub fn install(&self, model: &mut Llama) -> Result<()> {
+        let by_prefix: HashMap<&str, &Arc<dyn PeftLayer>> = self.layers.iter().map(|(p, l)| (p.as_str(), l)).collect();
+        let mut placed = 0usize;
+        let mut plan = Vec::new();
+        for (i, lin) in model.linears().into_iter().enumerate() {
+            if let Some(l) = by_prefix.get(peft_prefix(lin).as_str()) {
+                plan.push((i, Arc::clone(l)));
+                placed += 1;
+            }
+        }
+        if placed != self.layers.len() {
+            return Err(Error::Msg(format!(
+                "the adapter wraps {} modules but this model has only {placed} of them: it was trained on a different base",
+                self.layers.len()
+            )));
+        }
+        remove_all(model);
+        let mut lins = model.linears_mut();
+        for (i, l) in plan {
+            lins[i].set_adapter(Some(l as Arc<dyn LinearAdapter>));
         }
         Ok(())
     }

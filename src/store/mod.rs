@@ -15,6 +15,9 @@
 //! Everything here is async (sqlx); synchronous callers (the training worker) drive it with
 //! a small current-thread runtime.
 
+pub mod chats;
+pub mod evals;
+
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -24,6 +27,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::Row;
 
 use crate::{Error, Result};
+pub use chats::{ChatAdapter, ChatMessage, ChatRecord, NewAnswer, NewChat};
+pub use evals::EvalSampleRecord;
 
 /// The file name of the store inside the app data dir.
 pub const DB_FILE: &str = "tunebench.db";
@@ -862,7 +867,7 @@ impl Store {
 
     /// A run's sample generations, in step order.
     pub async fn samples(&self, run_id: i64) -> Result<Vec<SampleRecord>> {
-        let rows: Vec<(i64, String, String)> = sqlx::query_as("SELECT step, prompt, output FROM samples WHERE run_id = ? ORDER BY step, id")
+        let rows: Vec<(i64, String, String)> = sqlx::query_as("SELECT step, prompt, output FROM samples WHERE run_id = ? AND source = 'train' ORDER BY step, id")
             .bind(run_id)
             .fetch_all(&self.pool)
             .await

@@ -27,10 +27,10 @@ pub fn default_model() -> PathBuf {
 pub fn write_folder(dir: &std::path::Path, cfg: &LlamaConfig, model: &Llama, sharded: bool) {
     std::fs::write(dir.join("config.json"), serde_json::to_string(cfg).unwrap()).unwrap();
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    t.insert("model.embed_tokens.weight".into(), model.embed_tokens().clone());
+    t.insert("model.embed_tokens.weight".into(), model.embed_tokens().dense().unwrap());
     for lin in model.linears() {
         if lin.name() != "lm_head" {
-            t.insert(format!("{}.weight", lin.name()), lin.weight().clone());
+            t.insert(format!("{}.weight", lin.name()), lin.weight().dense().unwrap());
         }
     }
     // Norm weights are not exposed; write ones (the reference model below uses ones too).
@@ -64,3 +64,22 @@ pub fn write_folder(dir: &std::path::Path, cfg: &LlamaConfig, model: &Llama, sha
     std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
 }
 
+
+/// Runs the `tunebench` binary with `TUNEBENCH_HOME` = `home`.
+pub fn tb(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tunebench")).args(args).env("TUNEBENCH_HOME", home).output().unwrap()
+}
+
+/// Runs the binary, asserts success, returns stdout.
+pub fn ok(home: &std::path::Path, args: &[&str]) -> String {
+    let o = tb(home, args);
+    assert!(o.status.success(), "tunebench {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs the binary, asserts failure, returns stderr.
+pub fn fails(home: &std::path::Path, args: &[&str]) -> String {
+    let o = tb(home, args);
+    assert!(!o.status.success(), "tunebench {args:?} should fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

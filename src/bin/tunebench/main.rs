@@ -12,6 +12,7 @@ use tunebench::peft::Adapter;
 use tunebench::train::{self, heldout, RunConfig, TrainEvent, TrainObserver};
 use tunebench::{Error, Result};
 
+mod chat;
 mod runs;
 
 #[derive(Parser)]
@@ -29,6 +30,15 @@ enum Cmd {
     Presets,
     /// List the PEFT methods with their `[peft]` keys and defaults.
     Methods,
+    /// Chat with a model and its adapters in the terminal (streamed; `--compare-base` answers
+    /// with the base model too, side by side); every turn is recorded.
+    Chat(chat::ChatArgs),
+    /// Export a tuned model: the PEFT adapter folder, a merged HF transformers folder, or a
+    /// merged GGUF file (+ an Ollama Modelfile). Never overwrites.
+    Export {
+        #[command(subcommand)]
+        cmd: ExportCmd,
+    },
     /// Recorded runs: list, show, stop, resume, delete, chart.
     Runs {
         #[command(subcommand)]
@@ -56,9 +66,27 @@ enum Cmd {
         #[command(subcommand)]
         cmd: runs::WorkerCmd,
     },
-    /// Score a model (and adapter) on held-out prompts: share of answers that contain an
-    /// expected string.
+    /// Evaluate a run's checkpoint (`--run N [--checkpoint STEP]`: validation loss, perplexity,
+    /// BLEU-4 and ROUGE-1/2/L of greedy answers on its held-out examples, recorded with the
+    /// run), or score a model/adapter on held-out prompts (share of answers that contain an
+    /// expected string).
     Eval {
+        /// A recorded run to evaluate.
+        #[arg(long, conflicts_with_all = ["model", "adapter", "prompts"])]
+        run: Option<i64>,
+        /// With --run: the checkpoint's step (default: the final adapter, else the newest
+        /// checkpoint).
+        #[arg(long, requires = "run")]
+        checkpoint: Option<i64>,
+        /// With --run: evaluate every example of this file instead of the run's validation split.
+        #[arg(long, requires = "run")]
+        data: Option<PathBuf>,
+        /// With --run: at most this many examples.
+        #[arg(long, requires = "run")]
+        limit: Option<usize>,
+        /// With --run: print the report as JSON.
+        #[arg(long, requires = "run")]
+        json: bool,
         /// Model (default: the installed default model).
         #[arg(long)]
         model: Option<PathBuf>,
@@ -68,9 +96,9 @@ enum Cmd {
         /// Held-out prompts (JSONL of {prompt, expect}); default: the bundled persona set.
         #[arg(long)]
         prompts: Option<PathBuf>,
-        /// Longest answer in tokens.
-        #[arg(long, default_value_t = 32)]
-        max_tokens: usize,
+        /// Longest answer in tokens (default: 128 with --run, else 32).
+        #[arg(long)]
+        max_tokens: Option<usize>,
         /// Print every answer.
         #[arg(long)]
         verbose: bool,
@@ -171,6 +199,24 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         batch: usize,
     },
+    /// Benchmark decoding: greedy, EOS ignored, `--repeats` times on the same prompt (raw text,
+    /// no chat template); prints one JSON line (prompt ids, time to first token and decode
+    /// tokens/s per repeat, the generated ids). bench/decode_bench.py compares it to llama.cpp.
+    #[command(hide = true)]
+    BenchDecode {
+        /// Model (GGUF files stay quantized).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Prompt text.
+        #[arg(long)]
+        prompt: String,
+        /// New tokens per repeat.
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// Repeats.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
     /// Benchmark LoRA training steps on fixed batches (a safetensors file holding an i64
     /// `input_ids` [n, batch, seq]); prints one JSON line.
     BenchTrain {
@@ -229,6 +275,58 @@ struct TrainArgs {
     no_heldout: bool,
     }
 
+/// What to export, from `--run N` (its final adapter, or `--checkpoint STEP`) or `--adapter DIR`.
+#[derive(clap::Args)]
+struct ExportSource {
+    /// A recorded run (its base model and adapter).
+    #[arg(long, conflicts_with = "adapter")]
+    run: Option<i64>,
+    /// With --run: the checkpoint's step (default: the final adapter, else the newest checkpoint).
+    #[arg(long, requires = "run")]
+    checkpoint: Option<i64>,
+    /// A PEFT adapter folder (with --model, or the default model).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Base model (default: the run's, else the installed default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Destination (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum ExportCmd {
+    /// The PEFT adapter folder, as HF PEFT loads it.
+    Adapter(ExportSource),
+    /// The base with the adapter merged, as a HF transformers folder.
+    Hf {
+        #[command(flatten)]
+        src: ExportSource,
+        /// Weight dtype: f32, bf16 or f16.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+    },
+    /// The base with the adapter merged, as a GGUF file for llama.cpp runtimes, with an Ollama
+    /// Modelfile next to it.
+    Gguf {
+        #[command(flatten)]
+        src: ExportSource,
+        /// f16, q8_0, q4_0, q4_1 or q4_k.
+        #[arg(long, default_value = "q8_0")]
+        qtype: String,
+        /// Do not write the Modelfile.
+        #[arg(long)]
+        no_modelfile: bool,
+        /// Sampling temperature written into the Modelfile.
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f64,
+        /// top_p written into the Modelfile.
+        #[arg(long, default_value_t = 0.9)]
+        top_p: f64,
+    },
+}
+
 #[derive(Subcommand)]
 enum ModelCmd {
     /// Print a model's architecture and metadata.
@@ -243,7 +341,15 @@ fn model_path(p: Option<PathBuf>) -> PathBuf {
 }
 
 fn load_with_adapter(path: Option<PathBuf>, adapter: Option<&Path>) -> Result<LoadedModel> {
-    let mut m = model::load(&model_path(path), &Device::Cpu)?;
+    attach(model::load(&model_path(path), &Device::Cpu)?, adapter)
+}
+
+/// Like [`load_with_adapter`], keeping a GGUF file's weights quantized (for generation).
+fn load_quantized_with_adapter(path: Option<PathBuf>, adapter: Option<&Path>) -> Result<LoadedModel> {
+    attach(model::load_quantized(&model_path(path), &Device::Cpu)?, adapter)
+}
+
+fn attach(mut m: LoadedModel, adapter: Option<&Path>) -> Result<LoadedModel> {
     if let Some(a) = adapter {
         Adapter::load(&mut m.model, a)?;
     }
@@ -356,6 +462,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train(args) => cmd_train(args)?,
         Cmd::Runs { cmd } => runs::cmd_runs(cmd)?,
+        Cmd::Export { cmd } => cmd_export(cmd)?,
+        Cmd::Chat(a) => chat::cmd_chat(a)?,
         Cmd::Compare(a) => runs::cmd_compare(a)?,
         Cmd::Datasets { cmd } => runs::cmd_datasets(cmd)?,
         Cmd::Estimate(a) => runs::cmd_estimate(a)?,
@@ -379,13 +487,16 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{name:12} {desc}");
             }
         }
-        Cmd::Eval { model, adapter, prompts, max_tokens, verbose } => {
+        Cmd::Eval { run: Some(run_id), checkpoint, data, limit, json, max_tokens, verbose, .. } => {
+            runs::cmd_eval_run(run_id, checkpoint, data, limit, max_tokens.unwrap_or(128), json, verbose)?
+        }
+        Cmd::Eval { model, adapter, prompts, max_tokens, verbose, .. } => {
             let m = load_with_adapter(model, adapter.as_deref())?;
             let template = train::trainer::template_for(&m)?;
             let path = prompts.unwrap_or_else(|| tunebench::paths::assets_dir().join("datasets/persona/eval.jsonl"));
             let ps = heldout::read_prompts(&path)?;
             let bar = ProgressBar::new(ps.len() as u64);
-            let r = heldout::score(&m, &template, &ps, max_tokens, |d, _| bar.set_position(d as u64))?;
+            let r = heldout::score(&m, &template, &ps, max_tokens.unwrap_or(32), |d, _| bar.set_position(d as u64))?;
             bar.finish_and_clear();
             if verbose {
                 for a in &r.answers {
@@ -406,7 +517,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("parameters: {}", m.model.num_params());
         }
         Cmd::Generate { model, adapter, prompt, raw, max_tokens, temperature, top_p, seed } => {
-            let m = load_with_adapter(model, adapter.as_deref())?;
+            let m = load_quantized_with_adapter(model, adapter.as_deref())?;
             let text = if raw {
                 prompt
             } else {
@@ -419,7 +530,7 @@ fn run(cli: Cli) -> Result<()> {
                 top_p,
                 seed,
                 stop_ids: vec![m.spec.eos_id],
-                min_new_tokens: 0,
+                ..Default::default()
             };
             let out = tunebench::infer::generate(&m.model, enc.get_ids(), &opts, |_| {})?;
             let s = m.tokenizer.decode(&out, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
@@ -482,6 +593,23 @@ fn run(cli: Cli) -> Result<()> {
             let r = rt.block_on(tunebench::api::bench::store_bench(&home, points, batch))?;
             println!("{}", serde_json::to_string(&r).map_err(|e| Error::Msg(e.to_string()))?);
         }
+        Cmd::BenchDecode { model, prompt, max_tokens, repeats } => {
+            let m = model::load_quantized(&model_path(model), &device)?;
+            let enc = m.tokenizer.encode(prompt, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            let ids = enc.get_ids().to_vec();
+            let opts = tunebench::infer::SampleOptions::greedy(max_tokens);
+            let (mut ttft, mut tps, mut tokens) = (vec![], vec![], vec![]);
+            for _ in 0..repeats.max(1) {
+                let g = tunebench::infer::generate_tokens(&m.model, &ids, &opts, None, |_| true)?;
+                ttft.push(g.ttft_s);
+                tps.push(g.decode_tok_s());
+                tokens = g.tokens;
+            }
+            let out = serde_json::json!({
+                "prompt_ids": ids, "new_tokens": tokens.len(), "ttft_s": ttft, "decode_tok_s": tps, "tokens": tokens,
+            });
+            println!("{out}");
+        }
         Cmd::BenchTrain { model, batches, rank, alpha, targets, lr, warmup_steps, steps } => {
             let r = tunebench::train::bench::run(&model_path(model), &batches, rank, alpha, &targets_of(&targets), lr, warmup_steps, steps)?;
             println!("{}", serde_json::to_string(&r).map_err(|e| Error::Msg(e.to_string()))?);
@@ -490,14 +618,85 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// (base model, adapter folder) of an export.
+fn export_source(src: &ExportSource) -> Result<(PathBuf, Option<PathBuf>)> {
+    match src.run {
+        Some(run_id) => {
+            let rt = runs::runtime()?;
+            let wb = runs::workbench(&rt)?;
+            let run = rt.block_on(wb.store().run(run_id))?;
+            let (_, adapter) = rt.block_on(wb.checkpoint_adapter(run_id, src.checkpoint))?;
+            Ok((src.model.clone().unwrap_or_else(|| PathBuf::from(&run.model_path)), Some(adapter)))
+        }
+        None => Ok((model_path(src.model.clone()), src.adapter.clone())),
+    }
+}
+
+fn export_bar(what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(&format!("{what} {{bar:30}} {{pos}}/{{len}} tensors · {{elapsed}}"))
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn print_export(r: &tunebench::export::ExportReport) {
+    println!("wrote {} ({:.1} MB, {} tensors, {:.1} s)", r.path.display(), r.bytes as f64 / 1e6, r.tensors, r.seconds);
+    for f in &r.files {
+        println!("  {}", f.display());
+    }
+}
+
+fn cmd_export(cmd: ExportCmd) -> Result<()> {
+    use tunebench::export;
+    match cmd {
+        ExportCmd::Adapter(src) => {
+            let (_, adapter) = export_source(&src)?;
+            let adapter = adapter.ok_or_else(|| Error::Msg("export adapter: give --run N or --adapter DIR".into()))?;
+            print_export(&export::export_adapter(&adapter, &src.out)?);
+        }
+        ExportCmd::Hf { src, dtype } => {
+            let dtype: export::HfDtype = dtype.parse()?;
+            let (model, adapter) = export_source(&src)?;
+            let bar = export_bar("hf");
+            let r = export::export_hf(&model, adapter.as_deref(), &src.out, dtype, |d, t| {
+                bar.set_length(t as u64);
+                bar.set_position(d as u64);
+            });
+            bar.finish_and_clear();
+            print_export(&r?);
+        }
+        ExportCmd::Gguf { src, qtype, no_modelfile, temperature, top_p } => {
+            let qtype: export::GgufType = qtype.parse()?;
+            let (model, adapter) = export_source(&src)?;
+            let sampling = tunebench::infer::SampleOptions { temperature, top_p, ..Default::default() };
+            sampling.validate()?;
+            let bar = export_bar("gguf");
+            let r = export::export_gguf(&model, adapter.as_deref(), &src.out, qtype, (!no_modelfile).then_some(&sampling), |d, t| {
+                bar.set_length(t as u64);
+                bar.set_position(d as u64);
+            });
+            bar.finish_and_clear();
+            print_export(&r?);
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    tunebench::init_cpu_runtime();
+    let cli = Cli::parse();
+    let workload = match cli.cmd {
+        Cmd::Chat(_) | Cmd::Generate { .. } | Cmd::BenchDecode { .. } => tunebench::Workload::Inference,
+        _ => tunebench::Workload::Training,
+    };
+    tunebench::init_cpu_runtime_for(workload);
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

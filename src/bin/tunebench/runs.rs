@@ -192,6 +192,51 @@ pub fn workbench(rt: &tokio::runtime::Runtime) -> Result<Workbench> {
     rt.block_on(Workbench::open(WorkbenchOptions::new(tunebench::paths::home())))
 }
 
+/// `tunebench eval --run`: evaluates a run's checkpoint with a progress bar and prints the
+/// scores (or the whole report as JSON).
+pub fn cmd_eval_run(run_id: i64, checkpoint: Option<i64>, data: Option<PathBuf>, limit: Option<usize>, max_new_tokens: usize, json: bool, verbose: bool) -> Result<()> {
+    let rt = runtime()?;
+    let wb = workbench(&rt)?;
+    let options = tunebench::eval::run::EvalOptions { data, limit, max_new_tokens, ..Default::default() };
+    let req = tunebench::api::evaluate::EvaluateRun { run_id, checkpoint, options };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("eval {bar:30} {pos}/{len} answers · {elapsed} (eta {eta})").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut rx = wb.subscribe();
+    let fut = wb.evaluate_run(req);
+    let r = rt.block_on(async {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                r = &mut fut => break r,
+                ev = rx.recv() => if let Ok(tunebench::api::ApiEvent::EvalProgress { run_id: id, done, total }) = ev {
+                    if id == run_id {
+                        bar.set_length(total as u64);
+                        bar.set_position(done as u64);
+                    }
+                }
+            }
+        }
+    });
+    bar.finish_and_clear();
+    let r = r?;
+    if json {
+        return json_out(&r);
+    }
+    if verbose {
+        for a in &r.report.answers {
+            println!("--- prompt\n{}\n--- reference\n{}\n--- answer\n{}\n", a.prompt.trim_end(), a.reference, a.output);
+        }
+    }
+    let s = &r.report.scores;
+    println!("run {run_id} step {}: {} held-out examples from {}", r.step, r.report.examples, r.report.data.display());
+    println!("  val loss {:.4}  perplexity {:.2}", r.report.val_loss, r.report.perplexity);
+    println!("  BLEU-4 {:.2}  ROUGE-1 {:.2}  ROUGE-2 {:.2}  ROUGE-L {:.2}", s.bleu4, s.rouge1, s.rouge2, s.rouge_l);
+    println!("  answers and scores: {}", r.file.display());
+    Ok(())
+}
+
 fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))?);
     Ok(())

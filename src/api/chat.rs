@@ -1,0 +1,210 @@
+//! Chat through the workbench: sessions stored in SQLite, answers streamed as
+//! [`ApiEvent::ChatText`] events, base vs tuned (or adapter A vs B) side by side.
+//!
+//! The workbench keeps one chat model loaded (the last one used) with its adapters; asking a
+//! session with the same model reuses it, switching adapters in place. Generation runs on a
+//! blocking thread of the runtime; `cancel` ends the current answer (what was generated so
+//! far is kept, marked `cancelled`).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ApiEvent, Workbench};
+use crate::infer::chat::ChatModel;
+use crate::infer::SampleOptions;
+use crate::store::{ChatAdapter, ChatRecord, NewAnswer, NewChat};
+use crate::{Error, Result};
+
+/// The loaded chat model: which model file, which adapter folders, and the model itself.
+pub(crate) type LoadedChat = Option<(PathBuf, ChatModel)>;
+
+/// Request: a new chat session.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateChat {
+    /// Title (default: the model's name and the variants).
+    #[serde(default)]
+    pub title: Option<String>,
+    /// Model; default: the installed default model.
+    #[serde(default)]
+    pub model_path: Option<PathBuf>,
+    /// Adapters to load.
+    #[serde(default)]
+    pub adapters: Vec<ChatAdapter>,
+    /// Who answers: None = base, Some(name) = adapter. Default: the first adapter, or the base.
+    #[serde(default)]
+    pub variants: Option<Vec<Option<String>>>,
+    /// Sampling settings.
+    #[serde(default)]
+    pub sampling: SampleOptions,
+    /// System prompt.
+    #[serde(default)]
+    pub system: Option<String>,
+}
+
+/// One answer of a turn (what [`Workbench::chat_send`] returns per variant).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatAnswer {
+    /// The variant (None = base).
+    pub variant: Option<String>,
+    /// The text.
+    pub text: String,
+    /// `stop`, `length`, `context` or `cancelled`.
+    pub finish: String,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Answer tokens.
+    pub new_tokens: usize,
+    /// Seconds to the first token.
+    pub ttft_s: f64,
+    /// Decode tokens/s.
+    pub decode_tok_s: f64,
+}
+
+impl Workbench {
+    /// Creates a chat session after checking that the model and adapter folders exist.
+    pub async fn create_chat(&self, req: CreateChat) -> Result<ChatRecord> {
+        let model_path = req.model_path.clone().unwrap_or_else(crate::paths::default_model);
+        if !model_path.exists() {
+            return Err(Error::bad_input(&model_path, None, "the model does not exist (run scripts/setup for the default model)"));
+        }
+        let model_path = std::fs::canonicalize(&model_path).unwrap_or(model_path);
+        let mut adapters = Vec::new();
+        for a in &req.adapters {
+            let p = Path::new(&a.path);
+            if !p.join("adapter_config.json").is_file() {
+                return Err(Error::bad_input(p, None, "not an adapter folder (no adapter_config.json)"));
+            }
+            let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+            adapters.push(ChatAdapter { name: a.name.clone(), path: p.display().to_string() });
+        }
+        let variants = req.variants.clone().unwrap_or_else(|| vec![adapters.first().map(|a| a.name.clone())]);
+        req.sampling.validate()?;
+        let title = req.title.clone().unwrap_or_else(|| {
+            let model = model_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let v: Vec<&str> = variants.iter().map(|v| v.as_deref().unwrap_or("base")).collect();
+            format!("{model} · {}", v.join(" vs "))
+        });
+        let id = self
+            .store
+            .create_chat(&NewChat {
+                title,
+                model_path: model_path.display().to_string(),
+                adapters,
+                variants,
+                sampling: serde_json::to_value(&req.sampling).map_err(|e| Error::Msg(e.to_string()))?,
+                system: req.system,
+            })
+            .await?;
+        self.store.chat(id).await
+    }
+
+    /// Every chat session (without messages), most recent first.
+    pub async fn chats(&self) -> Result<Vec<ChatRecord>> {
+        self.store.chats().await
+    }
+
+    /// A chat session with its messages.
+    pub async fn chat(&self, id: i64) -> Result<ChatRecord> {
+        self.store.chat(id).await
+    }
+
+    /// Deletes a chat session.
+    pub async fn delete_chat(&self, id: i64) -> Result<()> {
+        self.store.delete_chat(id).await
+    }
+
+    /// Changes the sampling settings of a chat (checked first).
+    pub async fn set_chat_sampling(&self, id: i64, sampling: &SampleOptions) -> Result<()> {
+        sampling.validate()?;
+        self.store.set_chat_sampling(id, &serde_json::to_value(sampling).map_err(|e| Error::Msg(e.to_string()))?).await
+    }
+
+    /// Sends a user message: every variant of the chat answers it in turn (streamed as
+    /// `ChatText` events, then `ChatDone`), and the turn is recorded with all answers. An error
+    /// (empty prompt, context full, model missing) records nothing.
+    pub async fn chat_send(&self, chat_id: i64, text: &str, cancel: Arc<AtomicBool>) -> Result<Vec<ChatAnswer>> {
+        let chat = self.store.chat(chat_id).await?;
+        if text.trim().is_empty() {
+            return Err(Error::Msg("the message is empty".into()));
+        }
+        let sampling: SampleOptions = serde_json::from_value(chat.sampling.clone())
+            .map_err(|e| Error::Msg(format!("chat {chat_id}: stored sampling settings are unreadable: {e}")))?;
+        let turn = chat.turns();
+        let loaded = self.chat_model.clone();
+        let events = self.events.clone();
+        let text = text.to_string();
+        let (user_text, opts) = (text.clone(), sampling.clone());
+        let answers = tokio::task::spawn_blocking(move || -> Result<Vec<ChatAnswer>> {
+            let (text, sampling) = (user_text, opts);
+            let mut guard = loaded.lock().unwrap_or_else(|p| p.into_inner());
+            let model = prepare(&mut guard, &chat)?;
+            let mut out = Vec::new();
+            for variant in &chat.variants {
+                model.use_adapter(variant.as_deref())?;
+                let mut history = chat.history(variant.as_deref());
+                history.push(crate::data::Message { role: "user".into(), content: text.clone() });
+                let g = model.reply(&history, &sampling, Some(&cancel), |piece| {
+                    let _ = events.send(ApiEvent::ChatText { chat_id, turn, variant: variant.clone(), text: piece.to_string() });
+                })?;
+                let answer = ChatAnswer {
+                    variant: variant.clone(),
+                    finish: serde_json::to_value(g.generation.finish).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                    prompt_tokens: g.generation.prompt_tokens,
+                    new_tokens: g.generation.tokens.len(),
+                    ttft_s: g.generation.ttft_s,
+                    decode_tok_s: g.generation.decode_tok_s(),
+                    text: g.text,
+                };
+                let _ = events.send(ApiEvent::ChatDone { chat_id, turn, answer: answer.clone() });
+                out.push(answer);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::Msg(format!("chat generation thread failed: {e}")))??;
+        let sampling_json = serde_json::to_value(&sampling).map_err(|e| Error::Msg(e.to_string()))?;
+        let rows: Vec<NewAnswer> = answers
+            .iter()
+            .map(|a| NewAnswer {
+                variant: a.variant.clone(),
+                content: a.text.clone(),
+                finish: a.finish.clone(),
+                prompt_tokens: a.prompt_tokens as i64,
+                new_tokens: a.new_tokens as i64,
+                ttft_s: a.ttft_s,
+                decode_tok_s: a.decode_tok_s,
+                sampling: sampling_json.clone(),
+            })
+            .collect();
+        self.store.add_chat_turn(chat_id, &text, &rows).await?;
+        Ok(answers)
+    }
+}
+
+/// The loaded chat model for `chat`: reused when the model file is the same (loading only the
+/// adapters it lacks), loaded afresh otherwise.
+fn prepare<'a>(slot: &'a mut LoadedChat, chat: &ChatRecord) -> Result<&'a mut ChatModel> {
+    let path = PathBuf::from(&chat.model_path);
+    if slot.as_ref().map(|(p, _)| p != &path).unwrap_or(true) {
+        *slot = None;
+        let m = ChatModel::open(&path, &candle_core::Device::Cpu)?;
+        *slot = Some((path, m));
+    }
+    let (_, model) = slot.as_mut().ok_or_else(|| Error::Msg("chat model not loaded".into()))?;
+    for a in &chat.adapters {
+        match model.adapter_path(&a.name) {
+            Some(p) if p == Path::new(&a.path) => {}
+            Some(_) => {
+                model.remove_adapter(&a.name)?;
+                model.add_adapter(Path::new(&a.path), Some(&a.name))?;
+            }
+            None => {
+                model.add_adapter(Path::new(&a.path), Some(&a.name))?;
+            }
+        }
+    }
+    Ok(model)
+}

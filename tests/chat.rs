@@ -1,0 +1,245 @@
+//! Inference on the real default model: the KV cache against full recomputation on the
+//! quantized GGUF, quantized against dense weights, adapter hot-switching (a tuned adapter
+//! changes the answer; switching back gives the base bit for bit), chat sessions through the
+//! workbench (streamed events, stored turns, cancellation), and bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::Device;
+use tunebench::api::chat::CreateChat;
+use tunebench::api::{ApiEvent, Workbench, WorkbenchOptions};
+use tunebench::data::Message;
+use tunebench::infer::chat::ChatModel;
+use tunebench::infer::{generate_tokens, sequence_logits, FinishReason, SampleOptions};
+use tunebench::store::ChatAdapter;
+use tunebench::train::{self, observer::NoObserver, RunConfig, TrainOptions};
+
+fn user(text: &str) -> Vec<Message> {
+    vec![Message { role: "user".into(), content: text.into() }]
+}
+
+/// A LoRA adapter tuned for a few steps on the bundled persona task (shared by the tests).
+fn tuned_adapter() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = tempfile::tempdir().unwrap().keep();
+        let text = format!(
+            r#"
+name = "chat-test"
+seed = 3
+[model]
+path = "{model}"
+[data]
+path = "{data}"
+max_len = 96
+val_fraction = 0.0
+[peft]
+method = "lora"
+r = 8
+lora_alpha = 16
+target_modules = "all-linear"
+[train]
+max_steps = 16
+batch_size = 4
+lr = 3e-3
+warmup_steps = 2
+save_steps = 1000
+eval_steps = 1000
+[eval]
+samples = 0
+[output]
+dir = "{out}"
+"#,
+            model = common::default_model().display(),
+            data = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/datasets/persona/train.jsonl"),
+            out = out.join("run").display(),
+        );
+        let cfg = RunConfig::from_toml(&text, None).unwrap();
+        let r = train::train(&cfg, &TrainOptions { skip_heldout: true, ..Default::default() }, &mut NoObserver).unwrap();
+        r.adapter_dir
+    })
+}
+
+#[test]
+fn kv_cache_matches_recomputation_on_the_quantized_model() {
+    let m = ChatModel::open(&common::default_model(), &Device::Cpu).unwrap();
+    assert!(m.loaded.model.layers[0].self_attn.q_proj.weight().is_quantized(), "GGUF weights stay quantized");
+    let ids = m.prompt_ids(&user("Name three colours of the rainbow.")).unwrap();
+    let g = generate_tokens(&m.loaded.model, &ids, &SampleOptions::greedy(20), None, |_| true).unwrap();
+    assert_eq!(g.tokens.len(), 20);
+    assert_eq!(g.finish, FinishReason::Length);
+    // Recompute the whole sequence before every token (teacher-forced on the cached tokens).
+    // The activations are rounded to 8 bits inside the quantized matmuls, so float noise of
+    // ~1e-6 between the two attention shapes can move a logit by a rounding step; a token may
+    // then differ only where the top two logits are that close, which we measure.
+    let mut seq = ids.clone();
+    let mut ties = Vec::new();
+    let mut worst = 0f32;
+    for (i, &t) in g.tokens.iter().enumerate() {
+        let l = sequence_logits(&m.loaded.model, &seq).unwrap();
+        let row: Vec<f32> = l.get(seq.len() - 1).unwrap().to_vec1().unwrap();
+        let best = tunebench::infer::argmax(&l.get(seq.len() - 1).unwrap()).unwrap();
+        if best != t {
+            let gap = row[best as usize] - row[t as usize];
+            ties.push((i, gap));
+            worst = worst.max(gap);
+        }
+        seq.push(t);
+    }
+    eprintln!("cached vs recomputed: {} of 20 tokens differ, at top-2 gaps {ties:?}", ties.len());
+    assert!(ties.len() <= 2 && worst < 0.15, "cached tokens must be the recomputed argmax up to near-ties: {ties:?}");
+}
+
+#[test]
+fn quantized_weights_agree_with_dequantized_ones() {
+    let path = common::default_model();
+    let q = tunebench::model::load_quantized(&path, &Device::Cpu).unwrap();
+    let d = tunebench::model::load(&path, &Device::Cpu).unwrap();
+    let ids = q.tokenizer.encode("The capital of France is Paris. The capital of Italy is", false).unwrap().get_ids().to_vec();
+    let lq = sequence_logits(&q.model, &ids).unwrap();
+    let ld = sequence_logits(&d.model, &ids).unwrap();
+    let (aq, ad): (Vec<u32>, Vec<u32>) = (
+        lq.argmax(1).unwrap().to_vec1().unwrap(),
+        ld.argmax(1).unwrap().to_vec1().unwrap(),
+    );
+    let same = aq.iter().zip(&ad).filter(|(a, b)| a == b).count();
+    let diff = (lq - ld).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    eprintln!("quantized vs dense: top-1 agrees at {same}/{} positions, max |Δlogit| = {diff}", ids.len());
+    // The quantized kernels round activations to 8 bits: close, not equal.
+    assert!(same * 10 >= ids.len() * 9, "top-1 agrees at only {same}/{} positions", ids.len());
+    assert!(diff < 1.5, "max logit difference {diff}");
+    assert_eq!(aq.last(), ad.last(), "both predict the same next token");
+}
+
+#[test]
+fn adapter_hot_switch_changes_the_answer_and_restores_the_base_exactly() {
+    let adapter = tuned_adapter();
+    let path = common::default_model();
+    let mut m = ChatModel::open(&path, &Device::Cpu).unwrap();
+    let q = user("Who are you?");
+    let opts = SampleOptions::greedy(24);
+    let base = m.reply(&q, &opts, None, |_| {}).unwrap();
+    let ids = m.prompt_ids(&q).unwrap();
+    let base_logits = sequence_logits(&m.loaded.model, &ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+
+    let name = m.add_adapter(adapter, Some("tuned")).unwrap();
+    assert_eq!(m.active(), None, "loading an adapter does not activate it");
+    assert_eq!(m.reply(&q, &opts, None, |_| {}).unwrap().text, base.text);
+    m.use_adapter(Some(&name)).unwrap();
+    let tuned = m.reply(&q, &opts, None, |_| {}).unwrap();
+    eprintln!("base: {:?}\ntuned: {:?}", base.text, tuned.text);
+    assert_ne!(tuned.generation.tokens, base.generation.tokens, "the tuned adapter changes the answer");
+    assert!(tuned.text.to_lowercase().contains("tessel"), "the persona adapter names itself: {:?}", tuned.text);
+
+    m.use_adapter(None).unwrap();
+    let again = m.reply(&q, &opts, None, |_| {}).unwrap();
+    assert_eq!(again.generation.tokens, base.generation.tokens);
+    let logits = sequence_logits(&m.loaded.model, &ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(logits.iter().zip(&base_logits).all(|(a, b)| a.to_bits() == b.to_bits()), "base logits bit-identical after switching back");
+
+    // Side by side: the same prompt through base and tuned, the active variant kept.
+    let mut pieces = vec![String::new(), String::new()];
+    let both = m.compare(&q, &[None, Some("tuned")], &opts, None, |i, t| pieces[i].push_str(t)).unwrap();
+    assert_eq!(both[0].generation.tokens, base.generation.tokens);
+    assert_eq!(both[1].generation.tokens, tuned.generation.tokens);
+    assert_eq!(pieces, vec![both[0].text.clone(), both[1].text.clone()], "the streamed pieces add up to the answers");
+    assert_eq!(m.active(), None);
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_leaves_the_model_working() {
+    let path = common::default_model();
+    let mut m = ChatModel::open(&path, &Device::Cpu).unwrap();
+    let opts = SampleOptions::greedy(8);
+    let before = m.reply(&user("Hello"), &opts, None, |_| {}).unwrap();
+
+    let e = m.reply(&user("   "), &opts, None, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("empty"), "{e}");
+    let ctx = m.loaded.model.config().max_position_embeddings;
+    let long = vec![42u32; ctx + 5];
+    let e = generate_tokens(&m.loaded.model, &long, &opts, None, |_| true).unwrap_err().to_string();
+    assert!(e.contains("context") && e.contains(&ctx.to_string()), "{e}");
+
+    // An adapter made for another base (a tiny random Llama): shapes do not fit.
+    let tmp = tempfile::tempdir().unwrap();
+    let other = tmp.path().join("other");
+    {
+        let cfg = tunebench::model::LlamaConfig::tiny(64);
+        let mut tiny = tunebench::model::Llama::random(cfg, 1, &Device::Cpu).unwrap();
+        let a = tunebench::peft::Adapter::inject(&mut tiny, &RunConfig::lora(4, 8.0, &["q_proj", "v_proj"]), 0).unwrap();
+        a.save(&other, "tiny").unwrap();
+    }
+    let e = m.add_adapter(&other, None).unwrap_err().to_string();
+    assert!(e.contains("adapter_model.safetensors") || e.contains("do not fit") || e.contains("missing"), "{e}");
+    // A corrupt weights file.
+    let corrupt = tmp.path().join("corrupt");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    std::fs::copy(other.join("adapter_config.json"), corrupt.join("adapter_config.json")).unwrap();
+    std::fs::write(corrupt.join("adapter_model.safetensors"), b"not a safetensors file").unwrap();
+    let e = m.add_adapter(&corrupt, None).unwrap_err().to_string();
+    assert!(e.contains("adapter_model.safetensors"), "the error names the file: {e}");
+
+    assert!(m.adapter_names().is_empty());
+    let after = m.reply(&user("Hello"), &opts, None, |_| {}).unwrap();
+    assert_eq!(after.generation.tokens, before.generation.tokens, "failed loads leave the base as it was");
+}
+
+#[test]
+fn workbench_chat_streams_records_and_cancels() {
+    let adapter = tuned_adapter();
+    let home = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let wb = Workbench::open(WorkbenchOptions::new(home.path())).await.unwrap();
+        let chat = wb
+            .create_chat(CreateChat {
+                title: None,
+                model_path: Some(common::default_model()),
+                adapters: vec![ChatAdapter { name: "tuned".into(), path: adapter.display().to_string() }],
+                variants: Some(vec![None, Some("tuned".into())]),
+                sampling: SampleOptions::greedy(16),
+                system: None,
+            })
+            .await
+            .unwrap();
+        assert!(chat.title.contains("base vs tuned"), "{}", chat.title);
+        let mut rx = wb.subscribe();
+        let answers = wb.chat_send(chat.id, "Who are you?", Arc::new(AtomicBool::new(false))).await.unwrap();
+        assert_eq!(answers.len(), 2);
+        assert_ne!(answers[0].text, answers[1].text);
+        let mut streamed = [String::new(), String::new()];
+        while let Ok(ev) = rx.try_recv() {
+            if let ApiEvent::ChatText { variant, text, .. } = ev {
+                streamed[usize::from(variant.is_some())].push_str(&text);
+            }
+        }
+        assert_eq!(streamed[0], answers[0].text);
+        assert_eq!(streamed[1], answers[1].text);
+
+        // Second turn: each variant continues its own thread.
+        wb.chat_send(chat.id, "Say that again.", Arc::new(AtomicBool::new(false))).await.unwrap();
+        // Cancelled before the first token: recorded as cancelled, nothing generated.
+        let cancelled = wb.chat_send(chat.id, "Count to ten.", Arc::new(AtomicBool::new(true))).await.unwrap();
+        assert!(cancelled.iter().all(|a| a.finish == "cancelled" && a.new_tokens == 0), "{cancelled:?}");
+        let err = wb.chat_send(chat.id, "  ", Arc::new(AtomicBool::new(false))).await.unwrap_err().to_string();
+        assert!(err.contains("empty"), "{err}");
+
+        // Everything is in the store file: reopen it.
+        drop(wb);
+        let wb = Workbench::open(WorkbenchOptions::new(home.path())).await.unwrap();
+        let c = wb.chat(chat.id).await.unwrap();
+        assert_eq!(c.turns(), 3);
+        assert_eq!(c.messages.len(), 9, "3 user messages + 2 answers each");
+        assert_eq!(c.messages[1].content, answers[0].text);
+        let tuned_history = c.history(Some("tuned"));
+        assert_eq!(tuned_history.len(), 6);
+        assert_eq!(tuned_history[1].content, answers[1].text, "the tuned thread holds the tuned answers");
+        assert_eq!(wb.chats().await.unwrap().len(), 1);
+        wb.delete_chat(chat.id).await.unwrap();
+        assert!(wb.chat(chat.id).await.is_err());
+    });
+}
