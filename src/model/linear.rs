@@ -23,6 +23,15 @@ pub enum FrozenWeight {
     },
 }
 
+/// The block types `model::qmatmul` multiplies itself on the CPU.
+fn own_kernel(t: GgmlDType) -> Option<super::qmatmul::BlockKind> {
+    match t {
+        GgmlDType::Q4_1 => Some(super::qmatmul::BlockKind::Q4_1),
+        GgmlDType::Q8_0 => Some(super::qmatmul::BlockKind::Q8_0),
+        _ => None,
+    }
+}
+
 impl FrozenWeight {
     /// Wraps quantized blocks.
     pub fn quantized(q: QTensor) -> Result<Self> {
@@ -89,10 +98,11 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(w) => Ok(ops::frozen_linear(xs, w)?),
             FrozenWeight::Quantized { q, .. }
-                if !xs.track_op() && q.dtype() == GgmlDType::Q4_1 && xs.device().is_cpu() && xs.dtype() == DType::F32 =>
+                if !xs.track_op() && xs.device().is_cpu() && xs.dtype() == DType::F32 && own_kernel(q.dtype()).is_some() =>
             {
                 let (n, k) = q.shape().dims2()?;
-                super::qmatmul::matmul_q4_1(xs, &q.data()?, n, k)
+                let kind = own_kernel(q.dtype()).ok_or_else(|| crate::Error::Msg("no kernel".into()))?;
+                super::qmatmul::matmul(kind, xs, &q.data()?, n, k)
             }
             FrozenWeight::Quantized { mm, .. } if !xs.track_op() => Ok(mm.forward(xs)?),
             FrozenWeight::Quantized { q, .. } => Ok(ops::frozen_linear(xs, &q.dequantize(&q.device())?)?),
