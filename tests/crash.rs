@@ -231,6 +231,7 @@ fn graceful_stop_checkpoints_and_resumes() {
             }
         }
         assert!(steps >= 3, "step events were streamed ({steps})");
+        // Resumed at once: the stopped worker's exit may be seen after the run is queued again.
         wb.resume_run(run.id).await.unwrap();
         let r = wb.wait_run(run.id, Duration::from_secs(600)).await.unwrap();
         assert_eq!(r.status, RunStatus::Completed, "{:?}", r.error);

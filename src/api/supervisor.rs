@@ -132,14 +132,18 @@ impl Supervisor {
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let events = self.events.clone();
+        // Whether the worker got as far as training (it claims the run before its first event).
         let out_task = tokio::spawn(async move {
-            let Some(out) = stdout else { return };
+            let mut trained = false;
+            let Some(out) = stdout else { return trained };
             let mut lines = BufReader::new(out).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Ok(event) = serde_json::from_str::<TrainEvent>(&line) {
+                    trained = true;
                     let _ = events.send(ApiEvent::Train { run_id, event });
                 }
             }
+            trained
         });
         let err_task = tokio::spawn(async move {
             let mut tail = VecDeque::new();
@@ -156,13 +160,13 @@ impl Supervisor {
         let me = self.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
-            let _ = out_task.await;
+            let trained = out_task.await.unwrap_or(false);
             let tail: Vec<String> = err_task.await.map(|t| t.into_iter().collect()).unwrap_or_default();
             let how = match status {
                 Ok(s) => describe_exit(s),
                 Err(e) => format!("could not be waited for: {e}"),
             };
-            me.after_exit(run_id, pid, &how, &tail).await;
+            me.after_exit(run_id, pid, &how, &tail, trained).await;
         });
         Ok(())
     }
@@ -172,11 +176,16 @@ impl Supervisor {
         while process_alive(pid, start) {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        self.after_exit(run_id, pid, "ended", &[]).await;
+        self.after_exit(run_id, pid, "ended", &[], true).await;
     }
 
-    async fn after_exit(&self, run_id: i64, pid: i64, how: &str, stderr_tail: &[String]) {
-        self.workers.lock().unwrap_or_else(|p| p.into_inner()).remove(&run_id);
+    async fn after_exit(&self, run_id: i64, pid: i64, how: &str, stderr_tail: &[String], trained: bool) {
+        {
+            let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            if workers.get(&run_id) == Some(&pid) {
+                workers.remove(&run_id);
+            }
+        }
         let detail = if stderr_tail.is_empty() { String::new() } else { format!(": {}", stderr_tail.join("\n")) };
         let reason = format!("the worker (pid {pid}) {how}{detail}");
         if let Ok(run) = self.store.run(run_id).await {
@@ -184,7 +193,9 @@ impl Supervisor {
                 RunStatus::Running if run.worker_pid == Some(pid) => {
                     let _ = mark_gone(&self.store, run_id, pid, &reason).await;
                 }
-                RunStatus::Queued => {
+                // A worker that trained (stopped, then the run was queued again before its
+                // exit was seen here) says nothing about the new attempt.
+                RunStatus::Queued if !trained => {
                     // The worker died before claiming the run (bad binary, unreadable store).
                     let _ = self.store.fail_queued(run_id, &reason).await;
                 }
