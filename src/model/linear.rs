@@ -95,17 +95,19 @@ impl FrozenWeight {
     /// quantized ones run the quantized kernel when no gradient must flow to `xs`, and are
     /// dequantized for the product otherwise.
     pub fn product(&self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            FrozenWeight::Dense(w) => Ok(ops::frozen_linear(xs, w)?),
-            FrozenWeight::Quantized { q, .. }
-                if !xs.track_op() && xs.device().is_cpu() && xs.dtype() == DType::F32 && own_kernel(q.dtype()).is_some() =>
-            {
+        let (q, mm) = match self {
+            FrozenWeight::Dense(w) => return Ok(ops::frozen_linear(xs, w)?),
+            FrozenWeight::Quantized { q, mm } => (q, mm),
+        };
+        if xs.track_op() {
+            return Ok(ops::frozen_linear(xs, &q.dequantize(&q.device())?)?);
+        }
+        match own_kernel(q.dtype()) {
+            Some(kind) if xs.device().is_cpu() && xs.dtype() == DType::F32 => {
                 let (n, k) = q.shape().dims2()?;
-                let kind = own_kernel(q.dtype()).ok_or_else(|| crate::Error::Msg("no kernel".into()))?;
                 super::qmatmul::matmul(kind, xs, &q.data()?, n, k)
             }
-            FrozenWeight::Quantized { mm, .. } if !xs.track_op() => Ok(mm.forward(xs)?),
-            FrozenWeight::Quantized { q, .. } => Ok(ops::frozen_linear(xs, &q.dequantize(&q.device())?)?),
+            _ => Ok(mm.forward(xs)?),
         }
     }
 
