@@ -255,11 +255,15 @@ pub fn generate_text(
     Ok(TextGeneration { text, generation })
 }
 
-/// Full-sequence logits for `ids` (1-D), shape (seq, vocab), with no cache (the reference the
-/// cached path is tested against, and what `tunebench logits` writes).
+/// Full-sequence logits for `ids` (1-D), shape (seq, vocab), computed in one pass from an
+/// empty cache (the recomputation the cached path is tested against, and what `tunebench
+/// logits` writes).
 pub fn sequence_logits(model: &Llama, ids: &[u32]) -> Result<Tensor> {
     let t = Tensor::from_slice(ids, (1, ids.len()), model.device())?;
-    Ok(model.logits(&t, &ForwardCtx::default())?.squeeze(0)?.to_dtype(DType::F32)?.contiguous()?)
+    let ctx = ForwardCtx::default();
+    // Through a fresh inference cache: the same kernels as generation, all rows at once.
+    let h = model.hidden_cached(&t, &ctx, Some(&mut KvCache::default()))?;
+    Ok(model.lm_head.forward(&h, &ctx)?.squeeze(0)?.to_dtype(DType::F32)?.contiguous()?)
 }
 
 /// Index of the largest value in a 1-D tensor.

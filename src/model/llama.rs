@@ -4,12 +4,14 @@
 //! grouped-query attention with rotate-half RoPE, SwiGLU MLP, optional tied LM head. Every
 //! projection is a [`Linear`] slot a PEFT method can wrap; the base weights are plain tensors
 //! (never `Var`s), so only adapter tensors receive gradients. Only ops with a backward are
-//! used (see `ops`); there is no KV cache in the model struct.
+//! used (see `ops`); there is no KV cache in the model struct. Inference passes a [`KvCache`];
+//! on the CPU its attention runs in `attend` (cache grown in place, row-deterministic).
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::attend::{self, Heads, HostKv};
 use super::config::LlamaConfig;
 use super::linear::{ForwardCtx, FrozenWeight, Linear};
 use super::ops;
@@ -70,6 +72,33 @@ pub struct Llama {
 
 impl Attention {
     fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, ctx: &ForwardCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+        if let Some(c) = cache {
+            if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+                return self.forward_host(xs, cos, sin, ctx, &mut c.host);
+            }
+            return self.forward_ops(xs, cos, sin, ctx, Some(c));
+        }
+        self.forward_ops(xs, cos, sin, ctx, None)
+    }
+
+    /// Inference on the CPU: the cache grows in place and every query row is computed the same
+    /// way in a one-token step as in a prefill (see `attend`).
+    fn forward_host(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, ctx: &ForwardCtx, cache: &mut HostKv) -> Result<Tensor> {
+        let (b, s, _) = xs.dims3()?;
+        let h = Heads { b, s, n_heads: self.n_heads, n_kv: self.n_kv, head_dim: self.head_dim };
+        let host = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let q = host(self.q_proj.forward(xs, ctx)?)?;
+        let k = host(self.k_proj.forward(xs, ctx)?)?;
+        let v = host(self.v_proj.forward(xs, ctx)?)?;
+        let (cos, sin) = (host(cos.clone())?, host(sin.clone())?);
+        cache.append(&h, &k, &v, &cos, &sin);
+        let out = attend::attend(&h, &q, cache, &cos, &sin);
+        let out = Tensor::from_vec(out, (b, s, self.n_heads * self.head_dim), xs.device())?;
+        self.o_proj.forward(&out, ctx)
+    }
+
+    /// Attention from candle ops (differentiable; any device).
+    fn forward_ops(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, ctx: &ForwardCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let (b, s, _) = xs.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
         let q = self.q_proj.forward(xs, ctx)?.reshape((b, s, nh, hd))?.transpose(1, 2)?;
@@ -411,11 +440,13 @@ impl Llama {
     }
 }
 
-/// One layer's cached keys and values, (b, kv_heads, len, head_dim).
+/// One layer's cached keys and values: on the CPU in a buffer that grows in place
+/// ([`HostKv`]); on other devices as tensors (b, kv_heads, len, head_dim).
 #[derive(Clone, Debug, Default)]
 pub struct LayerCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
+    host: HostKv,
 }
 
 /// An inference KV cache, passed to [`Llama::hidden_cached`] (the model holds none).

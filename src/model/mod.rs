@@ -1,6 +1,7 @@
 //! Models: configuration, weight loading (GGUF and HF safetensors folders), tokenizers, chat
 //! templates, and the Llama-family decoder written for training.
 
+pub mod attend;
 pub mod config;
 pub mod gguf;
 pub mod linear;
