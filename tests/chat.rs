@@ -196,7 +196,7 @@ fn workbench_chat_streams_records_and_cancels() {
     let home = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        let wb = Workbench::open(WorkbenchOptions::new(home.path())).await.unwrap();
+        let wb = Workbench::open(options(home.path())).await.unwrap();
         let chat = wb
             .create_chat(CreateChat {
                 title: None,
@@ -232,7 +232,7 @@ fn workbench_chat_streams_records_and_cancels() {
 
         // Everything is in the store file: reopen it.
         drop(wb);
-        let wb = Workbench::open(WorkbenchOptions::new(home.path())).await.unwrap();
+        let wb = Workbench::open(options(home.path())).await.unwrap();
         let c = wb.chat(chat.id).await.unwrap();
         assert_eq!(c.turns(), 3);
         assert_eq!(c.messages.len(), 9, "3 user messages + 2 answers each");
@@ -243,5 +243,72 @@ fn workbench_chat_streams_records_and_cancels() {
         assert_eq!(wb.chats().await.unwrap().len(), 1);
         wb.delete_chat(chat.id).await.unwrap();
         assert!(wb.chat(chat.id).await.is_err());
+    });
+}
+
+/// Workbench options whose chat worker is the tunebench binary built with these tests.
+fn options(home: &Path) -> WorkbenchOptions {
+    let mut o = WorkbenchOptions::new(home);
+    o.worker_exe = Some(PathBuf::from(env!("CARGO_BIN_EXE_tunebench")));
+    o
+}
+
+#[test]
+fn a_chat_worker_killed_mid_answer_fails_that_message_only() {
+    let home = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let wb = Arc::new(Workbench::open(options(home.path())).await.unwrap());
+        let req = |n| CreateChat {
+            title: None,
+            model_path: Some(common::default_model()),
+            adapters: vec![],
+            variants: None,
+            sampling: SampleOptions { min_new_tokens: n, ..SampleOptions::greedy(n) },
+            system: None,
+        };
+        let chat = wb.create_chat(req(400)).await.unwrap();
+        let mut rx = wb.subscribe();
+        let sender = wb.clone();
+        let pending = tokio::spawn(async move { sender.chat_send(chat.id, "Tell me a long story.", Arc::new(AtomicBool::new(false))).await });
+        // Kill the worker once it is answering.
+        loop {
+            if let ApiEvent::ChatText { .. } = rx.recv().await.unwrap() {
+                break;
+            }
+        }
+        let pid = wb.chat_worker_pid().expect("a chat worker runs");
+        assert_ne!(pid, std::process::id(), "the model runs in another process");
+        // SAFETY: plain kill(2) of the worker this test started.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        let err = pending.await.unwrap().unwrap_err().to_string();
+        assert!(err.contains("killed") && err.contains("nothing was recorded"), "{err}");
+        assert_eq!(wb.chat(chat.id).await.unwrap().turns(), 0, "the failed message left no turn");
+
+        // The workbench is unharmed: the next message starts a new worker and is answered.
+        let short = wb.create_chat(req(8)).await.unwrap();
+        let a = wb.chat_send(short.id, "Hello!", Arc::new(AtomicBool::new(false))).await.unwrap();
+        assert_eq!(a[0].new_tokens, 8);
+        assert_ne!(wb.chat_worker_pid(), Some(pid));
+        assert_eq!(wb.chat(short.id).await.unwrap().turns(), 1);
+        // Cancelling mid-answer keeps what was generated.
+        while rx.try_recv().is_ok() {}
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (sender, flag) = (wb.clone(), cancel.clone());
+        let pending = tokio::spawn(async move { sender.chat_send(chat.id, "Tell me a long story.", flag).await });
+        loop {
+            if let ApiEvent::ChatText { .. } = rx.recv().await.unwrap() {
+                break;
+            }
+        }
+        cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        let a = pending.await.unwrap().unwrap();
+        assert!(a[0].finish == "cancelled" && a[0].new_tokens > 0 && a[0].new_tokens < 400, "{a:?}");
+        assert_eq!(wb.chat(chat.id).await.unwrap().turns(), 1);
+        // A bad request is the worker's answer, not its end.
+        let err = wb.chat_send(chat.id, &"word ".repeat(9000), Arc::new(AtomicBool::new(false))).await.unwrap_err().to_string();
+        assert!(err.contains("context"), "{err}");
+        let again = wb.chat_send(short.id, "Hello again!", Arc::new(AtomicBool::new(false))).await.unwrap();
+        assert_eq!(again[0].new_tokens, 8);
     });
 }

@@ -1,25 +1,23 @@
 //! Chat through the workbench: sessions stored in SQLite, answers streamed as
 //! [`ApiEvent::ChatText`] events, base vs tuned (or adapter A vs B) side by side.
 //!
-//! The workbench keeps one chat model loaded (the last one used) with its adapters; asking a
-//! session with the same model reuses it, switching adapters in place. Generation runs on a
-//! blocking thread of the runtime; `cancel` ends the current answer (what was generated so
-//! far is kept, marked `cancelled`).
+//! Answers come from the chat worker process (`chat_worker`), which keeps the last model used
+//! loaded with its adapters; asking a session with the same model reuses it, switching
+//! adapters in place. `cancel` ends the current answer (what was generated so far is kept,
+//! marked `cancelled`); a worker that crashes fails the message with its exit status and
+//! stderr, records nothing, and the next message starts a new one.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::chat_worker::{ChatEvent, ChatWorker};
 use super::{ApiEvent, Workbench};
-use crate::infer::chat::ChatModel;
 use crate::infer::SampleOptions;
 use crate::store::{ChatAdapter, ChatRecord, NewAnswer, NewChat};
 use crate::{Error, Result};
-
-/// The loaded chat model: which model file, which adapter folders, and the model itself.
-pub(crate) type LoadedChat = Option<(PathBuf, ChatModel)>;
 
 /// Request: a new chat session.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -122,6 +120,11 @@ impl Workbench {
         self.store.set_chat_sampling(id, &serde_json::to_value(sampling).map_err(|e| Error::Msg(e.to_string()))?).await
     }
 
+    /// The process id of the chat worker, when one is running (started by the first message).
+    pub fn chat_worker_pid(&self) -> Option<u32> {
+        Some(self.chat_pid.load(Ordering::SeqCst)).filter(|&p| p != 0)
+    }
+
     /// Sends a user message: every variant of the chat answers it in turn (streamed as
     /// `ChatText` events, then `ChatDone`), and the turn is recorded with all answers. An error
     /// (empty prompt, context full, model missing) records nothing.
@@ -133,38 +136,42 @@ impl Workbench {
         let sampling: SampleOptions = serde_json::from_value(chat.sampling.clone())
             .map_err(|e| Error::Msg(format!("chat {chat_id}: stored sampling settings are unreadable: {e}")))?;
         let turn = chat.turns();
-        let loaded = self.chat_model.clone();
-        let events = self.events.clone();
-        let text = text.to_string();
-        let (user_text, opts) = (text.clone(), sampling.clone());
-        let answers = tokio::task::spawn_blocking(move || -> Result<Vec<ChatAnswer>> {
-            let (text, sampling) = (user_text, opts);
-            let mut guard = loaded.lock().unwrap_or_else(|p| p.into_inner());
-            let model = prepare(&mut guard, &chat)?;
-            let mut out = Vec::new();
-            for variant in &chat.variants {
-                model.use_adapter(variant.as_deref())?;
-                let mut history = chat.history(variant.as_deref());
-                history.push(crate::data::Message { role: "user".into(), content: text.clone() });
-                let g = model.reply(&history, &sampling, Some(&cancel), |piece| {
-                    let _ = events.send(ApiEvent::ChatText { chat_id, turn, variant: variant.clone(), text: piece.to_string() });
-                })?;
-                let answer = ChatAnswer {
-                    variant: variant.clone(),
-                    finish: serde_json::to_value(g.generation.finish).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
-                    prompt_tokens: g.generation.prompt_tokens,
-                    new_tokens: g.generation.tokens.len(),
-                    ttft_s: g.generation.ttft_s,
-                    decode_tok_s: g.generation.decode_tok_s(),
-                    text: g.text,
-                };
-                let _ = events.send(ApiEvent::ChatDone { chat_id, turn, answer: answer.clone() });
-                out.push(answer);
+        let exe = self.worker_exe.clone().ok_or_else(|| Error::Msg("cannot find the tunebench binary to run the chat worker".into()))?;
+        let mut slot = self.chat_worker.lock().await;
+        let mut answers = Vec::new();
+        for variant in &chat.variants {
+            if slot.is_none() {
+                let w = ChatWorker::spawn(&exe)?;
+                self.chat_pid.store(w.pid().unwrap_or(0), Ordering::SeqCst);
+                *slot = Some(w);
             }
-            Ok(out)
-        })
-        .await
-        .map_err(|e| Error::Msg(format!("chat generation thread failed: {e}")))??;
+            let Some(worker) = slot.as_mut() else { continue };
+            let mut history = chat.history(variant.as_deref());
+            history.push(crate::data::Message { role: "user".into(), content: text.to_string() });
+            let events = &self.events;
+            let on_text = |piece: &str| {
+                let _ = events.send(ApiEvent::ChatText { chat_id, turn, variant: variant.clone(), text: piece.to_string() });
+            };
+            let model = Path::new(&chat.model_path);
+            let event = match worker.reply(model, &chat.adapters, variant.clone(), history, &sampling, &cancel, on_text).await {
+                Ok(e) => e,
+                Err(gone) => {
+                    *slot = None;
+                    self.chat_pid.store(0, Ordering::SeqCst);
+                    return Err(Error::Msg(format!("chat {chat_id}: {}; nothing was recorded", gone.0)));
+                }
+            };
+            let answer = match event {
+                ChatEvent::Done { text, finish, prompt_tokens, new_tokens, ttft_s, decode_tok_s, .. } => {
+                    ChatAnswer { variant: variant.clone(), text, finish, prompt_tokens, new_tokens, ttft_s, decode_tok_s }
+                }
+                ChatEvent::Error { message, .. } => return Err(Error::Msg(message)),
+                ChatEvent::Text { .. } => return Err(Error::Msg("chat worker: unexpected event".into())),
+            };
+            let _ = self.events.send(ApiEvent::ChatDone { chat_id, turn, answer: answer.clone() });
+            answers.push(answer);
+        }
+        drop(slot);
         let sampling_json = serde_json::to_value(&sampling).map_err(|e| Error::Msg(e.to_string()))?;
         let rows: Vec<NewAnswer> = answers
             .iter()
@@ -179,32 +186,7 @@ impl Workbench {
                 sampling: sampling_json.clone(),
             })
             .collect();
-        self.store.add_chat_turn(chat_id, &text, &rows).await?;
+        self.store.add_chat_turn(chat_id, text, &rows).await?;
         Ok(answers)
     }
-}
-
-/// The loaded chat model for `chat`: reused when the model file is the same (loading only the
-/// adapters it lacks), loaded afresh otherwise.
-fn prepare<'a>(slot: &'a mut LoadedChat, chat: &ChatRecord) -> Result<&'a mut ChatModel> {
-    let path = PathBuf::from(&chat.model_path);
-    if slot.as_ref().map(|(p, _)| p != &path).unwrap_or(true) {
-        *slot = None;
-        let m = ChatModel::open(&path, &candle_core::Device::Cpu)?;
-        *slot = Some((path, m));
-    }
-    let (_, model) = slot.as_mut().ok_or_else(|| Error::Msg("chat model not loaded".into()))?;
-    for a in &chat.adapters {
-        match model.adapter_path(&a.name) {
-            Some(p) if p == Path::new(&a.path) => {}
-            Some(_) => {
-                model.remove_adapter(&a.name)?;
-                model.add_adapter(Path::new(&a.path), Some(&a.name))?;
-            }
-            None => {
-                model.add_adapter(Path::new(&a.path), Some(&a.name))?;
-            }
-        }
-    }
-    Ok(model)
 }

@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod chat_worker;
 pub mod compare;
 pub mod datasets;
 pub mod estimate;
@@ -86,7 +87,7 @@ pub enum ApiEvent {
 pub struct WorkbenchOptions {
     /// The app data dir (store, runs, models).
     pub home: PathBuf,
-    /// The `tunebench` binary that workers run (default: this executable).
+    /// The `tunebench` binary that training and chat workers run (default: this executable).
     pub worker_exe: Option<PathBuf>,
     /// Start the supervisor and the queue (the app and `serve`); the CLI's one-shot commands
     /// only read and signal.
@@ -167,7 +168,10 @@ pub struct Workbench {
     events: broadcast::Sender<ApiEvent>,
     supervisor: Option<Arc<Supervisor>>,
     stop_timeout: Duration,
-    chat_model: Arc<std::sync::Mutex<chat::LoadedChat>>,
+    worker_exe: Option<PathBuf>,
+    chat_worker: tokio::sync::Mutex<Option<chat_worker::ChatWorker>>,
+    /// The chat worker's pid (0: none), readable while it answers.
+    chat_pid: std::sync::atomic::AtomicU32,
 }
 
 impl Workbench {
@@ -176,11 +180,9 @@ impl Workbench {
     pub async fn open(opts: WorkbenchOptions) -> Result<Workbench> {
         let store = Store::open(&opts.home.join(crate::store::DB_FILE)).await?;
         let (events, _) = broadcast::channel(4096);
+        let worker_exe = opts.worker_exe.clone().or_else(|| std::env::current_exe().ok());
         let supervisor = if opts.supervise {
-            let exe = match opts.worker_exe {
-                Some(e) => e,
-                None => std::env::current_exe().map_err(|e| Error::Msg(format!("cannot find the tunebench binary: {e}")))?,
-            };
+            let exe = worker_exe.clone().ok_or_else(|| Error::Msg("cannot find the tunebench binary to run workers".into()))?;
             let sup = Supervisor::new(store.clone(), exe, events.clone(), opts.stop_timeout);
             sup.start().await?;
             Some(sup)
@@ -188,7 +190,16 @@ impl Workbench {
             supervisor::sweep(&store).await?;
             None
         };
-        Ok(Workbench { store, home: opts.home, events, supervisor, stop_timeout: opts.stop_timeout, chat_model: Default::default() })
+        Ok(Workbench {
+            store,
+            home: opts.home,
+            events,
+            supervisor,
+            stop_timeout: opts.stop_timeout,
+            worker_exe,
+            chat_worker: Default::default(),
+            chat_pid: Default::default(),
+        })
     }
 
     /// The run store.

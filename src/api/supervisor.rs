@@ -229,7 +229,8 @@ pub async fn mark_gone(store: &Store, run_id: i64, pid: i64, reason: &str) -> Re
     store.mark_interrupted(run_id, pid, reason).await
 }
 
-fn describe_exit(s: std::process::ExitStatus) -> String {
+/// A worker's exit in words ("exited with code 1", "was killed (SIGKILL; out of memory?)").
+pub(crate) fn describe_exit(s: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (s.code(), s.signal()) {
         (Some(0), _) => "exited".into(),

@@ -688,6 +688,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let workload = match cli.cmd {
         Cmd::Chat(_) | Cmd::Generate { .. } | Cmd::BenchDecode { .. } => tunebench::Workload::Inference,
+        Cmd::Worker { cmd: runs::WorkerCmd::Chat } => tunebench::Workload::Inference,
         _ => tunebench::Workload::Training,
     };
     tunebench::init_cpu_runtime_for(workload);

@@ -182,6 +182,8 @@ pub enum WorkerCmd {
         #[arg(long)]
         no_heldout: bool,
     },
+    /// Answer chat requests (JSON lines on stdin, events on stdout) until stdin closes.
+    Chat,
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -611,6 +613,7 @@ pub fn cmd_worker(cmd: WorkerCmd) -> Result<()> {
                 None => Ok(()),
             }
         }
+        WorkerCmd::Chat => tunebench::api::chat_worker::run_chat_worker(std::io::BufReader::new(std::io::stdin()), std::io::stdout().lock()),
     }
 }
 
