@@ -28,10 +28,8 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
 import shlex
-import subprocess
 import sys
 import shutil
 import statistics
@@ -39,6 +37,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tbcommon as tb  # noqa: E402
+from tbcommon import git_rev, machine, parse_json_line, tunebench_version  # noqa: E402
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_DATA = os.path.join(os.path.dirname(tb.ROOT), "shared", "data", "alpaca_en_demo.json")
@@ -134,45 +133,6 @@ def reference_train(model_path: str, batches_path: str, rank: int, alpha: float,
     b, s = ids.shape[1], ids.shape[2]
     return {"tokens_per_s": b * s * steps / sum(times), "losses": losses, "step_seconds": times,
             "trainable_params": sum(p.numel() for p in trainable), "threads": torch.get_num_threads()}
-
-
-def parse_json_line(text: str, what: str) -> dict:
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                pass
-    tb.die(f"{what} printed no JSON line; its stdout was:\n{text[-2000:]}", 1)
-
-
-def machine() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {"cpu": model, "nproc": os.cpu_count(), "load_avg": os.getloadavg(),
-            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1)}
-
-
-def tunebench_version(exe: list[str]) -> str | None:
-    try:
-        r = subprocess.run(exe + ["--version"], capture_output=True, text=True, timeout=30)
-        return r.stdout.strip() or None if r.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-def git_rev() -> str | None:
-    try:
-        r = subprocess.run(["git", "-C", tb.ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        return r.stdout.strip() or None
-    except OSError:
-        return None
 
 
 def main() -> int:

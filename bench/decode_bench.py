@@ -55,7 +55,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tbcommon as tb  # noqa: E402
-from cpu_lora_bench import git_rev, machine, parse_json_line, tunebench_version  # noqa: E402
+from tbcommon import git_rev, machine, parse_json_line, tunebench_version  # noqa: E402
 
 RESULTS = os.path.join(tb.ROOT, "bench", "RESULTS.md")
 PERSONA = os.path.join(tb.ROOT, "assets", "datasets", "persona", "train.jsonl")

@@ -18,6 +18,9 @@ Checks:
               --model hf/` and vs `tunebench logits --model BASE --adapter adapter/` (unmerged)
   peft-merge  transformers BASE (GGUF) + PeftModel(adapter/).merge_and_unload() vs transformers
               on hf/: an independent merge gives the same model
+  gguf        each GGUF export read by transformers (llama.cpp's gguf-py reader, dequantized): its
+              tokenizer encodes the texts as Tunebench does, its logits vs `tunebench logits --model
+              model.gguf` (both dequantize the same blocks, so within tol)
   llama.cpp   (when llama-cpp-python is importable here or in the env of scripts/llamacpp-env,
               which is not built by this script) each GGUF, fed the prompts + the merged model's
               greedy continuation: logits vs `tunebench logits --model model.gguf`, and top-1
@@ -220,6 +223,19 @@ def check(args, exe, work) -> int:
     merged.eval()
     compare("peft merge_and_unload(base GGUF) vs hf/ (transformers)", hf_logits(merged), ref_hf, args.tol)
     del merged, base
+
+    # --- GGUF exports in transformers (llama.cpp's gguf-py reader, always available) ------------------
+    for q in GGUF_TYPES:
+        path = os.path.join(exports, f"gguf-{q}", "model.gguf")
+        tb.require_file(path, f"GGUF export {q}", "the exports are incomplete")
+        gmodel, gtok = tb.load_hf(path, attn="eager")
+        gmodel.eval()
+        genc = [gtok(t, add_special_tokens=False).input_ids for t in exp["texts"]]
+        row(f"gguf-{q}: tokenizer (transformers from the GGUF) == tunebench", ok=genc == exp["encodings"],
+            note=f"{len(genc)} texts" if genc == exp["encodings"] else "encodings differ")
+        # Both sides dequantize the same blocks: the logits must agree as closely as for hf/.
+        compare(f"gguf-{q}: transformers vs tunebench (same file)", hf_logits(gmodel), ours_logits(f"gguf-{q}", path), args.tol)
+        del gmodel
 
     # --- llama.cpp ----------------------------------------------------------------------------------
     lpy = llama_cpp_python()

@@ -41,6 +41,13 @@ pub struct ChatArgs {
     /// Longest answer in tokens.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+/// Sampling flags shared by `chat` and `generate`.
+#[derive(clap::Args)]
+pub struct SamplingArgs {
     /// Temperature (0 = greedy).
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
@@ -62,6 +69,23 @@ pub struct ChatArgs {
     /// Stop string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    /// The settings, answering at most `max_tokens` tokens.
+    pub fn options(&self, max_tokens: usize) -> SampleOptions {
+        SampleOptions {
+            max_new_tokens: max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            stop_strings: self.stop.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 fn adapter_arg(s: &str) -> ChatAdapter {
@@ -100,17 +124,7 @@ pub fn cmd_chat(a: ChatArgs) -> Result<()> {
             if a.compare_base || variants.is_empty() {
                 variants.insert(0, None);
             }
-            let sampling = SampleOptions {
-                max_new_tokens: a.max_tokens,
-                temperature: a.temperature,
-                top_p: a.top_p,
-                top_k: a.top_k,
-                min_p: a.min_p,
-                repetition_penalty: a.repetition_penalty,
-                seed: a.seed,
-                stop_strings: a.stop.clone(),
-                ..Default::default()
-            };
+            let sampling = a.sampling.options(a.max_tokens);
             rt.block_on(wb.create_chat(CreateChat {
                 title: None,
                 model_path: a.model.clone(),

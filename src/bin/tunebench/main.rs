@@ -125,15 +125,8 @@ enum Cmd {
         /// Longest answer in tokens.
         #[arg(long, default_value_t = 128)]
         max_tokens: usize,
-        /// Sampling temperature (0 = greedy).
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f64,
-        /// Nucleus sampling mass.
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f64,
-        /// Seed for sampling.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        sampling: chat::SamplingArgs,
     },
     /// Write full-sequence logits for token-id sequences to a safetensors file (`logits.N`,
     /// f32 [seq, vocab]); used by the PEFT interop check.
@@ -516,7 +509,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(m.model.config()).unwrap_or_default());
             println!("parameters: {}", m.model.num_params());
         }
-        Cmd::Generate { model, adapter, prompt, raw, max_tokens, temperature, top_p, seed } => {
+        Cmd::Generate { model, adapter, prompt, raw, max_tokens, sampling } => {
             let m = load_quantized_with_adapter(model, adapter.as_deref())?;
             let text = if raw {
                 prompt
@@ -524,17 +517,9 @@ fn run(cli: Cli) -> Result<()> {
                 train::trainer::template_for(&m)?.render(&[Message { role: "user".into(), content: prompt }], true)?
             };
             let enc = m.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-            let opts = tunebench::infer::SampleOptions {
-                max_new_tokens: max_tokens,
-                temperature,
-                top_p,
-                seed,
-                stop_ids: vec![m.spec.eos_id],
-                ..Default::default()
-            };
-            let out = tunebench::infer::generate(&m.model, enc.get_ids(), &opts, |_| {})?;
-            let s = m.tokenizer.decode(&out, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
-            println!("{s}");
+            let opts = tunebench::infer::SampleOptions { stop_ids: vec![m.spec.eos_id], ..sampling.options(max_tokens) };
+            let g = tunebench::infer::generate_text(&m.model, &m.tokenizer, enc.get_ids(), &opts, None, |_| {})?;
+            println!("{}", g.text);
         }
         Cmd::Logits { model, adapter, tokens, out } => {
             let m = load_with_adapter(model, adapter.as_deref())?;
