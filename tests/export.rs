@@ -368,8 +368,8 @@ fn gguf_exports_reload_and_decode_like_the_merged_model() {
     }
 }
 
-/// BitFit adds biases: merged into q/k/v they are written to both formats (q/k biases permuted
-/// like their rows in GGUF) and read back.
+/// BitFit adds biases: merged into q/k/v, o_proj and down_proj they are written to both
+/// formats (q/k biases permuted like their rows in GGUF) and read back.
 #[test]
 fn merged_biases_are_exported() {
     use rand::{Rng, SeedableRng};
@@ -377,7 +377,7 @@ fn merged_biases_are_exported() {
     let mut m = model::load(&base, &Device::Cpu).unwrap();
     let prompt = prompts(&m).swap_remove(0);
     let base_logits = infer::sequence_logits(&m.model, &prompt).unwrap();
-    let names = ["q_proj", "k_proj", "v_proj"].map(String::from).to_vec();
+    let names = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"].map(String::from).to_vec();
     let cfg = PeftConfig::Bitfit(tunebench::peft::BitfitConfig { target_modules: TargetModules::Names(names) });
     let a = Adapter::inject(&mut m.model, &cfg, 3).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
@@ -390,9 +390,10 @@ fn merged_biases_are_exported() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     export::write_hf(&m, &dir.path().join("hf"), HfDtype::F32, |_, _| {}).unwrap();
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("hf/config.json")).unwrap()).unwrap();
-    assert_eq!((cfg["attention_bias"].as_bool(), cfg["mlp_bias"].as_bool()), (Some(true), Some(false)));
+    assert_eq!((cfg["attention_bias"].as_bool(), cfg["mlp_bias"].as_bool()), (Some(true), Some(true)));
     let st = candle_core::safetensors::load(dir.path().join("hf/model.safetensors"), &Device::Cpu).unwrap();
-    assert_eq!(max_abs(&st["model.layers.0.self_attn.o_proj.bias"]), 0.0, "transformers' Llama wants an o_proj bias too: zeros");
+    assert!(max_abs(&st["model.layers.0.self_attn.o_proj.bias"]) > 0.0);
+    assert_eq!(max_abs(&st["model.layers.0.mlp.up_proj.bias"]), 0.0, "transformers' Llama wants all three MLP biases: zeros");
     let gguf = dir.path().join("m.f16.gguf");
     export::write_gguf(&m, &gguf, GgufType::F16, None, |_, _| {}).unwrap();
     // In the GGUF the q/k biases are permuted like their rows (and stored in F32).
@@ -410,13 +411,15 @@ fn merged_biases_are_exported() {
     let (hf32, hf16, g16) = (logits(&dir.path().join("hf")), logits(&hf_f16), logits(&gguf));
     let moved = max_diff(&want, &base_logits);
     println!(
-        "(b/c) BitFit q/k/v biases (they move logits by {moved:.1}): HF f32 max|logit diff| {:.2e}; GGUF f16 {:.3}, HF f16 {:.3}, GGUF f16 vs HF f16 {:.3}",
+        "(b/c) BitFit q/k/v/o/down biases (they move logits by {moved:.1}): HF f32 max|logit diff| {:.2e}; GGUF f16 {:.3}, HF f16 {:.3}, GGUF f16 vs HF f16 {:.3}",
         max_diff(&want, &hf32),
         max_diff(&want, &g16),
         max_diff(&want, &hf16),
         max_diff(&g16, &hf16)
     );
-    assert!(max_diff(&want, &hf32) < 1e-3);
+    assert!(max_diff(&want, &hf32) < 1e-3, "every merged bias is read back");
+    let back = model::load(&dir.path().join("hf"), &Device::Cpu).unwrap();
+    assert!(back.model.layers[2].mlp.down_proj.bias().is_some() && back.model.layers[2].self_attn.o_proj.bias().is_some());
     // f16 weights cost the same in both formats (the GGUF keeps biases in F32).
     assert!(max_diff(&g16, &hf16) < 0.5 && max_diff(&want, &g16) < 2.0 * max_diff(&want, &hf16).max(0.1));
 }

@@ -196,6 +196,7 @@ impl Llama {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        let present: std::collections::HashSet<String> = t.keys().cloned().collect();
         let mut take_w = |name: &str| -> Result<FrozenWeight> {
             let x = t
                 .remove(name)
@@ -218,11 +219,17 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            // `bias`: required (q/k/v of Qwen2-style configs); otherwise read when present (a
+            // merged BitFit model has biases wherever they were trained).
             let mut lin = |m: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
                 let name = format!("{p}.{m}");
                 let w = take_w(&format!("{name}.weight"))?;
                 check(&format!("{name}.weight"), w.dims(), &[out, inp])?;
-                let b = if bias { Some(dense(take_w(&format!("{name}.bias"))?)?) } else { None };
+                let bias_name = format!("{name}.bias");
+                let b = if bias || present.contains(&bias_name) { Some(dense(take_w(&bias_name)?)?) } else { None };
+                if let Some(b) = &b {
+                    check(&format!("{name}.bias"), b.dims(), &[out])?;
+                }
                 Ok(Linear::with_weight(name, w, b))
             };
             let ab = cfg.attention_bias;
