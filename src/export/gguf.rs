@@ -13,17 +13,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::io::Write;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Instant;
 
-use candle_core::quantized::gguf_file::{self, Content, Value, VersionedMagic};
+use candle_core::quantized::gguf_file::{Content, Value, VersionedMagic};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
+use super::gguf_stream::{self, TensorPlan};
 use super::hf::read_gguf_meta;
 use super::modelfile::{modelfile_path, ollama_modelfile};
 use super::staging::{Staged, sync_file};
@@ -182,41 +182,42 @@ pub fn write_gguf(
     let named = m.model.named_tensors()?;
     let tied = !named.iter().any(|(k, _)| k == "lm_head.weight");
     let total = named.len();
-    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(total);
+    // Plan every tensor (name, shape, storage type) first: the header comes before the data,
+    // and then each tensor is converted and written alone (gguf_stream).
+    let mut plan = Vec::with_capacity(total);
     let mut types = BTreeMap::new();
-    for (i, (hf, t)) in named.into_iter().enumerate() {
-        let name = gguf_name(&hf).ok_or_else(|| Error::Msg(format!("tensor `{hf}` has no llama.cpp name")))?;
-        check_bias_supported(arch, &hf)?;
-        let mut t = t.to_dtype(DType::F32)?;
-        if arch == "llama" {
-            if name.contains(".attn_q.") {
-                t = permute_rows(&t, cfg.num_attention_heads)?;
-            } else if name.contains(".attn_k.") {
-                t = permute_rows(&t, cfg.kv_heads())?;
-            }
-        }
+    for (hf, t) in &named {
+        let name = gguf_name(hf).ok_or_else(|| Error::Msg(format!("tensor `{hf}` has no llama.cpp name")))?;
+        check_bias_supported(arch, hf)?;
         let ty = if t.rank() < 2 {
             GgmlDType::F32
         } else {
             let is_output = name == "output.weight" || (tied && name == "token_embd.weight");
             qtype.matrix_type(t.dim(candle_core::D::Minus1)?, is_output)
         };
-        let q = QTensor::quantize(&t, ty).map_err(|e| Error::Msg(format!("quantizing {name} as {ty:?}: {e}")))?;
         *types.entry(format!("{ty:?}").to_uppercase()).or_insert(0usize) += 1;
-        tensors.push((name, q));
-        progress(i + 1, total);
+        plan.push(TensorPlan { name, dims: t.dims().to_vec(), ty });
     }
-
     let meta = metadata(m, arch, qtype, source_meta.as_ref())?;
     {
         let file = std::fs::OpenOptions::new().write(true).truncate(true).open(stage.tmp_path()).map_err(|e| Error::io(stage.tmp_path(), e))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        gguf_file::write(&mut w, &meta_refs, &tensor_refs).map_err(|e| Error::Msg(format!("{}: {e}", out_file.display())))?;
-        w.flush().map_err(|e| Error::io(stage.tmp_path(), e))?;
+        let w = std::io::BufWriter::with_capacity(1 << 20, file);
+        gguf_stream::write(w, &meta, &plan, |i| {
+            let (name, ty) = (&plan[i].name, plan[i].ty);
+            let mut t = named[i].1.to_dtype(DType::F32)?;
+            if arch == "llama" {
+                if name.contains(".attn_q.") {
+                    t = permute_rows(&t, cfg.num_attention_heads)?;
+                } else if name.contains(".attn_k.") {
+                    t = permute_rows(&t, cfg.kv_heads())?;
+                }
+            }
+            let q = QTensor::quantize(&t, ty).map_err(|e| Error::Msg(format!("quantizing {name} as {ty:?}: {e}")))?;
+            progress(i + 1, total);
+            Ok(q.data()?.to_vec())
+        })
+        .map_err(|e| Error::Msg(format!("{}: {e}", out_file.display())))?;
     }
-    drop(tensors);
     let mut files = vec![out_file.to_path_buf()];
     if let (Some(opts), Some(mf)) = (modelfile, &mf_stage) {
         let file_name = out_file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -26,6 +26,7 @@
 //! from one load.
 
 mod gguf;
+mod gguf_stream;
 mod hf;
 mod modelfile;
 mod staging;
