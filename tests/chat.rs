@@ -305,6 +305,22 @@ fn a_chat_worker_killed_mid_answer_fails_that_message_only() {
         let a = pending.await.unwrap().unwrap();
         assert!(a[0].finish == "cancelled" && a[0].new_tokens > 0 && a[0].new_tokens < 400, "{a:?}");
         assert_eq!(wb.chat(chat.id).await.unwrap().turns(), 1);
+        // A message whose caller goes away mid-answer: the next one does not wait behind it.
+        while rx.try_recv().is_ok() {}
+        let sender = wb.clone();
+        let pending = tokio::spawn(async move { sender.chat_send(chat.id, "Tell me a long story.", Arc::new(AtomicBool::new(false))).await });
+        loop {
+            if let ApiEvent::ChatText { .. } = rx.recv().await.unwrap() {
+                break;
+            }
+        }
+        let busy_pid = wb.chat_worker_pid();
+        pending.abort();
+        let _ = pending.await;
+        let a = wb.chat_send(short.id, "Hello!", Arc::new(AtomicBool::new(false))).await.unwrap();
+        assert_eq!(a[0].new_tokens, 8);
+        assert_ne!(wb.chat_worker_pid(), busy_pid, "the busy worker was replaced");
+        assert_eq!(wb.chat(chat.id).await.unwrap().turns(), 1, "the abandoned message left no turn");
         // A bad request is the worker's answer, not its end.
         let err = wb.chat_send(chat.id, &"word ".repeat(9000), Arc::new(AtomicBool::new(false))).await.unwrap_err().to_string();
         assert!(err.contains("context"), "{err}");

@@ -140,6 +140,9 @@ impl Workbench {
         let mut slot = self.chat_worker.lock().await;
         let mut answers = Vec::new();
         for variant in &chat.variants {
+            if slot.as_ref().is_some_and(|w| w.abandoned()) {
+                *slot = None; // killed on drop
+            }
             if slot.is_none() {
                 let w = ChatWorker::spawn(&exe)?;
                 self.chat_pid.store(w.pid().unwrap_or(0), Ordering::SeqCst);

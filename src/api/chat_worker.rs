@@ -95,6 +95,15 @@ pub enum ChatEvent {
     },
 }
 
+impl ChatEvent {
+    /// The request this event answers.
+    pub fn id(&self) -> u64 {
+        match self {
+            ChatEvent::Text { id, .. } | ChatEvent::Done { id, .. } | ChatEvent::Error { id, .. } => *id,
+        }
+    }
+}
+
 /// `tunebench worker chat`: reads requests from `input` until it closes, writes events to
 /// `output`. Cancel requests are read while an answer is generated.
 pub fn run_chat_worker(input: impl BufRead + Send + 'static, mut output: impl Write) -> Result<()> {
@@ -190,6 +199,8 @@ pub(crate) struct ChatWorker {
     stdout: Lines<BufReader<ChildStdout>>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     next_id: u64,
+    /// A request was sent and its end not read: its caller went away mid-answer.
+    busy: bool,
 }
 
 impl ChatWorker {
@@ -221,12 +232,18 @@ impl ChatWorker {
                 t.push_back(line);
             }
         });
-        Ok(ChatWorker { child, stdin, stdout: BufReader::new(stdout).lines(), stderr_tail, next_id: 0 })
+        Ok(ChatWorker { child, stdin, stdout: BufReader::new(stdout).lines(), stderr_tail, next_id: 0, busy: false })
     }
 
     /// The worker's process id.
     pub(crate) fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// True when a request was abandoned mid-answer (its future dropped): the worker may still
+    /// be generating it, so the caller replaces the worker rather than wait behind it.
+    pub(crate) fn abandoned(&self) -> bool {
+        self.busy
     }
 
     /// Sends a reply request and follows it to its end: `on_text` sees each piece; `cancel`
@@ -259,6 +276,7 @@ impl ChatWorker {
         if let Err(e) = self.send(&line).await {
             return Err(self.died(&format!("could not be written to ({e})")).await);
         }
+        self.busy = true;
         let mut sent_cancel = cancelled;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
@@ -270,14 +288,12 @@ impl ChatWorker {
                         Err(e) => return Err(self.died(&format!("could not be read ({e})")).await),
                     };
                     match serde_json::from_str::<ChatEvent>(&line) {
-                        Ok(ChatEvent::Text { id: i, text }) if i == id => on_text(&text),
-                        Ok(e @ (ChatEvent::Done { .. } | ChatEvent::Error { .. })) => {
-                            let (ChatEvent::Done { id: i, .. } | ChatEvent::Error { id: i, .. } | ChatEvent::Text { id: i, .. }) = &e;
-                            if *i == id {
-                                return Ok(e);
-                            }
+                        Ok(e) if e.id() != id => {}
+                        Ok(ChatEvent::Text { text, .. }) => on_text(&text),
+                        Ok(e) => {
+                            self.busy = false;
+                            return Ok(e);
                         }
-                        Ok(_) => {}
                         Err(_) => tracing::warn!("chat worker printed: {line}"),
                     }
                 }

@@ -195,14 +195,7 @@ fn softmax_unnormalized(scores: &mut [f32]) -> f32 {
     1.0 / sum
 }
 
-fn attend_row_scalar(
-    q: &[f32],
-    keys: &[f32],
-    vals: &[f32],
-    scale: f32,
-    scores: &mut [f32],
-    o: &mut [f32],
-) {
+fn attend_row_scalar(q: &[f32], keys: &[f32], vals: &[f32], scale: f32, scores: &mut [f32], o: &mut [f32]) {
     let hd = q.len();
     for (s, k) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
         *s = q.iter().zip(k).fold(0f32, |a, (x, y)| a + x * y) * scale;
@@ -228,14 +221,7 @@ fn attend_row_scalar(
 /// `scores.len()` rows of `q.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_row_avx2(
-    q: &[f32],
-    keys: &[f32],
-    vals: &[f32],
-    scale: f32,
-    scores: &mut [f32],
-    o: &mut [f32],
-) {
+unsafe fn attend_row_avx2(q: &[f32], keys: &[f32], vals: &[f32], scale: f32, scores: &mut [f32], o: &mut [f32]) {
     use std::arch::x86_64::*;
     let hd = q.len();
     let n = scores.len();
