@@ -99,3 +99,46 @@ fn frozen_linear_gives_input_gradient_and_none_to_the_weight() {
     assert!(max_rel(g.get(x.as_tensor()).unwrap(), &want) < 1e-6);
     assert!(g.get(&w).is_none(), "the frozen weight must get no gradient");
 }
+
+/// A weight held as 4-bit blocks (QLoRA's base): the product and the input gradient equal
+/// those of its dequantized matrix, and finite differences of the loss agree; the graph keeps
+/// the blocks, not a dense copy.
+#[test]
+fn frozen_blocks_give_the_dequantized_products_gradient() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use std::sync::Arc;
+    let w = randn(&[6, 64], 10, DType::F32);
+    let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap());
+    let dense = q.dequantize(&Device::Cpu).unwrap();
+    let x0 = randn(&[2, 3, 64], 11, DType::F32);
+    check_op(&x0, |x| ops::frozen_linear_blocks(x, &q).unwrap(), |x| ops::frozen_linear(x, &dense).unwrap(), 1e-6);
+
+    // Central finite differences in f64 arithmetic on the f32 product (step 1e-2; the loss is
+    // linear in x, so only rounding separates them).
+    let cot = randn(&[2, 3, 6], 12, DType::F32);
+    let loss = |x: &Tensor| -> f64 {
+        let y = ops::frozen_linear_blocks(x, &q).unwrap();
+        (y * &cot).unwrap().sum_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    };
+    let xv = Var::from_tensor(&x0).unwrap();
+    let g = ops::frozen_linear_blocks(xv.as_tensor(), &q).unwrap();
+    let grads = (g * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+    let analytic: Vec<f32> = grads.get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let flat: Vec<f32> = x0.flatten_all().unwrap().to_vec1().unwrap();
+    for i in [0usize, 17, 64, 200, 383] {
+        let bump = |d: f32| {
+            let mut v = flat.clone();
+            v[i] += d;
+            loss(&Tensor::from_vec(v, x0.dims(), &Device::Cpu).unwrap())
+        };
+        let fd = (bump(1e-2) - bump(-1e-2)) / 2e-2;
+        assert!((fd - analytic[i] as f64).abs() < 1e-3 * (1.0 + fd.abs()), "x[{i}]: fd {fd} vs analytic {}", analytic[i]);
+    }
+    // What the graph holds: the blocks (one more reference while the output is alive), no
+    // dense matrix of its own.
+    let before = Arc::strong_count(&q);
+    let y = ops::frozen_linear_blocks(xv.as_tensor(), &q).unwrap();
+    assert_eq!(Arc::strong_count(&q), before + 1);
+    drop(y);
+    assert_eq!(Arc::strong_count(&q), before);
+}

@@ -92,15 +92,16 @@ impl FrozenWeight {
     }
 
     /// `xs·Wᵀ` over the last axis. Dense weights get no gradient (see `ops::frozen_linear`);
-    /// quantized ones run the quantized kernel when no gradient must flow to `xs`, and are
-    /// dequantized for the product otherwise.
+    /// quantized ones run the quantized kernel when no gradient must flow to `xs`, and
+    /// otherwise are dequantized for the product and again for its backward
+    /// (`ops::frozen_linear_blocks`: the graph holds the blocks, not a dense copy).
     pub fn product(&self, xs: &Tensor) -> Result<Tensor> {
         let (q, mm) = match self {
             FrozenWeight::Dense(w) => return Ok(ops::frozen_linear(xs, w)?),
             FrozenWeight::Quantized { q, mm } => (q, mm),
         };
         if xs.track_op() {
-            return Ok(ops::frozen_linear(xs, &q.dequantize(&q.device())?)?);
+            return Ok(ops::frozen_linear_blocks(xs, q)?);
         }
         match own_kernel(q.dtype()) {
             Some(kind) if xs.device().is_cpu() && xs.dtype() == DType::F32 => {

@@ -8,7 +8,10 @@
 //!   analytic backward, and a composed differentiable fallback for other devices/dtypes.
 //!   The composed versions are also the reference the tests hold the fused ones to.
 
+use std::sync::Arc;
+
 use candle_core::backend::BackendStorage;
+use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
@@ -30,9 +33,27 @@ fn use_fused(xs: &Tensor) -> bool {
 // Frozen linear
 // ---------------------------------------------------------------------------------------------
 
+/// The weight a [`FrozenMatmul`] holds: a tensor, or quantized blocks dequantized for each
+/// product and again for the backward, so an autograd graph over many layers keeps only the
+/// blocks alive (QLoRA's memory saving), never a dense copy.
+#[derive(Clone)]
+enum Held {
+    Dense(Tensor),
+    Blocks(Arc<QTensor>),
+}
+
+impl Held {
+    fn dense(&self) -> CResult<Tensor> {
+        match self {
+            Held::Dense(t) => Ok(t.clone()),
+            Held::Blocks(q) => q.dequantize(&q.device()),
+        }
+    }
+}
+
 struct FrozenMatmul {
-    /// (out, in), contiguous.
-    w: Tensor,
+    /// (out, in).
+    w: Held,
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -42,11 +63,12 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (m, k) = l.shape().dims2()?;
-        let (n, kw) = self.w.dims2()?;
+        let w = self.w.dense()?;
+        let (n, kw) = w.dims2()?;
         if k != kw {
             candle_core::bail!("frozen-matmul: input width {k} != weight width {kw}");
         }
-        let (ws, wl) = self.w.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
         let Storage::Cpu(w) = &*ws else { candle_core::bail!("frozen-matmul: weight not on cpu") };
         let wt = wl.transpose(0, 1)?;
         let out = s.matmul(w, (1, m, n, k), l, &wt)?;
@@ -56,8 +78,9 @@ impl CustomOp1 for FrozenMatmul {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
         let (m, k) = l.shape().dims2()?;
-        let (n, _) = self.w.dims2()?;
-        let (ws, wl) = self.w.storage_and_layout();
+        let w = self.w.dense()?;
+        let (n, _) = w.dims2()?;
+        let (ws, wl) = w.storage_and_layout();
         let Storage::Cuda(w) = &*ws else { candle_core::bail!("frozen-matmul: weight not on cuda") };
         let wt = wl.transpose(0, 1)?;
         let out = s.matmul(w, (1, m, n, k), l, &wt)?;
@@ -65,25 +88,32 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?))
+        Ok(Some(grad.matmul(&self.w.dense()?)?))
     }
 }
 
 /// `xs · wᵀ` for a frozen `w` of shape (out, in): the backward gives `xs` its gradient and
 /// computes nothing for `w`. `xs` may have any number of leading dims.
 pub fn frozen_linear(xs: &Tensor, w: &Tensor) -> CResult<Tensor> {
+    frozen_product(xs, Held::Dense(w.clone()), w.dim(0)?)
+}
+
+/// [`frozen_linear`] for a weight held as quantized blocks (out, in): dequantized for the
+/// product and again in the backward, never kept dense.
+pub fn frozen_linear_blocks(xs: &Tensor, q: &Arc<QTensor>) -> CResult<Tensor> {
+    let n = q.shape().dims2()?.0;
+    frozen_product(xs, Held::Blocks(q.clone()), n)
+}
+
+fn frozen_product(xs: &Tensor, w: Held, n: usize) -> CResult<Tensor> {
     let dims = xs.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
     let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
     let x2 = xs.reshape((m, k))?.contiguous()?;
-    let out = if xs.track_op() {
-        x2.apply_op1(FrozenMatmul { w: w.clone() })?
-    } else {
-        x2.matmul(&w.t()?)?
-    };
+    let out = if xs.track_op() { x2.apply_op1(FrozenMatmul { w })? } else { x2.matmul(&w.dense()?.t()?)? };
     let mut out_dims = dims;
     if let Some(last) = out_dims.last_mut() {
-        *last = w.dim(0)?;
+        *last = n;
     }
     out.reshape(out_dims)
 }
