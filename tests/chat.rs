@@ -81,7 +81,7 @@ fn kv_cache_matches_recomputation_on_the_quantized_model() {
     let mut seq = ids.clone();
     let mut next = ids.clone();
     for (i, &t) in g.tokens.iter().enumerate() {
-        let ctx = ForwardCtx::default();
+        let ctx = ForwardCtx::for_generation();
         let x = Tensor::from_slice(&next, (1, next.len()), &Device::Cpu).unwrap();
         let h = model.hidden_cached(&x, &ctx, Some(&mut cache)).unwrap();
         let last = h.narrow(1, next.len() - 1, 1).unwrap();

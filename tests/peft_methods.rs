@@ -48,7 +48,7 @@ fn formula(cfg: &LlamaConfig, peft: &PeftConfig) -> usize {
     let per_layer: usize = layer
         .iter()
         .map(|&(n, i, o)| match peft {
-            PeftConfig::Lora(c) => c.r * (i + o) + if c.use_dora { o } else { 0 },
+            PeftConfig::Lora(c) | PeftConfig::Qlora(c) => c.r * (i + o) + if c.use_dora { o } else { 0 },
             PeftConfig::Ia3(c) => {
                 let targeted = match &c.target_modules {
                     TargetModules::Names(ns) => ns.iter().any(|x| x == n),
@@ -116,7 +116,7 @@ fn gradients_match_central_finite_differences() {
             randomize(&adapter, DType::F64);
             let (ids, labels) = batch();
             // Training mode: the trainable tensors are tracked (no dropout in these configs).
-            let ctx = ForwardCtx { train: true, seed: 0 };
+            let ctx = ForwardCtx { train: true, seed: 0, ..Default::default() };
             let loss = |m: &Llama| -> f64 {
                 let (s, n) = m.loss_sum(&ids, &labels, &ctx, 5).unwrap();
                 s.to_scalar::<f64>().unwrap() / n as f64
@@ -166,7 +166,7 @@ fn only_the_method_trains_and_the_base_stays_bit_identical() {
         .unwrap();
         let (mut first, mut last) = (None, 0.0);
         for _ in 0..8 {
-            let (s, n) = model.loss_sum(&ids, &labels, &ForwardCtx { train: true, seed: 1 }, 7).unwrap();
+            let (s, n) = model.loss_sum(&ids, &labels, &ForwardCtx { train: true, seed: 1, ..Default::default() }, 7).unwrap();
             let loss = (s / n as f64).unwrap();
             last = loss.to_scalar::<f32>().unwrap();
             first.get_or_insert(last);
@@ -262,7 +262,7 @@ fn methods_are_selected_by_name_in_run_configs() {
         assert_eq!(cfg.peft.method_name(), method);
     }
     let names: Vec<&str> = tunebench::peft::registry().iter().map(|m| m.name).collect();
-    assert_eq!(names, vec!["lora", "ia3", "bitfit"]);
+    assert_eq!(names, vec!["lora", "qlora", "ia3", "bitfit"]);
     for n in names {
         let cfg = tunebench::peft::PeftConfig::default_for(n).unwrap_or_else(|| panic!("{n} has no default config"));
         assert_eq!(cfg.method_name(), n);

@@ -2,7 +2,8 @@
 //! and predicted time per step — from the model's architecture alone (no weights are read).
 //!
 //! Memory model (CPU, f32, as this engine trains):
-//! * weights: every base parameter in f32 (GGUF weights are dequantized on load);
+//! * weights: every base parameter in f32 (GGUF weights are dequantized on load); for qlora
+//!   the projections at 5 bits a weight plus one dequantized at a time;
 //! * adapter: trainable parameters × (value + gradient + accumulated gradient + AdamW m, v);
 //! * activations kept for the backward pass, per token and decoder layer: the layer input,
 //!   both norm outputs, q/k/v (projected, laid out, rotated), attention output, MLP
@@ -135,7 +136,7 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
     let shapes = linear_shapes(c);
     let names: Vec<&str> = shapes.iter().map(|(n, _, _)| n.as_str()).collect();
     let targets = match peft {
-        PeftConfig::Lora(l) => &l.target_modules,
+        PeftConfig::Lora(l) | PeftConfig::Qlora(l) => &l.target_modules,
         PeftConfig::Ia3(l) => &l.target_modules,
         PeftConfig::Bitfit(l) => &l.target_modules,
     };
@@ -147,7 +148,7 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
             let (params, acts) = match peft {
                 // x·A (r), its B output and the sum with the frozen output.
                 // DoRA adds the magnitude vector (out) and the scaled sum (out) per token.
-                PeftConfig::Lora(l) => {
+                PeftConfig::Lora(l) | PeftConfig::Qlora(l) => {
                     let r = l.rank_and_scale(&n).0;
                     let dora = if l.use_dora { o } else { 0 };
                     (r * (i + o) + dora, r + 2 * o + 2 * dora)
@@ -216,7 +217,17 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     let trainable: u64 = ad.iter().map(|a| a.3 as u64).sum();
     let adapter_floats: f64 = ad.iter().filter(|a| a.0.starts_with("model.layers.0.")).map(|a| a.4 as f64).sum();
 
-    let weights = 4 * total;
+    // QLoRA holds the projections in 4-bit blocks (≤ 5 bits a weight: Q4_1; Q4_K is 4.5) and
+    // dequantizes one at a time; everything else stays f32.
+    let qlora = matches!(cfg.peft, PeftConfig::Qlora(_));
+    let weights = if qlora {
+        let shapes = linear_shapes(model);
+        let lin: u64 = shapes.iter().map(|(_, i, o)| (*i * *o) as u64).sum();
+        let largest: u64 = shapes.iter().map(|(_, i, o)| (*i * *o) as u64).max().unwrap_or(0);
+        4 * (total - lin.min(total)) + lin * 5 / 8 + 4 * largest
+    } else {
+        4 * total
+    };
     let adapter = trainable * ADAPTER_BYTES_PER_PARAM;
     let per_tok_layer = activation_floats_per_token_layer(model, adapter_floats);
     let tokens = b * s;
@@ -267,7 +278,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         memory: MemoryEstimate {
             total_bytes,
             parts: vec![
-                ("weights (f32)".into(), weights),
+                (if qlora { "weights (4-bit projections)" } else { "weights (f32)" }.into(), weights),
                 ("adapter + optimizer".into(), adapter),
                 ("activations".into(), acts),
                 ("attention scores".into(), attn),

@@ -83,7 +83,7 @@ impl Workbench {
         let run_id = run.id;
         let opts = req.options.clone();
         let report = tokio::task::spawn_blocking(move || -> Result<EvalReport> {
-            let mut m = crate::model::load(&cfg.model_path(), &candle_core::Device::Cpu)?;
+            let mut m = crate::train::trainer::load_base(&cfg, &candle_core::Device::Cpu)?;
             evaluate(&cfg, &mut m, Some(&adapter), &opts, |done, total| {
                 let _ = events.send(ApiEvent::EvalProgress { run_id, done, total });
             })

@@ -104,7 +104,7 @@ fn step(model: &Llama, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
 }
 
 fn step_here(model: &Llama, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-    let ctx = ForwardCtx::default();
+    let ctx = ForwardCtx::for_generation();
     let t = Tensor::from_slice(ids, (1, ids.len()), model.device())?;
     let h = model.hidden_cached(&t, &ctx, Some(cache))?;
     let last = h.narrow(1, ids.len() - 1, 1)?;
@@ -260,7 +260,7 @@ pub fn generate_text(
 /// logits` writes).
 pub fn sequence_logits(model: &Llama, ids: &[u32]) -> Result<Tensor> {
     let t = Tensor::from_slice(ids, (1, ids.len()), model.device())?;
-    let ctx = ForwardCtx::default();
+    let ctx = ForwardCtx::for_generation();
     // Through a fresh inference cache: the same kernels as generation, all rows at once.
     let h = model.hidden_cached(&t, &ctx, Some(&mut KvCache::default()))?;
     Ok(model.lm_head.forward(&h, &ctx)?.squeeze(0)?.to_dtype(DType::F32)?.contiguous()?)

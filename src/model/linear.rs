@@ -91,17 +91,27 @@ impl FrozenWeight {
         }
     }
 
-    /// `xs·Wᵀ` over the last axis. Dense weights get no gradient (see `ops::frozen_linear`);
-    /// quantized ones run the quantized kernel when no gradient must flow to `xs`, and
-    /// otherwise are dequantized for the product and again for its backward
-    /// (`ops::frozen_linear_blocks`: the graph holds the blocks, not a dense copy).
+    /// `xs·Wᵀ` over the last axis, exact: dense weights get no gradient (see
+    /// `ops::frozen_linear`); quantized ones are dequantized for the product and again for its
+    /// backward (`ops::frozen_linear_blocks`: an autograd graph holds the blocks, never a dense
+    /// copy — QLoRA's memory saving).
     pub fn product(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => Ok(ops::frozen_linear(xs, w)?),
+            FrozenWeight::Quantized { q, .. } => Ok(ops::frozen_linear_blocks(xs, q)?),
+        }
+    }
+
+    /// [`product`](Self::product) for generation: quantized weights multiply with activations
+    /// rounded to 8 bits (`model::qmatmul`, or candle's kernels for other block types) unless
+    /// a gradient must flow to `xs`.
+    pub fn product_fast(&self, xs: &Tensor) -> Result<Tensor> {
         let (q, mm) = match self {
-            FrozenWeight::Dense(w) => return Ok(ops::frozen_linear(xs, w)?),
+            FrozenWeight::Dense(_) => return self.product(xs),
             FrozenWeight::Quantized { q, mm } => (q, mm),
         };
         if xs.track_op() {
-            return Ok(ops::frozen_linear_blocks(xs, q)?);
+            return self.product(xs);
         }
         match own_kernel(q.dtype()) {
             Some(kind) if xs.device().is_cpu() && xs.dtype() == DType::F32 => {
@@ -134,6 +144,17 @@ pub struct ForwardCtx {
     /// Seed for this forward pass's random masks; combined with each module's index so every
     /// module draws its own, reproducible, mask.
     pub seed: u64,
+    /// A generation pass (set by `Llama::hidden_cached`): quantized weights multiply with
+    /// activations rounded to 8 bits (llama.cpp's scheme, fast). Otherwise (training, losses)
+    /// they are dequantized for an exact f32 product.
+    pub generation: bool,
+}
+
+impl ForwardCtx {
+    /// The context of a generation pass (see [`ForwardCtx::generation`]).
+    pub fn for_generation() -> Self {
+        ForwardCtx { generation: true, ..Default::default() }
+    }
 }
 
 /// A method that wraps a frozen linear layer (LoRA, DoRA, IA3, …).
@@ -213,6 +234,15 @@ impl Linear {
         self.weight = FrozenWeight::Dense(weight);
     }
 
+    /// Replaces the frozen weight (dense or quantized) with one of the same shape.
+    pub fn set_frozen_weight(&mut self, weight: FrozenWeight) -> Result<()> {
+        if weight.dims() != self.weight.dims() {
+            return Err(crate::Error::Msg(format!("{}: weight {:?} does not replace {:?}", self.name, weight.dims(), self.weight.dims())));
+        }
+        self.weight = weight;
+        Ok(())
+    }
+
     /// Replaces the frozen bias (used by merge).
     pub fn set_bias(&mut self, bias: Option<Tensor>) {
         self.bias = bias;
@@ -225,7 +255,7 @@ impl Linear {
                 return y;
             }
         }
-        let mut y = self.weight.product(xs)?;
+        let mut y = if ctx.generation { self.weight.product_fast(xs)? } else { self.weight.product(xs)? };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

@@ -390,6 +390,7 @@ impl Llama {
             }
             c.len = s;
         }
+        let ctx = &ForwardCtx { generation: cache.is_some(), ..*ctx };
         for (i, layer) in self.layers.iter().enumerate() {
             let lctx = ForwardCtx { seed: ctx.seed.wrapping_mul(1_000_003).wrapping_add(i as u64), ..*ctx };
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);

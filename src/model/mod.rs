@@ -64,6 +64,43 @@ pub fn load_quantized(path: &Path, device: &Device) -> Result<LoadedModel> {
     load(path, device)
 }
 
+/// Loads a model for QLoRA training: like [`load_quantized`], with every decoder projection
+/// held as 4-bit blocks. A GGUF's 4-bit blocks (Q4_0, Q4_1, Q4_K) are kept as they are, so the
+/// adapter trains against exactly the weights the file runs with; other weights are quantized
+/// to Q4_K (256-value super-blocks, 6-bit scales and minimums; 4.5 bits per weight) when a row
+/// is a multiple of 256 long, else to Q4_1 (blocks of 32, f16 scale and minimum; 5 bits).
+/// These are llama.cpp's own types rather than bitsandbytes' NF4: the file formats we read and
+/// export, with SIMD kernels in candle. The embedding (and a tied LM head) stay as loaded.
+pub fn load_4bit(path: &Path, device: &Device) -> Result<LoadedModel> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let mut m = load_quantized(path, device)?;
+    for l in m.model.linears_mut() {
+        if l.name() == "lm_head" {
+            continue;
+        }
+        if let FrozenWeight::Quantized { q, .. } = l.weight() {
+            if matches!(q.dtype(), GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K) {
+                continue;
+            }
+        }
+        let w = l.weight().dense()?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let k = w.dim(1)?;
+        let ty = match k {
+            _ if k % 256 == 0 => GgmlDType::Q4K,
+            _ if k % 32 == 0 => GgmlDType::Q4_1,
+            _ => {
+                return Err(Error::Msg(format!(
+                    "{}: rows of {k} values do not split into 4-bit blocks of 32; this model cannot be trained with qlora (use lora)",
+                    l.name()
+                )))
+            }
+        };
+        let q = QTensor::quantize(&w, ty).map_err(|e| Error::Msg(format!("{}: quantizing to {ty:?}: {e}", l.name())))?;
+        l.set_frozen_weight(FrozenWeight::quantized(q)?)?;
+    }
+    Ok(m)
+}
+
 /// Reads only the architecture of a `.gguf` file or HF folder (for estimates).
 pub fn load_config(path: &Path) -> Result<LlamaConfig> {
     if !path.exists() {

@@ -230,7 +230,7 @@ impl PeftLayer for LoraLayer {
     fn merged(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let w = (weight + self.delta_weight()?)?;
         let w = match &self.magnitude {
-            Some(m) => w.broadcast_mul(&self.dora_scale(m, &FrozenWeight::Dense(weight.clone()), &ForwardCtx { train: true, seed: 0 })?.unsqueeze(1)?)?,
+            Some(m) => w.broadcast_mul(&self.dora_scale(m, &FrozenWeight::Dense(weight.clone()), &ForwardCtx { train: true, seed: 0, ..Default::default() })?.unsqueeze(1)?)?,
             None => w,
         };
         Ok(Some((w, bias.cloned())))

@@ -72,6 +72,11 @@ pub fn registry() -> &'static [MethodInfo] {
             description: "Low-rank update B·A added to frozen projections (Hu et al. 2021); rsLoRA scaling and DoRA (use_dora: learned per-output magnitude, Liu et al. 2024) optional.",
         },
         MethodInfo {
+            name: "qlora",
+            peft_type: "LORA",
+            description: "LoRA over a base whose linear weights are held as 4-bit blocks (Dettmers et al. 2023), dequantized per product and again in the backward: GGUF 4-bit blocks are kept as they are, other weights become Q4_K (rows a multiple of 256) or Q4_1. Same keys and file format as lora.",
+        },
+        MethodInfo {
             name: "ia3",
             peft_type: "IA3",
             description: "Learned scaling of attention outputs (k, v) and feed-forward inputs (down) (Liu et al. 2022); a few thousand parameters.",
@@ -90,6 +95,8 @@ pub fn registry() -> &'static [MethodInfo] {
 pub enum PeftConfig {
     /// LoRA.
     Lora(LoraConfig),
+    /// LoRA over a base held in 4-bit blocks (saved as a LoRA adapter).
+    Qlora(LoraConfig),
     /// IA3.
     Ia3(Ia3Config),
     /// BitFit.
@@ -107,6 +114,7 @@ impl PeftConfig {
     pub fn default_for(method: &str) -> Option<PeftConfig> {
         Some(match method {
             "lora" => PeftConfig::Lora(LoraConfig::default()),
+            "qlora" => PeftConfig::Qlora(LoraConfig::default()),
             "ia3" => PeftConfig::Ia3(Ia3Config::default()),
             "bitfit" => PeftConfig::Bitfit(BitfitConfig::default()),
             _ => return None,
@@ -116,7 +124,7 @@ impl PeftConfig {
     /// Checks the values; errors name the key.
     pub fn validate(&self) -> Result<()> {
         match self {
-            PeftConfig::Lora(c) => c.validate(),
+            PeftConfig::Lora(c) | PeftConfig::Qlora(c) => c.validate(),
             PeftConfig::Ia3(c) => c.validate(),
             PeftConfig::Bitfit(c) => c.validate(),
         }
@@ -126,6 +134,7 @@ impl PeftConfig {
     pub fn method_name(&self) -> &'static str {
         match self {
             PeftConfig::Lora(_) => "lora",
+            PeftConfig::Qlora(_) => "qlora",
             PeftConfig::Ia3(_) => "ia3",
             PeftConfig::Bitfit(_) => "bitfit",
         }
@@ -233,7 +242,7 @@ impl Adapter {
     pub fn inject(model: &mut Llama, config: &PeftConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         let layers = match config {
-            PeftConfig::Lora(c) => lora::inject(model, c, seed)?.into_iter().map(|(p, l)| (p, l as Arc<dyn PeftLayer>)).collect(),
+            PeftConfig::Lora(c) | PeftConfig::Qlora(c) => lora::inject(model, c, seed)?.into_iter().map(|(p, l)| (p, l as Arc<dyn PeftLayer>)).collect(),
             PeftConfig::Ia3(c) => ia3::inject(model, c, seed, None)?,
             PeftConfig::Bitfit(c) => bitfit::inject(model, c, None)?,
         };
@@ -264,7 +273,7 @@ impl Adapter {
     /// PEFT's `adapter_config.json` for this adapter.
     pub fn peft_config_json(&self, base_model: &str) -> serde_json::Value {
         match &self.config {
-            PeftConfig::Lora(c) => serde_json::json!({
+            PeftConfig::Lora(c) | PeftConfig::Qlora(c) => serde_json::json!({
                 "peft_type": "LORA",
                 "task_type": "CAUSAL_LM",
                 "base_model_name_or_path": base_model,
@@ -361,7 +370,7 @@ impl Adapter {
             .collect();
         remove_all(model);
         let layers = match &config {
-            PeftConfig::Lora(c) => lora::inject_loaded(model, c, &weights, &weights_path)?
+            PeftConfig::Lora(c) | PeftConfig::Qlora(c) => lora::inject_loaded(model, c, &weights, &weights_path)?
                 .into_iter()
                 .map(|(p, l)| (p, l as Arc<dyn PeftLayer>))
                 .collect(),

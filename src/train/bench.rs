@@ -60,7 +60,7 @@ pub fn run(model_path: &Path, batches_file: &Path, rank: usize, alpha: f64, targ
         let start = Instant::now();
         let batch = ids.get(i % n)?;
         let labels: Vec<i64> = batch.flatten_all()?.to_vec1::<u32>()?.into_iter().map(|x| x as i64).collect();
-        let (sum, cnt) = m.model.loss_sum(&batch, &labels, &ForwardCtx { train: true, seed: i as u64 }, 256)?;
+        let (sum, cnt) = m.model.loss_sum(&batch, &labels, &ForwardCtx { train: true, seed: i as u64, ..Default::default() }, 256)?;
         let loss = (sum / cnt as f64)?;
         losses.push(loss.to_scalar::<f32>()? as f64);
         let g = loss.backward()?;

@@ -79,6 +79,14 @@ pub fn validate(m: &LoadedModel, val: &[Example], batch_size: usize, chunk: usiz
     Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
 }
 
+/// The base model of a run: dense f32, or with its projections in 4-bit blocks for qlora.
+pub fn load_base(cfg: &RunConfig, device: &Device) -> Result<model::LoadedModel> {
+    match cfg.peft {
+        crate::peft::PeftConfig::Qlora(_) => model::load_4bit(&cfg.model_path(), device),
+        _ => model::load(&cfg.model_path(), device),
+    }
+}
+
 /// Runs (or resumes) a training run end to end.
 pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) -> Result<TrainSummary> {
     let device = Device::Cpu;
@@ -87,7 +95,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
     let cfg_text = toml::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
     checkpoint::atomic_write(&out_dir.join("config.toml"), |p| std::fs::write(p, &cfg_text).map_err(|e| Error::io(p, e)))?;
 
-    let mut m = model::load(&cfg.model_path(), &device)?;
+    let mut m = load_base(cfg, &device)?;
     let template = template_for(&m)?;
     let d = &cfg.data;
     let data_opts = DataOptions {
@@ -219,7 +227,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
                 continue;
             }
             let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &device)?;
-            let ctx = ForwardCtx { train: true, seed: cfg.seed ^ ((state.step as u64) << 20) ^ mi as u64 };
+            let ctx = ForwardCtx { train: true, seed: cfg.seed ^ ((state.step as u64) << 20) ^ mi as u64, ..Default::default() };
             let (sum, _) = m.model.loss_sum(&ids, &b.labels, &ctx, t.loss_chunk)?;
             let loss = (sum / n_targets as f64)?;
             let lv = loss.to_scalar::<f32>()? as f64;
