@@ -97,3 +97,31 @@ fn parameter_counts_follow_the_lora_formula() {
     let err = estimate::estimate(&rc, &model, None, None).unwrap_err().to_string();
     assert!(err.contains("peft.target_modules") && err.contains("qq_proj"), "{err}");
 }
+
+/// A small data file that is not imported is measured like an import: the estimate assumes
+/// batches as long as its longest example (not max_len), the same as after importing it.
+#[test]
+fn a_small_unimported_file_is_measured_for_the_estimate() {
+    let home = tempfile::tempdir().unwrap();
+    let data = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/datasets/persona/train.jsonl"));
+    let mut cfg = RunConfig::preset("quickstart").unwrap();
+    cfg.model.path = Some(common::default_model());
+    cfg.data.path = data.clone();
+    cfg.data.max_len = 512;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let wb = rt.block_on(Workbench::open(WorkbenchOptions::new(home.path()))).unwrap();
+    let before = rt.block_on(wb.estimate(&EstimateRequest { config: cfg.clone() })).unwrap();
+    assert!(before.seq_len < 512, "longest example, not max_len: {}", before.seq_len);
+    let req = tunebench::api::datasets::ImportRequest {
+        path: data,
+        name: None,
+        format: Default::default(),
+        max_len: 512,
+        model: Some(common::default_model()),
+    };
+    let rec = rt.block_on(wb.import_dataset(&req, |_, _| {})).unwrap();
+    let after = rt.block_on(wb.estimate(&EstimateRequest { config: cfg })).unwrap();
+    assert_eq!(before.seq_len, after.seq_len);
+    assert_eq!(Some(before.seq_len as u64), rec.stats.get("longest").and_then(|v| v.as_u64()));
+    assert_eq!(before.memory, after.memory);
+}

@@ -303,6 +303,18 @@ fn count_rows(path: &std::path::Path, format: crate::data::Format) -> Option<u64
     Some(it.filter(|r| r.is_ok()).count() as u64)
 }
 
+/// Data files up to this size that are not imported are scanned (tokenized) by an estimate.
+const SCAN_LIMIT_BYTES: u64 = 32 << 20;
+
+/// (examples, longest example in tokens) of a data file, as `import_dataset` measures them;
+/// None when it cannot be read (the run itself will report why).
+fn scan_file(path: &std::path::Path, cfg: &RunConfig) -> Option<(u64, usize)> {
+    let (tokenizer, spec) = crate::model::load_tokenizer(&cfg.model_path()).ok()?;
+    let template = crate::train::trainer::template_for_spec(&spec).ok()?;
+    let (_, st, _) = super::datasets::scan(path, cfg.data.format, cfg.data.max_len, &template, &tokenizer, |_| {}).ok()?;
+    (st.examples > 0).then_some((st.examples as u64, st.longest))
+}
+
 impl Workbench {
     /// Estimates a run before it starts.
     pub async fn estimate(&self, req: &EstimateRequest) -> Result<Estimate> {
@@ -310,9 +322,18 @@ impl Workbench {
         let model = crate::model::load_config(&model_path)?;
         let cfg = req.config.clone();
         let imported = self.store.datasets().await?.into_iter().find(|d| std::path::Path::new(&d.path) == cfg.data.path);
-        let longest = imported.as_ref().and_then(|d| d.stats.get("longest")).and_then(|v| v.as_u64()).map(|v| v as usize);
+        let mut longest = imported.as_ref().and_then(|d| d.stats.get("longest")).and_then(|v| v.as_u64()).map(|v| v as usize);
+        let small = std::fs::metadata(&cfg.data.path).map(|m| m.len() <= SCAN_LIMIT_BYTES).unwrap_or(false);
         let rows = match imported {
             Some(d) => Some(d.rows as u64),
+            // A small file not imported: measured as an import would (rows, longest example),
+            // so batches shorter than max_len are predicted as such.
+            None if small => {
+                let (p, c) = (cfg.data.path.clone(), cfg.clone());
+                let scanned = tokio::task::spawn_blocking(move || scan_file(&p, &c)).await.map_err(|e| Error::Msg(e.to_string()))?;
+                longest = scanned.map(|s| s.1);
+                scanned.map(|s| s.0)
+            }
             None if cfg.train.max_steps == 0 => {
                 let (p, f) = (cfg.data.path.clone(), cfg.data.format);
                 tokio::task::spawn_blocking(move || count_rows(&p, f)).await.map_err(|e| Error::Msg(e.to_string()))?
