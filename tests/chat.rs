@@ -29,37 +29,7 @@ fn tuned_adapter() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let out = tempfile::tempdir().unwrap().keep();
-        let text = format!(
-            r#"
-name = "chat-test"
-seed = 3
-[model]
-path = "{model}"
-[data]
-path = "{data}"
-max_len = 96
-val_fraction = 0.0
-[peft]
-method = "lora"
-r = 8
-lora_alpha = 16
-target_modules = "all-linear"
-[train]
-max_steps = 16
-batch_size = 4
-lr = 3e-3
-warmup_steps = 2
-save_steps = 1000
-eval_steps = 1000
-[eval]
-samples = 0
-[output]
-dir = "{out}"
-"#,
-            model = common::default_model().display(),
-            data = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/datasets/persona/train.jsonl"),
-            out = out.join("run").display(),
-        );
+        let text = common::persona_run_toml("chat-test", "lora", 16, &out.join("run"));
         let cfg = RunConfig::from_toml(&text, None).unwrap();
         let r = train::train(&cfg, &TrainOptions { skip_heldout: true, ..Default::default() }, &mut NoObserver).unwrap();
         r.adapter_dir

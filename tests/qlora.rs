@@ -47,42 +47,12 @@ fn the_base_is_held_in_4_bit_blocks() {
 #[test]
 fn qlora_trains_and_saves_a_lora_adapter() {
     let out = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let text = format!(
-        r#"
-name = "qlora-test"
-seed = 3
-[model]
-path = "{model}"
-[data]
-path = "{data}"
-max_len = 96
-val_fraction = 0.0
-[peft]
-method = "qlora"
-r = 8
-lora_alpha = 16
-target_modules = "all-linear"
-[train]
-max_steps = 12
-batch_size = 4
-lr = 3e-3
-warmup_steps = 2
-save_steps = 1000
-eval_steps = 1000
-[eval]
-samples = 0
-[output]
-dir = "{out}"
-"#,
-        model = common::default_model().display(),
-        data = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/datasets/persona/train.jsonl"),
-        out = out.path().join("run").display(),
-    );
+    let text = common::persona_run_toml("qlora-test", "qlora", 12, &out.path().join("run"));
     let cfg = RunConfig::from_toml(&text, None).unwrap();
     let r = train::train(&cfg, &TrainOptions { skip_heldout: true, ..Default::default() }, &mut NoObserver).unwrap();
     // On a GGUF whose projections are already 4-bit, dequantizing per product computes what LoRA
     // on the dequantized (dense f32) base computes: the same losses, step by step.
-    let dense_text = text.replace("method = \"qlora\"", "method = \"lora\"").replace("/run\"", "/run-lora\"");
+    let dense_text = common::persona_run_toml("qlora-test", "lora", 12, &out.path().join("run-lora"));
     let dense = RunConfig::from_toml(&dense_text, None).unwrap();
     let d = train::train(&dense, &TrainOptions { skip_heldout: true, ..Default::default() }, &mut NoObserver).unwrap();
     assert_eq!(r.losses, d.losses, "qlora on the file's 4-bit blocks == lora on their dequantized values");

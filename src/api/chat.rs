@@ -165,9 +165,7 @@ impl Workbench {
                 }
             };
             let answer = match event {
-                ChatEvent::Done { text, finish, prompt_tokens, new_tokens, ttft_s, decode_tok_s, .. } => {
-                    ChatAnswer { variant: variant.clone(), text, finish, prompt_tokens, new_tokens, ttft_s, decode_tok_s }
-                }
+                ChatEvent::Done { answer, .. } => answer,
                 ChatEvent::Error { message, .. } => return Err(Error::Msg(message)),
                 ChatEvent::Text { .. } => return Err(Error::Msg("chat worker: unexpected event".into())),
             };

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
+use super::chat::ChatAnswer;
 use crate::data::Message;
 use crate::infer::chat::ChatModel;
 use crate::infer::SampleOptions;
@@ -73,18 +74,8 @@ pub enum ChatEvent {
     Done {
         /// Request id.
         id: u64,
-        /// The text.
-        text: String,
-        /// `stop`, `length`, `context` or `cancelled`.
-        finish: String,
-        /// Prompt tokens.
-        prompt_tokens: usize,
-        /// Answer tokens.
-        new_tokens: usize,
-        /// Seconds to the first token.
-        ttft_s: f64,
-        /// Decode tokens/s.
-        decode_tok_s: f64,
+        /// The answer, its finish reason and timings.
+        answer: ChatAnswer,
     },
     /// The request failed (the worker stays up).
     Error {
@@ -146,12 +137,15 @@ pub fn run_chat_worker(input: impl BufRead + Send + 'static, mut output: impl Wr
             })?;
             Ok(ChatEvent::Done {
                 id,
-                finish: serde_json::to_value(g.generation.finish).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
-                prompt_tokens: g.generation.prompt_tokens,
-                new_tokens: g.generation.tokens.len(),
-                ttft_s: g.generation.ttft_s,
-                decode_tok_s: g.generation.decode_tok_s(),
-                text: g.text,
+                answer: ChatAnswer {
+                    variant: variant.clone(),
+                    finish: serde_json::to_value(g.generation.finish).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                    prompt_tokens: g.generation.prompt_tokens,
+                    new_tokens: g.generation.tokens.len(),
+                    ttft_s: g.generation.ttft_s,
+                    decode_tok_s: g.generation.decode_tok_s(),
+                    text: g.text,
+                },
             })
         })();
         if let Some(e) = write_err {

@@ -320,22 +320,10 @@ mod tests {
         };
         let qt = crate::model::ops::rope_composed(&heads(q, nh), &ct, &st).unwrap();
         let kt = crate::model::ops::rope_composed(&heads(k, nkv), &ct, &st).unwrap();
-        let vt = heads(v, nkv);
         let rep = nh / nkv;
-        let kt = kt
-            .unsqueeze(2)
-            .unwrap()
-            .broadcast_as((b, nkv, rep, s, hd))
-            .unwrap()
-            .reshape((b, nh, s, hd))
-            .unwrap();
-        let vt = vt
-            .unsqueeze(2)
-            .unwrap()
-            .broadcast_as((b, nkv, rep, s, hd))
-            .unwrap()
-            .reshape((b, nh, s, hd))
-            .unwrap();
+        // Each KV head repeated for the `rep` query heads that share it.
+        let expand = |t: Tensor| t.unsqueeze(2).unwrap().broadcast_as((b, nkv, rep, s, hd)).unwrap().reshape((b, nh, s, hd)).unwrap();
+        let (kt, vt) = (expand(kt), expand(heads(v, nkv)));
         let scores = qt.matmul(&kt.t().unwrap()).unwrap();
         let p = crate::model::ops::causal_softmax_composed(&scores, s, 1.0 / (hd as f64).sqrt())
             .unwrap();

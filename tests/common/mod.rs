@@ -83,3 +83,40 @@ pub fn fails(home: &std::path::Path, args: &[&str]) -> String {
     assert!(!o.status.success(), "tunebench {args:?} should fail");
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// A short run on the bundled persona task (seed 3, max_len 96, r 8, all-linear, batch 4, no
+/// validation split, no checkpoints before the end, no samples), written to `out`. `method` is
+/// `lora` or `qlora`.
+pub fn persona_run_toml(name: &str, method: &str, max_steps: usize, out: &std::path::Path) -> String {
+    format!(
+        r#"
+name = "{name}"
+seed = 3
+[model]
+path = "{model}"
+[data]
+path = "{data}"
+max_len = 96
+val_fraction = 0.0
+[peft]
+method = "{method}"
+r = 8
+lora_alpha = 16
+target_modules = "all-linear"
+[train]
+max_steps = {max_steps}
+batch_size = 4
+lr = 3e-3
+warmup_steps = 2
+save_steps = 1000
+eval_steps = 1000
+[eval]
+samples = 0
+[output]
+dir = "{out}"
+"#,
+        model = default_model().display(),
+        data = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/datasets/persona/train.jsonl"),
+        out = out.display(),
+    )
+}
