@@ -14,6 +14,8 @@ pub mod export;
 pub mod infer;
 pub mod model;
 pub mod paths;
+pub mod schema;
+pub mod serve;
 pub mod peft;
 pub mod store;
 pub mod train;

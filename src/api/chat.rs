@@ -20,7 +20,7 @@ use crate::store::{ChatAdapter, ChatRecord, NewAnswer, NewChat};
 use crate::{Error, Result};
 
 /// Request: a new chat session.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ts_rs::TS)]
 pub struct CreateChat {
     /// Title (default: the model's name and the variants).
     #[serde(default)]
@@ -43,7 +43,7 @@ pub struct CreateChat {
 }
 
 /// One answer of a turn (what [`Workbench::chat_send`] returns per variant).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 pub struct ChatAnswer {
     /// The variant (None = base).
     pub variant: Option<String>,

@@ -14,7 +14,7 @@ use crate::{Error, Result};
 pub const IDENTITY_KEYS: &[&str] = &["name", "output.dir"];
 
 /// Request: compare runs.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ts_rs::TS)]
 pub struct CompareRequest {
     /// Runs, in display order (at least one).
     pub run_ids: Vec<i64>,
@@ -65,7 +65,7 @@ impl CompareRequest {
 }
 
 /// One config key whose values differ.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct ConfigDiff {
     /// Dotted key (`train.lr`, `peft.r`, ...).
     pub key: String,
@@ -74,7 +74,7 @@ pub struct ConfigDiff {
 }
 
 /// One row of the metrics table.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct MetricsRow {
     /// Run id.
     pub run_id: i64,
@@ -109,7 +109,7 @@ pub struct MetricsRow {
 }
 
 /// The answers of every run to one prompt at one step.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct SampleGroup {
     /// The step (the same in every run).
     pub step: i64,
@@ -120,7 +120,7 @@ pub struct SampleGroup {
 }
 
 /// Response: a comparison of runs.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ts_rs::TS)]
 pub struct Comparison {
     /// The metrics table, one row per run in request order.
     pub table: Vec<MetricsRow>,

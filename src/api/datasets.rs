@@ -23,7 +23,7 @@ pub const MAX_ERRORS: usize = 1000;
 pub const HISTOGRAM_BINS: usize = 16;
 
 /// Request: import a dataset file.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ts_rs::TS)]
 pub struct ImportRequest {
     /// The file.
     pub path: PathBuf,
@@ -46,7 +46,7 @@ fn default_max_len() -> usize {
 }
 
 /// One problem found in a file.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct DatasetIssue {
     /// 1-based line (row for Parquet); 0 when not line-specific.
     pub line: usize,
@@ -55,7 +55,7 @@ pub struct DatasetIssue {
 }
 
 /// Statistics of an imported dataset (stored as the record's `stats`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct DatasetStats {
     /// Records read without error.
     pub records: usize,
@@ -87,7 +87,7 @@ pub struct DatasetStats {
 }
 
 /// Request: preview a dataset.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ts_rs::TS)]
 pub struct PreviewRequest {
     /// An imported dataset…
     #[serde(default)]
@@ -115,7 +115,7 @@ fn default_n() -> usize {
 }
 
 /// A run of text that is all trained on or all masked.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct Span {
     /// The text (as the tokenizer decodes it, special tokens included).
     pub text: String,
@@ -124,7 +124,7 @@ pub struct Span {
 }
 
 /// One example as the model will see it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct PreviewExample {
     /// Line (row) of the record.
     pub line: usize,
@@ -139,7 +139,7 @@ pub struct PreviewExample {
 }
 
 /// Response: a preview.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ts_rs::TS)]
 pub struct Preview {
     /// The file.
     pub path: String,

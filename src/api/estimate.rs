@@ -50,14 +50,14 @@ pub const ADAPTER_BYTES_PER_PARAM: u64 = 17;
 pub const TIME_OVERHEAD: f64 = 2.2;
 
 /// Request: estimate a run.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ts_rs::TS)]
 pub struct EstimateRequest {
     /// The run configuration.
     pub config: RunConfig,
 }
 
 /// Predicted peak memory.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct MemoryEstimate {
     /// Predicted peak resident memory, bytes.
     pub total_bytes: u64,
@@ -68,7 +68,7 @@ pub struct MemoryEstimate {
 }
 
 /// Response: the estimate.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct Estimate {
     /// All base parameters.
     pub total_params: u64,

@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod chat;
 pub mod chat_worker;
+pub mod commands;
 pub mod compare;
 pub mod datasets;
 pub mod estimate;
@@ -32,7 +33,7 @@ use crate::train::{RunConfig, TrainEvent};
 use crate::{Error, Result};
 
 /// Everything the workbench reports as it happens.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ApiEvent {
     /// A training event of a run (as its worker emitted it).
@@ -104,7 +105,7 @@ impl WorkbenchOptions {
 }
 
 /// Request: create a run.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ts_rs::TS)]
 pub struct CreateRun {
     /// The full configuration.
     pub config: RunConfig,
@@ -121,7 +122,7 @@ fn default_device() -> String {
 }
 
 /// Response: a run with everything recorded about it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ts_rs::TS)]
 pub struct RunDetail {
     /// The run.
     pub run: RunRecord,
@@ -136,7 +137,7 @@ pub struct RunDetail {
 }
 
 /// Request: a run's live chart.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ts_rs::TS)]
 pub struct RunChartRequest {
     /// The run.
     pub run_id: i64,
@@ -238,18 +239,9 @@ impl Workbench {
         if !model_path.exists() {
             return Err(Error::bad_input(&model_path, None, "the base model does not exist"));
         }
-        let model_path = std::fs::canonicalize(&model_path).unwrap_or(model_path);
-        let arch = crate::model::load_config(&model_path)?;
-        let model_id = self
-            .store
-            .upsert_model(
-                &model_path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                &model_path.display().to_string(),
-                if model_path.is_file() { "gguf" } else { "hf" },
-                Some(estimate::total_params(&arch) as i64),
-                &serde_json::to_value(&arch).map_err(|e| Error::Msg(e.to_string()))?,
-            )
-            .await?;
+        let model = self.add_model(&model_path).await?;
+        let model_path = PathBuf::from(&model.path);
+        let model_id = model.id;
         let new = NewRun {
             model_id: Some(model_id),
             name: cfg.name.clone(),
@@ -287,6 +279,38 @@ impl Workbench {
     /// Registered base models.
     pub async fn models(&self) -> Result<Vec<crate::store::ModelRecord>> {
         self.store.models().await
+    }
+
+    /// Registered base models, the installed default model first registered when it is not
+    /// yet (so the app has a model ready on first start).
+    pub async fn models_with_default(&self) -> Result<Vec<crate::store::ModelRecord>> {
+        let default = crate::paths::default_model();
+        let have = self.store.models().await?;
+        let known = |p: &Path| have.iter().any(|m| Path::new(&m.path) == p);
+        if default.is_file() && !known(&std::fs::canonicalize(&default).unwrap_or(default.clone())) {
+            self.add_model(&default).await?;
+            return self.store.models().await;
+        }
+        Ok(have)
+    }
+
+    /// Registers a base model (a `.gguf` file or a HF folder) after reading its config; the
+    /// same path again updates the record.
+    pub async fn add_model(&self, path: &Path) -> Result<crate::store::ModelRecord> {
+        let path = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+        let arch = crate::model::load_config(&path)?;
+        let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let id = self
+            .store
+            .upsert_model(
+                &name,
+                &path.display().to_string(),
+                if path.is_file() { "gguf" } else { "hf" },
+                Some(estimate::total_params(&arch) as i64),
+                &serde_json::to_value(&arch).map_err(|e| Error::Msg(e.to_string()))?,
+            )
+            .await?;
+        self.store.models().await?.into_iter().find(|m| m.id == id).ok_or(Error::NotFound { what: "model", id })
     }
 
     /// Every run, newest first.

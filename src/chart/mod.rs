@@ -198,7 +198,7 @@ impl Panel {
 }
 
 /// Colour theme.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, ts_rs::TS)]
 pub enum Theme {
     /// White background, dark text.
     #[default]
@@ -218,7 +218,7 @@ impl Theme {
 }
 
 /// What the shared x axis measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, ts_rs::TS)]
 pub enum XAxis {
     /// Optimiser step.
     #[default]

@@ -107,7 +107,7 @@ impl Record {
 }
 
 /// A dataset schema, as named in configs and on the command line.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ts_rs::TS)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// Decide from the file extension and the first record's keys.

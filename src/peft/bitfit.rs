@@ -20,10 +20,11 @@ use serde::{Deserialize, Serialize};
 
 use super::{PeftLayer, TargetModules};
 use crate::model::{ForwardCtx, FrozenWeight, LinearAdapter, Llama};
+use crate::schema::{target_modules_field, text, Field};
 use crate::{Error, Result};
 
 /// BitFit settings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 pub struct BitfitConfig {
     /// Which linear layers train a bias (names or `"all-linear"`, the default).
     #[serde(default = "default_targets")]
@@ -41,6 +42,14 @@ impl Default for BitfitConfig {
 }
 
 impl BitfitConfig {
+    /// The keys a form shows.
+    pub fn fields() -> Vec<Field> {
+        vec![target_modules_field(
+            &BitfitConfig::default().target_modules,
+            text("Linear layers whose bias is trained (names or all-linear).", "训练偏置的线性层（模块名或 all-linear）。"),
+        )]
+    }
+
     /// Checks the values; errors name the key.
     pub fn validate(&self) -> Result<()> {
         self.target_modules.validate()

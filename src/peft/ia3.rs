@@ -19,10 +19,11 @@ use serde::{Deserialize, Serialize};
 
 use super::{PeftLayer, TargetModules};
 use crate::model::{ForwardCtx, FrozenWeight, LinearAdapter, Llama};
+use crate::schema::{target_modules_field, text, Field, FieldKind};
 use crate::{Error, Result};
 
 /// IA3 settings; reads and writes HF peft's `adapter_config.json` keys.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 pub struct Ia3Config {
     /// Which linear layers get a scaling vector (names or `"all-linear"`).
     #[serde(default = "default_targets")]
@@ -53,6 +54,15 @@ impl Default for Ia3Config {
 }
 
 impl Ia3Config {
+    /// The keys a form shows.
+    pub fn fields() -> Vec<Field> {
+        let d = Ia3Config::default();
+        vec![
+            target_modules_field(&d.target_modules, text("Linear layers that get a learned scaling vector (names or all-linear).", "学习缩放向量的线性层（模块名或 all-linear）。")),
+            Field::new("feedforward_modules", FieldKind::Modules, &d.feedforward_modules, text("Feed-forward modules", "前馈模块"), text("Targets whose input is scaled instead of their output; each must also be a target.", "缩放输入而非输出的目标模块；每个都必须也是目标模块。")),
+        ]
+    }
+
     /// Checks the values; errors name the key.
     pub fn validate(&self) -> Result<()> {
         self.target_modules.validate()?;

@@ -24,10 +24,11 @@ use serde::{Deserialize, Serialize};
 pub use super::peft_prefix;
 use super::{dropout, PeftLayer, TargetModules};
 use crate::model::{FrozenWeight, ForwardCtx, LinearAdapter, Llama};
+use crate::schema::{target_modules_field, text, Field, FieldKind};
 use crate::{Error, Result};
 
 /// LoRA settings; reads and writes HF peft's `adapter_config.json` keys.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 pub struct LoraConfig {
     /// Rank of the update.
     #[serde(default = "default_r")]
@@ -82,6 +83,29 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
+    /// The keys a form shows (lora and qlora).
+    pub fn fields() -> Vec<Field> {
+        use FieldKind::*;
+        let d = LoraConfig::default();
+        vec![
+            Field::new("r", Int, d.r, text("Rank", "秩"), text("Rank of the low-rank update: larger learns more and costs more.", "低秩更新的秩：越大学得越多，开销也越大。"))
+                .range(Some(1.0), Some(4096.0)),
+            Field::new("lora_alpha", Float, d.lora_alpha, text("Alpha", "Alpha"), text("Scaling numerator: the update is multiplied by alpha / r (alpha / √r with rsLoRA).", "缩放分子：更新乘以 alpha / r（rsLoRA 时为 alpha / √r）。"))
+                .range(Some(1e-9), None),
+            Field::new("lora_dropout", Float, d.lora_dropout, text("Dropout", "Dropout"), text("Dropout on the adapter's input during training.", "训练时对适配器输入做的 dropout。"))
+                .range_excl(0.0, 1.0),
+            target_modules_field(&d.target_modules, text("Linear layers that get an adapter: module names (q_proj, v_proj, ...) or all-linear (every projection except the LM head).", "加适配器的线性层：模块名（q_proj、v_proj 等）或 all-linear（除输出头外的所有投影）。")),
+            Field::new("use_rslora", Bool, d.use_rslora, text("rsLoRA", "rsLoRA"), text("Scale by alpha / √r instead of alpha / r (stabler at high ranks).", "按 alpha / √r 而不是 alpha / r 缩放（高秩时更稳定）。"))
+                .advanced(),
+            Field::new("use_dora", Bool, d.use_dora, text("DoRA", "DoRA"), text("Also learn a magnitude per output feature on top of the low-rank direction update.", "在低秩方向更新之外，再为每个输出特征学习一个幅度。"))
+                .advanced(),
+            Field::new("rank_pattern", NumberMap, &d.rank_pattern, text("Rank per module", "按模块设置秩"), text("Rank overrides by module-name suffix, as in peft.", "按模块名后缀覆盖秩，同 peft。"))
+                .advanced(),
+            Field::new("alpha_pattern", NumberMap, &d.alpha_pattern, text("Alpha per module", "按模块设置 Alpha"), text("Alpha overrides by module-name suffix, as in peft.", "按模块名后缀覆盖 alpha，同 peft。"))
+                .advanced(),
+        ]
+    }
+
     /// Checks the values; errors name the key.
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {

@@ -53,7 +53,7 @@ pub fn peft_prefix(lin: &Linear) -> String {
 }
 
 /// One entry of the method registry.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ts_rs::TS)]
 pub struct MethodInfo {
     /// Name used in configs and the CLI (`lora`).
     pub name: &'static str,
@@ -61,6 +61,9 @@ pub struct MethodInfo {
     pub peft_type: &'static str,
     /// One line for the UI.
     pub description: &'static str,
+    /// The method's config keys, for forms (see [`crate::schema`]).
+    #[serde(skip)]
+    pub fields: fn() -> Vec<crate::schema::Field>,
 }
 
 /// Every method this build supports.
@@ -70,27 +73,31 @@ pub fn registry() -> &'static [MethodInfo] {
             name: "lora",
             peft_type: "LORA",
             description: "Low-rank update B·A added to frozen projections (Hu et al. 2021); rsLoRA scaling and DoRA (use_dora: learned per-output magnitude, Liu et al. 2024) optional.",
+            fields: lora::LoraConfig::fields,
         },
         MethodInfo {
             name: "qlora",
             peft_type: "LORA",
             description: "LoRA over a base whose linear weights are held as 4-bit blocks (Dettmers et al. 2023), dequantized per product and again in the backward: GGUF 4-bit blocks are kept as they are, other weights become Q4_K (rows a multiple of 256) or Q4_1. Same keys and file format as lora.",
+            fields: lora::LoraConfig::fields,
         },
         MethodInfo {
             name: "ia3",
             peft_type: "IA3",
             description: "Learned scaling of attention outputs (k, v) and feed-forward inputs (down) (Liu et al. 2022); a few thousand parameters.",
+            fields: ia3::Ia3Config::fields,
         },
         MethodInfo {
             name: "bitfit",
             peft_type: "BITFIT",
             description: "Train only the bias terms (Ben Zaken et al. 2021); Llama-family models get zero-initialised biases to train. Own file format.",
+            fields: bitfit::BitfitConfig::fields,
         },
     ]
 }
 
 /// A method and its settings, as written in a run config (`[peft] method = "lora"`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 #[serde(tag = "method", rename_all = "lowercase", deny_unknown_fields)]
 pub enum PeftConfig {
     /// LoRA.
@@ -143,7 +150,7 @@ impl PeftConfig {
 
 /// Which linear layers a method wraps: module names matched as in peft (a module matches
 /// when its path equals the name or ends with `.name`), or `"all-linear"`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 #[serde(untagged)]
 pub enum TargetModules {
     /// `"all-linear"`: every linear layer except the LM head.

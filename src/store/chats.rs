@@ -12,7 +12,7 @@ use crate::data::Message;
 use crate::{Error, Result};
 
 /// An adapter a chat loads.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 pub struct ChatAdapter {
     /// The name variants refer to it by.
     pub name: String,
@@ -39,7 +39,7 @@ pub struct NewChat {
 }
 
 /// One stored message.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 pub struct ChatMessage {
     /// Row id.
     pub id: i64,
@@ -68,7 +68,7 @@ pub struct ChatMessage {
 }
 
 /// A chat session with its messages.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ts_rs::TS)]
 pub struct ChatRecord {
     /// Id.
     pub id: i64,

@@ -39,7 +39,7 @@ pub fn now_ms() -> i64 {
 }
 
 /// Where a run is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash, ts_rs::TS)]
 #[serde(rename_all = "lowercase")]
 pub enum RunStatus {
     /// Waiting for its device.
@@ -97,7 +97,7 @@ impl std::fmt::Display for RunStatus {
 }
 
 /// A run as recorded.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct RunRecord {
     /// Run id.
     pub id: i64,
@@ -192,7 +192,7 @@ pub struct MetricRow {
 }
 
 /// One point of a series (what charts read).
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct MetricPoint {
     /// Step.
     pub step: i64,
@@ -205,7 +205,7 @@ pub struct MetricPoint {
 }
 
 /// A checkpoint row.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct CheckpointRecord {
     /// Step.
     pub step: i64,
@@ -220,7 +220,7 @@ pub struct CheckpointRecord {
 }
 
 /// A sample generation made during training.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct SampleRecord {
     /// Step.
     pub step: i64,
@@ -263,7 +263,7 @@ impl WriteBatch {
 }
 
 /// A dataset import record.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct DatasetRecord {
     /// Id (0 before insertion).
     pub id: i64,
@@ -294,7 +294,7 @@ pub struct DatasetRecord {
 }
 
 /// A registered base model.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct ModelRecord {
     /// Id.
     pub id: i64,

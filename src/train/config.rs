@@ -13,7 +13,7 @@ use crate::peft::{LoraConfig, PeftConfig, TargetModules};
 use crate::{Error, Result};
 
 /// A whole training run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     /// Run name (also names the output folder).
@@ -49,7 +49,7 @@ fn default_seed() -> u64 {
 }
 
 /// `[model]`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default, ts_rs::TS)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     /// A `.gguf` file or HF folder; empty = the default model in the app data dir.
@@ -58,7 +58,7 @@ pub struct ModelSection {
 }
 
 /// `[data]`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
     /// Dataset file (relative paths are taken from the config file's folder, then the
@@ -95,7 +95,7 @@ fn default_val_max() -> usize {
 }
 
 /// `[train]`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainSection {
     /// Passes over the training set (ignored when `max_steps` > 0).
@@ -164,7 +164,7 @@ impl Default for TrainSection {
 }
 
 /// `[eval]`: a held-out generation check run before and after training.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvalSection {
     /// JSONL of `{"prompt", "expect": [..]}`; an answer is correct when it contains any
@@ -185,7 +185,7 @@ impl Default for EvalSection {
 }
 
 /// `[output]`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default, ts_rs::TS)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
     /// Run folder; default `<app data>/runs/<name>`.

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Everything a training run reports, in order.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum TrainEvent {
     /// Training is about to start (or resume).

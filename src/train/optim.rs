@@ -102,7 +102,7 @@ impl AdamW {
 }
 
 /// Learning-rate schedule after warmup.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, ts_rs::TS)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     /// Half-cosine from the peak to `min_lr_ratio × peak`.

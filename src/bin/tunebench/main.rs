@@ -60,6 +60,9 @@ enum Cmd {
         #[arg(long)]
         exit_when_idle: bool,
     },
+    /// Serve the app over HTTP for a browser (API, live events, the built UI): binds
+    /// 127.0.0.1 and prints a URL with a random access token; runs queued runs like `queue`.
+    Serve(runs::ServeArgs),
     /// Internal: the training worker the app's supervisor starts (JSON lines on stdout).
     #[command(hide = true)]
     Worker {
@@ -462,6 +465,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Estimate(a) => runs::cmd_estimate(a)?,
         Cmd::Worker { cmd } => runs::cmd_worker(cmd)?,
         Cmd::Queue { exit_when_idle } => runs::cmd_queue(exit_when_idle)?,
+        Cmd::Serve(args) => runs::cmd_serve(args)?,
         Cmd::Methods => {
             for m in tunebench::peft::registry() {
                 println!("{} ({})\n  {}", m.name, m.peft_type, m.description);

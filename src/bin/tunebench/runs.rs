@@ -646,3 +646,58 @@ pub fn cmd_queue(exit_when_idle: bool) -> Result<()> {
         Ok(())
     })
 }
+
+/// `tunebench serve`.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:7860")]
+    pub addr: std::net::SocketAddr,
+    /// Allow listening on an address other machines can reach (the token still guards it).
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// A folder whose files requests may name (datasets, models), besides the app data
+    /// folder and the bundled assets; repeatable.
+    #[arg(long = "allow-dir")]
+    pub allow_dirs: Vec<PathBuf>,
+    /// The built UI folder (default: ui/dist of the source tree, or `ui` beside the binary).
+    #[arg(long)]
+    pub ui: Option<PathBuf>,
+    /// Use this access token instead of a random one (for scripts; keep it secret; default:
+    /// $TUNEBENCH_TOKEN, else random).
+    #[arg(long)]
+    pub token: Option<String>,
+}
+
+pub fn cmd_serve(args: ServeArgs) -> Result<()> {
+    use tunebench::api::commands::{Api, PathPolicy};
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| Error::Msg(format!("tokio runtime: {e}")))?;
+    rt.block_on(async {
+        let home = tunebench::paths::home();
+        let mut o = WorkbenchOptions::new(&home);
+        o.supervise = true;
+        let wb = std::sync::Arc::new(Workbench::open(o).await?);
+        let mut roots = vec![home, tunebench::paths::assets_dir()];
+        roots.extend(args.allow_dirs.iter().cloned());
+        let api = std::sync::Arc::new(Api::new(wb, PathPolicy::within(&roots)?));
+        let opts = tunebench::serve::ServeOptions {
+            addr: args.addr,
+            allow_remote: args.allow_remote,
+            ui_dir: args.ui.clone().unwrap_or_else(tunebench::serve::default_ui_dir),
+            token: args.token.clone().or_else(|| std::env::var("TUNEBENCH_TOKEN").ok().filter(|t| !t.is_empty())),
+        };
+        if !args.addr.ip().is_loopback() && args.allow_remote {
+            eprintln!("warning: listening on {}, reachable from other machines; anyone with the URL below can train, read and delete runs", args.addr);
+        }
+        let server = tunebench::serve::bind(api, opts).await?;
+        if !args.ui.as_ref().map_or_else(tunebench::serve::default_ui_dir, |u| u.clone()).join("index.html").exists() {
+            eprintln!("note: the UI is not built (npm --prefix ui run build); the API works without it");
+        }
+        // The URL on stdout alone, so scripts can read it; the rest on stderr.
+        println!("{}", server.url);
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        eprintln!("tunebench serve: open the URL above (Ctrl-C to stop; training workers keep going)");
+        server.run(async { let _ = tokio::signal::ctrl_c().await; }).await
+    })
+}
