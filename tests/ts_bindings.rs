@@ -36,14 +36,21 @@ fn export(dir: &Path) {
     }
 }
 
+/// Every `.ts` file under `dir`, by path relative to it.
 fn read_dir(dir: &Path) -> BTreeMap<PathBuf, String> {
-    let mut out = BTreeMap::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "ts") {
-            out.insert(PathBuf::from(p.file_name().unwrap()), std::fs::read_to_string(&p).unwrap());
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else if p.extension().is_some_and(|x| x == "ts") {
+                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read_to_string(&p).unwrap());
+            }
         }
     }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
     out
 }
 
@@ -58,7 +65,9 @@ fn ui_bindings_are_generated_from_the_rust_types() {
         let _ = std::fs::remove_dir_all(&committed);
         std::fs::create_dir_all(&committed).unwrap();
         for (name, text) in &fresh {
-            std::fs::write(committed.join(name), text).unwrap();
+            let path = committed.join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
         }
         return;
     }
