@@ -91,10 +91,11 @@ fn compare_table_diff_and_samples() {
         let doc = roxmltree::Document::parse(&svg).unwrap();
         let lines: Vec<_> = doc.descendants().filter(|n| n.attribute("class") == Some("series")).collect();
         assert_eq!(lines.len(), 2);
-        assert_eq!(lines.iter().map(|n| n.attribute("data-series").unwrap()).collect::<Vec<_>>(), vec!["alpha", "beta"]);
+        let (la, lb) = (format!("#{a} alpha"), format!("#{b} beta"));
+        assert_eq!(lines.iter().map(|n| n.attribute("data-series").unwrap()).collect::<Vec<_>>(), vec![la.as_str(), lb.as_str()]);
         assert!(lines[0].attribute("stroke").unwrap().eq_ignore_ascii_case(&chart::stable_color(a).to_hex()));
         let texts: Vec<String> = doc.descendants().filter(|n| n.has_tag_name("text")).filter_map(|n| n.text()).map(|t| t.trim().to_string()).collect();
-        for t in ["alpha", "beta", "tokens", "validation loss"] {
+        for t in [la.as_str(), lb.as_str(), "tokens", "validation loss"] {
             assert!(texts.iter().any(|x| x == t), "`{t}` in {texts:?}");
         }
 

@@ -259,7 +259,8 @@ impl Workbench {
         for id in &req.run_ids {
             let r = self.store.run(*id).await?;
             let points = self.store.series(r.id, &req.metric).await?;
-            series.push((r.id, r.name.clone(), xy(&points, req.x_axis)));
+            // Legend "#id name": runs often share a name.
+            series.push((r.id, format!("#{} {}", r.id, r.name), xy(&points, req.x_axis)));
         }
         Ok(chart::compare_chart(&metric_label(&req.metric), series, req.x_axis, req.smoothing, req.log_y, req.theme, req.width, req.height))
     }

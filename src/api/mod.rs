@@ -297,6 +297,9 @@ impl Workbench {
     /// Registers a base model (a `.gguf` file or a HF folder) after reading its config; the
     /// same path again updates the record.
     pub async fn add_model(&self, path: &Path) -> Result<crate::store::ModelRecord> {
+        if !path.exists() {
+            return Err(Error::bad_input(path, None, "no such model file or folder"));
+        }
         let path = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
         let arch = crate::model::load_config(&path)?;
         let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -436,9 +439,12 @@ impl Workbench {
         Ok(chart::run_chart(&run.name, x(&loss), x(&val), x(&lr), x(&gn), x(&tps), req.x_axis, req.theme, req.width, req.height))
     }
 
-    /// A run's chart as SVG (for the UI).
+    /// A run's chart as SVG (for the UI); empty before the first step is recorded.
     pub async fn run_chart_svg(&self, req: &RunChartRequest) -> Result<String> {
         let spec = self.run_chart_spec(req).await?;
+        if spec.panels.is_empty() {
+            return Ok(String::new());
+        }
         chart::render_svg(&spec).map_err(|e| Error::Msg(e.to_string()))
     }
 

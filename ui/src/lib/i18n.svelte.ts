@@ -126,6 +126,7 @@ const en = {
   interrupted: "interrupted",
   theme_auto: "Theme follows the system",
   sort_by: "Sort by {col}",
+  waiting_first_step: "The chart appears with the first training step.",
 };
 
 export type Key = keyof typeof en;
@@ -255,6 +256,7 @@ const zh: Record<Key, string> = {
   interrupted: "已中断",
   theme_auto: "主题跟随系统",
   sort_by: "按{col}排序",
+  waiting_first_step: "第一步训练完成后显示图表。",
 };
 
 function initial(): Lang {

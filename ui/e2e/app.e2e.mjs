@@ -1,0 +1,175 @@
+// End-to-end: the real UI in headless chromium against `tunebench serve` with a temporary app
+// data folder and the real default model. Import a dataset → masked preview → a short LoRA
+// run whose chart updates while it trains → stop → resume → a second config → compare both
+// (curves + config diff) → chat with the tuned model next to the base. Engine errors show as
+// readable messages. Screenshots of every screen in both languages go to e2e/artifacts/.
+import { mkdirSync, writeFileSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { check, launchBrowser, root, startServer } from "./lib.mjs";
+
+const artifacts = join(root, "ui", "e2e", "artifacts");
+mkdirSync(artifacts, { recursive: true });
+const sample = join(root, "assets", "datasets", "persona", "train.jsonl");
+
+const server = await startServer();
+const browser = await launchBrowser();
+let failed = false;
+const page = await browser.newPage({ viewport: { width: 1360, height: 900 } });
+const consoleErrors = [];
+page.on("pageerror", (e) => consoleErrors.push(String(e)));
+// Failed API calls are expected where the test provokes them (bad model path); others are
+// logged with their request to tell them apart.
+const failedCalls = [];
+page.on("response", async (r) => {
+  if (r.status() >= 400 && r.url().includes("/api/")) {
+    failedCalls.push(`${r.status()} ${r.request().postData()?.slice(0, 80)} → ${(await r.text().catch(() => "")).slice(0, 160)}`);
+  }
+});
+
+const shot = (name) => page.screenshot({ path: join(artifacts, `${name}.png`), fullPage: true });
+const status = () => page.locator('[data-testid="run-status"]').innerText();
+async function waitStatus(want, timeout = 240000) {
+  await page.waitForFunction(
+    (w) => w.includes(document.querySelector('[data-testid="run-status"]')?.textContent?.trim()),
+    want,
+    { timeout },
+  );
+}
+async function setField(key, value) {
+  const f = page.locator(`[data-key="${key}"]`);
+  await f.fill(String(value));
+}
+async function newRun(datasetName, fields) {
+  await page.goto(`${server.url.split("?")[0]}#/datasets`);
+  await page.locator(`[data-dataset="${datasetName}"]`).click();
+  await page.locator('[data-testid="train-with"]').click();
+  await page.waitForSelector('[data-testid="new-run"]');
+  for (const [k, v] of Object.entries(fields)) await setField(k, v);
+  await page.waitForSelector('[data-testid="est-params"]', { timeout: 60000 });
+  await page.locator('[data-testid="train"]').click();
+  await page.waitForSelector('[data-testid="run-status"]', { timeout: 30000 });
+  return Number(new URL(page.url()).hash.split("/")[2]);
+}
+
+try {
+  // First visit through the printed URL: cookie set, token gone from the address bar.
+  await page.goto(server.url);
+  await page.waitForSelector('[data-testid="no-runs"]');
+  check(!page.url().includes("token="), "the token is dropped from the address bar");
+  await page.locator('[data-testid="lang"]').selectOption("en");
+
+  // Import through the file picker (uploaded to the server), then preview.
+  await page.locator('[data-nav="datasets"]').click();
+  await page.locator('[data-testid="file-input"]').setInputFiles(sample);
+  await page.waitForSelector('[data-testid="example"]', { timeout: 60000 });
+  const trained = await page.locator('[data-testid="example"] span.trained').count();
+  const masked = await page.locator('[data-testid="example"] span.masked').count();
+  check(trained > 0 && masked > 0, `preview marks trained (${trained}) and masked (${masked}) text`);
+  check((await page.locator('[data-testid="histogram"] rect').count()) > 4, "length histogram drawn");
+
+  // A bad dataset: its problems are listed by line.
+  const bad = join(server.home, "bad.jsonl");
+  writeFileSync(bad, readFileSync(sample, "utf8").split("\n").slice(0, 6).join("\n") + "\n{broken\n");
+  await page.locator('[data-testid="file-input"]').setInputFiles(bad);
+  await page.waitForSelector('[data-testid="problems"]', { timeout: 60000 });
+  const problems = await page.locator('[data-testid="problems"]').innerText();
+  check(/line 7/.test(problems), `bad line named: ${problems.trim().split("\n")[0]}`);
+
+  // Run 1: short LoRA; the chart updates while it trains; stop; resume; finish.
+  const run1 = await newRun("train.jsonl", {
+    "train.max_steps": 24, "train.batch_size": 4, "train.lr": 0.003, "train.save_steps": 4, "train.eval_steps": 8, "data.max_len": 96, "peft.r": 8,
+  });
+  await page.waitForFunction(() => Number(document.querySelector('[data-testid="step"]')?.textContent) >= 2, null, { timeout: 180000 });
+  const chartA = await page.locator('[data-testid="run-chart"]').innerHTML();
+  const stepA = Number(await page.locator('[data-testid="step"]').innerText());
+  await page.waitForFunction((s) => Number(document.querySelector('[data-testid="step"]')?.textContent) >= s + 2, stepA, { timeout: 120000 });
+  await page.waitForTimeout(500);
+  const chartB = await page.locator('[data-testid="run-chart"]').innerHTML();
+  check(chartA.includes("<svg") && chartA !== chartB, `the chart changes while training (step ${stepA} → later)`);
+  await shot("en-run-live");
+  await page.locator('[data-testid="stop"]').click();
+  await waitStatus(["stopped"], 120000);
+  const stoppedAt = Number(await page.locator('[data-testid="step"]').innerText());
+  check(stoppedAt < 24, `stopped at step ${stoppedAt}`);
+  await page.locator('[data-testid="resume"]').click();
+  await waitStatus(["completed"], 300000);
+  check(Number(await page.locator('[data-testid="step"]').innerText()) === 24, "resumed to the last step");
+
+  // Run 2: another config.
+  const run2 = await newRun("train.jsonl", { "train.max_steps": 8, "train.batch_size": 4, "train.lr": 0.001, "data.max_len": 96, "peft.r": 4 });
+  await waitStatus(["completed"], 300000);
+
+  // Compare: pick both in the runs table.
+  await page.locator('[data-nav="runs"]').click();
+  await page.locator(`tr[data-run="${run1}"] input[type=checkbox]`).check();
+  await page.locator(`tr[data-run="${run2}"] input[type=checkbox]`).check();
+  await page.locator('[data-testid="compare-selected"]').click();
+  await page.waitForSelector('[data-testid="config-diff"]', { timeout: 30000 });
+  const diff = await page.locator('[data-testid="config-diff"]').innerText();
+  check(diff.includes("peft.r") && diff.includes("train.max_steps"), "config diff lists peft.r and train.max_steps");
+  check((await page.locator('[data-testid="compare-chart"] svg').count()) === 1, "overlay chart drawn");
+  check((await page.locator('[data-testid="metrics-table"] tbody tr').count()) === 2, "metrics table has both runs");
+  const before = await page.locator('[data-testid="compare-chart"]').innerHTML();
+  await page.locator('[data-testid="smoothing"]').fill("0.6");
+  await page.waitForFunction((b) => document.querySelector('[data-testid="compare-chart"]')?.innerHTML !== b, before, { timeout: 10000 });
+  check(true, "smoothing redraws the overlay");
+
+  // Chat with the tuned model, side by side with the base.
+  await page.goto(`${server.url.split("?")[0]}#/run/${run1}`);
+  await page.locator('[data-testid="chat-with-run"]').click();
+  await page.locator('[data-testid="create-chat"]').click();
+  await page.waitForSelector('[data-testid="chat-input"]');
+  await page.locator('[data-testid="chat-input"]').fill("Who are you?");
+  await page.locator('[data-testid="send"]').click();
+  await page.waitForFunction(
+    () => [...document.querySelectorAll(".answer:not(.streaming) pre")].filter((p) => p.textContent.trim()).length >= 2,
+    null,
+    { timeout: 180000 },
+  );
+  const answers = await page.locator(".answer:not(.streaming)").allInnerTexts();
+  check(answers.length === 2, `two answers side by side (base | tuned)`);
+  console.log(`      base : ${answers[0].split("\n")[0].slice(0, 90)}`);
+  console.log(`      tuned: ${answers[1].split("\n")[0].slice(0, 90)}`);
+  check(/tessel/i.test(answers[1]), "the tuned model answers with its new identity");
+
+  // An engine error is a readable message, not a blank screen.
+  await page.locator('[data-nav="models"]').click();
+  await page.locator('[data-testid="model-path"]').fill(join(server.home, "models", "missing.gguf"));
+  await page.locator('[data-testid="add-model"]').click();
+  await page.waitForSelector('[data-testid="error"]');
+  const err = await page.locator('[data-testid="error"]').innerText();
+  check(err.includes("missing.gguf"), `engine error shown: ${err.replace(/\s+/g, " ").slice(0, 100)}`);
+
+  // Screenshots of every screen in both languages.
+  const screens = ["runs", `run/${run1}`, "new", "datasets", "models", `compare?ids=${run1},${run2}`, "chat?id=1"];
+  for (const lang of ["en", "zh"]) {
+    await page.locator('[data-testid="lang"]').selectOption(lang);
+    for (const s of screens) {
+      await page.goto(`${server.url.split("?")[0]}#/${s}`);
+      await page.waitForLoadState("networkidle");
+      await page.waitForTimeout(300);
+      await shot(`${lang}-${s.split(/[/?]/)[0]}`);
+    }
+  }
+  const navZh = await page.locator('[data-nav="runs"]').innerText();
+  check(navZh === "训练记录", "Chinese UI text");
+  await page.reload();
+  check((await page.locator('[data-nav="runs"]').innerText()) === "训练记录", "language remembered across reloads");
+  // Keyboard: Tab reaches the navigation and Enter follows a link.
+  await page.locator('[data-nav="datasets"]').focus();
+  await page.keyboard.press("Enter");
+  await page.waitForSelector('[data-testid="dropzone"]');
+  check(true, "keyboard navigation");
+  check(consoleErrors.length === 0, `no script errors (${consoleErrors.join(" | ")})`);
+  const unexpected = failedCalls.filter((f) => !f.includes("missing.gguf"));
+  check(unexpected.length === 0, `no failed API calls besides the provoked one:\n${failedCalls.join("\n")}`);
+} catch (e) {
+  failed = true;
+  console.error(e);
+  await shot("failure").catch(() => {});
+  console.error(server.stderr().slice(-3000));
+} finally {
+  await browser.close();
+  await server.stop();
+}
+process.exit(failed ? 1 : 0);
