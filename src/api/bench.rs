@@ -118,3 +118,50 @@ pub async fn store_bench(home: &Path, points: usize, batch: usize) -> Result<Sto
         run_id: id,
     })
 }
+
+/// Records `n` completed runs of `points` steps each in the store under `home` — varied
+/// learning rates, ranks and methods, loss curves, final metrics — as the app would show them
+/// after many experiments (for the runs-table benchmark and the desktop smoke test; no model
+/// is trained). Returns their ids.
+pub async fn seed_runs(home: &Path, n: usize, points: usize) -> Result<Vec<i64>> {
+    let wb = Workbench::open(WorkbenchOptions::new(home)).await?;
+    let store = wb.store();
+    let pid = std::process::id() as i64;
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let (lr, r) = ([1e-4, 3e-4, 1e-3, 3e-3][i % 4], [4usize, 8, 16, 32][(i / 4) % 4]);
+        let method = ["lora", "qlora", "ia3", "bitfit"][(i / 16) % 4];
+        let mut config = serde_json::to_value(crate::train::RunConfig::preset("quickstart")?).map_err(|e| Error::Msg(e.to_string()))?;
+        config["name"] = format!("seed-{i}").into();
+        config["train"]["lr"] = lr.into();
+        config["peft"]["r"] = r.into();
+        let id = store
+            .insert_run(&NewRun {
+                name: format!("seed-{i}"),
+                method: method.into(),
+                config,
+                model_id: None,
+                model_path: crate::paths::default_model().display().to_string(),
+                dataset_path: String::new(),
+                dataset_id: None,
+                out_dir: String::new(),
+                device: "cpu".into(),
+            })
+            .await?;
+        store.claim_run(id, pid, None).await?;
+        let mut b = WriteBatch { started: Some((points as i64, 460_800 * r as i64 / 8, 134_515_008)), ..Default::default() };
+        let mut last = 0.0;
+        for s in 1..=points {
+            let x = s as f64 / points as f64;
+            last = 1.0 + 2.5 * (-x * (1.0 + 1e3 * lr)).exp() + 0.05 * ((s * 7 + i) as f64).sin();
+            b.metrics.push(MetricRow { name: "loss".into(), step: s as i64, tokens: s as i64 * 1024, wall_s: s as f64 * 0.9, value: last });
+            b.metrics.push(MetricRow { name: "lr".into(), step: s as i64, tokens: s as i64 * 1024, wall_s: s as f64 * 0.9, value: lr * (1.0 - x) });
+        }
+        b.progress = Some((points as i64, points as i64 * 1024, points as f64 * 0.9));
+        store.write_batch(id, &b).await?;
+        let metrics = serde_json::json!({ "final_loss": last, "wall_s": points as f64 * 0.9 });
+        store.finish_run(id, pid, crate::store::RunStatus::Completed, None, &metrics, Some(1 << 30)).await?;
+        ids.push(id);
+    }
+    Ok(ids)
+}

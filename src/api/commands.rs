@@ -351,6 +351,34 @@ impl Api {
         &self.policy
     }
 
+    /// Saves a file the user picked or dropped in the UI under `<app data>/uploads/` (never
+    /// over an earlier one: `name`, `name-2`, ...) and returns its path, for `import_dataset`.
+    pub fn save_upload(&self, name: &str, bytes: &[u8]) -> std::result::Result<PathBuf, ApiError> {
+        let base = Path::new(name).file_name().map(|n| super::sanitize(&n.to_string_lossy())).unwrap_or_default();
+        if base.is_empty() || base.starts_with('.') {
+            return Err(ApiError::new("bad_request", format!("`{name}` is not a file name")));
+        }
+        let dir = self.wb.home().join("uploads");
+        std::fs::create_dir_all(&dir).map_err(|e| ApiError::from(Error::io(&dir, e)))?;
+        let (stem, ext) = match base.rsplit_once('.') {
+            Some((a, b)) => (a.to_string(), format!(".{b}")),
+            None => (base.clone(), String::new()),
+        };
+        for i in 1..10_000 {
+            let path = dir.join(if i == 1 { base.clone() } else { format!("{stem}-{i}{ext}") });
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| ApiError::from(Error::io(&path, e)))?;
+                    return Ok(path);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io(&path, e).into()),
+            }
+        }
+        Err(ApiError::new("io", format!("{}: too many uploads named {base}", dir.display())))
+    }
+
     /// Parses `{command, args}` and runs it.
     pub async fn call_json(&self, request: Value) -> std::result::Result<Value, ApiError> {
         let cmd: Command = serde_json::from_value(request).map_err(|e| ApiError::new("bad_request", format!("bad request: {e}")))?;

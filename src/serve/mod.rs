@@ -71,7 +71,6 @@ struct Shared {
     port: u16,
     allow_remote: bool,
     ui_dir: PathBuf,
-    uploads: PathBuf,
 }
 
 /// A random 128-bit token, hex.
@@ -93,8 +92,7 @@ pub async fn bind(api: Arc<Api>, opts: ServeOptions) -> Result<Server> {
     let token = opts.token.unwrap_or_else(new_token);
     let host = if addr.ip().is_loopback() || addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
     let url = format!("http://{host}:{}/?token={token}", addr.port());
-    let uploads = api.workbench().home().join("uploads");
-    let state = Arc::new(Shared { api, token, port: addr.port(), allow_remote: opts.allow_remote, ui_dir: opts.ui_dir, uploads });
+    let state = Arc::new(Shared { api, token, port: addr.port(), allow_remote: opts.allow_remote, ui_dir: opts.ui_dir });
     Ok(Server { listener, state, addr, url })
 }
 
@@ -230,39 +228,11 @@ struct UploadQuery {
 }
 
 async fn upload(State(s): State<Arc<Shared>>, Query(q): Query<UploadQuery>, body: Bytes) -> Response {
-    let name = crate::api::sanitize(Path::new(&q.name).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_str());
-    if name.is_empty() || name.starts_with('.') {
-        return error(StatusCode::BAD_REQUEST, "bad_request", format!("`{}` is not a file name", q.name));
-    }
-    let dir = s.uploads.clone();
-    let saved = tokio::task::spawn_blocking(move || -> Result<PathBuf> {
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        // Never over an earlier upload: `name`, `name-2`, ...
-        let (stem, ext) = match name.rsplit_once('.') {
-            Some((a, b)) => (a.to_string(), format!(".{b}")),
-            None => (name.clone(), String::new()),
-        };
-        for i in 1.. {
-            let path = dir.join(if i == 1 { name.clone() } else { format!("{stem}-{i}{ext}") });
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut f) => {
-                    use std::io::Write;
-                    f.write_all(&body).and_then(|_| f.sync_all()).map_err(|e| Error::io(&path, e))?;
-                    return Ok(path);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(Error::io(&path, e)),
-            }
-        }
-        unreachable!()
-    })
-    .await;
+    let api = s.api.clone();
+    let saved = tokio::task::spawn_blocking(move || api.save_upload(&q.name, &body)).await;
     match saved {
         Ok(Ok(path)) => Json(serde_json::json!({ "path": path.display().to_string() })).into_response(),
-        Ok(Err(e)) => {
-            let e = ApiError::from(e);
-            (status_of(&e), Json(e)).into_response()
-        }
+        Ok(Err(e)) => (status_of(&e), Json(e)).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }

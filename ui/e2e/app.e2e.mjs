@@ -54,9 +54,16 @@ async function newRun(datasetName, fields) {
 try {
   // First visit through the printed URL: cookie set, token gone from the address bar.
   await page.goto(server.url);
-  await page.waitForSelector('[data-testid="no-runs"]');
+  await page.waitForSelector('[data-testid="new-run"]');
   check(!page.url().includes("token="), "the token is dropped from the address bar");
   await page.locator('[data-testid="lang"]').selectOption("en");
+  check((await page.locator('[data-testid="preset"]').inputValue()) === "quickstart", "first start opens New run with the quickstart preset");
+  check((await page.locator('[data-testid="dataset"]').inputValue()).endsWith("persona/train.jsonl"), "… and the bundled sample dataset");
+  await page.waitForSelector('[data-testid="est-params"]', { timeout: 60000 });
+  check(/M|k/.test(await page.locator('[data-testid="est-params"]').innerText()), "… with an estimate, ready to press Train");
+  await shot("en-first-start");
+  await page.locator('[data-nav="runs"]').click();
+  await page.waitForSelector('[data-testid="no-runs"]');
 
   // Import through the file picker (uploaded to the server), then preview.
   await page.locator('[data-nav="datasets"]').click();

@@ -195,6 +195,20 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         batch: usize,
     },
+    /// Record N completed runs with loss curves in the store under `--home` (no training):
+    /// for the runs-table benchmark and the desktop smoke test.
+    #[command(hide = true)]
+    BenchSeedRuns {
+        /// The app data folder.
+        #[arg(long)]
+        home: PathBuf,
+        /// Runs to record.
+        #[arg(long, default_value_t = 1000)]
+        runs: usize,
+        /// Steps per run.
+        #[arg(long, default_value_t = 50)]
+        points: usize,
+    },
     /// Benchmark decoding: greedy, EOS ignored, `--repeats` times on the same prompt (raw text,
     /// no chat template); prints one JSON line (prompt ids, time to first token and decode
     /// tokens/s per repeat, the generated ids). bench/decode_bench.py compares it to llama.cpp.
@@ -581,6 +595,11 @@ fn run(cli: Cli) -> Result<()> {
             let rt = runs::runtime()?;
             let r = rt.block_on(tunebench::api::bench::store_bench(&home, points, batch))?;
             println!("{}", serde_json::to_string(&r).map_err(|e| Error::Msg(e.to_string()))?);
+        }
+        Cmd::BenchSeedRuns { home, runs, points } => {
+            let rt = runs::runtime()?;
+            let ids = rt.block_on(tunebench::api::bench::seed_runs(&home, runs, points))?;
+            println!("{}", serde_json::json!({ "runs": ids.len(), "first": ids.first(), "last": ids.last() }));
         }
         Cmd::BenchDecode { model, prompt, max_tokens, repeats } => {
             let m = model::load_quantized(&model_path(model), &device)?;
