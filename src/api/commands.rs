@@ -164,14 +164,6 @@ impl Command {
             _ => Vec::new(),
         }
     }
-
-    /// The command's name (`create_run`).
-    pub fn name(&self) -> String {
-        match serde_json::to_value(self) {
-            Ok(Value::Object(o)) => o.get("command").and_then(Value::as_str).unwrap_or("?").to_string(),
-            _ => "?".into(),
-        }
-    }
 }
 
 /// A failure as the UI receives it.
@@ -408,7 +400,6 @@ impl Api {
 
     async fn run(&self, cmd: Command) -> Result<Value> {
         let wb = &self.wb;
-        let out = |v: &dyn erased::Ser| v.to_json();
         Ok(match cmd {
             Command::Info => out(&info()),
             Command::Schema => out(&form_schema()?),
@@ -472,16 +463,9 @@ impl Api {
     }
 }
 
-/// Serialising `&dyn` values without naming their types in every match arm.
-mod erased {
-    pub trait Ser {
-        fn to_json(&self) -> serde_json::Value;
-    }
-    impl<T: serde::Serialize> Ser for T {
-        fn to_json(&self) -> serde_json::Value {
-            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
-        }
-    }
+/// A response as JSON (every response type serialises; Null would mean a bug, not bad input).
+fn out<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
 /// [`Command::Info`].
@@ -577,7 +561,6 @@ mod tests {
     fn commands_list_their_paths() {
         let cmd: Command = serde_json::from_value(json!({"command": "import_dataset", "args": {"path": "/x/data.jsonl"}})).unwrap();
         assert_eq!(cmd.paths(), vec![Path::new("/x/data.jsonl")]);
-        assert_eq!(cmd.name(), "import_dataset");
         let cmd: Command = serde_json::from_value(json!({"command": "runs"})).unwrap();
         assert!(cmd.paths().is_empty());
     }

@@ -680,10 +680,12 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
         let mut roots = vec![home, tunebench::paths::assets_dir()];
         roots.extend(args.allow_dirs.iter().cloned());
         let api = std::sync::Arc::new(Api::new(wb, PathPolicy::within(&roots)?));
+        let ui_dir = args.ui.clone().unwrap_or_else(tunebench::serve::default_ui_dir);
+        let ui_built = ui_dir.join("index.html").exists();
         let opts = tunebench::serve::ServeOptions {
             addr: args.addr,
             allow_remote: args.allow_remote,
-            ui_dir: args.ui.clone().unwrap_or_else(tunebench::serve::default_ui_dir),
+            ui_dir,
             token: args.token.clone().or_else(|| std::env::var("TUNEBENCH_TOKEN").ok().filter(|t| !t.is_empty())),
         };
         if !args.addr.ip().is_loopback() && args.allow_remote {
@@ -691,7 +693,7 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
         }
         api.warm_up();
         let server = tunebench::serve::bind(api, opts).await?;
-        if !args.ui.as_ref().map_or_else(tunebench::serve::default_ui_dir, |u| u.clone()).join("index.html").exists() {
+        if !ui_built {
             eprintln!("note: the UI is not built (npm --prefix ui run build); the API works without it");
         }
         // The URL on stdout alone, so scripts can read it; the rest on stderr.
