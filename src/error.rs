@@ -62,6 +62,14 @@ pub enum Error {
         /// The id asked for.
         id: i64,
     },
+    /// A network failure (model downloads), explained.
+    #[error("{reason} ({url})")]
+    Network {
+        /// What was fetched.
+        url: String,
+        /// What went wrong and what to do.
+        reason: String,
+    },
     /// Anything else, with a message for the user.
     #[error("{0}")]
     Msg(String),

@@ -30,6 +30,8 @@ fn export(dir: &Path) {
         estimate::Estimate::export_all,
         compare::Comparison::export_all,
         chat::ChatAnswer::export_all,
+        api::downloads::DownloadJob::export_all,
+        tunebench::hub::HubRepo::export_all,
     ];
     for f in all {
         f(&cfg).unwrap();

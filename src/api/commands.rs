@@ -42,6 +42,23 @@ pub enum Command {
         /// The file or folder.
         path: PathBuf,
     },
+    /// Looks a repo up on the hub (`$HF_ENDPOINT`): files and what can be loaded. → `HubRepo`
+    HubLookup {
+        /// `owner/name`.
+        repo: String,
+        /// Branch, tag or commit (default `main`).
+        #[serde(default)]
+        revision: Option<String>,
+    },
+    /// Starts a model download from the hub (progress as `download` events). → `DownloadJob`
+    DownloadModel(super::downloads::DownloadRequest),
+    /// Downloads of this session, newest first. → `DownloadJob[]`
+    Downloads,
+    /// Cancels a download (partial files are kept for the next try). → null
+    CancelDownload {
+        /// The job.
+        id: i64,
+    },
     /// Imported datasets. → `DatasetRecord[]`
     Datasets,
     /// Imports a dataset file. → `DatasetRecord`
@@ -93,8 +110,10 @@ pub enum Command {
         #[serde(default)]
         delete_files: bool,
     },
-    /// A run's chart as SVG. → string
+    /// A run's chart as SVG ("" before the first step). → string
     RunChartSvg(RunChartRequest),
+    /// A run's chart as PNG, base64. → string
+    RunChartPng(RunChartRequest),
     /// Several runs side by side (metrics, config diff, samples). → `Comparison`
     Compare(CompareRequest),
     /// The overlay chart of several runs as SVG. → string
@@ -169,7 +188,7 @@ impl Command {
 /// A failure as the UI receives it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, TS)]
 pub struct ApiError {
-    /// Machine-readable: `bad_input`, `config`, `not_found`, `io`, `out_of_memory`,
+    /// Machine-readable: `bad_input`, `config`, `not_found`, `io`, `network`, `out_of_memory`,
     /// `training`, `store`, `unauthorized`, `forbidden`, `path_not_allowed`, `bad_request`,
     /// `internal`.
     pub code: String,
@@ -199,6 +218,7 @@ impl From<Error> for ApiError {
                 Error::Training(_) => "training",
                 Error::Store { .. } => "store",
                 Error::Tokenizer(_) | Error::Template(_) => "bad_input",
+                Error::Network { .. } => "network",
                 Error::Candle(_) | Error::Msg(_) => "failed",
             }
         };
@@ -405,6 +425,10 @@ impl Api {
             Command::Schema => out(&form_schema()?),
             Command::Models => out(&wb.models_with_default().await?),
             Command::AddModel { path } => out(&wb.add_model(&path).await?),
+            Command::HubLookup { repo, revision } => out(&wb.hub_lookup(&repo, revision.as_deref()).await?),
+            Command::DownloadModel(r) => out(&wb.download_model(&r).await?),
+            Command::Downloads => out(&wb.downloads()),
+            Command::CancelDownload { id } => out(&wb.cancel_download(id)?),
             Command::Datasets => out(&wb.datasets().await?),
             Command::ImportDataset(r) => out(&wb.import_dataset(&r, |_, _| {}).await?),
             Command::PreviewDataset(r) => out(&wb.preview_dataset(&r).await?),
@@ -426,12 +450,17 @@ impl Api {
             Command::CancelQueued { id } => out(&wb.cancel_queued(id).await?),
             Command::DeleteRun { id, delete_files } => out(&wb.delete_run(id, delete_files).await?),
             Command::RunChartSvg(r) => out(&wb.run_chart_svg(&r).await?),
+            Command::RunChartPng(r) => {
+                let spec = wb.run_chart_spec(&r).await?;
+                if spec.panels.is_empty() {
+                    return Err(Error::Msg(format!("run {} has no metrics to chart yet", r.run_id)));
+                }
+                out(&base64(&png(&spec)?))
+            }
             Command::Compare(r) => out(&wb.compare(&r).await?),
             Command::CompareChartSvg(r) => out(&wb.compare_chart_svg(&r).await?),
             Command::CompareChartPng(r) => {
-                let spec = wb.compare_chart_spec(&r).await?;
-                let png = crate::chart::render_image(&spec, ImageFormat::Png).map_err(|e| Error::Msg(e.to_string()))?;
-                out(&base64(&png))
+                out(&base64(&png(&wb.compare_chart_spec(&r).await?)?))
             }
             Command::RunAdapter { run_id, step } => {
                 let (step, path) = wb.checkpoint_adapter(run_id, step).await?;
@@ -461,6 +490,10 @@ impl Api {
     fn lock_cancels(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Arc<AtomicBool>>> {
         self.cancels.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn png(spec: &crate::chart::ChartSpec) -> Result<Vec<u8>> {
+    crate::chart::render_image(spec, ImageFormat::Png).map_err(|e| Error::Msg(e.to_string()))
 }
 
 /// A response as JSON (every response type serialises; Null would mean a bug, not bad input).

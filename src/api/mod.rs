@@ -13,6 +13,7 @@ pub mod chat_worker;
 pub mod commands;
 pub mod compare;
 pub mod datasets;
+pub mod downloads;
 pub mod estimate;
 pub mod evaluate;
 pub mod supervisor;
@@ -80,6 +81,11 @@ pub enum ApiEvent {
         turn: i64,
         /// The whole answer.
         answer: chat::ChatAnswer,
+    },
+    /// A model download from the hub progressed, finished or failed.
+    Download {
+        /// The job as it stands.
+        job: downloads::DownloadJob,
     },
 }
 
@@ -173,6 +179,7 @@ pub struct Workbench {
     chat_worker: tokio::sync::Mutex<Option<chat_worker::ChatWorker>>,
     /// The chat worker's pid (0: none), readable while it answers.
     chat_pid: std::sync::atomic::AtomicU32,
+    downloads: Arc<downloads::Downloads>,
 }
 
 impl Workbench {
@@ -200,6 +207,7 @@ impl Workbench {
             worker_exe,
             chat_worker: Default::default(),
             chat_pid: Default::default(),
+            downloads: Default::default(),
         })
     }
 
@@ -297,23 +305,33 @@ impl Workbench {
     /// Registers a base model (a `.gguf` file or a HF folder) after reading its config; the
     /// same path again updates the record.
     pub async fn add_model(&self, path: &Path) -> Result<crate::store::ModelRecord> {
-        if !path.exists() {
-            return Err(Error::bad_input(path, None, "no such model file or folder"));
-        }
-        let path = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
-        let arch = crate::model::load_config(&path)?;
-        let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let id = self
-            .store
-            .upsert_model(
-                &name,
-                &path.display().to_string(),
-                if path.is_file() { "gguf" } else { "hf" },
-                Some(estimate::total_params(&arch) as i64),
-                &serde_json::to_value(&arch).map_err(|e| Error::Msg(e.to_string()))?,
-            )
-            .await?;
-        self.store.models().await?.into_iter().find(|m| m.id == id).ok_or(Error::NotFound { what: "model", id })
+        register_model(&self.store, path).await
+    }
+
+    /// Looks a repo up on the hub: its files and what can be loaded from it.
+    pub async fn hub_lookup(&self, repo: &str, revision: Option<&str>) -> Result<crate::hub::HubRepo> {
+        let (repo, revision) = (repo.trim().to_string(), revision.map(str::to_string));
+        tokio::task::spawn_blocking(move || crate::hub::lookup(&repo, revision.as_deref()))
+            .await
+            .map_err(|e| Error::Msg(format!("hub lookup: {e}")))?
+    }
+
+    /// Starts downloading a model from the hub into `<home>/models/hub/`; progress arrives as
+    /// [`ApiEvent::Download`], and the model is registered when it completes.
+    pub async fn download_model(&self, req: &downloads::DownloadRequest) -> Result<downloads::DownloadJob> {
+        let repo = self.hub_lookup(&req.repo, req.revision.as_deref()).await?;
+        let choice = downloads::pick(&repo, req.file.as_deref())?;
+        Ok(self.downloads.start(repo, choice, &self.home.join("models"), self.store.clone(), self.events.clone()))
+    }
+
+    /// Downloads of this session, newest first.
+    pub fn downloads(&self) -> Vec<downloads::DownloadJob> {
+        self.downloads.list()
+    }
+
+    /// Cancels a running download (its partial files stay, so the next try resumes).
+    pub fn cancel_download(&self, id: i64) -> Result<()> {
+        self.downloads.cancel(id)
     }
 
     /// Every run, newest first.
@@ -469,4 +487,26 @@ pub fn sanitize(name: &str) -> String {
     } else {
         s
     }
+}
+
+/// [`Workbench::add_model`] on a store.
+pub(crate) async fn register_model(store: &Store, path: &Path) -> Result<crate::store::ModelRecord> {
+    if !path.exists() {
+        return Err(Error::bad_input(path, None, "no such model file or folder"));
+    }
+    let path = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+    let arch = crate::model::load_config(&path)?;
+    // A folder's whole name (`Qwen2.5-0.5B` has no extension to strip).
+    let name = if path.is_file() { path.file_stem() } else { path.file_name() };
+    let name = name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let id = store
+        .upsert_model(
+            &name,
+            &path.display().to_string(),
+            if path.is_file() { "gguf" } else { "hf" },
+            Some(estimate::total_params(&arch) as i64),
+            &serde_json::to_value(&arch).map_err(|e| Error::Msg(e.to_string()))?,
+        )
+        .await?;
+    store.models().await?.into_iter().find(|m| m.id == id).ok_or(Error::NotFound { what: "model", id })
 }

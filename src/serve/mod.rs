@@ -125,6 +125,8 @@ fn status_of(e: &ApiError) -> StatusCode {
         "not_found" => StatusCode::NOT_FOUND,
         "path_not_allowed" | "forbidden" => StatusCode::FORBIDDEN,
         "unauthorized" => StatusCode::UNAUTHORIZED,
+        // The hub (or the network to it) failed, not this server.
+        "network" => StatusCode::BAD_GATEWAY,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

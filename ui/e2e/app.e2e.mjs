@@ -2,16 +2,20 @@
 // data folder and the real default model. Import a dataset → masked preview → a short LoRA
 // run whose chart updates while it trains → stop → resume → a second config → compare both
 // (curves + config diff) → chat with the tuned model next to the base. Engine errors show as
-// readable messages. Screenshots of every screen in both languages go to e2e/artifacts/.
+// readable messages. Also: a model downloaded from a local stand-in for the hub with a progress
+// bar, a dataset dropped onto the drop zone, the run chart exported, keyboard use, and no
+// English left on the Chinese screens. Screenshots of every screen in both languages go to
+// e2e/artifacts/.
 import { mkdirSync, writeFileSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { check, launchBrowser, root, startServer } from "./lib.mjs";
+import { check, defaultModel, englishOnlyStrings, launchBrowser, root, startHub, startServer } from "./lib.mjs";
 
 const artifacts = join(root, "ui", "e2e", "artifacts");
 mkdirSync(artifacts, { recursive: true });
 const sample = join(root, "assets", "datasets", "persona", "train.jsonl");
 
-const server = await startServer();
+const hub = await startHub({ "e2e/smol-gguf": { "SmolLM2-135M-Instruct.Q4_1.gguf": readFileSync(defaultModel()), "README.md": Buffer.from("# e2e") } });
+const server = await startServer({ HF_ENDPOINT: hub.url });
 const browser = await launchBrowser();
 let failed = false;
 const page = await browser.newPage({ viewport: { width: 1360, height: 900 } });
@@ -82,6 +86,18 @@ try {
   const problems = await page.locator('[data-testid="problems"]').innerText();
   check(/line 7/.test(problems), `bad line named: ${problems.trim().split("\n")[0]}`);
 
+  // Drag and drop: a file dropped on the drop zone is uploaded and imported like a picked one.
+  const dropped = readFileSync(sample, "utf8").split("\n").slice(0, 12).join("\n") + "\n";
+  const dt = await page.evaluateHandle((text) => {
+    const d = new DataTransfer();
+    d.items.add(new File([text], "dropped.jsonl", { type: "application/jsonl" }));
+    return d;
+  }, dropped);
+  await page.dispatchEvent('[data-testid="dropzone"]', "dragover", { dataTransfer: dt });
+  await page.dispatchEvent('[data-testid="dropzone"]', "drop", { dataTransfer: dt });
+  await page.waitForSelector('[data-dataset="dropped.jsonl"]', { timeout: 60000 });
+  check(true, "a dropped file is imported");
+
   // Run 1: short LoRA; the chart updates while it trains; stop; resume; finish.
   const run1 = await newRun("train.jsonl", {
     "train.max_steps": 24, "train.batch_size": 4, "train.lr": 0.003, "train.save_steps": 4, "train.eval_steps": 8, "data.max_len": 96, "peft.r": 8,
@@ -101,6 +117,12 @@ try {
   await page.locator('[data-testid="resume"]').click();
   await waitStatus(["completed"], 300000);
   check(Number(await page.locator('[data-testid="step"]').innerText()) === 24, "resumed to the last step");
+  // The run's chart exports as PNG and SVG files.
+  for (const [id, magic] of [["run-export-png", "\x89PNG"], ["run-export-svg", "<svg"]]) {
+    const [dl] = await Promise.all([page.waitForEvent("download"), page.locator(`[data-testid="${id}"]`).click()]);
+    const head = readFileSync(await dl.path()).subarray(0, 400).toString("latin1");
+    check(head.includes(magic) && dl.suggestedFilename().startsWith(`run-${run1}.`), `chart exported as ${dl.suggestedFilename()}`);
+  }
 
   // Run 2: another config.
   const run2 = await newRun("train.jsonl", { "train.max_steps": 8, "train.batch_size": 4, "train.lr": 0.001, "data.max_len": 96, "peft.r": 4 });
@@ -147,8 +169,31 @@ try {
   const err = await page.locator('[data-testid="error"]').innerText();
   check(err.includes("missing.gguf"), `engine error shown: ${err.replace(/\s+/g, " ").slice(0, 100)}`);
 
+  // A model from the hub (a local stand-in at HF_ENDPOINT): look up, pick the GGUF, watch the
+  // progress bar, and the model is registered. An unknown repo is a readable error.
+  await page.locator('[data-testid="hub-repo"]').fill("e2e/no-such-repo");
+  await page.locator('[data-testid="hub-lookup"]').click();
+  await page.waitForFunction(() => [...document.querySelectorAll('[data-testid="error"]')].some((e) => e.textContent.includes("no-such-repo")));
+  check(true, "an unknown hub repo is explained");
+  await page.locator('[data-testid="hub-repo"]').fill("e2e/smol-gguf");
+  await page.locator('[data-testid="hub-lookup"]').click();
+  await page.waitForSelector('[data-testid="hub-download"]');
+  check((await page.locator('[data-testid="hub-choices"]').innerText()).includes("SmolLM2-135M-Instruct.Q4_1.gguf"), "the repo's GGUF is offered");
+  await page.locator('[data-testid="hub-download"]').click();
+  await page.waitForFunction(() => {
+    const v = Number(document.querySelector('[data-testid="download-job"] [role="progressbar"]')?.getAttribute("aria-valuenow"));
+    return v > 0 && v < 100;
+  }, null, { timeout: 30000 });
+  check(true, "the download's progress bar moves");
+  await shot("en-models-downloading");
+  await page.waitForSelector('[data-testid="download-job"][data-state="done"]', { timeout: 120000 });
+  await page.waitForFunction(() => document.querySelector('[data-testid="models-table"]')?.textContent.includes("SmolLM2-135M-Instruct.Q4_1"));
+  check((await page.locator('[data-testid="models-table"] tbody tr').count()) === 2, "the downloaded model is registered next to the default");
+
   // Screenshots of every screen in both languages.
   const screens = ["runs", `run/${run1}`, "new", "datasets", "models", `compare?ids=${run1},${run2}`, "chat?id=1"];
+  const english = englishOnlyStrings();
+  let englishSeen = 0; // the same probe on the English screens: it must find their UI text
   for (const lang of ["en", "zh"]) {
     await page.locator('[data-testid="lang"]').selectOption(lang);
     for (const s of screens) {
@@ -156,19 +201,51 @@ try {
       await page.waitForLoadState("networkidle");
       await page.waitForTimeout(300);
       await shot(`${lang}-${s.split(/[/?]/)[0]}`);
+      // No UI string left in English (the same probe must find the English screens' UI
+      // text): no element's own text, label or placeholder is an
+      // English dictionary entry (run names, paths and model output are data, not UI).
+      const left = await page.evaluate((en) => {
+        const set = new Set(en);
+        const out = [];
+        for (const el of document.querySelectorAll("body *")) {
+          const own = [...el.childNodes].filter((n) => n.nodeType === 3).map((n) => n.textContent.trim()).join(" ").trim();
+          for (const s of [own, el.getAttribute("aria-label"), el.getAttribute("placeholder"), el.getAttribute("title")]) {
+            if (s && set.has(s.trim())) out.push(`${el.tagName.toLowerCase()}: ${s.trim()}`);
+          }
+        }
+        return out;
+      }, english);
+      if (lang === "zh") check(left.length === 0, `#/${s} in Chinese has no English UI text${left.length ? ": " + left.join(", ") : ""}`);
+      else englishSeen += left.length;
     }
   }
+  check(englishSeen > 50, `the probe finds the English screens' UI text (${englishSeen} strings)`);
   const navZh = await page.locator('[data-nav="runs"]').innerText();
   check(navZh === "训练记录", "Chinese UI text");
   await page.reload();
   check((await page.locator('[data-nav="runs"]').innerText()) === "训练记录", "language remembered across reloads");
-  // Keyboard: Tab reaches the navigation and Enter follows a link.
-  await page.locator('[data-nav="datasets"]').focus();
+  // Keyboard: Tab walks the navigation in order, Enter follows a link, a form submits with
+  // Enter from its field.
+  await page.goto(`${server.url.split("?")[0]}#/runs`);
+  await page.waitForSelector('[data-nav="runs"]');
+  await page.evaluate(() => document.activeElement?.blur());
+  const reached = [];
+  for (let i = 0; i < 12 && reached.length < 6; i++) {
+    await page.keyboard.press("Tab");
+    const nav = await page.evaluate(() => document.activeElement?.getAttribute("data-nav"));
+    if (nav && !reached.includes(nav)) reached.push(nav);
+  }
+  check(reached.join(",") === "runs,new,datasets,models,compare,chat", `Tab reaches every screen in order (${reached.join(",")})`);
+  await page.locator('[data-nav="models"]').focus();
   await page.keyboard.press("Enter");
-  await page.waitForSelector('[data-testid="dropzone"]');
-  check(true, "keyboard navigation");
+  await page.waitForSelector('[data-testid="hub-repo"]');
+  await page.locator('[data-testid="hub-repo"]').focus();
+  await page.keyboard.type("e2e/smol-gguf");
+  await page.keyboard.press("Enter");
+  await page.waitForSelector('[data-testid="hub-download"]');
+  check(true, "Enter follows a link and submits a form from its field");
   check(consoleErrors.length === 0, `no script errors (${consoleErrors.join(" | ")})`);
-  const unexpected = failedCalls.filter((f) => !f.includes("missing.gguf"));
+  const unexpected = failedCalls.filter((f) => !f.includes("missing.gguf") && !f.includes("no-such-repo"));
   check(unexpected.length === 0, `no failed API calls besides the provoked one:\n${failedCalls.join("\n")}`);
 } catch (e) {
   failed = true;
@@ -178,5 +255,6 @@ try {
 } finally {
   await browser.close();
   await server.stop();
+  hub.close();
 }
 process.exit(failed ? 1 : 0);

@@ -344,6 +344,29 @@ enum ModelCmd {
         /// A .gguf file or HF folder (default: the installed default model).
         path: Option<PathBuf>,
     },
+    /// Look a repo up on the Hugging Face hub (or the mirror in HF_ENDPOINT): what Tunebench
+    /// can load from it (the HF folder, each GGUF file) and the sizes.
+    Hub {
+        /// `owner/name`.
+        repo: String,
+        /// Branch, tag or commit.
+        #[arg(long)]
+        revision: Option<String>,
+    },
+    /// Download a model from the hub into `<app data>/models/hub/` with a progress bar
+    /// (resumable: run it again after an interruption) and register it. HF_TOKEN is sent for
+    /// gated repos.
+    Download {
+        /// `owner/name`.
+        repo: String,
+        /// The GGUF file to fetch (see `tunebench model hub REPO`); default: the HF folder
+        /// (safetensors + config + tokenizer), or the only GGUF file of a GGUF-only repo.
+        #[arg(long)]
+        file: Option<String>,
+        /// Branch, tag or commit.
+        #[arg(long)]
+        revision: Option<String>,
+    },
 }
 
 fn model_path(p: Option<PathBuf>) -> PathBuf {
@@ -364,6 +387,15 @@ fn attach(mut m: LoadedModel, adapter: Option<&Path>) -> Result<LoadedModel> {
         Adapter::load(&mut m.model, a)?;
     }
     Ok(m)
+}
+
+fn human_bytes(n: u64) -> String {
+    let (mut v, mut unit) = (n as f64, 0);
+    while v >= 1024.0 && unit < 4 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", ["B", "KiB", "MiB", "GiB", "TiB"][unit])
 }
 
 fn targets_of(s: &str) -> Vec<&str> {
@@ -527,6 +559,18 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(m.model.config()).unwrap_or_default());
             println!("parameters: {}", m.model.num_params());
         }
+        Cmd::Model { cmd: ModelCmd::Hub { repo, revision } } => {
+            let r = tunebench::hub::lookup(&repo, revision.as_deref())?;
+            println!("{} @ {}", r.repo, r.commit);
+            for c in &r.choices {
+                let what = c.file.clone().unwrap_or_else(|| format!("HF folder ({} files)", c.files.len()));
+                println!("  {:<60} {:>10}", what, human_bytes(c.size));
+            }
+            if let Some(n) = &r.note {
+                println!("  {n}");
+            }
+        }
+        Cmd::Model { cmd: ModelCmd::Download { repo, file, revision } } => runs::cmd_download(&repo, file, revision)?,
         Cmd::Generate { model, adapter, prompt, raw, max_tokens, sampling } => {
             let m = load_quantized_with_adapter(model, adapter.as_deref())?;
             let text = if raw {

@@ -704,3 +704,67 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
         server.run(async { let _ = tokio::signal::ctrl_c().await; }).await
     })
 }
+
+/// `tunebench model download`: downloads from the hub with a progress bar, registers the model.
+pub fn cmd_download(repo: &str, file: Option<String>, revision: Option<String>) -> Result<()> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    use tunebench::api::downloads::{DownloadRequest, DownloadState};
+    use tunebench::api::ApiEvent;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| Error::Msg(format!("tokio runtime: {e}")))?;
+    rt.block_on(async {
+        let wb = Workbench::open(WorkbenchOptions::new(tunebench::paths::home())).await?;
+        // Without --file, a GGUF-only repo with exactly one GGUF file needs no choice.
+        let file = match file {
+            Some(f) => Some(f),
+            None => {
+                let r = wb.hub_lookup(repo, revision.as_deref()).await?;
+                match r.choices.as_slice() {
+                    [only] if only.kind == "gguf" => only.file.clone(),
+                    _ => None,
+                }
+            }
+        };
+        let mut events = wb.subscribe();
+        let job = wb.download_model(&DownloadRequest { repo: repo.to_string(), revision, file }).await?;
+        let bar = ProgressBar::new(job.progress.as_ref().map(|p| p.total).unwrap_or(0));
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {bytes_per_sec} [{elapsed_precise} < {eta_precise}] {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let cancel = tokio::signal::ctrl_c();
+        tokio::pin!(cancel);
+        let mut cancelled = false;
+        let done = loop {
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
+                _ = &mut cancel, if !cancelled => {
+                    cancelled = true;
+                    wb.cancel_download(job.id)?;
+                    continue;
+                }
+            };
+            let Ok(ApiEvent::Download { job: j }) = ev else { continue };
+            if j.id != job.id {
+                continue;
+            }
+            if let Some(p) = &j.progress {
+                bar.set_length(p.total);
+                bar.set_position(p.done);
+                bar.set_message(p.file.clone());
+            }
+            if j.state != DownloadState::Running {
+                break j;
+            }
+        };
+        bar.finish_and_clear();
+        match done.state {
+            DownloadState::Done => {
+                println!("{}", done.path);
+                eprintln!("registered as model {} (use it as [model] path = \"{}\")", done.model_id.unwrap_or_default(), done.path);
+                Ok(())
+            }
+            DownloadState::Cancelled => Err(Error::Msg("download cancelled; run the same command again to resume".into())),
+            _ => Err(Error::Msg(done.error.unwrap_or_else(|| "download failed".into()))),
+        }
+    })
+}

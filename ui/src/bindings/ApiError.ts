@@ -5,7 +5,7 @@
  */
 export type ApiError = { 
 /**
- * Machine-readable: `bad_input`, `config`, `not_found`, `io`, `out_of_memory`,
+ * Machine-readable: `bad_input`, `config`, `not_found`, `io`, `network`, `out_of_memory`,
  * `training`, `store`, `unauthorized`, `forbidden`, `path_not_allowed`, `bad_request`,
  * `internal`.
  */

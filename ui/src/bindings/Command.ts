@@ -2,6 +2,7 @@
 import type { CompareRequest } from "./CompareRequest";
 import type { CreateChat } from "./CreateChat";
 import type { CreateRun } from "./CreateRun";
+import type { DownloadRequest } from "./DownloadRequest";
 import type { EstimateRequest } from "./EstimateRequest";
 import type { ImportRequest } from "./ImportRequest";
 import type { PreviewRequest } from "./PreviewRequest";
@@ -15,7 +16,19 @@ export type Command = { "command": "info" } | { "command": "schema" } | { "comma
 /**
  * The file or folder.
  */
-path: string, } } | { "command": "datasets" } | { "command": "import_dataset", "args": ImportRequest } | { "command": "preview_dataset", "args": PreviewRequest } | { "command": "delete_dataset", "args": { 
+path: string, } } | { "command": "hub_lookup", "args": { 
+/**
+ * `owner/name`.
+ */
+repo: string, 
+/**
+ * Branch, tag or commit (default `main`).
+ */
+revision: string | null, } } | { "command": "download_model", "args": DownloadRequest } | { "command": "downloads" } | { "command": "cancel_download", "args": { 
+/**
+ * The job.
+ */
+id: number, } } | { "command": "datasets" } | { "command": "import_dataset", "args": ImportRequest } | { "command": "preview_dataset", "args": PreviewRequest } | { "command": "delete_dataset", "args": { 
 /**
  * The dataset.
  */
@@ -47,7 +60,7 @@ id: number,
 /**
  * Also delete the run folder.
  */
-delete_files: boolean, } } | { "command": "run_chart_svg", "args": RunChartRequest } | { "command": "compare", "args": CompareRequest } | { "command": "compare_chart_svg", "args": CompareRequest } | { "command": "compare_chart_png", "args": CompareRequest } | { "command": "run_adapter", "args": { 
+delete_files: boolean, } } | { "command": "run_chart_svg", "args": RunChartRequest } | { "command": "run_chart_png", "args": RunChartRequest } | { "command": "compare", "args": CompareRequest } | { "command": "compare_chart_svg", "args": CompareRequest } | { "command": "compare_chart_png", "args": CompareRequest } | { "command": "run_adapter", "args": { 
 /**
  * The run.
  */

@@ -7,8 +7,11 @@ import type { Comparison } from "../bindings/Comparison";
 import type { CreateChat } from "../bindings/CreateChat";
 import type { CreateRun } from "../bindings/CreateRun";
 import type { DatasetRecord } from "../bindings/DatasetRecord";
+import type { DownloadJob } from "../bindings/DownloadJob";
+import type { DownloadRequest } from "../bindings/DownloadRequest";
 import type { Estimate } from "../bindings/Estimate";
 import type { FormSchema } from "../bindings/FormSchema";
+import type { HubRepo } from "../bindings/HubRepo";
 import type { ImportRequest } from "../bindings/ImportRequest";
 import type { ModelRecord } from "../bindings/ModelRecord";
 import type { Preview } from "../bindings/Preview";
@@ -30,6 +33,10 @@ export const api = {
   schema: () => c.call<FormSchema>({ command: "schema" }),
   models: () => c.call<ModelRecord[]>({ command: "models" }),
   addModel: (path: string) => c.call<ModelRecord>({ command: "add_model", args: { path } }),
+  hubLookup: (repo: string, revision: string | null) => c.call<HubRepo>({ command: "hub_lookup", args: { repo, revision } }),
+  downloadModel: (args: DownloadRequest) => c.call<DownloadJob>({ command: "download_model", args }),
+  downloads: () => c.call<DownloadJob[]>({ command: "downloads" }),
+  cancelDownload: (id: number) => c.call<null>({ command: "cancel_download", args: { id } }),
   datasets: () => c.call<DatasetRecord[]>({ command: "datasets" }),
   importDataset: (args: ImportRequest) => c.call<DatasetRecord>({ command: "import_dataset", args }),
   previewDataset: (args: PreviewRequest) => c.call<Preview>({ command: "preview_dataset", args }),
@@ -44,6 +51,7 @@ export const api = {
   cancelQueued: (id: number) => c.call<null>({ command: "cancel_queued", args: { id } }),
   deleteRun: (id: number, delete_files: boolean) => c.call<null>({ command: "delete_run", args: { id, delete_files } }),
   runChartSvg: (args: RunChartRequest) => c.call<string>({ command: "run_chart_svg", args }),
+  runChartPng: (args: RunChartRequest) => c.call<string>({ command: "run_chart_png", args }),
   compare: (args: CompareRequest) => c.call<Comparison>({ command: "compare", args }),
   compareChartSvg: (args: CompareRequest) => c.call<string>({ command: "compare_chart_svg", args }),
   compareChartPng: (args: CompareRequest) => c.call<string>({ command: "compare_chart_png", args }),
