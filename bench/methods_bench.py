@@ -9,7 +9,7 @@ trainable parameters, tokens/s, peak memory, final validation loss and held-out 
 range (IA3 and BitFit train a few thousand parameters and want a larger one).
 
 Usage: python3 bench/methods_bench.py [--bin target/release/tunebench] [--steps 30]
-       [--methods lora,dora,ia3,bitfit]
+       [--methods lora,dora,ia3,bitfit,qlora,adapter,adapter-pfeiffer]
 Prints a Markdown block for bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -31,6 +31,9 @@ METHODS = {
     "dora": ('method = "lora"\nr = 16\nlora_alpha = 32\ntarget_modules = "all-linear"\nuse_dora = true', 1e-3),
     "ia3": ('method = "ia3"\ntarget_modules = ["k_proj", "v_proj", "down_proj"]\nfeedforward_modules = ["down_proj"]', 1e-2),
     "bitfit": ('method = "bitfit"\ntarget_modules = "all-linear"', 5e-3),
+    "qlora": ('method = "qlora"\nr = 16\nlora_alpha = 32\ntarget_modules = "all-linear"', 1e-3),
+    "adapter": ('method = "adapter"\nplacement = "houlsby"\nbottleneck_size = 64', 1e-3),
+    "adapter-pfeiffer": ('method = "adapter"\nplacement = "pfeiffer"\nbottleneck_size = 64', 1e-3),
 }
 
 

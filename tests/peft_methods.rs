@@ -1,11 +1,12 @@
-//! One test matrix over every PEFT method (LoRA, DoRA, IA3, BitFit), on a tiny random Llama (with and without q/k/v
+//! One test matrix over every PEFT method (LoRA, DoRA, IA3, BitFit, bottleneck adapters), on a tiny random Llama (with and without q/k/v
 //! biases): forward, gradients against central finite differences (f64), gradients reach exactly
 //! the method's tensors while the base stays bit-identical, save → load gives identical
 //! outputs, merged == unmerged, and the trainable-parameter count follows the method's formula.
 
 use candle_core::{DType, Device, Tensor};
 use tunebench::model::{ForwardCtx, Llama, LlamaConfig};
-use tunebench::peft::{Adapter, BitfitConfig, Ia3Config, LoraConfig, PeftConfig, TargetModules};
+use tunebench::peft::bottleneck::{NonLinearity, Placement};
+use tunebench::peft::{Adapter, BitfitConfig, BottleneckConfig, Ia3Config, LoraConfig, PeftConfig, TargetModules};
 
 fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     use rand::{Rng, SeedableRng};
@@ -36,6 +37,11 @@ fn methods() -> Vec<(&'static str, PeftConfig)> {
             PeftConfig::Ia3(Ia3Config { target_modules: all_linear(), feedforward_modules: vec!["down_proj".into(), "up_proj".into()], init_ia3_weights: true }),
         ),
         ("bitfit", PeftConfig::Bitfit(BitfitConfig::default())),
+        ("adapter-houlsby", PeftConfig::Adapter(BottleneckConfig { bottleneck_size: 3, ..Default::default() })),
+        (
+            "adapter-pfeiffer",
+            PeftConfig::Adapter(BottleneckConfig { placement: Placement::Pfeiffer, bottleneck_size: 5, non_linearity: NonLinearity::Gelu, init_adapter_weights: true }),
+        ),
     ]
 }
 
@@ -61,6 +67,11 @@ fn formula(cfg: &LlamaConfig, peft: &PeftConfig) -> usize {
                 }
             }
             PeftConfig::Bitfit(_) => o,
+            // 2·b·d + b + d per adapter, on o_proj (Houlsby only) and down_proj outputs.
+            PeftConfig::Adapter(c) => match (n, c.placement) {
+                ("o_proj", Placement::Houlsby) | ("down_proj", _) => 2 * c.bottleneck_size * o + c.bottleneck_size + o,
+                _ => 0,
+            },
         })
         .sum();
     per_layer * cfg.num_hidden_layers
@@ -220,7 +231,12 @@ fn save_load_round_trips_and_merge_equals_unmerged() {
             let loaded_logits = logits(&fresh);
             assert!(max_rel(&loaded_logits, &tuned) < 1e-12, "{name} bias={bias}: loaded adapter differs by {}", max_rel(&loaded_logits, &tuned));
 
-            // Merge: same function, no adapter left.
+            // Merge: same function, no adapter left (where the method is linear).
+            if !peft.can_merge() {
+                let e = loaded.merge_into(&mut fresh).unwrap_err().to_string();
+                assert!(e.contains("cannot be merged"), "{name}: {e}");
+                continue;
+            }
             loaded.merge_into(&mut fresh).unwrap();
             assert!(fresh.linears().iter().all(|l| l.adapter().is_none()));
             let merged = logits(&fresh);
@@ -252,6 +268,19 @@ fn bad_configs_and_mismatched_files_are_explained() {
     let mut other = Llama::random_dtype(other_cfg, 1, &Device::Cpu, DType::F32).unwrap();
     let e = Adapter::load(&mut other, dir.path()).unwrap_err().to_string();
     assert!(e.contains("ia3_l") && e.contains("adapter_model.safetensors"), "{e}");
+
+    // Bottleneck adapters: an empty bottleneck, and a file for another hidden size.
+    let bad = PeftConfig::Adapter(BottleneckConfig { bottleneck_size: 0, ..Default::default() });
+    let e = Adapter::inject(&mut m, &bad, 1).unwrap_err().to_string();
+    assert!(e.contains("peft.bottleneck_size"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, _) = tiny(DType::F32, false);
+    Adapter::inject(&mut a, &PeftConfig::Adapter(BottleneckConfig { bottleneck_size: 4, ..Default::default() }), 1).unwrap().save(dir.path(), "tiny").unwrap();
+    let mut wide = LlamaConfig::tiny(40);
+    wide.hidden_size *= 2;
+    let mut other = Llama::random_dtype(wide, 1, &Device::Cpu, DType::F32).unwrap();
+    let e = Adapter::load(&mut other, dir.path()).unwrap_err().to_string();
+    assert!(e.contains("adapter_down.weight") && e.contains("this model needs"), "{e}");
 }
 
 #[test]
@@ -262,7 +291,7 @@ fn methods_are_selected_by_name_in_run_configs() {
         assert_eq!(cfg.peft.method_name(), method);
     }
     let names: Vec<&str> = tunebench::peft::registry().iter().map(|m| m.name).collect();
-    assert_eq!(names, vec!["lora", "qlora", "ia3", "bitfit"]);
+    assert_eq!(names, vec!["lora", "qlora", "ia3", "bitfit", "adapter"]);
     for n in names {
         let cfg = tunebench::peft::PeftConfig::default_for(n).unwrap_or_else(|| panic!("{n} has no default config"));
         assert_eq!(cfg.method_name(), n);
@@ -275,6 +304,12 @@ fn methods_are_selected_by_name_in_run_configs() {
     let text = "[data]\npath = \"x.jsonl\"\n[peft]\nmethod = \"ia3\"\nr = 8\n";
     let e = tunebench::train::RunConfig::from_toml(text, None).unwrap_err().to_string();
     assert!(e.contains("peft.r") && e.contains("feedforward_modules"), "unknown keys of a method are errors: {e}");
+    let text = "[data]\npath = \"x.jsonl\"\n[peft]\nmethod = \"adapter\"\nplacement = \"pfeiffer\"\nbottleneck_size = 16\n";
+    let cfg = tunebench::train::RunConfig::from_toml(text, None).unwrap();
+    assert_eq!(cfg.peft, PeftConfig::Adapter(BottleneckConfig { placement: Placement::Pfeiffer, bottleneck_size: 16, ..Default::default() }));
+    let text = "[data]\npath = \"x.jsonl\"\n[peft]\nmethod = \"adapter\"\nplacement = \"middle\"\n";
+    let e = tunebench::train::RunConfig::from_toml(text, None).unwrap_err().to_string();
+    assert!(e.contains("houlsby") && e.contains("pfeiffer"), "an unknown placement names the choices: {e}");
     let text = "[data]\npath = \"x.jsonl\"\n[peft]\nmethod = \"lora\"\nrr = 8\n";
     let e = tunebench::train::RunConfig::from_toml(text, None).unwrap_err().to_string();
     assert!(e.contains("peft.rr") && e.contains("lora_alpha"), "{e}");

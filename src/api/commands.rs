@@ -250,8 +250,8 @@ pub struct MethodSchema {
     pub name: String,
     /// HF peft's `peft_type`.
     pub peft_type: String,
-    /// What it does (English, from the registry).
-    pub description: String,
+    /// What it does.
+    pub description: Text,
     /// Its keys.
     pub fields: Vec<Field>,
     /// Its default `[peft]` section (with `method`).
@@ -265,7 +265,7 @@ pub struct PresetInfo {
     /// Name.
     pub name: String,
     /// What it does.
-    pub description: String,
+    pub description: Text,
     /// The whole config.
     pub config: RunConfig,
 }
@@ -522,14 +522,14 @@ pub fn form_schema() -> Result<FormSchema> {
         .map(|m| MethodSchema {
             name: m.name.into(),
             peft_type: m.peft_type.into(),
-            description: m.description.into(),
+            description: crate::schema::text(m.description, m.description_zh),
             fields: (m.fields)(),
             defaults: crate::peft::PeftConfig::default_for(m.name).map(|d| json!(d)).unwrap_or(Value::Null),
         })
         .collect();
     let presets = crate::train::config::PRESETS
         .iter()
-        .map(|(name, description, _)| Ok(PresetInfo { name: (*name).into(), description: (*description).into(), config: RunConfig::preset(name)? }))
+        .map(|(name, en, zh, _)| Ok(PresetInfo { name: (*name).into(), description: crate::schema::text(en, zh), config: RunConfig::preset(name)? }))
         .collect::<Result<Vec<_>>>()?;
     let t = crate::schema::text;
     Ok(FormSchema {

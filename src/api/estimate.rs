@@ -135,10 +135,15 @@ pub fn total_params(c: &LlamaConfig) -> u64 {
 pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize, usize, usize, usize)>> {
     let shapes = linear_shapes(c);
     let names: Vec<&str> = shapes.iter().map(|(n, _, _)| n.as_str()).collect();
+    let adapter_targets;
     let targets = match peft {
         PeftConfig::Lora(l) | PeftConfig::Qlora(l) => &l.target_modules,
         PeftConfig::Ia3(l) => &l.target_modules,
         PeftConfig::Bitfit(l) => &l.target_modules,
+        PeftConfig::Adapter(a) => {
+            adapter_targets = crate::peft::TargetModules::Names(a.modules().iter().map(|m| m.to_string()).collect());
+            &adapter_targets
+        }
     };
     let chosen = targets.resolve_names(&names)?;
     Ok(shapes
@@ -156,6 +161,8 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
                 PeftConfig::Ia3(l) if l.feedforward_modules.iter().any(|f| n == *f || n.ends_with(&format!(".{f}"))) => (i, i),
                 PeftConfig::Ia3(_) => (o, o),
                 PeftConfig::Bitfit(_) => (o, o),
+                // Down-projection and its activation (b each), up-projection and sum (d each).
+                PeftConfig::Adapter(a) => (a.params_per_adapter(o), 2 * a.bottleneck_size + 2 * o),
             };
             (n, i, o, params, acts)
         })

@@ -6,6 +6,7 @@
 //! names), and `merge` where the math allows. [`registry`] lists the methods for the UI/CLI.
 
 pub mod bitfit;
+pub mod bottleneck;
 pub mod ia3;
 pub mod lora;
 
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{Linear, LinearAdapter, Llama};
 use crate::{Error, Result};
 pub use bitfit::{BitfitConfig, BitfitLayer};
+pub use bottleneck::{BottleneckConfig, BottleneckLayer};
 pub use ia3::{Ia3Config, Ia3Layer};
 pub use lora::{LoraConfig, LoraLayer};
 
@@ -59,8 +61,10 @@ pub struct MethodInfo {
     pub name: &'static str,
     /// HF peft's `peft_type`.
     pub peft_type: &'static str,
-    /// One line for the UI.
+    /// One line for the UI (English).
     pub description: &'static str,
+    /// The same in Simplified Chinese.
+    pub description_zh: &'static str,
     /// The method's config keys, for forms (see [`crate::schema`]).
     #[serde(skip)]
     pub fields: fn() -> Vec<crate::schema::Field>,
@@ -73,25 +77,36 @@ pub fn registry() -> &'static [MethodInfo] {
             name: "lora",
             peft_type: "LORA",
             description: "Low-rank update B·A added to frozen projections (Hu et al. 2021); rsLoRA scaling and DoRA (use_dora: learned per-output magnitude, Liu et al. 2024) optional.",
+            description_zh: "对冻结的投影加上低秩更新 B·A（Hu 等，2021）；可选 rsLoRA 缩放和 DoRA（use_dora：为每个输出学习幅度，Liu 等，2024）。",
             fields: lora::LoraConfig::fields,
         },
         MethodInfo {
             name: "qlora",
             peft_type: "LORA",
             description: "LoRA over a base whose linear weights are held as 4-bit blocks (Dettmers et al. 2023), dequantized per product and again in the backward: GGUF 4-bit blocks are kept as they are, other weights become Q4_K (rows a multiple of 256) or Q4_1. Same keys and file format as lora.",
+            description_zh: "在线性权重以 4 位块保存的基础模型上做 LoRA（Dettmers 等，2023），每次乘法及反向时反量化：GGUF 的 4 位块原样保留，其他权重转为 Q4_K（行长为 256 的倍数）或 Q4_1。键与文件格式同 lora。",
             fields: lora::LoraConfig::fields,
         },
         MethodInfo {
             name: "ia3",
             peft_type: "IA3",
             description: "Learned scaling of attention outputs (k, v) and feed-forward inputs (down) (Liu et al. 2022); a few thousand parameters.",
+            description_zh: "学习缩放注意力输出（k、v）和前馈输入（down）的向量（Liu 等，2022）；只有几千个参数。",
             fields: ia3::Ia3Config::fields,
         },
         MethodInfo {
             name: "bitfit",
             peft_type: "BITFIT",
             description: "Train only the bias terms (Ben Zaken et al. 2021); Llama-family models get zero-initialised biases to train. Own file format.",
+            description_zh: "只训练偏置项（Ben Zaken 等，2021）；Llama 系模型会加上初始化为零的偏置来训练。自有文件格式。",
             fields: bitfit::BitfitConfig::fields,
+        },
+        MethodInfo {
+            name: "adapter",
+            peft_type: "BOTTLENECK",
+            description: "Adapter tuning: a small bottleneck (down-projection, activation, up-projection, skip) after the attention and feed-forward blocks of every layer (Houlsby et al. 2019), or only after the feed-forward block (Pfeiffer et al. 2021). Not mergeable. Own file format.",
+            description_zh: "适配器微调：在每层注意力和前馈之后各加一个小瓶颈模块（降维、激活、升维、跳连；Houlsby 等，2019），或只在前馈之后（Pfeiffer 等，2021）。不可合并。自有文件格式。",
+            fields: bottleneck::BottleneckConfig::fields,
         },
     ]
 }
@@ -108,6 +123,8 @@ pub enum PeftConfig {
     Ia3(Ia3Config),
     /// BitFit.
     Bitfit(BitfitConfig),
+    /// Bottleneck adapters (Houlsby / Pfeiffer).
+    Adapter(BottleneckConfig),
 }
 
 impl Default for PeftConfig {
@@ -124,6 +141,7 @@ impl PeftConfig {
             "qlora" => PeftConfig::Qlora(LoraConfig::default()),
             "ia3" => PeftConfig::Ia3(Ia3Config::default()),
             "bitfit" => PeftConfig::Bitfit(BitfitConfig::default()),
+            "adapter" => PeftConfig::Adapter(BottleneckConfig::default()),
             _ => return None,
         })
     }
@@ -134,7 +152,13 @@ impl PeftConfig {
             PeftConfig::Lora(c) | PeftConfig::Qlora(c) => c.validate(),
             PeftConfig::Ia3(c) => c.validate(),
             PeftConfig::Bitfit(c) => c.validate(),
+            PeftConfig::Adapter(c) => c.validate(),
         }
+    }
+
+    /// Whether the adapter can be folded into the base weights (`merge_into`, merged exports).
+    pub fn can_merge(&self) -> bool {
+        !matches!(self, PeftConfig::Adapter(_))
     }
 
     /// The method's registry name (`lora`, ...).
@@ -144,6 +168,7 @@ impl PeftConfig {
             PeftConfig::Qlora(_) => "qlora",
             PeftConfig::Ia3(_) => "ia3",
             PeftConfig::Bitfit(_) => "bitfit",
+            PeftConfig::Adapter(_) => "adapter",
         }
     }
 }
@@ -252,6 +277,7 @@ impl Adapter {
             PeftConfig::Lora(c) | PeftConfig::Qlora(c) => lora::inject(model, c, seed)?.into_iter().map(|(p, l)| (p, l as Arc<dyn PeftLayer>)).collect(),
             PeftConfig::Ia3(c) => ia3::inject(model, c, seed, None)?,
             PeftConfig::Bitfit(c) => bitfit::inject(model, c, None)?,
+            PeftConfig::Adapter(c) => bottleneck::inject(model, c, seed, None)?,
         };
         Ok(Adapter { config: config.clone(), layers })
     }
@@ -317,6 +343,16 @@ impl Adapter {
                 "base_model_name_or_path": base_model,
                 "target_modules": c.target_modules,
             }),
+            PeftConfig::Adapter(c) => serde_json::json!({
+                "peft_type": "BOTTLENECK",
+                "format_version": 1,
+                "base_model_name_or_path": base_model,
+                "placement": c.placement,
+                "bottleneck_size": c.bottleneck_size,
+                "non_linearity": c.non_linearity,
+                "init_adapter_weights": c.init_adapter_weights,
+                "target_modules": c.modules(),
+            }),
         }
     }
 
@@ -361,6 +397,7 @@ impl Adapter {
             "LORA" => PeftConfig::Lora(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
             "IA3" => PeftConfig::Ia3(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
             "BITFIT" => PeftConfig::Bitfit(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
+            "BOTTLENECK" => PeftConfig::Adapter(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
             other => return Err(Error::bad_input(&cfg_path, None, format!("peft_type `{other}` is not supported yet"))),
         };
         let weights_path = dir.join(WEIGHTS_FILE);
@@ -383,6 +420,7 @@ impl Adapter {
                 .collect(),
             PeftConfig::Ia3(c) => ia3::inject(model, c, 0, Some((&weights, &weights_path)))?,
             PeftConfig::Bitfit(c) => bitfit::inject(model, c, Some((&weights, &weights_path)))?,
+            PeftConfig::Adapter(c) => bottleneck::inject(model, c, 0, Some((&weights, &weights_path)))?,
         };
         Ok(Adapter { config, layers })
     }
@@ -395,7 +433,10 @@ impl Adapter {
         for lin in model.linears_mut() {
             if let Some(l) = by_prefix.get(peft_prefix(lin).as_str()) {
                 let Some((w, b)) = l.merged(&lin.weight().dense()?, lin.bias())? else {
-                    return Err(Error::Msg(format!("{} cannot be merged", self.config.method_name())));
+                    return Err(Error::Msg(format!(
+                        "a {} adapter cannot be merged into the weights (it is not linear); export the adapter folder and load it on the base instead",
+                        self.config.method_name()
+                    )));
                 };
                 lin.set_weight(w);
                 lin.set_bias(b);

@@ -213,10 +213,11 @@ fn check_peft_keys(text: &str, peft: &PeftConfig) -> Result<()> {
     Ok(())
 }
 
-/// The bundled presets: (name, description, TOML).
-pub const PRESETS: &[(&str, &str, &str)] = &[(
+/// The bundled presets: (name, description, description in Simplified Chinese, TOML).
+pub const PRESETS: &[(&str, &str, &str, &str)] = &[(
     "quickstart",
     "LoRA r16 on all linear layers of the default model, teaching it the Tessel persona from the bundled sample (a few minutes on a laptop CPU)",
+    "在默认模型的所有线性层上做 r16 的 LoRA，用自带示例教会它 Tessel 这个身份（笔记本 CPU 上几分钟）",
     include_str!("../../assets/presets/quickstart.toml"),
 )];
 
@@ -252,7 +253,7 @@ impl RunConfig {
 
     /// A bundled preset by name.
     pub fn preset(name: &str) -> Result<Self> {
-        let (_, _, text) = PRESETS.iter().find(|(n, _, _)| *n == name).ok_or_else(|| {
+        let (_, _, _, text) = PRESETS.iter().find(|(n, _, _, _)| *n == name).ok_or_else(|| {
             Error::config("preset", format!("unknown preset `{name}`; presets: {}", PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")))
         })?;
         let mut cfg = Self::from_toml(text, None)?;

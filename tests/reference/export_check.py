@@ -137,9 +137,9 @@ def check(args, exe, work) -> int:
         exports = os.path.join(work, "exports")
         if os.path.exists(exports):
             tb.die(f"{exports} exists: remove it or pass --exports {exports}")
-        print(f"writing the exports with `cargo test --test export export_for_python` into {exports}", file=sys.stderr)
+        print(f"writing the exports with `cargo test --workspace --test export export_for_python` into {exports}", file=sys.stderr)
         env = dict(os.environ, TUNEBENCH_EXPORT_DIR=exports)
-        r = subprocess.run(["cargo", "test", "--test", "export", "export_for_python", "--", "--exact"], cwd=ROOT, env=env,
+        r = subprocess.run(["cargo", "test", "--workspace", "--test", "export", "export_for_python", "--", "--exact"], cwd=ROOT, env=env,
                            capture_output=True, text=True)
         if r.returncode != 0:
             tb.die("cargo test --test export export_for_python failed:\n" + "\n".join((r.stdout + r.stderr).splitlines()[-30:]), 1)

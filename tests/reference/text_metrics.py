@@ -9,7 +9,7 @@ script recomputes all of it with the references and requires equal token lists, 
 lengths, BLEU within 1e-4 points and ROUGE within 1e-6.
 
     py=$(bash scripts/pyenv | tail -n1)
-    "$py" tests/reference/text_metrics.py            # runs `cargo test --test text_metrics`
+    "$py" tests/reference/text_metrics.py            # runs `cargo test --workspace --test text_metrics`
     "$py" tests/reference/text_metrics.py --scores FILE   # or checks a FILE written before
 
 ROUGE for Chinese: rouge-score's default tokenizer deletes everything but [a-z0-9], so Chinese
@@ -104,7 +104,8 @@ def check_bleu(diffs, prefix, ours, ref, where):
 
 def run_rust(out_path):
     env = dict(os.environ, TUNEBENCH_METRICS_OUT=out_path)
-    cmd = ["cargo", "test", "--quiet", "--test", "text_metrics"]
+    # --workspace: the same feature resolution as scripts/test, so nothing is rebuilt.
+    cmd = ["cargo", "test", "--quiet", "--workspace", "--test", "text_metrics"]
     print("text_metrics: running", " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 

@@ -217,6 +217,10 @@ try {
       }, english);
       if (lang === "zh") check(left.length === 0, `#/${s} in Chinese has no English UI text${left.length ? ": " + left.join(", ") : ""}`);
       else englishSeen += left.length;
+      if (lang === "zh" && s === "new") {
+        const desc = await page.locator("p.desc").innerText();
+        check(/[\u4e00-\u9fff]/.test(desc), `the method's description is in Chinese: ${desc.slice(0, 30)}…`);
+      }
     }
   }
   check(englishSeen > 50, `the probe finds the English screens' UI text (${englishSeen} strings)`);

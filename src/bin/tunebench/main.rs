@@ -526,7 +526,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Presets => {
-            for (name, desc, _) in train::config::PRESETS {
+            for (name, desc, _, _) in train::config::PRESETS {
                 println!("{name:12} {desc}");
             }
         }
