@@ -271,7 +271,6 @@ fn hub_downloads_end_to_end() {
         let m = models.iter().find(|m| Some(m.id) == done.model_id).unwrap();
         assert_eq!(m.kind, "gguf");
         assert!(m.params.unwrap_or(0) > 100_000_000, "{m:?}");
-        assert!(progress > 0, "progress events between 0 and 100%");
         // Large files came through the CDN redirect, without the token leaking there.
         assert!(hub_state.log.lock().unwrap().iter().any(|l| l.starts_with("GET /cdn/test/smol-gguf/")));
 
@@ -323,6 +322,9 @@ fn hub_downloads_end_to_end() {
         assert_eq!(std::fs::read(home.path().join("models/hub/test--slow/blob.gguf")).unwrap(), blob);
         assert!(hub_state.log.lock().unwrap().iter().any(|l| l.starts_with(&format!("GET /cdn/test/slow/blob.gguf bytes={kept}-"))));
         assert_eq!(wb.downloads().len(), 6);
+        // Progress arrives between 0 and 100% (at least the throttled `test/slow` downloads take
+        // long enough; over loopback the others may finish inside one 200 ms report interval).
+        assert!(progress > 0, "progress events between 0 and 100%");
 
         // A choice the repo does not offer is named, with what it does offer.
         let e = wb.download_model(&DownloadRequest { repo: "test/smol-gguf".into(), revision: None, file: None }).await.unwrap_err().to_string();
