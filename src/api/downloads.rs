@@ -102,14 +102,14 @@ impl Downloads {
         models_dir: &std::path::Path,
         store: Store,
         events: broadcast::Sender<ApiEvent>,
-    ) -> DownloadJob {
+    ) -> Result<DownloadJob> {
         let dir = hub::local_dir(models_dir, &repo.repo);
         let (job, cancel) = {
             let mut jobs = self.lock();
             if let Some((j, _)) =
                 jobs.values().find(|(j, _)| j.state == DownloadState::Running && j.repo == repo.repo && j.file == choice.file)
             {
-                return j.clone();
+                return Ok(j.clone());
             }
             let id = jobs.keys().next_back().copied().unwrap_or(0) + 1;
             let job = DownloadJob {
@@ -127,15 +127,15 @@ impl Downloads {
             (job, cancel)
         };
         let _ = events.send(ApiEvent::Download { job: job.clone() });
-        let (me, id, rt) = (self.clone(), job.id, tokio::runtime::Handle::current());
-        std::thread::Builder::new()
+        let (me, id, rt, thread_events) = (self.clone(), job.id, tokio::runtime::Handle::current(), events.clone());
+        let spawned = std::thread::Builder::new()
             .name(format!("download-{id}"))
             .spawn(move || {
                 let result = hub::download(&repo, &choice, &dir, &cancel, &mut |p| {
-                    me.update(&events, id, |j| j.progress = Some(p.clone()));
+                    me.update(&thread_events, id, |j| j.progress = Some(p.clone()));
                 })
                 .and_then(|path| rt.block_on(super::register_model(&store, &path)));
-                me.update(&events, id, |j| match result {
+                me.update(&thread_events, id, |j| match result {
                     Ok(model) => {
                         j.state = DownloadState::Done;
                         j.model_id = Some(model.id);
@@ -147,9 +147,17 @@ impl Downloads {
                         j.error = Some(e.to_string());
                     }
                 });
-            })
-            .expect("spawning a download thread");
-        job
+            });
+        if let Err(e) = spawned {
+            // No thread to be had (the system is out of them): the job fails, not the app.
+            let reason = format!("cannot start a download thread: {e}");
+            self.update(&events, id, |j| {
+                j.state = DownloadState::Failed;
+                j.error = Some(reason.clone());
+            });
+            return Err(Error::Msg(reason));
+        }
+        Ok(job)
     }
 }
 

@@ -320,8 +320,14 @@ impl Workbench {
     /// [`ApiEvent::Download`], and the model is registered when it completes.
     pub async fn download_model(&self, req: &downloads::DownloadRequest) -> Result<downloads::DownloadJob> {
         let repo = self.hub_lookup(&req.repo, req.revision.as_deref()).await?;
-        let choice = downloads::pick(&repo, req.file.as_deref())?;
-        Ok(self.downloads.start(repo, choice, &self.home.join("models"), self.store.clone(), self.events.clone()))
+        self.download_from(repo, req.file.as_deref())
+    }
+
+    /// [`download_model`](Self::download_model) from a repo already looked up (`file`: a
+    /// GGUF file of it; None: its HF folder).
+    pub fn download_from(&self, repo: crate::hub::HubRepo, file: Option<&str>) -> Result<downloads::DownloadJob> {
+        let choice = downloads::pick(&repo, file)?;
+        self.downloads.start(repo, choice, &self.home.join("models"), self.store.clone(), self.events.clone())
     }
 
     /// Downloads of this session, newest first.

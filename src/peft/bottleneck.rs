@@ -256,10 +256,7 @@ pub fn inject(
             };
             tensors.push(Var::from_tensor(&t)?);
         }
-        let up_bias = tensors.pop().ok_or_else(|| Error::Msg("bottleneck tensors".into()))?;
-        let up = tensors.pop().ok_or_else(|| Error::Msg("bottleneck tensors".into()))?;
-        let down_bias = tensors.pop().ok_or_else(|| Error::Msg("bottleneck tensors".into()))?;
-        let down = tensors.pop().ok_or_else(|| Error::Msg("bottleneck tensors".into()))?;
+        let [down, down_bias, up, up_bias]: [Var; 4] = tensors.try_into().map_err(|_| Error::Msg("bottleneck: expected 4 tensors".into()))?;
         let layer = Arc::new(BottleneckLayer { down, down_bias, up, up_bias, act: cfg.non_linearity });
         lin.set_adapter(Some(layer.clone()));
         out.push((prefix, layer));

@@ -708,24 +708,19 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
 /// `tunebench model download`: downloads from the hub with a progress bar, registers the model.
 pub fn cmd_download(repo: &str, file: Option<String>, revision: Option<String>) -> Result<()> {
     use indicatif::{ProgressBar, ProgressStyle};
-    use tunebench::api::downloads::{DownloadRequest, DownloadState};
+    use tunebench::api::downloads::DownloadState;
     use tunebench::api::ApiEvent;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| Error::Msg(format!("tokio runtime: {e}")))?;
     rt.block_on(async {
         let wb = Workbench::open(WorkbenchOptions::new(tunebench::paths::home())).await?;
+        let found = wb.hub_lookup(repo, revision.as_deref()).await?;
         // Without --file, a GGUF-only repo with exactly one GGUF file needs no choice.
-        let file = match file {
-            Some(f) => Some(f),
-            None => {
-                let r = wb.hub_lookup(repo, revision.as_deref()).await?;
-                match r.choices.as_slice() {
-                    [only] if only.kind == "gguf" => only.file.clone(),
-                    _ => None,
-                }
-            }
-        };
+        let file = file.or_else(|| match found.choices.as_slice() {
+            [only] if only.kind == "gguf" => only.file.clone(),
+            _ => None,
+        });
         let mut events = wb.subscribe();
-        let job = wb.download_model(&DownloadRequest { repo: repo.to_string(), revision, file }).await?;
+        let job = wb.download_from(found, file.as_deref())?;
         let bar = ProgressBar::new(job.progress.as_ref().map(|p| p.total).unwrap_or(0));
         bar.set_style(
             ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {bytes_per_sec} [{elapsed_precise} < {eta_precise}] {msg}")
