@@ -1,12 +1,19 @@
-//! One test matrix over every PEFT method (LoRA, DoRA, IA3, BitFit, bottleneck adapters), on a tiny random Llama (with and without q/k/v
-//! biases): forward, gradients against central finite differences (f64), gradients reach exactly
-//! the method's tensors while the base stays bit-identical, save → load gives identical
-//! outputs, merged == unmerged, and the trainable-parameter count follows the method's formula.
+//! One test matrix over every PEFT method (LoRA, DoRA, IA3, BitFit, bottleneck adapters, prompt
+//! tuning, P-tuning with an MLP or LSTM encoder, prefix tuning, P-tuning v2), on a tiny random
+//! Llama (with and without q/k/v biases): forward, gradients against central finite differences
+//! (f64), gradients reach exactly the method's tensors while the base stays bit-identical, save →
+//! load gives identical outputs, merged == unmerged (or a clear refusal), and the
+//! trainable-parameter count follows the method's formula. Virtual tokens also agree between
+//! KV-cached generation and full recomputation.
 
 use candle_core::{DType, Device, Tensor};
 use tunebench::model::{ForwardCtx, Llama, LlamaConfig};
 use tunebench::peft::bottleneck::{NonLinearity, Placement};
-use tunebench::peft::{Adapter, BitfitConfig, BottleneckConfig, Ia3Config, LoraConfig, PeftConfig, TargetModules};
+use tunebench::peft::prompt::{EncoderType, PromptInit};
+use tunebench::peft::{
+    Adapter, BitfitConfig, BottleneckConfig, Ia3Config, LoraConfig, PTuningV2Config, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
+    PromptTuningConfig, TargetModules,
+};
 
 fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     use rand::{Rng, SeedableRng};
@@ -42,11 +49,61 @@ fn methods() -> Vec<(&'static str, PeftConfig)> {
             "adapter-pfeiffer",
             PeftConfig::Adapter(BottleneckConfig { placement: Placement::Pfeiffer, bottleneck_size: 5, non_linearity: NonLinearity::Gelu, init_adapter_weights: true }),
         ),
+        ("prompt_tuning", PeftConfig::PromptTuning(PromptTuningConfig { num_virtual_tokens: 3, ..Default::default() })),
+        (
+            "prompt_tuning-random",
+            PeftConfig::PromptTuning(PromptTuningConfig { num_virtual_tokens: 2, prompt_tuning_init: PromptInit::Random, prompt_tuning_init_text: None }),
+        ),
+        ("p_tuning-mlp", PeftConfig::PTuning(PromptEncoderConfig { num_virtual_tokens: 3, encoder_hidden_size: Some(6), ..Default::default() })),
+        (
+            "p_tuning-lstm",
+            PeftConfig::PTuning(PromptEncoderConfig {
+                num_virtual_tokens: 3,
+                encoder_reparameterization_type: EncoderType::Lstm,
+                encoder_hidden_size: Some(4),
+                encoder_num_layers: 2,
+                encoder_dropout: 0.0,
+            }),
+        ),
+        ("prefix_tuning", PeftConfig::PrefixTuning(PrefixTuningConfig { num_virtual_tokens: 3, encoder_hidden_size: Some(5) })),
+        ("p_tuning_v2", PeftConfig::PTuningV2(PTuningV2Config { num_virtual_tokens: 4 })),
     ]
+}
+
+/// The trainable-parameter count of a prompt-learning method (the formulas in
+/// `peft::prompt`'s documentation), or None for other methods.
+fn prompt_formula(cfg: &LlamaConfig, peft: &PeftConfig) -> Option<usize> {
+    let (d, l) = (cfg.hidden_size, cfg.num_hidden_layers);
+    let kv = cfg.kv_heads() * cfg.head_dim();
+    let lin = |i: usize, o: usize| i * o + o;
+    Some(match peft {
+        PeftConfig::PromptTuning(c) => c.num_virtual_tokens * d,
+        PeftConfig::PTuning(c) => {
+            let h = c.encoder_hidden_size.unwrap_or(d);
+            let n = c.num_virtual_tokens;
+            match c.encoder_reparameterization_type {
+                EncoderType::Mlp => n * d + lin(d, h) + lin(h, h) + lin(h, d),
+                EncoderType::Lstm => {
+                    // Per layer and direction: W_ih (4h, in), W_hh (4h, h), two biases (4h).
+                    let lstm: usize = (0..c.encoder_num_layers).map(|k| 2 * (4 * h * if k == 0 { d } else { 2 * h } + 4 * h * h + 8 * h)).sum();
+                    n * d + lstm + lin(2 * h, 2 * h) + lin(2 * h, d)
+                }
+            }
+        }
+        PeftConfig::PrefixTuning(c) => {
+            let h = c.encoder_hidden_size.unwrap_or(kv);
+            c.num_virtual_tokens * kv + lin(kv, h) + lin(h, l * 2 * kv)
+        }
+        PeftConfig::PTuningV2(c) => c.num_virtual_tokens * l * 2 * kv,
+        _ => return None,
+    })
 }
 
 /// The trainable-parameter count each method documents.
 fn formula(cfg: &LlamaConfig, peft: &PeftConfig) -> usize {
+    if let Some(n) = prompt_formula(cfg, peft) {
+        return n;
+    }
     let (d, ff, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
     let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
     // (short name, in, out)
@@ -72,6 +129,7 @@ fn formula(cfg: &LlamaConfig, peft: &PeftConfig) -> usize {
                 ("o_proj", Placement::Houlsby) | ("down_proj", _) => 2 * c.bottleneck_size * o + c.bottleneck_size + o,
                 _ => 0,
             },
+            _ => unreachable!("prompt-learning methods are counted by prompt_formula"),
         })
         .sum();
     per_layer * cfg.num_hidden_layers
@@ -291,7 +349,7 @@ fn methods_are_selected_by_name_in_run_configs() {
         assert_eq!(cfg.peft.method_name(), method);
     }
     let names: Vec<&str> = tunebench::peft::registry().iter().map(|m| m.name).collect();
-    assert_eq!(names, vec!["lora", "qlora", "ia3", "bitfit", "adapter"]);
+    assert_eq!(names, vec!["lora", "qlora", "ia3", "bitfit", "adapter", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"]);
     for n in names {
         let cfg = tunebench::peft::PeftConfig::default_for(n).unwrap_or_else(|| panic!("{n} has no default config"));
         assert_eq!(cfg.method_name(), n);
@@ -313,4 +371,162 @@ fn methods_are_selected_by_name_in_run_configs() {
     let text = "[data]\npath = \"x.jsonl\"\n[peft]\nmethod = \"lora\"\nrr = 8\n";
     let e = tunebench::train::RunConfig::from_toml(text, None).unwrap_err().to_string();
     assert!(e.contains("peft.rr") && e.contains("lora_alpha"), "{e}");
+}
+
+#[test]
+fn virtual_tokens_agree_between_cached_generation_and_full_recomputation() {
+    use tunebench::model::llama::KvCache;
+    // F32 runs the host KV cache (`attend`), F64 the differentiable ops with a tensor cache.
+    for dtype in [DType::F32, DType::F64] {
+        for (name, peft) in methods()
+            .into_iter()
+            .filter(|(_, p)| p.num_virtual_tokens() > 0)
+        {
+            let (mut model, _) = tiny(dtype, true);
+            let adapter = Adapter::inject(&mut model, &peft, 9).unwrap();
+            randomize(&adapter, dtype);
+            let ctx = ForwardCtx::default();
+            let seq: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35, 8, 9, 7];
+            let mut cache = KvCache::default();
+            // A prompt of 6 tokens, then one token at a time.
+            let mut fed = 0;
+            for end in [6, 7, 8, 9, 10] {
+                let x = Tensor::from_slice(&seq[fed..end], (1, end - fed), &Device::Cpu).unwrap();
+                let h = model.hidden_cached(&x, &ctx, Some(&mut cache)).unwrap();
+                assert_eq!(
+                    cache.len(),
+                    end + model.num_virtual_tokens(),
+                    "{name}: the cache holds the virtual tokens too"
+                );
+                let last = h.narrow(1, end - fed - 1, 1).unwrap();
+                let cached = model
+                    .lm_head
+                    .forward(&last, &ctx)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                let full = model
+                    .logits(
+                        &Tensor::from_slice(&seq[..end], (1, end), &Device::Cpu).unwrap(),
+                        &ctx,
+                    )
+                    .unwrap();
+                let row = full
+                    .get(0)
+                    .unwrap()
+                    .get(end - 1)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                let tol = if dtype == DType::F32 { 1e-4 } else { 1e-10 };
+                assert!(
+                    max_rel(&cached, &row) < tol,
+                    "{name} {dtype:?} at {end}: cached differs by {}",
+                    max_rel(&cached, &row)
+                );
+                fed = end;
+            }
+            // Removing the adapter removes its virtual tokens.
+            tunebench::peft::remove_all(&mut model);
+            assert_eq!(model.num_virtual_tokens(), 0);
+        }
+    }
+}
+
+#[test]
+fn prompt_learning_configs_are_checked_against_the_model() {
+    // A prefix as long as the context (tiny: 128 positions) or longer.
+    let (mut m, cfg) = tiny(DType::F32, false);
+    let n = cfg.max_position_embeddings;
+    for peft in [
+        PeftConfig::PrefixTuning(PrefixTuningConfig {
+            num_virtual_tokens: n,
+            encoder_hidden_size: None,
+        }),
+        PeftConfig::PromptTuning(PromptTuningConfig {
+            num_virtual_tokens: n + 5,
+            ..Default::default()
+        }),
+    ] {
+        let e = Adapter::inject(&mut m, &peft, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("peft.num_virtual_tokens") && e.contains("context"),
+            "{e}"
+        );
+    }
+    // A prompt that with its virtual tokens no longer fits is refused, naming them.
+    Adapter::inject(
+        &mut m,
+        &PeftConfig::PTuningV2(PTuningV2Config {
+            num_virtual_tokens: n - 4,
+        }),
+        1,
+    )
+    .unwrap();
+    let ids = Tensor::from_vec(vec![1u32; 6], (1, 6), &Device::Cpu).unwrap();
+    let e = m
+        .logits(&ids, &ForwardCtx::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("virtual tokens") && e.contains("context"), "{e}");
+    // No virtual tokens, and TEXT init without a text or a tokenizer.
+    let e = Adapter::inject(
+        &mut m,
+        &PeftConfig::PTuning(PromptEncoderConfig {
+            num_virtual_tokens: 0,
+            ..Default::default()
+        }),
+        1,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("peft.num_virtual_tokens"), "{e}");
+    let text = PromptTuningConfig {
+        num_virtual_tokens: 4,
+        prompt_tuning_init: PromptInit::Text,
+        prompt_tuning_init_text: None,
+    };
+    let e = Adapter::inject(&mut m, &PeftConfig::PromptTuning(text.clone()), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("peft.prompt_tuning_init_text"), "{e}");
+    let text = PromptTuningConfig {
+        prompt_tuning_init_text: Some("Answer briefly".into()),
+        ..text
+    };
+    let e = Adapter::inject(&mut m, &PeftConfig::PromptTuning(text), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tokenizer"), "{e}");
+    // Saved prefixes for another architecture are refused, naming the tensor and the shape.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, _) = tiny(DType::F32, false);
+    Adapter::inject(
+        &mut a,
+        &PeftConfig::PTuningV2(PTuningV2Config {
+            num_virtual_tokens: 3,
+        }),
+        1,
+    )
+    .unwrap()
+    .save(dir.path(), "tiny")
+    .unwrap();
+    let mut deeper = LlamaConfig::tiny(40);
+    deeper.num_hidden_layers += 1;
+    let mut other = Llama::random_dtype(deeper, 1, &Device::Cpu, DType::F32).unwrap();
+    let e = Adapter::load(&mut other, dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("prompt_embeddings")
+            && e.contains("this model needs")
+            && e.contains("adapter_model.safetensors"),
+        "{e}"
+    );
 }

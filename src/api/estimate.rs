@@ -133,6 +133,11 @@ pub fn total_params(c: &LlamaConfig) -> u64 {
 /// The adapted linears: (name, in, out, trainable parameters, extra activation floats per
 /// token kept for the backward pass).
 pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize, usize, usize, usize)>> {
+    if let Some(method) = peft.prompt_method() {
+        // No linear is wrapped: one row for the prompt encoder (its activations are per
+        // virtual token, not per real token).
+        return Ok(vec![("prompt_encoder".into(), 0, 0, method.num_params(c), 0)]);
+    }
     let shapes = linear_shapes(c);
     let names: Vec<&str> = shapes.iter().map(|(n, _, _)| n.as_str()).collect();
     let adapter_targets;
@@ -144,6 +149,7 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
             adapter_targets = crate::peft::TargetModules::Names(a.modules().iter().map(|m| m.to_string()).collect());
             &adapter_targets
         }
+        PeftConfig::PromptTuning(_) | PeftConfig::PTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_) => unreachable!("handled above"),
     };
     let chosen = targets.resolve_names(&names)?;
     Ok(shapes
@@ -163,6 +169,7 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
                 PeftConfig::Bitfit(_) => (o, o),
                 // Down-projection and its activation (b each), up-projection and sum (d each).
                 PeftConfig::Adapter(a) => (a.params_per_adapter(o), 2 * a.bottleneck_size + 2 * o),
+                PeftConfig::PromptTuning(_) | PeftConfig::PTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_) => (0, 0),
             };
             (n, i, o, params, acts)
         })
@@ -216,7 +223,9 @@ pub fn machine_ram_bytes() -> Option<u64> {
 pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest: Option<usize>) -> Result<Estimate> {
     cfg.peft.validate()?;
     let t = &cfg.train;
-    let seq = longest.map_or(cfg.data.max_len, |l| l.min(cfg.data.max_len)).max(1);
+    // Virtual tokens of prompt-learning methods run through the model like real ones (prefix
+    // tuning's only through attention; counted the same, an overestimate).
+    let seq = longest.map_or(cfg.data.max_len, |l| l.min(cfg.data.max_len)).max(1) + cfg.peft.num_virtual_tokens();
     let (b, s) = (t.batch_size as u64, seq as u64);
     let layers = model.num_hidden_layers as u64;
     let total = total_params(model);
@@ -275,8 +284,10 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
             ));
         }
     }
-    if cfg.data.max_len > model.max_position_embeddings {
-        warnings.push(format!("data.max_len {} is longer than the model's context ({})", cfg.data.max_len, model.max_position_embeddings));
+    let virt = cfg.peft.num_virtual_tokens();
+    if cfg.data.max_len + virt > model.max_position_embeddings {
+        let with = if virt > 0 { format!(" plus {virt} virtual tokens") } else { String::new() };
+        warnings.push(format!("data.max_len {}{with} is longer than the model's context ({})", cfg.data.max_len, model.max_position_embeddings));
     }
     Ok(Estimate {
         total_params: total,

@@ -66,13 +66,15 @@ impl Generation {
 /// Checks a prompt against the model's context before any work: empty prompts and prompts
 /// that leave no room for an answer are errors that say so.
 pub fn check_prompt(model: &Llama, prompt: &[u32]) -> Result<()> {
-    let ctx = model.config().max_position_embeddings;
+    let virt = model.num_virtual_tokens();
+    let ctx = model.config().max_position_embeddings.saturating_sub(virt);
     if prompt.is_empty() {
         return Err(Error::Msg("the prompt is empty".into()));
     }
     if prompt.len() >= ctx {
+        let note = if virt > 0 { format!(" (after the adapter's {virt} virtual tokens)") } else { String::new() };
         return Err(Error::Msg(format!(
-            "the prompt has {} tokens; the model's context is {ctx} tokens, leaving no room for an answer (shorten the prompt or the conversation)",
+            "the prompt has {} tokens; the model's context is {ctx} tokens{note}, leaving no room for an answer (shorten the prompt or the conversation)",
             prompt.len()
         )));
     }
@@ -138,7 +140,9 @@ pub fn generate_tokens(
         if out.len() >= opts.max_new_tokens {
             break FinishReason::Length;
         }
-        if cache.len() + next.len() > max_ctx {
+        // The first pass also places the adapter's virtual tokens, if any.
+        let virt = if cache.is_empty() { model.num_virtual_tokens() } else { 0 };
+        if cache.len() + virt + next.len() > max_ctx {
             break FinishReason::Context;
         }
         let mut logits = step(model, &next, &mut cache)?;

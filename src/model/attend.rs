@@ -95,6 +95,16 @@ impl HostKv {
     /// Appends `h.s` positions: `k`, `v` are the projections' output, (b, s, n_kv·head_dim);
     /// keys are rotated with `cos`, `sin` ((s, head_dim/2), the new positions' rows).
     pub fn append(&mut self, h: &Heads, k: &[f32], v: &[f32], cos: &[f32], sin: &[f32]) {
+        self.put(h, k, v, Some((cos, sin)));
+    }
+
+    /// Appends `h.s` positions whose keys are already rotated (or carry no position: prefix
+    /// tuning's learned keys), in the layout of [`append`](Self::append).
+    pub fn append_rotated(&mut self, h: &Heads, k: &[f32], v: &[f32]) {
+        self.put(h, k, v, None);
+    }
+
+    fn put(&mut self, h: &Heads, k: &[f32], v: &[f32], rope: Option<(&[f32], &[f32])>) {
         let hd = h.head_dim;
         debug_assert_eq!(k.len(), h.b * h.s * h.n_kv * hd);
         if self.cap > 0 {
@@ -112,11 +122,13 @@ impl HostKv {
                     let src = ((bi * h.s + p) * h.n_kv + g) * hd;
                     let dst = ((bi * h.n_kv + g) * self.cap + self.len + p) * hd;
                     self.k[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
-                    rope_in_place(
-                        &mut self.k[dst..dst + hd],
-                        &cos[p * half..(p + 1) * half],
-                        &sin[p * half..(p + 1) * half],
-                    );
+                    if let Some((cos, sin)) = rope {
+                        rope_in_place(
+                            &mut self.k[dst..dst + hd],
+                            &cos[p * half..(p + 1) * half],
+                            &sin[p * half..(p + 1) * half],
+                        );
+                    }
                     self.v[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
                 }
             }

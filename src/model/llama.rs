@@ -8,6 +8,7 @@
 //! on the CPU its attention runs in `attend` (cache grown in place, row-deterministic).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -68,17 +69,62 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    prompt: Option<Arc<dyn PromptSource>>,
+}
+
+/// What a prompt-learning method places before the real tokens (see `peft::prompt`). Virtual
+/// tokens take the first positions, so the real tokens' positions (RoPE) start after them, as
+/// in HF PEFT.
+#[derive(Clone, Debug)]
+pub enum VirtualTokens {
+    /// Input embeddings (n, hidden) placed before the token embeddings (prompt tuning,
+    /// P-tuning): they run through every layer like tokens.
+    Embeddings(Tensor),
+    /// For every layer, keys and values (kv_heads, n, head_dim) placed before the real ones in
+    /// attention (prefix tuning, P-tuning v2). They are used as they are (no RoPE), as in HF
+    /// PEFT, which hands them to the model as a pre-filled KV cache.
+    KeyValues(Vec<(Tensor, Tensor)>),
+}
+
+impl VirtualTokens {
+    /// Number of virtual positions.
+    pub fn len(&self) -> Result<usize> {
+        Ok(match self {
+            VirtualTokens::Embeddings(e) => e.dim(0)?,
+            VirtualTokens::KeyValues(kv) => kv.first().map(|(k, _)| k.dim(1)).transpose()?.unwrap_or(0),
+        })
+    }
+}
+
+/// A prompt-learning method's module, installed on the model with [`Llama::set_prompt`].
+pub trait PromptSource: Send + Sync + std::fmt::Debug {
+    /// Number of virtual positions it adds in front of a sequence.
+    fn num_virtual_tokens(&self) -> usize;
+    /// The virtual tokens for a forward pass (tracked for the backward when `ctx.train`).
+    fn virtual_tokens(&self, ctx: &ForwardCtx) -> Result<VirtualTokens>;
+    /// Downcasting.
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 impl Attention {
-    fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, ctx: &ForwardCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    /// `prefix`: virtual keys and values (kv_heads, n, head_dim) before the real ones, for a
+    /// pass without a cache (a cache holds them from its first pass).
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        ctx: &ForwardCtx,
+        cache: Option<&mut LayerCache>,
+        prefix: Option<&(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
         if let Some(c) = cache {
-            if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+            if uses_host_cache(xs) {
                 return self.forward_host(xs, cos, sin, ctx, &mut c.host);
             }
-            return self.forward_ops(xs, cos, sin, ctx, Some(c));
+            return self.forward_ops(xs, cos, sin, ctx, Some(c), None);
         }
-        self.forward_ops(xs, cos, sin, ctx, None)
+        self.forward_ops(xs, cos, sin, ctx, None, prefix)
     }
 
     /// Inference on the CPU: the cache grows in place and every query row is computed the same
@@ -98,7 +144,15 @@ impl Attention {
     }
 
     /// Attention from candle ops (differentiable; any device).
-    fn forward_ops(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, ctx: &ForwardCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    fn forward_ops(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        ctx: &ForwardCtx,
+        cache: Option<&mut LayerCache>,
+        prefix: Option<&(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
         let (b, s, _) = xs.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
         let q = self.q_proj.forward(xs, ctx)?.reshape((b, s, nh, hd))?.transpose(1, 2)?;
@@ -107,6 +161,13 @@ impl Attention {
         let q = ops::rope(&q.contiguous()?, cos, sin)?;
         let mut k = ops::rope(&k.contiguous()?, cos, sin)?;
         let mut v = v;
+        if let Some((pk, pv)) = prefix {
+            let n = pk.dim(1)?;
+            let pk = pk.to_dtype(k.dtype())?.unsqueeze(0)?.broadcast_as((b, nkv, n, hd))?.contiguous()?;
+            let pv = pv.to_dtype(v.dtype())?.unsqueeze(0)?.broadcast_as((b, nkv, n, hd))?.contiguous()?;
+            k = Tensor::cat(&[&pk, &k], 2)?;
+            v = Tensor::cat(&[&pv, &v], 2)?;
+        }
         if let Some(c) = cache {
             if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -143,12 +204,18 @@ impl DecoderLayer {
         sin: &Tensor,
         ctx: &ForwardCtx,
         cache: Option<&mut LayerCache>,
+        prefix: Option<&(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let h = ops::rms_norm(xs, &self.input_layernorm, cfg.rms_norm_eps)?;
-        let xs = (xs + self.self_attn.forward(&h, cos, sin, ctx, cache)?)?;
+        let xs = (xs + self.self_attn.forward(&h, cos, sin, ctx, cache, prefix)?)?;
         let h = ops::rms_norm(&xs, &self.post_attention_layernorm, cfg.rms_norm_eps)?;
         Ok((&xs + self.mlp.forward(&h, ctx)?)?)
     }
+}
+
+/// Whether inference attention on `xs` runs on the host cache (`attend`) rather than ops.
+fn uses_host_cache(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && xs.dtype() == DType::F32
 }
 
 fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
@@ -262,7 +329,7 @@ impl Llama {
         };
         let lm_head = Linear::with_weight("lm_head", lm_w, None);
         let (cos, sin) = rope_tables(&cfg, device)?;
-        Ok(Llama { cfg, embed_tokens, layers, norm, lm_head, cos, sin, device: device.clone() })
+        Ok(Llama { cfg, embed_tokens, layers, norm, lm_head, cos, sin, device: device.clone(), prompt: None })
     }
 
     /// A model with seeded random weights (tests and benchmarks of shapes).
@@ -369,34 +436,90 @@ impl Llama {
     }
 
     /// Like [`Llama::hidden`], continuing from (and extending) an inference KV cache: `ids`
-    /// are the new tokens, placed after the `cache.len()` already cached positions.
-    pub fn hidden_cached(&self, ids: &Tensor, ctx: &ForwardCtx, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// are the new tokens, placed after the `cache.len()` already cached positions (virtual
+    /// tokens of an installed prompt-learning method included).
+    pub fn hidden_cached(&self, ids: &Tensor, ctx: &ForwardCtx, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (_, new) = ids.dims2()?;
+        let (h, front) = self.hidden_full(ids, ctx, cache)?;
+        Ok(if front == 0 { h } else { h.narrow(1, front, new)? })
+    }
+
+    /// Hidden states with the virtual tokens' rows in front when a prompt-learning method puts
+    /// embeddings there (returns how many). The virtual tokens come first in the first pass
+    /// over a sequence (no cache, or an empty one); a cache keeps them for later passes.
+    fn hidden_full(&self, ids: &Tensor, ctx: &ForwardCtx, mut cache: Option<&mut KvCache>) -> Result<(Tensor, usize)> {
+        let (b, new) = ids.dims2()?;
         let pos = cache.as_ref().map(|c| c.len).unwrap_or(0);
-        let s = pos + new;
+        let virt = match &self.prompt {
+            Some(p) if pos == 0 => Some(p.virtual_tokens(ctx)?),
+            _ => None,
+        };
+        let nv = virt.as_ref().map(|v| v.len()).transpose()?.unwrap_or(0);
+        let s = pos + nv + new;
         if s > self.cfg.max_position_embeddings {
+            let virt_note = if nv > 0 { format!(" ({nv} of them the adapter's virtual tokens)") } else { String::new() };
             return Err(Error::Msg(format!(
-                "sequence of {s} tokens is longer than the model's context ({})",
+                "sequence of {s} tokens{virt_note} is longer than the model's context ({})",
                 self.cfg.max_position_embeddings
             )));
         }
-        let (b, _) = ids.dims2()?;
         let mut xs = self.embed_tokens.rows(&ids.flatten_all()?)?.reshape((b, new, self.cfg.hidden_size))?;
-        let cos = self.cos.narrow(0, pos, new)?;
-        let sin = self.sin.narrow(0, pos, new)?;
+        let mut prefixes = None;
+        let mut front = 0;
+        match virt {
+            Some(VirtualTokens::Embeddings(e)) => {
+                let e = e.to_dtype(xs.dtype())?.unsqueeze(0)?.broadcast_as((b, nv, self.cfg.hidden_size))?.contiguous()?;
+                xs = Tensor::cat(&[&e, &xs], 1)?;
+                front = nv;
+            }
+            Some(VirtualTokens::KeyValues(kv)) => {
+                if kv.len() != self.layers.len() {
+                    return Err(Error::Msg(format!("prefix for {} layers on a model with {}", kv.len(), self.layers.len())));
+                }
+                prefixes = Some(kv);
+            }
+            None => {}
+        }
+        let rows = front + new;
+        let cos = self.cos.narrow(0, s - rows, rows)?;
+        let sin = self.sin.narrow(0, s - rows, rows)?;
         if let Some(c) = cache.as_deref_mut() {
-            if c.layers.len() != self.layers.len() {
+            if pos == 0 || c.layers.len() != self.layers.len() {
                 c.layers = vec![LayerCache::default(); self.layers.len()];
+            }
+            if let Some(kv) = &prefixes {
+                let host = uses_host_cache(&xs);
+                for (lc, (k, v)) in c.layers.iter_mut().zip(kv) {
+                    lc.prefill(b, k, v, host)?;
+                }
             }
             c.len = s;
         }
-        let ctx = &ForwardCtx { generation: cache.is_some(), ..*ctx };
+        let with_cache = cache.is_some();
+        let ctx = &ForwardCtx { generation: with_cache, ..*ctx };
         for (i, layer) in self.layers.iter().enumerate() {
             let lctx = ForwardCtx { seed: ctx.seed.wrapping_mul(1_000_003).wrapping_add(i as u64), ..*ctx };
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            xs = layer.forward(&xs, &self.cfg, &cos, &sin, &lctx, lc)?;
+            let prefix = if with_cache { None } else { prefixes.as_ref().map(|p| &p[i]) };
+            xs = layer.forward(&xs, &self.cfg, &cos, &sin, &lctx, lc, prefix)?;
         }
-        Ok(ops::rms_norm(&xs, &self.norm, self.cfg.rms_norm_eps)?)
+        Ok((ops::rms_norm(&xs, &self.norm, self.cfg.rms_norm_eps)?, front))
+    }
+
+    /// Installs (or with None removes) a prompt-learning method's virtual tokens.
+    pub fn set_prompt(&mut self, prompt: Option<Arc<dyn PromptSource>>) {
+        self.prompt = prompt;
+    }
+
+    /// Positions the installed prompt-learning method takes in front of every sequence (0
+    /// without one): the context left for tokens is `max_position_embeddings` minus this.
+    pub fn num_virtual_tokens(&self) -> usize {
+        self.prompt.as_ref().map_or(0, |p| p.num_virtual_tokens())
+    }
+
+    /// The installed prompt-learning module, if any.
+    pub fn prompt(&self) -> Option<&Arc<dyn PromptSource>> {
+        self.prompt.as_ref()
     }
 
     /// Logits (b, s, vocab) for every position.
@@ -411,17 +534,24 @@ impl Llama {
     /// `chunk` rows, so the full (b·s, vocab) logits never exist at once.
     pub fn loss_sum(&self, ids: &Tensor, labels: &[i64], ctx: &ForwardCtx, chunk: usize) -> Result<(Tensor, usize)> {
         let (b, s) = ids.dims2()?;
-        let h = self.hidden(ids, ctx)?.reshape((b * s, self.cfg.hidden_size))?;
+        // With virtual input tokens in front (prompt tuning, P-tuning), the last of them
+        // predicts the first real label, as in HF PEFT (which pads the labels with -100 for
+        // the virtual positions and shifts as usual).
+        let (h, front) = self.hidden_full(ids, ctx, None)?;
+        let width = front + s;
+        let h = h.reshape((b * width, self.cfg.hidden_size))?;
         let mut rows = Vec::new();
         let mut targets = Vec::new();
         for bi in 0..b {
-            for t in 0..s.saturating_sub(1) {
-                let l = labels[bi * s + t + 1];
+            let first = if front > 0 { 0 } else { 1 };
+            for t in first..s {
+                let l = labels[bi * s + t];
                 if l >= 0 {
                     if l as usize >= self.cfg.vocab_size {
                         return Err(Error::Msg(format!("label {l} is outside the vocabulary ({} tokens)", self.cfg.vocab_size)));
                     }
-                    rows.push((bi * s + t) as u32);
+                    // The row before label t's position.
+                    rows.push((bi * width + front + t - 1) as u32);
                     targets.push(l as u32);
                 }
             }
@@ -462,6 +592,26 @@ pub struct LayerCache {
 pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
+}
+
+impl LayerCache {
+    /// Puts prefix keys and values (kv_heads, n, head_dim) for `b` batch rows at the front of
+    /// an empty cache.
+    fn prefill(&mut self, b: usize, k: &Tensor, v: &Tensor, host: bool) -> Result<()> {
+        let (nkv, n, hd) = k.dims3()?;
+        let k = k.unsqueeze(0)?.broadcast_as((b, nkv, n, hd))?;
+        let v = v.unsqueeze(0)?.broadcast_as((b, nkv, n, hd))?;
+        if host {
+            let h = Heads { b, s: n, n_heads: nkv, n_kv: nkv, head_dim: hd };
+            // The host cache takes the projections' layout, (b, s, kv_heads·head_dim).
+            let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.transpose(1, 2)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+            self.host.append_rotated(&h, &flat(k)?, &flat(v)?);
+        } else {
+            self.k = Some(k.contiguous()?);
+            self.v = Some(v.contiguous()?);
+        }
+        Ok(())
+    }
 }
 
 impl KvCache {

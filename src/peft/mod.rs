@@ -9,6 +9,7 @@ pub mod bitfit;
 pub mod bottleneck;
 pub mod ia3;
 pub mod lora;
+pub mod prompt;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -23,6 +24,7 @@ pub use bitfit::{BitfitConfig, BitfitLayer};
 pub use bottleneck::{BottleneckConfig, BottleneckLayer};
 pub use ia3::{Ia3Config, Ia3Layer};
 pub use lora::{LoraConfig, LoraLayer};
+pub use prompt::{PTuningV2Config, PrefixTuningConfig, PromptEncoderConfig, PromptModule, PromptTuningConfig};
 
 /// A method's layer installed in a [`Linear`] slot: its trainable tensors (under PEFT key
 /// suffixes), what it saves, and how it folds into the frozen weights.
@@ -108,6 +110,34 @@ pub fn registry() -> &'static [MethodInfo] {
             description_zh: "适配器微调：在每层注意力和前馈之后各加一个小瓶颈模块（降维、激活、升维、跳连；Houlsby 等，2019），或只在前馈之后（Pfeiffer 等，2021）。不可合并。自有文件格式。",
             fields: bottleneck::BottleneckConfig::fields,
         },
+        MethodInfo {
+            name: "prompt_tuning",
+            peft_type: "PROMPT_TUNING",
+            description: "Prompt tuning: a trained soft prompt of virtual input embeddings before every sequence (Lester et al. 2021), started from random vocabulary tokens, a text or N(0, 1). Tiny; wants a high learning rate (around 1e-2). Not mergeable.",
+            description_zh: "提示微调：在每个序列前加一段训练出来的软提示（虚拟输入嵌入；Lester 等，2021），可从随机词表 token、一段文本或 N(0, 1) 开始。参数极少；需要较高学习率（约 1e-2）。不可合并。",
+            fields: prompt::PromptTuningConfig::fields,
+        },
+        MethodInfo {
+            name: "p_tuning",
+            peft_type: "P_TUNING",
+            description: "P-tuning: virtual input tokens produced by a trained prompt encoder, an MLP or a bidirectional LSTM (Liu et al. 2021); saved as the encoder's output. Not mergeable.",
+            description_zh: "P-tuning：由训练出来的提示编码器（MLP 或双向 LSTM）生成虚拟输入 token（Liu 等，2021）；保存编码器的输出。不可合并。",
+            fields: prompt::PromptEncoderConfig::fields,
+        },
+        MethodInfo {
+            name: "prefix_tuning",
+            peft_type: "PREFIX_TUNING",
+            description: "Prefix tuning: trained keys and values in front of every attention layer, produced by a reparameterisation MLP during training (Li & Liang 2021); saved as the prefixes. Not mergeable.",
+            description_zh: "前缀微调：在每个注意力层前加训练出来的键和值，训练时由重参数化 MLP 生成（Li 和 Liang，2021）；保存前缀本身。不可合并。",
+            fields: prompt::PrefixTuningConfig::fields,
+        },
+        MethodInfo {
+            name: "p_tuning_v2",
+            peft_type: "PREFIX_TUNING",
+            description: "P-tuning v2: deep prompts, trained keys and values in front of every attention layer, learned directly without an MLP (Liu et al. 2022). PEFT's prefix-tuning format. Not mergeable.",
+            description_zh: "P-tuning v2：深层提示，在每个注意力层前直接学习键和值，不用 MLP（Liu 等，2022）。PEFT 的前缀微调格式。不可合并。",
+            fields: prompt::PTuningV2Config::fields,
+        },
     ]
 }
 
@@ -125,6 +155,18 @@ pub enum PeftConfig {
     Bitfit(BitfitConfig),
     /// Bottleneck adapters (Houlsby / Pfeiffer).
     Adapter(BottleneckConfig),
+    /// Prompt tuning (soft prompt).
+    #[serde(rename = "prompt_tuning")]
+    PromptTuning(PromptTuningConfig),
+    /// P-tuning (prompt encoder).
+    #[serde(rename = "p_tuning")]
+    PTuning(PromptEncoderConfig),
+    /// Prefix tuning (reparameterised per-layer keys and values).
+    #[serde(rename = "prefix_tuning")]
+    PrefixTuning(PrefixTuningConfig),
+    /// P-tuning v2 (per-layer keys and values, trained directly).
+    #[serde(rename = "p_tuning_v2")]
+    PTuningV2(PTuningV2Config),
 }
 
 impl Default for PeftConfig {
@@ -142,6 +184,10 @@ impl PeftConfig {
             "ia3" => PeftConfig::Ia3(Ia3Config::default()),
             "bitfit" => PeftConfig::Bitfit(BitfitConfig::default()),
             "adapter" => PeftConfig::Adapter(BottleneckConfig::default()),
+            "prompt_tuning" => PeftConfig::PromptTuning(PromptTuningConfig::default()),
+            "p_tuning" => PeftConfig::PTuning(PromptEncoderConfig::default()),
+            "prefix_tuning" => PeftConfig::PrefixTuning(PrefixTuningConfig::default()),
+            "p_tuning_v2" => PeftConfig::PTuningV2(PTuningV2Config::default()),
             _ => return None,
         })
     }
@@ -153,12 +199,38 @@ impl PeftConfig {
             PeftConfig::Ia3(c) => c.validate(),
             PeftConfig::Bitfit(c) => c.validate(),
             PeftConfig::Adapter(c) => c.validate(),
+            PeftConfig::PromptTuning(c) => c.validate(),
+            PeftConfig::PTuning(c) => c.validate(),
+            PeftConfig::PrefixTuning(c) => c.validate(),
+            PeftConfig::PTuningV2(c) => c.validate(),
         }
     }
 
     /// Whether the adapter can be folded into the base weights (`merge_into`, merged exports).
     pub fn can_merge(&self) -> bool {
-        !matches!(self, PeftConfig::Adapter(_))
+        !matches!(self, PeftConfig::Adapter(_)) && self.prompt_method().is_none()
+    }
+
+    /// The prompt-learning method this config describes, if it is one.
+    pub fn prompt_method(&self) -> Option<prompt::Method<'_>> {
+        Some(match self {
+            PeftConfig::PromptTuning(c) => prompt::Method::PromptTuning(c),
+            PeftConfig::PTuning(c) => prompt::Method::PTuning(c),
+            PeftConfig::PrefixTuning(c) => prompt::Method::PrefixTuning(c),
+            PeftConfig::PTuningV2(c) => prompt::Method::PTuningV2(c),
+            _ => return None,
+        })
+    }
+
+    /// Positions a prompt-learning method puts in front of every sequence (0 for others).
+    pub fn num_virtual_tokens(&self) -> usize {
+        match self {
+            PeftConfig::PromptTuning(c) => c.num_virtual_tokens,
+            PeftConfig::PTuning(c) => c.num_virtual_tokens,
+            PeftConfig::PrefixTuning(c) => c.num_virtual_tokens,
+            PeftConfig::PTuningV2(c) => c.num_virtual_tokens,
+            _ => 0,
+        }
     }
 
     /// The method's registry name (`lora`, ...).
@@ -169,6 +241,10 @@ impl PeftConfig {
             PeftConfig::Ia3(_) => "ia3",
             PeftConfig::Bitfit(_) => "bitfit",
             PeftConfig::Adapter(_) => "adapter",
+            PeftConfig::PromptTuning(_) => "prompt_tuning",
+            PeftConfig::PTuning(_) => "p_tuning",
+            PeftConfig::PrefixTuning(_) => "prefix_tuning",
+            PeftConfig::PTuningV2(_) => "p_tuning_v2",
         }
     }
 }
@@ -264,6 +340,8 @@ pub struct Adapter {
     pub config: PeftConfig,
     /// (PEFT key prefix, layer) for every wrapped module.
     pub layers: Vec<(String, Arc<dyn PeftLayer>)>,
+    /// The virtual tokens of a prompt-learning method (which wraps no module).
+    pub prompt: Option<Arc<PromptModule>>,
 }
 
 const CONFIG_FILE: &str = "adapter_config.json";
@@ -272,14 +350,29 @@ const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 impl Adapter {
     /// Installs a fresh adapter into `model`.
     pub fn inject(model: &mut Llama, config: &PeftConfig, seed: u64) -> Result<Self> {
+        Self::inject_with(model, config, seed, None)
+    }
+
+    /// [`inject`](Self::inject), with the model's tokenizer for initialisations that need it
+    /// (prompt tuning from a text).
+    pub fn inject_with(model: &mut Llama, config: &PeftConfig, seed: u64, tokenizer: Option<&tokenizers::Tokenizer>) -> Result<Self> {
         config.validate()?;
+        if let Some(method) = config.prompt_method() {
+            remove_all(model);
+            let module = Arc::new(PromptModule::new(model, &method, seed, tokenizer)?);
+            model.set_prompt(Some(module.clone() as Arc<dyn crate::model::PromptSource>));
+            return Ok(Adapter { config: config.clone(), layers: Vec::new(), prompt: Some(module) });
+        }
         let layers = match config {
             PeftConfig::Lora(c) | PeftConfig::Qlora(c) => lora::inject(model, c, seed)?.into_iter().map(|(p, l)| (p, l as Arc<dyn PeftLayer>)).collect(),
             PeftConfig::Ia3(c) => ia3::inject(model, c, seed, None)?,
             PeftConfig::Bitfit(c) => bitfit::inject(model, c, None)?,
             PeftConfig::Adapter(c) => bottleneck::inject(model, c, seed, None)?,
+            PeftConfig::PromptTuning(_) | PeftConfig::PTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_) => {
+                unreachable!("prompt-learning methods are handled above")
+            }
         };
-        Ok(Adapter { config: config.clone(), layers })
+        Ok(Adapter { config: config.clone(), layers, prompt: None })
     }
 
     /// The trainable tensors under their PEFT keys (`….lora_A.weight`), in a fixed order.
@@ -289,6 +382,9 @@ impl Adapter {
             for (k, var) in l.params() {
                 v.push((format!("{p}.{k}"), var));
             }
+        }
+        if let Some(p) = &self.prompt {
+            v.extend(p.params());
         }
         v
     }
@@ -353,7 +449,55 @@ impl Adapter {
                 "init_adapter_weights": c.init_adapter_weights,
                 "target_modules": c.modules(),
             }),
+            PeftConfig::PromptTuning(_) | PeftConfig::PTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_) => {
+                self.prompt_config_json(base_model)
+            }
         }
+    }
+
+    /// PEFT's config for a prompt-learning method: the method's keys plus the architecture
+    /// keys PEFT fills in from the model (`token_dim`, `num_layers`, `num_attention_heads` —
+    /// the key/value heads for prefixes, as PEFT does for grouped-query attention).
+    fn prompt_config_json(&self, base_model: &str) -> serde_json::Value {
+        let (token_dim, layers, heads) = self.prompt.as_ref().map_or((0, 0, 0), |p| p.peft_dims());
+        let mut v = serde_json::json!({
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "num_virtual_tokens": self.config.num_virtual_tokens(),
+            "token_dim": token_dim,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": heads,
+            "num_layers": layers,
+            "inference_mode": true,
+            "modules_to_save": null,
+            "revision": null,
+        });
+        let extra = match &self.config {
+            PeftConfig::PromptTuning(c) => serde_json::json!({
+                "peft_type": "PROMPT_TUNING",
+                "prompt_tuning_init": c.prompt_tuning_init,
+                "prompt_tuning_init_text": c.prompt_tuning_init_text,
+                // PEFT insists on a tokenizer for TEXT init (it only uses it when training).
+                "tokenizer_name_or_path": base_model,
+            }),
+            PeftConfig::PTuning(c) => serde_json::json!({
+                "peft_type": "P_TUNING",
+                "encoder_reparameterization_type": c.encoder_reparameterization_type,
+                "encoder_hidden_size": c.encoder_hidden_size,
+                "encoder_num_layers": c.encoder_num_layers,
+                "encoder_dropout": c.encoder_dropout,
+            }),
+            PeftConfig::PrefixTuning(c) => serde_json::json!({
+                "peft_type": "PREFIX_TUNING",
+                "prefix_projection": true,
+                "encoder_hidden_size": c.encoder_hidden_size,
+            }),
+            _ => serde_json::json!({ "peft_type": "PREFIX_TUNING", "prefix_projection": false }),
+        };
+        if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+            o.extend(e);
+        }
+        v
     }
 
     /// Saves in PEFT's format into `dir` (created if needed). Each file is written to a
@@ -365,6 +509,9 @@ impl Adapter {
             for (k, t) in l.saved()? {
                 map.insert(format!("{p}.{k}"), t);
             }
+        }
+        if let Some(p) = &self.prompt {
+            map.insert("prompt_embeddings".to_string(), p.saved()?);
         }
         let weights = dir.join(WEIGHTS_FILE);
         crate::train::checkpoint::atomic_write(&weights, |tmp| Ok(candle_core::safetensors::save(&map, tmp)?))?;
@@ -398,6 +545,18 @@ impl Adapter {
             "IA3" => PeftConfig::Ia3(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
             "BITFIT" => PeftConfig::Bitfit(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
             "BOTTLENECK" => PeftConfig::Adapter(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
+            "PROMPT_TUNING" => PeftConfig::PromptTuning(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
+            "P_TUNING" => PeftConfig::PTuning(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
+            "PREFIX_TUNING" => {
+                if v.get("num_transformer_submodules").and_then(|x| x.as_u64()).is_some_and(|n| n != 1) {
+                    return Err(Error::bad_input(&cfg_path, None, "num_transformer_submodules other than 1 is for encoder-decoder models"));
+                }
+                if v.get("prefix_projection").and_then(|x| x.as_bool()) == Some(true) {
+                    PeftConfig::PrefixTuning(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?)
+                } else {
+                    PeftConfig::PTuningV2(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?)
+                }
+            }
             other => return Err(Error::bad_input(&cfg_path, None, format!("peft_type `{other}` is not supported yet"))),
         };
         let weights_path = dir.join(WEIGHTS_FILE);
@@ -413,6 +572,15 @@ impl Adapter {
             .map(|(k, t)| (k.replace(".default.weight", ".weight").trim_end_matches(".default").to_string(), t))
             .collect();
         remove_all(model);
+        if config.prompt_method().is_some() {
+            let t = weights
+                .get("prompt_embeddings")
+                .ok_or_else(|| Error::bad_input(&weights_path, None, "adapter tensor `prompt_embeddings` is missing"))?;
+            let prefix = matches!(config, PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_));
+            let module = Arc::new(PromptModule::from_saved(model, prefix, config.num_virtual_tokens(), t, &weights_path)?);
+            model.set_prompt(Some(module.clone() as Arc<dyn crate::model::PromptSource>));
+            return Ok(Adapter { config, layers: Vec::new(), prompt: Some(module) });
+        }
         let layers = match &config {
             PeftConfig::Lora(c) | PeftConfig::Qlora(c) => lora::inject_loaded(model, c, &weights, &weights_path)?
                 .into_iter()
@@ -421,14 +589,23 @@ impl Adapter {
             PeftConfig::Ia3(c) => ia3::inject(model, c, 0, Some((&weights, &weights_path)))?,
             PeftConfig::Bitfit(c) => bitfit::inject(model, c, Some((&weights, &weights_path)))?,
             PeftConfig::Adapter(c) => bottleneck::inject(model, c, 0, Some((&weights, &weights_path)))?,
+            PeftConfig::PromptTuning(_) | PeftConfig::PTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_) => {
+                unreachable!("prompt-learning methods are handled above")
+            }
         };
-        Ok(Adapter { config, layers })
+        Ok(Adapter { config, layers, prompt: None })
     }
 
     /// Folds the adapter into the base weights (LoRA: `W += s·B·A`; IA3: rows/columns scaled;
     /// BitFit: the trained bias) and uninstalls it: the model then computes the same function
     /// with no adapter overhead.
     pub fn merge_into(&self, model: &mut Llama) -> Result<()> {
+        if self.prompt.is_some() {
+            return Err(Error::Msg(format!(
+                "a {} adapter cannot be merged into the weights (its virtual tokens are not weights); export the adapter folder and load it on the base instead",
+                self.config.method_name()
+            )));
+        }
         let by_prefix: HashMap<&str, &Arc<dyn PeftLayer>> = self.layers.iter().map(|(p, l)| (p.as_str(), l)).collect();
         for lin in model.linears_mut() {
             if let Some(l) = by_prefix.get(peft_prefix(lin).as_str()) {
@@ -462,6 +639,15 @@ impl Adapter {
                 placed += 1;
             }
         }
+        if let Some(p) = &self.prompt {
+            let cfg = model.config();
+            let want = p.peft_dims();
+            let have = prompt::Placement::of(cfg, !matches!(p.placement(), prompt::Placement::Input));
+            if have != p.placement() || (have.token_dim(cfg), cfg.num_hidden_layers) != (want.0, want.1) {
+                return Err(Error::Msg("the adapter's virtual tokens were trained for a model of another shape".into()));
+            }
+            prompt::check_fits(cfg, p.len())?;
+        }
         if placed != self.layers.len() {
             return Err(Error::Msg(format!(
                 "the adapter wraps {} modules but this model has only {placed} of them: it was trained on a different base",
@@ -473,6 +659,8 @@ impl Adapter {
         for (i, l) in plan {
             lins[i].set_adapter(Some(l as Arc<dyn LinearAdapter>));
         }
+        drop(lins);
+        model.set_prompt(self.prompt.clone().map(|p| p as Arc<dyn crate::model::PromptSource>));
         Ok(())
     }
 }
@@ -482,4 +670,5 @@ pub fn remove_all(model: &mut Llama) {
     for lin in model.linears_mut() {
         lin.set_adapter(None);
     }
+    model.set_prompt(None);
 }

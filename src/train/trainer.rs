@@ -87,6 +87,10 @@ pub fn load_base(cfg: &RunConfig, device: &Device) -> Result<model::LoadedModel>
     }
 }
 
+/// In a checkpoint of a prompt-learning run: every trainable tensor (the prompt encoder too),
+/// for resuming; the adapter file holds only the encoder's output.
+const TRAINABLE_FILE: &str = "trainable_state.safetensors";
+
 /// Runs (or resumes) a training run end to end.
 pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) -> Result<TrainSummary> {
     let device = Device::Cpu;
@@ -133,7 +137,18 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         heldout_before = Some(r);
     }
 
-    let adapter = Adapter::inject(&mut m.model, &cfg.peft, cfg.seed)?;
+    let virt = cfg.peft.num_virtual_tokens();
+    if virt > 0 && d.max_len + virt > m.model.config().max_position_embeddings {
+        return Err(Error::config(
+            "peft.num_virtual_tokens",
+            format!(
+                "{virt} virtual tokens + data.max_len {} exceed the model's context ({} positions); lower one of them",
+                d.max_len,
+                m.model.config().max_position_embeddings
+            ),
+        ));
+    }
+    let adapter = Adapter::inject_with(&mut m.model, &cfg.peft, cfg.seed, Some(&m.tokenizer))?;
     let vars = adapter.trainable();
     let t = &cfg.train;
     let mut opt = AdamW::new(
@@ -168,7 +183,12 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
             },
         };
         let ck = checkpoint::load(&last, &device)?;
-        let wpath = ck.adapter_dir.join("adapter_model.safetensors");
+        // Prompt encoders are saved only as their output: their tensors are in a file of
+        // their own.
+        let wpath = match ck.adapter_dir.join(TRAINABLE_FILE) {
+            p if p.exists() => p,
+            _ => ck.adapter_dir.join("adapter_model.safetensors"),
+        };
         let w = candle_core::safetensors::load(&wpath, &device).map_err(|e| Error::bad_input(&wpath, None, e.to_string()))?;
         for (k, v) in &vars {
             let t = w.get(k).ok_or_else(|| Error::bad_input(&wpath, None, format!("checkpoint has no `{k}`")))?;
@@ -196,7 +216,16 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
     // the newest recorded checkpoint always exists on disk.
     let save_ckpt = |state: &TrainerState, opt: &AdamW, obs: &mut dyn TrainObserver| -> Result<PathBuf> {
         let dir = ckpt_dir.join(checkpoint::dir_name(state.step));
-        checkpoint::save(&dir, |p| adapter.save(p, &base_name), &opt.state()?, state)?;
+        let save_adapter = |p: &std::path::Path| -> Result<()> {
+            adapter.save(p, &base_name)?;
+            if adapter.prompt.is_some() {
+                let all: std::collections::HashMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+                let path = p.join(TRAINABLE_FILE);
+                checkpoint::atomic_write(&path, |tmp| Ok(candle_core::safetensors::save(&all, tmp)?))?;
+            }
+            Ok(())
+        };
+        checkpoint::save(&dir, save_adapter, &opt.state()?, state)?;
         obs.on_event(&TrainEvent::Checkpoint { step: state.step, path: dir.display().to_string() });
         let all = checkpoint::list(&ckpt_dir);
         if all.len() > t.keep_checkpoints.max(1) {

@@ -147,7 +147,8 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Write a freshly initialised LoRA or IA3 adapter in PEFT's format (interop checks).
+    /// Write a freshly initialised adapter in PEFT's format (interop checks): LoRA, IA3, or
+    /// any method with its keys given by --config.
     LoraInit {
         /// Model.
         #[arg(long)]
@@ -171,9 +172,14 @@ enum Cmd {
         /// scale vectors around 1 instead of exactly 1).
         #[arg(long)]
         random_b: bool,
-        /// lora or ia3.
+        /// lora, ia3, or another registered method (prompt_tuning, p_tuning, prefix_tuning, ...)
+        /// configured with --config.
         #[arg(long, default_value = "lora")]
         method: String,
+        /// Methods other than lora and ia3: the method's keys as a JSON object, e.g.
+        /// '{"num_virtual_tokens": 8}' (unset keys take their defaults).
+        #[arg(long, default_value = "{}")]
+        config: String,
         /// IA3: comma-separated feed-forward modules (their input is scaled).
         #[arg(long, default_value = "down_proj")]
         feedforward: String,
@@ -614,8 +620,19 @@ fn run(cli: Cli) -> Result<()> {
             }
             a.save(&out, &model_path(model).display().to_string())?;
         }
-        Cmd::LoraInit { method, .. } if method != "lora" => {
-            return Err(Error::Msg(format!("lora-init: unknown method `{method}` (lora or ia3)")));
+        Cmd::LoraInit { model, out, seed, method, config, .. } if method != "lora" => {
+            let mut keys: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(&config).map_err(|e| Error::Msg(format!("lora-init --config: {e}")))?;
+            if tunebench::peft::PeftConfig::default_for(&method).is_none() {
+                let names: Vec<&str> = tunebench::peft::registry().iter().map(|m| m.name).collect();
+                return Err(Error::Msg(format!("lora-init: unknown method `{method}` ({})", names.join(", "))));
+            }
+            keys.insert("method".into(), method.clone().into());
+            let cfg: tunebench::peft::PeftConfig =
+                serde_json::from_value(keys.into()).map_err(|e| Error::Msg(format!("lora-init --config for {method}: {e}")))?;
+            let mut m = model::load(&model_path(model.clone()), &device)?;
+            let a = Adapter::inject_with(&mut m.model, &cfg, seed, Some(&m.tokenizer))?;
+            a.save(&out, &model_path(model).display().to_string())?;
         }
         Cmd::LoraInit { model, out, rank, alpha, targets, seed, random_b, dora, .. } => {
             let mut m = model::load(&model_path(model.clone()), &device)?;
