@@ -11,6 +11,15 @@ Checks, each on the same token ids of several prompts (chat-templated, English, 
   D         IA3 made by PEFT (same targets, ia3_l random around 1), save_pretrained'ed, as in B
   E         DoRA adapter from `tunebench lora-init --dora --random-b` (q, v, down) → PEFT, as in A
   F         DoRA made by PEFT (use_dora, lora_B random, magnitude scaled randomly), as in B
+  G-J       prompt tuning, P-tuning (MLP; H2: LSTM), prefix tuning (with its MLP) and P-tuning v2
+            adapters from `tunebench lora-init --method M --config '{"num_virtual_tokens": 8, ...}'` →
+            PEFT, as in A
+  encoder   for H, H2 and I: PEFT's own PromptEncoder / PrefixEncoder loaded with our encoder's
+            tensors (trainable_state.safetensors) reproduces the prompt_embeddings we saved
+  K-O       the same methods made by PEFT (random init; P-tuning with an MLP and with an LSTM
+            encoder), save_pretrained'ed (PEFT saves the encoder's output) → tunebench, as in B
+            Logits are compared on the real tokens (PEFT also returns rows for the virtual
+            tokens of prompt tuning and P-tuning).
   trained   (with --adapter DIR) an adapter trained by `tunebench train`, as in A
 Pass: max|logit diff| <= tol * max(1, max|logit|) (tol 1e-2 by default); an adapter check also
 needs the adapter to move the logits by more than that tolerance (else an ignored adapter
@@ -23,6 +32,8 @@ CLI contract used (implemented by the Rust side):
       --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --seed 1 --random-b
   tunebench lora-init --method ia3 --model GGUF --out DIR --targets k_proj,v_proj,down_proj
       --feedforward down_proj --seed 2 --random-b
+  tunebench lora-init --method prompt_tuning|p_tuning|prefix_tuning|p_tuning_v2 --model GGUF --out DIR
+      --config JSON --seed N
 
 Run:
   py=$(scripts/pyenv | tail -n1)
@@ -52,6 +63,16 @@ B_STD = 0.05  # std of the random lora_B of direction B
 IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]  # PEFT's IA3 defaults for Llama
 IA3_FF = ["down_proj"]
 DORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+N_VIRTUAL = 8
+# Prompt-learning adapters made here: (check, method, --config)
+PROMPT_INITS = [
+    ("G: tunebench prompt tuning -> PEFT", "prompt_tuning", {"num_virtual_tokens": N_VIRTUAL}),
+    ("H: tunebench P-tuning -> PEFT", "p_tuning", {"num_virtual_tokens": N_VIRTUAL, "encoder_hidden_size": 128}),
+    ("H2: tunebench P-tuning LSTM -> PEFT", "p_tuning",
+     {"num_virtual_tokens": N_VIRTUAL, "encoder_hidden_size": 64, "encoder_reparameterization_type": "LSTM"}),
+    ("I: tunebench prefix tuning -> PEFT", "prefix_tuning", {"num_virtual_tokens": N_VIRTUAL, "encoder_hidden_size": 96}),
+    ("J: tunebench P-tuning v2 -> PEFT", "p_tuning_v2", {"num_virtual_tokens": N_VIRTUAL}),
+]
 
 
 def main() -> int:
@@ -76,7 +97,8 @@ def main() -> int:
 
     import numpy as np
     import torch
-    from peft import IA3Config, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+    from peft import (IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
+                      get_peft_model, get_peft_model_state_dict)
     from safetensors.numpy import load_file
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -98,7 +120,8 @@ def main() -> int:
         out = []
         with torch.no_grad():
             for ids in token_ids:
-                out.append(model(torch.tensor([ids])).logits[0].float().numpy())
+                # The real tokens' rows: prompt tuning and P-tuning also return the virtual ones.
+                out.append(model(torch.tensor([ids])).logits[0, -len(ids):].float().numpy())
         return out
 
     def ours_logits(tag: str, adapter: str | None) -> list:
@@ -177,13 +200,50 @@ def main() -> int:
     dir_e = os.path.join(work, "adapter-tunebench-dora")
     tb.run_measured(exe + ["lora-init", "--dora", "--model", args.model, "--out", dir_e, "--rank", "4", "--alpha", "8",
                            "--targets", ",".join(DORA_TARGETS), "--seed", "3", "--random-b"]).check("tunebench lora-init --dora")
+    prompt_dirs = []
+    for i, (check, method, keys) in enumerate(PROMPT_INITS):
+        d = os.path.join(work, f"adapter-tunebench-{i}-{method}")
+        tb.run_measured(exe + ["lora-init", "--method", method, "--model", args.model, "--out", d,
+                               "--config", json.dumps(keys), "--seed", str(10 + i)]).check(f"tunebench lora-init --method {method}")
+        prompt_dirs.append((check, d))
+    def encoder_check(check: str, adir: str) -> None:
+        """PEFT's encoder module, given our encoder's tensors, must output our prompt_embeddings."""
+        from peft import PeftConfig
+        from peft.tuners.p_tuning import PromptEncoder
+        from peft.tuners.prefix_tuning import PrefixEncoder
+        from safetensors.torch import load_file as load_torch
+
+        cfg = PeftConfig.from_pretrained(adir)
+        cfg.inference_mode = False
+        if cfg.encoder_hidden_size is None:
+            cfg.encoder_hidden_size = cfg.token_dim
+        enc = PrefixEncoder(cfg) if cfg.peft_type == "PREFIX_TUNING" else PromptEncoder(cfg)
+        state = load_torch(os.path.join(adir, "trainable_state.safetensors"))
+        enc.load_state_dict({k.removeprefix("prompt_encoder."): v.float() for k, v in state.items()}, strict=True)
+        enc.eval()
+        with torch.no_grad():
+            ref = enc(torch.arange(cfg.num_virtual_tokens)).numpy()
+        ours = load_file(os.path.join(adir, "adapter_model.safetensors"))["prompt_embeddings"]
+        diff = float(np.abs(ref - ours).max())
+        scale = float(np.abs(ref).max())
+        ok = ours.shape == ref.shape and diff <= 1e-5 * max(1.0, scale)
+        rows.append((check, diff, scale, diff / max(1.0, scale), None, "", ok,
+                     "" if ok else f"encoder output differs (shapes {list(ours.shape)} vs {list(ref.shape)})"))
+
+    for check, d in prompt_dirs:
+        if os.path.isfile(os.path.join(d, "trainable_state.safetensors")) and ("P-tuning" in check or "prefix" in check):
+            if json.load(open(os.path.join(d, "adapter_config.json"))).get("prefix_projection") is False:
+                continue
+            encoder_check(check.split(":")[0] + ": encoder = PEFT's module", d)
+
     adapter_checks = [("A: tunebench lora-init -> PEFT", dir_a), ("C: tunebench IA3 -> PEFT", dir_c),
-                      ("E: tunebench DoRA -> PEFT", dir_e)] + [
+                      ("E: tunebench DoRA -> PEFT", dir_e)] + prompt_dirs + [
         (f"trained: {os.path.basename(os.path.normpath(d))} -> PEFT", d) for d in args.adapter]
     for check, adir in adapter_checks:
         cfg = json.load(open(os.path.join(adir, "adapter_config.json")))
-        if cfg.get("peft_type") not in ("LORA", "IA3"):
-            rows.append((check, None, None, None, None, "", False, f"peft_type {cfg.get('peft_type')!r}, want 'LORA' or 'IA3'"))
+        known = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+        if cfg.get("peft_type") not in known:
+            rows.append((check, None, None, None, None, "", False, f"peft_type {cfg.get('peft_type')!r}, want one of {known}"))
             continue
         model = PeftModel.from_pretrained(copy.deepcopy(pristine), adir)
         model.eval()
@@ -231,6 +291,25 @@ def main() -> int:
     peft_made("F: PEFT DoRA save_pretrained -> tunebench", "peft-dora",
               LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=DORA_TARGETS, use_dora=True,
                          task_type="CAUSAL_LM"), args.seed + 2, random_dora)
+
+    def keep(name, p, gen):
+        pass  # prompt-learning modules start random in PEFT already
+
+    for check, tag, cfg, seed in [
+        ("K: PEFT prompt tuning -> tunebench", "peft-prompt",
+         PromptTuningConfig(num_virtual_tokens=N_VIRTUAL, task_type="CAUSAL_LM"), 21),
+        ("L: PEFT P-tuning (MLP) -> tunebench", "peft-ptuning",
+         PromptEncoderConfig(num_virtual_tokens=N_VIRTUAL, encoder_hidden_size=128, task_type="CAUSAL_LM"), 22),
+        ("M: PEFT P-tuning (LSTM) -> tunebench", "peft-ptuning-lstm",
+         PromptEncoderConfig(num_virtual_tokens=N_VIRTUAL, encoder_hidden_size=64, encoder_reparameterization_type="LSTM",
+                             task_type="CAUSAL_LM"), 23),
+        ("N: PEFT prefix tuning -> tunebench", "peft-prefix",
+         PrefixTuningConfig(num_virtual_tokens=N_VIRTUAL, prefix_projection=True, encoder_hidden_size=96,
+                            task_type="CAUSAL_LM"), 24),
+        ("O: PEFT P-tuning v2 -> tunebench", "peft-prefix-v2",
+         PrefixTuningConfig(num_virtual_tokens=N_VIRTUAL, task_type="CAUSAL_LM"), 25),
+    ]:
+        peft_made(check, tag, cfg, seed, keep)
 
     # --- report -----------------------------------------------------------------------------
     head = f"{'check':<40} {'max|diff|':>10} {'max|logit|':>10} {'diff/scale':>10} {'adapter effect':>14} {'argmax':>9}  result"

@@ -346,6 +346,10 @@ pub struct Adapter {
 
 const CONFIG_FILE: &str = "adapter_config.json";
 const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Beside a prompt-learning adapter in checkpoints (and from `lora-init`): every trainable
+/// tensor under its name (`prompt_encoder.mlp_head.0.weight`, ...), the prompt encoder
+/// included, for resuming; the adapter file holds only the encoder's output.
+pub const TRAINABLE_FILE: &str = "trainable_state.safetensors";
 
 impl Adapter {
     /// Installs a fresh adapter into `model`.
@@ -519,6 +523,13 @@ impl Adapter {
         let cfg_path = dir.join(CONFIG_FILE);
         crate::train::checkpoint::atomic_write(&cfg_path, |tmp| std::fs::write(tmp, cfg.as_bytes()).map_err(|e| Error::io(tmp, e)))?;
         Ok(())
+    }
+
+    /// Writes every trainable tensor to `dir`/[`TRAINABLE_FILE`] (atomically).
+    pub fn save_trainable(&self, dir: &Path) -> Result<()> {
+        let all: HashMap<String, Tensor> = self.trainable().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let path = dir.join(TRAINABLE_FILE);
+        crate::train::checkpoint::atomic_write(&path, |tmp| Ok(candle_core::safetensors::save(&all, tmp)?))
     }
 
     /// Loads an adapter folder (PEFT's LORA or IA3, or our BITFIT) into `model`, replacing

@@ -87,10 +87,6 @@ pub fn load_base(cfg: &RunConfig, device: &Device) -> Result<model::LoadedModel>
     }
 }
 
-/// In a checkpoint of a prompt-learning run: every trainable tensor (the prompt encoder too),
-/// for resuming; the adapter file holds only the encoder's output.
-const TRAINABLE_FILE: &str = "trainable_state.safetensors";
-
 /// Runs (or resumes) a training run end to end.
 pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) -> Result<TrainSummary> {
     let device = Device::Cpu;
@@ -185,7 +181,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         let ck = checkpoint::load(&last, &device)?;
         // Prompt encoders are saved only as their output: their tensors are in a file of
         // their own.
-        let wpath = match ck.adapter_dir.join(TRAINABLE_FILE) {
+        let wpath = match ck.adapter_dir.join(crate::peft::TRAINABLE_FILE) {
             p if p.exists() => p,
             _ => ck.adapter_dir.join("adapter_model.safetensors"),
         };
@@ -219,9 +215,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         let save_adapter = |p: &std::path::Path| -> Result<()> {
             adapter.save(p, &base_name)?;
             if adapter.prompt.is_some() {
-                let all: std::collections::HashMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-                let path = p.join(TRAINABLE_FILE);
-                checkpoint::atomic_write(&path, |tmp| Ok(candle_core::safetensors::save(&all, tmp)?))?;
+                adapter.save_trainable(p)?;
             }
             Ok(())
         };

@@ -633,6 +633,10 @@ fn run(cli: Cli) -> Result<()> {
             let mut m = model::load(&model_path(model.clone()), &device)?;
             let a = Adapter::inject_with(&mut m.model, &cfg, seed, Some(&m.tokenizer))?;
             a.save(&out, &model_path(model).display().to_string())?;
+            if a.prompt.is_some() {
+                // The prompt encoder's own tensors, so its output can be checked independently.
+                a.save_trainable(&out)?;
+            }
         }
         Cmd::LoraInit { model, out, rank, alpha, targets, seed, random_b, dora, .. } => {
             let mut m = model::load(&model_path(model.clone()), &device)?;
