@@ -9,7 +9,7 @@ trainable parameters, tokens/s, peak memory, final validation loss and held-out 
 range (IA3 and BitFit train a few thousand parameters and want a larger one).
 
 Usage: python3 bench/methods_bench.py [--bin target/release/tunebench] [--steps 30]
-       [--methods lora,dora,ia3,bitfit,qlora,adapter,adapter-pfeiffer]
+       [--methods lora,dora,ia3,bitfit,qlora,adapter,adapter-pfeiffer,prompt_tuning,p_tuning,prefix_tuning,p_tuning_v2]
 Prints a Markdown block for bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -34,6 +34,11 @@ METHODS = {
     "qlora": ('method = "qlora"\nr = 16\nlora_alpha = 32\ntarget_modules = "all-linear"', 1e-3),
     "adapter": ('method = "adapter"\nplacement = "houlsby"\nbottleneck_size = 64', 1e-3),
     "adapter-pfeiffer": ('method = "adapter"\nplacement = "pfeiffer"\nbottleneck_size = 64', 1e-3),
+    # Prompt learning trains few parameters far from the output and wants a larger rate.
+    "prompt_tuning": ('method = "prompt_tuning"\nnum_virtual_tokens = 20', 3e-2),
+    "p_tuning": ('method = "p_tuning"\nnum_virtual_tokens = 20', 3e-3),
+    "prefix_tuning": ('method = "prefix_tuning"\nnum_virtual_tokens = 20', 3e-3),
+    "p_tuning_v2": ('method = "p_tuning_v2"\nnum_virtual_tokens = 20', 3e-2),
 }
 
 

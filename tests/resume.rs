@@ -1,12 +1,17 @@
 //! Exact resume on the real default model: a run stopped after k steps and resumed from its
 //! checkpoint has the same loss at every later step as an uninterrupted run (same seed), and
-//! ends with the same adapter.
+//! ends with the same adapter — for LoRA, and for P-tuning, whose prompt encoder is not in the
+//! adapter file (only its output is) and comes back from the checkpoint's own file.
 
 mod common;
 
 use tunebench::train::{self, observer::NoObserver, RunConfig, TrainOptions};
 
-fn config(out: &std::path::Path, dropout: f64) -> RunConfig {
+fn lora(dropout: f64) -> String {
+    format!("method = \"lora\"\nr = 4\nlora_alpha = 8\nlora_dropout = {dropout}\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]")
+}
+
+fn config(out: &std::path::Path, peft: &str) -> RunConfig {
     let text = format!(
         r#"
 name = "resume-test"
@@ -19,11 +24,7 @@ max_len = 64
 val_fraction = 0.1
 val_max = 4
 [peft]
-method = "lora"
-r = 4
-lora_alpha = 8
-lora_dropout = {dropout}
-target_modules = ["q_proj", "v_proj", "down_proj"]
+{peft}
 [train]
 max_steps = 6
 batch_size = 2
@@ -45,12 +46,24 @@ dir = "{out}"
 #[test]
 fn resumed_run_matches_uninterrupted_run() {
     // Dropout on, so the resumed run must also reproduce the random masks.
+    check_resume(&lora(0.1));
+}
+
+#[test]
+fn resumed_prompt_encoder_run_matches_uninterrupted_run() {
+    // An LSTM prompt encoder with dropout between its layers.
+    check_resume(
+        "method = \"p_tuning\"\nnum_virtual_tokens = 8\nencoder_reparameterization_type = \"LSTM\"\nencoder_hidden_size = 32\nencoder_dropout = 0.1",
+    );
+}
+
+fn check_resume(peft: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let full_cfg = config(&tmp.path().join("full"), 0.1);
+    let full_cfg = config(&tmp.path().join("full"), peft);
     let full = train::train(&full_cfg, &TrainOptions::default(), &mut NoObserver).unwrap();
     assert_eq!(full.losses.len(), 6);
 
-    let cfg = config(&tmp.path().join("split"), 0.1);
+    let cfg = config(&tmp.path().join("split"), peft);
     let first = train::train(&cfg, &TrainOptions { stop_after: Some(3), ..Default::default() }, &mut NoObserver).unwrap();
     assert!(first.stopped);
     assert_eq!(first.losses.len(), 3);
@@ -80,7 +93,7 @@ fn resumed_run_matches_uninterrupted_run() {
 #[test]
 fn resume_without_checkpoint_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(&tmp.path().join("none"), 0.0);
+    let cfg = config(&tmp.path().join("none"), &lora(0.0));
     let err = train::train(&cfg, &TrainOptions { resume: true, ..Default::default() }, &mut NoObserver).unwrap_err().to_string();
     assert!(err.contains("nothing to resume"), "{err}");
 }

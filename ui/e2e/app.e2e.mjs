@@ -66,6 +66,24 @@ try {
   await page.waitForSelector('[data-testid="est-params"]', { timeout: 60000 });
   check(/M|k/.test(await page.locator('[data-testid="est-params"]').innerText()), "… with an estimate, ready to press Train");
   await shot("en-first-start");
+  // Every method is in the picker with its help text and its own fields (the form is built
+  // from the schema), and the estimate follows the choice; the prompt-learning methods here.
+  const pickable = await page.locator("[data-method]").evaluateAll((els) => els.map((e) => e.getAttribute("data-method")));
+  const allMethods = ["lora", "qlora", "ia3", "bitfit", "adapter", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"];
+  check(allMethods.every((m) => pickable.includes(m)), `the picker offers every method (${pickable.join(", ")})`);
+  const loraEstimate = await page.locator('[data-testid="est-params"]').innerText();
+  for (const [m, word] of [["prompt_tuning", "soft prompt"], ["p_tuning", "prompt encoder"], ["prefix_tuning", "reparameterisation"], ["p_tuning_v2", "deep prompts"]]) {
+    await page.locator(`[data-method="${m}"]`).check();
+    await page.waitForFunction((w) => document.querySelector("p.desc")?.textContent.includes(w), word);
+    check((await page.locator('[data-key="peft.num_virtual_tokens"]').count()) === 1 && (await page.locator('[data-key="peft.r"]').count()) === 0, `${m}: its description and its own fields`);
+  }
+  await page.waitForFunction((before) => {
+    const t = document.querySelector('[data-testid="est-params"]')?.textContent;
+    return t && t !== before;
+  }, loraEstimate, { timeout: 30000 });
+  check(true, `the estimate follows the method (p_tuning_v2: ${await page.locator('[data-testid="est-params"]').innerText()})`);
+  await page.locator('[data-method="lora"]').check();
+  await page.waitForSelector('[data-key="peft.r"]');
   await page.locator('[data-nav="runs"]').click();
   await page.waitForSelector('[data-testid="no-runs"]');
 

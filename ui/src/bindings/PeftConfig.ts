@@ -3,8 +3,12 @@ import type { BitfitConfig } from "./BitfitConfig";
 import type { BottleneckConfig } from "./BottleneckConfig";
 import type { Ia3Config } from "./Ia3Config";
 import type { LoraConfig } from "./LoraConfig";
+import type { PTuningV2Config } from "./PTuningV2Config";
+import type { PrefixTuningConfig } from "./PrefixTuningConfig";
+import type { PromptEncoderConfig } from "./PromptEncoderConfig";
+import type { PromptTuningConfig } from "./PromptTuningConfig";
 
 /**
  * A method and its settings, as written in a run config (`[peft] method = "lora"`).
  */
-export type PeftConfig = { "method": "lora" } & LoraConfig | { "method": "qlora" } & LoraConfig | { "method": "ia3" } & Ia3Config | { "method": "bitfit" } & BitfitConfig | { "method": "adapter" } & BottleneckConfig;
+export type PeftConfig = { "method": "lora" } & LoraConfig | { "method": "qlora" } & LoraConfig | { "method": "ia3" } & Ia3Config | { "method": "bitfit" } & BitfitConfig | { "method": "adapter" } & BottleneckConfig | { "method": "prompt_tuning" } & PromptTuningConfig | { "method": "p_tuning" } & PromptEncoderConfig | { "method": "prefix_tuning" } & PrefixTuningConfig | { "method": "p_tuning_v2" } & PTuningV2Config;
