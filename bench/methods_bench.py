@@ -99,7 +99,7 @@ def main() -> None:
                                      (i,)).fetchone()[0] for i in ids}
         con.close()
     print(f"### PEFT methods on the default model — {datetime.date.today()} — {platform.node()} ({os.cpu_count()} cores)\n")
-    print(f"`python3 bench/methods_bench.py --steps {a.steps}` (release build): persona sample, batch 8, max_len 128, "
+    print(f"`python3 bench/methods_bench.py --steps {a.steps}`: persona sample, batch 8, max_len 128, "
           f"{a.steps} steps, cosine schedule with 4 warm-up steps; held-out = 50 prompts, greedy, 32 tokens\n")
     print("| method | lr | trainable params | % of base | tokens/s | peak RSS | first → final train loss | final val loss | held-out accuracy |")
     print("|---|---|---|---|---|---|---|---|---|")

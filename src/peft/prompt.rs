@@ -6,9 +6,9 @@
 //!   Initialisation: `SAMPLE_VOCAB` (our default: embeddings of `n` random vocabulary tokens),
 //!   `TEXT` (the embeddings of `prompt_tuning_init_text`, repeated or cut to `n` tokens) or
 //!   `RANDOM` (N(0, 1), PEFT's default). PEFT defaults to RANDOM; we do not, because N(0, 1)
-//!   rows are one to two orders of magnitude longer than the token embeddings of the models
-//!   we tune (SmolLM2's rows have a standard deviation near 0.05), so the soft prompt starts
-//!   by drowning out the real tokens.
+//!   rows are far longer than the token embeddings of the models we tune (SmolLM2-135M: median
+//!   row norm 3.2, entries' standard deviation 0.14, against 24 for an N(0, 1) row of width
+//!   576), so the soft prompt starts by drowning out the real tokens.
 //! - **P-tuning** (Liu et al. 2021, "GPT Understands, Too", `p_tuning`): the virtual input
 //!   embeddings are produced by a prompt encoder from `n` trained seed embeddings, as in PEFT:
 //!   `MLP` = Linear(d→h) ReLU Linear(h→h) ReLU Linear(h→d), parameters
