@@ -105,6 +105,10 @@ impl Field {
 
     /// Checks a value of this field as a form would; None when it is fine.
     pub fn check(&self, value: &serde_json::Value) -> Option<String> {
+        // A key whose default is empty (null: "use the model's value") may be left empty.
+        if value.is_null() && self.default.is_null() {
+            return None;
+        }
         let num = value.as_f64();
         match &self.kind {
             FieldKind::Int if value.as_i64().is_none() && value.as_u64().is_none() => return Some("must be a whole number".into()),

@@ -90,8 +90,7 @@ pub struct PromptTuningConfig {
     #[serde(default = "sample_vocab")]
     pub prompt_tuning_init: PromptInit,
     /// The text whose embeddings start the soft prompt (with `TEXT`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[ts(optional)]
+    #[serde(default)]
     pub prompt_tuning_init_text: Option<String>,
 }
 
@@ -115,8 +114,7 @@ pub struct PromptEncoderConfig {
     #[serde(default = "mlp")]
     pub encoder_reparameterization_type: EncoderType,
     /// Width of the encoder (default: the model's hidden size).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[ts(optional)]
+    #[serde(default)]
     pub encoder_hidden_size: Option<usize>,
     /// LSTM layers (the MLP always has PEFT's three linear layers).
     #[serde(default = "two")]
@@ -145,8 +143,7 @@ pub struct PrefixTuningConfig {
     #[serde(default = "twenty")]
     pub num_virtual_tokens: usize,
     /// Width of the reparameterisation MLP (default: the key/value width).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[ts(optional)]
+    #[serde(default)]
     pub encoder_hidden_size: Option<usize>,
 }
 

@@ -11,4 +11,4 @@ num_virtual_tokens: number,
 /**
  * Width of the reparameterisation MLP (default: the key/value width).
  */
-encoder_hidden_size?: number, };
+encoder_hidden_size: number | null, };

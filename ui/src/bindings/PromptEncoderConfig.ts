@@ -16,7 +16,7 @@ encoder_reparameterization_type: EncoderType,
 /**
  * Width of the encoder (default: the model's hidden size).
  */
-encoder_hidden_size?: number, 
+encoder_hidden_size: number | null, 
 /**
  * LSTM layers (the MLP always has PEFT's three linear layers).
  */

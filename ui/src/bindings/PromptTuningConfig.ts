@@ -16,4 +16,4 @@ prompt_tuning_init: PromptInit,
 /**
  * The text whose embeddings start the soft prompt (with `TEXT`).
  */
-prompt_tuning_init_text?: string, };
+prompt_tuning_init_text: string | null, };
