@@ -4,7 +4,10 @@
 //! (f64), gradients reach exactly the method's tensors while the base stays bit-identical, save →
 //! load gives identical outputs, merged == unmerged (or a clear refusal), and the
 //! trainable-parameter count follows the method's formula. Virtual tokens also agree between
-//! KV-cached generation and full recomputation.
+//! KV-cached generation and full recomputation, and on the default model prompt tuning starts
+//! from real token embeddings (TEXT, SAMPLE_VOCAB).
+
+mod common;
 
 use candle_core::{DType, Device, Tensor};
 use tunebench::model::{ForwardCtx, Llama, LlamaConfig};
@@ -529,4 +532,33 @@ fn prompt_learning_configs_are_checked_against_the_model() {
             && e.contains("adapter_model.safetensors"),
         "{e}"
     );
+}
+
+#[test]
+fn prompt_tuning_starts_from_real_token_embeddings() {
+    // On the default model and its tokenizer: TEXT starts from the text's token embeddings,
+    // repeated to the prompt's length; SAMPLE_VOCAB from rows of the embedding matrix.
+    let m = tunebench::model::load(&common::default_model(), &Device::Cpu).unwrap();
+    let (mut model, tok) = (m.model, m.tokenizer);
+    let text = "Answer as Tessel:";
+    let ids = tok.encode(text, true).unwrap().get_ids().to_vec();
+    let n = 2 * ids.len() + 1;
+    let cfg = PeftConfig::PromptTuning(PromptTuningConfig { num_virtual_tokens: n, prompt_tuning_init: PromptInit::Text, prompt_tuning_init_text: Some(text.into()) });
+    let a = Adapter::inject_with(&mut model, &cfg, 1, Some(&tok)).unwrap();
+    let want: Vec<u32> = ids.iter().copied().cycle().take(n).collect();
+    let want = model.embed_tokens().rows(&Tensor::new(want.as_slice(), &Device::Cpu).unwrap()).unwrap();
+    let got = a.prompt.as_ref().unwrap().saved().unwrap();
+    assert_eq!(got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+
+    let cfg = PeftConfig::PromptTuning(PromptTuningConfig { num_virtual_tokens: 6, ..Default::default() });
+    let a = Adapter::inject_with(&mut model, &cfg, 2, Some(&tok)).unwrap();
+    let emb = model.embed_tokens().dense().unwrap();
+    let got = a.prompt.as_ref().unwrap().saved().unwrap();
+    for r in 0..6 {
+        let row = got.get(r).unwrap().unsqueeze(0).unwrap();
+        let nearest = emb.broadcast_sub(&row).unwrap().abs().unwrap().max(1).unwrap().min(0).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(nearest, 0.0, "SAMPLE_VOCAB row {r} is a row of the embedding matrix");
+    }
+    let spread = got.max(0).unwrap().sub(&got.min(0).unwrap()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(spread > 0.0, "the sampled rows differ");
 }
