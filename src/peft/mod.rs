@@ -113,8 +113,8 @@ pub fn registry() -> &'static [MethodInfo] {
         MethodInfo {
             name: "prompt_tuning",
             peft_type: "PROMPT_TUNING",
-            description: "Prompt tuning: a trained soft prompt of virtual input embeddings before every sequence (Lester et al. 2021), started from random vocabulary tokens, a text or N(0, 1). Tiny; wants a high learning rate (around 1e-2). Not mergeable.",
-            description_zh: "提示微调：在每个序列前加一段训练出来的软提示（虚拟输入嵌入；Lester 等，2021），可从随机词表 token、一段文本或 N(0, 1) 开始。参数极少；需要较高学习率（约 1e-2）。不可合并。",
+            description: "Prompt tuning: a trained soft prompt of virtual input embeddings before every sequence (Lester et al. 2021), started from random vocabulary tokens, a text or N(0, 1). Tiny; wants a high learning rate (1e-2 to 3e-2). Not mergeable.",
+            description_zh: "提示微调：在每个序列前加一段训练出来的软提示（虚拟输入嵌入；Lester 等，2021），可从随机词表 token、一段文本或 N(0, 1) 开始。参数极少；需要较高学习率（1e-2 到 3e-2）。不可合并。",
             fields: prompt::PromptTuningConfig::fields,
         },
         MethodInfo {
