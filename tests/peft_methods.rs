@@ -308,7 +308,24 @@ fn save_load_round_trips_and_merge_equals_unmerged() {
 
 #[test]
 fn bad_configs_and_mismatched_files_are_explained() {
-    let (mut m, _) = tiny(DType::F32, false);
+    let (mut m, cfg) = tiny(DType::F32, false);
+    // A LoRA rank above the layer's full rank (tiny: q_proj 16 → 16, k_proj 16 → 8), from `r`
+    // or from `rank_pattern`; nothing is installed, and the estimate says the same.
+    for (lora, key, module) in [
+        (LoraConfig { r: 17, target_modules: all_linear(), ..Default::default() }, "peft.r", "model.layers.0.self_attn.q_proj"),
+        (
+            LoraConfig { r: 2, rank_pattern: [("k_proj".to_string(), 9)].into_iter().collect(), target_modules: all_linear(), ..Default::default() },
+            "peft.rank_pattern.k_proj",
+            "model.layers.0.self_attn.k_proj",
+        ),
+    ] {
+        let peft = PeftConfig::Lora(lora);
+        let e = Adapter::inject(&mut m, &peft, 1).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains(module) && e.contains("full rank"), "{e}");
+        assert!(m.linears().iter().all(|l| l.adapter().is_none()), "a refused config installs nothing");
+        let e = tunebench::api::estimate::adapted(&cfg, &peft).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains("full rank"), "{e}");
+    }
     let bad = PeftConfig::Ia3(Ia3Config {
         target_modules: TargetModules::Names(vec!["k_proj".into()]),
         feedforward_modules: vec!["down_proj".into()],

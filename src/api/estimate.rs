@@ -152,6 +152,11 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
         PeftConfig::PromptTuning(_) | PeftConfig::PTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_) => unreachable!("handled above"),
     };
     let chosen = targets.resolve_names(&names)?;
+    if let PeftConfig::Lora(l) | PeftConfig::Qlora(l) = peft {
+        for (n, i, o) in shapes.iter().filter(|(n, _, _)| chosen.contains(n)) {
+            l.check_rank(n, *i, *o)?;
+        }
+    }
     Ok(shapes
         .into_iter()
         .filter(|(n, _, _)| chosen.contains(n))

@@ -127,6 +127,25 @@ impl LoraConfig {
         map.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}"))).map(|(_, v)| *v)
     }
 
+    /// Checks the rank for a module of `inp` inputs and `out` outputs: above `min(inp, out)`
+    /// the update B·A is already of full rank, so a larger rank only adds parameters; such a
+    /// config is an error naming the module (PEFT accepts it silently).
+    pub fn check_rank(&self, module: &str, inp: usize, out: usize) -> Result<()> {
+        let (r, _) = self.rank_and_scale(module);
+        let full = inp.min(out);
+        if r > full {
+            let key = match self.rank_pattern.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}"))) {
+                Some((k, _)) => format!("peft.rank_pattern.{k}"),
+                None => "peft.r".to_string(),
+            };
+            return Err(Error::config(
+                key,
+                format!("rank {r} is larger than `{module}` ({inp} → {out} features) allows: rank {full} is already full rank there; use at most {full}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// (rank, scale) for one module.
     pub fn rank_and_scale(&self, module: &str) -> (usize, f64) {
         let r = Self::pattern(&self.rank_pattern, module).unwrap_or(self.r);
@@ -274,6 +293,11 @@ pub fn inject(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
     cfg.validate()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let targets = cfg.target_modules.resolve(model)?;
+    // Every rank is checked before the model is touched.
+    for lin in model.linears().into_iter().filter(|l| targets.contains(l.name())) {
+        let (inp, outf) = lin.in_out();
+        cfg.check_rank(lin.name(), inp, outf)?;
+    }
     let mut out = Vec::new();
     for (index, lin) in model.linears_mut().into_iter().enumerate() {
         if !targets.contains(lin.name()) {
