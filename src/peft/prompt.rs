@@ -905,7 +905,7 @@ impl PromptModule {
         self.n
     }
 
-    /// Never: a module has at least one virtual token.
+    /// Always false: a module has at least one virtual token (`num_virtual_tokens` ≥ 1).
     pub fn is_empty(&self) -> bool {
         self.n == 0
     }
