@@ -123,8 +123,14 @@ impl LoraConfig {
         self.target_modules.validate()
     }
 
+    /// The entry of a `rank_pattern`/`alpha_pattern` that applies to `module` (its key equals
+    /// the module path or is a suffix of it after a dot).
+    fn pattern_entry<'a, T: Copy>(map: &'a BTreeMap<String, T>, module: &str) -> Option<(&'a String, T)> {
+        map.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}"))).map(|(k, v)| (k, *v))
+    }
+
     fn pattern<T: Copy>(map: &BTreeMap<String, T>, module: &str) -> Option<T> {
-        map.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}"))).map(|(_, v)| *v)
+        Self::pattern_entry(map, module).map(|(_, v)| v)
     }
 
     /// Checks the rank for a module of `inp` inputs and `out` outputs: above `min(inp, out)`
@@ -134,7 +140,7 @@ impl LoraConfig {
         let (r, _) = self.rank_and_scale(module);
         let full = inp.min(out);
         if r > full {
-            let key = match self.rank_pattern.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}"))) {
+            let key = match Self::pattern_entry(&self.rank_pattern, module) {
                 Some((k, _)) => format!("peft.rank_pattern.{k}"),
                 None => "peft.r".to_string(),
             };

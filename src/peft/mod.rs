@@ -224,13 +224,7 @@ impl PeftConfig {
 
     /// Positions a prompt-learning method puts in front of every sequence (0 for others).
     pub fn num_virtual_tokens(&self) -> usize {
-        match self {
-            PeftConfig::PromptTuning(c) => c.num_virtual_tokens,
-            PeftConfig::PTuning(c) => c.num_virtual_tokens,
-            PeftConfig::PrefixTuning(c) => c.num_virtual_tokens,
-            PeftConfig::PTuningV2(c) => c.num_virtual_tokens,
-            _ => 0,
-        }
+        self.prompt_method().map_or(0, |m| m.num_virtual_tokens())
     }
 
     /// The method's registry name (`lora`, ...).
@@ -551,21 +545,24 @@ impl Adapter {
         if v.get("modules_to_save").is_some_and(|m| !m.is_null()) {
             return Err(Error::bad_input(&cfg_path, None, "`modules_to_save` is not supported yet"));
         }
+        fn parse_in<T: serde::de::DeserializeOwned>(v: serde_json::Value, path: &Path) -> Result<T> {
+            serde_json::from_value(v).map_err(|e| Error::bad_input(path, None, e.to_string()))
+        }
         let config = match peft_type.as_str() {
-            "LORA" => PeftConfig::Lora(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
-            "IA3" => PeftConfig::Ia3(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
-            "BITFIT" => PeftConfig::Bitfit(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
-            "BOTTLENECK" => PeftConfig::Adapter(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
-            "PROMPT_TUNING" => PeftConfig::PromptTuning(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
-            "P_TUNING" => PeftConfig::PTuning(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?),
+            "LORA" => PeftConfig::Lora(parse_in(v, &cfg_path)?),
+            "IA3" => PeftConfig::Ia3(parse_in(v, &cfg_path)?),
+            "BITFIT" => PeftConfig::Bitfit(parse_in(v, &cfg_path)?),
+            "BOTTLENECK" => PeftConfig::Adapter(parse_in(v, &cfg_path)?),
+            "PROMPT_TUNING" => PeftConfig::PromptTuning(parse_in(v, &cfg_path)?),
+            "P_TUNING" => PeftConfig::PTuning(parse_in(v, &cfg_path)?),
             "PREFIX_TUNING" => {
                 if v.get("num_transformer_submodules").and_then(|x| x.as_u64()).is_some_and(|n| n != 1) {
                     return Err(Error::bad_input(&cfg_path, None, "num_transformer_submodules other than 1 is for encoder-decoder models"));
                 }
                 if v.get("prefix_projection").and_then(|x| x.as_bool()) == Some(true) {
-                    PeftConfig::PrefixTuning(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?)
+                    PeftConfig::PrefixTuning(parse_in(v, &cfg_path)?)
                 } else {
-                    PeftConfig::PTuningV2(serde_json::from_value(v).map_err(|e| Error::bad_input(&cfg_path, None, e.to_string()))?)
+                    PeftConfig::PTuningV2(parse_in(v, &cfg_path)?)
                 }
             }
             other => return Err(Error::bad_input(&cfg_path, None, format!("peft_type `{other}` is not supported yet"))),
@@ -583,12 +580,11 @@ impl Adapter {
             .map(|(k, t)| (k.replace(".default.weight", ".weight").trim_end_matches(".default").to_string(), t))
             .collect();
         remove_all(model);
-        if config.prompt_method().is_some() {
+        if let Some(method) = config.prompt_method() {
             let t = weights
                 .get("prompt_embeddings")
                 .ok_or_else(|| Error::bad_input(&weights_path, None, "adapter tensor `prompt_embeddings` is missing"))?;
-            let prefix = matches!(config, PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_));
-            let module = Arc::new(PromptModule::from_saved(model, prefix, config.num_virtual_tokens(), t, &weights_path)?);
+            let module = Arc::new(PromptModule::from_saved(model, method.is_prefix(), method.num_virtual_tokens(), t, &weights_path)?);
             model.set_prompt(Some(module.clone() as Arc<dyn crate::model::PromptSource>));
             return Ok(Adapter { config, layers: Vec::new(), prompt: Some(module) });
         }

@@ -589,7 +589,8 @@ pub enum Method<'a> {
 }
 
 impl Method<'_> {
-    fn num_virtual_tokens(&self) -> usize {
+    /// Positions the method puts in front of every sequence.
+    pub fn num_virtual_tokens(&self) -> usize {
         match self {
             Method::PromptTuning(c) => c.num_virtual_tokens,
             Method::PTuning(c) => c.num_virtual_tokens,
@@ -598,11 +599,13 @@ impl Method<'_> {
         }
     }
 
+    /// Whether the virtual tokens are per-layer key/value prefixes (else input embeddings).
+    pub fn is_prefix(&self) -> bool {
+        matches!(self, Method::PrefixTuning(_) | Method::PTuningV2(_))
+    }
+
     fn placement(&self, cfg: &LlamaConfig) -> Placement {
-        Placement::of(
-            cfg,
-            matches!(self, Method::PrefixTuning(_) | Method::PTuningV2(_)),
-        )
+        Placement::of(cfg, self.is_prefix())
     }
 
     /// Trainable parameters on a model of architecture `cfg` (the formulas in the module
