@@ -255,6 +255,11 @@ fn only_the_method_trains_and_the_base_stays_bit_identical() {
                 assert!(g.get(l.weight().as_dense().unwrap()).is_none(), "{name}: {} got a gradient", l.name());
             }
             opt.step(&grads, 1e-2).unwrap();
+            // The moments outlive the step: holding its graph (a gradient can be attached to
+            // one, as DoRA's magnitude's is) would keep every step's graph alive.
+            for (key, t) in opt.state().unwrap() {
+                assert!(!t.track_op(), "{name}: optimizer state {key} holds a graph");
+            }
         }
         assert!(last < first.unwrap(), "{name}: loss {} -> {last} did not fall", first.unwrap());
         // Eval mode (inference) builds no graph through the adapter: nothing to keep alive.

@@ -50,7 +50,8 @@ impl AdamW {
         let bc1 = 1.0 - b1.powi(self.step as i32);
         let bc2 = 1.0 - b2.powi(self.step as i32);
         for (i, (_, var)) in self.vars.iter().enumerate() {
-            let g = &grads[i];
+            // Detached: the moments outlive the step, so they must not hold its graph.
+            let g = &grads[i].detach();
             let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let mut p = var.as_tensor().clone();

@@ -265,9 +265,14 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
             let grads = loss.backward()?;
             for (i, (_, v)) in vars.iter().enumerate() {
                 if let Some(g) = grads.get(v.as_tensor()) {
+                    // candle leaves a variable's gradient attached to the graph it came from
+                    // when the variable met another tracked tensor (DoRA's `m / ‖W + s·B·A‖`):
+                    // kept in the optimizer's moments, that graph (and every earlier step's)
+                    // would stay alive. Only the values go on.
+                    let g = g.detach();
                     acc[i] = Some(match acc[i].take() {
                         Some(a) => (a + g)?,
-                        None => g.clone(),
+                        None => g,
                     });
                 }
             }
