@@ -9,7 +9,7 @@ trainable parameters, tokens/s, peak memory, final validation loss and held-out 
 range (IA3 and BitFit train a few thousand parameters and want a larger one).
 
 Usage: python3 bench/methods_bench.py [--bin target/release/tunebench] [--steps 30]
-       [--methods lora,dora,ia3,bitfit,qlora,adapter,adapter-pfeiffer,prompt_tuning,p_tuning,prefix_tuning,p_tuning_v2]
+       [--methods lora,dora,ia3,bitfit,qlora,adapter,adapter-pfeiffer,prompt_tuning,p_tuning,prefix_tuning,p_tuning_v2,full]
 Prints a Markdown block for bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -39,6 +39,8 @@ METHODS = {
     "p_tuning": ('method = "p_tuning"\nnum_virtual_tokens = 20', 3e-3),
     "prefix_tuning": ('method = "prefix_tuning"\nnum_virtual_tokens = 20', 3e-3),
     "p_tuning_v2": ('method = "p_tuning_v2"\nnum_virtual_tokens = 20', 3e-2),
+    # Every weight trains: the usual full fine-tuning range.
+    "full": ('method = "full"', 5e-5),
 }
 
 

@@ -8,7 +8,8 @@
 //!     like the merged model (f16/q8_0: identical tokens; 4-bit: agreement reported, bounded),
 //!     with llama.cpp metadata, types and q/k row layout;
 //! (d) overwriting, unwritable destinations and corrupt adapters fail clearly and leave
-//!     nothing behind.
+//!     nothing behind;
+//! (e) a full fine-tuning "adapter" exports as a plain HF model with the tuned logits.
 //! `export_for_python` writes the exports for tests/reference/export_check.py (PyTorch
 //! transformers, llama.cpp) when TUNEBENCH_EXPORT_DIR is set.
 
@@ -620,4 +621,40 @@ fn export_for_python() {
         "chat": {"messages": [{"role": "user", "content": CHAT}], "rendered": t.render(&chat, true).unwrap()},
     });
     std::fs::write(out.join("expected.json"), serde_json::to_string_pretty(&expected).unwrap()).unwrap();
+}
+
+/// Full fine-tuning exports as a plain model: every trained tensor (embedding, norms,
+/// projections) is written into the HF folder, which re-loads on its own with the logits of
+/// base + the full fine-tuning "adapter", its tied head still stored once.
+#[test]
+fn full_fine_tuning_exports_as_a_plain_hf_model() {
+    use rand::{Rng, SeedableRng};
+    let root = tempfile::tempdir().unwrap();
+    let base_path = common::default_model();
+    let mut m = model::load(&base_path, &Device::Cpu).unwrap();
+    let a = Adapter::inject(&mut m.model, &PeftConfig::Full(Default::default()), 1).unwrap();
+    // Nudge every trained tensor, as training would.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for (_, v) in a.trainable() {
+        let noise: Vec<f32> = (0..v.elem_count()).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * 0.01).collect();
+        let t = (v.as_tensor() + Tensor::from_vec(noise, v.dims(), &Device::Cpu).unwrap()).unwrap();
+        v.set(&t).unwrap();
+    }
+    let adapter_dir = root.path().join("adapter");
+    a.save(&adapter_dir, &base_path.display().to_string()).unwrap();
+    let prompt: Vec<u32> = m.tokenizer.encode(TEXTS[0], false).unwrap().get_ids().to_vec();
+    let tuned = infer::sequence_logits(&m.model, &prompt).unwrap();
+    tunebench::peft::remove_all(&mut m.model);
+    let base = infer::sequence_logits(&m.model, &prompt).unwrap();
+
+    let out = root.path().join("hf");
+    export::export_hf(&base_path, Some(&adapter_dir), &out, HfDtype::F32, |_, _| {}).unwrap();
+    let st = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(!st.contains_key("lm_head.weight"), "the tied head is stored once");
+    let back = model::load(&out, &Device::Cpu).unwrap();
+    let got = infer::sequence_logits(&back.model, &prompt).unwrap();
+    let (d, moved) = (max_diff(&got, &tuned), max_diff(&base, &tuned));
+    println!("full fine-tuning export: max|exported − tuned| = {d:.2e} (training moved the logits by {moved:.2})");
+    assert!(moved > 0.1, "the nudged weights change the model ({moved})");
+    assert!(d < 1e-4, "{d}");
 }

@@ -14,7 +14,7 @@ use tunebench::model::{ForwardCtx, Llama, LlamaConfig};
 use tunebench::peft::bottleneck::{NonLinearity, Placement};
 use tunebench::peft::prompt::{EncoderType, PromptInit};
 use tunebench::peft::{
-    Adapter, BitfitConfig, BottleneckConfig, Ia3Config, LoraConfig, PTuningV2Config, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
+    Adapter, BitfitConfig, BottleneckConfig, FullConfig, Ia3Config, LoraConfig, PTuningV2Config, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
     PromptTuningConfig, TargetModules,
 };
 
@@ -70,6 +70,8 @@ fn methods() -> Vec<(&'static str, PeftConfig)> {
         ),
         ("prefix_tuning", PeftConfig::PrefixTuning(PrefixTuningConfig { num_virtual_tokens: 3, encoder_hidden_size: Some(5) })),
         ("p_tuning_v2", PeftConfig::PTuningV2(PTuningV2Config { num_virtual_tokens: 4 })),
+        ("full", PeftConfig::Full(FullConfig::default())),
+        ("full-projections-only", PeftConfig::Full(FullConfig { train_embeddings: false, train_norms: false })),
     ]
 }
 
@@ -111,6 +113,15 @@ fn formula(cfg: &LlamaConfig, peft: &PeftConfig) -> usize {
     let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
     // (short name, in, out)
     let layer = [("q_proj", d, q), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", q, d), ("gate_proj", d, ff), ("up_proj", d, ff), ("down_proj", ff, d)];
+    if let PeftConfig::Full(c) = peft {
+        // Every projection (q/k/v biases where the model has them), the 2·layers + 1 norms,
+        // the embedding and an untied LM head.
+        let bias = |n: &str| if cfg.attention_bias && matches!(n, "q_proj" | "k_proj" | "v_proj") { 1 } else { 0 };
+        let projections: usize = layer.iter().map(|&(n, i, o)| i * o + bias(n) * o).sum::<usize>() * cfg.num_hidden_layers;
+        let norms = (2 * cfg.num_hidden_layers + 1) * d;
+        let vocab = cfg.vocab_size * d * if cfg.tie_word_embeddings { 1 } else { 2 };
+        return projections + if c.train_norms { norms } else { 0 } + if c.train_embeddings { vocab } else { 0 };
+    }
     let per_layer: usize = layer
         .iter()
         .map(|&(n, i, o)| match peft {
@@ -374,7 +385,7 @@ fn methods_are_selected_by_name_in_run_configs() {
         assert_eq!(cfg.peft.method_name(), method);
     }
     let names: Vec<&str> = tunebench::peft::registry().iter().map(|m| m.name).collect();
-    assert_eq!(names, vec!["lora", "qlora", "ia3", "bitfit", "adapter", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"]);
+    assert_eq!(names, vec!["lora", "qlora", "ia3", "bitfit", "adapter", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "full"]);
     for n in names {
         let cfg = tunebench::peft::PeftConfig::default_for(n).unwrap_or_else(|| panic!("{n} has no default config"));
         assert_eq!(cfg.method_name(), n);
@@ -583,4 +594,91 @@ fn prompt_tuning_starts_from_real_token_embeddings() {
     }
     let spread = got.max(0).unwrap().sub(&got.min(0).unwrap()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(spread > 0.0, "the sampled rows differ");
+}
+
+/// Full fine-tuning on a tied and an untied model: every weight trains, the saved file is the
+/// model's state dict behind PEFT's prefix (an untied head included, a tied one not), loading
+/// and merging reproduce the tuned model (a tied head stays tied, so exports write it once),
+/// removing the adapter gives the frozen base back, and damaged files are explained.
+#[test]
+fn full_fine_tuning_saves_every_weight_and_merges_into_a_plain_model() {
+    use std::collections::{BTreeMap, BTreeSet};
+    for tie in [true, false] {
+        let mut cfg = LlamaConfig::tiny(40);
+        cfg.tie_word_embeddings = tie;
+        cfg.attention_bias = !tie;
+        let fresh = || Llama::random_dtype(cfg.clone(), 11, &Device::Cpu, DType::F64).unwrap();
+        let mut model = fresh();
+        let base = logits(&model);
+        let base_names: BTreeSet<String> = model.named_tensors().unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(base_names.contains("lm_head.weight"), !tie);
+        let peft = PeftConfig::Full(FullConfig::default());
+        let adapter = Adapter::inject(&mut model, &peft, 1).unwrap();
+        assert_eq!(adapter.num_params(), model.num_params(), "tie={tie}: every weight trains");
+        assert_eq!(adapter.num_params(), formula(&cfg, &peft), "tie={tie}");
+        // Before training the copies compute exactly the base.
+        assert_eq!(logits(&model), base, "tie={tie}: fresh copies change nothing");
+        randomize(&adapter, DType::F64);
+        let tuned = logits(&model);
+        assert!(max_rel(&tuned, &base) > 1e-3);
+
+        let dir = tempfile::tempdir().unwrap();
+        adapter.save(dir.path(), "tiny").unwrap();
+        let weights_path = dir.path().join("adapter_model.safetensors");
+        let saved = candle_core::safetensors::load(&weights_path, &Device::Cpu).unwrap();
+        let saved_names: BTreeSet<String> = saved.keys().map(|k| k.strip_prefix("base_model.model.").unwrap().to_string()).collect();
+        assert_eq!(saved_names, base_names, "tie={tie}: the file holds exactly the model's tensors");
+
+        let mut loaded_model = fresh();
+        let loaded = Adapter::load(&mut loaded_model, dir.path()).unwrap();
+        assert_eq!(logits(&loaded_model), tuned, "tie={tie}: load");
+        loaded.merge_into(&mut loaded_model).unwrap();
+        assert!(loaded_model.tuned().is_none() && loaded_model.linears().iter().all(|l| l.adapter().is_none()));
+        assert!(max_rel(&logits(&loaded_model), &tuned) < 1e-12, "tie={tie}: merged");
+        let merged: BTreeMap<String, Tensor> = loaded_model.named_tensors().unwrap().into_iter().collect();
+        assert_eq!(merged.keys().cloned().collect::<BTreeSet<_>>(), base_names, "tie={tie}: a tied head stays tied after merging");
+        for (k, t) in &merged {
+            let want = &saved[&format!("base_model.model.{k}")];
+            let diff = (t - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert_eq!(diff, 0.0, "tie={tie}: merged {k} is the trained tensor");
+        }
+
+        // Uninstalled, the frozen base is back, bit for bit.
+        tunebench::peft::remove_all(&mut model);
+        assert_eq!(logits(&model), base, "tie={tie}: base restored");
+
+        // Damaged files name the tensor and the file.
+        let mut broken = saved.clone();
+        broken.remove("base_model.model.model.norm.weight");
+        candle_core::safetensors::save(&broken, &weights_path).unwrap();
+        let e = Adapter::load(&mut fresh(), dir.path()).unwrap_err().to_string();
+        assert!(e.contains("model.norm.weight") && e.contains("missing") && e.contains("adapter_model.safetensors"), "{e}");
+        let mut broken = saved.clone();
+        broken.insert("base_model.model.model.norm.weight".into(), Tensor::zeros(3, DType::F64, &Device::Cpu).unwrap());
+        candle_core::safetensors::save(&broken, &weights_path).unwrap();
+        let e = Adapter::load(&mut fresh(), dir.path()).unwrap_err().to_string();
+        assert!(e.contains("model.norm.weight") && e.contains("this model needs"), "{e}");
+        // A file with norms, read as one without (train_norms = false): the extra tensors are named.
+        candle_core::safetensors::save(&saved, &weights_path).unwrap();
+        let cfg_path = dir.path().join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).unwrap().replace("\"train_norms\": true", "\"train_norms\": false");
+        std::fs::write(&cfg_path, text).unwrap();
+        let e = Adapter::load(&mut fresh(), dir.path()).unwrap_err().to_string();
+        assert!(e.contains("layernorm.weight") && e.contains("train_norms"), "{e}");
+    }
+}
+
+/// The estimate knows full fine-tuning: every parameter trainable, their optimizer state in
+/// the memory, and a warning that says what it costs.
+#[test]
+fn the_estimate_warns_about_full_fine_tuning() {
+    let cfg = LlamaConfig::tiny(40);
+    let mut run = tunebench::train::RunConfig::from_toml("[data]\npath = \"x.jsonl\"\nmax_len = 16\n[peft]\nmethod = \"full\"\n", None).unwrap();
+    let est = tunebench::api::estimate::estimate(&run, &cfg, Some(10), None).unwrap();
+    assert_eq!(est.trainable_params, est.total_params);
+    assert!(est.warnings.iter().any(|w| w.contains("full fine-tuning trains all")), "{:?}", est.warnings);
+    run.peft = PeftConfig::Lora(LoraConfig::default());
+    let lora = tunebench::api::estimate::estimate(&run, &cfg, Some(10), None).unwrap();
+    assert!(lora.warnings.iter().all(|w| !w.contains("full fine-tuning")));
+    assert!(est.memory.total_bytes > lora.memory.total_bytes);
 }

@@ -1,7 +1,8 @@
 //! Exact resume on the real default model: a run stopped after k steps and resumed from its
 //! checkpoint has the same loss at every later step as an uninterrupted run (same seed), and
 //! ends with the same adapter — for LoRA, and for P-tuning, whose prompt encoder is not in the
-//! adapter file (only its output is) and comes back from the checkpoint's own file.
+//! adapter file (only its output is) and comes back from the checkpoint's own file — and for full
+//! fine-tuning, whose "adapter" is every weight of the model.
 
 mod common;
 
@@ -12,6 +13,8 @@ fn lora(dropout: f64) -> String {
 }
 
 fn config(out: &std::path::Path, peft: &str) -> RunConfig {
+    // Full fine-tuning wants a far smaller rate than the adapters.
+    let lr = if peft.contains("\"full\"") { 5e-5 } else { 1e-3 };
     let text = format!(
         r#"
 name = "resume-test"
@@ -29,7 +32,7 @@ val_max = 4
 max_steps = 6
 batch_size = 2
 grad_accum = 2
-lr = 1e-3
+lr = {lr}
 warmup_steps = 2
 save_steps = 100
 eval_steps = 3
@@ -55,6 +58,12 @@ fn resumed_prompt_encoder_run_matches_uninterrupted_run() {
     check_resume(
         "method = \"p_tuning\"\nnum_virtual_tokens = 8\nencoder_reparameterization_type = \"LSTM\"\nencoder_hidden_size = 32\nencoder_dropout = 0.1",
     );
+}
+
+#[test]
+fn resumed_full_fine_tuning_run_matches_uninterrupted_run() {
+    // Every weight (the tied embedding/LM head included) and its AdamW state.
+    check_resume("method = \"full\"");
 }
 
 fn check_resume(peft: &str) {

@@ -70,6 +70,7 @@ pub struct Llama {
     sin: Tensor,
     device: Device,
     prompt: Option<Arc<dyn PromptSource>>,
+    tuned: Option<Arc<dyn TunedWeights>>,
 }
 
 /// What a prompt-learning method places before the real tokens (see `peft::prompt`). Virtual
@@ -94,6 +95,27 @@ impl VirtualTokens {
             VirtualTokens::KeyValues(kv) => kv.first().map(|(k, _)| k.dim(1)).transpose()?.unwrap_or(0),
         })
     }
+}
+
+/// Where an RMSNorm weight sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormSite {
+    /// `model.layers.{i}.input_layernorm`.
+    Input(usize),
+    /// `model.layers.{i}.post_attention_layernorm`.
+    PostAttention(usize),
+    /// `model.norm`.
+    Final,
+}
+
+/// Trained replacements for the model's weights outside its linear slots — the embedding and
+/// the RMSNorm weights — installed with [`Llama::set_tuned`] (full fine-tuning; linears are
+/// replaced through their adapter slots). The frozen weights stay as they were.
+pub trait TunedWeights: Send + Sync + std::fmt::Debug {
+    /// The embedding matrix (vocab, hidden) to use instead of the frozen one, if trained.
+    fn embedding(&self, ctx: &ForwardCtx) -> Option<Tensor>;
+    /// The norm weight (hidden,) to use at `site`, if trained.
+    fn norm(&self, site: NormSite, ctx: &ForwardCtx) -> Option<Tensor>;
 }
 
 /// A prompt-learning method's module, installed on the model with [`Llama::set_prompt`].
@@ -205,10 +227,12 @@ impl DecoderLayer {
         ctx: &ForwardCtx,
         cache: Option<&mut LayerCache>,
         prefix: Option<&(Tensor, Tensor)>,
+        norms: [Option<Tensor>; 2],
     ) -> Result<Tensor> {
-        let h = ops::rms_norm(xs, &self.input_layernorm, cfg.rms_norm_eps)?;
+        let [n1, n2] = norms;
+        let h = ops::rms_norm(xs, n1.as_ref().unwrap_or(&self.input_layernorm), cfg.rms_norm_eps)?;
         let xs = (xs + self.self_attn.forward(&h, cos, sin, ctx, cache, prefix)?)?;
-        let h = ops::rms_norm(&xs, &self.post_attention_layernorm, cfg.rms_norm_eps)?;
+        let h = ops::rms_norm(&xs, n2.as_ref().unwrap_or(&self.post_attention_layernorm), cfg.rms_norm_eps)?;
         Ok((&xs + self.mlp.forward(&h, ctx)?)?)
     }
 }
@@ -329,7 +353,7 @@ impl Llama {
         };
         let lm_head = Linear::with_weight("lm_head", lm_w, None);
         let (cos, sin) = rope_tables(&cfg, device)?;
-        Ok(Llama { cfg, embed_tokens, layers, norm, lm_head, cos, sin, device: device.clone(), prompt: None })
+        Ok(Llama { cfg, embed_tokens, layers, norm, lm_head, cos, sin, device: device.clone(), prompt: None, tuned: None })
     }
 
     /// A model with seeded random weights (tests and benchmarks of shapes).
@@ -463,7 +487,13 @@ impl Llama {
                 self.cfg.max_position_embeddings
             )));
         }
-        let mut xs = self.embed_tokens.rows(&ids.flatten_all()?)?.reshape((b, new, self.cfg.hidden_size))?;
+        let flat = ids.flatten_all()?;
+        let tuned = self.tuned.as_deref();
+        let embedded = match tuned.and_then(|t| t.embedding(ctx)) {
+            Some(w) => w.embedding(&flat)?,
+            None => self.embed_tokens.rows(&flat)?,
+        };
+        let mut xs = embedded.reshape((b, new, self.cfg.hidden_size))?;
         let mut prefixes = None;
         let mut front = 0;
         match virt {
@@ -501,14 +531,68 @@ impl Llama {
             let lctx = ForwardCtx { seed: ctx.seed.wrapping_mul(1_000_003).wrapping_add(i as u64), ..*ctx };
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let prefix = if with_cache { None } else { prefixes.as_ref().map(|p| &p[i]) };
-            xs = layer.forward(&xs, &self.cfg, &cos, &sin, &lctx, lc, prefix)?;
+            let norms = [NormSite::Input(i), NormSite::PostAttention(i)].map(|site| tuned.and_then(|t| t.norm(site, ctx)));
+            xs = layer.forward(&xs, &self.cfg, &cos, &sin, &lctx, lc, prefix, norms)?;
         }
-        Ok((ops::rms_norm(&xs, &self.norm, self.cfg.rms_norm_eps)?, front))
+        let norm = tuned.and_then(|t| t.norm(NormSite::Final, ctx));
+        Ok((ops::rms_norm(&xs, norm.as_ref().unwrap_or(&self.norm), self.cfg.rms_norm_eps)?, front))
     }
 
     /// Installs (or with None removes) a prompt-learning method's virtual tokens.
     pub fn set_prompt(&mut self, prompt: Option<Arc<dyn PromptSource>>) {
         self.prompt = prompt;
+    }
+
+    /// Installs (or with None removes) trained replacements for the embedding and norms.
+    pub fn set_tuned(&mut self, tuned: Option<Arc<dyn TunedWeights>>) {
+        self.tuned = tuned;
+    }
+
+    /// The installed trained replacements, if any.
+    pub fn tuned(&self) -> Option<&Arc<dyn TunedWeights>> {
+        self.tuned.as_ref()
+    }
+
+    /// The frozen RMSNorm weight at `site`.
+    pub fn norm_weight(&self, site: NormSite) -> Result<&Tensor> {
+        let layer = |i: usize| self.layers.get(i).ok_or_else(|| Error::Msg(format!("the model has no layer {i}")));
+        Ok(match site {
+            NormSite::Input(i) => &layer(i)?.input_layernorm,
+            NormSite::PostAttention(i) => &layer(i)?.post_attention_layernorm,
+            NormSite::Final => &self.norm,
+        })
+    }
+
+    /// Replaces the frozen RMSNorm weight at `site` with one of the same shape (used by merge).
+    pub fn set_norm_weight(&mut self, site: NormSite, w: Tensor) -> Result<()> {
+        let have = self.norm_weight(site)?.dims().to_vec();
+        if w.dims() != have {
+            return Err(Error::Msg(format!("norm {site:?}: weight {:?} does not replace {have:?}", w.dims())));
+        }
+        let slot = match site {
+            NormSite::Input(i) => &mut self.layers[i].input_layernorm,
+            NormSite::PostAttention(i) => &mut self.layers[i].post_attention_layernorm,
+            NormSite::Final => &mut self.norm,
+        };
+        *slot = w;
+        Ok(())
+    }
+
+    /// Every norm site in model order (each layer's two, then the final norm).
+    pub fn norm_sites(&self) -> Vec<NormSite> {
+        let mut v: Vec<NormSite> = (0..self.layers.len()).flat_map(|i| [NormSite::Input(i), NormSite::PostAttention(i)]).collect();
+        v.push(NormSite::Final);
+        v
+    }
+
+    /// Replaces the frozen embedding matrix with a dense one of the same shape (used by
+    /// merge); a tied LM head keeps its own weight until it is set too.
+    pub fn set_embed_tokens(&mut self, w: Tensor) -> Result<()> {
+        if w.dims() != self.embed_tokens.dims() {
+            return Err(Error::Msg(format!("embedding {:?} does not replace {:?}", w.dims(), self.embed_tokens.dims())));
+        }
+        self.embed_tokens = FrozenWeight::Dense(w);
+        Ok(())
     }
 
     /// Positions the installed prompt-learning method takes in front of every sequence (0

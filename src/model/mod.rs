@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use config::LlamaConfig;
 pub use linear::{ForwardCtx, FrozenWeight, Linear, LinearAdapter};
-pub use llama::{Llama, PromptSource, VirtualTokens};
+pub use llama::{Llama, NormSite, PromptSource, TunedWeights, VirtualTokens};
 pub use tokenizer::TokenizerSpec;
 
 use crate::{Error, Result};

@@ -93,7 +93,8 @@ impl CustomOp1 for FrozenMatmul {
 }
 
 /// `xs · wᵀ` for a frozen `w` of shape (out, in): the backward gives `xs` its gradient and
-/// computes nothing for `w`. `xs` may have any number of leading dims.
+/// computes nothing for `w` (unless `w` itself is trained, i.e. tracks ops: then candle's
+/// matmul gives both). `xs` may have any number of leading dims.
 pub fn frozen_linear(xs: &Tensor, w: &Tensor) -> CResult<Tensor> {
     frozen_product(xs, Held::Dense(w.clone()), w.dim(0)?)
 }
@@ -110,7 +111,10 @@ fn frozen_product(xs: &Tensor, w: Held, n: usize) -> CResult<Tensor> {
     let k = *dims.last().unwrap_or(&0);
     let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
     let x2 = xs.reshape((m, k))?.contiguous()?;
-    let out = if xs.track_op() { x2.apply_op1(FrozenMatmul { w })? } else { x2.matmul(&w.dense()?.t()?)? };
+    // A weight that is itself trained (full fine-tuning) goes through candle's matmul, whose
+    // backward gives it a gradient; the custom op gives `xs` one only.
+    let trained = matches!(&w, Held::Dense(t) if t.track_op());
+    let out = if xs.track_op() && !trained { x2.apply_op1(FrozenMatmul { w })? } else { x2.matmul(&w.dense()?.t()?)? };
     let mut out_dims = dims;
     if let Some(last) = out_dims.last_mut() {
         *last = n;
@@ -187,9 +191,10 @@ impl CustomOp1 for RmsNormGrad {
     }
 }
 
-/// RMSNorm over the last dim with a frozen weight, differentiable in `xs`.
+/// RMSNorm over the last dim, differentiable in `xs` (fused) and also in `w` when `w` is
+/// trained (composed).
 pub fn rms_norm(xs: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
-    if use_fused(xs) {
+    if use_fused(xs) && !w.track_op() {
         xs.contiguous()?.apply_op1(RmsNorm { w: w.clone(), eps: eps as f32 })
     } else {
         rms_norm_composed(xs, w, eps)

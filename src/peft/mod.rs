@@ -7,6 +7,7 @@
 
 pub mod bitfit;
 pub mod bottleneck;
+pub mod full;
 pub mod ia3;
 pub mod lora;
 pub mod prompt;
@@ -22,6 +23,7 @@ use crate::model::{Linear, LinearAdapter, Llama};
 use crate::{Error, Result};
 pub use bitfit::{BitfitConfig, BitfitLayer};
 pub use bottleneck::{BottleneckConfig, BottleneckLayer};
+pub use full::{FullConfig, FullLayer, FullWeights};
 pub use ia3::{Ia3Config, Ia3Layer};
 pub use lora::{LoraConfig, LoraLayer};
 pub use prompt::{PTuningV2Config, PrefixTuningConfig, PromptEncoderConfig, PromptModule, PromptTuningConfig};
@@ -138,6 +140,13 @@ pub fn registry() -> &'static [MethodInfo] {
             description_zh: "P-tuning v2：深层提示，在每个注意力层前直接学习键和值，不用 MLP（Liu 等，2022）。PEFT 的前缀微调格式。不可合并。",
             fields: prompt::PTuningV2Config::fields,
         },
+        MethodInfo {
+            name: "full",
+            peft_type: "FULL",
+            description: "Full fine-tuning: every weight trains (projections, norms, embeddings; optional), the baseline PEFT methods are measured against. Needs about 16 bytes per parameter for weights, gradients and AdamW state before activations. Mergeable; own file format.",
+            description_zh: "全量微调：所有权重都参与训练（投影、归一化、嵌入；后两者可选），是衡量 PEFT 方法的基线。权重、梯度和 AdamW 状态每个参数约需 16 字节（不含激活）。可合并；自有文件格式。",
+            fields: full::FullConfig::fields,
+        },
     ]
 }
 
@@ -167,6 +176,8 @@ pub enum PeftConfig {
     /// P-tuning v2 (per-layer keys and values, trained directly).
     #[serde(rename = "p_tuning_v2")]
     PTuningV2(PTuningV2Config),
+    /// Full fine-tuning (every weight).
+    Full(FullConfig),
 }
 
 impl Default for PeftConfig {
@@ -188,6 +199,7 @@ impl PeftConfig {
             "p_tuning" => PeftConfig::PTuning(PromptEncoderConfig::default()),
             "prefix_tuning" => PeftConfig::PrefixTuning(PrefixTuningConfig::default()),
             "p_tuning_v2" => PeftConfig::PTuningV2(PTuningV2Config::default()),
+            "full" => PeftConfig::Full(FullConfig::default()),
             _ => return None,
         })
     }
@@ -203,6 +215,7 @@ impl PeftConfig {
             PeftConfig::PTuning(c) => c.validate(),
             PeftConfig::PrefixTuning(c) => c.validate(),
             PeftConfig::PTuningV2(c) => c.validate(),
+            PeftConfig::Full(c) => c.validate(),
         }
     }
 
@@ -239,6 +252,7 @@ impl PeftConfig {
             PeftConfig::PTuning(_) => "p_tuning",
             PeftConfig::PrefixTuning(_) => "prefix_tuning",
             PeftConfig::PTuningV2(_) => "p_tuning_v2",
+            PeftConfig::Full(_) => "full",
         }
     }
 }
@@ -336,6 +350,8 @@ pub struct Adapter {
     pub layers: Vec<(String, Arc<dyn PeftLayer>)>,
     /// The virtual tokens of a prompt-learning method (which wraps no module).
     pub prompt: Option<Arc<PromptModule>>,
+    /// Full fine-tuning's trained embedding and norms.
+    pub full: Option<Arc<FullWeights>>,
 }
 
 const CONFIG_FILE: &str = "adapter_config.json";
@@ -359,18 +375,23 @@ impl Adapter {
             remove_all(model);
             let module = Arc::new(PromptModule::new(model, &method, seed, tokenizer)?);
             model.set_prompt(Some(module.clone() as Arc<dyn crate::model::PromptSource>));
-            return Ok(Adapter { config: config.clone(), layers: Vec::new(), prompt: Some(module) });
+            return Ok(Adapter { config: config.clone(), layers: Vec::new(), prompt: Some(module), full: None });
+        }
+        if let PeftConfig::Full(c) = config {
+            remove_all(model);
+            let (layers, full) = full::inject(model, c, None)?;
+            return Ok(Adapter { config: config.clone(), layers, prompt: None, full: Some(full) });
         }
         let layers = match config {
             PeftConfig::Lora(c) | PeftConfig::Qlora(c) => lora::inject(model, c, seed)?.into_iter().map(|(p, l)| (p, l as Arc<dyn PeftLayer>)).collect(),
             PeftConfig::Ia3(c) => ia3::inject(model, c, seed, None)?,
             PeftConfig::Bitfit(c) => bitfit::inject(model, c, None)?,
             PeftConfig::Adapter(c) => bottleneck::inject(model, c, seed, None)?,
-            PeftConfig::PromptTuning(_) | PeftConfig::PTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_) => {
-                unreachable!("prompt-learning methods are handled above")
+            PeftConfig::PromptTuning(_) | PeftConfig::PTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_) | PeftConfig::Full(_) => {
+                unreachable!("prompt-learning methods and full fine-tuning are handled above")
             }
         };
-        Ok(Adapter { config: config.clone(), layers, prompt: None })
+        Ok(Adapter { config: config.clone(), layers, prompt: None, full: None })
     }
 
     /// The trainable tensors under their PEFT keys (`….lora_A.weight`), in a fixed order.
@@ -383,6 +404,9 @@ impl Adapter {
         }
         if let Some(p) = &self.prompt {
             v.extend(p.params());
+        }
+        if let Some(f) = &self.full {
+            v.extend(f.params());
         }
         v
     }
@@ -446,6 +470,13 @@ impl Adapter {
                 "non_linearity": c.non_linearity,
                 "init_adapter_weights": c.init_adapter_weights,
                 "target_modules": c.modules(),
+            }),
+            PeftConfig::Full(c) => serde_json::json!({
+                "peft_type": "FULL",
+                "format_version": 1,
+                "base_model_name_or_path": base_model,
+                "train_embeddings": c.train_embeddings,
+                "train_norms": c.train_norms,
             }),
             PeftConfig::PromptTuning(_) | PeftConfig::PTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_) => {
                 self.prompt_config_json(base_model)
@@ -511,6 +542,9 @@ impl Adapter {
         if let Some(p) = &self.prompt {
             map.insert("prompt_embeddings".to_string(), p.saved()?);
         }
+        if let Some(f) = &self.full {
+            map.extend(f.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())));
+        }
         let weights = dir.join(WEIGHTS_FILE);
         crate::train::checkpoint::atomic_write(&weights, |tmp| Ok(candle_core::safetensors::save(&map, tmp)?))?;
         let cfg = serde_json::to_string_pretty(&self.peft_config_json(base_model)).map_err(|e| Error::Msg(e.to_string()))?;
@@ -526,8 +560,8 @@ impl Adapter {
         crate::train::checkpoint::atomic_write(&path, |tmp| Ok(candle_core::safetensors::save(&all, tmp)?))
     }
 
-    /// Loads an adapter folder (PEFT's LORA or IA3, or our BITFIT) into `model`, replacing
-    /// any installed adapter.
+    /// Loads an adapter folder (PEFT's LORA, IA3, PROMPT_TUNING, P_TUNING or PREFIX_TUNING, or
+    /// our BITFIT, BOTTLENECK or FULL) into `model`, replacing any installed adapter.
     pub fn load(model: &mut Llama, dir: &Path) -> Result<Self> {
         let cfg_path = dir.join(CONFIG_FILE);
         if !cfg_path.exists() {
@@ -553,6 +587,7 @@ impl Adapter {
             "IA3" => PeftConfig::Ia3(parse_in(v, &cfg_path)?),
             "BITFIT" => PeftConfig::Bitfit(parse_in(v, &cfg_path)?),
             "BOTTLENECK" => PeftConfig::Adapter(parse_in(v, &cfg_path)?),
+            "FULL" => PeftConfig::Full(parse_in(v, &cfg_path)?),
             "PROMPT_TUNING" => PeftConfig::PromptTuning(parse_in(v, &cfg_path)?),
             "P_TUNING" => PeftConfig::PTuning(parse_in(v, &cfg_path)?),
             "PREFIX_TUNING" => {
@@ -586,7 +621,11 @@ impl Adapter {
                 .ok_or_else(|| Error::bad_input(&weights_path, None, "adapter tensor `prompt_embeddings` is missing"))?;
             let module = Arc::new(PromptModule::from_saved(model, method.is_prefix(), method.num_virtual_tokens(), t, &weights_path)?);
             model.set_prompt(Some(module.clone() as Arc<dyn crate::model::PromptSource>));
-            return Ok(Adapter { config, layers: Vec::new(), prompt: Some(module) });
+            return Ok(Adapter { config, layers: Vec::new(), prompt: Some(module), full: None });
+        }
+        if let PeftConfig::Full(c) = &config {
+            let (layers, full) = full::inject(model, c, Some((&weights, &weights_path)))?;
+            return Ok(Adapter { config, layers, prompt: None, full: Some(full) });
         }
         let layers = match &config {
             PeftConfig::Lora(c) | PeftConfig::Qlora(c) => lora::inject_loaded(model, c, &weights, &weights_path)?
@@ -596,15 +635,15 @@ impl Adapter {
             PeftConfig::Ia3(c) => ia3::inject(model, c, 0, Some((&weights, &weights_path)))?,
             PeftConfig::Bitfit(c) => bitfit::inject(model, c, Some((&weights, &weights_path)))?,
             PeftConfig::Adapter(c) => bottleneck::inject(model, c, 0, Some((&weights, &weights_path)))?,
-            PeftConfig::PromptTuning(_) | PeftConfig::PTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_) => {
-                unreachable!("prompt-learning methods are handled above")
+            PeftConfig::PromptTuning(_) | PeftConfig::PTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_) | PeftConfig::Full(_) => {
+                unreachable!("prompt-learning methods and full fine-tuning are handled above")
             }
         };
-        Ok(Adapter { config, layers, prompt: None })
+        Ok(Adapter { config, layers, prompt: None, full: None })
     }
 
     /// Folds the adapter into the base weights (LoRA: `W += s·B·A`; IA3: rows/columns scaled;
-    /// BitFit: the trained bias) and uninstalls it: the model then computes the same function
+    /// BitFit: the trained bias; full fine-tuning: every trained tensor) and uninstalls it: the model then computes the same function
     /// with no adapter overhead.
     pub fn merge_into(&self, model: &mut Llama) -> Result<()> {
         if self.prompt.is_some() {
@@ -626,6 +665,10 @@ impl Adapter {
                 lin.set_bias(b);
                 lin.set_adapter(None);
             }
+        }
+        if let Some(f) = &self.full {
+            f.merge_into(model)?;
+            model.set_tuned(None);
         }
         Ok(())
     }
@@ -668,6 +711,7 @@ impl Adapter {
         }
         drop(lins);
         model.set_prompt(self.prompt.clone().map(|p| p as Arc<dyn crate::model::PromptSource>));
+        model.set_tuned(self.full.clone().map(|f| f as Arc<dyn crate::model::TunedWeights>));
         Ok(())
     }
 }
@@ -678,4 +722,5 @@ pub fn remove_all(model: &mut Llama) {
         lin.set_adapter(None);
     }
     model.set_prompt(None);
+    model.set_tuned(None);
 }

@@ -69,7 +69,7 @@ try {
   // Every method is in the picker with its help text and its own fields (the form is built
   // from the schema), and the estimate follows the choice; the prompt-learning methods here.
   const pickable = await page.locator("[data-method]").evaluateAll((els) => els.map((e) => e.getAttribute("data-method")));
-  const allMethods = ["lora", "qlora", "ia3", "bitfit", "adapter", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"];
+  const allMethods = ["lora", "qlora", "ia3", "bitfit", "adapter", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "full"];
   check(allMethods.every((m) => pickable.includes(m)), `the picker offers every method (${pickable.join(", ")})`);
   const loraEstimate = await page.locator('[data-testid="est-params"]').innerText();
   for (const [m, word] of [["prompt_tuning", "soft prompt"], ["p_tuning", "prompt encoder"], ["prefix_tuning", "reparameterisation"], ["p_tuning_v2", "deep prompts"]]) {
@@ -82,6 +82,12 @@ try {
     return t && t !== before;
   }, loraEstimate, { timeout: 30000 });
   check(true, `the estimate follows the method (p_tuning_v2: ${await page.locator('[data-testid="est-params"]').innerText()})`);
+  // Full fine-tuning: its own switches, and the estimate warns about its memory.
+  await page.locator('[data-method="full"]').check();
+  await page.waitForFunction(() => document.querySelector("p.desc")?.textContent.includes("Full fine-tuning"));
+  check((await page.locator('[data-key="peft.train_embeddings"]').count()) === 1 && (await page.locator('[data-key="peft.r"]').count()) === 0, "full: its description and its own fields");
+  await page.waitForFunction(() => [...document.querySelectorAll("p.warn")].some((p) => p.textContent.includes("full fine-tuning trains all")), null, { timeout: 30000 });
+  check(true, `full: the estimate warns (${await page.locator("p.warn").first().innerText()})`);
   await page.locator('[data-method="lora"]').check();
   await page.waitForSelector('[data-key="peft.r"]');
   await page.locator('[data-nav="runs"]').click();
