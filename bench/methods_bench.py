@@ -9,7 +9,7 @@ trainable parameters, tokens/s, peak memory, final validation loss and held-out 
 range (IA3 and BitFit train a few thousand parameters and want a larger one).
 
 Usage: python3 bench/methods_bench.py [--bin target/release/tunebench] [--steps 30]
-       [--methods lora,dora,ia3,bitfit,qlora,adapter,adapter-pfeiffer,prompt_tuning,p_tuning,prefix_tuning,p_tuning_v2,full]
+       [--lr LR] [--methods lora,dora,adalora,ia3,bitfit,qlora,adapter,adapter-pfeiffer,prompt_tuning,p_tuning,prefix_tuning,p_tuning_v2,full]
 Prints a Markdown block for bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -29,6 +29,9 @@ from tbcommon import ROOT, binary_argv, default_binary, default_model, require_f
 METHODS = {
     "lora": ('method = "lora"\nr = 16\nlora_alpha = 32\ntarget_modules = "all-linear"', 1e-3),
     "dora": ('method = "lora"\nr = 16\nlora_alpha = 32\ntarget_modules = "all-linear"\nuse_dora = true', 1e-3),
+    # Starts at init_r 16 (LoRA's rank above) and ends at 8 per layer on average. Λ starts at 0
+    # and P, Q at N(0, 0.02²): at LoRA's 1e-3 it barely moves in 30 steps (RESULTS.md).
+    "adalora": ('method = "adalora"\ninit_r = 16\ntarget_r = 8\nlora_alpha = 32\ntarget_modules = "all-linear"\ntinit = 6\ntfinal = 6', 1e-2),
     "ia3": ('method = "ia3"\ntarget_modules = ["k_proj", "v_proj", "down_proj"]\nfeedforward_modules = ["down_proj"]', 1e-2),
     "bitfit": ('method = "bitfit"\ntarget_modules = "all-linear"', 5e-3),
     "qlora": ('method = "qlora"\nr = 16\nlora_alpha = 32\ntarget_modules = "all-linear"', 1e-3),
@@ -76,6 +79,7 @@ def main() -> None:
     ap.add_argument("--bin", default=default_binary())
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: each method's own)")
     a = ap.parse_args()
     tb = binary_argv(a.bin)
     require_file(default_model(), "default model", "run scripts/setup")
@@ -87,6 +91,7 @@ def main() -> None:
         ids = []
         for m in methods:
             peft, lr = METHODS[m]
+            lr = a.lr if a.lr is not None else lr
             path = os.path.join(home, f"{m}.toml")
             with open(path, "w") as f:
                 f.write(config(m, peft, lr, a.steps))
@@ -108,7 +113,8 @@ def main() -> None:
     for m, row in zip(methods, c["table"]):
         r = runs[row["run_id"]]
         first, last = first_loss[row["run_id"]], r["final_metrics"].get("final_loss")
-        print(f"| {m} | {METHODS[m][1]:g} | {row['trainable_params']:,} | {row['trainable_pct']:.3f}% | {row['tokens_per_s']:.0f} | "
+        lr = a.lr if a.lr is not None else METHODS[m][1]
+        print(f"| {m} | {lr:g} | {row['trainable_params']:,} | {row['trainable_pct']:.3f}% | {row['tokens_per_s']:.0f} | "
               f"{row['peak_rss_bytes'] / 2**30:.2f} GiB | {first:.3f} → {last:.3f} | {row['final_val_loss']:.3f} | "
               f"{100 * (row['heldout_after'] or 0):.0f}% |")
 

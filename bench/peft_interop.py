@@ -11,6 +11,11 @@ Checks, each on the same token ids of several prompts (chat-templated, English, 
   D         IA3 made by PEFT (same targets, ia3_l random around 1), save_pretrained'ed, as in B
   E         DoRA adapter from `tunebench lora-init --dora --random-b` (q, v, down) → PEFT, as in A
   F         DoRA made by PEFT (use_dora, lora_B random, magnitude scaled randomly), as in B
+  P         AdaLoRA adapter from `tunebench lora-init --method adalora --random-b` (init_r 6 on q, v,
+            down; Λ random; a rank_pattern with random kept triplets, one module at rank 0) → PEFT,
+            which resizes every module to its kept rank, as in A
+  Q         AdaLoRA made by PEFT (Λ random, masked to a random rank_pattern as its allocator does),
+            save_pretrained'ed with only the kept triplets → tunebench, as in B
   G-J       prompt tuning, P-tuning (MLP; H2: LSTM), prefix tuning (with its MLP) and P-tuning v2
             adapters from `tunebench lora-init --method M --config '{"num_virtual_tokens": 8, ...}'` →
             PEFT, as in A
@@ -63,6 +68,24 @@ B_STD = 0.05  # std of the random lora_B of direction B
 IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]  # PEFT's IA3 defaults for Llama
 IA3_FF = ["down_proj"]
 DORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+ADALORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+ADALORA_INIT_R = 6
+
+
+def adalora_pattern(layers: int, seed: int) -> dict:
+    """A rank_pattern as AdaLoRA's allocator leaves it: random kept flags per module, one
+    module with none kept (PEFT then saves empty tensors) and one with all."""
+    import random
+    rng = random.Random(seed)
+    pattern = {}
+    for i in range(layers):
+        for m in ADALORA_TARGETS:
+            part = "mlp" if m == "down_proj" else "self_attn"
+            pattern[f"model.layers.{i}.{part}.{m}.lora_E"] = [rng.random() < 0.5 for _ in range(ADALORA_INIT_R)]
+    keys = sorted(pattern)
+    pattern[keys[0]] = [False] * ADALORA_INIT_R
+    pattern[keys[1]] = [True] * ADALORA_INIT_R
+    return pattern
 N_VIRTUAL = 8
 # Prompt-learning adapters made here: (check, method, --config)
 PROMPT_INITS = [
@@ -97,7 +120,7 @@ def main() -> int:
 
     import numpy as np
     import torch
-    from peft import (IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
+    from peft import (AdaLoraConfig, IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
                       get_peft_model, get_peft_model_state_dict)
     from safetensors.numpy import load_file
 
@@ -200,6 +223,12 @@ def main() -> int:
     dir_e = os.path.join(work, "adapter-tunebench-dora")
     tb.run_measured(exe + ["lora-init", "--dora", "--model", args.model, "--out", dir_e, "--rank", "4", "--alpha", "8",
                            "--targets", ",".join(DORA_TARGETS), "--seed", "3", "--random-b"]).check("tunebench lora-init --dora")
+    n_layers = pristine.config.num_hidden_layers
+    dir_p = os.path.join(work, "adapter-tunebench-adalora")
+    ada_keys = {"init_r": ADALORA_INIT_R, "target_r": 3, "lora_alpha": 12, "target_modules": ADALORA_TARGETS,
+                "total_step": 100, "rank_pattern": adalora_pattern(n_layers, args.seed + 5)}
+    tb.run_measured(exe + ["lora-init", "--method", "adalora", "--model", args.model, "--out", dir_p, "--config",
+                           json.dumps(ada_keys), "--seed", "4", "--random-b"]).check("tunebench lora-init --method adalora")
     prompt_dirs = []
     for i, (check, method, keys) in enumerate(PROMPT_INITS):
         d = os.path.join(work, f"adapter-tunebench-{i}-{method}")
@@ -237,11 +266,11 @@ def main() -> int:
             encoder_check(check.split(":")[0] + ": encoder = PEFT's module", d)
 
     adapter_checks = [("A: tunebench lora-init -> PEFT", dir_a), ("C: tunebench IA3 -> PEFT", dir_c),
-                      ("E: tunebench DoRA -> PEFT", dir_e)] + prompt_dirs + [
+                      ("E: tunebench DoRA -> PEFT", dir_e), ("P: tunebench AdaLoRA -> PEFT", dir_p)] + prompt_dirs + [
         (f"trained: {os.path.basename(os.path.normpath(d))} -> PEFT", d) for d in args.adapter]
     for check, adir in adapter_checks:
         cfg = json.load(open(os.path.join(adir, "adapter_config.json")))
-        known = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+        known = ("LORA", "ADALORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
         if cfg.get("peft_type") not in known:
             rows.append((check, None, None, None, None, "", False, f"peft_type {cfg.get('peft_type')!r}, want one of {known}"))
             continue
@@ -255,7 +284,7 @@ def main() -> int:
         del model
 
     # --- B, D, F: PEFT -> tunebench ---------------------------------------------------------
-    def peft_made(check: str, tag: str, cfg, seed: int, randomize) -> None:
+    def peft_made(check: str, tag: str, cfg, seed: int, randomize, prepare=None) -> None:
         """Make an adapter with PEFT, give its tensors non-trivial values, save it, and compare
         PEFT's logits with ours on the saved folder."""
         torch.manual_seed(seed)
@@ -264,6 +293,8 @@ def main() -> int:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 randomize(name, p, gen)
+        if prepare is not None:
+            prepare(model)
         model.eval()
         adir = os.path.join(work, f"adapter-{tag}")
         model.save_pretrained(adir)
@@ -291,6 +322,21 @@ def main() -> int:
     peft_made("F: PEFT DoRA save_pretrained -> tunebench", "peft-dora",
               LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=DORA_TARGETS, use_dora=True,
                          task_type="CAUSAL_LM"), args.seed + 2, random_dora)
+
+    def random_adalora(name, p, gen):
+        if "lora_E" in name:
+            p.copy_(torch.randn(p.shape, generator=gen))
+
+    def adalora_masked(model):
+        # What the allocator leaves: Λ zeroed outside the pattern, the pattern in the config
+        # (save_pretrained then writes only the kept triplets).
+        pattern = adalora_pattern(n_layers, args.seed + 6)
+        model.base_model.rankallocator.mask_using_rank_pattern(model.base_model.model, pattern)
+        model.peft_config["default"].rank_pattern = pattern
+
+    peft_made("Q: PEFT AdaLoRA save_pretrained -> tunebench", "peft-adalora",
+              AdaLoraConfig(init_r=ADALORA_INIT_R, target_r=3, lora_alpha=12, total_step=100, target_modules=ADALORA_TARGETS,
+                            task_type="CAUSAL_LM"), args.seed + 3, random_adalora, adalora_masked)
 
     def keep(name, p, gen):
         pass  # prompt-learning modules start random in PEFT already

@@ -14,7 +14,7 @@ use tunebench::model::{ForwardCtx, Llama, LlamaConfig};
 use tunebench::peft::bottleneck::{NonLinearity, Placement};
 use tunebench::peft::prompt::{EncoderType, PromptInit};
 use tunebench::peft::{
-    Adapter, BitfitConfig, BottleneckConfig, FullConfig, Ia3Config, LoraConfig, PTuningV2Config, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
+    AdaLoraConfig, Adapter, BitfitConfig, BottleneckConfig, FullConfig, Ia3Config, LoraConfig, PTuningV2Config, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
     PromptTuningConfig, TargetModules,
 };
 
@@ -36,11 +36,28 @@ fn all_linear() -> TargetModules {
     TargetModules::Keyword("all-linear".into())
 }
 
+/// AdaLoRA on every projection: 3 triplets each, 2 on average at the end of a 10-step schedule
+/// (2 warm-up steps, 3 final ones, an allocation every 2nd step).
+fn adalora_cfg() -> AdaLoraConfig {
+    AdaLoraConfig {
+        init_r: 3,
+        target_r: 2,
+        lora_alpha: 6.0,
+        tinit: 2,
+        tfinal: 3,
+        delta_t: 2,
+        total_step: Some(10),
+        target_modules: all_linear(),
+        ..Default::default()
+    }
+}
+
 /// Every method, with a config that touches several kinds of layer.
 fn methods() -> Vec<(&'static str, PeftConfig)> {
     vec![
         ("lora", PeftConfig::Lora(LoraConfig { r: 2, lora_alpha: 4.0, target_modules: all_linear(), ..Default::default() })),
         ("dora", PeftConfig::Lora(LoraConfig { r: 2, lora_alpha: 4.0, target_modules: all_linear(), use_dora: true, ..Default::default() })),
+        ("adalora", PeftConfig::AdaLora(adalora_cfg())),
         ("ia3", PeftConfig::Ia3(Ia3Config::default())),
         (
             "ia3-all",
@@ -126,6 +143,8 @@ fn formula(cfg: &LlamaConfig, peft: &PeftConfig) -> usize {
         .iter()
         .map(|&(n, i, o)| match peft {
             PeftConfig::Lora(c) | PeftConfig::Qlora(c) => c.r * (i + o) + if c.use_dora { o } else { 0 },
+            // P (o × r), Λ (r), Q (r × i).
+            PeftConfig::AdaLora(c) => c.init_r * (i + o + 1),
             PeftConfig::Ia3(c) => {
                 let targeted = match &c.target_modules {
                     TargetModules::Names(ns) => ns.iter().any(|x| x == n),
@@ -342,6 +361,22 @@ fn bad_configs_and_mismatched_files_are_explained() {
         let e = tunebench::api::estimate::adapted(&cfg, &peft).unwrap_err().to_string();
         assert!(e.contains(key) && e.contains("full rank"), "{e}");
     }
+    // AdaLoRA: a rank above the layer's, a target above the start, a schedule with no room to
+    // reallocate, a rank_pattern of the wrong length.
+    for (bad, key, words) in [
+        (AdaLoraConfig { init_r: 9, target_r: 2, ..adalora_cfg() }, "peft.init_r", "model.layers.0.self_attn.k_proj"),
+        (AdaLoraConfig { target_r: 4, ..adalora_cfg() }, "peft.target_r", "init_r (3)"),
+        (AdaLoraConfig { tinit: 5, tfinal: 5, ..adalora_cfg() }, "peft.total_step", "leave no steps"),
+        (
+            AdaLoraConfig { rank_pattern: Some([("model.layers.0.self_attn.q_proj.lora_E".to_string(), vec![true; 2])].into_iter().collect()), ..adalora_cfg() },
+            "peft.rank_pattern.model.layers.0.self_attn.q_proj.lora_E",
+            "2 flags for init_r 3",
+        ),
+    ] {
+        let e = Adapter::inject(&mut m, &PeftConfig::AdaLora(bad), 1).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains(words), "{e}");
+        assert!(m.linears().iter().all(|l| l.adapter().is_none()), "a refused config installs nothing");
+    }
     let bad = PeftConfig::Ia3(Ia3Config {
         target_modules: TargetModules::Names(vec!["k_proj".into()]),
         feedforward_modules: vec!["down_proj".into()],
@@ -385,7 +420,7 @@ fn methods_are_selected_by_name_in_run_configs() {
         assert_eq!(cfg.peft.method_name(), method);
     }
     let names: Vec<&str> = tunebench::peft::registry().iter().map(|m| m.name).collect();
-    assert_eq!(names, vec!["lora", "qlora", "ia3", "bitfit", "adapter", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "full"]);
+    assert_eq!(names, vec!["lora", "qlora", "adalora", "ia3", "bitfit", "adapter", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "full"]);
     for n in names {
         let cfg = tunebench::peft::PeftConfig::default_for(n).unwrap_or_else(|| panic!("{n} has no default config"));
         assert_eq!(cfg.method_name(), n);
@@ -681,4 +716,165 @@ fn the_estimate_warns_about_full_fine_tuning() {
     let lora = tunebench::api::estimate::estimate(&run, &cfg, Some(10), None).unwrap();
     assert!(lora.warnings.iter().all(|w| !w.contains("full fine-tuning")));
     assert!(est.memory.total_bytes > lora.memory.total_bytes);
+}
+
+/// AdaLoRA's budget schedule is PEFT's: the values below are what PEFT 0.21's
+/// `RankAllocator.budget_schedule` returns for init_r 3, target_r 2, 14 targets, total_step 10,
+/// tinit 2, tfinal 3, deltaT 2.
+#[test]
+fn adalora_budget_schedule_is_peft_s() {
+    let want = [(42, false), (42, false), (42, false), (35, false), (31, true), (28, false), (28, true), (28, false), (28, true), (28, true)];
+    let got: Vec<(usize, bool)> = (0..10).map(|s| adalora_cfg().budget(s, 14)).collect();
+    assert_eq!(got, want);
+}
+
+/// The orthogonality penalty: `w · mean over P and Q of ‖PᵀP − I‖_F, ‖QQᵀ − I‖_F`, computed
+/// here from the tensors' values; its gradient agrees with central finite differences.
+#[test]
+fn adalora_orthogonality_penalty_and_its_gradient() {
+    let (mut model, _) = tiny(DType::F64, false);
+    let adapter = Adapter::inject(&mut model, &PeftConfig::AdaLora(adalora_cfg()), 3).unwrap();
+    randomize(&adapter, DType::F64);
+    let ctx = ForwardCtx { train: true, ..Default::default() };
+    let reg = || adapter.regularizer(&ctx).unwrap().unwrap();
+    // Independent value: plain loops over the matrices.
+    let fro = |m: &[Vec<f64>], gram_rows: bool| -> f64 {
+        // gram_rows: Q·Qᵀ over rows of Q (r × in); else Pᵀ·P over columns of P (out × r).
+        let (n, r) = (m.len(), m[0].len());
+        let k = if gram_rows { n } else { r };
+        let mut s = 0.0;
+        for i in 0..k {
+            for j in 0..k {
+                let dot: f64 = if gram_rows { (0..r).map(|c| m[i][c] * m[j][c]).sum() } else { (0..n).map(|c| m[c][i] * m[c][j]).sum() };
+                let d = dot - if i == j { 1.0 } else { 0.0 };
+                s += d * d;
+            }
+        }
+        s.sqrt()
+    };
+    let mut total = 0.0;
+    let mut count = 0;
+    for (key, v) in adapter.trainable() {
+        let rows: Vec<Vec<f64>> = v.as_tensor().to_vec2::<f64>().unwrap();
+        if key.ends_with("lora_A") {
+            total += fro(&rows, true);
+            count += 1;
+        } else if key.ends_with("lora_B") {
+            total += fro(&rows, false);
+            count += 1;
+        }
+    }
+    let want = 0.5 * total / count as f64;
+    let got = reg().to_scalar::<f64>().unwrap();
+    assert!((got - want).abs() < 1e-12 * want.max(1.0), "penalty {got} vs {want}");
+    let grads = reg().backward().unwrap();
+    let eps = 1e-6;
+    for (key, var) in adapter.trainable().into_iter().filter(|(k, _)| !k.ends_with("lora_E")).step_by(5) {
+        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for &j in &[0, orig.len() - 1] {
+            let set = |d: f64| {
+                let mut v = orig.clone();
+                v[j] += d;
+                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+            };
+            set(eps);
+            let p = reg().to_scalar::<f64>().unwrap();
+            set(-eps);
+            let m = reg().to_scalar::<f64>().unwrap();
+            set(0.0);
+            let fd = (p - m) / (2.0 * eps);
+            assert!((fd - g[j]).abs() <= 1e-6 * fd.abs().max(1e-3), "{key}[{j}]: analytic {} vs finite difference {fd}", g[j]);
+        }
+    }
+}
+
+/// Training with AdaLoRA on a tiny model: after every allocation exactly the scheduled budget
+/// of triplets is kept and the others' Λ are zero; at the end the budget is target_r per layer
+/// on average; the saved adapter holds only the kept triplets with PEFT's `rank_pattern`, loads
+/// back with the same outputs (a module left with rank 0 included) and merges; the allocator's
+/// state survives a checkpoint.
+#[test]
+fn adalora_allocates_ranks_to_the_budget_and_saves_the_kept_ones() {
+    use std::collections::HashMap;
+    let cfg = adalora_cfg();
+    let (mut model, _) = tiny(DType::F32, false);
+    let adapter = Adapter::inject(&mut model, &PeftConfig::AdaLora(cfg.clone()), 3).unwrap();
+    let (ids, labels) = batch();
+    let mut opt = tunebench::train::optim::AdamW::new(
+        adapter.trainable(),
+        tunebench::train::optim::AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+    )
+    .unwrap();
+    let layers = || adapter.layers.iter().map(|(_, l)| l.as_any().downcast_ref::<tunebench::peft::AdaLoraLayer>().unwrap()).collect::<Vec<_>>();
+    let mut checkpoint = None;
+    for step in 0..10 {
+        let ctx = ForwardCtx { train: true, seed: step as u64, ..Default::default() };
+        let (s, n) = model.loss_sum(&ids, &labels, &ctx, 7).unwrap();
+        let loss = ((s / n as f64).unwrap() + adapter.regularizer(&ctx).unwrap().unwrap()).unwrap();
+        let g = loss.backward().unwrap();
+        let grads: Vec<Tensor> = adapter.trainable().iter().map(|(_, v)| g.get(v.as_tensor()).unwrap().detach()).collect();
+        opt.step(&grads, 5e-2).unwrap();
+        adapter.after_step(step, &grads).unwrap();
+        // The estimates outlive the step: they must hold no graph (it would keep every step's).
+        for (k, t) in adapter.adalora.as_ref().unwrap().state().unwrap() {
+            assert!(!t.track_op(), "step {step}: {k} holds a graph");
+        }
+        let (budget, masked) = cfg.budget(step, 14);
+        if masked || step == 7 {
+            let kept: usize = layers().iter().map(|l| l.kept().unwrap().iter().filter(|&&k| k).count()).sum();
+            assert_eq!(kept, budget, "step {step}: kept triplets vs budget");
+        }
+        // Between allocations the optimizer may move a masked Λ again (as in PEFT); right
+        // after one, and every step of the final phase, they are zero.
+        for l in layers().into_iter().filter(|_| masked || step >= 7) {
+            if let Some(k) = l.kept() {
+                let e = l.e.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(k.iter().zip(&e).all(|(&k, &e)| k || e == 0.0), "step {step}: a masked Λ is not zero");
+            }
+        }
+        if step == 5 {
+            let dir = tempfile::tempdir().unwrap();
+            adapter.save_trainable(dir.path()).unwrap();
+            checkpoint = Some((dir, adapter.adalora.as_ref().unwrap().rank_pattern()));
+        }
+    }
+    assert!(layers().iter().all(|l| l.kept().is_some()));
+    let pattern = adapter.adalora.as_ref().unwrap().rank_pattern().unwrap();
+    assert_eq!(pattern.values().map(|k| k.iter().filter(|&&x| x).count()).sum::<usize>(), 28);
+    // Force one module down to rank 0, as allocations can (PEFT then saves empty tensors).
+    let first = layers()[0];
+    first.e.set(&first.e.as_tensor().zeros_like().unwrap()).unwrap();
+    let tuned = logits(&model);
+
+    let dir = tempfile::tempdir().unwrap();
+    adapter.save(dir.path(), "tiny").unwrap();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(json["peft_type"], "ADALORA");
+    let saved_pattern: HashMap<String, Vec<bool>> = serde_json::from_value(json["rank_pattern"].clone()).unwrap();
+    assert_eq!(saved_pattern.len(), 14);
+    assert!(saved_pattern.contains_key("model.layers.0.self_attn.q_proj.lora_E"), "{:?}", saved_pattern.keys());
+    let st = candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    for (module, kept) in &saved_pattern {
+        let m = module.trim_end_matches(".lora_E");
+        let k = kept.iter().filter(|&&x| x).count();
+        assert_eq!(st[&format!("base_model.model.{m}.lora_A")].dims()[0], k, "{m}");
+        assert_eq!(st[&format!("base_model.model.{m}.lora_B")].dims()[1], k, "{m}");
+        assert_eq!(st[&format!("base_model.model.{m}.lora_E")].dims(), &[k, 1], "{m}");
+    }
+    let (mut fresh, _) = tiny(DType::F32, false);
+    let loaded = Adapter::load(&mut fresh, dir.path()).unwrap();
+    let back = logits(&fresh);
+    assert!(max_rel(&back, &tuned) < 1e-6, "loaded differs by {}", max_rel(&back, &tuned));
+    loaded.merge_into(&mut fresh).unwrap();
+    assert!(max_rel(&logits(&fresh), &tuned) < 1e-5, "merged differs by {}", max_rel(&logits(&fresh), &tuned));
+
+    // The step-5 checkpoint restores the allocator (kept flags) into a fresh adapter.
+    let (ckpt_dir, pattern5) = checkpoint.unwrap();
+    let (mut again, _) = tiny(DType::F32, false);
+    let resumed = Adapter::inject(&mut again, &PeftConfig::AdaLora(cfg), 3).unwrap();
+    let state = candle_core::safetensors::load(ckpt_dir.path().join(tunebench::peft::TRAINABLE_FILE), &Device::Cpu).unwrap();
+    assert!(state.keys().any(|k| k.starts_with("adalora_state.ipt.")), "the estimates are saved");
+    resumed.restore_state(&state).unwrap();
+    assert_eq!(resumed.adalora.as_ref().unwrap().rank_pattern(), pattern5);
 }

@@ -155,6 +155,7 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
     let adapter_targets;
     let targets = match peft {
         PeftConfig::Lora(l) | PeftConfig::Qlora(l) => &l.target_modules,
+        PeftConfig::AdaLora(l) => &l.target_modules,
         PeftConfig::Ia3(l) => &l.target_modules,
         PeftConfig::Bitfit(l) => &l.target_modules,
         PeftConfig::Adapter(a) => {
@@ -166,9 +167,11 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
         }
     };
     let chosen = targets.resolve_names(&names)?;
-    if let PeftConfig::Lora(l) | PeftConfig::Qlora(l) = peft {
-        for (n, i, o) in shapes.iter().filter(|(n, _, _)| chosen.contains(n)) {
-            l.check_rank(n, *i, *o)?;
+    for (n, i, o) in shapes.iter().filter(|(n, _, _)| chosen.contains(n)) {
+        match peft {
+            PeftConfig::Lora(l) | PeftConfig::Qlora(l) => l.check_rank(n, *i, *o)?,
+            PeftConfig::AdaLora(a) => a.check_rank(n, *i, *o)?,
+            _ => {}
         }
     }
     Ok(shapes
@@ -183,6 +186,8 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
                     let dora = if l.use_dora { o } else { 0 };
                     (r * (i + o) + dora, r + 2 * o + 2 * dora)
                 }
+                // P, Λ, Q at init_r (masked triplets stay trainable); activations as LoRA's.
+                PeftConfig::AdaLora(a) => (a.init_r * (i + o + 1), a.init_r + 2 * o),
                 PeftConfig::Ia3(l) if l.feedforward_modules.iter().any(|f| n == *f || n.ends_with(&format!(".{f}"))) => (i, i),
                 PeftConfig::Ia3(_) => (o, o),
                 PeftConfig::Bitfit(_) => (o, o),

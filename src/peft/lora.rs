@@ -82,6 +82,23 @@ impl Default for LoraConfig {
     }
 }
 
+/// Checks `lora_alpha` and `lora_dropout` (LoRA and AdaLoRA); errors name the key.
+pub(crate) fn check_alpha_and_dropout(alpha: f64, dropout: f64) -> Result<()> {
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(Error::config("peft.lora_alpha", "must be a positive number"));
+    }
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(Error::config("peft.lora_dropout", "must be in [0, 1)"));
+    }
+    Ok(())
+}
+
+/// The form field of `lora_dropout` (LoRA and AdaLoRA).
+pub(crate) fn dropout_field(default: f64) -> Field {
+    Field::new("lora_dropout", FieldKind::Float, default, text("Dropout", "Dropout"), text("Dropout on the adapter's input during training.", "训练时对适配器输入做的 dropout。"))
+        .range_excl(0.0, 1.0)
+}
+
 impl LoraConfig {
     /// The keys a form shows (lora and qlora).
     pub fn fields() -> Vec<Field> {
@@ -92,8 +109,7 @@ impl LoraConfig {
                 .range(Some(1.0), Some(4096.0)),
             Field::new("lora_alpha", Float, d.lora_alpha, text("Alpha", "Alpha"), text("Scaling numerator: the update is multiplied by alpha / r (alpha / √r with rsLoRA).", "缩放分子：更新乘以 alpha / r（rsLoRA 时为 alpha / √r）。"))
                 .range(Some(1e-9), None),
-            Field::new("lora_dropout", Float, d.lora_dropout, text("Dropout", "Dropout"), text("Dropout on the adapter's input during training.", "训练时对适配器输入做的 dropout。"))
-                .range_excl(0.0, 1.0),
+            dropout_field(d.lora_dropout),
             target_modules_field(&d.target_modules, text("Linear layers that get an adapter: module names (q_proj, v_proj, ...) or all-linear (every projection except the LM head).", "加适配器的线性层：模块名（q_proj、v_proj 等）或 all-linear（除输出头外的所有投影）。")),
             Field::new("use_rslora", Bool, d.use_rslora, text("rsLoRA", "rsLoRA"), text("Scale by alpha / √r instead of alpha / r (stabler at high ranks).", "按 alpha / √r 而不是 alpha / r 缩放（高秩时更稳定）。"))
                 .advanced(),
@@ -111,12 +127,7 @@ impl LoraConfig {
         if self.r == 0 {
             return Err(Error::config("peft.r", "rank must be at least 1"));
         }
-        if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
-            return Err(Error::config("peft.lora_alpha", "must be a positive number"));
-        }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(Error::config("peft.lora_dropout", "must be in [0, 1)"));
-        }
+        check_alpha_and_dropout(self.lora_alpha, self.lora_dropout)?;
         if let Some((k, _)) = self.rank_pattern.iter().find(|(_, &r)| r == 0) {
             return Err(Error::config(format!("peft.rank_pattern.{k}"), "rank must be at least 1"));
         }

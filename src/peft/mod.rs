@@ -5,6 +5,7 @@
 //! in PEFT's adapter format (`adapter_config.json` + `adapter_model.safetensors`, PEFT key
 //! names), and `merge` where the math allows. [`registry`] lists the methods for the UI/CLI.
 
+pub mod adalora;
 pub mod bitfit;
 pub mod bottleneck;
 pub mod full;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Linear, LinearAdapter, Llama};
 use crate::{Error, Result};
+pub use adalora::{AdaLoraConfig, AdaLoraLayer};
 pub use bitfit::{BitfitConfig, BitfitLayer};
 pub use bottleneck::{BottleneckConfig, BottleneckLayer};
 pub use full::{FullConfig, FullLayer, FullWeights};
@@ -51,6 +53,17 @@ pub fn var_tensor(v: &Var, ctx: &crate::model::ForwardCtx) -> Tensor {
     } else {
         v.as_detached_tensor()
     }
+}
+
+/// `n` draws from N(0, std²) (Box–Muller), as f32.
+pub fn normal_samples(rng: &mut impl rand::Rng, n: usize, std: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1 = rng.random::<f64>().max(1e-300);
+            let u2 = rng.random::<f64>();
+            (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        })
+        .collect()
 }
 
 /// PEFT's module key for a linear: `base_model.model.<HF module path>`.
@@ -90,6 +103,13 @@ pub fn registry() -> &'static [MethodInfo] {
             description: "LoRA over a base whose linear weights are held as 4-bit blocks (Dettmers et al. 2023), dequantized per product and again in the backward: GGUF 4-bit blocks are kept as they are, other weights become Q4_K (rows a multiple of 256) or Q4_1. Same keys and file format as lora.",
             description_zh: "在线性权重以 4 位块保存的基础模型上做 LoRA（Dettmers 等，2023），每次乘法及反向时反量化：GGUF 的 4 位块原样保留，其他权重转为 Q4_K（行长为 256 的倍数）或 Q4_1。键与文件格式同 lora。",
             fields: lora::LoraConfig::fields,
+        },
+        MethodInfo {
+            name: "adalora",
+            peft_type: "ADALORA",
+            description: "AdaLoRA: LoRA in SVD form (P·Λ·Q) whose rank budget shrinks from init_r to target_r per layer on average while training, kept where the importance scores are highest (Zhang et al. 2023); orthogonality penalty on P and Q. PEFT's format.",
+            description_zh: "AdaLoRA：SVD 形式（P·Λ·Q）的 LoRA，训练中秩预算从 init_r 平均收缩到每层 target_r，按重要性得分保留（Zhang 等，2023）；对 P、Q 加正交惩罚。PEFT 格式。",
+            fields: adalora::AdaLoraConfig::fields,
         },
         MethodInfo {
             name: "ia3",
@@ -158,6 +178,9 @@ pub enum PeftConfig {
     Lora(LoraConfig),
     /// LoRA over a base held in 4-bit blocks (saved as a LoRA adapter).
     Qlora(LoraConfig),
+    /// AdaLoRA (SVD-form LoRA with importance-based rank allocation).
+    #[serde(rename = "adalora")]
+    AdaLora(AdaLoraConfig),
     /// IA3.
     Ia3(Ia3Config),
     /// BitFit.
@@ -192,6 +215,7 @@ impl PeftConfig {
         Some(match method {
             "lora" => PeftConfig::Lora(LoraConfig::default()),
             "qlora" => PeftConfig::Qlora(LoraConfig::default()),
+            "adalora" => PeftConfig::AdaLora(AdaLoraConfig::default()),
             "ia3" => PeftConfig::Ia3(Ia3Config::default()),
             "bitfit" => PeftConfig::Bitfit(BitfitConfig::default()),
             "adapter" => PeftConfig::Adapter(BottleneckConfig::default()),
@@ -208,6 +232,7 @@ impl PeftConfig {
     pub fn validate(&self) -> Result<()> {
         match self {
             PeftConfig::Lora(c) | PeftConfig::Qlora(c) => c.validate(),
+            PeftConfig::AdaLora(c) => c.validate(),
             PeftConfig::Ia3(c) => c.validate(),
             PeftConfig::Bitfit(c) => c.validate(),
             PeftConfig::Adapter(c) => c.validate(),
@@ -240,11 +265,21 @@ impl PeftConfig {
         self.prompt_method().map_or(0, |m| m.num_virtual_tokens())
     }
 
+    /// This config as a run of `steps` optimizer steps uses it: AdaLoRA's schedule gets the
+    /// run's length when its `total_step` is unset.
+    pub fn for_steps(&self, steps: usize) -> PeftConfig {
+        match self {
+            PeftConfig::AdaLora(c) => PeftConfig::AdaLora(c.for_steps(steps)),
+            other => other.clone(),
+        }
+    }
+
     /// The method's registry name (`lora`, ...).
     pub fn method_name(&self) -> &'static str {
         match self {
             PeftConfig::Lora(_) => "lora",
             PeftConfig::Qlora(_) => "qlora",
+            PeftConfig::AdaLora(_) => "adalora",
             PeftConfig::Ia3(_) => "ia3",
             PeftConfig::Bitfit(_) => "bitfit",
             PeftConfig::Adapter(_) => "adapter",
@@ -352,6 +387,8 @@ pub struct Adapter {
     pub prompt: Option<Arc<PromptModule>>,
     /// Full fine-tuning's trained embedding and norms.
     pub full: Option<Arc<FullWeights>>,
+    /// AdaLoRA's rank allocator (fresh adapters; a loaded one is already allocated).
+    pub adalora: Option<Arc<adalora::Allocator>>,
 }
 
 const CONFIG_FILE: &str = "adapter_config.json";
@@ -375,15 +412,21 @@ impl Adapter {
             remove_all(model);
             let module = Arc::new(PromptModule::new(model, &method, seed, tokenizer)?);
             model.set_prompt(Some(module.clone() as Arc<dyn crate::model::PromptSource>));
-            return Ok(Adapter { config: config.clone(), layers: Vec::new(), prompt: Some(module), full: None });
+            return Ok(Adapter { config: config.clone(), layers: Vec::new(), prompt: Some(module), full: None, adalora: None });
         }
         if let PeftConfig::Full(c) = config {
             remove_all(model);
             let (layers, full) = full::inject(model, c, None)?;
-            return Ok(Adapter { config: config.clone(), layers, prompt: None, full: Some(full) });
+            return Ok(Adapter { config: config.clone(), layers, prompt: None, full: Some(full), adalora: None });
         }
+        let mut adalora = None;
         let layers = match config {
             PeftConfig::Lora(c) | PeftConfig::Qlora(c) => lora::inject(model, c, seed)?.into_iter().map(|(p, l)| (p, l as Arc<dyn PeftLayer>)).collect(),
+            PeftConfig::AdaLora(c) => {
+                let layers = adalora::inject(model, c, seed)?;
+                adalora = Some(Arc::new(adalora::Allocator::new(c, &layers)));
+                layers.into_iter().map(|(p, l)| (p, l as Arc<dyn PeftLayer>)).collect()
+            }
             PeftConfig::Ia3(c) => ia3::inject(model, c, seed, None)?,
             PeftConfig::Bitfit(c) => bitfit::inject(model, c, None)?,
             PeftConfig::Adapter(c) => bottleneck::inject(model, c, seed, None)?,
@@ -391,7 +434,7 @@ impl Adapter {
                 unreachable!("prompt-learning methods and full fine-tuning are handled above")
             }
         };
-        Ok(Adapter { config: config.clone(), layers, prompt: None, full: None })
+        Ok(Adapter { config: config.clone(), layers, prompt: None, full: None, adalora })
     }
 
     /// The trainable tensors under their PEFT keys (`….lora_A.weight`), in a fixed order.
@@ -443,6 +486,38 @@ impl Adapter {
                 "use_dora": c.use_dora,
                 "revision": null,
             }),
+            PeftConfig::AdaLora(c) => {
+                // The allocator's current pattern (a loaded adapter keeps the one it came with);
+                // PEFT insists on a positive total_step even when only loading.
+                let rank_pattern = self.adalora.as_ref().and_then(|a| a.rank_pattern()).or_else(|| c.rank_pattern.clone());
+                serde_json::json!({
+                    "peft_type": "ADALORA",
+                    "task_type": "CAUSAL_LM",
+                    "base_model_name_or_path": base_model,
+                    "r": 8,
+                    "init_r": c.init_r,
+                    "target_r": c.target_r,
+                    "tinit": c.tinit,
+                    "tfinal": c.tfinal,
+                    "deltaT": c.delta_t,
+                    "beta1": c.beta1,
+                    "beta2": c.beta2,
+                    "orth_reg_weight": c.orth_reg_weight,
+                    "total_step": c.total_step.unwrap_or(c.tinit + c.tfinal + 1),
+                    "rank_pattern": rank_pattern,
+                    "lora_alpha": c.lora_alpha,
+                    "lora_dropout": c.lora_dropout,
+                    "target_modules": c.target_modules,
+                    "bias": "none",
+                    "fan_in_fan_out": false,
+                    "inference_mode": true,
+                    "init_lora_weights": true,
+                    "modules_to_save": null,
+                    "use_dora": false,
+                    "use_rslora": false,
+                    "revision": null,
+                })
+            }
             PeftConfig::Ia3(c) => serde_json::json!({
                 "peft_type": "IA3",
                 "task_type": "CAUSAL_LM",
@@ -553,9 +628,48 @@ impl Adapter {
         Ok(())
     }
 
-    /// Writes every trainable tensor to `dir`/[`TRAINABLE_FILE`] (atomically).
+    /// Whether checkpoints need [`TRAINABLE_FILE`] to resume: the adapter file does not hold
+    /// the trainable tensors as they are (a prompt encoder's output; AdaLoRA's kept ranks and
+    /// its allocator's estimates).
+    pub fn needs_trainable_file(&self) -> bool {
+        self.prompt.is_some() || self.adalora.is_some()
+    }
+
+    /// The training objective's extra term for this adapter (AdaLoRA's orthogonality
+    /// penalty), if any.
+    pub fn regularizer(&self, ctx: &crate::model::ForwardCtx) -> Result<Option<Tensor>> {
+        match &self.adalora {
+            Some(a) => a.regularizer(ctx),
+            None => Ok(None),
+        }
+    }
+
+    /// Called after optimizer step `step` (0-based) with the step's gradients, in
+    /// [`trainable`](Self::trainable) order: AdaLoRA reallocates its ranks.
+    pub fn after_step(&self, step: usize, grads: &[Tensor]) -> Result<()> {
+        if let Some(a) = &self.adalora {
+            let by_key: HashMap<String, Tensor> = self.trainable().into_iter().map(|(k, _)| k).zip(grads.iter().cloned()).collect();
+            a.after_step(step, &by_key)?;
+        }
+        Ok(())
+    }
+
+    /// Restores training state beyond the trainable tensors from a [`TRAINABLE_FILE`]'s
+    /// contents (AdaLoRA's allocator).
+    pub fn restore_state(&self, saved: &HashMap<String, Tensor>) -> Result<()> {
+        match &self.adalora {
+            Some(a) => a.restore(saved),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes every trainable tensor to `dir`/[`TRAINABLE_FILE`] (atomically), with any
+    /// training state of the method (AdaLoRA's allocator).
     pub fn save_trainable(&self, dir: &Path) -> Result<()> {
-        let all: HashMap<String, Tensor> = self.trainable().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let mut all: HashMap<String, Tensor> = self.trainable().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        if let Some(a) = &self.adalora {
+            all.extend(a.state()?);
+        }
         let path = dir.join(TRAINABLE_FILE);
         crate::train::checkpoint::atomic_write(&path, |tmp| Ok(candle_core::safetensors::save(&all, tmp)?))
     }
@@ -585,6 +699,7 @@ impl Adapter {
         let config = match peft_type.as_str() {
             "LORA" => PeftConfig::Lora(parse_in(v, &cfg_path)?),
             "IA3" => PeftConfig::Ia3(parse_in(v, &cfg_path)?),
+            "ADALORA" => PeftConfig::AdaLora(parse_in(v, &cfg_path)?),
             "BITFIT" => PeftConfig::Bitfit(parse_in(v, &cfg_path)?),
             "BOTTLENECK" => PeftConfig::Adapter(parse_in(v, &cfg_path)?),
             "FULL" => PeftConfig::Full(parse_in(v, &cfg_path)?),
@@ -621,14 +736,18 @@ impl Adapter {
                 .ok_or_else(|| Error::bad_input(&weights_path, None, "adapter tensor `prompt_embeddings` is missing"))?;
             let module = Arc::new(PromptModule::from_saved(model, method.is_prefix(), method.num_virtual_tokens(), t, &weights_path)?);
             model.set_prompt(Some(module.clone() as Arc<dyn crate::model::PromptSource>));
-            return Ok(Adapter { config, layers: Vec::new(), prompt: Some(module), full: None });
+            return Ok(Adapter { config, layers: Vec::new(), prompt: Some(module), full: None, adalora: None });
         }
         if let PeftConfig::Full(c) = &config {
             let (layers, full) = full::inject(model, c, Some((&weights, &weights_path)))?;
-            return Ok(Adapter { config, layers, prompt: None, full: Some(full) });
+            return Ok(Adapter { config, layers, prompt: None, full: Some(full), adalora: None });
         }
         let layers = match &config {
             PeftConfig::Lora(c) | PeftConfig::Qlora(c) => lora::inject_loaded(model, c, &weights, &weights_path)?
+                .into_iter()
+                .map(|(p, l)| (p, l as Arc<dyn PeftLayer>))
+                .collect(),
+            PeftConfig::AdaLora(c) => adalora::inject_loaded(model, c, &weights, &weights_path)?
                 .into_iter()
                 .map(|(p, l)| (p, l as Arc<dyn PeftLayer>))
                 .collect(),
@@ -639,7 +758,7 @@ impl Adapter {
                 unreachable!("prompt-learning methods and full fine-tuning are handled above")
             }
         };
-        Ok(Adapter { config, layers, prompt: None, full: None })
+        Ok(Adapter { config, layers, prompt: None, full: None, adalora: None })
     }
 
     /// Folds the adapter into the base weights (LoRA: `W += s·B·A`; IA3: rows/columns scaled;

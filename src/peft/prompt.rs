@@ -556,14 +556,7 @@ impl Init {
 
     /// N(0, 1) (Box–Muller), like a fresh `torch.nn.Embedding`.
     fn normal(&mut self, shape: &[usize]) -> Result<Var> {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                let u1 = self.rng.random::<f64>().max(1e-300);
-                let u2 = self.rng.random::<f64>();
-                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-            })
-            .collect();
+        let v = super::normal_samples(&mut self.rng, shape.iter().product(), 1.0);
         Ok(Var::from_tensor(
             &Tensor::from_vec(v, shape, &self.device)?.to_dtype(self.dtype)?,
         )?)

@@ -144,13 +144,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
             ),
         ));
     }
-    let adapter = Adapter::inject_with(&mut m.model, &cfg.peft, cfg.seed, Some(&m.tokenizer))?;
-    let vars = adapter.trainable();
     let t = &cfg.train;
-    let mut opt = AdamW::new(
-        vars.clone(),
-        AdamWParams { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_eps, weight_decay: t.weight_decay },
-    )?;
     let mut batcher = Batcher::new(dataset.train.len(), t.batch_size, cfg.seed, m.spec.pad_id);
     let micro_per_epoch = batcher.steps_per_epoch();
     let total_steps = if t.max_steps > 0 {
@@ -158,6 +152,13 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
     } else {
         ((t.epochs * micro_per_epoch as f64) / t.grad_accum as f64).ceil().max(1.0) as usize
     };
+    // AdaLoRA's rank schedule runs over the whole run unless its config says otherwise.
+    let adapter = Adapter::inject_with(&mut m.model, &cfg.peft.for_steps(total_steps), cfg.seed, Some(&m.tokenizer))?;
+    let vars = adapter.trainable();
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWParams { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_eps, weight_decay: t.weight_decay },
+    )?;
     let warmup = if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total_steps as f64).round() as usize };
 
     let ckpt_dir = out_dir.join("checkpoints");
@@ -179,8 +180,8 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
             },
         };
         let ck = checkpoint::load(&last, &device)?;
-        // Prompt encoders are saved only as their output: their tensors are in a file of
-        // their own.
+        // Prompt encoders are saved only as their output, AdaLoRA only with its kept ranks:
+        // their trainable tensors (and AdaLoRA's allocator) are in a file of their own.
         let wpath = match ck.adapter_dir.join(crate::peft::TRAINABLE_FILE) {
             p if p.exists() => p,
             _ => ck.adapter_dir.join("adapter_model.safetensors"),
@@ -190,6 +191,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
             let t = w.get(k).ok_or_else(|| Error::bad_input(&wpath, None, format!("checkpoint has no `{k}`")))?;
             v.set(t)?;
         }
+        adapter.restore_state(&w)?;
         opt.restore(&ck.optim)?;
         let bs: data::BatcherState =
             serde_json::from_value(ck.state.batcher.clone()).map_err(|e| Error::bad_input(&last, None, format!("data position: {e}")))?;
@@ -214,7 +216,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         let dir = ckpt_dir.join(checkpoint::dir_name(state.step));
         let save_adapter = |p: &std::path::Path| -> Result<()> {
             adapter.save(p, &base_name)?;
-            if adapter.prompt.is_some() {
+            if adapter.needs_trainable_file() {
                 adapter.save_trainable(p)?;
             }
             Ok(())
@@ -253,7 +255,13 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
             let ctx = ForwardCtx { train: true, seed: cfg.seed ^ ((state.step as u64) << 20) ^ mi as u64, ..Default::default() };
             let (sum, _) = m.model.loss_sum(&ids, &b.labels, &ctx, t.loss_chunk)?;
             let loss = (sum / n_targets as f64)?;
+            // The reported loss is the cross-entropy; a method's penalty (AdaLoRA's) is added
+            // for the gradient only, once per optimizer step over the micro-batches.
             let lv = loss.to_scalar::<f32>()? as f64;
+            let loss = match adapter.regularizer(&ctx)? {
+                Some(r) => (loss + (r / t.grad_accum as f64)?)?,
+                None => loss,
+            };
             if !lv.is_finite() {
                 let lr = optim::lr_at(state.step, total_steps, warmup, t.lr, t.schedule, t.min_lr_ratio);
                 return Err(Error::Training(format!(
@@ -285,6 +293,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         }
         let lr = optim::lr_at(state.step, total_steps, warmup, t.lr, t.schedule, t.min_lr_ratio);
         opt.step(&grads, lr)?;
+        adapter.after_step(state.step, &grads)?;
         state.step += 1;
         session_steps += 1;
         state.tokens_seen += step_tokens;

@@ -69,7 +69,7 @@ try {
   // Every method is in the picker with its help text and its own fields (the form is built
   // from the schema), and the estimate follows the choice; the prompt-learning methods here.
   const pickable = await page.locator("[data-method]").evaluateAll((els) => els.map((e) => e.getAttribute("data-method")));
-  const allMethods = ["lora", "qlora", "ia3", "bitfit", "adapter", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "full"];
+  const allMethods = ["lora", "qlora", "adalora", "ia3", "bitfit", "adapter", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "full"];
   check(allMethods.every((m) => pickable.includes(m)), `the picker offers every method (${pickable.join(", ")})`);
   const loraEstimate = await page.locator('[data-testid="est-params"]').innerText();
   for (const [m, word] of [["prompt_tuning", "soft prompt"], ["p_tuning", "prompt encoder"], ["prefix_tuning", "reparameterisation"], ["p_tuning_v2", "deep prompts"]]) {

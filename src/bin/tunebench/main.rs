@@ -169,7 +169,7 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Give B random non-zero values (a fresh LoRA has B = 0 and changes nothing; for IA3,
-        /// scale vectors around 1 instead of exactly 1).
+        /// scale vectors around 1 instead of exactly 1; for AdaLoRA, Λ from N(0, 1)).
         #[arg(long)]
         random_b: bool,
         /// lora, ia3, or another registered method (prompt_tuning, p_tuning, prefix_tuning, ...)
@@ -620,7 +620,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             a.save(&out, &model_path(model).display().to_string())?;
         }
-        Cmd::LoraInit { model, out, seed, method, config, .. } if method != "lora" => {
+        Cmd::LoraInit { model, out, seed, method, config, random_b, .. } if method != "lora" => {
             let mut keys: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(&config).map_err(|e| Error::Msg(format!("lora-init --config: {e}")))?;
             if tunebench::peft::PeftConfig::default_for(&method).is_none() {
@@ -632,6 +632,19 @@ fn run(cli: Cli) -> Result<()> {
                 serde_json::from_value(keys.into()).map_err(|e| Error::Msg(format!("lora-init --config for {method}: {e}")))?;
             let mut m = model::load(&model_path(model.clone()), &device)?;
             let a = Adapter::inject_with(&mut m.model, &cfg, seed, Some(&m.tokenizer))?;
+            if random_b {
+                // AdaLoRA starts with Λ = 0 (no effect): Λ ~ N(0, 1), zero where its
+                // rank_pattern masks a triplet.
+                use rand::SeedableRng;
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xADA);
+                for (_, l) in &a.layers {
+                    if let Some(l) = l.as_any().downcast_ref::<tunebench::peft::AdaLoraLayer>() {
+                        let kept = l.kept().unwrap_or_else(|| vec![true; l.e.dims()[0]]);
+                        let v: Vec<f32> = kept.iter().map(|&k| if k { tunebench::peft::normal_samples(&mut rng, 1, 1.0)[0] } else { 0.0 }).collect();
+                        l.e.set(&candle_core::Tensor::from_vec(v, l.e.dims(), &device)?)?;
+                    }
+                }
+            }
             a.save(&out, &model_path(model).display().to_string())?;
             if a.prompt.is_some() {
                 // The prompt encoder's own tensors, so its output can be checked independently.
