@@ -39,7 +39,7 @@ METHODS = {
     "adapter-pfeiffer": ('method = "adapter"\nplacement = "pfeiffer"\nbottleneck_size = 64', 1e-3),
     # Prompt learning trains few parameters far from the output and wants a larger rate.
     "prompt_tuning": ('method = "prompt_tuning"\nnum_virtual_tokens = 20', 3e-2),
-    "p_tuning": ('method = "p_tuning"\nnum_virtual_tokens = 20', 3e-3),
+    "p_tuning": ('method = "p_tuning"\nnum_virtual_tokens = 20', 5e-3),
     "prefix_tuning": ('method = "prefix_tuning"\nnum_virtual_tokens = 20', 3e-3),
     "p_tuning_v2": ('method = "p_tuning_v2"\nnum_virtual_tokens = 20', 3e-2),
     # Every weight trains: the usual full fine-tuning range.

@@ -869,6 +869,18 @@ fn adalora_allocates_ranks_to_the_budget_and_saves_the_kept_ones() {
     loaded.merge_into(&mut fresh).unwrap();
     assert!(max_rel(&logits(&fresh), &tuned) < 1e-5, "merged differs by {}", max_rel(&logits(&fresh), &tuned));
 
+    // rank_pattern keys with the adapter's name (`….lora_E.default`, as the allocator names
+    // parameters) read the same; a key naming no target module is refused.
+    let cfg_path = dir.path().join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(&cfg_path, text.replace(".lora_E\"", ".lora_E.default\"")).unwrap();
+    let (mut fresh, _) = tiny(DType::F32, false);
+    Adapter::load(&mut fresh, dir.path()).unwrap();
+    assert!(max_rel(&logits(&fresh), &tuned) < 1e-6);
+    std::fs::write(&cfg_path, text.replace("model.layers.1.mlp.up_proj.lora_E", "model.layers.7.mlp.up_proj.lora_E")).unwrap();
+    let e = Adapter::load(&mut tiny(DType::F32, false).0, dir.path()).unwrap_err().to_string();
+    assert!(e.contains("rank_pattern") && e.contains("model.layers.7.mlp.up_proj.lora_E"), "{e}");
+
     // The step-5 checkpoint restores the allocator (kept flags) into a fresh adapter.
     let (ckpt_dir, pattern5) = checkpoint.unwrap();
     let (mut again, _) = tiny(DType::F32, false);

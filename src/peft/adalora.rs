@@ -243,6 +243,22 @@ impl AdaLoraConfig {
         format!("{module}.lora_E")
     }
 
+    /// This config with `rank_pattern` keys in PEFT's current form: an adapter name after
+    /// `lora_E` (`….lora_E.default`, as allocators name parameters) is dropped.
+    pub fn normalized(mut self) -> AdaLoraConfig {
+        if let Some(p) = self.rank_pattern.take() {
+            let fixed = p
+                .into_iter()
+                .map(|(k, v)| match k.rfind(".lora_E.") {
+                    Some(i) => (k[..i + ".lora_E".len()].to_string(), v),
+                    None => (k, v),
+                })
+                .collect();
+            self.rank_pattern = Some(fixed);
+        }
+        self
+    }
+
     /// Kept rank of `module` in a saved adapter: its `rank_pattern` flags, or `init_r`.
     pub fn saved_rank(&self, module: &str) -> usize {
         match self.rank_pattern.as_ref().and_then(|p| p.get(&Self::pattern_key(module))) {
@@ -414,6 +430,9 @@ pub fn inject_loaded(
 ) -> Result<Vec<(String, Arc<AdaLoraLayer>)>> {
     cfg.validate()?;
     let targets = cfg.target_modules.resolve(model)?;
+    if let Some(k) = cfg.rank_pattern.iter().flatten().map(|(k, _)| k).find(|k| !targets.iter().any(|t| AdaLoraConfig::pattern_key(t) == **k)) {
+        return Err(Error::bad_input(source, None, format!("adapter_config.json's rank_pattern names `{k}`, which is not one of the adapter's target modules on this model")));
+    }
     let mut out = Vec::new();
     let mut used = 0usize;
     for (index, lin) in model.linears_mut().into_iter().enumerate() {

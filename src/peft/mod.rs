@@ -699,7 +699,7 @@ impl Adapter {
         let config = match peft_type.as_str() {
             "LORA" => PeftConfig::Lora(parse_in(v, &cfg_path)?),
             "IA3" => PeftConfig::Ia3(parse_in(v, &cfg_path)?),
-            "ADALORA" => PeftConfig::AdaLora(parse_in(v, &cfg_path)?),
+            "ADALORA" => PeftConfig::AdaLora(parse_in::<AdaLoraConfig>(v, &cfg_path)?.normalized()),
             "BITFIT" => PeftConfig::Bitfit(parse_in(v, &cfg_path)?),
             "BOTTLENECK" => PeftConfig::Adapter(parse_in(v, &cfg_path)?),
             "FULL" => PeftConfig::Full(parse_in(v, &cfg_path)?),
