@@ -213,14 +213,13 @@ fn trainable_copy(t: &Tensor) -> Result<Var> {
     Ok(Var::from_tensor(&t.copy()?)?)
 }
 
+/// What [`inject`] installs: `(PEFT prefix, layer)` per linear, and the embedding and norms.
+pub type Installed = (Vec<(String, Arc<dyn PeftLayer>)>, Arc<FullWeights>);
+
 /// Installs trainable copies of the model's weights (or, with `weights`, the saved trained
-/// ones from the adapter file `source`). Returns the per-linear layers and the embedding and
-/// norms; the caller installs the latter with `Llama::set_tuned`.
-pub fn inject(
-    model: &mut Llama,
-    cfg: &FullConfig,
-    weights: Option<(&HashMap<String, Tensor>, &Path)>,
-) -> Result<(Vec<(String, Arc<dyn PeftLayer>)>, Arc<FullWeights>)> {
+/// ones from the adapter file `source`): a layer in every linear slot, and the embedding and
+/// norms as the model's `TunedWeights` (`Llama::set_tuned`).
+pub fn inject(model: &mut Llama, cfg: &FullConfig, weights: Option<(&HashMap<String, Tensor>, &Path)>) -> Result<Installed> {
     cfg.validate()?;
     let mut taken = std::collections::HashSet::new();
     let mut take = |key: &str, like: &Tensor| -> Result<Var> {
