@@ -890,3 +890,63 @@ fn adalora_allocates_ranks_to_the_budget_and_saves_the_kept_ones() {
     resumed.restore_state(&state).unwrap();
     assert_eq!(resumed.adalora.as_ref().unwrap().rank_pattern(), pattern5);
 }
+
+/// AdaLoRA's rank allocation equals PEFT's: the same parameter values and gradients (a fixed
+/// formula) fed for 6 steps to PEFT 0.21's `RankAllocator.update_and_allocate` (on modules with
+/// the shapes of the tiny model's q_proj/v_proj, init_r 4, target_r 2, tinit 1, tfinal 1,
+/// total_step 6) kept the triplets listed below (printed by tests/reference/adalora_allocator.py);
+/// ours must keep the same ones, step by step.
+#[test]
+fn adalora_allocation_matches_peft_s_rank_allocator() {
+    let cfg = AdaLoraConfig {
+        init_r: 4,
+        target_r: 2,
+        tinit: 1,
+        tfinal: 1,
+        delta_t: 1,
+        total_step: Some(6),
+        target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+        ..Default::default()
+    };
+    let (mut model, _) = tiny(DType::F32, false);
+    let adapter = Adapter::inject(&mut model, &PeftConfig::AdaLora(cfg), 1).unwrap();
+    // The formula of the reference script (kind: 0 A, 1 B, 2 E; 3-5 their gradients).
+    let val = |kind: usize, m: usize, i: usize, j: usize, step: usize| -> f32 {
+        ((1.0 + 0.37 * i as f64 + 0.11 * j as f64 + 1.7 * m as f64 + 2.3 * kind as f64 + 1.3 * step as f64 * (1 + m) as f64).sin()
+            * (1.0 + 0.1 * kind as f64)) as f32
+    };
+    let fill = |kind: usize, m: usize, dims: &[usize], step: usize| -> Tensor {
+        let v: Vec<f32> = (0..dims[0]).flat_map(|i| (0..dims[1]).map(move |j| (i, j))).map(|(i, j)| val(kind, m, i, j, step)).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    };
+    let vars = adapter.trainable();
+    assert_eq!(vars.len(), 12);
+    for (n, (key, v)) in vars.iter().enumerate() {
+        let (m, kind) = (n / 3, n % 3);
+        assert!(key.ends_with(["lora_A", "lora_B", "lora_E"][kind]), "{key}");
+        v.set(&fill(kind, m, v.dims(), 0)).unwrap();
+    }
+    let t = true;
+    let f = false;
+    let peft: [Option<[[bool; 4]; 4]>; 6] = [
+        None,
+        None,
+        Some([[t, f, f, f], [t, t, t, t], [t, f, f, t], [t, t, t, t]]),
+        Some([[t, f, f, f], [f, t, t, t], [t, f, f, f], [t, t, t, t]]),
+        Some([[t, f, f, f], [f, t, t, t], [f, f, f, f], [t, t, t, t]]),
+        Some([[t, f, f, f], [f, t, t, t], [f, f, f, f], [t, t, t, t]]),
+    ];
+    for (step, want) in peft.iter().enumerate() {
+        let grads: Vec<Tensor> = vars.iter().enumerate().map(|(n, (_, v))| fill(n % 3 + 3, n / 3, v.dims(), step + 1)).collect();
+        adapter.after_step(step, &grads).unwrap();
+        let got: Vec<Option<Vec<bool>>> =
+            adapter.layers.iter().map(|(_, l)| l.as_any().downcast_ref::<tunebench::peft::AdaLoraLayer>().unwrap().kept()).collect();
+        match want {
+            None => assert!(got.iter().all(|k| k.is_none()), "step {step}: masked before the schedule does"),
+            Some(want) => {
+                let got: Vec<Vec<bool>> = got.into_iter().map(|k| k.unwrap()).collect();
+                assert_eq!(got, want.iter().map(|w| w.to_vec()).collect::<Vec<_>>(), "step {step}");
+            }
+        }
+    }
+}
