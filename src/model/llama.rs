@@ -108,6 +108,17 @@ pub enum NormSite {
     Final,
 }
 
+impl NormSite {
+    /// The HF name of the norm's weight (`model.layers.3.input_layernorm.weight`).
+    pub fn hf_name(self) -> String {
+        match self {
+            NormSite::Input(i) => format!("model.layers.{i}.input_layernorm.weight"),
+            NormSite::PostAttention(i) => format!("model.layers.{i}.post_attention_layernorm.weight"),
+            NormSite::Final => "model.norm.weight".into(),
+        }
+    }
+}
+
 /// Trained replacements for the model's weights outside its linear slots — the embedding and
 /// the RMSNorm weights — installed with [`Llama::set_tuned`] (full fine-tuning; linears are
 /// replaced through their adapter slots). The frozen weights stay as they were.
@@ -729,14 +740,14 @@ impl Llama {
             Ok(())
         };
         for (i, l) in self.layers.iter().enumerate() {
-            out.push((format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.clone()));
+            out.push((NormSite::Input(i).hf_name(), l.input_layernorm.clone()));
             let (a, m) = (&l.self_attn, &l.mlp);
             for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
                 push_linear(&mut out, lin)?;
             }
-            out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), l.post_attention_layernorm.clone()));
+            out.push((NormSite::PostAttention(i).hf_name(), l.post_attention_layernorm.clone()));
         }
-        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        out.push((NormSite::Final.hf_name(), self.norm.clone()));
         let tied = match (self.lm_head.weight(), &self.embed_tokens) {
             (FrozenWeight::Dense(a), FrozenWeight::Dense(b)) => a.id() == b.id(),
             (FrozenWeight::Quantized { q: a, .. }, FrozenWeight::Quantized { q: b, .. }) => std::sync::Arc::ptr_eq(a, b),

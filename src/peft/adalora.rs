@@ -35,7 +35,7 @@ use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::{dropout, peft_prefix, var_tensor as t, PeftLayer, TargetModules};
+use super::{peft_prefix, var_tensor as t, PeftLayer, TargetModules};
 use crate::model::{ForwardCtx, FrozenWeight, LinearAdapter, Llama};
 use crate::schema::{target_modules_field, text, Field, FieldKind};
 use crate::{Error, Result};
@@ -325,20 +325,8 @@ impl LinearAdapter for AdaLoraLayer {
         if self.rank() == 0 {
             return Ok(base);
         }
-        let x = if ctx.train && self.dropout > 0.0 {
-            dropout(xs, self.dropout, ctx.seed ^ self.index.wrapping_mul(0x9E37_79B9_7F4A_7C15))?
-        } else {
-            xs.clone()
-        };
-        let ae = self.scaled_a(ctx)?;
-        let b = t(&self.b, ctx);
-        let (inp, out) = (ae.dim(1)?, b.dim(0)?);
-        let mut dims = x.dims().to_vec();
-        let up = (x.reshape(((), inp))?.matmul(&ae.t()?)?.matmul(&b.t()?)? * self.scale)?;
-        if let Some(last) = dims.last_mut() {
-            *last = out;
-        }
-        Ok((base + up.reshape(dims)?)?)
+        let x = super::lora::adapter_input(xs, self.dropout, self.index, ctx)?;
+        Ok((base + super::lora::low_rank_update(&x, &self.scaled_a(ctx)?, &t(&self.b, ctx), self.scale)?)?)
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

@@ -156,15 +156,6 @@ pub struct FullWeights {
     pub norms: Vec<(NormSite, Var)>,
 }
 
-/// HF name of a norm site's weight.
-pub fn norm_key(site: NormSite) -> String {
-    match site {
-        NormSite::Input(i) => format!("model.layers.{i}.input_layernorm.weight"),
-        NormSite::PostAttention(i) => format!("model.layers.{i}.post_attention_layernorm.weight"),
-        NormSite::Final => "model.norm.weight".into(),
-    }
-}
-
 const EMBED_KEY: &str = "model.embed_tokens.weight";
 
 impl TunedWeights for FullWeights {
@@ -185,7 +176,7 @@ impl FullWeights {
             v.push((format!("base_model.model.{EMBED_KEY}"), e.clone()));
         }
         for (site, w) in &self.norms {
-            v.push((format!("base_model.model.{}", norm_key(*site)), w.clone()));
+            v.push((format!("base_model.model.{}", site.hf_name()), w.clone()));
         }
         v
     }
@@ -237,7 +228,7 @@ pub fn inject(model: &mut Llama, cfg: &FullConfig, weights: Option<(&HashMap<Str
     let mut norms = Vec::new();
     if cfg.train_norms {
         for site in model.norm_sites() {
-            let w = take(&norm_key(site), model.norm_weight(site)?)?;
+            let w = take(&site.hf_name(), model.norm_weight(site)?)?;
             norms.push((site, w));
         }
     }

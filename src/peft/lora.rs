@@ -195,29 +195,33 @@ pub struct LoraLayer {
 
 use super::var_tensor as t;
 
+/// The adapter's input in training: `xs` with dropout `p` (seeded per step and layer `index`),
+/// or `xs` itself (LoRA and AdaLoRA).
+pub(crate) fn adapter_input(xs: &Tensor, p: f64, index: u64, ctx: &ForwardCtx) -> Result<Tensor> {
+    Ok(if ctx.train && p > 0.0 { dropout(xs, p, ctx.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15))? } else { xs.clone() })
+}
+
+/// `scale·(x·Aᵀ)·Bᵀ` for A (r, in), B (out, r) with plain 2-D matmuls on (tokens, features):
+/// one GEMM each instead of one per batch row (and no broadcast to reduce in the backward).
+pub(crate) fn low_rank_update(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let (inp, out) = (a.dim(1)?, b.dim(0)?);
+    let down = x.reshape(((), inp))?.matmul(&a.t()?)?;
+    let up = (down.matmul(&b.t()?)? * scale)?;
+    let mut out_dims = x.dims().to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = out;
+    }
+    Ok(up.reshape(out_dims)?)
+}
+
 impl LoraLayer {
     fn dropped(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        Ok(if ctx.train && self.dropout > 0.0 {
-            dropout(xs, self.dropout, ctx.seed ^ self.index.wrapping_mul(0x9E37_79B9_7F4A_7C15))?
-        } else {
-            xs.clone()
-        })
+        adapter_input(xs, self.dropout, self.index, ctx)
     }
 
-    /// `s·(x·Aᵀ)·Bᵀ` with plain 2-D matmuls on (tokens, features): one GEMM each instead of one
-    /// per batch row (and no broadcast to reduce in the backward).
+    /// `s·(x·Aᵀ)·Bᵀ`.
     fn update(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
-        let (inp, out) = (a.dim(1)?, b.dim(0)?);
-        let x2 = x.reshape(((), inp))?;
-        let down = x2.matmul(&a.t()?)?;
-        let up = (down.matmul(&b.t()?)? * self.scale)?;
-        let mut out_dims = dims;
-        if let Some(last) = out_dims.last_mut() {
-            *last = out;
-        }
-        Ok(up.reshape(out_dims)?)
+        low_rank_update(x, &t(&self.a, ctx), &t(&self.b, ctx), self.scale)
     }
 
     /// DoRA's `m / ‖W + s·B·A‖_row`, (out,), without forming W + s·B·A: the squared row norm
