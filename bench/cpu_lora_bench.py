@@ -19,6 +19,7 @@ which prints one JSON line {"tokens_per_s": float, "peak_rss_bytes": int, "losse
 Anchor shapes:
   "$py" bench/cpu_lora_bench.py                                    # 4x256, r16, all 7 projections
   "$py" bench/cpu_lora_bench.py --batch 2 --seq 128 --rank 8 --targets q,v
+  "$py" bench/cpu_lora_bench.py --batch 8 --seq 256 --gradient-checkpointing   # both sides checkpoint
 Options: --reference-only (PyTorch side alone), --write-results (append to bench/RESULTS.md),
 --tunebench PATH (default $TUNEBENCH_BIN or target/release/tunebench), --steps, --warmup.
 """
@@ -95,7 +96,7 @@ def make_batches(model_path: str, data_path: str, n_batches: int, batch: int, se
 
 
 def reference_train(model_path: str, batches_path: str, rank: int, alpha: float, targets, lr: float,
-                    warmup: int, steps: int, threads: int) -> dict:
+                    warmup: int, steps: int, threads: int, checkpointing: bool = False) -> dict:
     """The PyTorch + PEFT side (runs in its own process). Returns tokens/s, losses, step times."""
     import time
 
@@ -110,6 +111,10 @@ def reference_train(model_path: str, batches_path: str, rank: int, alpha: float,
         raise SystemExit(f"error: {batches_path}: input_ids {list(ids.shape)}, need [>= {warmup + steps}, batch, seq]")
     model, _ = tb.load_hf(model_path, attn="sdpa")
     model.config.use_cache = False
+    if checkpointing:
+        # transformers' per-layer checkpointing (non-reentrant), as HF Trainer sets it up for PEFT.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
                                              bias="none", task_type="CAUSAL_LM"))
@@ -152,6 +157,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6, help="timed steps (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="shuffle seed of the batches (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: cores)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="both sides recompute each decoder layer in the backward")
     ap.add_argument("--reference-only", action="store_true", help="run only the PyTorch + PEFT side")
     ap.add_argument("--write-results", action="store_true", help="append a dated section to bench/RESULTS.md")
     ap.add_argument("--keep", metavar="DIR", help="keep the batches file in DIR")
@@ -164,7 +171,7 @@ def main() -> int:
 
     if args.worker_reference:  # child process: the PyTorch side
         res = reference_train(args.model, args.batches, args.rank, alpha, targets, args.lr, args.warmup,
-                              args.steps, args.threads)
+                              args.steps, args.threads, args.gradient_checkpointing)
         res["peak_rss_bytes"] = tb.self_peak_rss_bytes()
         print(json.dumps(res))
         return 0
@@ -178,6 +185,8 @@ def main() -> int:
     make_batches(args.model, args.data, n_batches, args.batch, args.seq, args.seed, batches)
     mach = machine()
     shape = f"{args.batch}x{args.seq}, LoRA r{args.rank} alpha {alpha} on {','.join(t[:-5] for t in targets)}"
+    if args.gradient_checkpointing:
+        shape += ", gradient checkpointing"
     print(f"shape: {shape}; {args.warmup} warm-up + {args.steps} timed steps; batches {batches}", file=sys.stderr)
     if mach["load_avg"][0] > 1.0:
         print(f"warning: load average {mach['load_avg'][0]:.2f} before the run: other work on the machine skews timings",
@@ -187,7 +196,7 @@ def main() -> int:
     ref_argv = [sys.executable, os.path.abspath(__file__), "--worker-reference", "--model", args.model,
                 "--batches", batches, "--rank", str(args.rank), "--alpha", str(alpha), "--targets", ",".join(targets),
                 "--lr", str(args.lr), "--warmup", str(args.warmup), "--steps", str(args.steps),
-                "--threads", str(args.threads)]
+                "--threads", str(args.threads)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
     r = tb.run_measured(ref_argv, stream_stderr=True).check("PyTorch reference")
     ref = parse_json_line(r.stdout, "PyTorch reference")
     tokens_per_step = args.batch * args.seq
@@ -200,6 +209,8 @@ def main() -> int:
         ours_argv = exe + ["bench-train", "--model", args.model, "--batches", batches, "--rank", str(args.rank),
                            "--alpha", str(alpha), "--targets", ours_targets, "--lr", str(args.lr),
                            "--warmup-steps", str(args.warmup), "--steps", str(args.steps)]
+        if args.gradient_checkpointing:
+            ours_argv.append("--gradient-checkpointing")
         ours_cmd = shlex.join(ours_argv)
         r = tb.run_measured(ours_argv, stream_stderr=True).check("tunebench bench-train")
         ours = parse_json_line(r.stdout, "tunebench bench-train")

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod chart;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod export;

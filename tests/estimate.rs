@@ -1,6 +1,7 @@
 //! The estimate before a run against what the run then measures, on the real default model:
-//! trainable parameters exactly, peak memory within 15% on several configs (each run in its own
-//! `tunebench train` process, whose peak RSS the worker records).
+//! trainable parameters exactly, peak memory within 15% on several configs, one with gradient
+//! checkpointing (each run in its own `tunebench train` process, whose peak RSS the worker
+//! records).
 
 mod common;
 
@@ -44,6 +45,12 @@ fn memory_prediction_is_within_15_percent_of_measured_peak() {
         config("qkvo-gate", &data, 3, 200, 12, r#"["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]"#),
         config("all-r32", &data, 6, 96, 32, r#""all-linear""#),
         config("v-down", &data, 2, 320, 8, r#"["v_proj", "down_proj"]"#),
+        {
+            // Gradient checkpointing per decoder layer: a sixth of the plain peak here.
+            let mut c = config("all-checkpointed", &data, 6, 320, 16, r#""all-linear""#);
+            c.train.gradient_checkpointing = true;
+            c
+        },
     ];
     let mut report = Vec::new();
     for cfg in configs {

@@ -74,6 +74,22 @@ fn resumed_full_fine_tuning_run_matches_uninterrupted_run() {
     check_resume("method = \"full\"");
 }
 
+/// The two adapter files hold the same tensors (same shapes — AdaLoRA: the same ranks kept,
+/// possibly none — and values within `tol`).
+fn assert_same_adapter(a: &std::path::Path, b: &std::path::Path, tol: f32) {
+    let wa = candle_core::safetensors::load(a.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let wb = candle_core::safetensors::load(b.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(wa.len(), wb.len());
+    for (k, x) in &wa {
+        assert_eq!(x.dims(), wb[k].dims(), "{k}");
+        if x.elem_count() == 0 {
+            continue;
+        }
+        let d = (x - &wb[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < tol, "{k} differs by {d}");
+    }
+}
+
 fn check_resume(peft: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let full_cfg = config(&tmp.path().join("full"), peft);
@@ -93,18 +109,7 @@ fn check_resume(peft: &str) {
     for (i, (a, b)) in full.losses.iter().zip(&second.losses).enumerate() {
         assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "step {}: uninterrupted {a} vs resumed {b}", i + 1);
     }
-    let wa = candle_core::safetensors::load(full.adapter_dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let wb = candle_core::safetensors::load(second.adapter_dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    assert_eq!(wa.len(), wb.len());
-    for (k, a) in &wa {
-        // Same shapes (AdaLoRA: the same ranks kept, possibly none).
-        assert_eq!(a.dims(), wb[k].dims(), "{k}");
-        if a.elem_count() == 0 {
-            continue;
-        }
-        let d = (a - &wb[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(d < 1e-5, "{k} differs by {d}");
-    }
+    assert_same_adapter(&full.adapter_dir, &second.adapter_dir, 1e-5);
     // No half-written checkpoint folders are left behind.
     for e in std::fs::read_dir(tmp.path().join("split/checkpoints")).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
@@ -118,4 +123,69 @@ fn resume_without_checkpoint_is_a_clear_error() {
     let cfg = config(&tmp.path().join("none"), &lora(0.0));
     let err = train::train(&cfg, &TrainOptions { resume: true, ..Default::default() }, &mut NoObserver).unwrap_err().to_string();
     assert!(err.contains("nothing to resume"), "{err}");
+}
+
+/// Gradient checkpointing per decoder layer trains exactly like the plain backward on the real
+/// default model: the same loss at every step (dropout on, two micro-batches per step) and the
+/// same adapter — for LoRA, and for AdaLoRA, whose orthogonality penalty then takes a
+/// backward of its own.
+#[test]
+fn checkpointed_training_matches_plain_training() {
+    for peft in [
+        lora(0.1),
+        "method = \"adalora\"\ninit_r = 4\ntarget_r = 2\nlora_alpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]".to_string(),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let plain = train::train(&config(&tmp.path().join("plain"), &peft), &TrainOptions::default(), &mut NoObserver).unwrap();
+        let mut cfg = config(&tmp.path().join("ckpt"), &peft);
+        cfg.train.gradient_checkpointing = true;
+        let ckpt = train::train(&cfg, &TrainOptions::default(), &mut NoObserver).unwrap();
+        assert_eq!(plain.losses.len(), ckpt.losses.len());
+        for (i, (a, b)) in plain.losses.iter().zip(&ckpt.losses).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "step {}: plain {a} vs checkpointed {b}", i + 1);
+        }
+        assert_same_adapter(&plain.adapter_dir, &ckpt.adapter_dir, 1e-4);
+    }
+}
+
+#[test]
+fn the_device_is_checked_before_anything_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = "[data]\npath = \"x.jsonl\"\n[train]\ndevice = \"tpu:0\"\n";
+    let e = RunConfig::from_toml(&text, None).unwrap_err().to_string();
+    assert!(e.contains("train.device") && e.contains("tpu:0") && e.contains("cuda:N"), "{e}");
+    if !tunebench::device::CUDA_BUILD {
+        let mut cfg = config(&tmp.path().join("gpu"), &lora(0.0));
+        cfg.train.device = "cuda:1".into();
+        let e = train::train(&cfg, &TrainOptions::default(), &mut NoObserver).unwrap_err().to_string();
+        assert!(e.contains("without CUDA support") && e.contains("scripts/build-cuda"), "{e}");
+        assert!(!tmp.path().join("gpu").exists(), "nothing is written for a run that cannot start");
+    }
+}
+
+/// `tunebench bench-train` on a random-init shape (what bench/gpu_bench.py runs on a GPU):
+/// with and without gradient checkpointing the same losses at every step, on the device named.
+#[test]
+fn bench_train_runs_a_shape_with_and_without_checkpointing() {
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["bench-train", "--shape", "tiny", "--batch", "2", "--seq", "24", "--warmup-steps", "1", "--steps", "3", "--lr", "1e-2", "--device", "cpu"];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunebench")).args(&args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let plain = run(&[]);
+    let ckpt = run(&["--gradient-checkpointing"]);
+    assert_eq!(plain["device"], "cpu");
+    let (a, b) = (plain["losses"].as_array().unwrap(), ckpt["losses"].as_array().unwrap());
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+        assert!((x - y).abs() < 1e-5 * x.abs(), "plain {x} vs checkpointed {y}");
+    }
+    assert!(a[3].as_f64() < a[0].as_f64(), "the loss falls on repeated batches: {a:?}");
+    assert!(plain["tokens_per_s"].as_f64().unwrap() > 0.0);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunebench")).args(["bench-train", "--shape", "llama-7b"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("unknown shape") && err.contains("llama-1b"), "{err}");
 }

@@ -20,9 +20,9 @@
 //! default model, weights + loss chunk + the calibrated parts match the measured peak RSS
 //! within ~2% (bench/RESULTS.md).
 //!
-//! With gradient checkpointing only each layer's input is kept and one layer's activations
-//! are recomputed at a time; the engine does not checkpoint on CPU yet, so that figure is
-//! given for planning only. The constants were calibrated against measured peak RSS
+//! With gradient checkpointing (`train.gradient_checkpointing`) only each layer's input is
+//! kept and one layer's activations exist at a time (the layer being recomputed in the
+//! backward); the time adds a second forward of every decoder layer. The constants were calibrated against measured peak RSS
 //! (bench/RESULTS.md); `tests/estimate.rs` checks the prediction on several configs.
 //!
 //! Time: matmul FLOPs of forward + backward (frozen weights get only the input gradient)
@@ -70,7 +70,8 @@ pub struct MemoryEstimate {
     pub total_bytes: u64,
     /// The parts: weights, adapter + optimizer, activations, attention, loss.
     pub parts: Vec<(String, u64)>,
-    /// The same with gradient checkpointing per decoder layer (planning figure).
+    /// The peak with gradient checkpointing per decoder layer (`train.gradient_checkpointing`;
+    /// equal to `total_bytes` when the config has it on).
     pub total_bytes_checkpointed: u64,
 }
 
@@ -288,9 +289,15 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     } else {
         4 * chunk * model.vocab_size as u64
     };
+    // Gradient checkpointing keeps each layer's input; at the peak, the layer being
+    // recomputed in the backward holds its activations and attention scores and about as
+    // much again in their gradients (measured: bench/RESULTS.md).
+    let layer_inputs = 4 * tokens * model.hidden_size as u64 * layers;
+    let (acts_ckpt, attn_ckpt) = (2 * acts / layers.max(1) + layer_inputs, 2 * attn / layers.max(1));
+    let ckpt = weights + adapter + acts_ckpt + attn_ckpt + loss;
+    let checkpointing = t.gradient_checkpointing;
+    let (acts, attn) = if checkpointing { (acts_ckpt, attn_ckpt) } else { (acts, attn) };
     let total_bytes = weights + adapter + acts + attn + loss;
-    let one_layer = acts / layers.max(1) + attn / layers.max(1);
-    let ckpt = weights + adapter + 4 * tokens * model.hidden_size as u64 * layers + one_layer + loss;
 
     // FLOPs: forward 2·tokens·(linear params) + attention 4·b·s²·(heads·head_dim) per layer;
     // backward: input gradients of every linear (2·tokens·params again), attention ×2, LoRA
@@ -303,7 +310,12 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     } else {
         ad.iter().map(|a| 2.0 * a.3 as f64).sum::<f64>() * tokens as f64 * 3.0
     };
-    let flops_micro = 2.0 * tokens as f64 * lin_params * 2.0 + 3.0 * attn_fwd + lora_flops;
+    let mut flops_micro = 2.0 * tokens as f64 * lin_params * 2.0 + 3.0 * attn_fwd + lora_flops;
+    if checkpointing {
+        // Every decoder layer runs forward twice (the LM head once).
+        let head = (model.hidden_size * model.vocab_size) as f64;
+        flops_micro += 2.0 * tokens as f64 * (lin_params - head) + attn_fwd;
+    }
     let flops = flops_micro * t.grad_accum as f64;
     let gflops = machine_gflops();
     let step_s = flops / (gflops * 1e9) * TIME_OVERHEAD;
@@ -347,8 +359,8 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
             parts: vec![
                 (if qlora { "weights (4-bit projections)" } else { "weights (f32)" }.into(), weights),
                 ("adapter + optimizer".into(), adapter),
-                ("activations".into(), acts),
-                ("attention scores".into(), attn),
+                (if checkpointing { "activations (layer inputs + one layer)" } else { "activations" }.into(), acts),
+                (if checkpointing { "attention scores (one layer)" } else { "attention scores" }.into(), attn),
                 ("loss (logits chunk)".into(), loss),
             ],
             total_bytes_checkpointed: ckpt,

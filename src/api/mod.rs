@@ -118,13 +118,10 @@ pub struct CreateRun {
     /// Imported dataset it uses, if any.
     #[serde(default)]
     pub dataset_id: Option<i64>,
-    /// Device (`cpu`).
-    #[serde(default = "default_device")]
+    /// Device to train on (`auto`, `cpu`, `cuda:N`); empty = the config's `train.device`.
+    /// Runs on one device wait for each other in the queue.
+    #[serde(default)]
     pub device: String,
-}
-
-fn default_device() -> String {
-    "cpu".into()
 }
 
 /// Response: a run with everything recorded about it.
@@ -230,6 +227,10 @@ impl Workbench {
     /// config names one. With a supervisor, the queue starts it when its device is free.
     pub async fn create_run(&self, req: CreateRun) -> Result<RunRecord> {
         let mut cfg = req.config;
+        if !req.device.is_empty() {
+            cfg.train.device = req.device.clone();
+        }
+        let device = crate::device::queue_key(&cfg.train.device, "train.device")?;
         if cfg.model.path.is_none() {
             cfg.model.path = Some(cfg.model_path());
         }
@@ -259,7 +260,7 @@ impl Workbench {
             dataset_path: data_path.display().to_string(),
             dataset_id: req.dataset_id,
             out_dir: String::new(),
-            device: req.device,
+            device,
         };
         let id = self.store.insert_run(&new).await?;
         if cfg.output.dir.is_none() {

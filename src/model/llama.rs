@@ -483,8 +483,35 @@ impl Llama {
     /// embeddings there (returns how many). The virtual tokens come first in the first pass
     /// over a sequence (no cache, or an empty one); a cache keeps them for later passes.
     fn hidden_full(&self, ids: &Tensor, ctx: &ForwardCtx, mut cache: Option<&mut KvCache>) -> Result<(Tensor, usize)> {
-        let (b, new) = ids.dims2()?;
         let pos = cache.as_ref().map(|c| c.len).unwrap_or(0);
+        let stem = self.stem(ids, ctx, pos)?;
+        let mut xs = stem.xs.clone();
+        if let Some(c) = cache.as_deref_mut() {
+            if pos == 0 || c.layers.len() != self.layers.len() {
+                c.layers = vec![LayerCache::default(); self.layers.len()];
+            }
+            if let Some(kv) = &stem.prefixes {
+                let host = uses_host_cache(&xs);
+                for (lc, (k, v)) in c.layers.iter_mut().zip(kv) {
+                    lc.prefill(stem.batch, k, v, host)?;
+                }
+            }
+            c.len = stem.seq_end;
+        }
+        let with_cache = cache.is_some();
+        let ctx = &ForwardCtx { generation: with_cache, ..*ctx };
+        for i in 0..self.layers.len() {
+            let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            xs = self.layer_forward(i, &xs, &stem, ctx, lc)?;
+        }
+        Ok((self.final_norm(&xs, ctx)?, stem.front))
+    }
+
+    /// Everything before the decoder layers for `ids` placed after `pos` cached positions:
+    /// the token embeddings (virtual input tokens in front in a first pass), the per-layer
+    /// virtual keys and values, and the RoPE tables for the rows.
+    fn stem(&self, ids: &Tensor, ctx: &ForwardCtx, pos: usize) -> Result<Stem> {
+        let (b, new) = ids.dims2()?;
         let virt = match &self.prompt {
             Some(p) if pos == 0 => Some(p.virtual_tokens(ctx)?),
             _ => None,
@@ -499,8 +526,7 @@ impl Llama {
             )));
         }
         let flat = ids.flatten_all()?;
-        let tuned = self.tuned.as_deref();
-        let embedded = match tuned.and_then(|t| t.embedding(ctx)) {
+        let embedded = match self.tuned.as_deref().and_then(|t| t.embedding(ctx)) {
             Some(w) => w.embedding(&flat)?,
             None => self.embed_tokens.rows(&flat)?,
         };
@@ -524,29 +550,24 @@ impl Llama {
         let rows = front + new;
         let cos = self.cos.narrow(0, s - rows, rows)?;
         let sin = self.sin.narrow(0, s - rows, rows)?;
-        if let Some(c) = cache.as_deref_mut() {
-            if pos == 0 || c.layers.len() != self.layers.len() {
-                c.layers = vec![LayerCache::default(); self.layers.len()];
-            }
-            if let Some(kv) = &prefixes {
-                let host = uses_host_cache(&xs);
-                for (lc, (k, v)) in c.layers.iter_mut().zip(kv) {
-                    lc.prefill(b, k, v, host)?;
-                }
-            }
-            c.len = s;
-        }
-        let with_cache = cache.is_some();
-        let ctx = &ForwardCtx { generation: with_cache, ..*ctx };
-        for (i, layer) in self.layers.iter().enumerate() {
-            let lctx = ForwardCtx { seed: ctx.seed.wrapping_mul(1_000_003).wrapping_add(i as u64), ..*ctx };
-            let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let prefix = if with_cache { None } else { prefixes.as_ref().map(|p| &p[i]) };
-            let norms = [NormSite::Input(i), NormSite::PostAttention(i)].map(|site| tuned.and_then(|t| t.norm(site, ctx)));
-            xs = layer.forward(&xs, &self.cfg, &cos, &sin, &lctx, lc, prefix, norms)?;
-        }
-        let norm = tuned.and_then(|t| t.norm(NormSite::Final, ctx));
-        Ok((ops::rms_norm(&xs, norm.as_ref().unwrap_or(&self.norm), self.cfg.rms_norm_eps)?, front))
+        Ok(Stem { xs, front, prefixes, cos, sin, batch: b, seq_end: s })
+    }
+
+    /// Decoder layer `i` on `xs`. Each layer draws its own dropout masks from the pass's seed,
+    /// so running a layer again (gradient checkpointing) draws the same ones.
+    fn layer_forward(&self, i: usize, xs: &Tensor, stem: &Stem, ctx: &ForwardCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+        let lctx = ForwardCtx { seed: ctx.seed.wrapping_mul(1_000_003).wrapping_add(i as u64), ..*ctx };
+        // A cache holds the virtual keys and values from its first pass.
+        let prefix = if cache.is_some() { None } else { stem.prefixes.as_ref().map(|p| &p[i]) };
+        let tuned = self.tuned.as_deref();
+        let norms = [NormSite::Input(i), NormSite::PostAttention(i)].map(|site| tuned.and_then(|t| t.norm(site, ctx)));
+        self.layers[i].forward(xs, &self.cfg, &stem.cos, &stem.sin, &lctx, cache, prefix, norms)
+    }
+
+    /// The final RMSNorm.
+    fn final_norm(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let norm = self.tuned.as_deref().and_then(|t| t.norm(NormSite::Final, ctx));
+        Ok(ops::rms_norm(xs, norm.as_ref().unwrap_or(&self.norm), self.cfg.rms_norm_eps)?)
     }
 
     /// Installs (or with None removes) a prompt-learning method's virtual tokens.
@@ -629,12 +650,21 @@ impl Llama {
     /// `chunk` rows, so the full (b·s, vocab) logits never exist at once.
     pub fn loss_sum(&self, ids: &Tensor, labels: &[i64], ctx: &ForwardCtx, chunk: usize) -> Result<(Tensor, usize)> {
         let (b, s) = ids.dims2()?;
-        // With virtual input tokens in front (prompt tuning, P-tuning), the last of them
-        // predicts the first real label, as in HF PEFT (which pads the labels with -100 for
-        // the virtual positions and shifts as usual).
         let (h, front) = self.hidden_full(ids, ctx, None)?;
+        let (rows, targets) = self.label_rows(b, s, front, labels)?;
+        if rows.is_empty() {
+            return Ok((Tensor::zeros((), self.embed_tokens.dtype(), &self.device)?, 0));
+        }
+        let h = h.reshape((b * (front + s), self.cfg.hidden_size))?;
+        Ok((self.head_loss(&h, &rows, &targets, ctx, chunk)?, rows.len()))
+    }
+
+    /// The rows of the flattened hidden states (b·(front + s), hidden) that predict a label,
+    /// and those labels. With virtual input tokens in front (prompt tuning, P-tuning), the
+    /// last of them predicts the first real label, as in HF PEFT (which pads the labels with
+    /// -100 for the virtual positions and shifts as usual).
+    fn label_rows(&self, b: usize, s: usize, front: usize, labels: &[i64]) -> Result<(Vec<u32>, Vec<u32>)> {
         let width = front + s;
-        let h = h.reshape((b * width, self.cfg.hidden_size))?;
         let mut rows = Vec::new();
         let mut targets = Vec::new();
         for bi in 0..b {
@@ -651,14 +681,17 @@ impl Llama {
                 }
             }
         }
+        Ok((rows, targets))
+    }
+
+    /// Summed cross-entropy of the LM head on the given rows of `h` (flattened final hidden
+    /// states) against `targets`.
+    fn head_loss(&self, h: &Tensor, rows: &[u32], targets: &[u32], ctx: &ForwardCtx, chunk: usize) -> Result<Tensor> {
         let n = rows.len();
-        if n == 0 {
-            return Ok((Tensor::zeros((), self.embed_tokens.dtype(), &self.device)?, 0));
-        }
-        let idx = Tensor::from_slice(&rows, n, &self.device)?;
+        let idx = Tensor::from_slice(rows, n, &self.device)?;
         let hs = h.index_select(&idx, 0)?;
-        let total = if self.lm_head.adapter().is_none() && self.lm_head.bias().is_none() {
-            ops::linear_cross_entropy(&hs, &self.lm_head.weight().dense()?, &targets, chunk)?.sum_all()?
+        Ok(if self.lm_head.adapter().is_none() && self.lm_head.bias().is_none() {
+            ops::linear_cross_entropy(&hs, &self.lm_head.weight().dense()?, targets, chunk)?.sum_all()?
         } else {
             // An adapter on the LM head: logits through the slot, then cross-entropy.
             let mut parts = Vec::new();
@@ -668,9 +701,98 @@ impl Llama {
                 parts.push(ops::cross_entropy_rows(&logits, &targets[start..end])?);
             }
             Tensor::cat(&parts, 0)?.sum_all()?
-        };
-        Ok((total, n))
+        })
     }
+
+    /// [`Llama::loss_sum`] and the gradients of `scale ×` that sum for `vars`, with gradient
+    /// checkpointing per decoder layer: the forward keeps only each layer's input (one
+    /// (b, s, hidden) tensor per layer) and drops the layer's graph; the backward runs from
+    /// the loss down, computing each layer again from its saved input and pulling the
+    /// incoming gradient through it. Activation memory is the layer inputs plus one layer's
+    /// graph instead of every layer's; the price is a second forward of every layer.
+    /// The gradients equal the plain backward's (same ops, same dropout masks: each layer
+    /// draws them from the pass's seed). Returns the loss sum (no graph), the number of
+    /// counted positions and, for each of `vars`, its gradient (None when it gets none).
+    pub fn loss_grads_checkpointed(
+        &self,
+        ids: &Tensor,
+        labels: &[i64],
+        ctx: &ForwardCtx,
+        chunk: usize,
+        scale: f64,
+        vars: &[&Tensor],
+    ) -> Result<(Tensor, usize, Vec<Option<Tensor>>)> {
+        let (b, s) = ids.dims2()?;
+        let stem = self.stem(ids, ctx, 0)?;
+        let (rows, targets) = self.label_rows(b, s, stem.front, labels)?;
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        if rows.is_empty() {
+            return Ok((Tensor::zeros((), self.embed_tokens.dtype(), &self.device)?, 0, grads));
+        }
+        // Gradients are kept as values only (see the trainer: a variable's gradient can stay
+        // attached to the graph it came from).
+        let mut take = |store: &candle_core::backprop::GradStore| -> Result<()> {
+            for (acc, v) in grads.iter_mut().zip(vars) {
+                if let Some(g) = store.get(v) {
+                    let g = g.detach();
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + g)?,
+                        None => g,
+                    });
+                }
+            }
+            Ok(())
+        };
+        // Forward: each layer's input is kept, its graph dropped with the detached output.
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut xs = stem.xs.detach();
+        for i in 0..self.layers.len() {
+            let out = self.layer_forward(i, &xs, &stem, ctx, None)?.detach();
+            inputs.push(std::mem::replace(&mut xs, out));
+        }
+        // The head: final norm, LM head and loss, from the last layer's output as a leaf.
+        let leaf = candle_core::Var::from_tensor(&xs)?;
+        drop(xs);
+        let h = self.final_norm(leaf.as_tensor(), ctx)?.reshape((b * (stem.front + s), self.cfg.hidden_size))?;
+        let total = self.head_loss(&h, &rows, &targets, ctx, chunk)?;
+        let loss = total.detach();
+        let store = (total * scale)?.backward()?;
+        take(&store)?;
+        let mut upstream = store.get(leaf.as_tensor()).map(|g| g.detach());
+        drop(store);
+        // Down the layers: recompute each from its saved input and pull the gradient through.
+        for i in (0..self.layers.len()).rev() {
+            let (Some(g_out), Some(input)) = (upstream.take(), inputs.pop()) else { break };
+            let leaf = candle_core::Var::from_tensor(&input)?;
+            drop(input);
+            let out = self.layer_forward(i, leaf.as_tensor(), &stem, ctx, None)?;
+            let store = (out * g_out)?.sum_all()?.backward()?;
+            take(&store)?;
+            upstream = store.get(leaf.as_tensor()).map(|g| g.detach());
+        }
+        // The stem: trained embeddings or virtual input tokens.
+        if let Some(g) = upstream {
+            if stem.xs.track_op() {
+                take(&(&stem.xs * g)?.sum_all()?.backward()?)?;
+            }
+        }
+        Ok((loss, rows.len(), grads))
+    }
+}
+
+/// What runs before the decoder layers (see `Llama::stem`).
+struct Stem {
+    /// (b, front + new, hidden).
+    xs: Tensor,
+    /// Virtual input tokens in front of the real ones.
+    front: usize,
+    /// Per-layer virtual keys and values (prefix tuning).
+    prefixes: Option<Vec<(Tensor, Tensor)>>,
+    cos: Tensor,
+    sin: Tensor,
+    batch: usize,
+    /// Positions covered after this pass (cached + virtual + new).
+    seq_end: usize,
 }
 
 /// One layer's cached keys and values: on the CPU in a buffer that grows in place

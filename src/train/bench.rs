@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use super::config::RunConfig;
@@ -24,6 +24,8 @@ pub struct BenchResult {
     pub losses: Vec<f64>,
     /// Seconds per timed step.
     pub step_s: Vec<f64>,
+    /// Where it ran (`cpu`, `cuda:0`).
+    pub device: String,
 }
 
 /// This process's peak resident set size in bytes (Linux `VmHWM`; 0 elsewhere).
@@ -39,40 +41,119 @@ pub fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// The model a benchmark trains: a real one from disk, or a named shape with seeded random
+/// weights (the GPU benchmark's shapes, which PyTorch builds the same way from a config).
+pub enum BenchModel<'a> {
+    /// A GGUF file or HF folder.
+    Path(&'a Path),
+    /// A shape from [`SHAPES`], random-init.
+    Shape(&'a str),
+}
+
+/// Benchmark shapes: (name, hidden, layers, heads, kv heads, intermediate, vocab); all with
+/// tied embeddings, as in `bench/gpu_bench.py`.
+pub const SHAPES: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
+    ("tiny", 64, 2, 4, 2, 128, 512),
+    ("smollm2-135m", 576, 30, 9, 3, 1536, 49152),
+    ("llama-1b", 2048, 16, 32, 8, 8192, 128256),
+    ("qwen1.5b-like", 1536, 28, 12, 2, 8960, 151936),
+];
+
+/// The config of a named benchmark shape.
+pub fn shape_config(name: &str) -> Result<crate::model::LlamaConfig> {
+    let &(_, h, l, nh, nkv, ff, vocab) = SHAPES
+        .iter()
+        .find(|s| s.0 == name)
+        .ok_or_else(|| Error::Msg(format!("unknown shape `{name}`; shapes: {}", SHAPES.iter().map(|s| s.0).collect::<Vec<_>>().join(", "))))?;
+    let mut c = crate::model::LlamaConfig::tiny(vocab);
+    (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) = (h, l, nh, Some(nkv), ff);
+    c.max_position_embeddings = 4096;
+    Ok(c)
+}
+
+/// How a benchmark trains.
+pub struct BenchOptions<'a> {
+    /// LoRA rank.
+    pub rank: usize,
+    /// LoRA alpha.
+    pub alpha: f64,
+    /// LoRA targets.
+    pub targets: &'a [&'a str],
+    /// Constant learning rate.
+    pub lr: f64,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Where to train.
+    pub device: &'a str,
+    /// Gradient checkpointing per decoder layer.
+    pub gradient_checkpointing: bool,
+}
+
 /// Runs `warmup + steps` LoRA training steps (full causal-LM loss on every token, AdamW
-/// without weight decay at a constant `lr`) cycling through the batches in `batches_file`.
-#[allow(clippy::too_many_arguments)]
-pub fn run(model_path: &Path, batches_file: &Path, rank: usize, alpha: f64, targets: &[&str], lr: f64, warmup: usize, steps: usize) -> Result<BenchResult> {
-    let device = Device::Cpu;
-    let mut m = model::load(model_path, &device)?;
-    let t = candle_core::safetensors::load(batches_file, &device).map_err(|e| Error::bad_input(batches_file, None, e.to_string()))?;
-    let ids = t
-        .get("input_ids")
-        .ok_or_else(|| Error::bad_input(batches_file, None, "no `input_ids` tensor"))?
-        .to_dtype(DType::U32)?;
-    let (n, b, s) = ids.dims3().map_err(|_| Error::bad_input(batches_file, None, "`input_ids` must be [n_batches, batch, seq]"))?;
-    let adapter = Adapter::inject(&mut m.model, &RunConfig::lora(rank, alpha, targets), 0)?;
+/// without weight decay at a constant `lr`) cycling through the batches: those in
+/// `batches_file` (`input_ids` [n, batch, seq]), or `random` = (batch, seq) seeded random
+/// tokens.
+pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize), o: &BenchOptions) -> Result<BenchResult> {
+    let device = crate::device::open(o.device, "--device")?;
+    let mut model = match model {
+        BenchModel::Path(p) => model::load(p, &device)?.model,
+        BenchModel::Shape(name) => model::Llama::random(shape_config(name)?, 0, &device)?,
+    };
+    let ids = match batches_file {
+        Some(f) => {
+            let t = candle_core::safetensors::load(f, &device).map_err(|e| Error::bad_input(f, None, e.to_string()))?;
+            t.get("input_ids").ok_or_else(|| Error::bad_input(f, None, "no `input_ids` tensor"))?.to_dtype(DType::U32)?
+        }
+        None => {
+            use rand::{Rng, SeedableRng};
+            let (b, s) = random;
+            let vocab = model.config().vocab_size as u32;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+            let v: Vec<u32> = (0..2 * b * s).map(|_| rng.random_range(0..vocab)).collect();
+            Tensor::from_vec(v, (2, b, s), &device)?
+        }
+    };
+    let source = batches_file.map(|f| f.display().to_string()).unwrap_or_else(|| "random batches".into());
+    let (n, b, s) = ids.dims3().map_err(|_| Error::Msg(format!("{source}: `input_ids` must be [n_batches, batch, seq]")))?;
+    let adapter = Adapter::inject(&mut model, &RunConfig::lora(o.rank, o.alpha, o.targets), 0)?;
     let mut opt = AdamW::new(adapter.trainable(), AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })?;
     let vars = adapter.trainable();
+    let tensors: Vec<&Tensor> = vars.iter().map(|(_, v)| v.as_tensor()).collect();
     let mut losses = Vec::new();
     let mut step_s = Vec::new();
-    for i in 0..warmup + steps {
+    for i in 0..o.warmup + o.steps {
         let start = Instant::now();
         let batch = ids.get(i % n)?;
         let labels: Vec<i64> = batch.flatten_all()?.to_vec1::<u32>()?.into_iter().map(|x| x as i64).collect();
-        let (sum, cnt) = m.model.loss_sum(&batch, &labels, &ForwardCtx { train: true, seed: i as u64, ..Default::default() }, 256)?;
-        let loss = (sum / cnt as f64)?;
-        losses.push(loss.to_scalar::<f32>()? as f64);
-        let g = loss.backward()?;
-        let grads: Vec<Tensor> = vars
-            .iter()
-            .map(|(_, v)| g.get(v.as_tensor()).cloned().map(Ok).unwrap_or_else(|| v.zeros_like()))
-            .collect::<candle_core::Result<_>>()?;
-        opt.step(&grads, lr)?;
-        if i >= warmup {
+        let ctx = ForwardCtx { train: true, seed: i as u64, ..Default::default() };
+        let grads: Vec<Option<Tensor>> = if o.gradient_checkpointing {
+            let cnt = labels.len() - b;
+            let (sum, _, g) = model.loss_grads_checkpointed(&batch, &labels, &ctx, 256, 1.0 / cnt as f64, &tensors)?;
+            losses.push(sum.to_scalar::<f32>()? as f64 / cnt as f64);
+            g
+        } else {
+            let (sum, cnt) = model.loss_sum(&batch, &labels, &ctx, 256)?;
+            let loss = (sum / cnt as f64)?;
+            losses.push(loss.to_scalar::<f32>()? as f64);
+            let g = loss.backward()?;
+            tensors.iter().map(|t| g.get(t).cloned()).collect()
+        };
+        let grads: Vec<Tensor> =
+            grads.into_iter().zip(&vars).map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like())).collect::<candle_core::Result<_>>()?;
+        opt.step(&grads, o.lr)?;
+        device.synchronize()?;
+        if i >= o.warmup {
             step_s.push(start.elapsed().as_secs_f64());
         }
     }
     let total: f64 = step_s.iter().sum();
-    Ok(BenchResult { tokens_per_s: (steps * b * s) as f64 / total.max(1e-9), peak_rss_bytes: peak_rss_bytes(), losses, step_s })
+    Ok(BenchResult {
+        tokens_per_s: (o.steps * b * s) as f64 / total.max(1e-9),
+        peak_rss_bytes: peak_rss_bytes(),
+        losses,
+        step_s,
+        device: crate::device::describe(&device),
+    })
 }

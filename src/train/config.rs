@@ -134,6 +134,12 @@ pub struct TrainSection {
     pub keep_checkpoints: usize,
     /// Rows of the LM head computed at once in the loss (bounds logits memory).
     pub loss_chunk: usize,
+    /// Where to train: auto (the first CUDA GPU in a CUDA build, else the CPU), cpu, cuda,
+    /// cuda:N.
+    pub device: String,
+    /// Keep only each decoder layer's input in the forward and recompute the layer in the
+    /// backward: activation memory of one layer instead of all, for a second forward.
+    pub gradient_checkpointing: bool,
 }
 
 
@@ -159,6 +165,8 @@ impl Default for TrainSection {
             save_steps: 0,
             keep_checkpoints: 2,
             loss_chunk: 256,
+            device: "auto".into(),
+            gradient_checkpointing: false,
         }
     }
 }
@@ -306,6 +314,7 @@ impl RunConfig {
         if t.loss_chunk == 0 {
             return bad("train.loss_chunk", "must be at least 1");
         }
+        crate::device::DeviceChoice::parse(&t.device, "train.device")?;
         if self.data.max_len < 2 {
             return bad("data.max_len", "must be at least 2");
         }

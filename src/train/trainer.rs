@@ -87,9 +87,68 @@ pub fn load_base(cfg: &RunConfig, device: &Device) -> Result<model::LoadedModel>
     }
 }
 
+/// One micro-batch's share of the step loss (its cross-entropy sum over the step's
+/// `n_targets` target tokens) and its gradients for `vars` (values only, no graph). A method's
+/// penalty (AdaLoRA's) is added to the gradient, once per optimizer step over the
+/// micro-batches; the reported loss stays the cross-entropy.
+#[allow(clippy::too_many_arguments)]
+fn micro_grads(
+    model: &model::Llama,
+    adapter: &Adapter,
+    ids: &Tensor,
+    labels: &[i64],
+    ctx: &ForwardCtx,
+    t: &super::config::TrainSection,
+    n_targets: usize,
+    vars: &[(String, candle_core::Var)],
+) -> Result<(f64, Vec<Option<Tensor>>)> {
+    let scale = 1.0 / n_targets as f64;
+    // candle leaves a variable's gradient attached to the graph it came from when the
+    // variable met another tracked tensor (DoRA's `m / ‖W + s·B·A‖`): kept in the optimizer's
+    // moments, that graph (and every earlier step's) would stay alive. Only values go on.
+    let collect = |store: &candle_core::backprop::GradStore| -> Vec<Option<Tensor>> {
+        vars.iter().map(|(_, v)| store.get(v.as_tensor()).map(|g| g.detach())).collect()
+    };
+    if t.gradient_checkpointing {
+        let tensors: Vec<&Tensor> = vars.iter().map(|(_, v)| v.as_tensor()).collect();
+        let (sum, _, mut grads) = model.loss_grads_checkpointed(ids, labels, ctx, t.loss_chunk, scale, &tensors)?;
+        let lv = sum.to_scalar::<f32>()? as f64 * scale;
+        if let Some(r) = adapter.regularizer(ctx)? {
+            let extra = collect(&(r / t.grad_accum as f64)?.backward()?);
+            for (g, e) in grads.iter_mut().zip(extra) {
+                *g = match (g.take(), e) {
+                    (Some(a), Some(b)) => Some((a + b)?),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        return Ok((lv, grads));
+    }
+    let (sum, _) = model.loss_sum(ids, labels, ctx, t.loss_chunk)?;
+    let loss = (sum * scale)?;
+    let lv = loss.to_scalar::<f32>()? as f64;
+    let loss = match adapter.regularizer(ctx)? {
+        Some(r) => (loss + (r / t.grad_accum as f64)?)?,
+        None => loss,
+    };
+    if !lv.is_finite() {
+        return Ok((lv, vec![None; vars.len()]));
+    }
+    Ok((lv, collect(&loss.backward()?)))
+}
+
+/// An out-of-memory error becomes one that says what to change.
+fn out_of_memory(e: Error, device: &Device, cfg: &RunConfig) -> Error {
+    if !crate::device::is_out_of_memory(&e) {
+        return e;
+    }
+    let qlora = matches!(cfg.peft, crate::peft::PeftConfig::Qlora(_));
+    Error::Training(crate::device::out_of_memory_advice(device, cfg.train.batch_size, cfg.data.max_len, cfg.train.gradient_checkpointing, qlora))
+}
+
 /// Runs (or resumes) a training run end to end.
 pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) -> Result<TrainSummary> {
-    let device = Device::Cpu;
+    let device = crate::device::open(&cfg.train.device, "train.device")?;
     let out_dir = cfg.output_dir();
     std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
     let cfg_text = toml::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
@@ -108,6 +167,13 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         max_examples: d.max_examples,
     };
     let dataset = data::load_dataset(&d.path, &data_opts, &template, &m.tokenizer)?;
+    obs.on_event(&TrainEvent::Message {
+        text: format!(
+            "device: {}{}",
+            crate::device::describe(&device),
+            if cfg.train.gradient_checkpointing { ", gradient checkpointing per decoder layer" } else { "" }
+        ),
+    });
     if dataset.train.is_empty() {
         return Err(Error::bad_input(&d.path, None, "no training examples left after the validation split"));
     }
@@ -253,15 +319,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
             }
             let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &device)?;
             let ctx = ForwardCtx { train: true, seed: cfg.seed ^ ((state.step as u64) << 20) ^ mi as u64, ..Default::default() };
-            let (sum, _) = m.model.loss_sum(&ids, &b.labels, &ctx, t.loss_chunk)?;
-            let loss = (sum / n_targets as f64)?;
-            // The reported loss is the cross-entropy; a method's penalty (AdaLoRA's) is added
-            // for the gradient only, once per optimizer step over the micro-batches.
-            let lv = loss.to_scalar::<f32>()? as f64;
-            let loss = match adapter.regularizer(&ctx)? {
-                Some(r) => (loss + (r / t.grad_accum as f64)?)?,
-                None => loss,
-            };
+            let (lv, grads) = micro_grads(&m.model, &adapter, &ids, &b.labels, &ctx, t, n_targets, &vars).map_err(|e| out_of_memory(e, &device, cfg))?;
             if !lv.is_finite() {
                 let lr = optim::lr_at(state.step, total_steps, warmup, t.lr, t.schedule, t.min_lr_ratio);
                 return Err(Error::Training(format!(
@@ -270,16 +328,10 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
                 )));
             }
             loss_total += lv;
-            let grads = loss.backward()?;
-            for (i, (_, v)) in vars.iter().enumerate() {
-                if let Some(g) = grads.get(v.as_tensor()) {
-                    // candle leaves a variable's gradient attached to the graph it came from
-                    // when the variable met another tracked tensor (DoRA's `m / ‖W + s·B·A‖`):
-                    // kept in the optimizer's moments, that graph (and every earlier step's)
-                    // would stay alive. Only the values go on.
-                    let g = g.detach();
-                    acc[i] = Some(match acc[i].take() {
-                        Some(a) => (a + g)?,
+            for (a, g) in acc.iter_mut().zip(grads) {
+                if let Some(g) = g {
+                    *a = Some(match a.take() {
+                        Some(x) => (x + g)?,
                         None => g,
                     });
                 }

@@ -237,11 +237,28 @@ enum Cmd {
     /// `input_ids` [n, batch, seq]); prints one JSON line.
     BenchTrain {
         /// Model.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "shape")]
         model: Option<PathBuf>,
-        /// Batches file.
+        /// A named shape with seeded random weights instead of a model: tiny, smollm2-135m,
+        /// llama-1b, qwen1.5b-like.
         #[arg(long)]
-        batches: PathBuf,
+        shape: Option<String>,
+        /// Batches file (safetensors `input_ids` [n, batch, seq]); without it, random tokens of
+        /// --batch × --seq.
+        #[arg(long)]
+        batches: Option<PathBuf>,
+        /// Rows per random batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Tokens per row of a random batch.
+        #[arg(long, default_value_t = 512)]
+        seq: usize,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Gradient checkpointing per decoder layer.
+        #[arg(long)]
+        gradient_checkpointing: bool,
         /// Rank.
         #[arg(long, default_value_t = 16)]
         rank: usize,
@@ -283,6 +300,12 @@ struct TrainArgs {
     /// Override train.max_steps.
     #[arg(long)]
     max_steps: Option<usize>,
+    /// Override train.device: auto, cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    /// Turn on train.gradient_checkpointing (recompute each layer in the backward).
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Print events as JSON lines instead of a progress bar.
     #[arg(long)]
     json: bool,
@@ -465,7 +488,7 @@ impl TrainObserver for Progress {
 }
 
 fn cmd_train(args: TrainArgs) -> Result<()> {
-    let TrainArgs { config, preset, resume, out, model, max_steps, json, no_heldout } = args;
+    let TrainArgs { config, preset, resume, out, model, max_steps, device, gradient_checkpointing, json, no_heldout } = args;
     let mut cfg = match (config, preset) {
         (Some(c), _) => RunConfig::from_file(&c)?,
         (None, Some(p)) => RunConfig::preset(&p)?,
@@ -480,6 +503,11 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
     if let Some(s) = max_steps {
         cfg.train.max_steps = s;
     }
+    if let Some(d) = device {
+        tunebench::device::DeviceChoice::parse(&d, "--device")?;
+        cfg.train.device = d;
+    }
+    cfg.train.gradient_checkpointing |= gradient_checkpointing;
     let rt = runs::runtime()?;
     let wb = runs::workbench(&rt)?;
     let run_id = if resume {
@@ -495,7 +523,7 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
             }
         }
     } else {
-        let r = rt.block_on(wb.create_run(tunebench::api::CreateRun { config: cfg, dataset_id: None, device: "cpu".into() }))?;
+        let r = rt.block_on(wb.create_run(tunebench::api::CreateRun { config: cfg, dataset_id: None, device: String::new() }))?;
         r.id
     };
     drop(wb);
@@ -696,8 +724,16 @@ fn run(cli: Cli) -> Result<()> {
             });
             println!("{out}");
         }
-        Cmd::BenchTrain { model, batches, rank, alpha, targets, lr, warmup_steps, steps } => {
-            let r = tunebench::train::bench::run(&model_path(model), &batches, rank, alpha, &targets_of(&targets), lr, warmup_steps, steps)?;
+        Cmd::BenchTrain { model, shape, batches, batch, seq, device, gradient_checkpointing, rank, alpha, targets, lr, warmup_steps, steps } => {
+            use tunebench::train::bench::{self, BenchModel, BenchOptions};
+            let path = model_path(model);
+            let which = match &shape {
+                Some(s) => BenchModel::Shape(s),
+                None => BenchModel::Path(&path),
+            };
+            let targets = targets_of(&targets);
+            let o = BenchOptions { rank, alpha, targets: &targets, lr, warmup: warmup_steps, steps, device: &device, gradient_checkpointing };
+            let r = bench::run(which, batches.as_deref(), (batch, seq), &o)?;
             println!("{}", serde_json::to_string(&r).map_err(|e| Error::Msg(e.to_string()))?);
         }
     }

@@ -14,6 +14,7 @@ config: RunConfig,
  */
 dataset_id: number | null, 
 /**
- * Device (`cpu`).
+ * Device to train on (`auto`, `cpu`, `cuda:N`); empty = the config's `train.device`.
+ * Runs on one device wait for each other in the queue.
  */
 device: string, };

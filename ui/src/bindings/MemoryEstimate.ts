@@ -13,6 +13,7 @@ total_bytes: number,
  */
 parts: Array<[string, number]>, 
 /**
- * The same with gradient checkpointing per decoder layer (planning figure).
+ * The peak with gradient checkpointing per decoder layer (`train.gradient_checkpointing`;
+ * equal to `total_bytes` when the config has it on).
  */
 total_bytes_checkpointed: number, };

@@ -76,4 +76,14 @@ keep_checkpoints: number,
 /**
  * Rows of the LM head computed at once in the loss (bounds logits memory).
  */
-loss_chunk: number, };
+loss_chunk: number, 
+/**
+ * Where to train: auto (the first CUDA GPU in a CUDA build, else the CPU), cpu, cuda,
+ * cuda:N.
+ */
+device: string, 
+/**
+ * Keep only each decoder layer's input in the forward and recompute the layer in the
+ * backward: activation memory of one layer instead of all, for a second forward.
+ */
+gradient_checkpointing: boolean, };

@@ -1,0 +1,194 @@
+//! Where tensors live: `cpu`, `cuda`, `cuda:N` or `auto`, as written in a run config
+//! (`train.device`), a CLI flag (`--device`) or an API request.
+//!
+//! A CUDA device exists only in a build with the `cuda` cargo feature (`scripts/build-cuda`);
+//! asking for one elsewhere is an error that says how to get such a build. `auto` takes the
+//! first CUDA device when the build has CUDA and a GPU answers, and the CPU otherwise.
+
+use candle_core::Device;
+
+use crate::{Error, Result};
+
+/// A parsed device choice (what the user wrote, before any device is opened).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The first CUDA device if this build and machine have one, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA device N (`cuda` = `cuda:0`).
+    Cuda(usize),
+}
+
+/// Whether this binary was built with CUDA support.
+pub const CUDA_BUILD: bool = cfg!(feature = "cuda");
+
+impl DeviceChoice {
+    /// Parses `auto`, `cpu`, `cuda` or `cuda:N` (case-insensitive); `key` names the setting in
+    /// the error.
+    pub fn parse(spec: &str, key: &str) -> Result<Self> {
+        let s = spec.trim().to_ascii_lowercase();
+        match s.as_str() {
+            "auto" | "" => return Ok(DeviceChoice::Auto),
+            "cpu" => return Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => return Ok(DeviceChoice::Cuda(0)),
+            _ => {}
+        }
+        if let Some(n) = s.strip_prefix("cuda:") {
+            if let Ok(n) = n.parse::<usize>() {
+                return Ok(DeviceChoice::Cuda(n));
+            }
+        }
+        Err(Error::config(key, format!("`{spec}` is not a device; use auto, cpu, cuda or cuda:N (N = 0, 1, …)")))
+    }
+
+    /// Opens the device. `auto` never fails (it falls back to the CPU); a CUDA device fails
+    /// with advice when this build has no CUDA support or the GPU does not answer.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Auto => Ok(open_cuda(0).unwrap_or(Device::Cpu)),
+            DeviceChoice::Cuda(n) => open_cuda(n),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceChoice::Auto => write!(f, "auto"),
+            DeviceChoice::Cpu => write!(f, "cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Parses and opens a device spec in one go (see [`DeviceChoice::parse`]).
+pub fn open(spec: &str, key: &str) -> Result<Device> {
+    DeviceChoice::parse(spec, key)?.open()
+}
+
+/// The device choices a form offers in this build: auto, cpu, and cuda:0 when built with CUDA.
+pub fn choices() -> Vec<String> {
+    let mut v = vec!["auto".to_string(), "cpu".to_string()];
+    if CUDA_BUILD {
+        v.push("cuda:0".into());
+    }
+    v
+}
+
+/// The device a run occupies in the run queue (one training run per device at a time):
+/// `cpu` or `cuda:N`, with `auto` resolved as [`DeviceChoice::open`] would.
+pub fn queue_key(spec: &str, key: &str) -> Result<String> {
+    Ok(match DeviceChoice::parse(spec, key)? {
+        DeviceChoice::Cpu => "cpu".into(),
+        DeviceChoice::Cuda(n) => format!("cuda:{n}"),
+        DeviceChoice::Auto => describe(&DeviceChoice::Auto.open()?),
+    })
+}
+
+/// A short name for messages and reports (`cpu`, `cuda:0`).
+pub fn describe(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(n: usize) -> Result<Device> {
+    Device::new_cuda(n).map_err(|e| {
+        Error::Msg(format!(
+            "cannot open CUDA device {n}: {e}. Check that the NVIDIA driver is loaded (nvidia-smi lists the GPU) and that cuda:{n} exists, or set train.device = \"cpu\""
+        ))
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(n: usize) -> Result<Device> {
+    Err(Error::Msg(format!(
+        "cuda:{n} was asked for, but this tunebench was built without CUDA support. Build it with `bash scripts/build-cuda` (cargo build --release --features cuda), or set train.device = \"cpu\""
+    )))
+}
+
+/// Whether a failed operation ran out of device memory (CUDA's `CUDA_ERROR_OUT_OF_MEMORY`,
+/// cuBLAS's allocation failure, or an allocator's "out of memory").
+pub fn is_out_of_memory(err: &Error) -> bool {
+    let text = err.to_string().to_ascii_lowercase();
+    text.contains("out_of_memory") || text.contains("out of memory") || text.contains("cublas_status_alloc_failed")
+}
+
+/// What to try after running out of device memory, for a run with these settings.
+pub fn out_of_memory_advice(device: &Device, batch_size: usize, max_len: usize, checkpointing: bool, qlora: bool) -> String {
+    let mut tips = Vec::new();
+    if batch_size > 1 {
+        tips.push(format!(
+            "halve train.batch_size (now {batch_size}) and double train.grad_accum to keep the same effective batch"
+        ));
+    }
+    if !checkpointing {
+        tips.push("set train.gradient_checkpointing = true (keeps one layer's activations instead of all, ~30% slower)".into());
+    }
+    if !qlora {
+        tips.push("use method = \"qlora\" (the base model in 4-bit blocks)".into());
+    }
+    tips.push(format!("lower data.max_len (now {max_len})"));
+    format!(
+        "{} ran out of memory. Nothing from this step was saved; resume from the last checkpoint after one of: {}",
+        describe(device),
+        tips.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_specs() {
+        assert_eq!(DeviceChoice::parse("auto", "k").unwrap(), DeviceChoice::Auto);
+        assert_eq!(DeviceChoice::parse(" CPU ", "k").unwrap(), DeviceChoice::Cpu);
+        assert_eq!(DeviceChoice::parse("cuda", "k").unwrap(), DeviceChoice::Cuda(0));
+        assert_eq!(DeviceChoice::parse("cuda:3", "k").unwrap(), DeviceChoice::Cuda(3));
+        for bad in ["cuda:", "cuda:x", "tpu", "cuda:-1"] {
+            let e = DeviceChoice::parse(bad, "train.device").unwrap_err().to_string();
+            assert!(e.contains("train.device") && e.contains(bad), "{e}");
+        }
+        assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn cpu_and_auto_open_without_a_gpu() {
+        assert!(DeviceChoice::Cpu.open().unwrap().is_cpu());
+        let auto = DeviceChoice::Auto.open().unwrap();
+        if !CUDA_BUILD {
+            assert!(auto.is_cpu());
+            let e = DeviceChoice::Cuda(1).open().unwrap_err().to_string();
+            assert!(e.contains("without CUDA support") && e.contains("scripts/build-cuda"), "{e}");
+        }
+    }
+
+    #[test]
+    fn queue_keys_name_one_device() {
+        assert_eq!(queue_key("cuda:2", "k").unwrap(), "cuda:2");
+        assert_eq!(queue_key("cuda", "k").unwrap(), "cuda:0");
+        assert_eq!(queue_key("cpu", "k").unwrap(), "cpu");
+        if !CUDA_BUILD {
+            assert_eq!(queue_key("auto", "k").unwrap(), "cpu");
+            assert_eq!(choices(), ["auto", "cpu"]);
+        }
+        assert!(queue_key("npu", "train.device").is_err());
+    }
+
+    #[test]
+    fn recognises_out_of_memory_and_advises() {
+        let oom = Error::Candle(candle_core::Error::Msg("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into()));
+        assert!(is_out_of_memory(&oom));
+        assert!(!is_out_of_memory(&Error::Msg("shape mismatch".into())));
+        let a = out_of_memory_advice(&Device::Cpu, 8, 512, false, false);
+        assert!(a.contains("batch_size (now 8)") && a.contains("gradient_checkpointing") && a.contains("qlora"), "{a}");
+        let a = out_of_memory_advice(&Device::Cpu, 1, 512, true, true);
+        assert!(!a.contains("batch_size") && !a.contains("gradient_checkpointing") && a.contains("max_len (now 512)"), "{a}");
+    }
+}
