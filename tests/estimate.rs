@@ -1,7 +1,7 @@
 //! The estimate before a run against what the run then measures, on the real default model:
 //! trainable parameters exactly, peak memory within 15% on several configs, one with gradient
-//! checkpointing (each run in its own `tunebench train` process, whose peak RSS the worker
-//! records).
+//! checkpointing and one in bf16 (each run in its own `tunebench train` process, whose peak RSS
+//! the worker records).
 
 mod common;
 
@@ -49,6 +49,12 @@ fn memory_prediction_is_within_15_percent_of_measured_peak() {
             // Gradient checkpointing per decoder layer: a sixth of the plain peak here.
             let mut c = config("all-checkpointed", &data, 6, 320, 16, r#""all-linear""#);
             c.train.gradient_checkpointing = true;
+            c
+        },
+        {
+            // Mixed precision (bf16 base and activations) on the CPU's unfused ops.
+            let mut c = config("bf16", &data, 3, 200, 12, r#"["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]"#);
+            c.train.dtype = tunebench::train::config::Precision::Bf16;
             c
         },
     ];

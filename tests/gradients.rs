@@ -86,6 +86,24 @@ fn fused_linear_cross_entropy_matches_composed() {
     );
 }
 
+/// The device-agnostic chunked loss (what GPUs and bf16 use): the same per-row losses and
+/// input gradient as the composed reference, in f32 and f64; in bf16 within bf16's tolerance
+/// (its logits are computed in bf16 and normalised in f32, as the model's are).
+#[test]
+fn chunked_linear_cross_entropy_matches_composed() {
+    let targets = [3u32, 0, 49, 7, 7, 12, 30];
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5), (DType::BF16, 3e-2)] {
+        let h = randn(&[7, 16], 21, dtype);
+        let w = randn(&[50, 16], 22, dtype);
+        check_op(
+            &h,
+            |h| ops::linear_cross_entropy_chunked(h, &w, &targets, 3).unwrap(),
+            |h| ops::cross_entropy_rows(&h.matmul(&w.t().unwrap()).unwrap(), &targets).unwrap(),
+            tol,
+        );
+    }
+}
+
 #[test]
 fn frozen_linear_gives_input_gradient_and_none_to_the_weight() {
     let x = Var::from_tensor(&randn(&[2, 3, 8], 7, DType::F32)).unwrap();

@@ -294,6 +294,57 @@ fn checkpointed_gradients_equal_the_plain_backward() {
     }
 }
 
+/// Mixed precision (`train.dtype = "bf16"`): with the base and the activations in bf16 every
+/// method (full fine-tuning is refused) keeps its trainable tensors, their gradients and thus
+/// the optimizer in f32, and its loss and gradients stay within bf16's tolerance of the f32
+/// ones — checked against the same adapter on the f32 model.
+#[test]
+fn bf16_mixed_precision_matches_f32_within_tolerance() {
+    for (name, peft) in methods() {
+        if matches!(peft, PeftConfig::Full(_)) {
+            continue;
+        }
+        let run = |dtype: DType| {
+            let (mut model, _) = tiny(DType::F32, true);
+            model.cast(dtype).unwrap();
+            assert!(model.linears().iter().all(|l| l.weight().dtype() == dtype), "{name}: the base is held in {dtype:?}");
+            let adapter = Adapter::inject(&mut model, &peft, 3).unwrap();
+            randomize(&adapter, DType::F32);
+            let (ids, labels) = batch();
+            let ctx = ForwardCtx { train: true, seed: 9, ..Default::default() };
+            let (sum, n) = model.loss_sum(&ids, &labels, &ctx, 5).unwrap();
+            let loss = (sum / n as f64).unwrap();
+            assert_eq!(loss.dtype(), DType::F32, "{name}: the loss is f32");
+            let g = loss.backward().unwrap();
+            let grads: Vec<Vec<f32>> = adapter
+                .trainable()
+                .iter()
+                .map(|(k, v)| {
+                    assert_eq!(v.dtype(), DType::F32, "{name}: `{k}` must stay f32");
+                    let g = g.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: `{k}` got no gradient"));
+                    assert_eq!(g.dtype(), DType::F32, "{name}: `{k}`'s gradient must be f32");
+                    g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                })
+                .collect();
+            (loss.to_scalar::<f32>().unwrap(), grads)
+        };
+        let (l32, g32) = run(DType::F32);
+        let (l16, g16) = run(DType::BF16);
+        assert!((l32 - l16).abs() <= 2e-2 * l32.abs(), "{name}: f32 loss {l32} vs bf16 {l16}");
+        // Relative L2 error over all gradients together (bf16 keeps ~3 significant digits).
+        let (mut diff, mut norm) = (0f64, 0f64);
+        for (a, b) in g32.iter().zip(&g16) {
+            for (x, y) in a.iter().zip(b) {
+                diff += ((x - y) as f64).powi(2);
+                norm += (*x as f64).powi(2);
+            }
+        }
+        let rel = (diff / norm.max(1e-30)).sqrt();
+        assert!(rel < 0.05, "{name}: bf16 gradients differ from f32 by {rel:.3} (relative L2)");
+        assert!(rel > 0.0 && l32 != l16, "{name}: the bf16 run computed exactly the f32 numbers (did it run in bf16?)");
+    }
+}
+
 #[test]
 fn only_the_method_trains_and_the_base_stays_bit_identical() {
     for (name, peft) in methods() {

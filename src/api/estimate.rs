@@ -1,7 +1,8 @@
 //! Estimates before a run: parameters (total, trainable, share), predicted peak memory by part
 //! and predicted time per step — from the model's architecture alone (no weights are read).
 //!
-//! Memory model (CPU, f32, as this engine trains):
+//! Memory model (CPU, f32, as this engine trains; with `train.dtype = "bf16"` the base and its
+//! activations take 2 bytes and each adapted layer keeps f32 copies of its input and output):
 //! * weights: every base parameter in f32 (GGUF weights are dequantized on load); for qlora
 //!   the projections at 5 bits a weight plus one dequantized at a time;
 //! * adapter: trainable parameters × (value + gradient + accumulated gradient + AdamW m, v);
@@ -55,6 +56,17 @@ pub const ADAPTER_BYTES_PER_PARAM: u64 = 17;
 pub const LOGIT_COPIES: f64 = 1.0;
 /// Step time ÷ pure matmul time (norms, softmax, RoPE, element-wise ops, optimizer).
 pub const TIME_OVERHEAD: f64 = 2.2;
+
+/// Mixed precision on the CPU runs the composed (non-fused) RMSNorm, RoPE, softmax and
+/// SwiGLU, which keep more temporaries: activations × this factor over their bf16 size, and
+/// attention scores × [`HALF_ATTENTION_FACTOR`] over the fused f32 figure (f32 copies of the
+/// scores for the softmax). Fitted on three configs of the default model (bench/RESULTS.md).
+pub const HALF_ACTIVATION_FACTOR: f64 = 1.10;
+/// See [`HALF_ACTIVATION_FACTOR`].
+pub const HALF_ATTENTION_FACTOR: f64 = 7.4;
+/// Time per step of bf16 over f32 on the CPU (candle's bf16 matmul is slower than its f32
+/// one; measured on the default model).
+pub const HALF_CPU_TIME_FACTOR: f64 = 2.0;
 
 /// Request: estimate a run.
 #[derive(Clone, Debug, Serialize, Deserialize, ts_rs::TS)]
@@ -270,19 +282,30 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     // QLoRA holds the projections in 4-bit blocks (≤ 5 bits a weight: Q4_1; Q4_K is 4.5) and
     // dequantizes one at a time; everything else stays f32.
     let qlora = matches!(cfg.peft, PeftConfig::Qlora(_));
+    // Mixed precision (train.dtype = "bf16"): the base and its activations at 2 bytes; the
+    // adapter path computes in f32 on f32 copies of each adapted layer's input and output.
+    let half = cfg.train.dtype != crate::train::config::Precision::F32;
+    let wbytes: u64 = if half { 2 } else { 4 };
     let weights = if qlora {
         let shapes = linear_shapes(model);
         let lin: u64 = shapes.iter().map(|(_, i, o)| (*i * *o) as u64).sum();
         let largest: u64 = shapes.iter().map(|(_, i, o)| (*i * *o) as u64).max().unwrap_or(0);
-        4 * (total - lin.min(total)) + lin * 5 / 8 + 4 * largest
+        wbytes * (total - lin.min(total)) + lin * 5 / 8 + wbytes * largest
     } else {
-        4 * total
+        wbytes * total
     };
     let adapter = trainable * ADAPTER_BYTES_PER_PARAM;
-    let per_tok_layer = activation_floats_per_token_layer(model, adapter_floats);
     let tokens = b * s;
-    let acts = (ACTIVATION_FACTOR * 4.0 * per_tok_layer * (tokens * layers) as f64) as u64 + 4 * tokens * model.hidden_size as u64 * 2;
-    let attn = (ATTENTION_COPIES * 4.0 * (b * model.num_attention_heads as u64 * s * s * layers) as f64) as u64;
+    let act_bytes_per_tok_layer = if half {
+        let copies: f64 = ad.iter().filter(|a| a.0.starts_with("model.layers.0.")).map(|a| (a.1 + a.2) as f64).sum();
+        2.0 * activation_floats_per_token_layer(model, 0.0) + 4.0 * (adapter_floats + copies)
+    } else {
+        4.0 * activation_floats_per_token_layer(model, adapter_floats)
+    };
+    let composed = if half { HALF_ACTIVATION_FACTOR } else { 1.0 };
+    let acts = (composed * ACTIVATION_FACTOR * act_bytes_per_tok_layer * (tokens * layers) as f64) as u64 + wbytes * tokens * model.hidden_size as u64 * 2;
+    let attn_factor = if half { HALF_ATTENTION_FACTOR } else { 1.0 };
+    let attn = (attn_factor * ATTENTION_COPIES * 4.0 * (b * model.num_attention_heads as u64 * s * s * layers) as f64) as u64;
     let chunk = (t.loss_chunk as u64).min(tokens).max(1);
     let loss = if head_adapted {
         (LOGIT_COPIES * 4.0 * (tokens * model.vocab_size as u64) as f64) as u64
@@ -292,7 +315,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     // Gradient checkpointing keeps each layer's input; at the peak, the layer being
     // recomputed in the backward holds its activations and attention scores and about as
     // much again in their gradients (measured: bench/RESULTS.md).
-    let layer_inputs = 4 * tokens * model.hidden_size as u64 * layers;
+    let layer_inputs = wbytes * tokens * model.hidden_size as u64 * layers;
     let (acts_ckpt, attn_ckpt) = (2 * acts / layers.max(1) + layer_inputs, 2 * attn / layers.max(1));
     let ckpt = weights + adapter + acts_ckpt + attn_ckpt + loss;
     let checkpointing = t.gradient_checkpointing;
@@ -318,7 +341,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     }
     let flops = flops_micro * t.grad_accum as f64;
     let gflops = machine_gflops();
-    let step_s = flops / (gflops * 1e9) * TIME_OVERHEAD;
+    let step_s = flops / (gflops * 1e9) * TIME_OVERHEAD * if half { HALF_CPU_TIME_FACTOR } else { 1.0 };
 
     let total_steps = if t.max_steps > 0 {
         t.max_steps as u64
@@ -337,6 +360,12 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
                 ram as f64 / (1u64 << 30) as f64
             ));
         }
+    }
+    if half {
+        warnings.push(
+            "train.dtype = \"bf16\" is meant for GPUs: on the CPU it takes about twice the time of f32 and, with the unfused ops it needs there, more memory (f32 is the better choice on this machine)"
+                .into(),
+        );
     }
     if full.is_some() {
         warnings.push(format!(
@@ -357,7 +386,15 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         memory: MemoryEstimate {
             total_bytes,
             parts: vec![
-                (if qlora { "weights (4-bit projections)" } else { "weights (f32)" }.into(), weights),
+                (
+                    match (qlora, half) {
+                        (true, _) => "weights (4-bit projections)",
+                        (false, true) => "weights (bf16)",
+                        (false, false) => "weights (f32)",
+                    }
+                    .into(),
+                    weights,
+                ),
                 ("adapter + optimizer".into(), adapter),
                 (if checkpointing { "activations (layer inputs + one layer)" } else { "activations" }.into(), acts),
                 (if checkpointing { "attention scores (one layer)" } else { "attention scores" }.into(), attn),

@@ -110,7 +110,8 @@ impl FrozenWeight {
             FrozenWeight::Dense(_) => return self.product(xs),
             FrozenWeight::Quantized { q, mm } => (q, mm),
         };
-        if xs.track_op() {
+        if xs.track_op() || xs.dtype() != DType::F32 {
+            // Gradients, or half-precision activations: the exact dequantized product.
             return self.product(xs);
         }
         match own_kernel(q.dtype()) {
@@ -248,8 +249,31 @@ impl Linear {
         self.bias = bias;
     }
 
+    /// Mixed precision: the frozen product runs in the activations' half precision; the
+    /// adapter (f32 tensors) computes in f32 on f32 copies of the input and of that product,
+    /// and its output goes back to the activations' dtype — HF PEFT's behaviour, which casts
+    /// the input to the adapter's dtype.
+    fn forward_mixed(&self, a: &dyn LinearAdapter, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let x32 = xs.to_dtype(DType::F32)?;
+        let bias = self.bias.as_ref().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let y = match a.forward_full(&x32, &self.weight, bias.as_ref(), ctx) {
+            Some(y) => y?,
+            None => {
+                let mut base = if ctx.generation { self.weight.product_fast(xs)? } else { self.weight.product(xs)? };
+                if let Some(b) = &self.bias {
+                    base = base.broadcast_add(b)?;
+                }
+                a.forward(&x32, base.to_dtype(DType::F32)?, &self.weight, ctx)?
+            }
+        };
+        Ok(y.to_dtype(xs.dtype())?)
+    }
+
     /// Forward pass.
     pub fn forward(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        if let (Some(a), DType::BF16 | DType::F16) = (&self.adapter, xs.dtype()) {
+            return self.forward_mixed(a.as_ref(), xs, ctx);
+        }
         if let Some(a) = &self.adapter {
             if let Some(y) = a.forward_full(xs, &self.weight, self.bias.as_ref(), ctx) {
                 return y;

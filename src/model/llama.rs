@@ -203,8 +203,9 @@ impl Attention {
         }
         if let Some(c) = cache {
             if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
+                // A prefilled prefix may still be in its adapter's f32 (mixed precision).
+                k = Tensor::cat(&[&pk.to_dtype(k.dtype())?, &k], 2)?;
+                v = Tensor::cat(&[&pv.to_dtype(v.dtype())?, &v], 2)?;
             }
             c.k = Some(k.clone());
             c.v = Some(v.clone());
@@ -245,6 +246,15 @@ impl DecoderLayer {
         let xs = (xs + self.self_attn.forward(&h, cos, sin, ctx, cache, prefix)?)?;
         let h = ops::rms_norm(&xs, n2.as_ref().unwrap_or(&self.post_attention_layernorm), cfg.rms_norm_eps)?;
         Ok((&xs + self.mlp.forward(&h, ctx)?)?)
+    }
+}
+
+/// The dtype losses come out in: f32, or f64 for an f64 model (gradient checks).
+fn loss_dtype(model: DType) -> DType {
+    if model == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
     }
 }
 
@@ -409,6 +419,34 @@ impl Llama {
             t.insert("lm_head.weight".to_string(), rnd(&[cfg.vocab_size, h], s)?);
         }
         Self::from_tensors_dtype(cfg, t, std::path::Path::new("<random>"), device, dtype)
+    }
+
+    /// Holds every dense frozen weight (embedding, projections, biases, norms) in `dtype`:
+    /// mixed-precision training keeps the base and the activations in bf16 while adapters and
+    /// optimizer state stay f32. Quantized blocks stay as they are; a tied LM head stays tied.
+    pub fn cast(&mut self, dtype: DType) -> Result<()> {
+        let tied = matches!((&self.embed_tokens, self.lm_head.weight()), (FrozenWeight::Dense(a), FrozenWeight::Dense(b)) if a.id() == b.id());
+        if let FrozenWeight::Dense(w) = &self.embed_tokens {
+            self.embed_tokens = FrozenWeight::Dense(w.to_dtype(dtype)?);
+        }
+        let embed = self.embed_tokens.clone();
+        for lin in self.linears_mut() {
+            if tied && lin.name() == "lm_head" {
+                lin.set_frozen_weight(embed.clone())?;
+            } else if let FrozenWeight::Dense(w) = lin.weight() {
+                let w = w.to_dtype(dtype)?;
+                lin.set_weight(w);
+            }
+            if let Some(b) = lin.bias() {
+                let b = b.to_dtype(dtype)?;
+                lin.set_bias(Some(b));
+            }
+        }
+        for site in self.norm_sites() {
+            let w = self.norm_weight(site)?.to_dtype(dtype)?;
+            self.set_norm_weight(site, w)?;
+        }
+        Ok(())
     }
 
     /// The configuration.
@@ -653,7 +691,7 @@ impl Llama {
         let (h, front) = self.hidden_full(ids, ctx, None)?;
         let (rows, targets) = self.label_rows(b, s, front, labels)?;
         if rows.is_empty() {
-            return Ok((Tensor::zeros((), self.embed_tokens.dtype(), &self.device)?, 0));
+            return Ok((Tensor::zeros((), loss_dtype(self.embed_tokens.dtype()), &self.device)?, 0));
         }
         let h = h.reshape((b * (front + s), self.cfg.hidden_size))?;
         Ok((self.head_loss(&h, &rows, &targets, ctx, chunk)?, rows.len()))
@@ -727,7 +765,7 @@ impl Llama {
         let (rows, targets) = self.label_rows(b, s, stem.front, labels)?;
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         if rows.is_empty() {
-            return Ok((Tensor::zeros((), self.embed_tokens.dtype(), &self.device)?, 0, grads));
+            return Ok((Tensor::zeros((), loss_dtype(self.embed_tokens.dtype()), &self.device)?, 0, grads));
         }
         // Gradients are kept as values only (see the trainer: a variable's gradient can stay
         // attached to the graph it came from).

@@ -43,10 +43,12 @@ enum Held {
 }
 
 impl Held {
-    fn dense(&self) -> CResult<Tensor> {
+    /// The weight, dense, in `dtype` (the activations' dtype: mixed precision multiplies a bf16
+    /// base with bf16 activations, an f32 adapter path's input with an f32 copy).
+    fn dense(&self, dtype: DType) -> CResult<Tensor> {
         match self {
-            Held::Dense(t) => Ok(t.clone()),
-            Held::Blocks(q) => q.dequantize(&q.device()),
+            Held::Dense(t) => t.to_dtype(dtype),
+            Held::Blocks(q) => q.dequantize(&q.device())?.to_dtype(dtype),
         }
     }
 }
@@ -54,6 +56,8 @@ impl Held {
 struct FrozenMatmul {
     /// (out, in).
     w: Held,
+    /// The activations' dtype, which the product and its gradient take.
+    dtype: DType,
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -63,7 +67,7 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (m, k) = l.shape().dims2()?;
-        let w = self.w.dense()?;
+        let w = self.w.dense(self.dtype)?;
         let (n, kw) = w.dims2()?;
         if k != kw {
             candle_core::bail!("frozen-matmul: input width {k} != weight width {kw}");
@@ -78,7 +82,7 @@ impl CustomOp1 for FrozenMatmul {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
         let (m, k) = l.shape().dims2()?;
-        let w = self.w.dense()?;
+        let w = self.w.dense(self.dtype)?;
         let (n, _) = w.dims2()?;
         let (ws, wl) = w.storage_and_layout();
         let Storage::Cuda(w) = &*ws else { candle_core::bail!("frozen-matmul: weight not on cuda") };
@@ -88,7 +92,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w.dense()?)?))
+        Ok(Some(grad.matmul(&self.w.dense(self.dtype)?)?))
     }
 }
 
@@ -114,7 +118,8 @@ fn frozen_product(xs: &Tensor, w: Held, n: usize) -> CResult<Tensor> {
     // A weight that is itself trained (full fine-tuning) goes through candle's matmul, whose
     // backward gives it a gradient; the custom op gives `xs` one only.
     let trained = matches!(&w, Held::Dense(t) if t.track_op());
-    let out = if xs.track_op() && !trained { x2.apply_op1(FrozenMatmul { w })? } else { x2.matmul(&w.dense()?.t()?)? };
+    let dtype = xs.dtype();
+    let out = if xs.track_op() && !trained { x2.apply_op1(FrozenMatmul { w, dtype })? } else { x2.matmul(&w.dense(dtype)?.t()?)? };
     let mut out_dims = dims;
     if let Some(last) = out_dims.last_mut() {
         *last = n;
@@ -335,6 +340,11 @@ pub fn causal_softmax(xs: &Tensor, q_len: usize, scale: f64) -> CResult<Tensor> 
 
 /// Causal softmax from differentiable primitives (reference and non-CPU path).
 pub fn causal_softmax_composed(xs: &Tensor, q_len: usize, scale: f64) -> CResult<Tensor> {
+    // Half-precision scores are normalised in f32 (as PyTorch's attention does) and the
+    // probabilities handed back in the scores' dtype.
+    if matches!(xs.dtype(), DType::BF16 | DType::F16) {
+        return causal_softmax_composed(&xs.to_dtype(DType::F32)?, q_len, scale)?.to_dtype(xs.dtype());
+    }
     let dims = xs.dims();
     let k_len = dims[dims.len() - 1];
     let rows = dims[dims.len() - 2];
@@ -424,6 +434,9 @@ pub fn linear_cross_entropy(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usi
         let op = LinearCrossEntropy { w: w.clone(), targets: targets.to_vec(), chunk, dh: Default::default() };
         return hs.contiguous()?.apply_op1(op);
     }
+    if hs.track_op() {
+        return linear_cross_entropy_chunked(hs, w, targets, chunk);
+    }
     // Composed path (other devices/dtypes, and no-grad evaluation), chunk by chunk.
     let n = hs.dim(0)?;
     let mut parts = Vec::new();
@@ -433,6 +446,46 @@ pub fn linear_cross_entropy(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usi
         parts.push(cross_entropy_rows(&logits, &targets[start..start + rows])?);
     }
     Tensor::cat(&parts, 0)
+}
+
+/// [`linear_cross_entropy`] for any device and dtype (GPUs, bf16), from tensor ops: each chunk's
+/// logits are made, turned into the rows' losses and their gradient `dh = (softmax − onehot)·W`
+/// in f32, and dropped — no graph holds them. The result carries that gradient with the
+/// surrogate `loss + Σ_j h_j·dh_j − Σ_j sg(h_j)·dh_j` (sg = no gradient): its value is the
+/// loss (the last two terms are the same numbers, so they cancel exactly) and its gradient
+/// with respect to `hs` is `dh`. Memory: one chunk of logits at a time plus `dh` (n, hidden),
+/// never the (n, vocab) logits PyTorch keeps without a fused kernel.
+pub fn linear_cross_entropy_chunked(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize) -> CResult<Tensor> {
+    let n = hs.dim(0)?;
+    let dtype = if hs.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let h = hs.detach();
+    let wd = w.detach();
+    let (mut losses, mut grads) = (Vec::new(), Vec::new());
+    for start in (0..n).step_by(chunk.max(1)) {
+        let rows = chunk.max(1).min(n - start);
+        let t = Tensor::from_slice(&targets[start..start + rows], rows, hs.device())?;
+        // Logits in the activations' dtype (as the model computes them), normalised in f32.
+        let logits = h.narrow(0, start, rows)?.matmul(&wd.t()?)?.to_dtype(dtype)?;
+        let max = logits.max_keepdim(D::Minus1)?;
+        let shifted = logits.broadcast_sub(&max)?;
+        let e = shifted.exp()?;
+        let sum = e.sum_keepdim(D::Minus1)?;
+        let picked = shifted.gather(&t.unsqueeze(1)?, 1)?;
+        losses.push((sum.log()? - picked)?.squeeze(1)?);
+        let onehot = Tensor::zeros((rows, logits.dim(1)?), dtype, hs.device())?.scatter_add(
+            &t.unsqueeze(1)?,
+            &Tensor::ones((rows, 1), dtype, hs.device())?,
+            1,
+        )?;
+        let g = (e.broadcast_div(&sum)? - onehot)?;
+        grads.push(g.to_dtype(wd.dtype())?.matmul(&wd)?.to_dtype(dtype)?);
+    }
+    let loss = Tensor::cat(&losses, 0)?;
+    let dh = Tensor::cat(&grads, 0)?;
+    let h32 = hs.to_dtype(dtype)?;
+    let tracked = (&h32 * &dh)?.sum(1)?;
+    let constant = (h32.detach() * &dh)?.sum(1)?;
+    (loss + tracked)? - constant
 }
 
 /// Per-row cross-entropy of `logits` (n, vocab) against `targets`, from differentiable

@@ -391,7 +391,7 @@ pub fn inject(model: &mut Llama, cfg: &AdaLoraConfig, seed: u64) -> Result<Vec<(
             continue;
         }
         let (inp, outf) = lin.in_out();
-        let (dev, dtype) = (lin.weight().device(), lin.weight().dtype());
+        let (dev, dtype) = (lin.weight().device(), super::param_dtype(lin.weight().dtype()));
         let mut draw = |n: usize, shape: (usize, usize)| -> Result<Var> {
             let v = super::normal_samples(&mut rng, n, 0.02);
             Ok(Var::from_tensor(&Tensor::from_vec(v, shape, &dev)?.to_dtype(dtype)?)?)
@@ -430,7 +430,7 @@ pub fn inject_loaded(
         let prefix = peft_prefix(lin);
         let (inp, outf) = lin.in_out();
         let k = cfg.saved_rank(lin.name());
-        let (dev, dtype) = (lin.weight().device(), lin.weight().dtype());
+        let (dev, dtype) = (lin.weight().device(), super::param_dtype(lin.weight().dtype()));
         let mut get = |which: &str, shape: [usize; 2]| -> Result<Var> {
             let key = format!("{prefix}.{which}");
             let t = weights.get(&key).ok_or_else(|| Error::bad_input(source, None, format!("adapter tensor `{key}` is missing")))?;

@@ -115,7 +115,7 @@ pub fn inject(
         }
         let (_, outf) = lin.in_out();
         let prefix = super::peft_prefix(lin);
-        let (dev, dtype) = (lin.weight().device(), lin.weight().dtype());
+        let (dev, dtype) = (lin.weight().device(), super::param_dtype(lin.weight().dtype()));
         let frozen = lin.bias().cloned();
         let delta = match weights {
             None => Tensor::zeros(outf, dtype, &dev)?,

@@ -223,7 +223,7 @@ pub fn inject(
             continue;
         }
         let d = lin.in_out().1;
-        let (dtype, device) = (lin.weight().dtype(), lin.weight().device());
+        let (dtype, device) = (super::param_dtype(lin.weight().dtype()), lin.weight().device());
         let prefix = super::peft_prefix(lin);
         let shapes: [(&str, Vec<usize>); 4] =
             [("adapter_down.weight", vec![b, d]), ("adapter_down.bias", vec![b]), ("adapter_up.weight", vec![d, b]), ("adapter_up.bias", vec![d])];

@@ -145,7 +145,7 @@ fn fresh(shape: (usize, usize), init_ones: bool, seed: u64, weight: &FrozenWeigh
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         (0..n).map(|_| 0.5 + rng.random::<f32>()).collect()
     };
-    Ok(Tensor::from_vec(v, shape, &weight.device())?.to_dtype(weight.dtype())?)
+    Ok(Tensor::from_vec(v, shape, &weight.device())?.to_dtype(super::param_dtype(weight.dtype()))?)
 }
 
 /// Installs IA3 vectors on the targeted linears (fresh, or from `weights` of a saved adapter,
@@ -175,7 +175,7 @@ pub fn inject(
                 if t.dims() != [shape.0, shape.1] {
                     return Err(Error::bad_input(source, None, format!("{key} is {:?}; this model needs {shape:?}", t.dims())));
                 }
-                t.to_dtype(lin.weight().dtype())?.to_device(&lin.weight().device())?
+                t.to_dtype(super::param_dtype(lin.weight().dtype()))?.to_device(&lin.weight().device())?
             }
         };
         let layer = Arc::new(Ia3Layer { l: Var::from_tensor(&l)?, feedforward });

@@ -238,7 +238,7 @@ impl LoraLayer {
         let (a, b, s) = (t(&self.a, ctx), t(&self.b, ctx), self.scale);
         let w2 = match &self.w2 {
             Some(w2) => w2.clone(),
-            None => weight.dense()?.sqr()?.sum(1)?,
+            None => weight.dense()?.to_dtype(a.dtype())?.sqr()?.sum(1)?,
         };
         let awt = weight.product(&a)?.t()?;
         let cross = (&b * awt)?.sum(1)?;
@@ -330,11 +330,11 @@ pub fn inject(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> Result<Vec<(Str
         let bound = 1.0 / (inp as f32).sqrt();
         let a: Vec<f32> = (0..r * inp).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound).collect();
         let dev = &lin.weight().device();
-        let dtype = lin.weight().dtype();
+        let dtype = super::param_dtype(lin.weight().dtype());
         let a = Var::from_tensor(&Tensor::from_vec(a, (r, inp), dev)?.to_dtype(dtype)?)?;
         let b = Var::from_tensor(&Tensor::zeros((outf, r), dtype, dev)?)?;
         // DoRA starts with m = ‖W‖_row (B = 0), so the model is unchanged.
-        let w2 = if cfg.use_dora { Some(lin.weight().dense()?.sqr()?.sum(1)?) } else { None };
+        let w2 = if cfg.use_dora { Some(lin.weight().dense()?.to_dtype(dtype)?.sqr()?.sum(1)?) } else { None };
         let magnitude = match &w2 {
             Some(w2) => Some(Var::from_tensor(&w2.sqrt()?)?),
             None => None,
@@ -370,7 +370,7 @@ pub fn inject_loaded(
                 .cloned()
                 .ok_or_else(|| Error::bad_input(source, None, format!("adapter tensor `{key}` is missing")))
         };
-        let (dtype, dev) = (lin.weight().dtype(), lin.weight().device());
+        let (dtype, dev) = (super::param_dtype(lin.weight().dtype()), lin.weight().device());
         let a = get("lora_A")?.to_dtype(dtype)?.to_device(&dev)?;
         let b = get("lora_B")?.to_dtype(dtype)?.to_device(&dev)?;
         let (inp, outf) = lin.in_out();
@@ -393,7 +393,7 @@ pub fn inject_loaded(
         } else {
             None
         };
-        let w2 = if cfg.use_dora { Some(lin.weight().dense()?.sqr()?.sum(1)?) } else { None };
+        let w2 = if cfg.use_dora { Some(lin.weight().dense()?.to_dtype(dtype)?.sqr()?.sum(1)?) } else { None };
         let layer = Arc::new(LoraLayer {
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,

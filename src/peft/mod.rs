@@ -44,6 +44,16 @@ pub trait PeftLayer: LinearAdapter {
     fn merged(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<(Tensor, Option<Tensor>)>>;
 }
 
+/// The dtype a method's trainable tensors take beside frozen weights of `frozen`: f32 under a
+/// bf16/f16 base (mixed precision: adapters and optimizer state stay f32), else the base's
+/// own (f32, or f64 in gradient checks).
+pub fn param_dtype(frozen: candle_core::DType) -> candle_core::DType {
+    match frozen {
+        candle_core::DType::BF16 | candle_core::DType::F16 => candle_core::DType::F32,
+        d => d,
+    }
+}
+
 /// The tensor of a trainable `Var` for a forward pass: tracked while training; detached
 /// otherwise, so inference (generation with a KV cache) builds no autograd graph that would
 /// keep every step's intermediates alive.

@@ -659,7 +659,7 @@ impl PromptModule {
         let (t, out) = (placement.token_dim(cfg), placement.out_dim(cfg));
         let mut init = Init {
             rng: rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_0f_9e57),
-            dtype: model.embed_tokens().dtype(),
+            dtype: super::param_dtype(model.embed_tokens().dtype()),
             device: model.device().clone(),
         };
         let (embedding, encoder) = match method {
@@ -817,7 +817,7 @@ impl PromptModule {
         }
         check_fits(cfg, n)?;
         let embedding = Var::from_tensor(
-            &t.to_dtype(model.embed_tokens().dtype())?
+            &t.to_dtype(super::param_dtype(model.embed_tokens().dtype()))?
                 .to_device(model.device())?,
         )?;
         Ok(PromptModule {

@@ -26,6 +26,8 @@ pub struct BenchResult {
     pub step_s: Vec<f64>,
     /// Where it ran (`cpu`, `cuda:0`).
     pub device: String,
+    /// Precision of the base and activations (`f32`, `bf16`).
+    pub dtype: String,
 }
 
 /// This process's peak resident set size in bytes (Linux `VmHWM`; 0 elsewhere).
@@ -89,6 +91,8 @@ pub struct BenchOptions<'a> {
     pub device: &'a str,
     /// Gradient checkpointing per decoder layer.
     pub gradient_checkpointing: bool,
+    /// Precision of the base and activations (adapters and AdamW stay f32).
+    pub dtype: super::config::Precision,
 }
 
 /// Runs `warmup + steps` LoRA training steps (full causal-LM loss on every token, AdamW
@@ -101,6 +105,7 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
         BenchModel::Path(p) => model::load(p, &device)?.model,
         BenchModel::Shape(name) => model::Llama::random(shape_config(name)?, 0, &device)?,
     };
+    model.cast(o.dtype.base_dtype())?;
     let ids = match batches_file {
         Some(f) => {
             let t = candle_core::safetensors::load(f, &device).map_err(|e| Error::bad_input(f, None, e.to_string()))?;
@@ -155,5 +160,6 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
         losses,
         step_s,
         device: crate::device::describe(&device),
+        dtype: format!("{:?}", o.dtype).to_lowercase(),
     })
 }

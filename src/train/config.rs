@@ -140,6 +140,30 @@ pub struct TrainSection {
     /// Keep only each decoder layer's input in the forward and recompute the layer in the
     /// backward: activation memory of one layer instead of all, for a second forward.
     pub gradient_checkpointing: bool,
+    /// Precision of the frozen base and the activations: f32, or bf16 (mixed precision: the
+    /// trainable tensors, their gradients and the optimizer state stay f32).
+    pub dtype: Precision,
+}
+
+/// `train.dtype`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, ts_rs::TS)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// Base weights and activations in bfloat16; trainable tensors and AdamW state in f32.
+    Bf16,
+}
+
+impl Precision {
+    /// The dtype the base model is held in.
+    pub fn base_dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 
@@ -167,6 +191,7 @@ impl Default for TrainSection {
             loss_chunk: 256,
             device: "auto".into(),
             gradient_checkpointing: false,
+            dtype: Precision::F32,
         }
     }
 }
@@ -315,6 +340,9 @@ impl RunConfig {
             return bad("train.loss_chunk", "must be at least 1");
         }
         crate::device::DeviceChoice::parse(&t.device, "train.device")?;
+        if t.dtype != Precision::F32 && matches!(self.peft, PeftConfig::Full(_)) {
+            return bad("train.dtype", "full fine-tuning trains every weight in f32; use train.dtype = \"f32\" (or a LoRA-family method for bf16)");
+        }
         if self.data.max_len < 2 {
             return bad("data.max_len", "must be at least 2");
         }

@@ -155,6 +155,9 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
     checkpoint::atomic_write(&out_dir.join("config.toml"), |p| std::fs::write(p, &cfg_text).map_err(|e| Error::io(p, e)))?;
 
     let mut m = load_base(cfg, &device)?;
+    if cfg.train.dtype != super::config::Precision::F32 {
+        m.model.cast(cfg.train.dtype.base_dtype())?;
+    }
     let template = template_for(&m)?;
     let d = &cfg.data;
     let data_opts = DataOptions {
@@ -169,8 +172,12 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
     let dataset = data::load_dataset(&d.path, &data_opts, &template, &m.tokenizer)?;
     obs.on_event(&TrainEvent::Message {
         text: format!(
-            "device: {}{}",
+            "device: {}, {}{}",
             crate::device::describe(&device),
+            match cfg.train.dtype {
+                super::config::Precision::F32 => "f32",
+                super::config::Precision::Bf16 => "bf16 base and activations, f32 adapter and optimizer",
+            },
             if cfg.train.gradient_checkpointing { ", gradient checkpointing per decoder layer" } else { "" }
         ),
     });

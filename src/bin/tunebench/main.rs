@@ -259,6 +259,9 @@ enum Cmd {
         /// Gradient checkpointing per decoder layer.
         #[arg(long)]
         gradient_checkpointing: bool,
+        /// Precision of the base and activations: f32 or bf16 (adapter and AdamW stay f32).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
         /// Rank.
         #[arg(long, default_value_t = 16)]
         rank: usize,
@@ -724,7 +727,7 @@ fn run(cli: Cli) -> Result<()> {
             });
             println!("{out}");
         }
-        Cmd::BenchTrain { model, shape, batches, batch, seq, device, gradient_checkpointing, rank, alpha, targets, lr, warmup_steps, steps } => {
+        Cmd::BenchTrain { model, shape, batches, batch, seq, device, gradient_checkpointing, dtype, rank, alpha, targets, lr, warmup_steps, steps } => {
             use tunebench::train::bench::{self, BenchModel, BenchOptions};
             let path = model_path(model);
             let which = match &shape {
@@ -732,7 +735,12 @@ fn run(cli: Cli) -> Result<()> {
                 None => BenchModel::Path(&path),
             };
             let targets = targets_of(&targets);
-            let o = BenchOptions { rank, alpha, targets: &targets, lr, warmup: warmup_steps, steps, device: &device, gradient_checkpointing };
+            let dtype = match dtype.as_str() {
+                "f32" => tunebench::train::config::Precision::F32,
+                "bf16" => tunebench::train::config::Precision::Bf16,
+                other => return Err(Error::Msg(format!("--dtype {other}: use f32 or bf16"))),
+            };
+            let o = BenchOptions { rank, alpha, targets: &targets, lr, warmup: warmup_steps, steps, device: &device, gradient_checkpointing, dtype };
             let r = bench::run(which, batches.as_deref(), (batch, seq), &o)?;
             println!("{}", serde_json::to_string(&r).map_err(|e| Error::Msg(e.to_string()))?);
         }
