@@ -2,7 +2,7 @@
 //! and predicted time per step — from the model's architecture alone (no weights are read).
 //!
 //! Memory model (CPU, f32, as this engine trains; with `train.dtype = "bf16"` the base and its
-//! activations take 2 bytes and each adapted layer keeps f32 copies of its input and output):
+//! activations, the adapters' included, take 2 bytes):
 //! * weights: every base parameter in f32 (GGUF weights are dequantized on load); for qlora
 //!   the projections at 5 bits a weight plus one dequantized at a time;
 //! * adapter: trainable parameters × (value + gradient + accumulated gradient + AdamW m, v);
@@ -61,9 +61,9 @@ pub const TIME_OVERHEAD: f64 = 2.2;
 /// SwiGLU, which keep more temporaries: activations × this factor over their bf16 size, and
 /// attention scores × [`HALF_ATTENTION_FACTOR`] over the fused f32 figure (f32 copies of the
 /// scores for the softmax). Fitted on three configs of the default model (bench/RESULTS.md).
-pub const HALF_ACTIVATION_FACTOR: f64 = 1.10;
+pub const HALF_ACTIVATION_FACTOR: f64 = 1.98;
 /// See [`HALF_ACTIVATION_FACTOR`].
-pub const HALF_ATTENTION_FACTOR: f64 = 7.4;
+pub const HALF_ATTENTION_FACTOR: f64 = 5.0;
 /// Time per step of bf16 over f32 on the CPU (candle's bf16 matmul is slower than its f32
 /// one; measured on the default model).
 pub const HALF_CPU_TIME_FACTOR: f64 = 2.0;
@@ -282,8 +282,8 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     // QLoRA holds the projections in 4-bit blocks (≤ 5 bits a weight: Q4_1; Q4_K is 4.5) and
     // dequantizes one at a time; everything else stays f32.
     let qlora = matches!(cfg.peft, PeftConfig::Qlora(_));
-    // Mixed precision (train.dtype = "bf16"): the base and its activations at 2 bytes; the
-    // adapter path computes in f32 on f32 copies of each adapted layer's input and output.
+    // Mixed precision (train.dtype = "bf16"): the base and its activations, the adapters'
+    // included, at 2 bytes.
     let half = cfg.train.dtype != crate::train::config::Precision::F32;
     let wbytes: u64 = if half { 2 } else { 4 };
     let weights = if qlora {
@@ -296,12 +296,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     };
     let adapter = trainable * ADAPTER_BYTES_PER_PARAM;
     let tokens = b * s;
-    let act_bytes_per_tok_layer = if half {
-        let copies: f64 = ad.iter().filter(|a| a.0.starts_with("model.layers.0.")).map(|a| (a.1 + a.2) as f64).sum();
-        2.0 * activation_floats_per_token_layer(model, 0.0) + 4.0 * (adapter_floats + copies)
-    } else {
-        4.0 * activation_floats_per_token_layer(model, adapter_floats)
-    };
+    let act_bytes_per_tok_layer = wbytes as f64 * activation_floats_per_token_layer(model, adapter_floats);
     let composed = if half { HALF_ACTIVATION_FACTOR } else { 1.0 };
     let acts = (composed * ACTIVATION_FACTOR * act_bytes_per_tok_layer * (tokens * layers) as f64) as u64 + wbytes * tokens * model.hidden_size as u64 * 2;
     let attn_factor = if half { HALF_ATTENTION_FACTOR } else { 1.0 };

@@ -149,6 +149,10 @@ pub struct ForwardCtx {
     /// activations rounded to 8 bits (llama.cpp's scheme, fast). Otherwise (training, losses)
     /// they are dequantized for an exact f32 product.
     pub generation: bool,
+    /// Mixed precision: the dtype adapters compute in (the activations'; set by
+    /// [`Linear::forward`] for half-precision activations). Their trainable tensors stay f32
+    /// and are cast for the forward (`peft::var_tensor`), so gradients reach them in f32.
+    pub compute_dtype: Option<DType>,
 }
 
 impl ForwardCtx {
@@ -249,31 +253,18 @@ impl Linear {
         self.bias = bias;
     }
 
-    /// Mixed precision: the frozen product runs in the activations' half precision; the
-    /// adapter (f32 tensors) computes in f32 on f32 copies of the input and of that product,
-    /// and its output goes back to the activations' dtype — HF PEFT's behaviour, which casts
-    /// the input to the adapter's dtype.
-    fn forward_mixed(&self, a: &dyn LinearAdapter, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let x32 = xs.to_dtype(DType::F32)?;
-        let bias = self.bias.as_ref().map(|b| b.to_dtype(DType::F32)).transpose()?;
-        let y = match a.forward_full(&x32, &self.weight, bias.as_ref(), ctx) {
-            Some(y) => y?,
-            None => {
-                let mut base = if ctx.generation { self.weight.product_fast(xs)? } else { self.weight.product(xs)? };
-                if let Some(b) = &self.bias {
-                    base = base.broadcast_add(b)?;
-                }
-                a.forward(&x32, base.to_dtype(DType::F32)?, &self.weight, ctx)?
-            }
-        };
-        Ok(y.to_dtype(xs.dtype())?)
-    }
-
-    /// Forward pass.
+    /// Forward pass. With half-precision activations an adapter computes in their dtype too
+    /// (autocast's behaviour: no f32 copies of activations), from f32 trainable tensors cast
+    /// for the pass ([`ForwardCtx::compute_dtype`]).
     pub fn forward(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        if let (Some(a), DType::BF16 | DType::F16) = (&self.adapter, xs.dtype()) {
-            return self.forward_mixed(a.as_ref(), xs, ctx);
-        }
+        let mixed;
+        let ctx = match xs.dtype() {
+            DType::BF16 | DType::F16 if self.adapter.is_some() => {
+                mixed = ForwardCtx { compute_dtype: Some(xs.dtype()), ..*ctx };
+                &mixed
+            }
+            _ => ctx,
+        };
         if let Some(a) = &self.adapter {
             if let Some(y) = a.forward_full(xs, &self.weight, self.bias.as_ref(), ctx) {
                 return y;

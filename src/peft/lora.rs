@@ -237,7 +237,7 @@ impl LoraLayer {
         }
         let (a, b, s) = (t(&self.a, ctx), t(&self.b, ctx), self.scale);
         let w2 = match &self.w2 {
-            Some(w2) => w2.clone(),
+            Some(w2) => w2.to_dtype(a.dtype())?,
             None => weight.dense()?.to_dtype(a.dtype())?.sqr()?.sum(1)?,
         };
         let awt = weight.product(&a)?.t()?;

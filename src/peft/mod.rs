@@ -58,6 +58,12 @@ pub fn param_dtype(frozen: candle_core::DType) -> candle_core::DType {
 /// otherwise, so inference (generation with a KV cache) builds no autograd graph that would
 /// keep every step's intermediates alive.
 pub fn var_tensor(v: &Var, ctx: &crate::model::ForwardCtx) -> Tensor {
+    // Mixed precision: cast for this pass (the cast is differentiable, so the gradient
+    // reaches the f32 tensor in f32).
+    if let Some(d) = ctx.compute_dtype.filter(|d| *d != v.dtype()) {
+        let t = if ctx.train { v.as_tensor().clone() } else { v.as_tensor().detach() };
+        return t.to_dtype(d).unwrap_or(t);
+    }
     if ctx.train {
         v.as_tensor().clone()
     } else {
