@@ -95,7 +95,10 @@ pub fn load_4bit(path: &Path, device: &Device) -> Result<LoadedModel> {
                 )))
             }
         };
-        let q = QTensor::quantize(&w, ty).map_err(|e| Error::Msg(format!("{}: quantizing to {ty:?}: {e}", l.name())))?;
+        // Quantized on the CPU; the blocks go where the model lives (a GPU's matmul dequantizes
+        // them there).
+        let q = if device.is_cpu() { QTensor::quantize(&w, ty) } else { QTensor::quantize_onto(&w, ty, device) };
+        let q = q.map_err(|e| Error::Msg(format!("{}: quantizing to {ty:?}: {e}", l.name())))?;
         l.set_frozen_weight(FrozenWeight::quantized(q)?)?;
     }
     Ok(m)

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue 7's GPU checks as one prepared call, so a short device lease is spent measuring, not
+# setting up. Two halves:
+#
+#   bash bench/gpu_session.sh --prepare        # here, on the build machine
+#       builds the CUDA binary (scripts/build-cuda) and puts what the GPU machine needs into
+#       .gpu/ (git-ignored): the compressed binary and the driver-finding env script
+#       (../shared/cuda/device-env.sh). Carry `.gpu` to the GPU machine.
+#
+#   bash bench/gpu_session.sh                   # there (DEVICE=cuda:0 by default; DTYPES=bf16,f32
+#                                               # adds the f32 comparison, SHAPES=... narrows)
+#       1. unpacks the binary, finds the driver and CUDA libraries, prints the GPU;
+#       2. correctness: the same tiny random-init LoRA run on the GPU and on the CPU, f32 and
+#          bf16, with and without checkpointing — the GPU's losses must follow the CPU's;
+#       3. bench/gpu_bench.py on the issue's shapes (--write-results), both sides;
+#       writes everything (log, RESULTS section) to $OUT (or ./gpu-out).
+#
+# DEVICE=cpu runs the same steps on the CPU with the tiny shape and writes no results (a smoke
+# test of this script; needs torch + transformers + peft: PY=$(bash scripts/pyenv | tail -n1)).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--prepare" ]; then
+  grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+  bash scripts/build-cuda
+  target="${CARGO_TARGET_DIR:-$HOME/.cache/tunebench-cuda-target}"
+  mkdir -p .gpu
+  cp "$target/release/tunebench-cuda.xz" .gpu/
+  cp "${TUNEBENCH_DEVICE_ENV:-../shared/cuda/device-env.sh}" .gpu/device-env.sh
+  du -sh .gpu
+  echo "prepared .gpu/ — on the GPU machine: carry [\".gpu\"] and run: bash bench/gpu_session.sh"
+  exit 0
+fi
+
+DEVICE="${DEVICE:-cuda:0}"
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_session.log") 2>&1
+py="${PY:-python3}"
+
+if [ "$DEVICE" = cpu ]; then
+  bin="${TUNEBENCH_BIN:-target/debug/tunebench}"
+  shapes="tiny,tiny+ckpt"; batch=2; seq=32; steps=2; write=()
+else
+  [ -f .gpu/tunebench-cuda.xz ] || { echo "error: .gpu/tunebench-cuda.xz missing: run --prepare here and carry .gpu" >&2; exit 2; }
+  xz -dc .gpu/tunebench-cuda.xz > /tmp/tunebench && chmod +x /tmp/tunebench
+  bin=/tmp/tunebench
+  # shellcheck disable=SC1091
+  source .gpu/device-env.sh
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+  shapes="${SHAPES:-smollm2-135m,llama-1b,qwen1.5b-like,qwen1.5b-like+ckpt}"; batch=8; seq=512; steps=10
+  write=(--write-results)
+fi
+"$bin" --version
+
+echo "== correctness: $DEVICE against the CPU (tiny shape, random weights, same batches)"
+fail=0
+for dtype in f32 bf16; do
+  for ckpt in "" --gradient-checkpointing; do
+    args=(bench-train --shape tiny --batch 4 --seq 64 --warmup-steps 0 --steps 6 --lr 1e-2 --dtype "$dtype" $ckpt)
+    ref=$("$bin" "${args[@]}" --device cpu | tail -n1)
+    got=$("$bin" "${args[@]}" --device "$DEVICE" | tail -n1)
+    "$py" - "$dtype" "$ckpt" "$ref" "$got" <<'PY' || fail=1
+import json, sys
+dtype, ckpt, ref, got = sys.argv[1], sys.argv[2] or "plain", json.loads(sys.argv[3]), json.loads(sys.argv[4])
+tol = 1e-3 if dtype == "f32" else 3e-2
+worst = max(abs(a - b) / max(abs(a), 1e-9) for a, b in zip(ref["losses"], got["losses"]))
+ok = worst <= tol and got["losses"][-1] < got["losses"][0]
+print(f"{dtype:5} {ckpt:26} device {got['device']}: worst relative loss difference {worst:.2e} (limit {tol:g}) "
+      f"{'ok' if ok else 'FAILED'}; losses {['%.4f' % x for x in got['losses']]}")
+sys.exit(0 if ok else 1)
+PY
+  done
+done
+
+echo "== bench/gpu_bench.py ($shapes, ${batch}x${seq})"
+cp bench/RESULTS.md "$OUT/RESULTS.before.md" 2>/dev/null || true
+"$py" bench/gpu_bench.py --tunebench "$bin" --device "$DEVICE" --shapes "$shapes" --batch "$batch" --seq "$seq" \
+  --dtypes "${DTYPES:-bf16}" --warmup 2 --steps "$steps" "${write[@]}" || fail=1
+diff "$OUT/RESULTS.before.md" bench/RESULTS.md | sed -n 's/^> //p' > "$OUT/RESULTS.new-section.md" || true
+echo "results section: $OUT/RESULTS.new-section.md"
+exit "$fail"
