@@ -78,7 +78,7 @@ pub struct AdaLoraConfig {
     #[serde(default)]
     pub lora_dropout: f64,
     /// Which linear layers get an adapter (names or `"all-linear"`).
-    #[serde(default = "default_targets")]
+    #[serde(default = "super::lora::default_targets")]
     pub target_modules: TargetModules,
     /// Kept triplets per module (`<module>.lora_E` → flags), as the allocator left them;
     /// written when saving, read when loading.
@@ -105,9 +105,6 @@ fn default_orth() -> f64 {
 fn default_alpha() -> f64 {
     8.0
 }
-fn default_targets() -> TargetModules {
-    TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])
-}
 
 impl Default for AdaLoraConfig {
     fn default() -> Self {
@@ -123,7 +120,7 @@ impl Default for AdaLoraConfig {
             total_step: None,
             lora_alpha: default_alpha(),
             lora_dropout: 0.0,
-            target_modules: default_targets(),
+            target_modules: super::lora::default_targets(),
             rank_pattern: None,
         }
     }

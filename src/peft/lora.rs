@@ -63,7 +63,8 @@ fn default_r() -> usize {
 fn default_alpha() -> f64 {
     16.0
 }
-fn default_targets() -> TargetModules {
+/// PEFT's default targets for Llama-family models (LoRA's and AdaLoRA's).
+pub(crate) fn default_targets() -> TargetModules {
     TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])
 }
 
