@@ -249,6 +249,20 @@ impl DecoderLayer {
     }
 }
 
+/// Adds gradients into running sums, slot by slot (`acc[i] + more[i]`; a slot without a
+/// gradient stays as it is): micro-batches, layers recomputed by checkpointing, extra terms.
+pub fn add_grads(acc: &mut [Option<Tensor>], more: impl IntoIterator<Item = Option<Tensor>>) -> Result<()> {
+    for (a, g) in acc.iter_mut().zip(more) {
+        if let Some(g) = g {
+            *a = Some(match a.take() {
+                Some(x) => (x + g)?,
+                None => g,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The dtype losses come out in: f32, or f64 for an f64 model (gradient checks).
 fn loss_dtype(model: DType) -> DType {
     if model == DType::F64 {
@@ -425,7 +439,7 @@ impl Llama {
     /// mixed-precision training keeps the base and the activations in bf16 while adapters and
     /// optimizer state stay f32. Quantized blocks stay as they are; a tied LM head stays tied.
     pub fn cast(&mut self, dtype: DType) -> Result<()> {
-        let tied = matches!((&self.embed_tokens, self.lm_head.weight()), (FrozenWeight::Dense(a), FrozenWeight::Dense(b)) if a.id() == b.id());
+        let tied = self.lm_head_is_embedding();
         if let FrozenWeight::Dense(w) = &self.embed_tokens {
             self.embed_tokens = FrozenWeight::Dense(w.to_dtype(dtype)?);
         }
@@ -769,18 +783,7 @@ impl Llama {
         }
         // Gradients are kept as values only (see the trainer: a variable's gradient can stay
         // attached to the graph it came from).
-        let mut take = |store: &candle_core::backprop::GradStore| -> Result<()> {
-            for (acc, v) in grads.iter_mut().zip(vars) {
-                if let Some(g) = store.get(v) {
-                    let g = g.detach();
-                    *acc = Some(match acc.take() {
-                        Some(a) => (a + g)?,
-                        None => g,
-                    });
-                }
-            }
-            Ok(())
-        };
+        let mut take = |store: &candle_core::backprop::GradStore| add_grads(&mut grads, vars.iter().map(|v| store.get(v).map(|g| g.detach())));
         // Forward: each layer's input is kept, its graph dropped with the detached output.
         let mut inputs = Vec::with_capacity(self.layers.len());
         let mut xs = stem.xs.detach();
@@ -908,14 +911,19 @@ impl Llama {
             out.push((NormSite::PostAttention(i).hf_name(), l.post_attention_layernorm.clone()));
         }
         out.push((NormSite::Final.hf_name(), self.norm.clone()));
-        let tied = match (self.lm_head.weight(), &self.embed_tokens) {
-            (FrozenWeight::Dense(a), FrozenWeight::Dense(b)) => a.id() == b.id(),
-            (FrozenWeight::Quantized { q: a, .. }, FrozenWeight::Quantized { q: b, .. }) => std::sync::Arc::ptr_eq(a, b),
-            _ => false,
-        };
-        if !tied || self.lm_head.bias().is_some() {
+        if !self.lm_head_is_embedding() || self.lm_head.bias().is_some() {
             push_linear(&mut out, &self.lm_head)?;
         }
         Ok(out)
+    }
+
+    /// Whether the LM head's weight is the embedding matrix itself (a tied head not changed
+    /// since), not merely equal to it.
+    fn lm_head_is_embedding(&self) -> bool {
+        match (self.lm_head.weight(), &self.embed_tokens) {
+            (FrozenWeight::Dense(a), FrozenWeight::Dense(b)) => a.id() == b.id(),
+            (FrozenWeight::Quantized { q: a, .. }, FrozenWeight::Quantized { q: b, .. }) => std::sync::Arc::ptr_eq(a, b),
+            _ => false,
+        }
     }
 }

@@ -125,7 +125,7 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
     let adapter = Adapter::inject(&mut model, &RunConfig::lora(o.rank, o.alpha, o.targets), 0)?;
     let mut opt = AdamW::new(adapter.trainable(), AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })?;
     let vars = adapter.trainable();
-    let tensors: Vec<&Tensor> = vars.iter().map(|(_, v)| v.as_tensor()).collect();
+    let train = super::config::TrainSection { gradient_checkpointing: o.gradient_checkpointing, loss_chunk: 256, grad_accum: 1, ..Default::default() };
     let mut losses = Vec::new();
     let mut step_s = Vec::new();
     for i in 0..o.warmup + o.steps {
@@ -133,18 +133,9 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
         let batch = ids.get(i % n)?;
         let labels: Vec<i64> = batch.flatten_all()?.to_vec1::<u32>()?.into_iter().map(|x| x as i64).collect();
         let ctx = ForwardCtx { train: true, seed: i as u64, ..Default::default() };
-        let grads: Vec<Option<Tensor>> = if o.gradient_checkpointing {
-            let cnt = labels.len() - b;
-            let (sum, _, g) = model.loss_grads_checkpointed(&batch, &labels, &ctx, 256, 1.0 / cnt as f64, &tensors)?;
-            losses.push(sum.to_scalar::<f32>()? as f64 / cnt as f64);
-            g
-        } else {
-            let (sum, cnt) = model.loss_sum(&batch, &labels, &ctx, 256)?;
-            let loss = (sum / cnt as f64)?;
-            losses.push(loss.to_scalar::<f32>()? as f64);
-            let g = loss.backward()?;
-            tensors.iter().map(|t| g.get(t).cloned()).collect()
-        };
+        // Every position but each row's first predicts a label.
+        let (loss, grads) = super::trainer::micro_grads(&model, &adapter, &batch, &labels, &ctx, &train, labels.len() - b, &vars)?;
+        losses.push(loss);
         let grads: Vec<Tensor> =
             grads.into_iter().zip(&vars).map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like())).collect::<candle_core::Result<_>>()?;
         opt.step(&grads, o.lr)?;

@@ -92,7 +92,7 @@ pub fn load_base(cfg: &RunConfig, device: &Device) -> Result<model::LoadedModel>
 /// penalty (AdaLoRA's) is added to the gradient, once per optimizer step over the
 /// micro-batches; the reported loss stays the cross-entropy.
 #[allow(clippy::too_many_arguments)]
-fn micro_grads(
+pub(super) fn micro_grads(
     model: &model::Llama,
     adapter: &Adapter,
     ids: &Tensor,
@@ -114,13 +114,7 @@ fn micro_grads(
         let (sum, _, mut grads) = model.loss_grads_checkpointed(ids, labels, ctx, t.loss_chunk, scale, &tensors)?;
         let lv = sum.to_scalar::<f32>()? as f64 * scale;
         if let Some(r) = adapter.regularizer(ctx)? {
-            let extra = collect(&(r / t.grad_accum as f64)?.backward()?);
-            for (g, e) in grads.iter_mut().zip(extra) {
-                *g = match (g.take(), e) {
-                    (Some(a), Some(b)) => Some((a + b)?),
-                    (a, b) => a.or(b),
-                };
-            }
+            model::llama::add_grads(&mut grads, collect(&(r / t.grad_accum as f64)?.backward()?))?;
         }
         return Ok((lv, grads));
     }
@@ -335,14 +329,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
                 )));
             }
             loss_total += lv;
-            for (a, g) in acc.iter_mut().zip(grads) {
-                if let Some(g) = g {
-                    *a = Some(match a.take() {
-                        Some(x) => (x + g)?,
-                        None => g,
-                    });
-                }
-            }
+            model::llama::add_grads(&mut acc, grads)?;
         }
         let mut grads: Vec<Tensor> =
             acc.into_iter().zip(&vars).map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like())).collect::<candle_core::Result<_>>()?;
