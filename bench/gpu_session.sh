@@ -10,8 +10,8 @@
 #   bash bench/gpu_session.sh                   # there (DEVICE=cuda:0 by default; DTYPES=bf16,f32
 #                                               # adds the f32 comparison, SHAPES=... narrows)
 #       1. unpacks the binary, finds the driver and CUDA libraries, prints the GPU;
-#       2. correctness: the same tiny random-init LoRA run on the GPU and on the CPU, f32 and
-#          bf16, with and without checkpointing — the GPU's losses must follow the CPU's;
+#       2. correctness: the same tiny random-init LoRA run on the GPU and on the CPU, f32, bf16 and
+#          f16 (loss-scaled), with and without checkpointing — the GPU's losses must follow the CPU's;
 #       3. bench/gpu_bench.py on the shapes (--write-results), both sides;
 #       writes everything (log, RESULTS section) to $OUT (or ./gpu-out).
 #
@@ -55,7 +55,7 @@ fi
 
 echo "== correctness: $DEVICE against the CPU (tiny shape, random weights, same batches)"
 fail=0
-for dtype in f32 bf16; do
+for dtype in f32 bf16 f16; do
   for ckpt in "" --gradient-checkpointing; do
     args=(bench-train --shape tiny --batch 4 --seq 64 --warmup-steps 0 --steps 6 --lr 1e-2 --dtype "$dtype" $ckpt)
     ref=$("$bin" "${args[@]}" --device cpu | tail -n1)

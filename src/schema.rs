@@ -166,7 +166,10 @@ pub fn train_fields() -> Vec<Field> {
         Field::new("save_steps", Int, d.save_steps, text("Checkpoint every", "保存间隔"), text("Save a checkpoint every N steps (0 = only at the end); runs resume from the newest.", "每 N 步保存一次检查点（0 表示只在最后）；续训从最新的检查点开始。"))
             .range(Some(0.0), None),
         Field::new("device", Choice { options: crate::device::choices() }, &d.device, text("Device", "设备"), text("Where to train: auto takes the first CUDA GPU when this build has CUDA support and a GPU answers, else the CPU.", "在哪里训练：auto 在本程序支持 CUDA 且有可用 GPU 时用第一块 GPU，否则用 CPU。")),
-        Field::new("dtype", Choice { options: vec!["f32".into(), "bf16".into()] }, d.dtype, text("Precision", "精度"), text("Precision of the frozen base model and the activations. bf16 halves their memory; the trained tensors and the optimizer stay f32. On the CPU bf16 is slower than f32.", "冻结的基础模型和激活值的精度。bf16 让它们的内存减半；训练的张量和优化器保持 f32。在 CPU 上 bf16 比 f32 慢。"))
+        Field::new("dtype", Choice { options: vec!["f32".into(), "bf16".into(), "f16".into()] }, d.dtype, text("Precision", "精度"), text("Precision of the frozen base model and the activations. bf16 and f16 halve their memory; the trained tensors and the optimizer stay f32; f16 scales the loss dynamically against overflow. On the CPU both are slower than f32.", "冻结的基础模型和激活值的精度。bf16 和 f16 让它们的内存减半；训练的张量和优化器保持 f32；f16 动态缩放损失以防溢出。在 CPU 上两者都比 f32 慢。"))
+            .advanced(),
+        Field::new("loss_scale", Float, d.loss_scale, text("f16 loss scale", "f16 损失缩放"), text("Only for f16: the initial dynamic loss scale. It halves when the gradients overflow (that step is skipped) and doubles after 2000 clean steps.", "仅用于 f16：动态损失缩放的初始值。梯度溢出时减半（跳过该步），连续 2000 步正常后加倍。"))
+            .range(Some(1.0), None)
             .advanced(),
         Field::new("gradient_checkpointing", Bool, d.gradient_checkpointing, text("Gradient checkpointing", "梯度检查点"), text("Keep only each layer's input and recompute the layer in the backward pass: far less activation memory for about a third more time per step. Same results.", "只保存每层的输入，反向传播时重算该层：激活内存大幅减少，每步多约三分之一的时间。结果相同。")),
         Field::new("keep_checkpoints", Int, d.keep_checkpoints, text("Checkpoints kept", "保留检查点数"), text("Keep the newest N checkpoints.", "保留最新的 N 个检查点。"))

@@ -160,3 +160,48 @@ fn frozen_blocks_give_the_dequantized_products_gradient() {
     drop(y);
     assert_eq!(Arc::strong_count(&q), before);
 }
+
+/// Blocked attention (what training runs: no (rows × keys) matrix kept for the backward)
+/// against the composed reference, in value and in the gradients of q, k and v: grouped
+/// queries (two heads per KV head), with and without earlier keys (prefix/cache), in one block
+/// and in several (including a short last one); f64 to rounding, f32, and bf16 within bf16's
+/// tolerance.
+#[test]
+fn blocked_attention_matches_composed() {
+    let scale = 0.35;
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5), (DType::BF16, 3e-2)] {
+        for (s, k_len, block) in [(7, 7, 3), (7, 7, 7), (5, 9, 2), (6, 6, 1)] {
+            let (b, nkv, rep, hd) = (2, 2, 2, 4);
+            let q = Var::from_tensor(&randn(&[b, nkv, rep * s, hd], 41, dtype)).unwrap();
+            let k = Var::from_tensor(&randn(&[b, nkv, k_len, hd], 42, dtype)).unwrap();
+            let v = Var::from_tensor(&randn(&[b, nkv, k_len, hd], 43, dtype)).unwrap();
+            let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+            let y1 = ops::causal_attention_blocked(qt, kt, vt, s, scale, block).unwrap();
+            let y2 = ops::causal_attention_composed(qt, kt, vt, s, scale).unwrap();
+            let what = format!("{dtype:?} s={s} keys={k_len} block={block}");
+            assert!(max_rel(&y1, &y2) < tol, "{what}: forward differs: {}", max_rel(&y1, &y2));
+            let cot = randn(y1.dims(), 44, dtype);
+            let g1 = (y1 * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (y2 * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, t) in [("q", qt), ("k", kt), ("v", vt)] {
+                let (a, r) = (g1.get(t).expect("blocked gradient"), g2.get(t).expect("reference gradient"));
+                assert_eq!(a.dtype(), dtype, "{what}: d{name} dtype");
+                assert!(max_rel(a, r) < tol, "{what}: d{name} differs: {}", max_rel(a, r));
+            }
+        }
+    }
+}
+
+/// Without anything to differentiate the blocked attention returns its output with no graph,
+/// and the block length follows the byte budget (at least 16 positions, at most the sequence).
+#[test]
+fn attention_blocks_follow_the_budget() {
+    assert_eq!(ops::attention_block_len(1, 1, 100, 100), 100);
+    let long = ops::attention_block_len(8, 32, 4096, 4096);
+    assert!(long >= 16 && long < 4096, "{long}");
+    assert!(8 * 32 * long * 4096 * 4 <= ops::ATTENTION_BLOCK_BYTES.max(8 * 32 * 16 * 4096 * 4));
+    let q = randn(&[1, 1, 8, 4], 1, DType::F32);
+    let k = randn(&[1, 1, 4, 4], 2, DType::F32);
+    let y = ops::causal_attention(&q, &k, &k, 4, 0.5).unwrap();
+    assert!(!y.track_op());
+}

@@ -210,3 +210,61 @@ fn bf16_training_follows_the_f32_loss_curve() {
     let e = RunConfig::from_toml(text, None).unwrap_err().to_string();
     assert!(e.contains("train.dtype") && e.contains("f32"), "{e}");
 }
+
+/// f16 with dynamic loss scaling on the real default model: with the default scale the loss
+/// curve follows the f32 run's within half precision's tolerance and the adapter is saved in
+/// f32. Started at a scale far beyond f16's range (2²⁰; it overflows above 2¹⁶ here), the first steps' gradients overflow:
+/// each is skipped (announced, its batches used up) and the scale halves until they fit, and
+/// the run still makes its 6 updates with finite losses. Stopped after 3 steps and resumed,
+/// that run gives the uninterrupted run's losses and adapter: the scale and the skipped
+/// batches come back from the checkpoint.
+#[test]
+fn f16_training_scales_the_loss_and_resumes_exactly() {
+    use tunebench::train::config::Precision;
+    use tunebench::train::observer::{Collect, TrainEvent};
+    let tmp = tempfile::tempdir().unwrap();
+    let f32_run = train::train(&config(&tmp.path().join("f32"), &lora(0.0)), &TrainOptions::default(), &mut NoObserver).unwrap();
+    let mut cfg = config(&tmp.path().join("f16"), &lora(0.0));
+    cfg.train.dtype = Precision::F16;
+    let mut events = Collect::default();
+    let f16_run = train::train(&cfg, &TrainOptions::default(), &mut events).unwrap();
+    for (i, (a, b)) in f32_run.losses.iter().zip(&f16_run.losses).enumerate() {
+        assert!((a - b).abs() <= 0.03 * a.abs(), "step {}: f32 {a} vs f16 {b}", i + 1);
+    }
+    assert_ne!(f32_run.losses, f16_run.losses, "f16 must actually run in f16");
+    let w = candle_core::safetensors::load(f16_run.adapter_dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert!(w.values().all(|t| t.dtype() == candle_core::DType::F32), "the adapter is saved in f32");
+
+    let overflowing = |dir: &str| {
+        let mut c = config(&tmp.path().join(dir), &lora(0.0));
+        c.train.dtype = Precision::F16;
+        c.train.loss_scale = 2f64.powi(20);
+        // One micro-batch a step: the skipped steps cost half as much.
+        c.train.grad_accum = 1;
+        c
+    };
+    let mut events = Collect::default();
+    let full = train::train(&overflowing("big"), &TrainOptions::default(), &mut events).unwrap();
+    let skips: Vec<String> = events
+        .0
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Message { text } if text.contains("overflowed") => Some(text.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(!skips.is_empty(), "a loss scale of 2^20 must overflow f16");
+    assert!(skips[0].contains("step 1") && skips[0].contains("1048576") && skips[0].contains("524288"), "{}", skips[0]);
+    assert_eq!(full.losses.len(), 6);
+    assert!(full.losses.iter().all(|l| l.is_finite()));
+    let steps = events.0.iter().filter(|e| matches!(e, TrainEvent::Step { .. })).count();
+    assert_eq!(steps, 6, "skipped steps are not counted");
+
+    let cfg = overflowing("split");
+    train::train(&cfg, &TrainOptions { stop_after: Some(3), ..Default::default() }, &mut NoObserver).unwrap();
+    let second = train::train(&cfg, &TrainOptions { resume: true, ..Default::default() }, &mut NoObserver).unwrap();
+    for (i, (a, b)) in full.losses.iter().zip(&second.losses).enumerate() {
+        assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "step {}: uninterrupted {a} vs resumed {b}", i + 1);
+    }
+    assert_same_adapter(&full.adapter_dir, &second.adapter_dir, 1e-5);
+}

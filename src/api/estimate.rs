@@ -10,7 +10,8 @@
 //!   both norm outputs, q/k/v (projected, laid out, rotated), attention output, MLP
 //!   gate/up/activation, projections' outputs and residual sums, plus each LoRA target's
 //!   extra output and rank-r intermediate — see [`activation_floats_per_token_layer`];
-//!   attention scores and probabilities, (batch, heads, seq, seq) per layer;
+//! * attention: one query block of scores at a time (`ops::causal_attention` keeps none for
+//!   the backward and recomputes each block's there), at most `ops::ATTENTION_BLOCK_BYTES`;
 //! * the loss: `loss_chunk` rows of vocabulary logits at once (their softmax and gradient
 //!   reuse memory the backward pass frees) — or, when the LM head is adapted (a LoRA target,
 //!   full fine-tuning's trained embedding), every counted row's logits, kept for the backward;
@@ -44,9 +45,14 @@ use crate::{Error, Result};
 /// Measured activation bytes ÷ the counted floats × 4 (temporaries alive at the peak,
 /// allocator slack). Calibrated on 6 configs of the default model (bench/RESULTS.md).
 pub const ACTIVATION_FACTOR: f64 = 1.25;
-/// Copies of the (batch, heads, seq, seq) f32 attention matrix alive per layer (scores and
-/// probabilities, partly freed as the softmax runs). Calibrated with [`ACTIVATION_FACTOR`].
-pub const ATTENTION_COPIES: f64 = 1.8;
+/// Copies of one query block's f32 attention scores alive at the peak (the backward's
+/// probabilities, their gradient and its temporaries; nothing of the kind is kept between the
+/// passes). Measured with the blocked attention (bench/RESULTS.md, 2026-12-01).
+pub const ATTENTION_COPIES: f64 = 3.5;
+/// With gradient checkpointing: one decoder layer's activations alive at the peak, in units of
+/// a layer's share of the activations (the recomputed layer and its gradients). Measured on
+/// three configs of the default model (bench/RESULTS.md, 2026-12-01).
+pub const CHECKPOINT_LAYER_COPIES: f64 = 1.3;
 /// Bytes per trainable parameter: value, gradient, accumulated gradient, AdamW m and v (f32),
 /// less what is freed between micro-batches. Calibrated with [`ACTIVATION_FACTOR`].
 pub const ADAPTER_BYTES_PER_PARAM: u64 = 17;
@@ -59,7 +65,7 @@ pub const TIME_OVERHEAD: f64 = 2.2;
 
 /// Mixed precision on the CPU runs the composed (non-fused) RMSNorm, RoPE, softmax and
 /// SwiGLU, which keep more temporaries: activations × this factor over their bf16 size, and
-/// attention scores × [`HALF_ATTENTION_FACTOR`] over the fused f32 figure (f32 copies of the
+/// attention blocks × [`HALF_ATTENTION_FACTOR`] over the fused f32 figure (f32 copies of the
 /// scores for the softmax). Fitted on three configs of the default model (bench/RESULTS.md).
 pub const HALF_ACTIVATION_FACTOR: f64 = 1.98;
 /// See [`HALF_ACTIVATION_FACTOR`].
@@ -300,7 +306,9 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     let composed = if half { HALF_ACTIVATION_FACTOR } else { 1.0 };
     let acts = (composed * ACTIVATION_FACTOR * act_bytes_per_tok_layer * (tokens * layers) as f64) as u64 + wbytes * tokens * model.hidden_size as u64 * 2;
     let attn_factor = if half { HALF_ATTENTION_FACTOR } else { 1.0 };
-    let attn = (attn_factor * ATTENTION_COPIES * 4.0 * (b * model.num_attention_heads as u64 * s * s * layers) as f64) as u64;
+    // One query block of scores at a time (`ops::causal_attention`), in every layer alike.
+    let block = crate::model::ops::attention_block_len(b as usize, model.num_attention_heads, s as usize, s as usize) as u64;
+    let attn = (attn_factor * ATTENTION_COPIES * 4.0 * (b * model.num_attention_heads as u64 * block * s) as f64) as u64;
     let chunk = (t.loss_chunk as u64).min(tokens).max(1);
     let loss = if head_adapted {
         (LOGIT_COPIES * 4.0 * (tokens * model.vocab_size as u64) as f64) as u64
@@ -308,18 +316,19 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         4 * chunk * model.vocab_size as u64
     };
     // Gradient checkpointing keeps each layer's input; at the peak, the layer being
-    // recomputed in the backward holds its activations and attention scores and about as
-    // much again in their gradients (measured: bench/RESULTS.md).
+    // recomputed in the backward holds its activations and part of their gradients
+    // ([`CHECKPOINT_LAYER_COPIES`]); attention is one block at a time either way.
     let layer_inputs = wbytes * tokens * model.hidden_size as u64 * layers;
-    let (acts_ckpt, attn_ckpt) = (2 * acts / layers.max(1) + layer_inputs, 2 * attn / layers.max(1));
+    let acts_ckpt = (CHECKPOINT_LAYER_COPIES * acts as f64 / layers.max(1) as f64) as u64 + layer_inputs;
+    let attn_ckpt = attn;
     let ckpt = weights + adapter + acts_ckpt + attn_ckpt + loss;
     let checkpointing = t.gradient_checkpointing;
     let (acts, attn) = if checkpointing { (acts_ckpt, attn_ckpt) } else { (acts, attn) };
     let total_bytes = weights + adapter + acts + attn + loss;
 
     // FLOPs: forward 2·tokens·(linear params) + attention 4·b·s²·(heads·head_dim) per layer;
-    // backward: input gradients of every linear (2·tokens·params again), attention ×2, LoRA
-    // weight gradients.
+    // backward: input gradients of every linear (2·tokens·params again), attention ×2.5 (the
+    // scores recomputed, then dP, dV, dQ, dK), LoRA weight gradients.
     let lin_params: f64 = linear_shapes(model).iter().map(|(_, i, o)| (*i * *o) as f64).sum();
     let attn_fwd = 4.0 * (b * s * s) as f64 * (model.num_attention_heads * model.head_dim()) as f64 * layers as f64 / 2.0;
     let lora_flops: f64 = if full.is_some() {
@@ -328,7 +337,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     } else {
         ad.iter().map(|a| 2.0 * a.3 as f64).sum::<f64>() * tokens as f64 * 3.0
     };
-    let mut flops_micro = 2.0 * tokens as f64 * lin_params * 2.0 + 3.0 * attn_fwd + lora_flops;
+    let mut flops_micro = 2.0 * tokens as f64 * lin_params * 2.0 + 3.5 * attn_fwd + lora_flops;
     if checkpointing {
         // Every decoder layer runs forward twice (the LM head once).
         let head = (model.hidden_size * model.vocab_size) as f64;
@@ -357,10 +366,10 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         }
     }
     if half {
-        warnings.push(
-            "train.dtype = \"bf16\" is meant for GPUs: on the CPU it takes about twice the time of f32 and, with the unfused ops it needs there, more memory (f32 is the better choice on this machine)"
-                .into(),
-        );
+        warnings.push(format!(
+            "train.dtype = \"{}\" is meant for GPUs: on the CPU it takes about twice the time of f32 and, with the unfused ops it needs there, more memory (f32 is the better choice on this machine)",
+            cfg.train.dtype.name()
+        ));
     }
     if full.is_some() {
         warnings.push(format!(
@@ -384,7 +393,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
                 (
                     match (qlora, half) {
                         (true, _) => "weights (4-bit projections)",
-                        (false, true) => "weights (bf16)",
+                        (false, true) => "weights (16-bit)",
                         (false, false) => "weights (f32)",
                     }
                     .into(),
@@ -392,7 +401,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
                 ),
                 ("adapter + optimizer".into(), adapter),
                 (if checkpointing { "activations (layer inputs + one layer)" } else { "activations" }.into(), acts),
-                (if checkpointing { "attention scores (one layer)" } else { "attention scores" }.into(), attn),
+                ("attention (one query block)".into(), attn),
                 ("loss (logits chunk)".into(), loss),
             ],
             total_bytes_checkpointed: ckpt,

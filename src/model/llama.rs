@@ -214,9 +214,7 @@ impl Attention {
         // head are stacked along the row axis, (b, nkv, rep·s, hd).
         let rep = nh / nkv;
         let q = q.reshape((b, nkv, rep * s, hd))?;
-        let scores = q.matmul(&k.t()?)?;
-        let probs = ops::causal_softmax(&scores, s, 1.0 / (hd as f64).sqrt())?;
-        let out = probs.matmul(&v)?.reshape((b, nh, s, hd))?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+        let out = ops::causal_attention(&q, &k, &v, s, 1.0 / (hd as f64).sqrt())?;
         self.o_proj.forward(&out, ctx)
     }
 }

@@ -6,7 +6,9 @@
 //!   frozen weight, no wasted matmul);
 //! * [`rms_norm`], [`rope`], [`causal_softmax`]: fused f32 CPU kernels (rayon over rows) with
 //!   analytic backward, and a composed differentiable fallback for other devices/dtypes.
-//!   The composed versions are also the reference the tests hold the fused ones to.
+//!   The composed versions are also the reference the tests hold the fused ones to;
+//! * [`causal_attention`]: attention in query blocks whose backward recomputes the
+//!   probabilities, so no (batch, heads, seq, seq) matrix stays alive between the passes.
 
 use std::sync::Arc;
 
@@ -357,6 +359,212 @@ pub fn causal_softmax_composed(xs: &Tensor, q_len: usize, scale: f64) -> CResult
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal attention in query blocks, recomputed in the backward
+// ---------------------------------------------------------------------------------------------
+
+/// Bytes one block's f32 scores may take (the forward holds one block of scores and
+/// probabilities at a time; the backward one block of probabilities and their gradients).
+pub const ATTENTION_BLOCK_BYTES: usize = 32 << 20;
+
+/// Positions per query block: as many as fit [`ATTENTION_BLOCK_BYTES`] for `heads` query
+/// heads over `k_len` keys in `b` rows, at least 16.
+pub fn attention_block_len(b: usize, heads: usize, q_len: usize, k_len: usize) -> usize {
+    let per_position = (b * heads * k_len * 4).max(1);
+    (ATTENTION_BLOCK_BYTES / per_position).max(16).min(q_len.max(1))
+}
+
+/// One query block's operands: the block's queries (b, nkv, rep·n, hd) and the keys and values
+/// it may see, (b, nkv, keys, hd) — keys after the block's last position are left out.
+struct Block {
+    start: usize,
+    n: usize,
+    keys: usize,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+/// The query blocks of `q` (b, nkv, rep·s, hd; rows r = head j · s + position, as
+/// [`causal_softmax`] reads them) against `k`, `v` (b, nkv, k_len, hd), each key `k_len − s`
+/// positions ahead of the queries (a prefix or a cache). Made one at a time, as the caller
+/// iterates: only one block's copies exist at once.
+fn blocks<'a>(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor, s: usize, block: usize) -> CResult<impl Iterator<Item = CResult<Block>> + 'a> {
+    let (b, nkv, rows, hd) = q.dims4()?;
+    let rep = rows / s;
+    let k_len = k.dim(2)?;
+    let offset = k_len - s;
+    let q5 = q.reshape((b, nkv, rep, s, hd))?;
+    let block = block.max(1);
+    Ok((0..s).step_by(block).map(move |start| {
+        let n = block.min(s - start);
+        let keys = offset + start + n;
+        let qb = if n == s { q.clone() } else { q5.narrow(3, start, n)?.contiguous()?.reshape((b, nkv, rep * n, hd))? };
+        let (kb, vb) = if keys == k_len { (k.clone(), v.clone()) } else { (k.narrow(2, 0, keys)?.contiguous()?, v.narrow(2, 0, keys)?.contiguous()?) };
+        Ok(Block { start, n, keys, q: qb, k: kb, v: vb })
+    }))
+}
+
+/// Joins per-block (b, nkv, rep·n, hd) results back into (b, nkv, rep·s, hd).
+fn join_blocks(parts: Vec<Tensor>, b: usize, nkv: usize, rep: usize, hd: usize) -> CResult<Tensor> {
+    if parts.len() == 1 {
+        return Ok(parts.into_iter().next().expect("one part"));
+    }
+    let parts = parts
+        .into_iter()
+        .map(|p| {
+            let n = p.dim(2)? / rep;
+            p.reshape((b, nkv, rep, n, hd))
+        })
+        .collect::<CResult<Vec<_>>>()?;
+    let s: usize = parts.iter().map(|p| p.dim(3)).sum::<CResult<usize>>()?;
+    Tensor::cat(&parts, 3)?.reshape((b, nkv, rep * s, hd))
+}
+
+/// The attention output of detached operands, block by block (no graph).
+fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, s: usize, scale: f64, block: usize) -> CResult<Tensor> {
+    let (b, nkv, rows, hd) = q.dims4()?;
+    let mut parts = Vec::new();
+    for blk in blocks(q, k, v, s, block)? {
+        let blk = blk?;
+        let p = causal_softmax(&blk.q.matmul(&blk.k.t()?)?, blk.n, scale)?;
+        parts.push(p.matmul(&blk.v)?);
+    }
+    join_blocks(parts, b, nkv, rows / s, hd)
+}
+
+/// Heads laid out (b, nkv, rep·s, hd) → (b, s, heads·hd), the input of `o_proj`.
+fn merge_heads(o: &Tensor, s: usize) -> CResult<Tensor> {
+    let (b, nkv, rows, hd) = o.dims4()?;
+    let nh = nkv * rows / s;
+    o.reshape((b, nh, s, hd))?.transpose(1, 2)?.reshape((b, s, nh * hd))
+}
+
+/// (b, s, heads·hd) → (b, nkv, rep·s, hd), the inverse of [`merge_heads`].
+fn split_heads(o: &Tensor, nkv: usize, hd: usize) -> CResult<Tensor> {
+    let (b, s, width) = o.dims3()?;
+    let nh = width / hd;
+    o.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, nkv, nh / nkv * s, hd))
+}
+
+/// The gradient hook of [`causal_attention`], applied to `(q, k, v)`: its forward hands back
+/// the attention output it holds (computed without a graph, heads merged); its backward
+/// recomputes each query block's probabilities from `q` and `k` and returns the gradients of
+/// `q`, `k` and `v` — flash attention's backward, on tensor ops, so it runs on every device
+/// and dtype. The graph keeps q, k, v and the output, never the (rows × keys) matrices.
+struct AttentionGrad {
+    /// The output, (b, s, heads·hd), detached.
+    o: Tensor,
+    q_len: usize,
+    scale: f64,
+    block: usize,
+}
+
+impl AttentionGrad {
+    fn stored(&self) -> CResult<(impl std::ops::Deref<Target = Storage> + '_, Layout)> {
+        let (st, l) = self.o.storage_and_layout();
+        Ok((st, l.clone()))
+    }
+}
+
+impl candle_core::CustomOp3 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "attention-grad"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (st, l) = self.stored()?;
+        let Storage::Cpu(o) = &*st else { candle_core::bail!("attention-grad: output not on the cpu") };
+        Ok((o.try_clone(&l)?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let (st, l) = self.stored()?;
+        let Storage::Cuda(o) = &*st else { candle_core::bail!("attention-grad: output not on cuda") };
+        Ok((o.try_clone(&l)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, nkv, rows, hd) = q.dims4()?;
+        let s = self.q_len;
+        let rep = rows / s;
+        let k_len = k.dim(2)?;
+        let dtype = q.dtype();
+        // Sums over blocks and the softmax's row terms in f32 (f64 for f64 operands).
+        let acc = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let o5 = split_heads(&self.o, nkv, hd)?.reshape((b, nkv, rep, s, hd))?;
+        let g5 = split_heads(grad, nkv, hd)?.reshape((b, nkv, rep, s, hd))?;
+        let (mut dk, mut dv) = (Tensor::zeros((b, nkv, k_len, hd), acc, q.device())?, Tensor::zeros((b, nkv, k_len, hd), acc, q.device())?);
+        let mut dq = Vec::new();
+        let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+        for blk in blocks(&qd, &kd, &vd, s, self.block)? {
+            let blk = blk?;
+            let take = |t: &Tensor| -> CResult<Tensor> {
+                if blk.n == s {
+                    t.reshape((b, nkv, rows, hd))
+                } else {
+                    t.narrow(3, blk.start, blk.n)?.contiguous()?.reshape((b, nkv, rep * blk.n, hd))
+                }
+            };
+            let (gb, ob) = (take(&g5)?, take(&o5)?);
+            let p = causal_softmax(&blk.q.matmul(&blk.k.t()?)?, blk.n, self.scale)?;
+            // dS = scale · P ∘ (dO·Vᵀ − rowsum(dO ∘ O)); masked entries have P = 0.
+            let dp = gb.matmul(&blk.v.t()?)?.to_dtype(acc)?;
+            let row = (gb.to_dtype(acc)? * ob.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?;
+            let ds = ((p.to_dtype(acc)? * dp.broadcast_sub(&row)?)? * self.scale)?.to_dtype(dtype)?;
+            let pad = k_len - blk.keys;
+            dv = (dv + p.t()?.matmul(&gb)?.to_dtype(acc)?.pad_with_zeros(2, 0, pad)?)?;
+            dk = (dk + ds.t()?.matmul(&blk.q)?.to_dtype(acc)?.pad_with_zeros(2, 0, pad)?)?;
+            dq.push(ds.matmul(&blk.k)?);
+        }
+        let dq = join_blocks(dq, b, nkv, rep, hd)?;
+        Ok((Some(dq), Some(dk.to_dtype(dtype)?), Some(dv.to_dtype(dtype)?)))
+    }
+}
+
+/// Causal attention `softmax(scale · q·kᵀ, causal) · v` that keeps no (rows × keys) matrix
+/// for the backward, with the heads merged: (b, q_len, heads·hd), `o_proj`'s input. `q` is
+/// (b, nkv, rep·q_len, hd) with the `rep` query heads sharing a KV head stacked on the row
+/// axis (as [`causal_softmax`] reads them), `k`, `v` (b, nkv, k_len, hd) with
+/// `k_len ≥ q_len` (earlier keys: a prefix or a cache). The forward runs in query blocks of at
+/// most [`ATTENTION_BLOCK_BYTES`] of scores, each block seeing only the keys up to its last
+/// position; the backward recomputes each block's probabilities (flash attention's scheme, on
+/// tensor ops: every device and dtype). What stays for the backward: q, k, v and the output.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usize, scale: f64) -> CResult<Tensor> {
+    let (b, nkv, rows, _) = q.dims4()?;
+    let block = attention_block_len(b, nkv * rows / q_len.max(1), q_len, k.dim(2)?);
+    causal_attention_blocked(q, k, v, q_len, scale, block)
+}
+
+/// [`causal_attention`] with a given block length (positions per query block).
+pub fn causal_attention_blocked(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usize, scale: f64, block: usize) -> CResult<Tensor> {
+    let (_, _, rows, _) = q.dims4()?;
+    if q_len == 0 || rows % q_len != 0 || k.dim(2)? < q_len {
+        candle_core::bail!("causal-attention: {rows} query rows, {q_len} positions, {} keys", k.dim(2)?);
+    }
+    let o = merge_heads(&attention_forward(&q.detach(), &k.detach(), &v.detach(), q_len, scale, block)?, q_len)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(o);
+    }
+    q.apply_op3(k, v, AttentionGrad { o, q_len, scale, block })
+}
+
+/// Causal attention from differentiable primitives, heads merged: the scores, their causal
+/// softmax and the product with the values, all kept by the graph (the reference
+/// [`causal_attention`] is held to).
+pub fn causal_attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usize, scale: f64) -> CResult<Tensor> {
+    merge_heads(&causal_softmax_composed(&q.matmul(&k.t()?)?, q_len, scale)?.matmul(v)?, q_len)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ pub struct BenchResult {
     pub step_s: Vec<f64>,
     /// Where it ran (`cpu`, `cuda:0`).
     pub device: String,
-    /// Precision of the base and activations (`f32`, `bf16`).
+    /// Precision of the base and activations (`f32`, `bf16`, `f16`).
     pub dtype: String,
 }
 
@@ -126,6 +126,8 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
     let mut opt = AdamW::new(adapter.trainable(), AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })?;
     let vars = adapter.trainable();
     let train = super::config::TrainSection { gradient_checkpointing: o.gradient_checkpointing, loss_chunk: 256, grad_accum: 1, ..Default::default() };
+    // f16: dynamic loss scaling as in training (an overflowed step is timed, not applied).
+    let mut scaler = (o.dtype == super::config::Precision::F16).then(|| super::optim::LossScaler::new(train.loss_scale));
     let mut losses = Vec::new();
     let mut step_s = Vec::new();
     for i in 0..o.warmup + o.steps {
@@ -134,11 +136,18 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
         let labels: Vec<i64> = batch.flatten_all()?.to_vec1::<u32>()?.into_iter().map(|x| x as i64).collect();
         let ctx = ForwardCtx { train: true, seed: i as u64, ..Default::default() };
         // Every position but each row's first predicts a label.
-        let (loss, grads) = super::trainer::micro_grads(&model, &adapter, &batch, &labels, &ctx, &train, labels.len() - b, &vars)?;
+        let loss_scale = scaler.map_or(1.0, |s| s.scale);
+        let (loss, grads) = super::trainer::micro_grads(&model, &adapter, &batch, &labels, &ctx, &train, labels.len() - b, &vars, loss_scale)?;
         losses.push(loss);
         let grads: Vec<Tensor> =
             grads.into_iter().zip(&vars).map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like())).collect::<candle_core::Result<_>>()?;
-        opt.step(&grads, o.lr)?;
+        let apply = match scaler.as_mut() {
+            Some(s) => s.update(super::optim::global_norm(&grads)?.is_finite())?,
+            None => true,
+        };
+        if apply {
+            opt.step(&grads, o.lr)?;
+        }
         device.synchronize()?;
         if i >= o.warmup {
             step_s.push(start.elapsed().as_secs_f64());
@@ -151,6 +160,6 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
         losses,
         step_s,
         device: crate::device::describe(&device),
-        dtype: format!("{:?}", o.dtype).to_lowercase(),
+        dtype: o.dtype.name().into(),
     })
 }

@@ -45,6 +45,9 @@ pub struct TrainerState {
     pub val_loss: Option<f64>,
     /// Loss of every completed step (for charts and the resume check).
     pub losses: Vec<f64>,
+    /// f16 training's dynamic loss scale (absent otherwise, and in older checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<super::optim::LossScaler>,
 }
 
 /// File names inside a checkpoint folder.

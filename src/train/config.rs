@@ -140,9 +140,12 @@ pub struct TrainSection {
     /// Keep only each decoder layer's input in the forward and recompute the layer in the
     /// backward: activation memory of one layer instead of all, for a second forward.
     pub gradient_checkpointing: bool,
-    /// Precision of the frozen base and the activations: f32, or bf16 (mixed precision: the
-    /// trainable tensors, their gradients and the optimizer state stay f32).
+    /// Precision of the frozen base and the activations: f32, bf16 or f16 (mixed precision:
+    /// the trainable tensors, their gradients and the optimizer state stay f32).
     pub dtype: Precision,
+    /// f16 only: the initial dynamic loss scale (halved when the gradients overflow, doubled
+    /// after 2000 finite steps).
+    pub loss_scale: f64,
 }
 
 /// `train.dtype`.
@@ -154,6 +157,9 @@ pub enum Precision {
     F32,
     /// Base weights and activations in bfloat16; trainable tensors and AdamW state in f32.
     Bf16,
+    /// Base weights and activations in float16 with dynamic loss scaling
+    /// (`train.loss_scale`); trainable tensors and AdamW state in f32.
+    F16,
 }
 
 impl Precision {
@@ -162,6 +168,29 @@ impl Precision {
         match self {
             Precision::F32 => candle_core::DType::F32,
             Precision::Bf16 => candle_core::DType::BF16,
+            Precision::F16 => candle_core::DType::F16,
+        }
+    }
+
+    /// The config value (`f32`, `bf16`, `f16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            "f16" => Ok(Precision::F16),
+            other => Err(format!("`{other}` is not a training precision: use f32, bf16 or f16")),
         }
     }
 }
@@ -192,6 +221,7 @@ impl Default for TrainSection {
             device: "auto".into(),
             gradient_checkpointing: false,
             dtype: Precision::F32,
+            loss_scale: 65536.0,
         }
     }
 }
@@ -341,7 +371,10 @@ impl RunConfig {
         }
         crate::device::DeviceChoice::parse(&t.device, "train.device")?;
         if t.dtype != Precision::F32 && matches!(self.peft, PeftConfig::Full(_)) {
-            return bad("train.dtype", "full fine-tuning trains every weight in f32; use train.dtype = \"f32\" (or a LoRA-family method for bf16)");
+            return bad("train.dtype", "full fine-tuning trains every weight in f32; use train.dtype = \"f32\" (or a LoRA-family method for bf16/f16)");
+        }
+        if !(t.loss_scale.is_finite() && t.loss_scale >= 1.0) {
+            return bad("train.loss_scale", "must be a finite number ≥ 1 (the initial f16 loss scale; 65536 by default)");
         }
         if self.data.max_len < 2 {
             return bad("data.max_len", "must be at least 2");

@@ -154,3 +154,80 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     }
     Ok(norm)
 }
+
+/// Dynamic loss scaling for f16 training (`train.dtype = "f16"`), PyTorch's `GradScaler`
+/// policy: the loss is multiplied by `scale` before the backward so small gradients survive
+/// f16's range, the gradients are divided by it again; a step whose gradients overflowed
+/// (inf/NaN) is skipped and the scale halved, and after [`LossScaler::GROWTH_INTERVAL`]
+/// finite steps in a row the scale doubles. Saved with each checkpoint, so a resumed run
+/// scales as the uninterrupted one would.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LossScaler {
+    /// The current multiplier.
+    pub scale: f64,
+    /// Finite steps since the scale last changed.
+    pub good_steps: u32,
+}
+
+impl LossScaler {
+    /// Finite steps in a row before the scale doubles (PyTorch's default).
+    pub const GROWTH_INTERVAL: u32 = 2000;
+
+    /// A scaler starting at `scale` (`train.loss_scale`).
+    pub fn new(scale: f64) -> Self {
+        LossScaler { scale, good_steps: 0 }
+    }
+
+    /// Records one step's outcome; returns whether the step is applied. An overflow halves
+    /// the scale and fails once the scale would drop below 1: then f16 cannot hold the
+    /// unscaled gradients themselves.
+    pub fn update(&mut self, finite: bool) -> Result<bool> {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps >= Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+            return Ok(true);
+        }
+        self.good_steps = 0;
+        self.scale /= 2.0;
+        if self.scale < 1.0 {
+            return Err(Error::Training(
+                "the f16 gradients overflow even without loss scaling: this model's activations exceed f16's range; use train.dtype = \"bf16\" (or \"f32\")".into(),
+            ));
+        }
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod scaler_tests {
+    use super::LossScaler;
+
+    #[test]
+    fn overflow_halves_and_skips_finite_steps_grow_after_the_interval() {
+        let mut s = LossScaler::new(65536.0);
+        assert!(!s.update(false).unwrap(), "an overflowed step is skipped");
+        assert_eq!(s.scale, 32768.0);
+        for _ in 0..LossScaler::GROWTH_INTERVAL - 1 {
+            assert!(s.update(true).unwrap());
+        }
+        assert_eq!(s.scale, 32768.0, "not before the interval");
+        assert!(s.update(true).unwrap());
+        assert_eq!((s.scale, s.good_steps), (65536.0, 0));
+        // An overflow resets the count of finite steps.
+        s.update(true).unwrap();
+        s.update(false).unwrap();
+        assert_eq!(s.good_steps, 0);
+    }
+
+    #[test]
+    fn overflow_at_scale_one_is_an_error_naming_bf16() {
+        let mut s = LossScaler::new(2.0);
+        assert!(!s.update(false).unwrap());
+        assert_eq!(s.scale, 1.0);
+        let e = s.update(false).unwrap_err().to_string();
+        assert!(e.contains("bf16") && e.contains("f16"), "{e}");
+    }
+}

@@ -90,7 +90,9 @@ pub fn load_base(cfg: &RunConfig, device: &Device) -> Result<model::LoadedModel>
 /// One micro-batch's share of the step loss (its cross-entropy sum over the step's
 /// `n_targets` target tokens) and its gradients for `vars` (values only, no graph). A method's
 /// penalty (AdaLoRA's) is added to the gradient, once per optimizer step over the
-/// micro-batches; the reported loss stays the cross-entropy.
+/// micro-batches; the reported loss stays the cross-entropy. `loss_scale` (f16's dynamic
+/// loss scale, 1 otherwise) multiplies what the backward starts from, and the gradients come
+/// back divided by it again (inf/NaN when they overflowed f16 on the way).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn micro_grads(
     model: &model::Llama,
@@ -101,8 +103,15 @@ pub(super) fn micro_grads(
     t: &super::config::TrainSection,
     n_targets: usize,
     vars: &[(String, candle_core::Var)],
+    loss_scale: f64,
 ) -> Result<(f64, Vec<Option<Tensor>>)> {
     let scale = 1.0 / n_targets as f64;
+    let unscale = |grads: Vec<Option<Tensor>>| -> Result<Vec<Option<Tensor>>> {
+        if loss_scale == 1.0 {
+            return Ok(grads);
+        }
+        Ok(grads.into_iter().map(|g| g.map(|g| g * (1.0 / loss_scale)).transpose()).collect::<candle_core::Result<_>>()?)
+    };
     // candle leaves a variable's gradient attached to the graph it came from when the
     // variable met another tracked tensor (DoRA's `m / ‖W + s·B·A‖`): kept in the optimizer's
     // moments, that graph (and every earlier step's) would stay alive. Only values go on.
@@ -111,24 +120,24 @@ pub(super) fn micro_grads(
     };
     if t.gradient_checkpointing {
         let tensors: Vec<&Tensor> = vars.iter().map(|(_, v)| v.as_tensor()).collect();
-        let (sum, _, mut grads) = model.loss_grads_checkpointed(ids, labels, ctx, t.loss_chunk, scale, &tensors)?;
+        let (sum, _, mut grads) = model.loss_grads_checkpointed(ids, labels, ctx, t.loss_chunk, scale * loss_scale, &tensors)?;
         let lv = sum.to_scalar::<f32>()? as f64 * scale;
         if let Some(r) = adapter.regularizer(ctx)? {
-            model::llama::add_grads(&mut grads, collect(&(r / t.grad_accum as f64)?.backward()?))?;
+            model::llama::add_grads(&mut grads, collect(&(r * (loss_scale / t.grad_accum as f64))?.backward()?))?;
         }
-        return Ok((lv, grads));
+        return unscale(grads).map(|g| (lv, g));
     }
     let (sum, _) = model.loss_sum(ids, labels, ctx, t.loss_chunk)?;
-    let loss = (sum * scale)?;
-    let lv = loss.to_scalar::<f32>()? as f64;
+    let lv = sum.to_scalar::<f32>()? as f64 * scale;
+    let loss = (sum * (scale * loss_scale))?;
     let loss = match adapter.regularizer(ctx)? {
-        Some(r) => (loss + (r / t.grad_accum as f64)?)?,
+        Some(r) => (loss + (r * (loss_scale / t.grad_accum as f64))?)?,
         None => loss,
     };
     if !lv.is_finite() {
         return Ok((lv, vec![None; vars.len()]));
     }
-    Ok((lv, collect(&loss.backward()?)))
+    unscale(collect(&loss.backward()?)).map(|g| (lv, g))
 }
 
 /// An out-of-memory error becomes one that says what to change.
@@ -169,8 +178,12 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
             "device: {}, {}{}",
             crate::device::describe(&device),
             match cfg.train.dtype {
-                super::config::Precision::F32 => "f32",
-                super::config::Precision::Bf16 => "bf16 base and activations, f32 adapter and optimizer",
+                super::config::Precision::F32 => "f32".to_string(),
+                super::config::Precision::Bf16 => "bf16 base and activations, f32 adapter and optimizer".to_string(),
+                super::config::Precision::F16 => format!(
+                    "f16 base and activations with dynamic loss scaling (from {}), f32 adapter and optimizer",
+                    cfg.train.loss_scale
+                ),
             },
             if cfg.train.gradient_checkpointing { ", gradient checkpointing per decoder layer" } else { "" }
         ),
@@ -237,6 +250,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         elapsed_s: 0.0,
         val_loss: None,
         losses: vec![],
+        loss_scale: (cfg.train.dtype == super::config::Precision::F16).then(|| optim::LossScaler::new(cfg.train.loss_scale)),
     };
     if resuming {
         let last = match &opts.resume_from {
@@ -264,6 +278,10 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
             serde_json::from_value(ck.state.batcher.clone()).map_err(|e| Error::bad_input(&last, None, format!("data position: {e}")))?;
         batcher.restore(bs);
         state = ck.state;
+        // A checkpoint of a run whose precision changed on resume scales as the new one.
+        if (t.dtype == super::config::Precision::F16) != state.loss_scale.is_some() {
+            state.loss_scale = (t.dtype == super::config::Precision::F16).then(|| optim::LossScaler::new(t.loss_scale));
+        }
         obs.on_event(&TrainEvent::Message { text: format!("resumed from {} (step {})", last.display(), state.step) });
     }
 
@@ -320,11 +338,18 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
             }
             let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &device)?;
             let ctx = ForwardCtx { train: true, seed: cfg.seed ^ ((state.step as u64) << 20) ^ mi as u64, ..Default::default() };
-            let (lv, grads) = micro_grads(&m.model, &adapter, &ids, &b.labels, &ctx, t, n_targets, &vars).map_err(|e| out_of_memory(e, &device, cfg))?;
+            let loss_scale = state.loss_scale.map_or(1.0, |s| s.scale);
+            let (lv, grads) =
+                micro_grads(&m.model, &adapter, &ids, &b.labels, &ctx, t, n_targets, &vars, loss_scale).map_err(|e| out_of_memory(e, &device, cfg))?;
             if !lv.is_finite() {
                 let lr = optim::lr_at(state.step, total_steps, warmup, t.lr, t.schedule, t.min_lr_ratio);
+                let f16 = if t.dtype == super::config::Precision::F16 {
+                    " In f16 the forward pass itself can overflow: train.dtype = \"bf16\" has f32's range."
+                } else {
+                    ""
+                };
                 return Err(Error::Training(format!(
-                    "the loss became {lv} at step {}; nothing was saved from this step. Lower train.lr (now {lr:.2e}) or train.max_grad_norm and resume from the last checkpoint",
+                    "the loss became {lv} at step {}; nothing was saved from this step. Lower train.lr (now {lr:.2e}) or train.max_grad_norm and resume from the last checkpoint.{f16}",
                     state.step + 1
                 )));
             }
@@ -334,6 +359,21 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         let mut grads: Vec<Tensor> =
             acc.into_iter().zip(&vars).map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like())).collect::<candle_core::Result<_>>()?;
         let grad_norm = optim::clip_grad_norm(&mut grads, t.max_grad_norm)?;
+        if let Some(scaler) = state.loss_scale.as_mut() {
+            // f16: gradients that overflowed skip the step (its batches are used up) and
+            // halve the scale, as PyTorch's GradScaler does.
+            let before = scaler.scale;
+            if !scaler.update(grad_norm.is_finite())? {
+                obs.on_event(&TrainEvent::Message {
+                    text: format!(
+                        "step {}: the f16 gradients overflowed at loss scale {before}; step skipped, loss scale now {}",
+                        state.step + 1,
+                        scaler.scale
+                    ),
+                });
+                continue;
+            }
+        }
         if !grad_norm.is_finite() {
             return Err(Error::Training(format!("the gradient norm became {grad_norm} at step {}; lower train.lr", state.step + 1)));
         }

@@ -259,7 +259,8 @@ enum Cmd {
         /// Gradient checkpointing per decoder layer.
         #[arg(long)]
         gradient_checkpointing: bool,
-        /// Precision of the base and activations: f32 or bf16 (adapter and AdamW stay f32).
+        /// Precision of the base and activations: f32, bf16 or f16 (with dynamic loss scaling;
+        /// adapter and AdamW stay f32).
         #[arg(long, default_value = "f32")]
         dtype: String,
         /// Rank.
@@ -735,11 +736,7 @@ fn run(cli: Cli) -> Result<()> {
                 None => BenchModel::Path(&path),
             };
             let targets = targets_of(&targets);
-            let dtype = match dtype.as_str() {
-                "f32" => tunebench::train::config::Precision::F32,
-                "bf16" => tunebench::train::config::Precision::Bf16,
-                other => return Err(Error::Msg(format!("--dtype {other}: use f32 or bf16"))),
-            };
+            let dtype: tunebench::train::config::Precision = dtype.parse().map_err(|e| Error::Msg(format!("--dtype: {e}")))?;
             let o = BenchOptions { rank, alpha, targets: &targets, lr, warmup: warmup_steps, steps, device: &device, gradient_checkpointing, dtype };
             let r = bench::run(which, batches.as_deref(), (batch, seq), &o)?;
             println!("{}", serde_json::to_string(&r).map_err(|e| Error::Msg(e.to_string()))?);

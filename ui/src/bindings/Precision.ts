@@ -3,4 +3,4 @@
 /**
  * `train.dtype`.
  */
-export type Precision = "f32" | "bf16";
+export type Precision = "f32" | "bf16" | "f16";

@@ -89,7 +89,12 @@ device: string,
  */
 gradient_checkpointing: boolean, 
 /**
- * Precision of the frozen base and the activations: f32, or bf16 (mixed precision: the
- * trainable tensors, their gradients and the optimizer state stay f32).
+ * Precision of the frozen base and the activations: f32, bf16 or f16 (mixed precision:
+ * the trainable tensors, their gradients and the optimizer state stay f32).
  */
-dtype: Precision, };
+dtype: Precision, 
+/**
+ * f16 only: the initial dynamic loss scale (halved when the gradients overflow, doubled
+ * after 2000 finite steps).
+ */
+loss_scale: number, };
