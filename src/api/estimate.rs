@@ -73,6 +73,9 @@ pub const HALF_ATTENTION_FACTOR: f64 = 5.0;
 /// Time per step of bf16 over f32 on the CPU (candle's bf16 matmul is slower than its f32
 /// one; measured on the default model).
 pub const HALF_CPU_TIME_FACTOR: f64 = 2.0;
+/// The same for f16 (`train.dtype = "f16"`): the CPU has no f16 arithmetic, so candle's f16
+/// matmul converts as it goes (measured 4.5x f32's step time, bench/RESULTS.md 2026-12-01).
+pub const F16_CPU_TIME_FACTOR: f64 = 4.5;
 
 /// Request: estimate a run.
 #[derive(Clone, Debug, Serialize, Deserialize, ts_rs::TS)]
@@ -345,7 +348,12 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     }
     let flops = flops_micro * t.grad_accum as f64;
     let gflops = machine_gflops();
-    let step_s = flops / (gflops * 1e9) * TIME_OVERHEAD * if half { HALF_CPU_TIME_FACTOR } else { 1.0 };
+    let precision_factor = match cfg.train.dtype {
+        crate::train::config::Precision::F32 => 1.0,
+        crate::train::config::Precision::Bf16 => HALF_CPU_TIME_FACTOR,
+        crate::train::config::Precision::F16 => F16_CPU_TIME_FACTOR,
+    };
+    let step_s = flops / (gflops * 1e9) * TIME_OVERHEAD * precision_factor;
 
     let total_steps = if t.max_steps > 0 {
         t.max_steps as u64
@@ -367,8 +375,9 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     }
     if half {
         warnings.push(format!(
-            "train.dtype = \"{}\" is meant for GPUs: on the CPU it takes about twice the time of f32 and, with the unfused ops it needs there, more memory (f32 is the better choice on this machine)",
-            cfg.train.dtype.name()
+            "train.dtype = \"{}\" is meant for GPUs: on the CPU it takes {} the time of f32 and, with the unfused ops it needs there, more memory (f32 is the better choice on this machine)",
+            cfg.train.dtype.name(),
+            if cfg.train.dtype == crate::train::config::Precision::F16 { "four to five times" } else { "about twice" }
         ));
     }
     if full.is_some() {
