@@ -10,7 +10,9 @@
 #   bash bench/gpu_session.sh                   # there (DEVICE=cuda:0 by default; DTYPES=bf16,f32
 #                                               # adds the f32 comparison, SHAPES=... narrows)
 #       1. unpacks the binary, finds the driver and CUDA libraries, prints the GPU;
-#       2. correctness: the same tiny random-init LoRA run on the GPU and on the CPU, f32, bf16 and
+#       2. every training op's value and gradients on the GPU against the f64 CPU reference
+#          (tunebench check-ops: f32, bf16, f16);
+#          correctness: the same tiny random-init LoRA run on the GPU and on the CPU, f32, bf16 and
 #          f16 (loss-scaled), with and without checkpointing — the GPU's losses must follow the CPU's;
 #       3. bench/gpu_bench.py on the shapes (--write-results), both sides;
 #       writes everything (log, RESULTS section) to $OUT (or ./gpu-out).
@@ -53,8 +55,11 @@ else
 fi
 "$bin" --version
 
-echo "== correctness: $DEVICE against the CPU (tiny shape, random weights, same batches)"
 fail=0
+echo "== op gradients on $DEVICE against the f64 reference (tunebench check-ops)"
+"$bin" check-ops --device "$DEVICE" || fail=1
+
+echo "== correctness: $DEVICE against the CPU (tiny shape, random weights, same batches)"
 for dtype in f32 bf16 f16; do
   for ckpt in "" --gradient-checkpointing; do
     args=(bench-train --shape tiny --batch 4 --seq 64 --warmup-steps 0 --steps 6 --lr 1e-2 --dtype "$dtype" $ckpt)

@@ -205,3 +205,48 @@ fn attention_blocks_follow_the_budget() {
     let y = ops::causal_attention(&q, &k, &k, 4, 0.5).unwrap();
     assert!(!y.track_op());
 }
+
+/// candle's fused RMSNorm and RoPE kernels with our backward (what GPUs and 16-bit activations
+/// run): value and input gradient against the composed references, in f32 and in bf16 (the
+/// candle kernels have CPU versions of the same kernels, so this runs here).
+#[test]
+fn hooked_rms_norm_and_rope_match_composed() {
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 3e-2)] {
+        let x = randn(&[3, 5, 16], 51, dtype);
+        let w = (randn(&[16], 52, DType::F32) + 1.0).unwrap().to_dtype(dtype).unwrap();
+        check_op(&x, |x| ops::rms_norm_hooked(x, &w, 1e-5).unwrap(), |x| ops::rms_norm_composed(x, &w, 1e-5).unwrap(), tol);
+        let x = randn(&[2, 3, 7, 8], 53, dtype);
+        let cos = randn(&[7, 4], 54, DType::F32);
+        let sin = randn(&[7, 4], 55, DType::F32);
+        check_op(&x, |x| ops::rope_hooked(x, &cos, &sin).unwrap(), |x| ops::rope_composed(x, &cos, &sin).unwrap(), tol);
+    }
+}
+
+/// The causal softmax the blocked attention asks for in 16-bit (no graph: candle's fused
+/// softmax after the mask) gives the composed reference's probabilities, masked entries 0.
+#[test]
+fn detached_half_causal_softmax_matches_composed() {
+    for (q, k) in [(6, 6), (3, 7)] {
+        let x = randn(&[2, 2 * q, k], 61, DType::BF16);
+        let got = ops::causal_softmax(&x, q, 0.5).unwrap();
+        let want = ops::causal_softmax_composed(&x, q, 0.5).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        assert!(max_rel(&got, &want) < 1e-2, "{}", max_rel(&got, &want));
+        let p = got.to_dtype(DType::F32).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(p[0][0][k - q + 1], 0.0, "a key after the query's position is masked");
+    }
+}
+
+/// The device checker (`tunebench check-ops`, which bench/gpu_session.sh runs on a GPU) on the
+/// CPU: every op in f32, bf16 and f16 within its limit against the f64 reference, and the
+/// errors are real measurements (16-bit ones well above f32's).
+#[test]
+fn op_checks_pass_on_the_cpu() {
+    let checks = tunebench::model::opcheck::run(&Device::Cpu).unwrap();
+    assert!(checks.len() >= 21, "{}", checks.len());
+    for c in &checks {
+        assert!(c.ok(), "{c:?}");
+    }
+    let worst = |dtype: &str| checks.iter().filter(|c| c.dtype == dtype).map(|c| c.forward.max(c.gradient)).fold(0f64, f64::max);
+    assert!(worst("f32") > 0.0 && worst("bf16") > 10.0 * worst("f32"), "f32 {} bf16 {}", worst("f32"), worst("bf16"));
+}

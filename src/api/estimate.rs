@@ -1,8 +1,9 @@
 //! Estimates before a run: parameters (total, trainable, share), predicted peak memory by part
 //! and predicted time per step — from the model's architecture alone (no weights are read).
 //!
-//! Memory model (CPU, f32, as this engine trains; with `train.dtype = "bf16"` the base and its
-//! activations, the adapters' included, take 2 bytes):
+//! Memory model (CPU, f32, as this engine trains; with `train.dtype = "bf16"` or `"f16"` the
+//! base and its activations, the adapters' included, take 2 bytes, the weights loaded in f32
+//! first):
 //! * weights: every base parameter in f32 (GGUF weights are dequantized on load); for qlora
 //!   the projections at 5 bits a weight plus one dequantized at a time;
 //! * adapter: trainable parameters × (value + gradient + accumulated gradient + AdamW m, v);
@@ -63,13 +64,15 @@ pub const LOGIT_COPIES: f64 = 1.0;
 /// Step time ÷ pure matmul time (norms, softmax, RoPE, element-wise ops, optimizer).
 pub const TIME_OVERHEAD: f64 = 2.2;
 
-/// Mixed precision on the CPU runs the composed (non-fused) RMSNorm, RoPE, softmax and
-/// SwiGLU, which keep more temporaries: activations × this factor over their bf16 size, and
-/// attention blocks × [`HALF_ATTENTION_FACTOR`] over the fused f32 figure (f32 copies of the
-/// scores for the softmax). Fitted on three configs of the default model (bench/RESULTS.md).
-pub const HALF_ACTIVATION_FACTOR: f64 = 1.98;
+/// Mixed precision on the CPU runs unfused ops where the f32 kernels would run (SwiGLU, the
+/// f32 casts around RMSNorm and the softmax), which keep more temporaries: activations × this
+/// factor over their 16-bit size, attention blocks × [`HALF_ATTENTION_FACTOR`] over the f32
+/// figure. The weights count at f32 size: the model is loaded in f32 and cast, and the freed
+/// f32 pages stay with the process. Fitted on four configs of the default model
+/// (bench/RESULTS.md, 2026-12-01 20:40).
+pub const HALF_ACTIVATION_FACTOR: f64 = 1.17;
 /// See [`HALF_ACTIVATION_FACTOR`].
-pub const HALF_ATTENTION_FACTOR: f64 = 5.0;
+pub const HALF_ATTENTION_FACTOR: f64 = 1.0;
 /// Time per step of bf16 over f32 on the CPU (candle's bf16 matmul is slower than its f32
 /// one; measured on the default model).
 pub const HALF_CPU_TIME_FACTOR: f64 = 2.0;
@@ -291,7 +294,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     // QLoRA holds the projections in 4-bit blocks (≤ 5 bits a weight: Q4_1; Q4_K is 4.5) and
     // dequantizes one at a time; everything else stays f32.
     let qlora = matches!(cfg.peft, PeftConfig::Qlora(_));
-    // Mixed precision (train.dtype = "bf16"): the base and its activations, the adapters'
+    // Mixed precision (train.dtype = "bf16"/"f16"): the base and its activations, the adapters'
     // included, at 2 bytes.
     let half = cfg.train.dtype != crate::train::config::Precision::F32;
     let wbytes: u64 = if half { 2 } else { 4 };
@@ -301,7 +304,8 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         let largest: u64 = shapes.iter().map(|(_, i, o)| (*i * *o) as u64).max().unwrap_or(0);
         wbytes * (total - lin.min(total)) + lin * 5 / 8 + wbytes * largest
     } else {
-        wbytes * total
+        // 16-bit: loaded in f32, then cast (see HALF_ACTIVATION_FACTOR).
+        4 * total
     };
     let adapter = trainable * ADAPTER_BYTES_PER_PARAM;
     let tokens = b * s;
@@ -375,7 +379,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     }
     if half {
         warnings.push(format!(
-            "train.dtype = \"{}\" is meant for GPUs: on the CPU it takes {} the time of f32 and, with the unfused ops it needs there, more memory (f32 is the better choice on this machine)",
+            "train.dtype = \"{}\" is meant for GPUs: on the CPU it takes {} the time of f32 (the CPU's fast kernels are f32), for about two thirds of the memory",
             cfg.train.dtype.name(),
             if cfg.train.dtype == crate::train::config::Precision::F16 { "four to five times" } else { "about twice" }
         ));
@@ -402,7 +406,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
                 (
                     match (qlora, half) {
                         (true, _) => "weights (4-bit projections)",
-                        (false, true) => "weights (16-bit)",
+                        (false, true) => "weights (16-bit; loaded as f32)",
                         (false, false) => "weights (f32)",
                     }
                     .into(),

@@ -6,6 +6,7 @@ pub mod config;
 pub mod gguf;
 pub mod linear;
 pub mod llama;
+pub mod opcheck;
 pub mod ops;
 pub mod qmatmul;
 pub mod tokenizer;

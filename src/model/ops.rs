@@ -8,7 +8,11 @@
 //!   analytic backward, and a composed differentiable fallback for other devices/dtypes.
 //!   The composed versions are also the reference the tests hold the fused ones to;
 //! * [`causal_attention`]: attention in query blocks whose backward recomputes the
-//!   probabilities, so no (batch, heads, seq, seq) matrix stays alive between the passes.
+//!   probabilities, so no (batch, heads, seq, seq) matrix stays alive between the passes;
+//! * on GPUs and for 16-bit activations, RMSNorm, RoPE and the (graph-free) causal softmax run
+//!   candle's fused forward kernels, given a backward of ours by a gradient hook
+//!   ([`rms_norm_hooked`], [`rope_hooked`]) instead of composed ops whose every temporary
+//!   the graph would keep.
 
 use std::sync::Arc;
 
@@ -130,6 +134,69 @@ fn frozen_product(xs: &Tensor, w: Held, n: usize) -> CResult<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Gradient hooks: a backward for outputs computed without a graph
+// ---------------------------------------------------------------------------------------------
+
+/// A copy of a held tensor's storage, as a custom op's forward hands it back.
+fn held_cpu(t: &Tensor, op: &str) -> CResult<(CpuStorage, Shape)> {
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*st else { candle_core::bail!("{op}: held tensor not on the cpu") };
+    Ok((s.try_clone(l)?, l.shape().clone()))
+}
+
+#[cfg(feature = "cuda")]
+fn held_cuda(t: &Tensor, op: &str) -> CResult<(candle_core::CudaStorage, Shape)> {
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*st else { candle_core::bail!("{op}: held tensor not on cuda") };
+    Ok((s.try_clone(l)?, l.shape().clone()))
+}
+
+/// The input gradient of a hooked op: (the op's input, the output's gradient) → dInput.
+type InputGrad = Arc<dyn Fn(&Tensor, &Tensor) -> CResult<Tensor> + Send + Sync>;
+
+/// Gives an output computed without a graph (by a kernel that records none, such as candle's
+/// fused RMSNorm and RoPE on CUDA) a backward: applied to the op's input, its forward hands
+/// back the output it holds and its backward calls `grad`.
+struct GradHook {
+    out: Tensor,
+    grad: InputGrad,
+}
+
+impl CustomOp1 for GradHook {
+    fn name(&self) -> &'static str {
+        "grad-hook"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        held_cpu(&self.out, "grad-hook")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        held_cuda(&self.out, "grad-hook")
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some((self.grad)(&arg.detach(), &grad.detach())?))
+    }
+}
+
+/// `out` (computed from `x` without a graph) with `grad` as its backward when `x` tracks ops.
+fn with_input_grad(x: &Tensor, out: Tensor, grad: InputGrad) -> CResult<Tensor> {
+    if !x.track_op() {
+        return Ok(out);
+    }
+    x.apply_op1(GradHook { out: out.contiguous()?, grad })
+}
+
+/// Where candle's fused forward kernels (with a backward of ours) beat composed ops: on GPUs,
+/// and for 16-bit activations on the CPU (our own CPU kernels are f32; f64 stays composed,
+/// the finite-difference tests' precision).
+fn use_candle_kernels(xs: &Tensor) -> bool {
+    !matches!(xs.device(), Device::Cpu) || matches!(xs.dtype(), DType::BF16 | DType::F16)
+}
+
+// ---------------------------------------------------------------------------------------------
 // RMSNorm
 // ---------------------------------------------------------------------------------------------
 
@@ -203,9 +270,38 @@ impl CustomOp1 for RmsNormGrad {
 pub fn rms_norm(xs: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
     if use_fused(xs) && !w.track_op() {
         xs.contiguous()?.apply_op1(RmsNorm { w: w.clone(), eps: eps as f32 })
+    } else if use_candle_kernels(xs) && !w.track_op() {
+        rms_norm_hooked(xs, w, eps)
     } else {
         rms_norm_composed(xs, w, eps)
     }
+}
+
+/// RMSNorm with our analytic input gradient, so the graph keeps only `xs`, not the composed
+/// version's temporaries. The forward is candle's fused kernel on GPUs (it accumulates in f32
+/// and rounds once); on the CPU it is the composed formula without a graph, since candle's
+/// CPU kernel rounds the row's norm to 16 bits before dividing (measured: twice the gradient
+/// error of the composed forward through a model, `tests/peft_methods.rs`).
+pub fn rms_norm_hooked(xs: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+    let out = if matches!(xs.device(), Device::Cpu) {
+        rms_norm_composed(&xs.detach(), &w.detach(), eps)?
+    } else {
+        candle_nn::ops::rms_norm(&xs.detach().contiguous()?, &w.detach().to_dtype(xs.dtype())?, eps as f32)?
+    };
+    let w = w.detach();
+    with_input_grad(xs, out, Arc::new(move |x, g| rms_norm_input_grad(x, &w, eps, g)))
+}
+
+/// dX of RMSNorm, `r·(g∘w) − x·r³/n·Σ(g∘w∘x)`, from tensor ops in f32 (f64 for f64), in
+/// `x`'s dtype.
+fn rms_norm_input_grad(x: &Tensor, w: &Tensor, eps: f64, g: &Tensor) -> CResult<Tensor> {
+    let acc = if x.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let (x32, gw) = (x.to_dtype(acc)?, g.to_dtype(acc)?.broadcast_mul(&w.to_dtype(acc)?)?);
+    let n = x.dim(D::Minus1)? as f64;
+    let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let dot = (&gw * &x32)?.sum_keepdim(D::Minus1)?;
+    let c = ((r.powf(3.0)? * dot)? / n)?;
+    (gw.broadcast_mul(&r)? - x32.broadcast_mul(&c)?)?.to_dtype(x.dtype())
 }
 
 /// RMSNorm from differentiable primitives (reference and non-CPU path).
@@ -269,9 +365,21 @@ impl CustomOp1 for Rope {
 pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
     if use_fused(xs) {
         xs.contiguous()?.apply_op1(Rope { cos: cos.clone(), sin: sin.clone(), inverse: false })
+    } else if use_candle_kernels(xs) {
+        rope_hooked(xs, cos, sin)
     } else {
         rope_composed(xs, cos, sin)
     }
+}
+
+/// RoPE by candle's fused kernel (CUDA, 16-bit); its backward is the same kernel rotating the
+/// gradient by −θ (`sin` negated).
+pub fn rope_hooked(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
+    let dtype = xs.dtype();
+    let (cos, sin) = (cos.detach().to_dtype(dtype)?.contiguous()?, sin.detach().to_dtype(dtype)?.contiguous()?);
+    let out = candle_nn::rotary_emb::rope(&xs.detach().contiguous()?, &cos, &sin)?;
+    let neg_sin = sin.neg()?;
+    with_input_grad(xs, out, Arc::new(move |_, g| candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)))
 }
 
 /// RoPE from differentiable primitives (reference and non-CPU path).
@@ -335,9 +443,26 @@ impl CustomOp1 for CausalSoftmax {
 pub fn causal_softmax(xs: &Tensor, q_len: usize, scale: f64) -> CResult<Tensor> {
     if use_fused(xs) {
         xs.contiguous()?.apply_op1(CausalSoftmax { q_len, scale: scale as f32 })
+    } else if use_candle_kernels(xs) && !xs.track_op() {
+        // What the blocked attention asks for (no graph): the mask added, then candle's fused
+        // softmax over the last dim, in f32.
+        let x = (xs.to_dtype(DType::F32)? * scale)?.broadcast_add(&causal_mask(xs, q_len)?)?;
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)?.to_dtype(xs.dtype())
     } else {
         causal_softmax_composed(xs, q_len, scale)
     }
+}
+
+/// The additive causal mask for scores `xs` (..., rows, k_len), f32: 0 where row r's query
+/// (position `r % q_len`, `k_len − q_len` keys ahead) sees the key, −∞ elsewhere.
+fn causal_mask(xs: &Tensor, q_len: usize) -> CResult<Tensor> {
+    let dims = xs.dims();
+    let (rows, k_len) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    let offset = k_len - q_len;
+    let mask: Vec<f32> = (0..rows)
+        .flat_map(|r| (0..k_len).map(move |c| if c <= (r % q_len) + offset { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(mask, (rows, k_len), xs.device())
 }
 
 /// Causal softmax from differentiable primitives (reference and non-CPU path).
@@ -347,14 +472,7 @@ pub fn causal_softmax_composed(xs: &Tensor, q_len: usize, scale: f64) -> CResult
     if matches!(xs.dtype(), DType::BF16 | DType::F16) {
         return causal_softmax_composed(&xs.to_dtype(DType::F32)?, q_len, scale)?.to_dtype(xs.dtype());
     }
-    let dims = xs.dims();
-    let k_len = dims[dims.len() - 1];
-    let rows = dims[dims.len() - 2];
-    let offset = k_len - q_len;
-    let mask: Vec<f32> = (0..rows)
-        .flat_map(|r| (0..k_len).map(move |c| if c <= (r % q_len) + offset { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    let mask = Tensor::from_vec(mask, (rows, k_len), xs.device())?.to_dtype(xs.dtype())?;
+    let mask = causal_mask(xs, q_len)?.to_dtype(xs.dtype())?;
     let x = (xs * scale)?.broadcast_add(&mask)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
@@ -462,22 +580,13 @@ struct AttentionGrad {
     block: usize,
 }
 
-impl AttentionGrad {
-    fn stored(&self) -> CResult<(impl std::ops::Deref<Target = Storage> + '_, Layout)> {
-        let (st, l) = self.o.storage_and_layout();
-        Ok((st, l.clone()))
-    }
-}
-
 impl candle_core::CustomOp3 for AttentionGrad {
     fn name(&self) -> &'static str {
         "attention-grad"
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (st, l) = self.stored()?;
-        let Storage::Cpu(o) = &*st else { candle_core::bail!("attention-grad: output not on the cpu") };
-        Ok((o.try_clone(&l)?, l.shape().clone()))
+        held_cpu(&self.o, "attention-grad")
     }
 
     #[cfg(feature = "cuda")]
@@ -490,9 +599,7 @@ impl candle_core::CustomOp3 for AttentionGrad {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        let (st, l) = self.stored()?;
-        let Storage::Cuda(o) = &*st else { candle_core::bail!("attention-grad: output not on cuda") };
-        Ok((o.try_clone(&l)?, l.shape().clone()))
+        held_cuda(&self.o, "attention-grad")
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {

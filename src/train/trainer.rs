@@ -157,9 +157,10 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
     let cfg_text = toml::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
     checkpoint::atomic_write(&out_dir.join("config.toml"), |p| std::fs::write(p, &cfg_text).map_err(|e| Error::io(p, e)))?;
 
-    let mut m = load_base(cfg, &device)?;
+    // The model itself may not fit on the device.
+    let mut m = load_base(cfg, &device).map_err(|e| out_of_memory(e, &device, cfg))?;
     if cfg.train.dtype != super::config::Precision::F32 {
-        m.model.cast(cfg.train.dtype.base_dtype())?;
+        m.model.cast(cfg.train.dtype.base_dtype()).map_err(|e| out_of_memory(e, &device, cfg))?;
     }
     let template = template_for(&m)?;
     let d = &cfg.data;
@@ -358,7 +359,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         }
         let mut grads: Vec<Tensor> =
             acc.into_iter().zip(&vars).map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like())).collect::<candle_core::Result<_>>()?;
-        let grad_norm = optim::clip_grad_norm(&mut grads, t.max_grad_norm)?;
+        let grad_norm = optim::clip_grad_norm(&mut grads, t.max_grad_norm).map_err(|e| out_of_memory(e, &device, cfg))?;
         if let Some(scaler) = state.loss_scale.as_mut() {
             // f16: gradients that overflowed skip the step (its batches are used up) and
             // halve the scale, as PyTorch's GradScaler does.
@@ -378,8 +379,8 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
             return Err(Error::Training(format!("the gradient norm became {grad_norm} at step {}; lower train.lr", state.step + 1)));
         }
         let lr = optim::lr_at(state.step, total_steps, warmup, t.lr, t.schedule, t.min_lr_ratio);
-        opt.step(&grads, lr)?;
-        adapter.after_step(state.step, &grads)?;
+        opt.step(&grads, lr).map_err(|e| out_of_memory(e, &device, cfg))?;
+        adapter.after_step(state.step, &grads).map_err(|e| out_of_memory(e, &device, cfg))?;
         state.step += 1;
         session_steps += 1;
         state.tokens_seen += step_tokens;
@@ -398,7 +399,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         });
         let last = state.step == total_steps;
         if !dataset.val.is_empty() && ((t.eval_steps > 0 && state.step.is_multiple_of(t.eval_steps)) || last) {
-            let vl = validate(&m, &dataset.val, t.batch_size, t.loss_chunk)?;
+            let vl = validate(&m, &dataset.val, t.batch_size, t.loss_chunk).map_err(|e| out_of_memory(e, &device, cfg))?;
             state.val_loss = Some(vl);
             val_losses.push((state.step, vl));
             obs.on_event(&TrainEvent::Eval { step: state.step, val_loss: vl, perplexity: vl.exp() });

@@ -233,6 +233,13 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
+    /// Check the training ops' values and gradients on a device against the composed f64
+    /// reference on the CPU (f32, bf16, f16); exits non-zero when one is off.
+    CheckOps {
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Benchmark LoRA training steps on fixed batches (a safetensors file holding an i64
     /// `input_ids` [n, batch, seq]); prints one JSON line.
     BenchTrain {
@@ -727,6 +734,19 @@ fn run(cli: Cli) -> Result<()> {
                 "prompt_ids": ids, "new_tokens": tokens.len(), "ttft_s": ttft, "decode_tok_s": tps, "tokens": tokens,
             });
             println!("{out}");
+        }
+        Cmd::CheckOps { device } => {
+            let dev = tunebench::device::open(&device, "--device")?;
+            let checks = tunebench::model::opcheck::run(&dev)?;
+            println!("training ops on {} against the f64 reference on the CPU", tunebench::device::describe(&dev));
+            println!("{:44} {:5} {:>10} {:>10} {:>8}", "op", "dtype", "value", "gradient", "limit");
+            for c in &checks {
+                println!("{:44} {:5} {:>10.2e} {:>10.2e} {:>8.0e} {}", c.op, c.dtype, c.forward, c.gradient, c.limit, if c.ok() { "ok" } else { "FAILED" });
+            }
+            let failed = checks.iter().filter(|c| !c.ok()).count();
+            if failed > 0 {
+                return Err(Error::Msg(format!("{failed} of {} op checks failed", checks.len())));
+            }
         }
         Cmd::BenchTrain { model, shape, batches, batch, seq, device, gradient_checkpointing, dtype, rank, alpha, targets, lr, warmup_steps, steps } => {
             use tunebench::train::bench::{self, BenchModel, BenchOptions};

@@ -1,0 +1,145 @@
+//! Gradient checks of the training ops on any device: each op runs on the device in each
+//! dtype, on random inputs, and its value and input gradients (for a random cotangent) are held
+//! to the composed reference computed on the CPU in f64 from the same inputs. What
+//! `tests/gradients.rs` runs on the CPU and `tunebench check-ops --device cuda:0` runs on a
+//! GPU (`bench/gpu_session.sh`), so the kernels a GPU takes (candle's fused forward with our
+//! backward, the blocked attention, the chunked loss) are checked where they run.
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::Serialize;
+
+use super::ops;
+use crate::Result;
+
+/// One op in one dtype: the worst relative errors (max |a − b| over max |b|) of the value and
+/// of the input gradients, and the limit both must meet.
+#[derive(Clone, Debug, Serialize)]
+pub struct OpCheck {
+    /// The op and its case.
+    pub op: String,
+    /// The dtype it ran in on the device.
+    pub dtype: String,
+    /// Relative error of the value.
+    pub forward: f64,
+    /// Worst relative error of the input gradients.
+    pub gradient: f64,
+    /// The limit for this dtype.
+    pub limit: f64,
+}
+
+impl OpCheck {
+    /// Both errors within the limit (and finite).
+    pub fn ok(&self) -> bool {
+        self.forward <= self.limit && self.gradient <= self.limit
+    }
+}
+
+/// Relative-error limits per dtype: f32 rounding over a few hundred terms, and 16-bit
+/// inputs and activations (bf16 keeps 8 bits of mantissa, f16 11).
+pub fn limit(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => 1e-10,
+        DType::F32 => 1e-4,
+        DType::F16 => 1e-2,
+        _ => 3e-2,
+    }
+}
+
+fn random(shape: &[usize], seed: u64) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+    let worst = a.iter().zip(&b).fold(0f64, |m, (x, y)| if (x - y).is_nan() { f64::INFINITY } else { m.max((x - y).abs()) });
+    Ok(worst / scale)
+}
+
+type OpFn<'a> = &'a dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>;
+
+/// Runs `op` on `inputs` moved to `device` in `dtype` and `reference` on them in f64 on the
+/// CPU; compares values and the gradients of every input.
+fn check(name: &str, device: &Device, dtype: DType, inputs: &[Tensor], op: OpFn, reference: OpFn) -> Result<OpCheck> {
+    let run = |dev: &Device, dt: DType, f: OpFn| -> Result<(Tensor, Vec<Tensor>)> {
+        let vars = inputs.iter().map(|t| Var::from_tensor(&t.to_dtype(dt)?.to_device(dev)?)).collect::<candle_core::Result<Vec<_>>>()?;
+        let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&xs)?;
+        let cot = random(y.dims(), 977)?.to_dtype(y.dtype())?.to_device(dev)?;
+        let grads = (y.to_dtype(DType::F64)? * cot.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
+        let g = xs.iter().map(|x| grads.get(x).cloned().unwrap_or(x.zeros_like()?).to_dtype(DType::F64)).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((y, g))
+    };
+    let (y, g) = run(device, dtype, op)?;
+    let (ry, rg) = run(&Device::Cpu, DType::F64, reference)?;
+    let mut gradient = 0f64;
+    for (a, b) in g.iter().zip(&rg) {
+        gradient = gradient.max(max_rel(a, b)?);
+    }
+    Ok(OpCheck { op: name.into(), dtype: format!("{dtype:?}").to_lowercase(), forward: max_rel(&y, &ry)?, gradient, limit: limit(dtype) })
+}
+
+/// Every training op in f32, bf16 and f16 on `device`. The inputs and constants are rounded to
+/// the dtype first, so the reference sees exactly what the device does and the error is the
+/// op's own.
+pub fn run(device: &Device) -> Result<Vec<OpCheck>> {
+    let mut out = Vec::new();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let random = |shape: &[usize], seed: u64| -> Result<Tensor> { Ok(random(shape, seed)?.to_dtype(dtype)?.to_dtype(DType::F64)?) };
+        let x = random(&[3, 5, 64], 1)?;
+        let w = (random(&[64], 2)? + 1.0)?.to_dtype(dtype)?.to_dtype(DType::F64)?;
+        out.push(check(
+            "rms_norm",
+            device,
+            dtype,
+            &[x.clone()],
+            &|t| ops::rms_norm(&t[0], &w.to_dtype(t[0].dtype())?.to_device(t[0].device())?, 1e-5),
+            &|t| ops::rms_norm_composed(&t[0], &w, 1e-5),
+        )?);
+        let (cos, sin) = (random(&[7, 16], 3)?, random(&[7, 16], 4)?);
+        out.push(check(
+            "rope",
+            device,
+            dtype,
+            &[random(&[2, 3, 7, 32], 5)?],
+            &|t| ops::rope(&t[0], &cos.to_dtype(DType::F32)?.to_device(t[0].device())?, &sin.to_dtype(DType::F32)?.to_device(t[0].device())?),
+            &|t| ops::rope_composed(&t[0], &cos, &sin),
+        )?);
+        out.push(check(
+            "swiglu",
+            device,
+            dtype,
+            &[random(&[3, 5, 48], 6)?, random(&[3, 5, 48], 7)?],
+            &|t| ops::swiglu(&t[0], &t[1]),
+            &|t| ops::swiglu_composed(&t[0], &t[1]),
+        )?);
+        // Grouped queries (2 per KV head), earlier keys (a prefix), several blocks.
+        for (s, keys, block) in [(24, 24, 24), (24, 24, 7), (20, 26, 8)] {
+            let (b, nkv, rep, hd) = (2, 2, 2, 32);
+            out.push(check(
+                &format!("causal_attention s={s} keys={keys} block={block}"),
+                device,
+                dtype,
+                &[random(&[b, nkv, rep * s, hd], 8)?, random(&[b, nkv, keys, hd], 9)?, random(&[b, nkv, keys, hd], 10)?],
+                &|t| ops::causal_attention_blocked(&t[0], &t[1], &t[2], s, 0.18, block),
+                &|t| ops::causal_attention_composed(&t[0], &t[1], &t[2], s, 0.18),
+            )?);
+        }
+        let targets: Vec<u32> = (0..9u32).map(|i| (i * 37 + 5) % 300).collect();
+        let head = random(&[300, 64], 11)?;
+        out.push(check(
+            "linear_cross_entropy_chunked",
+            device,
+            dtype,
+            &[random(&[9, 64], 12)?],
+            &|t| ops::linear_cross_entropy_chunked(&t[0], &head.to_dtype(t[0].dtype())?.to_device(t[0].device())?, &targets, 4),
+            &|t| ops::cross_entropy_rows(&t[0].matmul(&head.t()?)?, &targets),
+        )?);
+    }
+    Ok(out)
+}
