@@ -137,18 +137,31 @@ fn frozen_product(xs: &Tensor, w: Held, n: usize) -> CResult<Tensor> {
 // Gradient hooks: a backward for outputs computed without a graph
 // ---------------------------------------------------------------------------------------------
 
-/// A copy of a held tensor's storage, as a custom op's forward hands it back.
+/// A row-major copy of the elements `l` selects from `s` (any strides and offset), as a custom
+/// op's forward hands back a tensor it holds.
+fn copy_held<S>(s: &S, l: &Layout) -> CResult<(S, Shape)>
+where
+    S: BackendStorage,
+    S::Device: candle_core::backend::BackendDevice<Storage = S>,
+{
+    use candle_core::backend::BackendDevice;
+    // SAFETY: every element of the new storage is written by the strided copy below.
+    let mut dst = unsafe { s.device().alloc_uninit(l.shape(), s.dtype())? };
+    s.copy_strided_src(&mut dst, 0, l)?;
+    Ok((dst, l.shape().clone()))
+}
+
 fn held_cpu(t: &Tensor, op: &str) -> CResult<(CpuStorage, Shape)> {
     let (st, l) = t.storage_and_layout();
     let Storage::Cpu(s) = &*st else { candle_core::bail!("{op}: held tensor not on the cpu") };
-    Ok((s.try_clone(l)?, l.shape().clone()))
+    copy_held(s, l)
 }
 
 #[cfg(feature = "cuda")]
 fn held_cuda(t: &Tensor, op: &str) -> CResult<(candle_core::CudaStorage, Shape)> {
     let (st, l) = t.storage_and_layout();
     let Storage::Cuda(s) = &*st else { candle_core::bail!("{op}: held tensor not on cuda") };
-    Ok((s.try_clone(l)?, l.shape().clone()))
+    copy_held(s, l)
 }
 
 /// The input gradient of a hooked op: (the op's input, the output's gradient) → dInput.
@@ -186,7 +199,7 @@ fn with_input_grad(x: &Tensor, out: Tensor, grad: InputGrad) -> CResult<Tensor> 
     if !x.track_op() {
         return Ok(out);
     }
-    x.apply_op1(GradHook { out: out.contiguous()?, grad })
+    x.apply_op1(GradHook { out, grad })
 }
 
 /// Where candle's fused forward kernels (with a backward of ours) beat composed ops: on GPUs,
@@ -876,4 +889,23 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
 /// SwiGLU from differentiable primitives (reference and non-CPU path).
 pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
     gate.silu()? * up
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hook holding a strided view (an offset into its storage, transposed) hands back
+    /// exactly the view's elements, and its backward is what it was given.
+    #[test]
+    fn a_hook_hands_back_the_view_it_holds() {
+        let base = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((3, 4)).unwrap();
+        let out = base.narrow(0, 1, 2).unwrap().t().unwrap();
+        let x = candle_core::Var::zeros((4, 2), DType::F32, &Device::Cpu).unwrap();
+        let y = with_input_grad(x.as_tensor(), out.clone(), Arc::new(|_, g| g * 3.0)).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), out.to_vec2::<f32>().unwrap());
+        assert_eq!(y.to_vec2::<f32>().unwrap()[0], vec![4.0, 8.0]);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap(), vec![vec![3.0f32; 2]; 4]);
+    }
 }
