@@ -523,19 +523,27 @@ struct Block {
 /// positions ahead of the queries (a prefix or a cache). Made one at a time, as the caller
 /// iterates: only one block's copies exist at once.
 fn blocks<'a>(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor, s: usize, block: usize) -> CResult<impl Iterator<Item = CResult<Block>> + 'a> {
-    let (b, nkv, rows, hd) = q.dims4()?;
-    let rep = rows / s;
     let k_len = k.dim(2)?;
     let offset = k_len - s;
-    let q5 = q.reshape((b, nkv, rep, s, hd))?;
     let block = block.max(1);
     Ok((0..s).step_by(block).map(move |start| {
         let n = block.min(s - start);
         let keys = offset + start + n;
-        let qb = if n == s { q.clone() } else { q5.narrow(3, start, n)?.contiguous()?.reshape((b, nkv, rep * n, hd))? };
+        let qb = block_rows(q, s, start, n)?;
         let (kb, vb) = if keys == k_len { (k.clone(), v.clone()) } else { (k.narrow(2, 0, keys)?.contiguous()?, v.narrow(2, 0, keys)?.contiguous()?) };
         Ok(Block { start, n, keys, q: qb, k: kb, v: vb })
     }))
+}
+
+/// The rows of positions `start..start + n` of every stacked head of `t` (b, nkv, rep·s, hd),
+/// as (b, nkv, rep·n, hd).
+fn block_rows(t: &Tensor, s: usize, start: usize, n: usize) -> CResult<Tensor> {
+    if n == s {
+        return Ok(t.clone());
+    }
+    let (b, nkv, rows, hd) = t.dims4()?;
+    let rep = rows / s;
+    t.reshape((b, nkv, rep, s, hd))?.narrow(3, start, n)?.contiguous()?.reshape((b, nkv, rep * n, hd))
 }
 
 /// Joins per-block (b, nkv, rep·n, hd) results back into (b, nkv, rep·s, hd).
@@ -623,21 +631,14 @@ impl candle_core::CustomOp3 for AttentionGrad {
         let dtype = q.dtype();
         // Sums over blocks and the softmax's row terms in f32 (f64 for f64 operands).
         let acc = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
-        let o5 = split_heads(&self.o, nkv, hd)?.reshape((b, nkv, rep, s, hd))?;
-        let g5 = split_heads(grad, nkv, hd)?.reshape((b, nkv, rep, s, hd))?;
+        let o = split_heads(&self.o, nkv, hd)?;
+        let g = split_heads(grad, nkv, hd)?;
         let (mut dk, mut dv) = (Tensor::zeros((b, nkv, k_len, hd), acc, q.device())?, Tensor::zeros((b, nkv, k_len, hd), acc, q.device())?);
         let mut dq = Vec::new();
         let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
         for blk in blocks(&qd, &kd, &vd, s, self.block)? {
             let blk = blk?;
-            let take = |t: &Tensor| -> CResult<Tensor> {
-                if blk.n == s {
-                    t.reshape((b, nkv, rows, hd))
-                } else {
-                    t.narrow(3, blk.start, blk.n)?.contiguous()?.reshape((b, nkv, rep * blk.n, hd))
-                }
-            };
-            let (gb, ob) = (take(&g5)?, take(&o5)?);
+            let (gb, ob) = (block_rows(&g, s, blk.start, blk.n)?, block_rows(&o, s, blk.start, blk.n)?);
             let p = causal_softmax(&blk.q.matmul(&blk.k.t()?)?, blk.n, self.scale)?;
             // dS = scale · P ∘ (dO·Vᵀ − rowsum(dO ∘ O)); masked entries have P = 0.
             let dp = gb.matmul(&blk.v.t()?)?.to_dtype(acc)?;

@@ -125,9 +125,9 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
     let adapter = Adapter::inject(&mut model, &RunConfig::lora(o.rank, o.alpha, o.targets), 0)?;
     let mut opt = AdamW::new(adapter.trainable(), AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })?;
     let vars = adapter.trainable();
-    let train = super::config::TrainSection { gradient_checkpointing: o.gradient_checkpointing, loss_chunk: 256, grad_accum: 1, ..Default::default() };
+    let train = super::config::TrainSection { gradient_checkpointing: o.gradient_checkpointing, loss_chunk: 256, grad_accum: 1, dtype: o.dtype, ..Default::default() };
     // f16: dynamic loss scaling as in training (an overflowed step is timed, not applied).
-    let mut scaler = (o.dtype == super::config::Precision::F16).then(|| super::optim::LossScaler::new(train.loss_scale));
+    let mut scaler = super::optim::LossScaler::for_run(&train);
     let mut losses = Vec::new();
     let mut step_s = Vec::new();
     for i in 0..o.warmup + o.steps {

@@ -178,6 +178,12 @@ impl LossScaler {
         LossScaler { scale, good_steps: 0 }
     }
 
+    /// The scaler a run with these settings uses: f16's, from `train.loss_scale`; none in
+    /// f32 and bf16.
+    pub fn for_run(t: &super::config::TrainSection) -> Option<Self> {
+        (t.dtype == super::config::Precision::F16).then(|| Self::new(t.loss_scale))
+    }
+
     /// Records one step's outcome; returns whether the step is applied. An overflow halves
     /// the scale and fails once the scale would drop below 1: then f16 cannot hold the
     /// unscaled gradients themselves.

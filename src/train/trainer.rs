@@ -251,7 +251,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         elapsed_s: 0.0,
         val_loss: None,
         losses: vec![],
-        loss_scale: (cfg.train.dtype == super::config::Precision::F16).then(|| optim::LossScaler::new(cfg.train.loss_scale)),
+        loss_scale: optim::LossScaler::for_run(&cfg.train),
     };
     if resuming {
         let last = match &opts.resume_from {
@@ -280,8 +280,8 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         batcher.restore(bs);
         state = ck.state;
         // A checkpoint of a run whose precision changed on resume scales as the new one.
-        if (t.dtype == super::config::Precision::F16) != state.loss_scale.is_some() {
-            state.loss_scale = (t.dtype == super::config::Precision::F16).then(|| optim::LossScaler::new(t.loss_scale));
+        if state.loss_scale.is_some() != (t.dtype == super::config::Precision::F16) {
+            state.loss_scale = optim::LossScaler::for_run(t);
         }
         obs.on_event(&TrainEvent::Message { text: format!("resumed from {} (step {})", last.display(), state.step) });
     }
