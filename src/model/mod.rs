@@ -3,6 +3,7 @@
 
 pub mod attend;
 pub mod config;
+pub mod fused;
 pub mod gguf;
 pub mod linear;
 pub mod llama;

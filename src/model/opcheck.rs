@@ -2,13 +2,15 @@
 //! dtype, on random inputs, and its value and input gradients (for a random cotangent) are held
 //! to the composed reference computed on the CPU in f64 from the same inputs. What
 //! `tests/gradients.rs` runs on the CPU and `tunebench check-ops --device cuda:0` runs on a
-//! GPU (`bench/gpu_session.sh`), so the kernels a GPU takes (candle's fused forward with our
-//! backward, the blocked attention, the chunked loss) are checked where they run.
+//! GPU (`bench/gpu_session.sh`), so the kernels a GPU takes (our fused kernels of
+//! `kernels/fused.cu`, candle's fused forward with our backward, the blocked attention, the
+//! chunked loss) are checked where they run. On the CPU every op runs a second time with the
+//! fused ops forced ([`super::fused::forced`]): their CPU twins and the ops' wiring to them.
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
-use super::ops;
+use super::{fused, ops};
 use crate::Result;
 
 /// One op in one dtype: the worst relative errors (max |a − b| over max |b|) of the value and
@@ -63,9 +65,10 @@ fn max_rel(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 type OpFn<'a> = &'a dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>;
 
-/// Runs `op` on `inputs` moved to `device` in `dtype` and `reference` on them in f64 on the
-/// CPU; compares values and the gradients of every input.
-fn check(name: &str, device: &Device, dtype: DType, inputs: &[Tensor], op: OpFn, reference: OpFn) -> Result<OpCheck> {
+/// Runs `op` on `inputs` moved to `device` in `dtype` (forward and backward inside
+/// [`fused::forced`] when `force_fused`) and `reference` on them in f64 on the CPU; compares
+/// values and the gradients of every input.
+fn check(name: &str, force_fused: bool, device: &Device, dtype: DType, inputs: &[Tensor], op: OpFn, reference: OpFn) -> Result<OpCheck> {
     let run = |dev: &Device, dt: DType, f: OpFn| -> Result<(Tensor, Vec<Tensor>)> {
         let vars = inputs.iter().map(|t| Var::from_tensor(&t.to_dtype(dt)?.to_device(dev)?)).collect::<candle_core::Result<Vec<_>>>()?;
         let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
@@ -75,20 +78,31 @@ fn check(name: &str, device: &Device, dtype: DType, inputs: &[Tensor], op: OpFn,
         let g = xs.iter().map(|x| grads.get(x).cloned().unwrap_or(x.zeros_like()?).to_dtype(DType::F64)).collect::<candle_core::Result<Vec<_>>>()?;
         Ok((y, g))
     };
-    let (y, g) = run(device, dtype, op)?;
+    let (y, g) = if force_fused { fused::forced(|| run(device, dtype, op))? } else { run(device, dtype, op)? };
     let (ry, rg) = run(&Device::Cpu, DType::F64, reference)?;
     let mut gradient = 0f64;
     for (a, b) in g.iter().zip(&rg) {
         gradient = gradient.max(max_rel(a, b)?);
     }
-    Ok(OpCheck { op: name.into(), dtype: format!("{dtype:?}").to_lowercase(), forward: max_rel(&y, &ry)?, gradient, limit: limit(dtype) })
+    let name = if force_fused { format!("{name} [fused, forced]") } else { name.to_string() };
+    Ok(OpCheck { op: name, dtype: format!("{dtype:?}").to_lowercase(), forward: max_rel(&y, &ry)?, gradient, limit: limit(dtype) })
 }
 
-/// Every training op in f32, bf16 and f16 on `device`. The inputs and constants are rounded to
-/// the dtype first, so the reference sees exactly what the device does and the error is the
-/// op's own.
+/// Every training op in f32, bf16 and f16 on `device` (on a CUDA device, through our fused
+/// kernels unless `TUNEBENCH_FUSED_KERNELS=0`); on the CPU, then again with the fused ops'
+/// CPU twins forced. The inputs and constants are rounded to the dtype first, so the
+/// reference sees exactly what the device does and the error is the op's own.
 pub fn run(device: &Device) -> Result<Vec<OpCheck>> {
+    let mut out = run_pass(device, false)?;
+    if device.is_cpu() {
+        out.extend(run_pass(device, true)?);
+    }
+    Ok(out)
+}
+
+fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
     let mut out = Vec::new();
+    let check = |name: &str, device: &Device, dtype: DType, inputs: &[Tensor], op: OpFn, reference: OpFn| check(name, force_fused, device, dtype, inputs, op, reference);
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let random = |shape: &[usize], seed: u64| -> Result<Tensor> { Ok(random(shape, seed)?.to_dtype(dtype)?.to_dtype(DType::F64)?) };
         let x = random(&[3, 5, 64], 1)?;

@@ -12,7 +12,10 @@
 //! * on GPUs and for 16-bit activations, RMSNorm, RoPE and the (graph-free) causal softmax run
 //!   candle's fused forward kernels, given a backward of ours by a gradient hook
 //!   ([`rms_norm_hooked`], [`rope_hooked`]) instead of composed ops whose every temporary
-//!   the graph would keep.
+//!   the graph would keep;
+//! * on CUDA devices, SwiGLU, RMSNorm's input gradient, the causal softmax, the chunked loss
+//!   and attention's score gradient take our own kernels ([`super::fused`], unless
+//!   `TUNEBENCH_FUSED_KERNELS=0`).
 
 use std::sync::Arc;
 
@@ -20,6 +23,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
+
+use super::fused;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -281,7 +286,9 @@ impl CustomOp1 for RmsNormGrad {
 /// RMSNorm over the last dim, differentiable in `xs` (fused) and also in `w` when `w` is
 /// trained (composed).
 pub fn rms_norm(xs: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
-    if use_fused(xs) && !w.track_op() {
+    if fused::active(xs) && !w.track_op() {
+        rms_norm_hooked(xs, w, eps)
+    } else if use_fused(xs) && !w.track_op() {
         xs.contiguous()?.apply_op1(RmsNorm { w: w.clone(), eps: eps as f32 })
     } else if use_candle_kernels(xs) && !w.track_op() {
         rms_norm_hooked(xs, w, eps)
@@ -302,7 +309,11 @@ pub fn rms_norm_hooked(xs: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
         candle_nn::ops::rms_norm(&xs.detach().contiguous()?, &w.detach().to_dtype(xs.dtype())?, eps as f32)?
     };
     let w = w.detach();
-    with_input_grad(xs, out, Arc::new(move |x, g| rms_norm_input_grad(x, &w, eps, g)))
+    with_input_grad(
+        xs,
+        out,
+        Arc::new(move |x, g| if fused::active(x) { fused::rms_norm_input_grad(x, &w, eps, g) } else { rms_norm_input_grad(x, &w, eps, g) }),
+    )
 }
 
 /// dX of RMSNorm, `r·(g∘w) − x·r³/n·Σ(g∘w∘x)`, from tensor ops in f32 (f64 for f64), in
@@ -454,7 +465,9 @@ impl CustomOp1 for CausalSoftmax {
 /// where row r is query position `r % q_len` (rows may stack several heads sharing one key
 /// set, as grouped-query attention does); keys after the query's position get probability 0.
 pub fn causal_softmax(xs: &Tensor, q_len: usize, scale: f64) -> CResult<Tensor> {
-    if use_fused(xs) {
+    if fused::active(xs) && !xs.track_op() {
+        fused::causal_softmax(xs, q_len, scale)
+    } else if use_fused(xs) {
         xs.contiguous()?.apply_op1(CausalSoftmax { q_len, scale: scale as f32 })
     } else if use_candle_kernels(xs) && !xs.track_op() {
         // What the blocked attention asks for (no graph): the mask added, then candle's fused
@@ -641,9 +654,13 @@ impl candle_core::CustomOp3 for AttentionGrad {
             let (gb, ob) = (block_rows(&g, s, blk.start, blk.n)?, block_rows(&o, s, blk.start, blk.n)?);
             let p = causal_softmax(&blk.q.matmul(&blk.k.t()?)?, blk.n, self.scale)?;
             // dS = scale · P ∘ (dO·Vᵀ − rowsum(dO ∘ O)); masked entries have P = 0.
-            let dp = gb.matmul(&blk.v.t()?)?.to_dtype(acc)?;
+            let dp = gb.matmul(&blk.v.t()?)?;
             let row = (gb.to_dtype(acc)? * ob.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?;
-            let ds = ((p.to_dtype(acc)? * dp.broadcast_sub(&row)?)? * self.scale)?.to_dtype(dtype)?;
+            let ds = if fused::active(&p) {
+                fused::attention_ds(&p, &dp, &row, self.scale)?
+            } else {
+                ((p.to_dtype(acc)? * dp.to_dtype(acc)?.broadcast_sub(&row)?)? * self.scale)?.to_dtype(dtype)?
+            };
             let pad = k_len - blk.keys;
             dv = (dv + p.t()?.matmul(&gb)?.to_dtype(acc)?.pad_with_zeros(2, 0, pad)?)?;
             dk = (dk + ds.t()?.matmul(&blk.q)?.to_dtype(acc)?.pad_with_zeros(2, 0, pad)?)?;
@@ -759,7 +776,8 @@ impl CustomOp1 for LinearCrossEntropy {
 /// dropped at once; the gradient for `hs` is computed in the same pass (Liger-style), so the
 /// (n, vocab) logits never stay in memory and need no composed log-softmax backward.
 pub fn linear_cross_entropy(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize) -> CResult<Tensor> {
-    if use_fused(hs) && hs.track_op() {
+    check_targets(targets, w.dim(0)?)?;
+    if use_fused(hs) && hs.track_op() && !fused::active(hs) {
         let op = LinearCrossEntropy { w: w.clone(), targets: targets.to_vec(), chunk, dh: Default::default() };
         return hs.contiguous()?.apply_op1(op);
     }
@@ -772,7 +790,12 @@ pub fn linear_cross_entropy(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usi
     for start in (0..n).step_by(chunk.max(1)) {
         let rows = chunk.max(1).min(n - start);
         let logits = frozen_linear(&hs.narrow(0, start, rows)?, w)?;
-        parts.push(cross_entropy_rows(&logits, &targets[start..start + rows])?);
+        let t = &targets[start..start + rows];
+        parts.push(if fused::active(&logits) {
+            fused::cross_entropy_loss(&logits, &Tensor::from_slice(t, rows, logits.device())?)?
+        } else {
+            cross_entropy_rows(&logits, t)?
+        });
     }
     Tensor::cat(&parts, 0)
 }
@@ -785,6 +808,7 @@ pub fn linear_cross_entropy(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usi
 /// with respect to `hs` is `dh`. Memory: one chunk of logits at a time plus `dh` (n, hidden),
 /// never the (n, vocab) logits PyTorch keeps without a fused kernel.
 pub fn linear_cross_entropy_chunked(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize) -> CResult<Tensor> {
+    check_targets(targets, w.dim(0)?)?;
     let n = hs.dim(0)?;
     let dtype = if hs.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
     let h = hs.detach();
@@ -793,6 +817,14 @@ pub fn linear_cross_entropy_chunked(hs: &Tensor, w: &Tensor, targets: &[u32], ch
     for start in (0..n).step_by(chunk.max(1)) {
         let rows = chunk.max(1).min(n - start);
         let t = Tensor::from_slice(&targets[start..start + rows], rows, hs.device())?;
+        if fused::active(&h) {
+            // One kernel for the rows' losses and log-sum-exps, one for softmax − onehot in
+            // the logits' (the weight's) dtype.
+            let (loss, g) = fused::cross_entropy(&h.narrow(0, start, rows)?.matmul(&wd.t()?)?, &t)?;
+            losses.push(loss.to_dtype(dtype)?);
+            grads.push(g.to_dtype(wd.dtype())?.matmul(&wd)?.to_dtype(dtype)?);
+            continue;
+        }
         // Logits in the activations' dtype (as the model computes them), normalised in f32.
         let logits = h.narrow(0, start, rows)?.matmul(&wd.t()?)?.to_dtype(dtype)?;
         let max = logits.max_keepdim(D::Minus1)?;
@@ -815,6 +847,14 @@ pub fn linear_cross_entropy_chunked(hs: &Tensor, w: &Tensor, targets: &[u32], ch
     let tracked = (&h32 * &dh)?.sum(1)?;
     let constant = (h32.detach() * &dh)?.sum(1)?;
     (loss + tracked)? - constant
+}
+
+/// Every target inside the vocabulary (the fused kernels index the logits by them).
+fn check_targets(targets: &[u32], vocab: usize) -> CResult<()> {
+    match targets.iter().find(|&&t| t as usize >= vocab) {
+        Some(t) => candle_core::bail!("cross-entropy: target {t} outside the vocabulary of {vocab}"),
+        None => Ok(()),
+    }
 }
 
 /// Per-row cross-entropy of `logits` (n, vocab) against `targets`, from differentiable
@@ -880,7 +920,9 @@ impl candle_core::CustomOp2 for SwiGlu {
 
 /// `silu(gate) · up`, the SwiGLU activation, with a fused CPU kernel and analytic backward.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
-    if use_fused(gate) && up.dtype() == DType::F32 {
+    if fused::active(gate) && up.dtype() == gate.dtype() {
+        fused::swiglu(gate, up)
+    } else if use_fused(gate) && up.dtype() == DType::F32 {
         gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
     } else {
         swiglu_composed(gate, up)

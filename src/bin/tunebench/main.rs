@@ -234,7 +234,8 @@ enum Cmd {
         repeats: usize,
     },
     /// Check the training ops' values and gradients on a device against the composed f64
-    /// reference on the CPU (f32, bf16, f16); exits non-zero when one is off.
+    /// reference on the CPU (f32, bf16, f16; on a GPU through our fused kernels, on the CPU
+    /// also through their CPU twins); exits non-zero when one is off.
     CheckOps {
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
@@ -739,9 +740,10 @@ fn run(cli: Cli) -> Result<()> {
             let dev = tunebench::device::open(&device, "--device")?;
             let checks = tunebench::model::opcheck::run(&dev)?;
             println!("training ops on {} against the f64 reference on the CPU", tunebench::device::describe(&dev));
-            println!("{:44} {:5} {:>10} {:>10} {:>8}", "op", "dtype", "value", "gradient", "limit");
+            let width = checks.iter().map(|c| c.op.chars().count()).max().unwrap_or(2);
+            println!("{:width$} {:5} {:>10} {:>10} {:>8}", "op", "dtype", "value", "gradient", "limit");
             for c in &checks {
-                println!("{:44} {:5} {:>10.2e} {:>10.2e} {:>8.0e} {}", c.op, c.dtype, c.forward, c.gradient, c.limit, if c.ok() { "ok" } else { "FAILED" });
+                println!("{:width$} {:5} {:>10.2e} {:>10.2e} {:>8.0e} {}", c.op, c.dtype, c.forward, c.gradient, c.limit, if c.ok() { "ok" } else { "FAILED" });
             }
             let failed = checks.iter().filter(|c| !c.ok()).count();
             if failed > 0 {

@@ -1,0 +1,193 @@
+// Tunebench's fused training kernels for NVIDIA GPUs (the `cuda` feature). build.rs compiles
+// this file to PTX with nvcc; src/model/fused.rs loads it into candle's CUDA device and
+// launches the kernels, and holds a CPU twin of each (the same arithmetic, in Rust) that the
+// op checks run on machines without a GPU.
+//
+// Every kernel reads its operands in their dtype (f32, f16, bf16), computes in f32 and rounds
+// its result once (round to nearest even). Row kernels run one thread block per row (a
+// multiple of 32 threads); elementwise kernels use a grid-stride loop.
+//
+// What each replaces (on the GPU, where every candle op is a kernel launch and a pass over
+// memory):
+//   swiglu_fwd / swiglu_bwd   silu(g)·u and its two input gradients, one pass each (candle's
+//                             composed silu and mul keep silu(g) alive for the backward);
+//   rmsnorm_bwd               RMSNorm's input gradient in one row pass (was ~10 tensor ops);
+//   causal_softmax            softmax(scale·x) with the causal mask taken from the row index
+//                             (was a mask built on the host and copied for every block);
+//   ce_stats / ce_grad        cross-entropy of one chunk of logits: per-row loss and
+//                             log-sum-exp, then softmax − onehot in the logits' dtype;
+//   attention_ds              attention's dS = scale·P∘(dP − rowsum(dO∘O)) for one block.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+__device__ __forceinline__ float load(float v) { return v; }
+__device__ __forceinline__ float load(__half v) { return __half2float(v); }
+__device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T store(float v);
+template <> __device__ __forceinline__ float store<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half store<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// The sum (or max) of `v` over the thread block, returned to every thread. blockDim.x must be
+// a multiple of 32 (at most 1024). Safe to call several times in a row: the shared buffer is
+// guarded by barriers on both sides.
+template <bool MAX> __device__ float block_reduce(float v) {
+    __shared__ float buf[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = MAX ? warp_max(v) : warp_sum(v);
+    __syncthreads();
+    if (lane == 0) buf[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float w = lane < warps ? buf[lane] : (MAX ? neg_inf() : 0.f);
+        w = MAX ? warp_max(w) : warp_sum(w);
+        if (lane == 0) buf[0] = w;
+    }
+    __syncthreads();
+    const float r = buf[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ __forceinline__ size_t first_index() { return (size_t)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ size_t grid_stride() { return (size_t)blockDim.x * gridDim.x; }
+
+// out = silu(g)·u.
+template <typename T> __device__ void swiglu_fwd(const T* g, const T* u, T* out, size_t n) {
+    for (size_t i = first_index(); i < n; i += grid_stride()) {
+        const float x = load(g[i]);
+        out[i] = store<T>(x / (1.f + expf(-x)) * load(u[i]));
+    }
+}
+
+// grads[0..n] = dg = d·u·s·(1 + g·(1 − s)), grads[n..2n] = du = d·g·s, with s = σ(g).
+template <typename T> __device__ void swiglu_bwd(const T* g, const T* u, const T* d, T* grads, size_t n) {
+    for (size_t i = first_index(); i < n; i += grid_stride()) {
+        const float x = load(g[i]), y = load(u[i]), dy = load(d[i]);
+        const float s = 1.f / (1.f + expf(-x));
+        grads[i] = store<T>(dy * y * s * (1.f + x * (1.f - s)));
+        grads[n + i] = store<T>(dy * x * s);
+    }
+}
+
+// dx = r·(g∘w) − x·r³/n·Σ(g∘w∘x) for one row of width n, r = 1/√(mean(x²) + eps).
+template <typename T> __device__ void rmsnorm_bwd(const T* x, const T* g, const T* w, T* dx, int n, float eps) {
+    const size_t off = (size_t)blockIdx.x * n;
+    float ss = 0.f, dot = 0.f;
+    for (int c = threadIdx.x; c < n; c += blockDim.x) {
+        const float xv = load(x[off + c]);
+        ss += xv * xv;
+        dot += xv * load(g[off + c]) * load(w[c]);
+    }
+    ss = block_reduce<false>(ss);
+    dot = block_reduce<false>(dot);
+    const float r = 1.f / sqrtf(ss / n + eps);
+    const float k = r * r * r * dot / n;
+    for (int c = threadIdx.x; c < n; c += blockDim.x) {
+        dx[off + c] = store<T>(r * load(g[off + c]) * load(w[c]) - load(x[off + c]) * k);
+    }
+}
+
+// One row of softmax(scale·x) over k_len keys, row r seeing keys 0..=(r % q_len) + offset;
+// the keys after it get probability 0.
+template <typename T> __device__ void causal_softmax(const T* x, T* y, int k_len, int q_len, int offset, float scale) {
+    const size_t row = blockIdx.x;
+    const size_t off = row * k_len;
+    const int visible = (int)(row % q_len) + offset + 1;
+    float m = neg_inf();
+    for (int c = threadIdx.x; c < visible; c += blockDim.x) m = fmaxf(m, load(x[off + c]) * scale);
+    m = block_reduce<true>(m);
+    float s = 0.f;
+    for (int c = threadIdx.x; c < visible; c += blockDim.x) s += expf(load(x[off + c]) * scale - m);
+    s = block_reduce<false>(s);
+    const float inv = 1.f / s;
+    for (int c = threadIdx.x; c < k_len; c += blockDim.x) {
+        y[off + c] = store<T>(c < visible ? expf(load(x[off + c]) * scale - m) * inv : 0.f);
+    }
+}
+
+// One row of logits: stats[2·row] = loss = lse − logit[target], stats[2·row + 1] = lse.
+template <typename T> __device__ void ce_stats(const T* logits, const uint32_t* targets, float* stats, int vocab) {
+    const size_t row = blockIdx.x;
+    const size_t off = row * vocab;
+    float m = neg_inf();
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) m = fmaxf(m, load(logits[off + c]));
+    m = block_reduce<true>(m);
+    float s = 0.f;
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) s += expf(load(logits[off + c]) - m);
+    s = block_reduce<false>(s);
+    if (threadIdx.x == 0) {
+        const float ls = logf(s);
+        stats[2 * row] = ls - (load(logits[off + targets[row]]) - m);
+        stats[2 * row + 1] = m + ls;
+    }
+}
+
+// grad = softmax(logits) − onehot(target), in the logits' dtype (the loss's gradient with
+// respect to the logits).
+template <typename T> __device__ void ce_grad(const T* logits, const uint32_t* targets, const float* stats, T* grad, int vocab) {
+    const size_t row = blockIdx.x;
+    const size_t off = row * vocab;
+    const float lse = stats[2 * row + 1];
+    const int t = (int)targets[row];
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
+        grad[off + c] = store<T>(expf(load(logits[off + c]) - lse) - (c == t ? 1.f : 0.f));
+    }
+}
+
+// ds = scale·p∘(dp − rowdot[row]) over rows of k_len.
+template <typename T> __device__ void attention_ds(const T* p, const T* dp, const float* rowdot, T* ds, size_t n, int k_len, float scale) {
+    for (size_t i = first_index(); i < n; i += grid_stride()) {
+        ds[i] = store<T>(scale * load(p[i]) * (load(dp[i]) - rowdot[i / k_len]));
+    }
+}
+
+}  // namespace
+
+#define TB_KERNELS(T, SUFFIX)                                                                                          \
+    extern "C" __global__ void tb_swiglu_fwd_##SUFFIX(const T* g, const T* u, T* out, size_t n) {                    \
+        swiglu_fwd<T>(g, u, out, n);                                                                                   \
+    }                                                                                                                  \
+    extern "C" __global__ void tb_swiglu_bwd_##SUFFIX(const T* g, const T* u, const T* d, T* grads, size_t n) {      \
+        swiglu_bwd<T>(g, u, d, grads, n);                                                                              \
+    }                                                                                                                  \
+    extern "C" __global__ void tb_rmsnorm_bwd_##SUFFIX(const T* x, const T* g, const T* w, T* dx, int n, float eps) { \
+        rmsnorm_bwd<T>(x, g, w, dx, n, eps);                                                                           \
+    }                                                                                                                  \
+    extern "C" __global__ void tb_causal_softmax_##SUFFIX(const T* x, T* y, int k_len, int q_len, int offset,        \
+                                                          float scale) {                                               \
+        causal_softmax<T>(x, y, k_len, q_len, offset, scale);                                                          \
+    }                                                                                                                  \
+    extern "C" __global__ void tb_ce_stats_##SUFFIX(const T* logits, const uint32_t* targets, float* stats,           \
+                                                    int vocab) {                                                       \
+        ce_stats<T>(logits, targets, stats, vocab);                                                                    \
+    }                                                                                                                  \
+    extern "C" __global__ void tb_ce_grad_##SUFFIX(const T* logits, const uint32_t* targets, const float* stats,      \
+                                                   T* grad, int vocab) {                                               \
+        ce_grad<T>(logits, targets, stats, grad, vocab);                                                               \
+    }                                                                                                                  \
+    extern "C" __global__ void tb_attention_ds_##SUFFIX(const T* p, const T* dp, const float* rowdot, T* ds,          \
+                                                        size_t n, int k_len, float scale) {                            \
+        attention_ds<T>(p, dp, rowdot, ds, n, k_len, scale);                                                           \
+    }
+
+TB_KERNELS(float, f32)
+TB_KERNELS(__half, f16)
+TB_KERNELS(__nv_bfloat16, bf16)

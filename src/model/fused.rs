@@ -1,0 +1,692 @@
+//! Fused training kernels for NVIDIA GPUs, and their CPU twins.
+//!
+//! `kernels/fused.cu` (compiled to PTX by `build.rs` under the `cuda` feature) holds one kernel
+//! per op below; each reads its operands in their dtype (f32, bf16, f16), computes in f32 and
+//! rounds its result once. On a GPU each replaces a chain of candle ops, every one a kernel
+//! launch and a pass over memory (and for the causal softmax, a mask built on the host and
+//! copied for every block of every layer):
+//! * [`swiglu`]: `silu(g)·u` forward and both input gradients, one pass each; the graph keeps
+//!   only `g` and `u`;
+//! * [`rms_norm_input_grad`]: RMSNorm's input gradient in one row pass;
+//! * [`causal_softmax`]: the graph-free causal softmax the blocked attention runs, its mask
+//!   taken from the row index;
+//! * [`cross_entropy`], [`cross_entropy_loss`]: one chunk of logits to its rows' losses (and
+//!   `softmax − onehot` in the logits' dtype);
+//! * [`attention_ds`]: the blocked attention backward's `dS = scale·P∘(dP − rowsum(dO∘O))`.
+//!
+//! Every op has a CPU twin in Rust doing the same arithmetic (f32, one rounding). The ops in
+//! [`super::ops`] take these kernels on CUDA devices ([`active`]; `TUNEBENCH_FUSED_KERNELS=0`
+//! turns them off, for comparison), and anywhere inside [`forced`], which is how the op checks
+//! (`model::opcheck`, `tests/gradients.rs`) run the twins and the ops' wiring on the CPU against
+//! the composed f64 reference; `tunebench check-ops --device cuda:0` checks the kernels.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+
+type CResult<T> = candle_core::Result<T>;
+
+thread_local! {
+    static FORCED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// True when the training ops should take the fused kernels for `t`: an f32, bf16 or f16
+/// tensor on a CUDA device (unless `TUNEBENCH_FUSED_KERNELS=0`), or on any device inside
+/// [`forced`].
+pub fn active(t: &Tensor) -> bool {
+    matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) && (FORCED.with(Cell::get) || (t.device().is_cuda() && enabled_by_env()))
+}
+
+fn enabled_by_env() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TUNEBENCH_FUSED_KERNELS").map(|v| v.trim() != "0").unwrap_or(true))
+}
+
+/// Runs `f` (forward and backward) with the training ops taking the fused kernels on every
+/// device, on this thread: on the CPU, their twins.
+pub fn forced<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FORCED.with(|c| c.replace(true)));
+    f()
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU twins' plumbing
+// ---------------------------------------------------------------------------------------------
+
+/// A contiguous f32/bf16/f16 operand as f32 values.
+fn cpu_values(s: &CpuStorage, l: &Layout, op: &str) -> CResult<Vec<f32>> {
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{op}: operand must be contiguous") };
+    Ok(match s {
+        CpuStorage::F32(v) => v[a..b].to_vec(),
+        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+        other => candle_core::bail!("{op}: f32, bf16 or f16 operand expected, got {:?}", other.dtype()),
+    })
+}
+
+/// f32 results rounded once to `dtype`.
+fn cpu_store(v: Vec<f32>, dtype: DType, op: &str) -> CResult<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(v),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
+        other => candle_core::bail!("{op}: f32, bf16 or f16 expected, got {other:?}"),
+    })
+}
+
+fn cpu_targets<'a>(s: &'a CpuStorage, l: &Layout, vocab: usize, op: &str) -> CResult<&'a [u32]> {
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{op}: targets must be contiguous") };
+    let t = &s.as_slice::<u32>()?[a..b];
+    if let Some(bad) = t.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("{op}: target {bad} outside the vocabulary of {vocab}");
+    }
+    Ok(t)
+}
+
+/// (rows, row length) of a layout whose last dim is the row.
+fn rows_of(l: &Layout) -> (usize, usize) {
+    let n = l.shape().dims().last().copied().unwrap_or(1);
+    (l.shape().elem_count() / n.max(1), n)
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA plumbing
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+    use candle_core::{DType, Layout, WithDType};
+
+    use super::CResult;
+
+    /// An element type the kernels take (f32, bf16, f16).
+    pub trait Elem: CudaDType + DeviceRepr + WithDType {}
+    impl<T: CudaDType + DeviceRepr + WithDType> Elem for T {}
+
+    /// The kernels, compiled by build.rs.
+    pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+    pub const MODULE: &str = "tunebench_fused";
+
+    /// A kernel's name for `dtype` (`tb_<name>_<f32|bf16|f16>`).
+    pub fn kernel(name: &str, dtype: DType) -> CResult<String> {
+        let suffix = match dtype {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            other => candle_core::bail!("fused {name}: f32, bf16 or f16 expected, got {other:?}"),
+        };
+        Ok(format!("tb_{name}_{suffix}"))
+    }
+
+    /// The contiguous elements of an operand.
+    pub fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, op: &str) -> CResult<CudaView<'a, T>> {
+        let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{op}: operand must be contiguous") };
+        Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+    }
+
+    /// A grid-stride launch over `n` elements.
+    pub fn elementwise(n: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// One block of `threads` (a multiple of 32) per row.
+    pub fn per_row(rows: usize, threads: u32) -> LaunchConfig {
+        LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// Fresh device memory for `n` values, every one of which the kernel writes.
+    pub fn output<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> CResult<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
+        // SAFETY: the kernels this is for write all `n` elements before anything reads them.
+        unsafe { dev.alloc::<T>(n) }
+    }
+
+    pub fn device(s: &CudaStorage) -> CudaDevice {
+        s.device().clone()
+    }
+}
+
+/// Launches kernel `$name` for `$dtype` on `$dev` with `$cfg` and the argument references.
+#[cfg(feature = "cuda")]
+macro_rules! launch {
+    ($dev:expr, $name:expr, $dtype:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let func = $dev.get_or_load_custom_func(&gpu::kernel($name, $dtype)?, gpu::MODULE, gpu::PTX)?;
+        let mut builder = func.builder();
+        $( builder.arg($arg); )+
+        // SAFETY: the arguments match the kernel's signature in kernels/fused.cu (device
+        // pointers of the dtype, then sizes as size_t/int and scales as float), and every
+        // pointer covers the elements the launch reads or writes.
+        unsafe { builder.launch($cfg) }.w()?;
+    }};
+}
+
+/// Calls the generic `$f::<T>` for the element type of `$dtype`.
+#[cfg(feature = "cuda")]
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident ( $($a:expr),* )) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($a),*),
+            DType::BF16 => $f::<bf16>($($a),*),
+            DType::F16 => $f::<f16>($($a),*),
+            other => candle_core::bail!("fused kernels: f32, bf16 or f16 expected, got {other:?}"),
+        }
+    };
+}
+
+/// A custom op's `cuda_fwd` (one, two or three operands): `$run::<T>(self, operands…)` for the
+/// first operand's element type; the output's shape is `$shape(first operand's layout)`.
+macro_rules! cuda_fwd1 {
+    ($run:ident, $shape:ident) => {
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(&self, a: &candle_core::CudaStorage, al: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+            Ok((by_dtype!(a.dtype(), $run(self, a, al))?, $shape(al)))
+        }
+    };
+}
+
+macro_rules! cuda_fwd2 {
+    ($run:ident, $shape:ident) => {
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(&self, a: &candle_core::CudaStorage, al: &Layout, b: &candle_core::CudaStorage, bl: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+            Ok((by_dtype!(a.dtype(), $run(self, a, al, b, bl))?, $shape(al)))
+        }
+    };
+}
+
+macro_rules! cuda_fwd3 {
+    ($run:ident, $shape:ident) => {
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            a: &candle_core::CudaStorage,
+            al: &Layout,
+            b: &candle_core::CudaStorage,
+            bl: &Layout,
+            c: &candle_core::CudaStorage,
+            cl: &Layout,
+        ) -> CResult<(candle_core::CudaStorage, Shape)> {
+            Ok((by_dtype!(a.dtype(), $run(self, a, al, b, bl, c, cl))?, $shape(al)))
+        }
+    };
+}
+
+#[cfg(feature = "cuda")]
+fn same_shape(l: &Layout) -> Shape {
+    l.shape().clone()
+}
+
+#[cfg(feature = "cuda")]
+fn twice_the_elements(l: &Layout) -> Shape {
+    Shape::from(2 * l.shape().elem_count())
+}
+
+#[cfg(feature = "cuda")]
+fn two_per_row(l: &Layout) -> Shape {
+    Shape::from((rows_of(l).0, 2))
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+// ---------------------------------------------------------------------------------------------
+
+struct Swiglu;
+
+impl candle_core::CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (g, u) = (cpu_values(a, al, "fused-swiglu")?, cpu_values(b, bl, "fused-swiglu")?);
+        let out = g.iter().zip(&u).map(|(&x, &y)| x * sigmoid(x) * y).collect();
+        Ok((cpu_store(out, a.dtype(), "fused-swiglu")?, al.shape().clone()))
+    }
+
+    cuda_fwd2!(swiglu_cuda, same_shape);
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let n = g.elem_count();
+        let both = g.apply_op3_no_bwd(u, &grad.contiguous()?, &SwigluGrad)?;
+        Ok((Some(both.narrow(0, 0, n)?.reshape(g.shape())?), Some(both.narrow(0, n, n)?.reshape(u.shape())?)))
+    }
+}
+
+/// SwiGLU's input gradients from (g, u, dOut): (2·n,) holding dg, then du.
+struct SwigluGrad;
+
+impl candle_core::CustomOp3 for SwigluGrad {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-grad"
+    }
+
+    fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout, c: &CpuStorage, cl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let op = "fused-swiglu-grad";
+        let (g, u, d) = (cpu_values(a, al, op)?, cpu_values(b, bl, op)?, cpu_values(c, cl, op)?);
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        for i in 0..n {
+            let (x, y, dy) = (g[i], u[i], d[i]);
+            let s = sigmoid(x);
+            out[i] = dy * y * s * (1.0 + x * (1.0 - s));
+            out[n + i] = dy * x * s;
+        }
+        Ok((cpu_store(out, a.dtype(), op)?, Shape::from(2 * n)))
+    }
+
+    cuda_fwd3!(swiglu_grad_cuda, twice_the_elements);
+}
+
+/// `silu(gate)·up` by the fused kernel, differentiable in both (the graph keeps only the two
+/// operands).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
+    if gate.shape() != up.shape() || gate.dtype() != up.dtype() {
+        candle_core::bail!("fused-swiglu: gate {:?} {:?} and up {:?} {:?} differ", gate.dims(), gate.dtype(), up.dims(), up.dtype());
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm's input gradient
+// ---------------------------------------------------------------------------------------------
+
+struct RmsNormGrad {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-grad"
+    }
+
+    fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout, c: &CpuStorage, cl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let op = "fused-rms-norm-grad";
+        let (x, g, w) = (cpu_values(a, al, op)?, cpu_values(b, bl, op)?, cpu_values(c, cl, op)?);
+        let (_, n) = rows_of(al);
+        let mut out = vec![0f32; x.len()];
+        for ((o, xr), gr) in out.chunks_mut(n).zip(x.chunks(n)).zip(g.chunks(n)) {
+            let ss: f32 = xr.iter().map(|v| v * v).sum();
+            let dot: f32 = xr.iter().zip(gr).zip(&w).map(|((x, g), w)| x * g * w).sum();
+            let r = 1.0 / (ss / n as f32 + self.eps).sqrt();
+            let k = r * r * r * dot / n as f32;
+            for (((o, &xv), &gv), &wv) in o.iter_mut().zip(xr).zip(gr).zip(&w) {
+                *o = r * gv * wv - xv * k;
+            }
+        }
+        Ok((cpu_store(out, a.dtype(), op)?, al.shape().clone()))
+    }
+
+    cuda_fwd3!(rms_norm_grad_cuda, same_shape);
+}
+
+/// RMSNorm's input gradient `r·(g∘w) − x·r³/n·Σ(g∘w∘x)` for input `x` (…, n), weight `w`
+/// (n,) and output gradient `g`, in `x`'s dtype, by the fused kernel.
+pub fn rms_norm_input_grad(x: &Tensor, w: &Tensor, eps: f64, g: &Tensor) -> CResult<Tensor> {
+    if x.elem_count() == 0 {
+        return x.zeros_like();
+    }
+    let w = w.to_dtype(x.dtype())?.contiguous()?;
+    let g = g.to_dtype(x.dtype())?.contiguous()?;
+    x.contiguous()?.apply_op3_no_bwd(&g, &w, &RmsNormGrad { eps: eps as f32 })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal softmax (no graph)
+// ---------------------------------------------------------------------------------------------
+
+struct CausalSoftmax {
+    q_len: usize,
+    scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let op = "fused-causal-softmax";
+        let x = cpu_values(s, l, op)?;
+        let (_, k_len) = rows_of(l);
+        let offset = k_len - self.q_len;
+        let mut out = vec![0f32; x.len()];
+        for (r, (o, xr)) in out.chunks_mut(k_len).zip(x.chunks(k_len)).enumerate() {
+            let visible = r % self.q_len + offset + 1;
+            let m = xr[..visible].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * self.scale));
+            let sum: f32 = xr[..visible].iter().map(|&v| (v * self.scale - m).exp()).sum();
+            let inv = 1.0 / sum;
+            for (o, &v) in o[..visible].iter_mut().zip(&xr[..visible]) {
+                *o = (v * self.scale - m).exp() * inv;
+            }
+        }
+        Ok((cpu_store(out, s.dtype(), op)?, l.shape().clone()))
+    }
+
+    cuda_fwd1!(causal_softmax_cuda, same_shape);
+}
+
+/// Softmax over the last dim of `scale·xs` (…, rows, k_len) where row r is query position
+/// `r % q_len`, `k_len − q_len` keys ahead, and sees the keys up to its position; no graph
+/// (the blocked attention's forward and its recomputing backward).
+pub fn causal_softmax(xs: &Tensor, q_len: usize, scale: f64) -> CResult<Tensor> {
+    let k_len = xs.dim(candle_core::D::Minus1)?;
+    if q_len == 0 || k_len < q_len {
+        candle_core::bail!("fused-causal-softmax: {q_len} positions over {k_len} keys");
+    }
+    if xs.elem_count() == 0 {
+        return Ok(xs.clone());
+    }
+    xs.contiguous()?.apply_op1_no_bwd(&CausalSoftmax { q_len, scale: scale as f32 })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy of a chunk of logits
+// ---------------------------------------------------------------------------------------------
+
+/// Per row of logits (rows, vocab) and targets (rows,) u32: (rows, 2) f32 of the loss
+/// `lse − logit[target]` and the log-sum-exp `lse`.
+struct CeStats;
+
+impl candle_core::CustomOp2 for CeStats {
+    fn name(&self) -> &'static str {
+        "fused-ce-stats"
+    }
+
+    fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let op = "fused-ce-stats";
+        let logits = cpu_values(a, al, op)?;
+        let (rows, vocab) = rows_of(al);
+        let targets = cpu_targets(b, bl, vocab, op)?;
+        let mut out = vec![0f32; 2 * rows];
+        for ((o, lr), &t) in out.chunks_mut(2).zip(logits.chunks(vocab)).zip(targets) {
+            let m = lr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let ls = lr.iter().map(|&v| (v - m).exp()).sum::<f32>().ln();
+            o[0] = ls - (lr[t as usize] - m);
+            o[1] = m + ls;
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows, 2))))
+    }
+
+    cuda_fwd2!(ce_stats_cuda, two_per_row);
+}
+
+/// `softmax(logits) − onehot(target)` in the logits' dtype, from logits, targets and the
+/// [`CeStats`].
+struct CeGrad;
+
+impl candle_core::CustomOp3 for CeGrad {
+    fn name(&self) -> &'static str {
+        "fused-ce-grad"
+    }
+
+    fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout, c: &CpuStorage, cl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let op = "fused-ce-grad";
+        let logits = cpu_values(a, al, op)?;
+        let (_, vocab) = rows_of(al);
+        let targets = cpu_targets(b, bl, vocab, op)?;
+        let stats = cpu_values(c, cl, op)?;
+        let mut out = vec![0f32; logits.len()];
+        for (r, (o, lr)) in out.chunks_mut(vocab).zip(logits.chunks(vocab)).enumerate() {
+            let lse = stats[2 * r + 1];
+            for (o, &v) in o.iter_mut().zip(lr) {
+                *o = (v - lse).exp();
+            }
+            o[targets[r] as usize] -= 1.0;
+        }
+        Ok((cpu_store(out, a.dtype(), op)?, al.shape().clone()))
+    }
+
+    cuda_fwd3!(ce_grad_cuda, same_shape);
+}
+
+/// The cross-entropy of each row of `logits` (rows, vocab) against `targets` (rows,) u32 on the
+/// same device: the losses (rows,) in f32 and their gradient with respect to the logits,
+/// `softmax − onehot`, in the logits' dtype. Nothing is kept for a backward.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> CResult<(Tensor, Tensor)> {
+    let logits = nonempty_logits(logits, targets)?;
+    let stats = logits.apply_op2_no_bwd(targets, &CeStats)?;
+    let grad = logits.apply_op3_no_bwd(targets, &stats, &CeGrad)?;
+    Ok((stats.narrow(1, 0, 1)?.squeeze(1)?, grad))
+}
+
+/// Logits (rows ≥ 1, vocab ≥ 1), contiguous, with one u32 target per row (the kernels run a
+/// block per row and index the row by its target).
+fn nonempty_logits(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
+    let (rows, vocab) = logits.dims2()?;
+    if rows == 0 || vocab == 0 || targets.dims() != [rows] || targets.dtype() != DType::U32 {
+        candle_core::bail!("fused cross-entropy: logits {:?} against targets {:?} {:?}", logits.dims(), targets.dims(), targets.dtype());
+    }
+    logits.contiguous()
+}
+
+/// [`cross_entropy`]'s losses alone (evaluation).
+pub fn cross_entropy_loss(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
+    nonempty_logits(logits, targets)?.apply_op2_no_bwd(targets, &CeStats)?.narrow(1, 0, 1)?.squeeze(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention backward: dS
+// ---------------------------------------------------------------------------------------------
+
+struct AttentionDs {
+    scale: f32,
+}
+
+impl candle_core::CustomOp3 for AttentionDs {
+    fn name(&self) -> &'static str {
+        "fused-attention-ds"
+    }
+
+    fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout, c: &CpuStorage, cl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let op = "fused-attention-ds";
+        let (p, dp, row) = (cpu_values(a, al, op)?, cpu_values(b, bl, op)?, cpu_values(c, cl, op)?);
+        let (_, k_len) = rows_of(al);
+        let out = p.iter().zip(&dp).enumerate().map(|(i, (&p, &d))| self.scale * p * (d - row[i / k_len])).collect();
+        Ok((cpu_store(out, a.dtype(), op)?, al.shape().clone()))
+    }
+
+    cuda_fwd3!(attention_ds_cuda, same_shape);
+}
+
+/// `scale·p∘(dp − rowdot)` for probabilities `p` and their gradient `dp` (…, rows, keys) in
+/// one dtype and `rowdot` (…, rows, 1) f32: the gradient of the scores of one attention
+/// block, in `p`'s dtype.
+pub fn attention_ds(p: &Tensor, dp: &Tensor, rowdot: &Tensor, scale: f64) -> CResult<Tensor> {
+    let rows = p.elem_count() / p.dim(candle_core::D::Minus1)?.max(1);
+    if p.shape() != dp.shape() || rowdot.elem_count() != rows {
+        candle_core::bail!("fused-attention-ds: p {:?}, dp {:?}, rowdot {:?}", p.dims(), dp.dims(), rowdot.dims());
+    }
+    let rowdot = rowdot.to_dtype(DType::F32)?.contiguous()?;
+    p.contiguous()?.apply_op3_no_bwd(&dp.to_dtype(p.dtype())?.contiguous()?, &rowdot, &AttentionDs { scale: scale as f32 })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, D};
+
+    use super::*;
+    use crate::model::ops;
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 6.0 - 3.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        let (a, b) = (a.to_dtype(DType::F32).unwrap().flatten_all().unwrap(), b.to_dtype(DType::F32).unwrap().flatten_all().unwrap());
+        (a - b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn forced_applies_on_this_thread_and_is_undone() {
+        let x = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        assert!(!active(&x), "the CPU takes the fused kernels only when forced");
+        assert!(forced(|| active(&x) && !active(&x.to_dtype(DType::F64).unwrap())));
+        let r = std::panic::catch_unwind(|| forced(|| panic!("inside")));
+        assert!(r.is_err());
+        assert!(!active(&x), "forcing ends with the closure, also when it panics");
+    }
+
+    /// The causal softmax twin against the composed one: rows stacking two heads, keys ahead
+    /// of the queries (an offset of 3), each row's masked keys exactly 0.
+    #[test]
+    fn causal_softmax_matches_the_composed_one() {
+        let x = random(&[2, 2 * 5, 8], 1);
+        let fused = causal_softmax(&x, 5, 0.3).unwrap();
+        let composed = ops::causal_softmax_composed(&x, 5, 0.3).unwrap();
+        assert!(max_abs(&fused, &composed) < 1e-6, "{}", max_abs(&fused, &composed));
+        let rows = fused.flatten_to(1).unwrap().to_vec2::<f32>().unwrap();
+        for (r, row) in rows.iter().enumerate() {
+            let visible = r % 5 + 3 + 1;
+            assert!(row[visible..].iter().all(|&p| p == 0.0), "row {r}: {row:?}");
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+        assert!(causal_softmax(&x, 9, 0.3).is_err(), "more positions than keys");
+    }
+
+    /// Loss, log-sum-exp and softmax − onehot of a chunk of logits, in f32 and bf16, against the
+    /// composed cross-entropy; a target outside the vocabulary is an error naming it.
+    #[test]
+    fn cross_entropy_matches_the_composed_one() {
+        let logits = (random(&[6, 50], 2) * 4.0).unwrap();
+        let targets = [0u32, 49, 7, 7, 21, 33];
+        let t = Tensor::new(&targets, &Device::Cpu).unwrap();
+        let reference = ops::cross_entropy_rows(&logits, &targets).unwrap();
+        let (loss, grad) = cross_entropy(&logits, &t).unwrap();
+        assert!(max_abs(&loss, &reference) < 1e-5, "{}", max_abs(&loss, &reference));
+        assert!(max_abs(&cross_entropy_loss(&logits, &t).unwrap(), &reference) < 1e-5);
+        let softmax = candle_nn::ops::softmax_last_dim(&logits).unwrap();
+        let onehot = Tensor::zeros((6, 50), DType::F32, &Device::Cpu).unwrap().scatter_add(&t.unsqueeze(1).unwrap(), &Tensor::ones((6, 1), DType::F32, &Device::Cpu).unwrap(), 1).unwrap();
+        assert!(max_abs(&grad, &(softmax - onehot).unwrap()) < 1e-6);
+        assert!(grad.sum(D::Minus1).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() < 1e-5, "each row of the gradient sums to 0");
+        let (loss16, grad16) = cross_entropy(&logits.to_dtype(DType::BF16).unwrap(), &t).unwrap();
+        assert_eq!((loss16.dtype(), grad16.dtype()), (DType::F32, DType::BF16));
+        assert!(max_abs(&loss16, &reference) < 0.1, "{}", max_abs(&loss16, &reference));
+        let bad = Tensor::new(&[0u32, 50, 1, 1, 1, 1], &Device::Cpu).unwrap();
+        let err = cross_entropy(&logits, &bad).unwrap_err().to_string();
+        assert!(err.contains("target 50 outside the vocabulary of 50"), "{err}");
+    }
+
+    /// SwiGLU's gradients (through the op's backward) against candle's composed silu·up.
+    #[test]
+    fn swiglu_gradients_match_the_composed_ones() {
+        let (g, u) = (candle_core::Var::from_tensor(&random(&[3, 7], 3)).unwrap(), candle_core::Var::from_tensor(&random(&[3, 7], 4)).unwrap());
+        let cot = random(&[3, 7], 5);
+        let grads = |y: Tensor| {
+            let gs = (y * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+            (gs.get(g.as_tensor()).unwrap().clone(), gs.get(u.as_tensor()).unwrap().clone())
+        };
+        let (fg, fu) = grads(swiglu(g.as_tensor(), u.as_tensor()).unwrap());
+        let (cg, cu) = grads(ops::swiglu_composed(g.as_tensor(), u.as_tensor()).unwrap());
+        assert!(max_abs(&fg, &cg) < 1e-5 && max_abs(&fu, &cu) < 1e-5, "{} {}", max_abs(&fg, &cg), max_abs(&fu, &cu));
+        assert!(swiglu(g.as_tensor(), &u.as_tensor().to_dtype(DType::BF16).unwrap()).is_err());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The launches (CUDA builds)
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage as Cs;
+
+#[cfg(feature = "cuda")]
+fn swiglu_cuda<T: gpu::Elem>(_: &Swiglu, a: &Cs, al: &Layout, b: &Cs, bl: &Layout) -> CResult<Cs> {
+    let op = "fused-swiglu";
+    let dev = gpu::device(a);
+    let n = al.shape().elem_count();
+    let (g, u) = (gpu::view::<T>(a, al, op)?, gpu::view::<T>(b, bl, op)?);
+    let mut out = gpu::output::<T>(&dev, n)?;
+    launch!(dev, "swiglu_fwd", T::DTYPE, gpu::elementwise(n), &g, &u, &mut out, &n);
+    Ok(Cs::wrap_cuda_slice(out, dev))
+}
+
+#[cfg(feature = "cuda")]
+fn swiglu_grad_cuda<T: gpu::Elem>(_: &SwigluGrad, a: &Cs, al: &Layout, b: &Cs, bl: &Layout, c: &Cs, cl: &Layout) -> CResult<Cs> {
+    let op = "fused-swiglu-grad";
+    let dev = gpu::device(a);
+    let n = al.shape().elem_count();
+    let (g, u, d) = (gpu::view::<T>(a, al, op)?, gpu::view::<T>(b, bl, op)?, gpu::view::<T>(c, cl, op)?);
+    let mut out = gpu::output::<T>(&dev, 2 * n)?;
+    launch!(dev, "swiglu_bwd", T::DTYPE, gpu::elementwise(n), &g, &u, &d, &mut out, &n);
+    Ok(Cs::wrap_cuda_slice(out, dev))
+}
+
+#[cfg(feature = "cuda")]
+fn rms_norm_grad_cuda<T: gpu::Elem>(o: &RmsNormGrad, a: &Cs, al: &Layout, b: &Cs, bl: &Layout, c: &Cs, cl: &Layout) -> CResult<Cs> {
+    let op = "fused-rms-norm-grad";
+    let dev = gpu::device(a);
+    let (rows, n) = rows_of(al);
+    let (x, g, w) = (gpu::view::<T>(a, al, op)?, gpu::view::<T>(b, bl, op)?, gpu::view::<T>(c, cl, op)?);
+    let mut out = gpu::output::<T>(&dev, rows * n)?;
+    let width = n as i32;
+    launch!(dev, "rmsnorm_bwd", T::DTYPE, gpu::per_row(rows, 256), &x, &g, &w, &mut out, &width, &o.eps);
+    Ok(Cs::wrap_cuda_slice(out, dev))
+}
+
+#[cfg(feature = "cuda")]
+fn causal_softmax_cuda<T: gpu::Elem>(o: &CausalSoftmax, s: &Cs, l: &Layout) -> CResult<Cs> {
+    let dev = gpu::device(s);
+    let (rows, k_len) = rows_of(l);
+    let x = gpu::view::<T>(s, l, "fused-causal-softmax")?;
+    let mut out = gpu::output::<T>(&dev, rows * k_len)?;
+    let (k, q, offset) = (k_len as i32, o.q_len as i32, (k_len - o.q_len) as i32);
+    launch!(dev, "causal_softmax", T::DTYPE, gpu::per_row(rows, 256), &x, &mut out, &k, &q, &offset, &o.scale);
+    Ok(Cs::wrap_cuda_slice(out, dev))
+}
+
+#[cfg(feature = "cuda")]
+fn ce_stats_cuda<T: gpu::Elem>(_: &CeStats, a: &Cs, al: &Layout, b: &Cs, bl: &Layout) -> CResult<Cs> {
+    let op = "fused-ce-stats";
+    let dev = gpu::device(a);
+    let (rows, vocab) = rows_of(al);
+    let (logits, targets) = (gpu::view::<T>(a, al, op)?, gpu::view::<u32>(b, bl, op)?);
+    let mut out = gpu::output::<f32>(&dev, 2 * rows)?;
+    let v = vocab as i32;
+    launch!(dev, "ce_stats", T::DTYPE, gpu::per_row(rows, 1024), &logits, &targets, &mut out, &v);
+    Ok(Cs::wrap_cuda_slice(out, dev))
+}
+
+#[cfg(feature = "cuda")]
+fn ce_grad_cuda<T: gpu::Elem>(_: &CeGrad, a: &Cs, al: &Layout, b: &Cs, bl: &Layout, c: &Cs, cl: &Layout) -> CResult<Cs> {
+    let op = "fused-ce-grad";
+    let dev = gpu::device(a);
+    let (rows, vocab) = rows_of(al);
+    let (logits, targets, stats) = (gpu::view::<T>(a, al, op)?, gpu::view::<u32>(b, bl, op)?, gpu::view::<f32>(c, cl, op)?);
+    let mut out = gpu::output::<T>(&dev, rows * vocab)?;
+    let v = vocab as i32;
+    launch!(dev, "ce_grad", T::DTYPE, gpu::per_row(rows, 1024), &logits, &targets, &stats, &mut out, &v);
+    Ok(Cs::wrap_cuda_slice(out, dev))
+}
+
+#[cfg(feature = "cuda")]
+fn attention_ds_cuda<T: gpu::Elem>(o: &AttentionDs, a: &Cs, al: &Layout, b: &Cs, bl: &Layout, c: &Cs, cl: &Layout) -> CResult<Cs> {
+    let op = "fused-attention-ds";
+    let dev = gpu::device(a);
+    let (rows, k_len) = rows_of(al);
+    let n = rows * k_len;
+    let (p, dp, row) = (gpu::view::<T>(a, al, op)?, gpu::view::<T>(b, bl, op)?, gpu::view::<f32>(c, cl, op)?);
+    let mut out = gpu::output::<T>(&dev, n)?;
+    let k = k_len as i32;
+    launch!(dev, "attention_ds", T::DTYPE, gpu::elementwise(n), &p, &dp, &row, &mut out, &n, &k, &o.scale);
+    Ok(Cs::wrap_cuda_slice(out, dev))
+}
