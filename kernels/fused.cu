@@ -18,9 +18,15 @@
 //                             log-sum-exp, then softmax − onehot in the logits' dtype;
 //   attention_ds              attention's dS = scale·P∘(dP − rowsum(dO∘O)) for one block.
 
+#ifdef TB_HOST_EMULATION
+// kernels/host_emulation.hpp runs these kernels on the CPU, one std::thread per CUDA thread
+// (tests/cuda_kernels_emulated.rs).
+#include "host_emulation.hpp"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#endif
 
 namespace {
 

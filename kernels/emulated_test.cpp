@@ -1,0 +1,189 @@
+// Runs every kernel of kernels/fused.cu under host emulation (host_emulation.hpp) in f32, f16
+// and bf16, with the launch shapes src/model/fused.rs uses (256 threads per elementwise block,
+// 256 or 1024 per row), on sizes that exercise the strides: rows longer and shorter than a
+// block, widths that are not multiples of 32, a grid capped below the element count. Each
+// result is held to a double-precision reference computed here from the same (rounded)
+// inputs. Prints one line per kernel and dtype; exits 1 when one is off.
+// Built and run by tests/cuda_kernels_emulated.rs:
+//   c++ -std=c++20 -O1 -pthread -DTB_HOST_EMULATION kernels/emulated_test.cpp -o emulated_test
+
+#include <cstdio>
+#include <random>
+#include <string>
+
+#include "fused.cu"
+
+namespace {
+
+float value(float v) { return v; }
+float value(__half v) { return __half2float(v); }
+float value(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> T make(float v);
+template <> float make<float>(float v) { return v; }
+template <> __half make<__half>(float v) { return __float2half_rn(v); }
+template <> __nv_bfloat16 make<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T> std::vector<T> random_vec(size_t n, unsigned seed, float scale) {
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> d(-scale, scale);
+    std::vector<T> v(n);
+    for (auto& x : v) x = make<T>(d(rng));
+    return v;
+}
+
+int failures = 0;
+
+// max |got − want| / max |want|, against `limit`.
+template <typename T> void report(const char* kernel, const char* dtype, const std::vector<T>& got, const std::vector<double>& want, double limit) {
+    double worst = 0, scale = 1e-12;
+    for (double w : want) scale = std::max(scale, std::fabs(w));
+    for (size_t i = 0; i < want.size(); ++i) {
+        const double e = std::fabs(static_cast<double>(value(got[i])) - want[i]);
+        worst = std::isnan(e) ? INFINITY : std::max(worst, e);
+    }
+    const bool ok = worst / scale <= limit;
+    if (!ok) ++failures;
+    std::printf("%-16s %-5s %10.2e %8.0e %s\n", kernel, dtype, worst / scale, limit, ok ? "ok" : "FAILED");
+}
+
+double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+template <typename T> std::vector<double> wide(const std::vector<T>& v) {
+    std::vector<double> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = value(v[i]);
+    return out;
+}
+
+unsigned elementwise_grid(size_t n) { return static_cast<unsigned>(std::min<size_t>(std::max<size_t>((n + 255) / 256, 1), 1 << 16)); }
+
+template <typename T> void run_all(const char* dtype, double limit,
+                                   void (*swiglu_fwd)(const T*, const T*, T*, size_t),
+                                   void (*swiglu_bwd)(const T*, const T*, const T*, T*, size_t),
+                                   void (*rmsnorm_bwd)(const T*, const T*, const T*, T*, int, float),
+                                   void (*causal_softmax)(const T*, T*, int, int, int, float),
+                                   void (*ce_stats)(const T*, const uint32_t*, float*, int),
+                                   void (*ce_grad)(const T*, const uint32_t*, const float*, T*, int),
+                                   void (*attention_ds)(const T*, const T*, const float*, T*, size_t, int, float)) {
+    // SwiGLU, 1000 elements: 4 blocks, then a grid capped at 2 blocks (the grid-stride loop).
+    {
+        const size_t n = 1000;
+        auto g = random_vec<T>(n, 1, 4.f), u = random_vec<T>(n, 2, 2.f), d = random_vec<T>(n, 3, 1.f);
+        const auto gw = wide(g), uw = wide(u), dw = wide(d);
+        std::vector<double> want(n), want_grads(2 * n);
+        for (size_t i = 0; i < n; ++i) {
+            const double s = sigmoid(gw[i]);
+            want[i] = gw[i] * s * uw[i];
+            want_grads[i] = dw[i] * uw[i] * s * (1 + gw[i] * (1 - s));
+            want_grads[n + i] = dw[i] * gw[i] * s;
+        }
+        for (unsigned grid : {elementwise_grid(n), 2u}) {
+            std::vector<T> out(n, make<T>(NAN)), grads(2 * n, make<T>(NAN));
+            emu::launch(grid, 256, [&] { swiglu_fwd(g.data(), u.data(), out.data(), n); });
+            emu::launch(grid, 256, [&] { swiglu_bwd(g.data(), u.data(), d.data(), grads.data(), n); });
+            report(grid == 2 ? "swiglu_fwd/2blk" : "swiglu_fwd", dtype, out, want, limit);
+            report(grid == 2 ? "swiglu_bwd/2blk" : "swiglu_bwd", dtype, grads, want_grads, limit);
+        }
+    }
+    // RMSNorm's input gradient: 5 rows of 300 (more than a block's 256 threads, not a multiple
+    // of 32).
+    {
+        const int rows = 5, n = 300;
+        const float eps = 1e-5f;
+        auto x = random_vec<T>(rows * n, 4, 2.f), g = random_vec<T>(rows * n, 5, 1.f), w = random_vec<T>(n, 6, 1.f);
+        const auto xw = wide(x), gw = wide(g), ww = wide(w);
+        std::vector<double> want(rows * n);
+        for (int r = 0; r < rows; ++r) {
+            double ss = 0, dot = 0;
+            for (int c = 0; c < n; ++c) ss += xw[r * n + c] * xw[r * n + c], dot += xw[r * n + c] * gw[r * n + c] * ww[c];
+            const double inv = 1 / std::sqrt(ss / n + eps), k = inv * inv * inv * dot / n;
+            for (int c = 0; c < n; ++c) want[r * n + c] = inv * gw[r * n + c] * ww[c] - xw[r * n + c] * k;
+        }
+        std::vector<T> out(rows * n, make<T>(NAN));
+        emu::launch(rows, 256, [&] { rmsnorm_bwd(x.data(), g.data(), w.data(), out.data(), n, eps); });
+        report("rmsnorm_bwd", dtype, out, want, limit);
+    }
+    // Causal softmax: 2 heads × 7 positions stacked per (batch · kv head) of 2, 10 keys (3 of
+    // them ahead of the queries), and one long row set of 300 keys.
+    for (auto [stacks, q_len, k_len] : {std::tuple{2, 7, 10}, std::tuple{1, 5, 300}}) {
+        const int rows = stacks * 2 * q_len, offset = k_len - q_len;
+        const float scale = 0.37f;
+        auto x = random_vec<T>(rows * k_len, 7, 6.f);
+        const auto xw = wide(x);
+        std::vector<double> want(rows * k_len, 0.0);
+        for (int r = 0; r < rows; ++r) {
+            const int visible = r % q_len + offset + 1;
+            double m = -INFINITY, s = 0;
+            for (int c = 0; c < visible; ++c) m = std::max(m, xw[r * k_len + c] * scale);
+            for (int c = 0; c < visible; ++c) s += std::exp(xw[r * k_len + c] * scale - m);
+            for (int c = 0; c < visible; ++c) want[r * k_len + c] = std::exp(xw[r * k_len + c] * scale - m) / s;
+        }
+        std::vector<T> out(rows * k_len, make<T>(NAN));
+        emu::launch(rows, 256, [&] { causal_softmax(x.data(), out.data(), k_len, q_len, offset, scale); });
+        report(k_len == 10 ? "causal_softmax" : "causal_softmax/L", dtype, out, want, limit);
+        // The masked keys are exactly 0.
+        for (int r = 0; r < rows; ++r) {
+            for (int c = r % q_len + offset + 1; c < k_len; ++c) {
+                if (value(out[r * k_len + c]) != 0.f) {
+                    std::printf("causal_softmax   %-5s row %d key %d: %g where the mask is FAILED\n", dtype, r, c, value(out[r * k_len + c]));
+                    ++failures;
+                }
+            }
+        }
+    }
+    // Cross-entropy: 3 rows of a 2500-word vocabulary (more than the 1024 threads of a row's
+    // block), targets at the ends and inside.
+    {
+        const int rows = 3, vocab = 2500;
+        auto logits = random_vec<T>(rows * vocab, 8, 8.f);
+        const std::vector<uint32_t> targets = {0, 2499, 1234};
+        const auto lw = wide(logits);
+        std::vector<double> want_stats(2 * rows), want_grad(rows * vocab);
+        for (int r = 0; r < rows; ++r) {
+            double m = -INFINITY, s = 0;
+            for (int c = 0; c < vocab; ++c) m = std::max(m, lw[r * vocab + c]);
+            for (int c = 0; c < vocab; ++c) s += std::exp(lw[r * vocab + c] - m);
+            const double lse = m + std::log(s);
+            want_stats[2 * r] = lse - lw[r * vocab + targets[r]];
+            want_stats[2 * r + 1] = lse;
+            for (int c = 0; c < vocab; ++c) want_grad[r * vocab + c] = std::exp(lw[r * vocab + c] - lse) - (c == static_cast<int>(targets[r]) ? 1 : 0);
+        }
+        std::vector<float> stats(2 * rows, NAN);
+        std::vector<T> grad(rows * vocab, make<T>(NAN));
+        emu::launch(rows, 1024, [&] { ce_stats(logits.data(), targets.data(), stats.data(), vocab); });
+        emu::launch(rows, 1024, [&] { ce_grad(logits.data(), targets.data(), stats.data(), grad.data(), vocab); });
+        report("ce_stats", dtype, stats, want_stats, 1e-5);  // f32 sums of the rounded logits
+        report("ce_grad", dtype, grad, want_grad, limit);
+    }
+    // Attention's dS: 6 rows of 37 keys.
+    {
+        const int rows = 6, k_len = 37;
+        const size_t n = rows * k_len;
+        const float scale = 0.125f;
+        auto p = random_vec<T>(n, 9, 1.f), dp = random_vec<T>(n, 10, 2.f);
+        std::vector<float> rowdot(rows);
+        for (int r = 0; r < rows; ++r) rowdot[r] = 0.3f * r - 0.7f;
+        const auto pw = wide(p), dw = wide(dp);
+        std::vector<double> want(n);
+        for (size_t i = 0; i < n; ++i) want[i] = scale * pw[i] * (dw[i] - rowdot[i / k_len]);
+        std::vector<T> out(n, make<T>(NAN));
+        emu::launch(elementwise_grid(n), 256, [&] { attention_ds(p.data(), dp.data(), rowdot.data(), out.data(), n, k_len, scale); });
+        report("attention_ds", dtype, out, want, limit);
+    }
+}
+
+}  // namespace
+
+int main() {
+    std::printf("%-16s %-5s %10s %8s\n", "kernel", "dtype", "rel.error", "limit");
+    // The results are rounded once to the dtype: half an ulp of f32, f16 (2^-11), bf16 (2^-8),
+    // relative to the largest value, with room for f32 sums.
+    run_all<float>("f32", 1e-5, tb_swiglu_fwd_f32, tb_swiglu_bwd_f32, tb_rmsnorm_bwd_f32, tb_causal_softmax_f32, tb_ce_stats_f32,
+                   tb_ce_grad_f32, tb_attention_ds_f32);
+    run_all<__half>("f16", 1e-3, tb_swiglu_fwd_f16, tb_swiglu_bwd_f16, tb_rmsnorm_bwd_f16, tb_causal_softmax_f16, tb_ce_stats_f16,
+                    tb_ce_grad_f16, tb_attention_ds_f16);
+    run_all<__nv_bfloat16>("bf16", 8e-3, tb_swiglu_fwd_bf16, tb_swiglu_bwd_bf16, tb_rmsnorm_bwd_bf16, tb_causal_softmax_bf16,
+                           tb_ce_stats_bf16, tb_ce_grad_bf16, tb_attention_ds_bf16);
+    std::printf("%d failed\n", failures);
+    return failures == 0 ? 0 : 1;
+}
