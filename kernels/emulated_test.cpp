@@ -64,7 +64,8 @@ template <typename T> void run_all(const char* dtype, double limit,
                                    void (*causal_softmax)(const T*, T*, int, int, int, float),
                                    void (*ce_stats)(const T*, const uint32_t*, float*, int),
                                    void (*ce_grad)(const T*, const uint32_t*, const float*, T*, int),
-                                   void (*attention_ds)(const T*, const T*, const float*, T*, size_t, int, float)) {
+                                   void (*attention_ds)(const T*, const T*, const float*, T*, size_t, int, float),
+                                   void (*dropout)(const T*, T*, size_t, uint64_t, uint64_t, float)) {
     // SwiGLU, 1000 elements: 4 blocks, then a grid capped at 2 blocks (the grid-stride loop).
     {
         const size_t n = 1000;
@@ -170,6 +171,62 @@ template <typename T> void run_all(const char* dtype, double limit,
         emu::launch(elementwise_grid(n), 256, [&] { attention_ds(p.data(), dp.data(), rowdot.data(), out.data(), n, k_len, scale); });
         report("attention_ds", dtype, out, want, limit);
     }
+    // Dropout: 10,000 elements (3 chunks of the stream) over a grid capped at 3 blocks; the
+    // reference draws the stream the way the CPU does (one state per chunk, advanced per draw).
+    {
+        const size_t n = 10000;
+        const uint64_t seed = 0x0123456789abcdefull;
+        const double p = 0.3;
+        const uint64_t threshold = static_cast<uint64_t>(p * 18446744073709551615.0);
+        const float scale = static_cast<float>(1.0 / (1.0 - p));
+        auto x = random_vec<T>(n, 15, 2.f);
+        std::vector<double> want(n);
+        uint64_t kept = 0, hash = 0;
+        for (size_t chunk = 0; chunk * 4096 < n; ++chunk) {
+            uint64_t state = seed ^ (chunk * 0xD1B54A32D192ED03ull);
+            for (size_t i = chunk * 4096; i < std::min(n, (chunk + 1) * 4096); ++i) {
+                state += 0x9E3779B97F4A7C15ull;
+                uint64_t z = state;
+                z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+                z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+                z ^= z >> 31;
+                const bool keep = z >= threshold;
+                want[i] = keep ? static_cast<double>(value(x[i])) * scale : 0.0;
+                kept += keep;
+                hash += keep ? (i + 1) * (i + 1) : 0;
+            }
+        }
+        std::vector<T> out(n, make<T>(NAN));
+        emu::launch(3, 256, [&] { dropout(x.data(), out.data(), n, seed, threshold, scale); });
+        report("dropout", dtype, out, want, limit);
+        // For tests/cuda_kernels_emulated.rs to compare with the CPU's mask (fused::dropout_mask).
+        if (std::string(dtype) == "f32") std::printf("dropout mask n=%zu seed=%llu p=%g: kept %llu hash %llu\n", n,
+                                                      static_cast<unsigned long long>(seed), p, static_cast<unsigned long long>(kept),
+                                                      static_cast<unsigned long long>(hash));
+    }
+}
+
+// AdamW (f32 only): 700 elements over a grid capped at 2 blocks, with weight decay.
+void adamw() {
+    const size_t n = 700;
+    auto g = random_vec<float>(n, 11, 1.f), m = random_vec<float>(n, 12, 0.1f), v = random_vec<float>(n, 13, 0.01f), p = random_vec<float>(n, 14, 1.f);
+    for (auto& x : v) x = std::fabs(x);
+    const double b1 = 0.9, b2 = 0.999, lr = 1e-2, wd = 0.01, eps = 1e-8, bc1 = 1 - std::pow(b1, 3), bc2 = 1 - std::pow(b2, 3);
+    std::vector<double> want_mv(2 * n), want_p(n);
+    for (size_t i = 0; i < n; ++i) {
+        want_mv[i] = m[i] * b1 + g[i] * (1 - b1);
+        want_mv[n + i] = v[i] * b2 + g[i] * g[i] * (1 - b2);
+        want_p[i] = p[i] * (1 - lr * wd) - lr * (want_mv[i] / bc1) / (std::sqrt(want_mv[n + i] / bc2) + eps);
+    }
+    std::vector<float> mv(2 * n, NAN), out(n, NAN);
+    emu::launch(2, 256, [&] { tb_adamw_moments_f32(g.data(), m.data(), v.data(), mv.data(), n, b1, 1 - b1, b2, 1 - b2); });
+    emu::launch(2, 256, [&] { tb_adamw_param_f32(p.data(), mv.data(), out.data(), n, 1 - lr * wd, 1 / bc1, 1 / bc2, eps, lr); });
+    report("adamw_moments", "f32", mv, want_mv, 1e-6);
+    // The update is ~lr: hold the change of p to the reference's change.
+    std::vector<double> want_step(n);
+    std::vector<float> step(n);
+    for (size_t i = 0; i < n; ++i) want_step[i] = want_p[i] - p[i], step[i] = out[i] - p[i];
+    report("adamw_param", "f32", step, want_step, 1e-4);
 }
 
 }  // namespace
@@ -179,11 +236,12 @@ int main() {
     // The results are rounded once to the dtype: half an ulp of f32, f16 (2^-11), bf16 (2^-8),
     // relative to the largest value, with room for f32 sums.
     run_all<float>("f32", 1e-5, tb_swiglu_fwd_f32, tb_swiglu_bwd_f32, tb_rmsnorm_bwd_f32, tb_causal_softmax_f32, tb_ce_stats_f32,
-                   tb_ce_grad_f32, tb_attention_ds_f32);
+                   tb_ce_grad_f32, tb_attention_ds_f32, tb_dropout_f32);
     run_all<__half>("f16", 1e-3, tb_swiglu_fwd_f16, tb_swiglu_bwd_f16, tb_rmsnorm_bwd_f16, tb_causal_softmax_f16, tb_ce_stats_f16,
-                    tb_ce_grad_f16, tb_attention_ds_f16);
+                    tb_ce_grad_f16, tb_attention_ds_f16, tb_dropout_f16);
     run_all<__nv_bfloat16>("bf16", 8e-3, tb_swiglu_fwd_bf16, tb_swiglu_bwd_bf16, tb_rmsnorm_bwd_bf16, tb_causal_softmax_bf16,
-                           tb_ce_stats_bf16, tb_ce_grad_bf16, tb_attention_ds_bf16);
+                           tb_ce_stats_bf16, tb_ce_grad_bf16, tb_attention_ds_bf16, tb_dropout_bf16);
+    adamw();
     std::printf("%d failed\n", failures);
     return failures == 0 ? 0 : 1;
 }

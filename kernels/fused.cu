@@ -16,7 +16,15 @@
 //                             (was a mask built on the host and copied for every block);
 //   ce_stats / ce_grad        cross-entropy of one chunk of logits: per-row loss and
 //                             log-sum-exp, then softmax − onehot in the logits' dtype;
-//   attention_ds              attention's dS = scale·P∘(dP − rowsum(dO∘O)) for one block.
+//   attention_ds              attention's dS = scale·P∘(dP − rowsum(dO∘O)) for one block;
+//   dropout                   inverted dropout whose mask comes from the element's index and
+//                             the seed (the CPU's splitmix64 stream, bit for bit), so no mask
+//                             is copied from the host or kept for the backward (the backward
+//                             is the same kernel on the gradient);
+//   adamw_moments / adamw_param
+//                             one AdamW step of one f32 variable in two launches (was ~16
+//                             tensor ops per variable: thousands of launches per step with
+//                             LoRA on every projection of a 1B model).
 
 #ifdef TB_HOST_EMULATION
 // kernels/host_emulation.hpp runs these kernels on the CPU, one std::thread per CUDA thread
@@ -165,7 +173,45 @@ template <typename T> __device__ void attention_ds(const T* p, const T* dp, cons
     }
 }
 
+// The splitmix64 output for a state (the CPU's `fused::dropout_mask` draws the same stream).
+__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// out = x·scale where the element is kept, x·0 where dropped. Element i is draw i % 4096 of the
+// stream seeded with seed ^ (i / 4096)·0xD1B54A32D192ED03 (a draw adds 0x9E3779B97F4A7C15 to
+// the state, then mixes); kept when the draw is at least `threshold` (= p·2⁶⁴).
+template <typename T> __device__ void dropout(const T* x, T* out, size_t n, uint64_t seed, uint64_t threshold, float scale) {
+    for (size_t i = first_index(); i < n; i += grid_stride()) {
+        const uint64_t chunk = i / 4096, draw = i % 4096;
+        const uint64_t state = (seed ^ (chunk * 0xD1B54A32D192ED03ull)) + (draw + 1) * 0x9E3779B97F4A7C15ull;
+        out[i] = store<T>(load(x[i]) * (splitmix64(state) >= threshold ? scale : 0.f));
+    }
+}
+
 }  // namespace
+
+// AdamW's new moments of one variable: mv[0..n] = m·b1 + g·(1 − b1), mv[n..2n] = v·b2 + g²·(1 − b2).
+extern "C" __global__ void tb_adamw_moments_f32(const float* g, const float* m, const float* v, float* mv, size_t n, float b1,
+                                                float one_minus_b1, float b2, float one_minus_b2) {
+    for (size_t i = first_index(); i < n; i += grid_stride()) {
+        const float gi = g[i];
+        mv[i] = m[i] * b1 + gi * one_minus_b1;
+        mv[n + i] = v[i] * b2 + (gi * gi) * one_minus_b2;
+    }
+}
+
+// AdamW's new parameter from the new moments: p·decay − lr·(m·inv_bc1) / (√(v·inv_bc2) + eps),
+// decay = 1 − lr·weight_decay (bias corrections as reciprocals, as the tensor ops multiply).
+extern "C" __global__ void tb_adamw_param_f32(const float* p, const float* mv, float* out, size_t n, float decay, float inv_bc1,
+                                              float inv_bc2, float eps, float lr) {
+    for (size_t i = first_index(); i < n; i += grid_stride()) {
+        const float denom = sqrtf(mv[n + i] * inv_bc2) + eps;
+        out[i] = p[i] * decay - (mv[i] * inv_bc1) / denom * lr;
+    }
+}
 
 #define TB_KERNELS(T, SUFFIX)                                                                                          \
     extern "C" __global__ void tb_swiglu_fwd_##SUFFIX(const T* g, const T* u, T* out, size_t n) {                    \
@@ -192,6 +238,10 @@ template <typename T> __device__ void attention_ds(const T* p, const T* dp, cons
     extern "C" __global__ void tb_attention_ds_##SUFFIX(const T* p, const T* dp, const float* rowdot, T* ds,          \
                                                         size_t n, int k_len, float scale) {                            \
         attention_ds<T>(p, dp, rowdot, ds, n, k_len, scale);                                                           \
+    }                                                                                                                  \
+    extern "C" __global__ void tb_dropout_##SUFFIX(const T* x, T* out, size_t n, uint64_t seed, uint64_t threshold,   \
+                                                   float scale) {                                                      \
+        dropout<T>(x, out, n, seed, threshold, scale);                                                                 \
     }
 
 TB_KERNELS(float, f32)

@@ -29,11 +29,19 @@ fn cuda_kernels_match_the_reference_under_host_emulation() {
     println!("{out}");
     let _ = std::fs::remove_dir_all(&dir);
     assert!(run.status.success(), "{out}\n{}", String::from_utf8_lossy(&run.stderr));
-    // Every kernel ran in every dtype: 10 checks each for f32, f16 and bf16.
+    // Every kernel ran in every dtype: 11 checks each for f32, f16 and bf16, and AdamW's two
+    // (f32).
     let passed = out.lines().filter(|l| l.ends_with(" ok")).count();
-    assert_eq!(passed, 30, "{out}");
-    for kernel in ["swiglu_fwd", "swiglu_bwd", "rmsnorm_bwd", "causal_softmax", "ce_stats", "ce_grad", "attention_ds"] {
-        assert_eq!(out.lines().filter(|l| l.starts_with(kernel)).count() % 3, 0, "{kernel}: {out}");
+    assert_eq!(passed, 35, "{out}");
+    // The dropout kernel draws exactly the CPU's mask (model::fused::dropout_mask).
+    let line = out.lines().find(|l| l.starts_with("dropout mask n=")).expect("the dropout mask's summary");
+    let mask = tunebench::model::fused::dropout_mask(10_000, 0.3, 0x0123_4567_89ab_cdef);
+    let kept = mask.iter().filter(|&&m| m > 0.0).count();
+    let hash: u64 = mask.iter().enumerate().filter(|(_, &m)| m > 0.0).map(|(i, _)| ((i + 1) * (i + 1)) as u64).sum();
+    assert!(line.ends_with(&format!("kept {kept} hash {hash}")), "{line}: the CPU keeps {kept}, hash {hash}");
+    for kernel in ["swiglu_fwd", "swiglu_bwd", "rmsnorm_bwd", "causal_softmax", "ce_stats", "ce_grad", "attention_ds", "dropout"] {
+        let dtypes = out.lines().filter(|l| l.starts_with(kernel) && l.ends_with(" ok")).filter_map(|l| l.split_whitespace().nth(1)).collect::<std::collections::BTreeSet<_>>();
+        assert_eq!(dtypes.len(), 3, "{kernel} in f32, f16 and bf16: {out}");
     }
     assert!(out.contains("0 failed"), "{out}");
 }

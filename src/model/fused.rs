@@ -12,7 +12,11 @@
 //!   taken from the row index;
 //! * [`cross_entropy`], [`cross_entropy_loss`]: one chunk of logits to its rows' losses (and
 //!   `softmax − onehot` in the logits' dtype);
-//! * [`attention_ds`]: the blocked attention backward's `dS = scale·P∘(dP − rowsum(dO∘O))`.
+//! * [`attention_ds`]: the blocked attention backward's `dS = scale·P∘(dP − rowsum(dO∘O))`;
+//! * [`dropout`]: inverted dropout whose mask the kernel draws from the seed and the element's
+//!   index — [`dropout_mask`]'s stream, bit for bit — so no mask is copied from the host or kept
+//!   for the backward;
+//! * [`adamw_step`]: one AdamW update of an f32 variable in two launches.
 //!
 //! Every op has a CPU twin in Rust doing the same arithmetic (f32, one rounding). The ops in
 //! [`super::ops`] take these kernels on CUDA devices ([`active`]; `TUNEBENCH_FUSED_KERNELS=0`
@@ -516,6 +520,170 @@ pub fn attention_ds(p: &Tensor, dp: &Tensor, rowdot: &Tensor, scale: f64) -> CRe
     p.contiguous()?.apply_op3_no_bwd(&dp.to_dtype(p.dtype())?.contiguous()?, &rowdot, &AttentionDs { scale: scale as f32 })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dropout
+// ---------------------------------------------------------------------------------------------
+
+/// Elements per stream of [`dropout_mask`]: element i is draw `i % 4096` of the splitmix64 stream
+/// seeded with `seed ^ (i / 4096)·0xD1B54A32D192ED03`.
+const DROPOUT_CHUNK: usize = 4096;
+
+/// The keep threshold (`p·2⁶⁴`) and the kept elements' scale `1/(1 − p)` of dropout rate `p`.
+fn dropout_params(p: f64) -> (u64, f32) {
+    ((p * u64::MAX as f64) as u64, (1.0 / (1.0 - p)) as f32)
+}
+
+/// Inverted dropout's mask for `n` elements at rate `p`: `1/(1 − p)` where kept, 0 where dropped,
+/// drawn from `seed` (splitmix64 streams of [`DROPOUT_CHUNK`] draws, in parallel). The kernel of
+/// [`dropout`] draws the same mask.
+pub fn dropout_mask(n: usize, p: f64, seed: u64) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (threshold, scale) = dropout_params(p);
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(DROPOUT_CHUNK).enumerate().for_each(|(ci, chunk)| {
+        let mut state = seed ^ (ci as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        for m in chunk.iter_mut() {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            *m = if z >= threshold { scale } else { 0.0 };
+        }
+    });
+    mask
+}
+
+struct Dropout {
+    p: f64,
+    seed: u64,
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "fused-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = cpu_values(s, l, "fused-dropout")?;
+        let mask = dropout_mask(x.len(), self.p, self.seed);
+        let out = x.iter().zip(&mask).map(|(x, m)| x * m).collect();
+        Ok((cpu_store(out, s.dtype(), "fused-dropout")?, l.shape().clone()))
+    }
+
+    cuda_fwd1!(dropout_cuda, same_shape);
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        // The same mask on the gradient: drawn again from the seed, never stored.
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Dropout { p: self.p, seed: self.seed })?))
+    }
+}
+
+/// Inverted dropout of `xs` at rate `p` with [`dropout_mask`]`(n, p, seed)`'s mask, drawn by the
+/// kernel (its backward draws it again: nothing of the mask's size is kept).
+pub fn dropout(xs: &Tensor, p: f64, seed: u64) -> CResult<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        candle_core::bail!("fused-dropout: rate {p} outside [0, 1)");
+    }
+    xs.contiguous()?.apply_op1(Dropout { p, seed })
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW
+// ---------------------------------------------------------------------------------------------
+
+/// One AdamW step's constants, in f32 as the tensor ops apply them.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    /// β₁.
+    pub b1: f32,
+    /// 1 − β₁.
+    pub one_minus_b1: f32,
+    /// β₂.
+    pub b2: f32,
+    /// 1 − β₂.
+    pub one_minus_b2: f32,
+    /// 1 − lr·weight_decay (1 without weight decay).
+    pub decay: f32,
+    /// 1 / (1 − β₁ᵗ).
+    pub inv_bc1: f32,
+    /// 1 / (1 − β₂ᵗ).
+    pub inv_bc2: f32,
+    /// ε.
+    pub eps: f32,
+    /// The learning rate.
+    pub lr: f32,
+}
+
+/// (g, m, v) → (2·n,): the new m, then the new v.
+struct AdamMoments(AdamWStep);
+
+impl candle_core::CustomOp3 for AdamMoments {
+    fn name(&self) -> &'static str {
+        "fused-adamw-moments"
+    }
+
+    fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout, c: &CpuStorage, cl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let op = "fused-adamw-moments";
+        let (g, m, v) = (cpu_f32(a, al, op)?, cpu_f32(b, bl, op)?, cpu_f32(c, cl, op)?);
+        let h = &self.0;
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        for i in 0..n {
+            out[i] = m[i] * h.b1 + g[i] * h.one_minus_b1;
+            out[n + i] = v[i] * h.b2 + (g[i] * g[i]) * h.one_minus_b2;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(2 * n)))
+    }
+
+    cuda_fwd3!(adamw_moments_cuda, twice_the_elements);
+}
+
+/// (p, new moments) → the new p.
+struct AdamParam(AdamWStep);
+
+impl candle_core::CustomOp2 for AdamParam {
+    fn name(&self) -> &'static str {
+        "fused-adamw-param"
+    }
+
+    fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let op = "fused-adamw-param";
+        let (p, mv) = (cpu_f32(a, al, op)?, cpu_f32(b, bl, op)?);
+        let h = &self.0;
+        let n = p.len();
+        let out = (0..n)
+            .map(|i| {
+                let denom = (mv[n + i] * h.inv_bc2).sqrt() + h.eps;
+                p[i] * h.decay - (mv[i] * h.inv_bc1) / denom * h.lr
+            })
+            .collect();
+        Ok((CpuStorage::F32(out), al.shape().clone()))
+    }
+
+    cuda_fwd2!(adamw_param_cuda, same_shape);
+}
+
+/// A contiguous f32 operand's values (AdamW's operands are all f32).
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{op}: operand must be contiguous") };
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+/// One AdamW step of an f32 variable `p` with gradient `g` and moments `m`, `v` (all of `p`'s
+/// shape): the new parameter and the new moments (views of one buffer).
+pub fn adamw_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: AdamWStep) -> CResult<(Tensor, Tensor, Tensor)> {
+    for t in [g, m, v] {
+        if t.shape() != p.shape() || t.dtype() != DType::F32 || p.dtype() != DType::F32 {
+            candle_core::bail!("fused-adamw: variable {:?} {:?} with operand {:?} {:?}", p.dims(), p.dtype(), t.dims(), t.dtype());
+        }
+    }
+    let n = p.elem_count();
+    let mv = g.contiguous()?.apply_op3_no_bwd(&m.contiguous()?, &v.contiguous()?, &AdamMoments(h))?;
+    let new_p = p.contiguous()?.apply_op2_no_bwd(&mv, &AdamParam(h))?;
+    Ok((new_p, mv.narrow(0, 0, n)?.reshape(p.shape())?, mv.narrow(0, n, n)?.reshape(p.shape())?))
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, D};
@@ -584,6 +752,23 @@ mod tests {
         let bad = Tensor::new(&[0u32, 50, 1, 1, 1, 1], &Device::Cpu).unwrap();
         let err = cross_entropy(&logits, &bad).unwrap_err().to_string();
         assert!(err.contains("target 50 outside the vocabulary of 50"), "{err}");
+    }
+
+    /// The dropout op (its CPU twin) applies [`dropout_mask`]'s mask, and its backward the same
+    /// mask to the gradient; rate 0 keeps everything.
+    #[test]
+    fn dropout_applies_the_seeded_mask_both_ways() {
+        let x = candle_core::Var::from_tensor(&random(&[3, 3000], 6)).unwrap();
+        let y = dropout(x.as_tensor(), 0.25, 99).unwrap();
+        let mask = Tensor::from_vec(dropout_mask(9000, 0.25, 99), (3, 3000), &Device::Cpu).unwrap();
+        assert_eq!(max_abs(&y, &(x.as_tensor() * &mask).unwrap()), 0.0);
+        let kept = mask.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|&&m| m > 0.0).count();
+        assert!((6400..7100).contains(&kept), "{kept} of 9000 kept at rate 0.25");
+        let cot = random(&[3, 3000], 7);
+        let g = (y * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(max_abs(g.get(x.as_tensor()).unwrap(), &(cot * &mask).unwrap()), 0.0);
+        assert_eq!(max_abs(&dropout(x.as_tensor(), 0.0, 99).unwrap(), x.as_tensor()), 0.0);
+        assert!(dropout(x.as_tensor(), 1.0, 99).is_err());
     }
 
     /// SwiGLU's gradients (through the op's backward) against candle's composed silu·up.
@@ -688,5 +873,40 @@ fn attention_ds_cuda<T: gpu::Elem>(o: &AttentionDs, a: &Cs, al: &Layout, b: &Cs,
     let mut out = gpu::output::<T>(&dev, n)?;
     let k = k_len as i32;
     launch!(dev, "attention_ds", T::DTYPE, gpu::elementwise(n), &p, &dp, &row, &mut out, &n, &k, &o.scale);
+    Ok(Cs::wrap_cuda_slice(out, dev))
+}
+
+#[cfg(feature = "cuda")]
+fn adamw_moments_cuda<T: gpu::Elem>(o: &AdamMoments, a: &Cs, al: &Layout, b: &Cs, bl: &Layout, c: &Cs, cl: &Layout) -> CResult<Cs> {
+    let op = "fused-adamw-moments";
+    let dev = gpu::device(a);
+    let n = al.shape().elem_count();
+    let (g, m, v) = (gpu::view::<f32>(a, al, op)?, gpu::view::<f32>(b, bl, op)?, gpu::view::<f32>(c, cl, op)?);
+    let mut out = gpu::output::<f32>(&dev, 2 * n)?;
+    let h = &o.0;
+    launch!(dev, "adamw_moments", T::DTYPE, gpu::elementwise(n), &g, &m, &v, &mut out, &n, &h.b1, &h.one_minus_b1, &h.b2, &h.one_minus_b2);
+    Ok(Cs::wrap_cuda_slice(out, dev))
+}
+
+#[cfg(feature = "cuda")]
+fn adamw_param_cuda<T: gpu::Elem>(o: &AdamParam, a: &Cs, al: &Layout, b: &Cs, bl: &Layout) -> CResult<Cs> {
+    let op = "fused-adamw-param";
+    let dev = gpu::device(a);
+    let n = al.shape().elem_count();
+    let (p, mv) = (gpu::view::<f32>(a, al, op)?, gpu::view::<f32>(b, bl, op)?);
+    let mut out = gpu::output::<f32>(&dev, n)?;
+    let h = &o.0;
+    launch!(dev, "adamw_param", T::DTYPE, gpu::elementwise(n), &p, &mv, &mut out, &n, &h.decay, &h.inv_bc1, &h.inv_bc2, &h.eps, &h.lr);
+    Ok(Cs::wrap_cuda_slice(out, dev))
+}
+
+#[cfg(feature = "cuda")]
+fn dropout_cuda<T: gpu::Elem>(o: &Dropout, s: &Cs, l: &Layout) -> CResult<Cs> {
+    let dev = gpu::device(s);
+    let n = l.shape().elem_count();
+    let x = gpu::view::<T>(s, l, "fused-dropout")?;
+    let mut out = gpu::output::<T>(&dev, n)?;
+    let (threshold, scale) = dropout_params(o.p);
+    launch!(dev, "dropout", T::DTYPE, gpu::elementwise(n), &x, &mut out, &n, &o.seed, &threshold, &scale);
     Ok(Cs::wrap_cuda_slice(out, dev))
 }

@@ -367,27 +367,14 @@ impl TargetModules {
 }
 
 /// Inverted dropout with a reproducible mask drawn from `seed` (so a resumed run draws the
-/// same masks as an uninterrupted one).
+/// same masks as an uninterrupted one): [`crate::model::fused::dropout_mask`]'s. On a GPU the
+/// mask is drawn by the kernel itself, element by element, and not kept for the backward.
 pub fn dropout(xs: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    use rayon::prelude::*;
-    let n = xs.elem_count();
-    let keep = 1.0 - p;
-    let threshold = (p * u64::MAX as f64) as u64;
-    let scale = (1.0 / keep) as f32;
-    const CHUNK: usize = 4096;
-    let mut mask = vec![0f32; n];
-    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
-        let mut state = seed ^ (ci as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-        for m in chunk.iter_mut() {
-            // splitmix64
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            *m = if z >= threshold { scale } else { 0.0 };
-        }
-    });
+    use crate::model::fused;
+    if fused::active(xs) {
+        return Ok(fused::dropout(xs, p, seed)?);
+    }
+    let mask = fused::dropout_mask(xs.elem_count(), p, seed);
     let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
     Ok((xs * mask)?)
 }
