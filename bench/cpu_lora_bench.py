@@ -20,6 +20,7 @@ Anchor shapes:
   "$py" bench/cpu_lora_bench.py                                    # 4x256, r16, all 7 projections
   "$py" bench/cpu_lora_bench.py --batch 2 --seq 128 --rank 8 --targets q,v
   "$py" bench/cpu_lora_bench.py --batch 8 --seq 256 --gradient-checkpointing   # both sides checkpoint
+  "$py" bench/cpu_lora_bench.py --batch 8 --seq 256 --dropout 0.05              # LoRA dropout, both sides
 Options: --reference-only (PyTorch side alone), --write-results (append to bench/RESULTS.md),
 --tunebench PATH (default $TUNEBENCH_BIN or target/release/tunebench), --steps, --warmup.
 """
@@ -96,7 +97,7 @@ def make_batches(model_path: str, data_path: str, n_batches: int, batch: int, se
 
 
 def reference_train(model_path: str, batches_path: str, rank: int, alpha: float, targets, lr: float,
-                    warmup: int, steps: int, threads: int, checkpointing: bool = False) -> dict:
+                    warmup: int, steps: int, threads: int, checkpointing: bool = False, dropout: float = 0.0) -> dict:
     """The PyTorch + PEFT side (runs in its own process). Returns tokens/s, losses, step times."""
     import time
 
@@ -116,7 +117,7 @@ def reference_train(model_path: str, batches_path: str, rank: int, alpha: float,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                                              bias="none", task_type="CAUSAL_LM"))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -151,6 +152,7 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 * rank)")
+    ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout rate, both sides (default: %(default)s)")
     ap.add_argument("--targets", default="all-linear", help="all-linear, or a list such as q,v or q_proj,v_proj")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps (default: %(default)s)")
@@ -171,7 +173,7 @@ def main() -> int:
 
     if args.worker_reference:  # child process: the PyTorch side
         res = reference_train(args.model, args.batches, args.rank, alpha, targets, args.lr, args.warmup,
-                              args.steps, args.threads, args.gradient_checkpointing)
+                              args.steps, args.threads, args.gradient_checkpointing, args.dropout)
         res["peak_rss_bytes"] = tb.self_peak_rss_bytes()
         print(json.dumps(res))
         return 0
@@ -185,6 +187,8 @@ def main() -> int:
     make_batches(args.model, args.data, n_batches, args.batch, args.seq, args.seed, batches)
     mach = machine()
     shape = f"{args.batch}x{args.seq}, LoRA r{args.rank} alpha {alpha} on {','.join(t[:-5] for t in targets)}"
+    if args.dropout:
+        shape += f", dropout {args.dropout:g}"
     if args.gradient_checkpointing:
         shape += ", gradient checkpointing"
     print(f"shape: {shape}; {args.warmup} warm-up + {args.steps} timed steps; batches {batches}", file=sys.stderr)
@@ -196,7 +200,7 @@ def main() -> int:
     ref_argv = [sys.executable, os.path.abspath(__file__), "--worker-reference", "--model", args.model,
                 "--batches", batches, "--rank", str(args.rank), "--alpha", str(alpha), "--targets", ",".join(targets),
                 "--lr", str(args.lr), "--warmup", str(args.warmup), "--steps", str(args.steps),
-                "--threads", str(args.threads)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+                "--threads", str(args.threads), "--dropout", str(args.dropout)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
     r = tb.run_measured(ref_argv, stream_stderr=True).check("PyTorch reference")
     ref = parse_json_line(r.stdout, "PyTorch reference")
     tokens_per_step = args.batch * args.seq
@@ -208,7 +212,7 @@ def main() -> int:
         ours_targets = "all-linear" if targets == ALL_TARGETS else ",".join(targets)
         ours_argv = exe + ["bench-train", "--model", args.model, "--batches", batches, "--rank", str(args.rank),
                            "--alpha", str(alpha), "--targets", ours_targets, "--lr", str(args.lr),
-                           "--warmup-steps", str(args.warmup), "--steps", str(args.steps)]
+                           "--warmup-steps", str(args.warmup), "--steps", str(args.steps), "--dropout", str(args.dropout)]
         if args.gradient_checkpointing:
             ours_argv.append("--gradient-checkpointing")
         ours_cmd = shlex.join(ours_argv)
@@ -235,7 +239,8 @@ def main() -> int:
     print(f"\nCPU LoRA training, {shape}, {args.steps} timed steps, {mach['nproc']} cores ({mach['cpu']})")
     print("\n".join(lines))
     print(f"reference step times (s): {' '.join(f'{x:.2f}' for x in ref['step_seconds'])}")
-    if len(sides) == 2 and abs(sides[1][4][0] - sides[0][4][0]) > 1e-2:
+    # (With dropout the two sides draw different masks, so their losses differ.)
+    if len(sides) == 2 and not args.dropout and abs(sides[1][4][0] - sides[0][4][0]) > 1e-2:
         print("warning: first-step losses differ by more than 1e-2 although weights and batch are identical")
 
     if args.write_results:

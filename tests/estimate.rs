@@ -52,6 +52,15 @@ fn memory_prediction_is_within_15_percent_of_measured_peak() {
             c
         },
         {
+            // LoRA dropout: each target keeps its dropped input (the mask is drawn again in
+            // the backward, not kept).
+            let mut c = config("dropout", &data, 3, 200, 12, r#"["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]"#);
+            if let tunebench::peft::PeftConfig::Lora(l) = &mut c.peft {
+                l.lora_dropout = 0.1;
+            }
+            c
+        },
+        {
             // Mixed precision (bf16 base and activations) on the CPU's unfused ops.
             let mut c = config("bf16", &data, 3, 200, 12, r#"["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]"#);
             c.train.dtype = tunebench::train::config::Precision::Bf16;

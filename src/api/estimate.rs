@@ -204,15 +204,17 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
         .filter(|(n, _, _)| chosen.contains(n))
         .map(|(n, i, o)| {
             let (params, acts) = match peft {
-                // x·A (r), its B output and the sum with the frozen output.
+                // x·A (r), its B output and the sum with the frozen output; with dropout, the
+                // dropped copy of the input (kept for A's gradient; the mask is not kept).
                 // DoRA adds the magnitude vector (out) and the scaled sum (out) per token.
                 PeftConfig::Lora(l) | PeftConfig::Qlora(l) => {
                     let r = l.rank_and_scale(&n).0;
                     let dora = if l.use_dora { o } else { 0 };
-                    (r * (i + o) + dora, r + 2 * o + 2 * dora)
+                    let dropped = if l.lora_dropout > 0.0 { i } else { 0 };
+                    (r * (i + o) + dora, r + 2 * o + 2 * dora + dropped)
                 }
                 // P, Λ, Q at init_r (masked triplets stay trainable); activations as LoRA's.
-                PeftConfig::AdaLora(a) => (a.init_r * (i + o + 1), a.init_r + 2 * o),
+                PeftConfig::AdaLora(a) => (a.init_r * (i + o + 1), a.init_r + 2 * o + if a.lora_dropout > 0.0 { i } else { 0 }),
                 PeftConfig::Ia3(l) if l.feedforward_modules.iter().any(|f| n == *f || n.ends_with(&format!(".{f}"))) => (i, i),
                 PeftConfig::Ia3(_) => (o, o),
                 PeftConfig::Bitfit(_) => (o, o),

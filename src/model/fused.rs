@@ -537,21 +537,27 @@ fn dropout_params(p: f64) -> (u64, f32) {
 /// drawn from `seed` (splitmix64 streams of [`DROPOUT_CHUNK`] draws, in parallel). The kernel of
 /// [`dropout`] draws the same mask.
 pub fn dropout_mask(n: usize, p: f64, seed: u64) -> Vec<f32> {
+    let mut mask = vec![1f32; n];
+    dropout_in_place(&mut mask, p, seed);
+    mask
+}
+
+/// Multiplies `xs` by [`dropout_mask`]`(xs.len(), p, seed)` in place, drawing the mask as it
+/// goes (in parallel over the streams).
+fn dropout_in_place(xs: &mut [f32], p: f64, seed: u64) {
     use rayon::prelude::*;
     let (threshold, scale) = dropout_params(p);
-    let mut mask = vec![0f32; n];
-    mask.par_chunks_mut(DROPOUT_CHUNK).enumerate().for_each(|(ci, chunk)| {
+    xs.par_chunks_mut(DROPOUT_CHUNK).enumerate().for_each(|(ci, chunk)| {
         let mut state = seed ^ (ci as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-        for m in chunk.iter_mut() {
+        for x in chunk.iter_mut() {
             state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
             let mut z = state;
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^= z >> 31;
-            *m = if z >= threshold { scale } else { 0.0 };
+            *x *= if z >= threshold { scale } else { 0.0 };
         }
     });
-    mask
 }
 
 struct Dropout {
@@ -565,10 +571,9 @@ impl CustomOp1 for Dropout {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let x = cpu_values(s, l, "fused-dropout")?;
-        let mask = dropout_mask(x.len(), self.p, self.seed);
-        let out = x.iter().zip(&mask).map(|(x, m)| x * m).collect();
-        Ok((cpu_store(out, s.dtype(), "fused-dropout")?, l.shape().clone()))
+        let mut x = cpu_values(s, l, "fused-dropout")?;
+        dropout_in_place(&mut x, self.p, self.seed);
+        Ok((cpu_store(x, s.dtype(), "fused-dropout")?, l.shape().clone()))
     }
 
     cuda_fwd1!(dropout_cuda, same_shape);
@@ -579,8 +584,9 @@ impl CustomOp1 for Dropout {
     }
 }
 
-/// Inverted dropout of `xs` at rate `p` with [`dropout_mask`]`(n, p, seed)`'s mask, drawn by the
-/// kernel (its backward draws it again: nothing of the mask's size is kept).
+/// Inverted dropout of `xs` (f32, bf16 or f16, any device) at rate `p` with
+/// [`dropout_mask`]`(n, p, seed)`'s mask, drawn by the kernel or, on the CPU, its twin; the
+/// backward draws it again, so nothing of the mask's size is kept.
 pub fn dropout(xs: &Tensor, p: f64, seed: u64) -> CResult<Tensor> {
     if !(0.0..1.0).contains(&p) {
         candle_core::bail!("fused-dropout: rate {p} outside [0, 1)");

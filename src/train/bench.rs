@@ -79,6 +79,8 @@ pub struct BenchOptions<'a> {
     pub rank: usize,
     /// LoRA alpha.
     pub alpha: f64,
+    /// LoRA dropout rate.
+    pub dropout: f64,
     /// LoRA targets.
     pub targets: &'a [&'a str],
     /// Constant learning rate.
@@ -122,7 +124,12 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
     };
     let source = batches_file.map(|f| f.display().to_string()).unwrap_or_else(|| "random batches".into());
     let (n, b, s) = ids.dims3().map_err(|_| Error::Msg(format!("{source}: `input_ids` must be [n_batches, batch, seq]")))?;
-    let adapter = Adapter::inject(&mut model, &RunConfig::lora(o.rank, o.alpha, o.targets), 0)?;
+    let mut peft = RunConfig::lora(o.rank, o.alpha, o.targets);
+    if let crate::peft::PeftConfig::Lora(l) = &mut peft {
+        l.lora_dropout = o.dropout;
+    }
+    peft.validate()?;
+    let adapter = Adapter::inject(&mut model, &peft, 0)?;
     let mut opt = AdamW::new(adapter.trainable(), AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })?;
     let vars = adapter.trainable();
     let train = super::config::TrainSection { gradient_checkpointing: o.gradient_checkpointing, loss_chunk: 256, grad_accum: 1, dtype: o.dtype, ..Default::default() };

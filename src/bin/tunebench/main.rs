@@ -277,6 +277,9 @@ enum Cmd {
         /// Alpha.
         #[arg(long, default_value_t = 32.0)]
         alpha: f64,
+        /// LoRA dropout rate.
+        #[arg(long, default_value_t = 0.0)]
+        dropout: f64,
         /// Comma-separated module names, or all-linear.
         #[arg(long, default_value = "all-linear")]
         targets: String,
@@ -750,7 +753,7 @@ fn run(cli: Cli) -> Result<()> {
                 return Err(Error::Msg(format!("{failed} of {} op checks failed", checks.len())));
             }
         }
-        Cmd::BenchTrain { model, shape, batches, batch, seq, device, gradient_checkpointing, dtype, rank, alpha, targets, lr, warmup_steps, steps } => {
+        Cmd::BenchTrain { model, shape, batches, batch, seq, device, gradient_checkpointing, dtype, rank, alpha, dropout, targets, lr, warmup_steps, steps } => {
             use tunebench::train::bench::{self, BenchModel, BenchOptions};
             let path = model_path(model);
             let which = match &shape {
@@ -759,7 +762,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let targets = targets_of(&targets);
             let dtype: tunebench::train::config::Precision = dtype.parse().map_err(|e| Error::Msg(format!("--dtype: {e}")))?;
-            let o = BenchOptions { rank, alpha, targets: &targets, lr, warmup: warmup_steps, steps, device: &device, gradient_checkpointing, dtype };
+            let o = BenchOptions { rank, alpha, dropout, targets: &targets, lr, warmup: warmup_steps, steps, device: &device, gradient_checkpointing, dtype };
             let r = bench::run(which, batches.as_deref(), (batch, seq), &o)?;
             println!("{}", serde_json::to_string(&r).map_err(|e| Error::Msg(e.to_string()))?);
         }
