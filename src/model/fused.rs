@@ -345,6 +345,10 @@ pub fn rms_norm_input_grad(x: &Tensor, w: &Tensor, eps: f64, g: &Tensor) -> CRes
     if x.elem_count() == 0 {
         return x.zeros_like();
     }
+    let n = x.dim(candle_core::D::Minus1)?;
+    if w.dims() != [n] || g.shape() != x.shape() {
+        candle_core::bail!("fused-rms-norm-grad: input {:?}, weight {:?}, gradient {:?}", x.dims(), w.dims(), g.dims());
+    }
     let w = w.to_dtype(x.dtype())?.contiguous()?;
     let g = g.to_dtype(x.dtype())?.contiguous()?;
     x.contiguous()?.apply_op3_no_bwd(&g, &w, &RmsNormGrad { eps: eps as f32 })
