@@ -14,6 +14,8 @@
 #          (tunebench check-ops: f32, bf16, f16);
 #          correctness: the same tiny random-init LoRA run on the GPU and on the CPU, f32, bf16 and
 #          f16 (loss-scaled), with and without checkpointing — the GPU's losses must follow the CPU's;
+#          inference: the same tiny model's logits on both, full-sequence and token by token
+#          through the KV cache (tunebench logits --decode); our kernels against candle's ops;
 #       3. bench/gpu_bench.py on the issue's shapes (--write-results), both sides;
 #       writes everything (log, RESULTS section) to $OUT (or ./gpu-out).
 #
@@ -87,6 +89,23 @@ PY
   done
 done
 
+echo "== inference on $DEVICE against the CPU (tiny shape, random weights; full-sequence and token-by-token logits)"
+echo '[[1, 5, 9, 200, 31, 7, 7, 300, 12, 0, 45, 99, 4, 4, 17, 256]]' > "$OUT/ids.json"
+for mode in "" --decode; do
+  "$bin" logits --shape tiny --tokens "$OUT/ids.json" --out "$OUT/logits-cpu.safetensors" --device cpu $mode
+  "$bin" logits --shape tiny --tokens "$OUT/ids.json" --out "$OUT/logits-dev.safetensors" --device "$DEVICE" $mode
+  "$py" - "$OUT" "${mode:-full}" <<'PY' || fail=1
+import sys
+from safetensors.numpy import load_file
+out, mode = sys.argv[1], sys.argv[2]
+a, b = load_file(f"{out}/logits-cpu.safetensors")["logits.0"], load_file(f"{out}/logits-dev.safetensors")["logits.0"]
+err = float(abs(a - b).max() / abs(a).max())
+ok = err <= 1e-4 and a.shape == b.shape
+print(f"logits {mode:8} relative difference {err:.2e} (limit 1e-4) {'ok' if ok else 'FAILED'}")
+sys.exit(0 if ok else 1)
+PY
+done
+rm -f "$OUT"/logits-*.safetensors
 if [ "$DEVICE" != cpu ] && [ "${TUNEBENCH_FUSED_KERNELS:-1}" != 0 ]; then
   echo "== our fused kernels against candle's ops (SmolLM2-135M shape, bf16, ${batch}x${seq}, tokens/s)"
   for fused in 1 0; do

@@ -132,3 +132,37 @@ samples = 0
     let e = fails(home, &["chat", "-p", "hi"]);
     assert!(e.contains("does not exist"), "the default model of an empty app dir is missing: {e}");
 }
+
+/// `tunebench logits`: a random-init shape's full-sequence logits equal the ones generation
+/// computes token by token through the KV cache (`--decode`) — the pair `bench/gpu_session.sh`
+/// compares between a GPU and the CPU; bad ids and a device this build lacks fail clearly.
+#[test]
+fn logits_full_and_token_by_token_agree() {
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    let ids = home.join("ids.json");
+    std::fs::write(&ids, "[[1, 5, 9, 200, 31, 7, 7, 300, 12, 0, 45, 99], [3, 4]]").unwrap();
+    let read = |name: &str, extra: &[&str]| {
+        let out = home.join(name);
+        let mut args = vec!["logits", "--shape", "tiny", "--tokens", ids.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        ok(home, &args);
+        candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap()
+    };
+    let (full, decoded) = (read("full.safetensors", &[]), read("decoded.safetensors", &["--decode", "--device", "cpu"]));
+    for k in ["logits.0", "logits.1"] {
+        let (a, b) = (&full[k], &decoded[k]);
+        assert_eq!(a.dims(), b.dims(), "{k}");
+        assert_eq!(a.dim(1).unwrap(), 512, "{k}: the tiny shape's vocabulary");
+        let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-5 * scale, "{k}: {diff} of {scale}");
+    }
+    std::fs::write(&ids, "[[1, 999]]").unwrap();
+    let e = fails(home, &["logits", "--shape", "tiny", "--tokens", ids.to_str().unwrap(), "--out", home.join("x").to_str().unwrap()]);
+    assert!(e.contains("ids.json") && e.contains("token 999 outside the vocabulary of 512"), "{e}");
+    if !tunebench::device::CUDA_BUILD {
+        let e = fails(home, &["logits", "--shape", "tiny", "--tokens", ids.to_str().unwrap(), "--out", "x", "--device", "cuda:0"]);
+        assert!(e.contains("without CUDA support"), "{e}");
+    }
+}

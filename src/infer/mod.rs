@@ -270,6 +270,18 @@ pub fn sequence_logits(model: &Llama, ids: &[u32]) -> Result<Tensor> {
     Ok(model.lm_head.forward(&h, &ctx)?.squeeze(0)?.to_dtype(DType::F32)?.contiguous()?)
 }
 
+/// The same logits as [`sequence_logits`], computed the way generation does: the first token,
+/// then every next one alone through the growing KV cache (the decode path's check on a new
+/// device).
+pub fn decoded_logits(model: &Llama, ids: &[u32]) -> Result<Tensor> {
+    let mut cache = KvCache::default();
+    let mut rows = Vec::with_capacity(ids.len());
+    for &id in ids {
+        rows.extend(step(model, &[id], &mut cache)?);
+    }
+    Ok(Tensor::from_vec(rows, (ids.len(), model.config().vocab_size), &candle_core::Device::Cpu)?)
+}
+
 /// Index of the largest value in a 1-D tensor.
 pub fn argmax(t: &Tensor) -> Result<u32> {
     Ok(t.argmax(D::Minus1)?.to_scalar::<u32>()?)

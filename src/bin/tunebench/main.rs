@@ -135,11 +135,21 @@ enum Cmd {
     /// f32 [seq, vocab]); used by the PEFT interop check.
     Logits {
         /// Model: a .gguf file or HF folder.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "shape")]
         model: Option<PathBuf>,
-        /// PEFT adapter folder to apply.
+        /// Instead of a model: a benchmark shape with seeded random weights (tiny,
+        /// smollm2-135m, ...), as `bench-train --shape` builds it.
         #[arg(long)]
+        shape: Option<String>,
+        /// PEFT adapter folder to apply.
+        #[arg(long, conflicts_with = "shape")]
         adapter: Option<PathBuf>,
+        /// Where to run: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Compute each row as generation does: one token at a time through the KV cache.
+        #[arg(long)]
+        decode: bool,
         /// JSON file: a list of lists of token ids.
         #[arg(long)]
         tokens: PathBuf,
@@ -632,13 +642,25 @@ fn run(cli: Cli) -> Result<()> {
             let g = tunebench::infer::generate_text(&m.model, &m.tokenizer, enc.get_ids(), &opts, None, |_| {})?;
             println!("{}", g.text);
         }
-        Cmd::Logits { model, adapter, tokens, out } => {
-            let m = load_with_adapter(model, adapter.as_deref())?;
+        Cmd::Logits { model, shape, adapter, device, decode, tokens, out } => {
+            let dev = tunebench::device::open(&device, "--device")?;
+            let m = match &shape {
+                Some(s) => model::Llama::random(tunebench::train::bench::shape_config(s)?, 0, &dev)?,
+                None => attach(model::load(&model_path(model), &dev)?, adapter.as_deref())?.model,
+            };
             let text = std::fs::read_to_string(&tokens).map_err(|e| Error::io(&tokens, e))?;
             let seqs: Vec<Vec<u32>> = serde_json::from_str(&text).map_err(|e| Error::bad_input(&tokens, Some(e.line()), e.to_string()))?;
+            let vocab = m.config().vocab_size;
             let mut map = std::collections::HashMap::new();
             for (i, s) in seqs.iter().enumerate() {
-                map.insert(format!("logits.{i}"), tunebench::infer::sequence_logits(&m.model, s)?);
+                if s.is_empty() {
+                    return Err(Error::bad_input(&tokens, None, format!("sequence {i} is empty")));
+                }
+                if let Some(bad) = s.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(Error::bad_input(&tokens, None, format!("sequence {i}: token {bad} outside the vocabulary of {vocab}")));
+                }
+                let logits = if decode { tunebench::infer::decoded_logits(&m, s)? } else { tunebench::infer::sequence_logits(&m, s)? };
+                map.insert(format!("logits.{i}"), logits.to_device(&candle_core::Device::Cpu)?);
             }
             candle_core::safetensors::save(&map, &out)?;
         }
