@@ -164,5 +164,11 @@ fn logits_full_and_token_by_token_agree() {
     if !tunebench::device::CUDA_BUILD {
         let e = fails(home, &["logits", "--shape", "tiny", "--tokens", ids.to_str().unwrap(), "--out", "x", "--device", "cuda:0"]);
         assert!(e.contains("without CUDA support"), "{e}");
+        for args in [&["generate", "--prompt", "Hi", "--device", "cuda:1"][..], &["eval", "--device", "cuda"]] {
+            let e = fails(home, args);
+            assert!(e.contains("without CUDA support"), "{args:?}: {e}");
+        }
     }
+    let e = fails(home, &["generate", "--prompt", "Hi", "--device", "tpu"]);
+    assert!(e.contains("--device") && e.contains("tpu"), "{e}");
 }

@@ -105,6 +105,9 @@ enum Cmd {
         /// Print every answer.
         #[arg(long)]
         verbose: bool,
+        /// Without --run: where to run (cpu, cuda or cuda:N).
+        #[arg(long, default_value = "cpu", conflicts_with = "run")]
+        device: String,
     },
     /// Inspect a model file or folder.
     Model {
@@ -128,6 +131,9 @@ enum Cmd {
         /// Longest answer in tokens.
         #[arg(long, default_value_t = 128)]
         max_tokens: usize,
+        /// Where to run: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
         #[command(flatten)]
         sampling: chat::SamplingArgs,
     },
@@ -427,15 +433,6 @@ fn model_path(p: Option<PathBuf>) -> PathBuf {
     p.unwrap_or_else(tunebench::paths::default_model)
 }
 
-fn load_with_adapter(path: Option<PathBuf>, adapter: Option<&Path>) -> Result<LoadedModel> {
-    attach(model::load(&model_path(path), &Device::Cpu)?, adapter)
-}
-
-/// Like [`load_with_adapter`], keeping a GGUF file's weights quantized (for generation).
-fn load_quantized_with_adapter(path: Option<PathBuf>, adapter: Option<&Path>) -> Result<LoadedModel> {
-    attach(model::load_quantized(&model_path(path), &Device::Cpu)?, adapter)
-}
-
 fn attach(mut m: LoadedModel, adapter: Option<&Path>) -> Result<LoadedModel> {
     if let Some(a) = adapter {
         Adapter::load(&mut m.model, a)?;
@@ -592,8 +589,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval { run: Some(run_id), checkpoint, data, limit, json, max_tokens, verbose, .. } => {
             runs::cmd_eval_run(run_id, checkpoint, data, limit, max_tokens.unwrap_or(128), json, verbose)?
         }
-        Cmd::Eval { model, adapter, prompts, max_tokens, verbose, .. } => {
-            let m = load_with_adapter(model, adapter.as_deref())?;
+        Cmd::Eval { model, adapter, prompts, max_tokens, verbose, device, .. } => {
+            let dev = tunebench::device::open(&device, "--device")?;
+            let m = attach(model::load(&model_path(model), &dev)?, adapter.as_deref())?;
             let template = train::trainer::template_for(&m)?;
             let path = prompts.unwrap_or_else(|| tunebench::paths::assets_dir().join("datasets/persona/eval.jsonl"));
             let ps = heldout::read_prompts(&path)?;
@@ -630,8 +628,9 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Model { cmd: ModelCmd::Download { repo, file, revision } } => runs::cmd_download(&repo, file, revision)?,
-        Cmd::Generate { model, adapter, prompt, raw, max_tokens, sampling } => {
-            let m = load_quantized_with_adapter(model, adapter.as_deref())?;
+        Cmd::Generate { model, adapter, prompt, raw, max_tokens, device, sampling } => {
+            let dev = tunebench::device::open(&device, "--device")?;
+            let m = attach(model::load_quantized(&model_path(model), &dev)?, adapter.as_deref())?;
             let text = if raw {
                 prompt
             } else {
