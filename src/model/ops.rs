@@ -776,7 +776,7 @@ impl CustomOp1 for LinearCrossEntropy {
 /// dropped at once; the gradient for `hs` is computed in the same pass (Liger-style), so the
 /// (n, vocab) logits never stay in memory and need no composed log-softmax backward.
 pub fn linear_cross_entropy(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize) -> CResult<Tensor> {
-    check_targets(targets, w.dim(0)?)?;
+    check_targets(hs, targets, w.dim(0)?)?;
     if use_fused(hs) && hs.track_op() && !fused::active(hs) {
         let op = LinearCrossEntropy { w: w.clone(), targets: targets.to_vec(), chunk, dh: Default::default() };
         return hs.contiguous()?.apply_op1(op);
@@ -786,15 +786,15 @@ pub fn linear_cross_entropy(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usi
     }
     // Composed path (other devices/dtypes, and no-grad evaluation), chunk by chunk.
     let n = hs.dim(0)?;
+    // The fused kernels read the targets on the device: copied there once, not per chunk.
+    let on_device = if fused::active(hs) { Some(Tensor::from_slice(targets, targets.len(), hs.device())?) } else { None };
     let mut parts = Vec::new();
     for start in (0..n).step_by(chunk.max(1)) {
         let rows = chunk.max(1).min(n - start);
         let logits = frozen_linear(&hs.narrow(0, start, rows)?, w)?;
-        let t = &targets[start..start + rows];
-        parts.push(if fused::active(&logits) {
-            fused::cross_entropy_loss(&logits, &Tensor::from_slice(t, rows, logits.device())?)?
-        } else {
-            cross_entropy_rows(&logits, t)?
+        parts.push(match &on_device {
+            Some(t) => fused::cross_entropy_loss(&logits, &t.narrow(0, start, rows)?)?,
+            None => cross_entropy_rows(&logits, &targets[start..start + rows])?,
         });
     }
     Tensor::cat(&parts, 0)
@@ -808,15 +808,17 @@ pub fn linear_cross_entropy(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usi
 /// with respect to `hs` is `dh`. Memory: one chunk of logits at a time plus `dh` (n, hidden),
 /// never the (n, vocab) logits PyTorch keeps without a fused kernel.
 pub fn linear_cross_entropy_chunked(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize) -> CResult<Tensor> {
-    check_targets(targets, w.dim(0)?)?;
+    check_targets(hs, targets, w.dim(0)?)?;
     let n = hs.dim(0)?;
     let dtype = if hs.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
     let h = hs.detach();
     let wd = w.detach();
     let (mut losses, mut grads) = (Vec::new(), Vec::new());
+    // The targets on the device, copied once (one host-to-device transfer per loss, not per chunk).
+    let all_targets = Tensor::from_slice(targets, targets.len(), hs.device())?;
     for start in (0..n).step_by(chunk.max(1)) {
         let rows = chunk.max(1).min(n - start);
-        let t = Tensor::from_slice(&targets[start..start + rows], rows, hs.device())?;
+        let t = all_targets.narrow(0, start, rows)?;
         if fused::active(&h) {
             // One kernel for the rows' losses and log-sum-exps, one for softmax − onehot in
             // the logits' (the weight's) dtype.
@@ -849,8 +851,12 @@ pub fn linear_cross_entropy_chunked(hs: &Tensor, w: &Tensor, targets: &[u32], ch
     (loss + tracked)? - constant
 }
 
-/// Every target inside the vocabulary (the fused kernels index the logits by them).
-fn check_targets(targets: &[u32], vocab: usize) -> CResult<()> {
+/// One target per row of `hs`, each inside the vocabulary (the fused kernels index the logits
+/// by them).
+fn check_targets(hs: &Tensor, targets: &[u32], vocab: usize) -> CResult<()> {
+    if targets.len() != hs.dim(0)? {
+        candle_core::bail!("cross-entropy: {} targets for {} rows", targets.len(), hs.dim(0)?);
+    }
     match targets.iter().find(|&&t| t as usize >= vocab) {
         Some(t) => candle_core::bail!("cross-entropy: target {t} outside the vocabulary of {vocab}"),
         None => Ok(()),
