@@ -114,6 +114,14 @@ fn parameter_counts_follow_the_lora_formula() {
     assert_eq!(e.total_params, 134_515_008, "SmolLM2-135M (tied embeddings)");
     assert_eq!(e.seq_len, 64, "batches are padded to the longest example, not max_len");
     assert!(e.memory.total_bytes_checkpointed < e.memory.total_bytes);
+    // A GPU run is told the estimate is the CPU's, and not that bf16 is slow on the CPU.
+    let mut gpu = rc.clone();
+    (gpu.train.device, gpu.train.dtype) = ("cuda:0".into(), tunebench::train::config::Precision::Bf16);
+    let w = estimate::estimate(&gpu, &model, Some(100), Some(64)).unwrap().warnings.join("\n");
+    assert!(w.contains("train.device = \"cuda:0\"") && w.contains("calibrated on the CPU") && !w.contains("meant for GPUs"), "{w}");
+    gpu.train.device = "cpu".into();
+    let w = estimate::estimate(&gpu, &model, Some(100), Some(64)).unwrap().warnings.join("\n");
+    assert!(w.contains("meant for GPUs") && !w.contains("calibrated on the CPU"), "{w}");
     // A bad target is a config error naming the key.
     rc.peft = RunConfig::lora(8, 16.0, &["qq_proj"]);
     let err = estimate::estimate(&rc, &model, None, None).unwrap_err().to_string();

@@ -31,6 +31,9 @@
 //! Time: matmul FLOPs of forward + backward (frozen weights get only the input gradient)
 //! divided by this machine's measured f32 matmul rate, times an overhead factor for the
 //! non-matmul ops.
+//!
+//! All of it is calibrated on the CPU; a run on a GPU (`train.device` = `cuda…`, or `auto` in a
+//! CUDA build) is told so in the warnings (the GPU case is issue 7's, to be measured there).
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -370,7 +373,19 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         ((t.epochs * micro as f64) / t.grad_accum as f64).ceil() as u64
     };
     let mut warnings = Vec::new();
-    if let Some(ram) = machine_ram_bytes() {
+    // A GPU run: `cuda`/`cuda:N`, or `auto` in a CUDA build (without opening the device).
+    let on_gpu = match crate::device::DeviceChoice::parse(&cfg.train.device, "train.device")? {
+        crate::device::DeviceChoice::Cuda(_) => true,
+        crate::device::DeviceChoice::Auto => crate::device::CUDA_BUILD,
+        crate::device::DeviceChoice::Cpu => false,
+    };
+    if on_gpu {
+        warnings.push(format!(
+            "train.device = \"{}\": this estimate is calibrated on the CPU (peak RSS, this machine's f32 matmul rate); on a GPU its memory is a rough guide to GPU memory and its time does not apply",
+            cfg.train.device
+        ));
+    }
+    if let Some(ram) = machine_ram_bytes().filter(|_| !on_gpu) {
         if total_bytes > ram * 9 / 10 {
             warnings.push(format!(
                 "predicted peak memory {:.1} GiB is close to or above this machine's {:.1} GiB: lower train.batch_size or data.max_len",
@@ -379,7 +394,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
             ));
         }
     }
-    if half {
+    if half && !on_gpu {
         warnings.push(format!(
             "train.dtype = \"{}\" is meant for GPUs: on the CPU it takes {} the time of f32 (the CPU's fast kernels are f32), for about two thirds of the memory",
             cfg.train.dtype.name(),
