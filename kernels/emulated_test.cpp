@@ -4,8 +4,12 @@
 // block, widths that are not multiples of 32, a grid capped below the element count. Each
 // result is held to a double-precision reference computed here from the same (rounded)
 // inputs. Prints one line per kernel and dtype; exits 1 when one is off.
+// The dequantization kernels are held to another implementation: given a folder, for each
+// format F it reads F.blocks (quantized blocks written by candle) and F.f32 (candle's CPU
+// dequantization of them, little-endian f32) and checks the kernel against those values.
 // Built and run by tests/cuda_kernels_emulated.rs:
 //   c++ -std=c++20 -O1 -pthread -DTB_HOST_EMULATION kernels/emulated_test.cpp -o emulated_test
+//   ./emulated_test [FOLDER]
 
 #include <cstdio>
 #include <random>
@@ -229,9 +233,63 @@ void adamw() {
     report("adamw_param", "f32", step, want_step, 1e-4);
 }
 
+std::vector<uint8_t> read_file(const std::string& path) {
+    std::vector<uint8_t> bytes;
+    if (FILE* f = std::fopen(path.c_str(), "rb")) {
+        uint8_t buf[65536];
+        for (size_t got; (got = std::fread(buf, 1, sizeof buf, f)) > 0;) bytes.insert(bytes.end(), buf, buf + got);
+        std::fclose(f);
+    }
+    return bytes;
+}
+
+// One format's blocks through its kernel in one dtype (a grid capped at 3 blocks, so the
+// grid-stride loop crosses block boundaries), against candle's values rounded to the dtype.
+template <typename T> void dequant(const char* kernel, const char* dtype, void (*run)(const uint8_t*, T*, size_t),
+                                   const std::vector<uint8_t>& blocks, const std::vector<float>& want_f32, double limit) {
+    const size_t n = want_f32.size();
+    std::vector<double> want(n);
+    for (size_t i = 0; i < n; ++i) want[i] = value(make<T>(want_f32[i]));
+    std::vector<T> out(n, make<T>(NAN));
+    emu::launch(3, 256, [&] { run(blocks.data(), out.data(), n); });
+    report(kernel, dtype, out, want, limit);
+}
+
+void dequant_all(const std::string& dir) {
+    struct Format {
+        const char* name;
+        void (*f32)(const uint8_t*, float*, size_t);
+        void (*f16)(const uint8_t*, __half*, size_t);
+        void (*bf16)(const uint8_t*, __nv_bfloat16*, size_t);
+    };
+    const Format formats[] = {
+        {"q4_0", tb_dequant_q4_0_f32, tb_dequant_q4_0_f16, tb_dequant_q4_0_bf16},
+        {"q4_1", tb_dequant_q4_1_f32, tb_dequant_q4_1_f16, tb_dequant_q4_1_bf16},
+        {"q8_0", tb_dequant_q8_0_f32, tb_dequant_q8_0_f16, tb_dequant_q8_0_bf16},
+        {"q4k", tb_dequant_q4k_f32, tb_dequant_q4k_f16, tb_dequant_q4k_bf16},
+    };
+    for (const auto& f : formats) {
+        const auto blocks = read_file(dir + "/" + f.name + ".blocks");
+        const auto raw = read_file(dir + "/" + f.name + ".f32");
+        if (blocks.empty() || raw.empty() || raw.size() % 4 != 0) {
+            std::printf("dequant_%s: cannot read %s/%s.blocks and .f32\n", f.name, dir.c_str(), f.name);
+            ++failures;
+            continue;
+        }
+        std::vector<float> want(raw.size() / 4);
+        std::memcpy(want.data(), raw.data(), raw.size());
+        const std::string kernel = std::string("dequant_") + f.name;
+        // f32: candle's arithmetic (an FMA may round once where it rounds twice); f16, bf16:
+        // the same value rounded to the dtype, where the one ulp of f32 may tip a tie.
+        dequant<float>(kernel.c_str(), "f32", f.f32, blocks, want, 1e-6);
+        dequant<__half>(kernel.c_str(), "f16", f.f16, blocks, want, 1e-3);
+        dequant<__nv_bfloat16>(kernel.c_str(), "bf16", f.bf16, blocks, want, 8e-3);
+    }
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
     std::printf("%-16s %-5s %10s %8s\n", "kernel", "dtype", "rel.error", "limit");
     // The results are rounded once to the dtype: half an ulp of f32, f16 (2^-11), bf16 (2^-8),
     // relative to the largest value, with room for f32 sums.
@@ -242,6 +300,7 @@ int main() {
     run_all<__nv_bfloat16>("bf16", 8e-3, tb_swiglu_fwd_bf16, tb_swiglu_bwd_bf16, tb_rmsnorm_bwd_bf16, tb_causal_softmax_bf16,
                            tb_ce_stats_bf16, tb_ce_grad_bf16, tb_attention_ds_bf16, tb_dropout_bf16);
     adamw();
+    if (argc > 1) dequant_all(argv[1]);
     std::printf("%d failed\n", failures);
     return failures == 0 ? 0 : 1;
 }

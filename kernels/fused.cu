@@ -24,7 +24,12 @@
 //   adamw_moments / adamw_param
 //                             one AdamW step of one f32 variable in two launches (was ~16
 //                             tensor ops per variable: thousands of launches per step with
-//                             LoRA on every projection of a 1B model).
+//                             LoRA on every projection of a 1B model);
+//   dequant_{q4_0,q4_1,q8_0,q4k}
+//                             a frozen weight held as quantized blocks (QLoRA's base) to the
+//                             activations' dtype in one pass, for each product that needs it
+//                             (was candle's dequantize to f32, then a cast: two passes and an
+//                             f32 copy of the weight).
 
 #ifdef TB_HOST_EMULATION
 // kernels/host_emulation.hpp runs these kernels on the CPU, one std::thread per CUDA thread
@@ -213,6 +218,64 @@ extern "C" __global__ void tb_adamw_param_f32(const float* p, const float* mv, f
     }
 }
 
+// ---- Quantized blocks to dense values (llama.cpp's block formats, as candle stores them) ----
+// Value i of a weight is computed from its block alone, so the kernels are elementwise; the
+// headers a warp re-reads come from the cache.
+
+__device__ __forceinline__ float f16_at(const uint8_t* p) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(p[0] | (p[1] << 8))));
+}
+
+// Q4_0, 18 bytes per 32 values: f16 scale d, then 16 bytes of nibbles (value j < 16 in the low
+// nibble of byte j, value j ≥ 16 in the high nibble of byte j − 16); w = d·(q − 8).
+__device__ __forceinline__ float q4_0_at(const uint8_t* blocks, size_t i) {
+    const uint8_t* b = blocks + (i / 32) * 18;
+    const unsigned j = i % 32;
+    const int q = j < 16 ? (b[2 + j] & 0xF) : (b[2 + j - 16] >> 4);
+    return f16_at(b) * static_cast<float>(q - 8);
+}
+
+// Q4_1, 20 bytes per 32 values: f16 scale d, f16 minimum m, then nibbles as Q4_0; w = d·q + m.
+__device__ __forceinline__ float q4_1_at(const uint8_t* blocks, size_t i) {
+    const uint8_t* b = blocks + (i / 32) * 20;
+    const unsigned j = i % 32;
+    const int q = j < 16 ? (b[4 + j] & 0xF) : (b[4 + j - 16] >> 4);
+    return f16_at(b) * static_cast<float>(q) + f16_at(b + 2);
+}
+
+// Q8_0, 34 bytes per 32 values: f16 scale d, then 32 signed bytes; w = d·q.
+__device__ __forceinline__ float q8_0_at(const uint8_t* blocks, size_t i) {
+    const uint8_t* b = blocks + (i / 32) * 34;
+    return f16_at(b) * static_cast<float>(static_cast<int8_t>(b[2 + i % 32]));
+}
+
+// Q4_K, 144 bytes per 256 values: f16 d, f16 dmin, 12 bytes packing eight 6-bit scales and
+// minimums (one pair per sub-block of 32), then 128 bytes of nibbles. Sub-block s takes the low
+// (s even) or high (s odd) nibbles of bytes 32·(s/2) … 32·(s/2)+31; w = (d·sc_s)·q − dmin·m_s.
+__device__ __forceinline__ float q4k_at(const uint8_t* blocks, size_t i) {
+    const uint8_t* b = blocks + (i / 256) * 144;
+    const uint8_t* packed = b + 4;
+    const unsigned k = i % 256, s = k / 32;
+    unsigned sc, m;
+    if (s < 4) {
+        sc = packed[s] & 63;
+        m = packed[s + 4] & 63;
+    } else {
+        sc = (packed[s + 4] & 0xF) | ((packed[s - 4] >> 6) << 4);
+        m = (packed[s + 4] >> 4) | ((packed[s] >> 6) << 4);
+    }
+    const uint8_t byte = b[16 + (s / 2) * 32 + k % 32];
+    const unsigned q = (s & 1) ? (byte >> 4) : (byte & 0xF);
+    const float scale = f16_at(b) * static_cast<float>(sc), min = f16_at(b + 2) * static_cast<float>(m);
+    return scale * static_cast<float>(q) - min;
+}
+
+// tb_dequant_<format>_<dtype>(blocks, out, n): the first n values of a block-quantized weight.
+#define TB_DEQUANT(FORMAT, T, SUFFIX)                                                                                  \
+    extern "C" __global__ void tb_dequant_##FORMAT##_##SUFFIX(const uint8_t* blocks, T* out, size_t n) {             \
+        for (size_t i = first_index(); i < n; i += grid_stride()) out[i] = store<T>(FORMAT##_at(blocks, i));           \
+    }
+
 #define TB_KERNELS(T, SUFFIX)                                                                                          \
     extern "C" __global__ void tb_swiglu_fwd_##SUFFIX(const T* g, const T* u, T* out, size_t n) {                    \
         swiglu_fwd<T>(g, u, out, n);                                                                                   \
@@ -242,7 +305,11 @@ extern "C" __global__ void tb_adamw_param_f32(const float* p, const float* mv, f
     extern "C" __global__ void tb_dropout_##SUFFIX(const T* x, T* out, size_t n, uint64_t seed, uint64_t threshold,   \
                                                    float scale) {                                                      \
         dropout<T>(x, out, n, seed, threshold, scale);                                                                 \
-    }
+    }                                                                                                                  \
+    TB_DEQUANT(q4_0, T, SUFFIX)                                                                                        \
+    TB_DEQUANT(q4_1, T, SUFFIX)                                                                                        \
+    TB_DEQUANT(q8_0, T, SUFFIX)                                                                                        \
+    TB_DEQUANT(q4k, T, SUFFIX)
 
 TB_KERNELS(float, f32)
 TB_KERNELS(__half, f16)

@@ -55,6 +55,8 @@ inline __half __float2half_rn(float x) {
     return h;
 }
 
+inline __half __ushort_as_half(unsigned short bits) { return {bits}; }
+
 inline float __bfloat162float(__nv_bfloat16 b) {
     const uint32_t u = static_cast<uint32_t>(b.bits) << 16;
     float f;

@@ -243,8 +243,10 @@ fn detached_half_causal_softmax_matches_composed() {
 #[test]
 fn op_checks_pass_on_the_cpu() {
     let checks = tunebench::model::opcheck::run(&Device::Cpu).unwrap();
-    assert!(checks.len() >= 42, "{}", checks.len());
-    assert!(checks.iter().filter(|c| c.op.ends_with("[fused, forced]")).count() >= 21, "the fused twins run too");
+    assert!(checks.len() >= 66, "{}", checks.len());
+    assert!(checks.iter().filter(|c| c.op.ends_with("[fused, forced]")).count() >= 33, "the fused twins run too");
+    let blocks = checks.iter().filter(|c| c.op.starts_with("frozen_linear_blocks")).count();
+    assert_eq!(blocks, 24, "four block formats, three dtypes, plain and forced");
     for c in &checks {
         assert!(c.ok(), "{c:?}");
     }

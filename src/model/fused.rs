@@ -16,7 +16,9 @@
 //! * [`dropout`]: inverted dropout whose mask the kernel draws from the seed and the element's
 //!   index — [`dropout_mask`]'s stream, bit for bit — so no mask is copied from the host or kept
 //!   for the backward;
-//! * [`adamw_step`]: one AdamW update of an f32 variable in two launches.
+//! * [`adamw_step`]: one AdamW update of an f32 variable in two launches;
+//! * [`dequantize`]: a frozen weight held as quantized blocks (QLoRA's base: Q4_0, Q4_1, Q8_0,
+//!   Q4_K) to the activations' dtype in one pass, where candle dequantizes to f32 and casts.
 //!
 //! Every op has a CPU twin in Rust doing the same arithmetic (f32, one rounding). The ops in
 //! [`super::ops`] take these kernels on CUDA devices ([`active`]; `TUNEBENCH_FUSED_KERNELS=0`
@@ -694,6 +696,43 @@ pub fn adamw_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: AdamWStep) 
     Ok((new_p, mv.narrow(0, 0, n)?.reshape(p.shape())?, mv.narrow(0, n, n)?.reshape(p.shape())?))
 }
 
+// ---------------------------------------------------------------------------------------------
+// Quantized blocks to dense values
+// ---------------------------------------------------------------------------------------------
+
+/// The kernel that dequantizes a block format, when there is one.
+fn dequant_kernel(ty: candle_core::quantized::GgmlDType) -> Option<&'static str> {
+    use candle_core::quantized::GgmlDType;
+    match ty {
+        GgmlDType::Q4_0 => Some("dequant_q4_0"),
+        GgmlDType::Q4_1 => Some("dequant_q4_1"),
+        GgmlDType::Q8_0 => Some("dequant_q8_0"),
+        GgmlDType::Q4K => Some("dequant_q4k"),
+        _ => None,
+    }
+}
+
+/// A weight held as quantized blocks on a CUDA device, dense in `dtype` (f32, bf16, f16), by one
+/// kernel pass from the blocks (`kernels/fused.cu`'s `dequant_*`); `None` where that does not
+/// apply — not on a GPU, a block format without a kernel, another dtype, or the fused kernels
+/// turned off — and the caller dequantizes with candle (to f32, then a cast). The values are
+/// candle's, rounded once to `dtype` (`tests/cuda_kernels_emulated.rs` holds the kernels to
+/// candle's CPU dequantizer; `tunebench check-ops` compares them with candle's on the GPU).
+pub fn dequantize(q: &candle_core::quantized::QTensor, dtype: DType) -> CResult<Option<Tensor>> {
+    let Some(kernel) = dequant_kernel(q.dtype()) else { return Ok(None) };
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) || !enabled_by_env() {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = q.device() {
+        let n = q.shape().elem_count();
+        let storage = by_dtype!(dtype, dequant_cuda(&dev, q, kernel, n))?;
+        return Ok(Some(Tensor::from_storage(candle_core::Storage::Cuda(storage), q.shape().clone(), candle_core::op::BackpropOp::none(), false)));
+    }
+    let _ = kernel;
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, D};
@@ -908,6 +947,17 @@ fn adamw_param_cuda<T: gpu::Elem>(o: &AdamParam, a: &Cs, al: &Layout, b: &Cs, bl
     let h = &o.0;
     launch!(dev, "adamw_param", T::DTYPE, gpu::elementwise(n), &p, &mv, &mut out, &n, &h.decay, &h.inv_bc1, &h.inv_bc2, &h.eps, &h.lr);
     Ok(Cs::wrap_cuda_slice(out, dev))
+}
+
+#[cfg(feature = "cuda")]
+fn dequant_cuda<T: gpu::Elem>(dev: &candle_core::CudaDevice, q: &candle_core::quantized::QTensor, kernel: &str, n: usize) -> CResult<Cs> {
+    let stream = dev.cuda_stream();
+    // The blocks' device pointer, guarded until the launch is queued on the stream.
+    let (blocks, _guard) = q.device_ptr_with_guard(&stream)?;
+    let blocks = blocks as u64;
+    let mut out = gpu::output::<T>(dev, n)?;
+    launch!(dev, kernel, T::DTYPE, gpu::elementwise(n), &blocks, &mut out, &n);
+    Ok(Cs::wrap_cuda_slice(out, dev.clone()))
 }
 
 #[cfg(feature = "cuda")]

@@ -4,7 +4,8 @@
 //! `tests/gradients.rs` runs on the CPU and `tunebench check-ops --device cuda:0` runs on a
 //! GPU (`bench/gpu_session.sh`), so the kernels a GPU takes (our fused kernels of
 //! `kernels/fused.cu`, candle's fused forward with our backward, the blocked attention, the
-//! chunked loss) are checked where they run. On the CPU every op runs a second time with the
+//! chunked loss, the frozen product with a weight held as quantized blocks) are checked where
+//! they run. On the CPU every op runs a second time with the
 //! fused ops forced ([`super::fused::forced`]): their CPU twins and the ops' wiring to them.
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -143,6 +144,25 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                 &|t| ops::causal_attention_blocked(&t[0], &t[1], &t[2], s, 0.18, block),
                 &|t| ops::causal_attention_composed(&t[0], &t[1], &t[2], s, 0.18),
             )?);
+        }
+        // A frozen weight held as quantized blocks (QLoRA's base): dequantized for the product
+        // and again for the input gradient (on a GPU by our dequant kernels) against the
+        // product with candle's CPU dequantization of the same blocks.
+        {
+            use candle_core::quantized::{GgmlDType, QTensor};
+            let w = random(&[48, 256], 13)?.to_dtype(DType::F32)?;
+            for ty in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
+                let q = std::sync::Arc::new(if device.is_cpu() { QTensor::quantize(&w, ty)? } else { QTensor::quantize_onto(&w, ty, device)? });
+                let dense = q.dequantize(&Device::Cpu)?.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+                out.push(check(
+                    &format!("frozen_linear_blocks {ty:?}"),
+                    device,
+                    dtype,
+                    &[random(&[3, 5, 256], 14)?],
+                    &|t| ops::frozen_linear_blocks(&t[0], &q),
+                    &|t| t[0].broadcast_matmul(&dense.t()?),
+                )?);
+            }
         }
         let targets: Vec<u32> = (0..9u32).map(|i| (i * 37 + 5) % 300).collect();
         let head = random(&[300, 64], 11)?;

@@ -59,7 +59,10 @@ impl Held {
     fn dense(&self, dtype: DType) -> CResult<Tensor> {
         match self {
             Held::Dense(t) => t.to_dtype(dtype),
-            Held::Blocks(q) => q.dequantize(&q.device())?.to_dtype(dtype),
+            Held::Blocks(q) => match super::fused::dequantize(q, dtype)? {
+                Some(w) => Ok(w),
+                None => q.dequantize(&q.device())?.to_dtype(dtype),
+            },
         }
     }
 }
