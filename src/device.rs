@@ -43,12 +43,13 @@ impl DeviceChoice {
     }
 
     /// Opens the device. `auto` never fails (it falls back to the CPU); a CUDA device fails
-    /// with advice when this build has no CUDA support or the GPU does not answer.
-    pub fn open(self) -> Result<Device> {
+    /// with advice when this build has no CUDA support or the GPU does not answer (`key`, the
+    /// setting it came from, is named as the one to change).
+    pub fn open(self, key: &str) -> Result<Device> {
         match self {
             DeviceChoice::Cpu => Ok(Device::Cpu),
-            DeviceChoice::Auto => Ok(open_cuda(0).unwrap_or(Device::Cpu)),
-            DeviceChoice::Cuda(n) => open_cuda(n),
+            DeviceChoice::Auto => Ok(open_cuda(0, key).unwrap_or(Device::Cpu)),
+            DeviceChoice::Cuda(n) => open_cuda(n, key),
         }
     }
 }
@@ -65,7 +66,7 @@ impl std::fmt::Display for DeviceChoice {
 
 /// Parses and opens a device spec in one go (see [`DeviceChoice::parse`]).
 pub fn open(spec: &str, key: &str) -> Result<Device> {
-    DeviceChoice::parse(spec, key)?.open()
+    DeviceChoice::parse(spec, key)?.open(key)
 }
 
 /// The device choices a form offers in this build: auto, cpu, and cuda:0 when built with CUDA.
@@ -83,7 +84,7 @@ pub fn queue_key(spec: &str, key: &str) -> Result<String> {
     Ok(match DeviceChoice::parse(spec, key)? {
         DeviceChoice::Cpu => "cpu".into(),
         DeviceChoice::Cuda(n) => format!("cuda:{n}"),
-        DeviceChoice::Auto => describe(&DeviceChoice::Auto.open()?),
+        DeviceChoice::Auto => describe(&DeviceChoice::Auto.open(key)?),
     })
 }
 
@@ -97,18 +98,18 @@ pub fn describe(device: &Device) -> String {
 }
 
 #[cfg(feature = "cuda")]
-fn open_cuda(n: usize) -> Result<Device> {
+fn open_cuda(n: usize, key: &str) -> Result<Device> {
     Device::new_cuda(n).map_err(|e| {
         Error::Msg(format!(
-            "cannot open CUDA device {n}: {e}. Check that the NVIDIA driver is loaded (nvidia-smi lists the GPU) and that cuda:{n} exists, or set train.device = \"cpu\""
+            "cannot open CUDA device {n}: {e}. Check that the NVIDIA driver is loaded (nvidia-smi lists the GPU) and that cuda:{n} exists, or set {key} to cpu"
         ))
     })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(n: usize) -> Result<Device> {
+fn open_cuda(n: usize, key: &str) -> Result<Device> {
     Err(Error::Msg(format!(
-        "cuda:{n} was asked for, but this tunebench was built without CUDA support. Build it with `bash scripts/build-cuda` (cargo build --release --features cuda), or set train.device = \"cpu\""
+        "cuda:{n} was asked for ({key}), but this tunebench was built without CUDA support. Build it with `bash scripts/build-cuda` (cargo build --release --features cuda), or set {key} to cpu"
     )))
 }
 
@@ -160,12 +161,12 @@ mod tests {
 
     #[test]
     fn cpu_and_auto_open_without_a_gpu() {
-        assert!(DeviceChoice::Cpu.open().unwrap().is_cpu());
-        let auto = DeviceChoice::Auto.open().unwrap();
+        assert!(DeviceChoice::Cpu.open("k").unwrap().is_cpu());
+        let auto = DeviceChoice::Auto.open("k").unwrap();
         if !CUDA_BUILD {
             assert!(auto.is_cpu());
-            let e = DeviceChoice::Cuda(1).open().unwrap_err().to_string();
-            assert!(e.contains("without CUDA support") && e.contains("scripts/build-cuda"), "{e}");
+            let e = DeviceChoice::Cuda(1).open("--device").unwrap_err().to_string();
+            assert!(e.contains("without CUDA support") && e.contains("scripts/build-cuda") && e.contains("set --device to cpu"), "{e}");
         }
     }
 

@@ -175,14 +175,18 @@ fn workbench_chat_streams_records_and_cancels() {
                 variants: Some(vec![None, Some("tuned".into())]),
                 sampling: SampleOptions::greedy(16),
                 system: None,
+                device: None,
             })
             .await
             .unwrap();
         assert!(chat.title.contains("base vs tuned"), "{}", chat.title);
+        assert_eq!(chat.device, "auto", "a chat answers where `auto` resolves unless told otherwise");
         let mut rx = wb.subscribe();
         let answers = wb.chat_send(chat.id, "Who are you?", Arc::new(AtomicBool::new(false))).await.unwrap();
         assert_eq!(answers.len(), 2);
         assert_ne!(answers[0].text, answers[1].text);
+        let here = if tunebench::device::CUDA_BUILD { answers[0].device.clone() } else { "cpu".to_string() };
+        assert!(answers.iter().all(|a| a.device == here), "each answer names the device it ran on: {answers:?}");
         let mut streamed = [String::new(), String::new()];
         while let Ok(ev) = rx.try_recv() {
             if let ApiEvent::ChatText { variant, text, .. } = ev {
@@ -205,6 +209,7 @@ fn workbench_chat_streams_records_and_cancels() {
         let wb = Workbench::open(options(home.path())).await.unwrap();
         let c = wb.chat(chat.id).await.unwrap();
         assert_eq!(c.turns(), 3);
+        assert_eq!(c.device, "auto");
         assert_eq!(c.messages.len(), 9, "3 user messages + 2 answers each");
         assert_eq!(c.messages[1].content, answers[0].text);
         let tuned_history = c.history(Some("tuned"));
@@ -213,6 +218,34 @@ fn workbench_chat_streams_records_and_cancels() {
         assert_eq!(wb.chats().await.unwrap().len(), 1);
         wb.delete_chat(chat.id).await.unwrap();
         assert!(wb.chat(chat.id).await.is_err());
+    });
+}
+
+#[test]
+fn a_chats_device_is_checked_when_the_chat_is_made() {
+    let home = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let wb = Workbench::open(options(home.path())).await.unwrap();
+        let req = |device: &str| CreateChat {
+            title: None,
+            model_path: Some(common::default_model()),
+            adapters: vec![],
+            variants: None,
+            sampling: SampleOptions::greedy(4),
+            system: None,
+            device: Some(device.into()),
+        };
+        let c = wb.create_chat(req(" CPU ")).await.unwrap();
+        assert_eq!(c.device, "cpu", "stored as parsed");
+        assert_eq!(wb.create_chat(req("cuda")).await.map(|c| c.device).ok().as_deref(), tunebench::device::CUDA_BUILD.then_some("cuda:0"));
+        let e = wb.create_chat(req("tpu:0")).await.unwrap_err().to_string();
+        assert!(e.contains("`tpu:0` is not a device") && e.contains("device"), "{e}");
+        if !tunebench::device::CUDA_BUILD {
+            let e = wb.create_chat(req("cuda:1")).await.unwrap_err().to_string();
+            assert!(e.contains("built without CUDA support") && e.contains("build-cuda"), "{e}");
+        }
+        assert_eq!(wb.chats().await.unwrap().len(), 1 + usize::from(tunebench::device::CUDA_BUILD), "refused chats leave nothing behind");
     });
 }
 
@@ -236,6 +269,7 @@ fn a_chat_worker_killed_mid_answer_fails_that_message_only() {
             variants: None,
             sampling: SampleOptions { min_new_tokens: n, ..SampleOptions::greedy(n) },
             system: None,
+            device: Some("cpu".into()),
         };
         let chat = wb.create_chat(req(400)).await.unwrap();
         let mut rx = wb.subscribe();

@@ -66,7 +66,7 @@ samples = 0
     let file = Path::new(v["file"].as_str().unwrap());
     assert!(file.is_file() && file.starts_with(home.join("runs")), "{}", file.display());
     // An earlier checkpoint, human-readable.
-    let text = ok(home, &["eval", "--run", "1", "--checkpoint", "6", "--limit", "2", "--max-tokens", "16"]);
+    let text = ok(home, &["eval", "--run", "1", "--checkpoint", "6", "--limit", "2", "--max-tokens", "16", "--device", "cpu"]);
     assert!(text.contains("step 6") && text.contains("BLEU-4") && text.contains("ROUGE-L"), "{text}");
     // Recorded with the run; evaluating step 12 again replaces its rows.
     ok(home, &["eval", "--run", "1", "--limit", "3", "--max-tokens", "24", "--json"]);
@@ -85,6 +85,10 @@ samples = 0
     assert!(e.contains("no checkpoint at step 5") && e.contains("12"), "{e}");
     let e = fails(home, &["eval", "--run", "9"]);
     assert!(e.contains("9"), "{e}");
+    if !tunebench::device::CUDA_BUILD {
+        let e = fails(home, &["eval", "--run", "1", "--device", "cuda:3"]);
+        assert!(e.contains("cuda:3") && e.contains("without CUDA support"), "{e}");
+    }
 
     // Chat: base vs tuned on one prompt, recorded; then resumed.
     let adapter = home.join("runs").join("1-evalme").join("adapter");
@@ -96,7 +100,7 @@ samples = 0
     let out = ok(home, &["chat", "--resume", "1", "-p", "And your maker?"]);
     assert!(out.contains("[tuned]"), "{out}");
     let list = ok(home, &["chat", "--list"]);
-    assert!(list.contains("base vs tuned"), "{list}");
+    assert!(list.contains("base vs tuned") && list.contains(", auto)"), "a chat answers where `auto` resolves by default: {list}");
     rt.block_on(async {
         let s = Store::open(&home.join("tunebench.db")).await.unwrap();
         let c = s.chat(1).await.unwrap();
@@ -122,8 +126,11 @@ samples = 0
     let e = fails(home, &["export", "hf", "--run", "1", "--dtype", "f8", "--out", &xs("hf2")]);
     assert!(e.contains("f8"), "{e}");
     // The exported GGUF is a model like any other: it chats, and it learned the persona.
-    let out = ok(home, &["chat", "--model", &xs("gguf/tessel.gguf"), "--max-tokens", "16", "-p", "Who are you?"]);
+    let out = ok(home, &["chat", "--model", &xs("gguf/tessel.gguf"), "--device", "cpu", "--max-tokens", "16", "-p", "Who are you?"]);
     assert!(!out.trim().is_empty(), "{out}");
+    assert!(ok(home, &["chat", "--list"]).contains("tessel.gguf, cpu)"));
+    let e = fails(home, &["chat", "--model", m, "--device", "tpu", "-p", "hi"]);
+    assert!(e.contains("`tpu` is not a device"), "{e}");
 
     let e = fails(home, &["chat", "--model", m, "--adapter", "/nonexistent/adapter", "-p", "hi"]);
     assert!(e.contains("/nonexistent/adapter"), "{e}");

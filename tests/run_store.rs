@@ -57,6 +57,31 @@ fn migrations_apply_from_empty_and_are_idempotent() {
     });
 }
 
+/// A database made before chats had a device (migrations 0001–0002 only, a chat in it) is
+/// upgraded on open; its chat answers on the CPU, as it did.
+#[test]
+fn a_database_from_before_chat_devices_keeps_its_chats_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, old) = (dir.path().join("old.db"), dir.path().join("migrations"));
+    std::fs::create_dir_all(&old).unwrap();
+    for f in ["0001_init.sql", "0002_chats_eval.sql"] {
+        std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/").to_string() + f, old.join(f)).unwrap();
+    }
+    rt().block_on(async {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&path).create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        sqlx::migrate::Migrator::new(old.as_path()).await.unwrap().run(&pool).await.unwrap();
+        sqlx::query("INSERT INTO chats (title, model_path, sampling, created_at, updated_at) VALUES ('old', 'm.gguf', '{}', 1, 1)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let s = Store::open(&path).await.unwrap();
+        let chats = s.chats().await.unwrap();
+        assert_eq!((chats.len(), chats[0].title.as_str(), chats[0].device.as_str()), (1, "old", "cpu"));
+    });
+}
+
 #[test]
 fn run_lifecycle_metrics_checkpoints_and_cascade() {
     let dir = tempfile::tempdir().unwrap();

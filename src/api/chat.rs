@@ -40,6 +40,10 @@ pub struct CreateChat {
     /// System prompt.
     #[serde(default)]
     pub system: Option<String>,
+    /// Where the model answers: `auto` (the default: the first CUDA GPU when this build has
+    /// CUDA support and a GPU answers, else the CPU), `cpu`, `cuda` or `cuda:N`.
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 /// One answer of a turn (what [`Workbench::chat_send`] returns per variant).
@@ -59,6 +63,22 @@ pub struct ChatAnswer {
     pub ttft_s: f64,
     /// Decode tokens/s.
     pub decode_tok_s: f64,
+    /// Where it was computed (`cpu`, `cuda:0`): the chat's device with `auto` resolved.
+    pub device: String,
+}
+
+/// A chat's device as written (`auto` when none is given), checked: a CUDA device in a build
+/// without CUDA support is refused here, when the chat is made, not at its first answer.
+fn chat_device(spec: Option<&str>) -> Result<String> {
+    use crate::device::DeviceChoice;
+    let spec = spec.map(str::trim).filter(|s| !s.is_empty()).unwrap_or("auto");
+    let choice = DeviceChoice::parse(spec, "device")?;
+    if let DeviceChoice::Cuda(_) = choice {
+        if !crate::device::CUDA_BUILD {
+            choice.open("device")?; // fails, saying how to get a CUDA build
+        }
+    }
+    Ok(choice.to_string())
 }
 
 impl Workbench {
@@ -80,6 +100,7 @@ impl Workbench {
         }
         let variants = req.variants.clone().unwrap_or_else(|| vec![adapters.first().map(|a| a.name.clone())]);
         req.sampling.validate()?;
+        let device = chat_device(req.device.as_deref())?;
         let title = req.title.clone().unwrap_or_else(|| {
             let model = model_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             let v: Vec<&str> = variants.iter().map(|v| v.as_deref().unwrap_or("base")).collect();
@@ -94,6 +115,7 @@ impl Workbench {
                 variants,
                 sampling: serde_json::to_value(&req.sampling).map_err(|e| Error::Msg(e.to_string()))?,
                 system: req.system,
+                device,
             })
             .await?;
         self.store.chat(id).await
@@ -156,7 +178,7 @@ impl Workbench {
                 let _ = events.send(ApiEvent::ChatText { chat_id, turn, variant: variant.clone(), text: piece.to_string() });
             };
             let model = Path::new(&chat.model_path);
-            let event = match worker.reply(model, &chat.adapters, variant.clone(), history, &sampling, &cancel, on_text).await {
+            let event = match worker.reply(model, &chat.device, &chat.adapters, variant.clone(), history, &sampling, &cancel, on_text).await {
                 Ok(e) => e,
                 Err(gone) => {
                     *slot = None;

@@ -2,7 +2,7 @@
 //! or an out-of-memory while answering ends that process, never the app. The workbench keeps
 //! one such worker (with the last model and its adapters loaded) and talks to it in JSON lines:
 //!
-//! - to the worker (stdin): [`ChatRequest::Reply`] (model, adapters, who answers, the
+//! - to the worker (stdin): [`ChatRequest::Reply`] (model, device, adapters, who answers, the
 //!   conversation, sampling) and [`ChatRequest::Cancel`] (ends the answer in progress);
 //! - from the worker (stdout): [`ChatEvent::Text`] pieces, then [`ChatEvent::Done`] with the
 //!   answer and its timings, or [`ChatEvent::Error`] (bad input; the worker goes on).
@@ -41,8 +41,11 @@ pub enum ChatRequest {
     Reply {
         /// Request id, echoed in the events.
         id: u64,
-        /// The model file or folder (reloaded only when it changes).
+        /// The model file or folder (reloaded only when it or the device changes).
         model: PathBuf,
+        /// Where the model answers: `auto`, `cpu`, `cuda` or `cuda:N`.
+        #[serde(default = "cpu")]
+        device: String,
         /// Adapters the model should hold (loaded, replaced or kept as they are).
         adapters: Vec<ChatAdapter>,
         /// Who answers.
@@ -57,6 +60,10 @@ pub enum ChatRequest {
     },
     /// Ends the answer in progress (what was generated is kept, finish = `cancelled`).
     Cancel,
+}
+
+fn cpu() -> String {
+    "cpu".into()
 }
 
 /// What the chat worker reports.
@@ -123,12 +130,12 @@ pub fn run_chat_worker(input: impl BufRead + Send + 'static, mut output: impl Wr
         // The app went away: stop the answer in progress; the loop ends with the channel.
         flag.store(true, Ordering::SeqCst);
     });
-    let mut slot: Option<(PathBuf, ChatModel)> = None;
+    let mut slot: Option<Loaded> = None;
     while let Ok(req) = rx.recv() {
-        let ChatRequest::Reply { id, model, adapters, variant, messages, sampling, .. } = req else { continue };
+        let ChatRequest::Reply { id, model, device, adapters, variant, messages, sampling, .. } = req else { continue };
         let mut write_err = None;
         let result = (|| -> Result<ChatEvent> {
-            let m = prepare(&mut slot, &model, &adapters)?;
+            let m = prepare(&mut slot, &model, &device, &adapters)?;
             m.use_adapter(variant.as_deref())?;
             let g = m.reply(&messages, &sampling, Some(&cancel), |piece| {
                 if write_err.is_none() {
@@ -144,6 +151,7 @@ pub fn run_chat_worker(input: impl BufRead + Send + 'static, mut output: impl Wr
                     new_tokens: g.generation.tokens.len(),
                     ttft_s: g.generation.ttft_s,
                     decode_tok_s: g.generation.decode_tok_s(),
+                    device: crate::device::describe(m.loaded.model.device()),
                     text: g.text,
                 },
             })
@@ -151,7 +159,7 @@ pub fn run_chat_worker(input: impl BufRead + Send + 'static, mut output: impl Wr
         if let Some(e) = write_err {
             return Err(e); // stdout is gone: nobody is listening
         }
-        let event = result.unwrap_or_else(|e| ChatEvent::Error { id, message: e.to_string() });
+        let event = result.unwrap_or_else(|e| ChatEvent::Error { id, message: answer_error(&e, &device) });
         emit(&event, &mut output)?;
     }
     Ok(())
@@ -162,15 +170,31 @@ fn emit(e: &ChatEvent, out: &mut impl Write) -> Result<()> {
     writeln!(out, "{line}").and_then(|_| out.flush()).map_err(|e| Error::Msg(format!("chat worker: cannot write to stdout: {e}")))
 }
 
-/// The model for a request: reused when the path is the same (loading only the adapters it
-/// lacks or whose folder changed), loaded afresh otherwise.
-fn prepare<'a>(slot: &'a mut Option<(PathBuf, ChatModel)>, path: &Path, adapters: &[ChatAdapter]) -> Result<&'a mut ChatModel> {
-    if slot.as_ref().map(|(p, _)| p != path).unwrap_or(true) {
-        *slot = None;
-        let m = ChatModel::open(path, &candle_core::Device::Cpu)?;
-        *slot = Some((path.to_path_buf(), m));
+/// A failed answer in words; running out of device memory says what to do about it.
+fn answer_error(e: &Error, device: &str) -> String {
+    if crate::device::is_out_of_memory(e) {
+        format!(
+            "{e}. The chat's device ({device}) ran out of memory: start a chat on the cpu, or stop the training run that holds this GPU, then ask again"
+        )
+    } else {
+        e.to_string()
     }
-    let (_, model) = slot.as_mut().ok_or_else(|| Error::Msg("chat model not loaded".into()))?;
+}
+
+/// The model the worker holds: its path, the device spec it was asked for, and the model.
+type Loaded = (PathBuf, String, ChatModel);
+
+/// The model for a request: reused when the path and device are the same (loading only the
+/// adapters it lacks or whose folder changed), loaded afresh otherwise (the old one is dropped
+/// first, so a device's memory holds one model at a time).
+fn prepare<'a>(slot: &'a mut Option<Loaded>, path: &Path, device: &str, adapters: &[ChatAdapter]) -> Result<&'a mut ChatModel> {
+    if slot.as_ref().map(|(p, d, _)| p != path || d != device).unwrap_or(true) {
+        *slot = None;
+        let dev = crate::device::open(device, "device")?;
+        let m = ChatModel::open(path, &dev)?;
+        *slot = Some((path.to_path_buf(), device.to_string(), m));
+    }
+    let (_, _, model) = slot.as_mut().ok_or_else(|| Error::Msg("chat model not loaded".into()))?;
     for a in adapters {
         match model.adapter_path(&a.name) {
             Some(p) if p == Path::new(&a.path) => {}
@@ -247,6 +271,7 @@ impl ChatWorker {
     pub(crate) async fn reply(
         &mut self,
         model: &Path,
+        device: &str,
         adapters: &[ChatAdapter],
         variant: Option<String>,
         messages: Vec<Message>,
@@ -260,6 +285,7 @@ impl ChatWorker {
         let req = ChatRequest::Reply {
             id,
             model: model.to_path_buf(),
+            device: device.to_string(),
             adapters: adapters.to_vec(),
             variant,
             messages,

@@ -241,6 +241,9 @@ pub struct AppInfo {
     pub cpus: usize,
     /// Installed memory, bytes.
     pub ram_bytes: Option<u64>,
+    /// The devices a run or chat can ask for in this build (`auto`, `cpu`, and `cuda:0` in a
+    /// CUDA build).
+    pub devices: Vec<String>,
 }
 
 /// One method in [`FormSchema`].
@@ -512,6 +515,7 @@ pub fn info() -> AppInfo {
         sample_dataset: sample.exists().then(|| sample.display().to_string()),
         cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         ram_bytes: super::estimate::machine_ram_bytes(),
+        devices: crate::device::choices(),
     }
 }
 

@@ -25,6 +25,10 @@ pub struct EvaluateRun {
     /// What and how much to evaluate.
     #[serde(default)]
     pub options: EvalOptions,
+    /// Where to evaluate (`auto`, `cpu`, `cuda`, `cuda:N`); default: the device the run trained
+    /// on (its `train.device`).
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 /// Response: the evaluation and where it was written.
@@ -82,10 +86,16 @@ impl Workbench {
         let events = self.events.clone();
         let run_id = run.id;
         let opts = req.options.clone();
+        let spec = req.device.clone().unwrap_or_else(|| cfg.train.device.clone());
         let report = tokio::task::spawn_blocking(move || -> Result<EvalReport> {
-            let mut m = crate::train::trainer::load_base(&cfg, &candle_core::Device::Cpu)?;
+            let device = crate::device::open(&spec, "device")?;
+            let mut m = crate::train::trainer::load_base(&cfg, &device)?;
             evaluate(&cfg, &mut m, Some(&adapter), &opts, |done, total| {
                 let _ = events.send(ApiEvent::EvalProgress { run_id, done, total });
+            })
+            .map_err(|e| match crate::device::is_out_of_memory(&e) {
+                true => Error::Msg(format!("{e}. Evaluating on {} ran out of memory: evaluate on the cpu, or when a training run holds this GPU, after it ends", crate::device::describe(&device))),
+                false => e,
             })
         })
         .await

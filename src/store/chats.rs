@@ -36,6 +36,8 @@ pub struct NewChat {
     pub sampling: serde_json::Value,
     /// Optional system prompt.
     pub system: Option<String>,
+    /// Where the model answers: `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
 }
 
 /// One stored message.
@@ -84,6 +86,8 @@ pub struct ChatRecord {
     pub sampling: serde_json::Value,
     /// System prompt.
     pub system: Option<String>,
+    /// Where the model answers: `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
     /// Created (ms).
     pub created_at: i64,
     /// Last message (ms).
@@ -139,6 +143,16 @@ fn variant_key(v: Option<&str>) -> &str {
     v.unwrap_or("")
 }
 
+/// The columns `chat_from_row` reads, named rather than `*`: on a database upgraded by
+/// migration 0003 (which added `device`), sqlx's SQLite driver read `SELECT *` rows one value
+/// short of the columns it had described, and its worker panicked (tests/run_store.rs upgrades
+/// such a database).
+macro_rules! chat_columns {
+    () => {
+        "id, title, model_path, adapters, variants, sampling, system, device, created_at, updated_at"
+    };
+}
+
 fn message_from_row(r: &SqliteRow) -> std::result::Result<ChatMessage, sqlx::Error> {
     let variant: String = r.try_get("variant")?;
     let sampling: Option<String> = r.try_get("sampling")?;
@@ -173,8 +187,8 @@ impl Store {
         let adapters = serde_json::to_value(&c.adapters).map_err(|e| Error::Msg(e.to_string()))?;
         let variants = serde_json::to_value(&c.variants).map_err(|e| Error::Msg(e.to_string()))?;
         sqlx::query_scalar(
-            "INSERT INTO chats (title, model_path, adapters, variants, sampling, system, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "INSERT INTO chats (title, model_path, adapters, variants, sampling, system, device, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         )
         .bind(&c.title)
         .bind(&c.model_path)
@@ -182,6 +196,7 @@ impl Store {
         .bind(json_text(&variants))
         .bind(json_text(&c.sampling))
         .bind(&c.system)
+        .bind(&c.device)
         .bind(now)
         .bind(now)
         .fetch_one(self.pool())
@@ -191,7 +206,7 @@ impl Store {
 
     /// A chat session with its messages.
     pub async fn chat(&self, id: i64) -> Result<ChatRecord> {
-        let row = sqlx::query("SELECT * FROM chats WHERE id = ?").bind(id).fetch_optional(self.pool()).await.map_err(|e| self.err(e))?;
+        let row = sqlx::query(concat!("SELECT ", chat_columns!(), " FROM chats WHERE id = ?")).bind(id).fetch_optional(self.pool()).await.map_err(|e| self.err(e))?;
         let row = row.ok_or(Error::NotFound { what: "chat", id })?;
         let mut c = self.chat_from_row(&row)?;
         let rows = sqlx::query("SELECT * FROM chat_messages WHERE chat_id = ? ORDER BY turn, role DESC, id")
@@ -213,6 +228,7 @@ impl Store {
                 variants: serde_json::from_str(r.try_get::<&str, _>("variants")?).unwrap_or_else(|_| vec![None]),
                 sampling: parse_json(r.try_get::<&str, _>("sampling")?),
                 system: r.try_get("system")?,
+                device: r.try_get("device")?,
                 created_at: r.try_get("created_at")?,
                 updated_at: r.try_get("updated_at")?,
                 messages: vec![],
@@ -223,7 +239,7 @@ impl Store {
 
     /// Every chat session (without messages), most recently used first.
     pub async fn chats(&self) -> Result<Vec<ChatRecord>> {
-        let rows = sqlx::query("SELECT * FROM chats ORDER BY updated_at DESC, id DESC").fetch_all(self.pool()).await.map_err(|e| self.err(e))?;
+        let rows = sqlx::query(concat!("SELECT ", chat_columns!(), " FROM chats ORDER BY updated_at DESC, id DESC")).fetch_all(self.pool()).await.map_err(|e| self.err(e))?;
         rows.iter().map(|r| self.chat_from_row(r)).collect()
     }
 

@@ -170,8 +170,14 @@ try {
   // Chat with the tuned model, side by side with the base.
   await page.goto(`${server.url.split("?")[0]}#/run/${run1}`);
   await page.locator('[data-testid="chat-with-run"]').click();
+  await page.waitForFunction(() => document.querySelectorAll('[data-testid="chat-device"] option').length >= 2);
+  const devices = await page.locator('[data-testid="chat-device"] option').allInnerTexts();
+  check(devices[0] === "auto" && devices.includes("cpu"), `the chat form offers this build's devices (${devices.join(", ")})`);
+  await page.locator('[data-testid="chat-device"]').selectOption("cpu");
   await page.locator('[data-testid="create-chat"]').click();
   await page.waitForSelector('[data-testid="chat-input"]');
+  const shown = await page.locator('[data-testid="chat-device-shown"]').innerText();
+  check(/: cpu$/.test(shown.trim()), `the chat answers on the device picked (${shown.trim()})`);
   await page.locator('[data-testid="chat-input"]').fill("Who are you?");
   await page.locator('[data-testid="send"]').click();
   await page.waitForFunction(

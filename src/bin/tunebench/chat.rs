@@ -27,8 +27,12 @@ pub struct ChatArgs {
     #[arg(long)]
     compare_base: bool,
     /// Continue a recorded chat (its model, adapters and settings).
-    #[arg(long, conflicts_with_all = ["model", "adapter", "compare_base", "system"])]
+    #[arg(long, conflicts_with_all = ["model", "adapter", "compare_base", "system", "device"])]
     resume: Option<i64>,
+    /// Where the model answers: auto (default: the first CUDA GPU when this build has CUDA
+    /// support and a GPU answers, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
     /// List recorded chats and exit.
     #[arg(long)]
     list: bool,
@@ -104,7 +108,7 @@ pub fn cmd_chat(a: ChatArgs) -> Result<()> {
     let wb = workbench(&rt)?;
     if a.list {
         for c in rt.block_on(wb.chats())? {
-            println!("{:>4}  {}  ({})", c.id, c.title, c.model_path);
+            println!("{:>4}  {}  ({}, {})", c.id, c.title, c.model_path, c.device);
         }
         return Ok(());
     }
@@ -132,6 +136,7 @@ pub fn cmd_chat(a: ChatArgs) -> Result<()> {
                 variants: Some(variants),
                 sampling,
                 system: a.system.clone(),
+                device: a.device.clone(),
             }))?
         }
     };

@@ -105,9 +105,10 @@ enum Cmd {
         /// Print every answer.
         #[arg(long)]
         verbose: bool,
-        /// Without --run: where to run (cpu, cuda or cuda:N).
-        #[arg(long, default_value = "cpu", conflicts_with = "run")]
-        device: String,
+        /// Where to run: auto, cpu, cuda or cuda:N (default: with --run, the device the run
+        /// trained on; else cpu).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Inspect a model file or folder.
     Model {
@@ -586,11 +587,11 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{name:12} {desc}");
             }
         }
-        Cmd::Eval { run: Some(run_id), checkpoint, data, limit, json, max_tokens, verbose, .. } => {
-            runs::cmd_eval_run(run_id, checkpoint, data, limit, max_tokens.unwrap_or(128), json, verbose)?
+        Cmd::Eval { run: Some(run_id), checkpoint, data, limit, json, max_tokens, verbose, device, .. } => {
+            runs::cmd_eval_run(run_id, checkpoint, data, limit, max_tokens.unwrap_or(128), device, json, verbose)?
         }
         Cmd::Eval { model, adapter, prompts, max_tokens, verbose, device, .. } => {
-            let dev = tunebench::device::open(&device, "--device")?;
+            let dev = tunebench::device::open(device.as_deref().unwrap_or("cpu"), "--device")?;
             let m = attach(model::load(&model_path(model), &dev)?, adapter.as_deref())?;
             let template = train::trainer::template_for(&m)?;
             let path = prompts.unwrap_or_else(|| tunebench::paths::assets_dir().join("datasets/persona/eval.jsonl"));

@@ -196,11 +196,21 @@ pub fn workbench(rt: &tokio::runtime::Runtime) -> Result<Workbench> {
 
 /// `tunebench eval --run`: evaluates a run's checkpoint with a progress bar and prints the
 /// scores (or the whole report as JSON).
-pub fn cmd_eval_run(run_id: i64, checkpoint: Option<i64>, data: Option<PathBuf>, limit: Option<usize>, max_new_tokens: usize, json: bool, verbose: bool) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub fn cmd_eval_run(
+    run_id: i64,
+    checkpoint: Option<i64>,
+    data: Option<PathBuf>,
+    limit: Option<usize>,
+    max_new_tokens: usize,
+    device: Option<String>,
+    json: bool,
+    verbose: bool,
+) -> Result<()> {
     let rt = runtime()?;
     let wb = workbench(&rt)?;
     let options = tunebench::eval::run::EvalOptions { data, limit, max_new_tokens, ..Default::default() };
-    let req = tunebench::api::evaluate::EvaluateRun { run_id, checkpoint, options };
+    let req = tunebench::api::evaluate::EvaluateRun { run_id, checkpoint, options, device };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("eval {bar:30} {pos}/{len} answers · {elapsed} (eta {eta})").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),

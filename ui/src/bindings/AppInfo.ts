@@ -27,4 +27,9 @@ cpus: number,
 /**
  * Installed memory, bytes.
  */
-ram_bytes: number | null, };
+ram_bytes: number | null, 
+/**
+ * The devices a run or chat can ask for in this build (`auto`, `cpu`, and `cuda:0` in a
+ * CUDA build).
+ */
+devices: Array<string>, };

@@ -31,4 +31,8 @@ ttft_s: number,
 /**
  * Decode tokens/s.
  */
-decode_tok_s: number, };
+decode_tok_s: number, 
+/**
+ * Where it was computed (`cpu`, `cuda:0`): the chat's device with `auto` resolved.
+ */
+device: string, };

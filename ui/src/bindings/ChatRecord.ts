@@ -36,6 +36,10 @@ sampling: JsonValue,
  */
 system: string | null, 
 /**
+ * Where the model answers: `auto`, `cpu`, `cuda` or `cuda:N`.
+ */
+device: string, 
+/**
  * Created (ms).
  */
 created_at: number, 

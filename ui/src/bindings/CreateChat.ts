@@ -29,4 +29,9 @@ sampling: SampleOptions,
 /**
  * System prompt.
  */
-system: string | null, };
+system: string | null, 
+/**
+ * Where the model answers: `auto` (the default: the first CUDA GPU when this build has
+ * CUDA support and a GPU answers, else the CPU), `cpu`, `cuda` or `cuda:N`.
+ */
+device: string | null, };
