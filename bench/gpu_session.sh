@@ -15,7 +15,8 @@
 #          correctness: the same tiny random-init LoRA run on the GPU and on the CPU, f32, bf16 and
 #          f16 (loss-scaled), with and without checkpointing — the GPU's losses must follow the CPU's;
 #          inference: the same tiny model's logits on both, full-sequence and token by token
-#          through the KV cache (tunebench logits --decode); our kernels against candle's ops;
+#          through the KV cache (tunebench logits --decode), dense and held as Q4_1/Q8_0 blocks
+#          (the quantized kernels a GGUF chat runs); our kernels against candle's ops;
 #       3. bench/gpu_bench.py on the issue's shapes (--write-results), both sides;
 #       writes everything (log, RESULTS section) to $OUT (or ./gpu-out).
 #
@@ -104,6 +105,27 @@ ok = err <= 1e-4 and a.shape == b.shape
 print(f"logits {mode:8} relative difference {err:.2e} (limit 1e-4) {'ok' if ok else 'FAILED'}")
 sys.exit(0 if ok else 1)
 PY
+done
+# The same with the projections held as quantized blocks, as a GGUF model is held for chat: the
+# device's quantized inference kernels (candle's) against the CPU's (model::qmatmul). Both
+# round activations differently, so the device must agree with the CPU's blocks much better
+# than the blocks agree with the unquantized weights.
+for blocks in q4_1 q8_0; do
+  for mode in "" --decode; do
+    "$bin" logits --shape tiny --tokens "$OUT/ids.json" --out "$OUT/logits-dense.safetensors" --device cpu $mode
+    "$bin" logits --shape tiny --blocks "$blocks" --tokens "$OUT/ids.json" --out "$OUT/logits-cpu.safetensors" --device cpu $mode
+    "$bin" logits --shape tiny --blocks "$blocks" --tokens "$OUT/ids.json" --out "$OUT/logits-dev.safetensors" --device "$DEVICE" $mode
+    "$py" - "$OUT" "$blocks ${mode:-full}" <<'PY' || fail=1
+import sys
+from safetensors.numpy import load_file
+out, what = sys.argv[1], sys.argv[2]
+d, a, b = (load_file(f"{out}/logits-{n}.safetensors")["logits.0"] for n in ("dense", "cpu", "dev"))
+quant, err = float(abs(a - d).max() / abs(d).max()), float(abs(a - b).max() / abs(a).max())
+ok = err <= 0.5 * quant and a.shape == b.shape
+print(f"logits {what:14} device vs cpu {err:.2e} (limit half the blocks' own error, {quant:.2e}) {'ok' if ok else 'FAILED'}")
+sys.exit(0 if ok else 1)
+PY
+  done
 done
 rm -f "$OUT"/logits-*.safetensors
 if [ "$DEVICE" != cpu ] && [ "${TUNEBENCH_FUSED_KERNELS:-1}" != 0 ]; then

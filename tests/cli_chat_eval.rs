@@ -165,6 +165,25 @@ fn logits_full_and_token_by_token_agree() {
         let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff <= 1e-5 * scale, "{k}: {diff} of {scale}");
     }
+    // The projections held as quantized blocks (what a GGUF model is for chat): the quantized
+    // inference kernels, full == token by token, near the dense logits but not equal to them.
+    for b in ["q4_1", "q8_0", "q4_0"] {
+        let full_q = read(&format!("full-{b}.safetensors"), &["--blocks", b]);
+        let decoded_q = read(&format!("decoded-{b}.safetensors"), &["--blocks", b, "--decode"]);
+        for k in ["logits.0", "logits.1"] {
+            let rel = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+                let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                diff / a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+            };
+            assert!(rel(&full_q[k], &decoded_q[k]) <= 1e-5, "{b} {k}: full vs decoded {}", rel(&full_q[k], &decoded_q[k]));
+            let off = rel(&full[k], &full_q[k]);
+            assert!(off > 1e-4 && off < 0.5, "{b} {k}: the blocks' logits are {off} (relative) from the dense ones");
+        }
+    }
+    let e = fails(home, &["logits", "--shape", "tiny", "--blocks", "q4_k", "--tokens", ids.to_str().unwrap(), "--out", home.join("x").to_str().unwrap()]);
+    assert!(e.contains("--blocks") && e.contains("rows of 64 values do not split into q4_k blocks of 256"), "{e}");
+    let e = fails(home, &["logits", "--shape", "tiny", "--blocks", "q5", "--tokens", ids.to_str().unwrap(), "--out", home.join("x").to_str().unwrap()]);
+    assert!(e.contains("--blocks") && e.contains("`q5` is not a block type"), "{e}");
     std::fs::write(&ids, "[[1, 999]]").unwrap();
     let e = fails(home, &["logits", "--shape", "tiny", "--tokens", ids.to_str().unwrap(), "--out", home.join("x").to_str().unwrap()]);
     assert!(e.contains("ids.json") && e.contains("token 999 outside the vocabulary of 512"), "{e}");

@@ -74,36 +74,49 @@ pub fn load_quantized(path: &Path, device: &Device) -> Result<LoadedModel> {
 /// These are llama.cpp's own types rather than bitsandbytes' NF4: the file formats we read and
 /// export, with SIMD kernels in candle. The embedding (and a tied LM head) stay as loaded.
 pub fn load_4bit(path: &Path, device: &Device) -> Result<LoadedModel> {
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::GgmlDType;
     let mut m = load_quantized(path, device)?;
-    for l in m.model.linears_mut() {
+    hold_projections_as_blocks(&mut m.model, device, |l, k| {
+        if let FrozenWeight::Quantized { q, .. } = l.weight() {
+            if matches!(q.dtype(), GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K) {
+                return Ok(None);
+            }
+        }
+        match k {
+            _ if k % 256 == 0 => Ok(Some(GgmlDType::Q4K)),
+            _ if k % 32 == 0 => Ok(Some(GgmlDType::Q4_1)),
+            _ => Err(Error::Msg(format!(
+                "{}: rows of {k} values do not split into 4-bit blocks of 32; this model cannot be trained with qlora (use lora)",
+                l.name()
+            ))),
+        }
+    })?;
+    Ok(m)
+}
+
+/// Holds every decoder projection of `model` (not the LM head) as quantized blocks of the type
+/// `choose` picks for it from the layer and its row length (`None` leaves it as it is); the
+/// blocks are quantized on the CPU and go where the model lives (a GPU's products dequantize
+/// them there). What [`load_4bit`] does for QLoRA and `tunebench logits --blocks` for the
+/// quantized inference kernels.
+pub fn hold_projections_as_blocks(
+    model: &mut Llama,
+    device: &Device,
+    choose: impl Fn(&Linear, usize) -> Result<Option<candle_core::quantized::GgmlDType>>,
+) -> Result<()> {
+    use candle_core::quantized::QTensor;
+    for l in model.linears_mut() {
         if l.name() == "lm_head" {
             continue;
         }
-        if let FrozenWeight::Quantized { q, .. } = l.weight() {
-            if matches!(q.dtype(), GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K) {
-                continue;
-            }
-        }
+        let k = l.weight().dims().get(1).copied().unwrap_or(0);
+        let Some(ty) = choose(l, k)? else { continue };
         let w = l.weight().dense()?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        let k = w.dim(1)?;
-        let ty = match k {
-            _ if k % 256 == 0 => GgmlDType::Q4K,
-            _ if k % 32 == 0 => GgmlDType::Q4_1,
-            _ => {
-                return Err(Error::Msg(format!(
-                    "{}: rows of {k} values do not split into 4-bit blocks of 32; this model cannot be trained with qlora (use lora)",
-                    l.name()
-                )))
-            }
-        };
-        // Quantized on the CPU; the blocks go where the model lives (a GPU's matmul dequantizes
-        // them there).
         let q = if device.is_cpu() { QTensor::quantize(&w, ty) } else { QTensor::quantize_onto(&w, ty, device) };
         let q = q.map_err(|e| Error::Msg(format!("{}: quantizing to {ty:?}: {e}", l.name())))?;
         l.set_frozen_weight(FrozenWeight::quantized(q)?)?;
     }
-    Ok(m)
+    Ok(())
 }
 
 /// Reads only the architecture of a `.gguf` file or HF folder (for estimates).

@@ -157,6 +157,11 @@ enum Cmd {
         /// Compute each row as generation does: one token at a time through the KV cache.
         #[arg(long)]
         decode: bool,
+        /// With --shape: hold every decoder projection as quantized blocks (q4_0, q4_1, q8_0 or
+        /// q4_k), as a GGUF model is held for chat, so the logits go through the quantized
+        /// inference kernels of the device.
+        #[arg(long, requires = "shape")]
+        blocks: Option<String>,
         /// JSON file: a list of lists of token ids.
         #[arg(long)]
         tokens: PathBuf,
@@ -642,12 +647,26 @@ fn run(cli: Cli) -> Result<()> {
             let g = tunebench::infer::generate_text(&m.model, &m.tokenizer, enc.get_ids(), &opts, None, |_| {})?;
             println!("{}", g.text);
         }
-        Cmd::Logits { model, shape, adapter, device, decode, tokens, out } => {
+        Cmd::Logits { model, shape, adapter, device, decode, blocks, tokens, out } => {
+            use candle_core::quantized::GgmlDType;
             let dev = tunebench::device::open(&device, "--device")?;
-            let m = match &shape {
+            let mut m = match &shape {
                 Some(s) => model::Llama::random(tunebench::train::bench::shape_config(s)?, 0, &dev)?,
                 None => attach(model::load(&model_path(model), &dev)?, adapter.as_deref())?.model,
             };
+            if let Some(b) = &blocks {
+                let ty = match b.to_ascii_lowercase().as_str() {
+                    "q4_0" => GgmlDType::Q4_0,
+                    "q4_1" => GgmlDType::Q4_1,
+                    "q8_0" => GgmlDType::Q8_0,
+                    "q4_k" => GgmlDType::Q4K,
+                    _ => return Err(Error::config("--blocks", format!("`{b}` is not a block type; use q4_0, q4_1, q8_0 or q4_k"))),
+                };
+                model::hold_projections_as_blocks(&mut m, &dev, |l, k| match k % ty.block_size() {
+                    0 => Ok(Some(ty)),
+                    _ => Err(Error::config("--blocks", format!("{}: rows of {k} values do not split into {b} blocks of {}", l.name(), ty.block_size()))),
+                })?;
+            }
             let text = std::fs::read_to_string(&tokens).map_err(|e| Error::io(&tokens, e))?;
             let seqs: Vec<Vec<u32>> = serde_json::from_str(&text).map_err(|e| Error::bad_input(&tokens, Some(e.line()), e.to_string()))?;
             let vocab = m.config().vocab_size;
