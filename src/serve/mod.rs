@@ -207,18 +207,14 @@ async fn call(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
 async fn events(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     let rx = s.api.workbench().subscribe();
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(ev) => {
-                    let data = serde_json::to_string(&ev).unwrap_or_default();
-                    return Some((Ok::<_, std::convert::Infallible>(Event::default().data(data)), rx));
-                }
-                // A slow client missed events: tell it to reload what it shows.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    return Some((Ok(Event::default().event("lagged").data("{}")), rx));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        match rx.recv().await {
+            Ok(ev) => {
+                let data = serde_json::to_string(&ev).unwrap_or_default();
+                Some((Ok::<_, std::convert::Infallible>(Event::default().data(data)), rx))
             }
+            // A slow client missed events: tell it to reload what it shows.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Some((Ok(Event::default().event("lagged").data("{}")), rx)),
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
         }
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
