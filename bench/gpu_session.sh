@@ -17,7 +17,9 @@
 #          inference: the same tiny model's logits on both, full-sequence and token by token
 #          through the KV cache (tunebench logits --decode), dense and held as Q4_1/Q8_0 blocks
 #          (the quantized kernels a GGUF chat runs); our kernels against candle's ops;
-#       3. bench/gpu_bench.py on the issue's shapes (--write-results), both sides;
+#       3. a profile of the 1B shape's training step (bench-train --profile: each op's forward
+#          and backward, the optimizer) into $OUT/profile-llama-1b.txt;
+#       4. bench/gpu_bench.py on the issue's shapes (--write-results), both sides;
 #       writes everything (log, RESULTS section) to $OUT (or ./gpu-out).
 #
 # DEVICE=cpu runs the same steps on the CPU with the tiny shape and writes no results (a smoke
@@ -136,6 +138,13 @@ if [ "$DEVICE" != cpu ] && [ "${TUNEBENCH_FUSED_KERNELS:-1}" != 0 ]; then
 print('fused kernels $fused:', {k: r[k] for k in r if k not in ('losses',)})" || fail=1
   done
 fi
+# Where a step's time goes on the device (the fused kernels to write next follow from it):
+# profiled steps time each op's forward and backward between device synchronizations.
+pshape=llama-1b; [ "$DEVICE" = cpu ] && pshape=tiny
+echo "== profile: $pshape bf16 ${batch}x${seq} on $DEVICE (bench-train --profile)"
+"$bin" bench-train --shape "$pshape" --batch "$batch" --seq "$seq" --warmup-steps 1 --steps 1 --profile 3 --dtype bf16 \
+  --device "$DEVICE" 2> "$OUT/profile-$pshape.txt" | tail -n1 > "$OUT/profile-$pshape.json" || fail=1
+cat "$OUT/profile-$pshape.txt"
 echo "== bench/gpu_bench.py ($shapes, ${batch}x${seq})"
 cp bench/RESULTS.md "$OUT/RESULTS.before.md" 2>/dev/null || true
 "$py" bench/gpu_bench.py --tunebench "$bin" --device "$DEVICE" --shapes "$shapes" --batch "$batch" --seq "$seq" \

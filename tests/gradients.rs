@@ -237,16 +237,64 @@ fn detached_half_causal_softmax_matches_composed() {
     }
 }
 
+/// LoRA beside the frozen product as one op (`ops::lora_linear`): value and the gradients of x,
+/// A and B equal the composed `x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ` (f64 to rounding, f32 to f32's),
+/// with and without dropout; an input that tracks no ops gets no gradient while A and B still
+/// do; W never gets one.
+#[test]
+fn lora_linear_matches_composed() {
+    use tunebench::model::FrozenWeight;
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        for dropout in [None, Some((0.3, 5u64))] {
+            for x_tracks in [true, false] {
+                let x0 = randn(&[2, 7, 12], 40, dtype);
+                let w = randn(&[10, 12], 41, dtype);
+                let (a, b) = (Var::from_tensor(&randn(&[4, 12], 42, dtype)).unwrap(), Var::from_tensor(&randn(&[10, 4], 43, dtype)).unwrap());
+                let xv = Var::from_tensor(&x0).unwrap();
+                let x = if x_tracks { xv.as_tensor().clone() } else { x0.clone() };
+                let pair = ops::LoraPair { a: a.as_tensor(), b: b.as_tensor(), scale: 1.5, dropout };
+                let y1 = ops::lora_linear(&x, &FrozenWeight::Dense(w.clone()), pair).unwrap();
+                let y2 = ops::lora_linear_composed(&x, &w, pair).unwrap();
+                let what = format!("{dtype:?} dropout {dropout:?} x tracks {x_tracks}");
+                assert_eq!(y1.dims(), &[2, 7, 10]);
+                assert!(max_rel(&y1, &y2) < tol, "{what}: forward differs {}", max_rel(&y1, &y2));
+                let cot = randn(y1.dims(), 44, dtype);
+                let g1 = (y1 * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (y2 * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+                for (name, t) in [("A", a.as_tensor()), ("B", b.as_tensor())] {
+                    let (u, v) = (g1.get(t).unwrap(), g2.get(t).unwrap());
+                    assert!(max_rel(u, v) < tol, "{what}: d{name} differs {}", max_rel(u, v));
+                }
+                assert!(g1.get(&w).is_none(), "the frozen weight gets no gradient");
+                match x_tracks {
+                    true => {
+                        let (u, v) = (g1.get(xv.as_tensor()).unwrap(), g2.get(xv.as_tensor()).unwrap());
+                        assert!(max_rel(u, v) < tol, "{what}: dX differs {}", max_rel(u, v));
+                    }
+                    false => assert!(g1.get(xv.as_tensor()).is_none() && g1.get(&x).is_none(), "{what}: an untracked input got a gradient"),
+                }
+            }
+        }
+    }
+    // Dropout reaches the update: without it the value differs.
+    let (x, w) = (randn(&[3, 12], 45, DType::F64), randn(&[10, 12], 46, DType::F64));
+    let (a, b) = (randn(&[4, 12], 47, DType::F64), randn(&[10, 4], 48, DType::F64));
+    let with = |d| ops::lora_linear(&x, &FrozenWeight::Dense(w.clone()), ops::LoraPair { a: &a, b: &b, scale: 1.0, dropout: d }).unwrap();
+    assert!(max_rel(&with(Some((0.5, 1))), &with(None)) > 1e-3);
+}
+
 /// The device checker (`tunebench check-ops`, which bench/gpu_session.sh runs on a GPU) on the
 /// CPU: every op in f32, bf16 and f16 within its limit against the f64 reference, and the
 /// errors are real measurements (16-bit ones well above f32's).
 #[test]
 fn op_checks_pass_on_the_cpu() {
     let checks = tunebench::model::opcheck::run(&Device::Cpu).unwrap();
-    assert!(checks.len() >= 66, "{}", checks.len());
+    assert!(checks.len() >= 84, "{}", checks.len());
     assert!(checks.iter().filter(|c| c.op.ends_with("[fused, forced]")).count() >= 33, "the fused twins run too");
     let blocks = checks.iter().filter(|c| c.op.starts_with("frozen_linear_blocks")).count();
     assert_eq!(blocks, 24, "four block formats, three dtypes, plain and forced");
+    let lora = checks.iter().filter(|c| c.op.starts_with("lora_linear")).count();
+    assert_eq!(lora, 18, "dense, dense with dropout and Q4_1 blocks with dropout; three dtypes, plain and forced");
     for c in &checks {
         assert!(c.ok(), "{c:?}");
     }

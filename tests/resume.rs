@@ -188,6 +188,24 @@ fn bench_train_runs_a_shape_with_and_without_checkpointing() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunebench")).args(["bench-train", "--shape", "llama-7b"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("unknown shape") && err.contains("llama-1b"), "{err}");
+    // --profile: steps after the timed ones, each region by name; the timed steps' losses are
+    // unchanged; with checkpointing the recomputed layers are a region of their own.
+    for (extra, recompute) in [(&["--profile", "2"][..], false), (&["--profile", "2", "--gradient-checkpointing"][..], true)] {
+        let p = run(extra);
+        assert_eq!(p["losses"], plain["losses"], "profiling changes nothing in the timed steps");
+        let rows = p["profile"].as_array().unwrap();
+        let get = |name: &str| rows.iter().find(|r| r["region"] == name).unwrap_or_else(|| panic!("no region {name}: {rows:?}"));
+        let layers = 2.0; // the tiny shape
+        assert_eq!(get("lora product fwd")["calls_per_step"].as_f64().unwrap(), 7.0 * layers * if recompute { 2.0 } else { 1.0 });
+        assert_eq!(get("lora product bwd")["calls_per_step"].as_f64().unwrap(), 7.0 * layers);
+        for name in ["attention fwd", "attention bwd", "swiglu fwd", "swiglu bwd", "rms_norm fwd", "rope fwd", "lm head + loss fwd", "backward", "optimizer"] {
+            assert!(get(name)["seconds_per_step"].as_f64().unwrap() >= 0.0);
+        }
+        assert_eq!(rows.iter().any(|r| r["region"] == "forward (recompute)"), recompute);
+        let share: f64 = rows.iter().map(|r| r["share"].as_f64().unwrap()).sum();
+        assert!((share - 1.0).abs() < 1e-6, "{share}");
+        assert!(plain.get("profile").is_none());
+    }
 }
 
 /// Mixed precision on the real default model: a bf16 run's loss curve follows the f32 run's

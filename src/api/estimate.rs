@@ -10,7 +10,9 @@
 //! * activations kept for the backward pass, per token and decoder layer: the layer input,
 //!   both norm outputs, q/k/v (projected, laid out, rotated), attention output, MLP
 //!   gate/up/activation, projections' outputs and residual sums, plus each LoRA target's
-//!   extra output and rank-r intermediate — see [`activation_floats_per_token_layer`];
+//!   rank-r intermediate (LoRA trains through `ops::lora_linear`, which keeps no output of its
+//!   own beside the projection's; DoRA composes and keeps more) — see
+//!   [`activation_floats_per_token_layer`];
 //! * attention: one query block of scores at a time (`ops::causal_attention` keeps none for
 //!   the backward and recomputes each block's there), at most `ops::ATTENTION_BLOCK_BYTES`;
 //! * the loss: `loss_chunk` rows of vocabulary logits at once (their softmax and gradient
@@ -47,16 +49,22 @@ use crate::train::RunConfig;
 use crate::{Error, Result};
 
 /// Measured activation bytes ÷ the counted floats × 4 (temporaries alive at the peak,
-/// allocator slack). Calibrated on 6 configs of the default model (bench/RESULTS.md).
+/// allocator slack) for the methods whose adapters run on composed ops. Calibrated on 6 LoRA
+/// configs of the default model when LoRA composed too (bench/RESULTS.md, 2026-11-23).
 pub const ACTIVATION_FACTOR: f64 = 1.25;
+/// The same for LoRA and QLoRA without DoRA, which train through `ops::lora_linear` (the
+/// count covers what it keeps exactly). Refit on the same 6 configs (bench/RESULTS.md,
+/// 2026-12-02).
+pub const LORA_ACTIVATION_FACTOR: f64 = 1.03;
 /// Copies of one query block's f32 attention scores alive at the peak (the backward's
 /// probabilities, their gradient and its temporaries; nothing of the kind is kept between the
 /// passes). Measured with the blocked attention (bench/RESULTS.md, 2026-12-01).
 pub const ATTENTION_COPIES: f64 = 3.5;
 /// With gradient checkpointing: one decoder layer's activations alive at the peak, in units of
-/// a layer's share of the activations (the recomputed layer and its gradients). Measured on
-/// three configs of the default model (bench/RESULTS.md, 2026-12-01).
-pub const CHECKPOINT_LAYER_COPIES: f64 = 1.3;
+/// a layer's counted activation bytes (the recomputed layer and its gradients). Measured on
+/// three configs of the default model (bench/RESULTS.md, 2026-12-01: 1.3 of the counted bytes
+/// × 1.25), checked on two with LoRA as one op (2026-12-02).
+pub const CHECKPOINT_LAYER_COPIES: f64 = 1.65;
 /// Bytes per trainable parameter: value, gradient, accumulated gradient, AdamW m and v (f32),
 /// less what is freed between micro-batches. Calibrated with [`ACTIVATION_FACTOR`].
 pub const ADAPTER_BYTES_PER_PARAM: u64 = 17;
@@ -66,6 +74,10 @@ pub const ADAPTER_BYTES_PER_PARAM: u64 = 17;
 pub const LOGIT_COPIES: f64 = 1.0;
 /// Step time ÷ pure matmul time (norms, softmax, RoPE, element-wise ops, optimizer).
 pub const TIME_OVERHEAD: f64 = 2.2;
+/// [`TIME_OVERHEAD`] for LoRA as one op (no scaling pass, no graph nodes of its own; measured
+/// 0.71–0.83 of the composed figure on the six held-out configs of `tests/estimate.rs`,
+/// 2026-12-02).
+pub const LORA_TIME_OVERHEAD: f64 = 1.75;
 
 /// Mixed precision on the CPU runs unfused ops where the f32 kernels would run (SwiGLU, the
 /// f32 casts around RMSNorm and the softmax), which keep more temporaries: activations × this
@@ -74,6 +86,9 @@ pub const TIME_OVERHEAD: f64 = 2.2;
 /// f32 pages stay with the process. Fitted on four configs of the default model
 /// (bench/RESULTS.md, 2026-12-01 20:40).
 pub const HALF_ACTIVATION_FACTOR: f64 = 1.17;
+/// [`HALF_ACTIVATION_FACTOR`] for LoRA as one op ([`LORA_ACTIVATION_FACTOR`]); refit on three
+/// bf16 configs (bench/RESULTS.md, 2026-12-02).
+pub const LORA_HALF_ACTIVATION_FACTOR: f64 = 1.29;
 /// See [`HALF_ACTIVATION_FACTOR`].
 pub const HALF_ATTENTION_FACTOR: f64 = 1.0;
 /// Time per step of bf16 over f32 on the CPU (candle's bf16 matmul is slower than its f32
@@ -207,14 +222,16 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
         .filter(|(n, _, _)| chosen.contains(n))
         .map(|(n, i, o)| {
             let (params, acts) = match peft {
-                // x·A (r), its B output and the sum with the frozen output; with dropout, the
-                // dropped copy of the input (kept for A's gradient; the mask is not kept).
-                // DoRA adds the magnitude vector (out) and the scaled sum (out) per token.
+                // LoRA in training is one op with the frozen product (`ops::lora_linear`): it
+                // keeps only x̃·A (r) beside the output the frozen product would have anyway
+                // (dropout's input is drawn again in the backward, not kept). DoRA composes:
+                // x·A (r), its B output and the sum with the frozen output, the dropped copy of
+                // the input with dropout, the magnitude vector and the scaled sum (out each).
+                PeftConfig::Lora(l) | PeftConfig::Qlora(l) if !l.use_dora => (l.rank_and_scale(&n).0 * (i + o), l.rank_and_scale(&n).0),
                 PeftConfig::Lora(l) | PeftConfig::Qlora(l) => {
                     let r = l.rank_and_scale(&n).0;
-                    let dora = if l.use_dora { o } else { 0 };
                     let dropped = if l.lora_dropout > 0.0 { i } else { 0 };
-                    (r * (i + o) + dora, r + 2 * o + 2 * dora + dropped)
+                    (r * (i + o) + o, r + 4 * o + dropped)
                 }
                 // P, Λ, Q at init_r (masked triplets stay trainable); activations as LoRA's.
                 PeftConfig::AdaLora(a) => (a.init_r * (i + o + 1), a.init_r + 2 * o + if a.lora_dropout > 0.0 { i } else { 0 }),
@@ -315,8 +332,16 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     let adapter = trainable * ADAPTER_BYTES_PER_PARAM;
     let tokens = b * s;
     let act_bytes_per_tok_layer = wbytes as f64 * activation_floats_per_token_layer(model, adapter_floats);
-    let composed = if half { HALF_ACTIVATION_FACTOR } else { 1.0 };
-    let acts = (composed * ACTIVATION_FACTOR * act_bytes_per_tok_layer * (tokens * layers) as f64) as u64 + wbytes * tokens * model.hidden_size as u64 * 2;
+    // LoRA (and QLoRA) without DoRA trains through one op per projection (`ops::lora_linear`).
+    let lora_op = matches!(&cfg.peft, PeftConfig::Lora(l) | PeftConfig::Qlora(l) if !l.use_dora);
+    let factor = match (lora_op, half) {
+        (true, false) => LORA_ACTIVATION_FACTOR,
+        (true, true) => LORA_ACTIVATION_FACTOR * LORA_HALF_ACTIVATION_FACTOR,
+        (false, false) => ACTIVATION_FACTOR,
+        (false, true) => ACTIVATION_FACTOR * HALF_ACTIVATION_FACTOR,
+    };
+    let counted = act_bytes_per_tok_layer * (tokens * layers) as f64;
+    let acts = (factor * counted) as u64 + wbytes * tokens * model.hidden_size as u64 * 2;
     let attn_factor = if half { HALF_ATTENTION_FACTOR } else { 1.0 };
     // One query block of scores at a time (`ops::causal_attention`), in every layer alike.
     let block = crate::model::ops::attention_block_len(b as usize, model.num_attention_heads, s as usize, s as usize) as u64;
@@ -331,7 +356,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     // recomputed in the backward holds its activations and part of their gradients
     // ([`CHECKPOINT_LAYER_COPIES`]); attention is one block at a time either way.
     let layer_inputs = wbytes * tokens * model.hidden_size as u64 * layers;
-    let acts_ckpt = (CHECKPOINT_LAYER_COPIES * acts as f64 / layers.max(1) as f64) as u64 + layer_inputs;
+    let acts_ckpt = (CHECKPOINT_LAYER_COPIES * counted / layers.max(1) as f64) as u64 + layer_inputs;
     let attn_ckpt = attn;
     let ckpt = weights + adapter + acts_ckpt + attn_ckpt + loss;
     let checkpointing = t.gradient_checkpointing;
@@ -362,7 +387,8 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         crate::train::config::Precision::Bf16 => HALF_CPU_TIME_FACTOR,
         crate::train::config::Precision::F16 => F16_CPU_TIME_FACTOR,
     };
-    let step_s = flops / (gflops * 1e9) * TIME_OVERHEAD * precision_factor;
+    let overhead = if lora_op { LORA_TIME_OVERHEAD } else { TIME_OVERHEAD };
+    let step_s = flops / (gflops * 1e9) * overhead * precision_factor;
 
     let total_steps = if t.max_steps > 0 {
         t.max_steps as u64

@@ -32,6 +32,7 @@ use std::sync::OnceLock;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
+use super::profile;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -268,9 +269,11 @@ impl candle_core::CustomOp2 for Swiglu {
     cuda_fwd2!(swiglu_cuda, same_shape);
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let n = g.elem_count();
-        let both = g.apply_op3_no_bwd(u, &grad.contiguous()?, &SwigluGrad)?;
-        Ok((Some(both.narrow(0, 0, n)?.reshape(g.shape())?), Some(both.narrow(0, n, n)?.reshape(u.shape())?)))
+        profile::region("swiglu bwd", g.device(), || {
+            let n = g.elem_count();
+            let both = g.apply_op3_no_bwd(u, &grad.contiguous()?, &SwigluGrad)?;
+            Ok((Some(both.narrow(0, 0, n)?.reshape(g.shape())?), Some(both.narrow(0, n, n)?.reshape(u.shape())?)))
+        })
     }
 }
 
@@ -590,12 +593,17 @@ impl CustomOp1 for Dropout {
     }
 }
 
-/// Inverted dropout of `xs` (f32, bf16 or f16, any device) at rate `p` with
-/// [`dropout_mask`]`(n, p, seed)`'s mask, drawn by the kernel or, on the CPU, its twin; the
-/// backward draws it again, so nothing of the mask's size is kept.
+/// Inverted dropout of `xs` (any device) at rate `p` with [`dropout_mask`]`(n, p, seed)`'s
+/// mask. For f32, bf16 and f16 the kernel or, on the CPU, its twin draws it, and the backward
+/// draws it again, so nothing of the mask's size is kept; f64 (the finite-difference tests)
+/// multiplies by the mask.
 pub fn dropout(xs: &Tensor, p: f64, seed: u64) -> CResult<Tensor> {
     if !(0.0..1.0).contains(&p) {
         candle_core::bail!("fused-dropout: rate {p} outside [0, 1)");
+    }
+    if !matches!(xs.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        let mask = Tensor::from_vec(dropout_mask(xs.elem_count(), p, seed), xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        return xs * mask;
     }
     xs.contiguous()?.apply_op1(Dropout { p, seed })
 }

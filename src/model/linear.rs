@@ -275,7 +275,7 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         match &self.adapter {
-            Some(a) => a.forward(xs, y, &self.weight, ctx),
+            Some(a) => super::profile::region("adapter fwd", xs.device(), || a.forward(xs, y, &self.weight, ctx)),
             None => Ok(y),
         }
     }

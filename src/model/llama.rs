@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::attend::{self, Heads, HostKv};
 use super::config::LlamaConfig;
 use super::linear::{ForwardCtx, FrozenWeight, Linear};
-use super::ops;
+use super::{ops, profile};
 use crate::{Error, Result};
 
 /// Causal self-attention with grouped-query heads.
@@ -576,10 +576,12 @@ impl Llama {
             )));
         }
         let flat = ids.flatten_all()?;
-        let embedded = match self.tuned.as_deref().and_then(|t| t.embedding(ctx)) {
-            Some(w) => w.embedding(&flat)?,
-            None => self.embed_tokens.rows(&flat)?,
-        };
+        let embedded = profile::region("embedding fwd", &self.device, || -> Result<Tensor> {
+            Ok(match self.tuned.as_deref().and_then(|t| t.embedding(ctx)) {
+                Some(w) => w.embedding(&flat)?,
+                None => self.embed_tokens.rows(&flat)?,
+            })
+        })?;
         let mut xs = embedded.reshape((b, new, self.cfg.hidden_size))?;
         let mut prefixes = None;
         let mut front = 0;
@@ -784,18 +786,21 @@ impl Llama {
         let mut take = |store: &candle_core::backprop::GradStore| add_grads(&mut grads, vars.iter().map(|v| store.get(v).map(|g| g.detach())));
         // Forward: each layer's input is kept, its graph dropped with the detached output.
         let mut inputs = Vec::with_capacity(self.layers.len());
-        let mut xs = stem.xs.detach();
-        for i in 0..self.layers.len() {
-            let out = self.layer_forward(i, &xs, &stem, ctx, None)?.detach();
-            inputs.push(std::mem::replace(&mut xs, out));
-        }
-        // The head: final norm, LM head and loss, from the last layer's output as a leaf.
-        let leaf = candle_core::Var::from_tensor(&xs)?;
-        drop(xs);
-        let h = self.final_norm(leaf.as_tensor(), ctx)?.reshape((b * (stem.front + s), self.cfg.hidden_size))?;
-        let total = self.head_loss(&h, &rows, &targets, ctx, chunk)?;
+        let dev = &self.device;
+        let (leaf, total) = profile::region("forward", dev, || -> Result<_> {
+            let mut xs = stem.xs.detach();
+            for i in 0..self.layers.len() {
+                let out = self.layer_forward(i, &xs, &stem, ctx, None)?.detach();
+                inputs.push(std::mem::replace(&mut xs, out));
+            }
+            // The head: final norm, LM head and loss, from the last layer's output as a leaf.
+            let leaf = candle_core::Var::from_tensor(&xs)?;
+            drop(xs);
+            let h = self.final_norm(leaf.as_tensor(), ctx)?.reshape((b * (stem.front + s), self.cfg.hidden_size))?;
+            Ok((leaf, self.head_loss(&h, &rows, &targets, ctx, chunk)?))
+        })?;
         let loss = total.detach();
-        let store = (total * scale)?.backward()?;
+        let store = profile::region("backward", dev, || (total * scale)?.backward())?;
         take(&store)?;
         let mut upstream = store.get(leaf.as_tensor()).map(|g| g.detach());
         drop(store);
@@ -804,15 +809,15 @@ impl Llama {
             let (Some(g_out), Some(input)) = (upstream.take(), inputs.pop()) else { break };
             let leaf = candle_core::Var::from_tensor(&input)?;
             drop(input);
-            let out = self.layer_forward(i, leaf.as_tensor(), &stem, ctx, None)?;
-            let store = (out * g_out)?.sum_all()?.backward()?;
+            let out = profile::region("forward (recompute)", dev, || self.layer_forward(i, leaf.as_tensor(), &stem, ctx, None))?;
+            let store = profile::region("backward", dev, || (out * g_out)?.sum_all()?.backward())?;
             take(&store)?;
             upstream = store.get(leaf.as_tensor()).map(|g| g.detach());
         }
         // The stem: trained embeddings or virtual input tokens.
         if let Some(g) = upstream {
             if stem.xs.track_op() {
-                take(&(&stem.xs * g)?.sum_all()?.backward()?)?;
+                take(&profile::region("backward", dev, || (&stem.xs * g)?.sum_all()?.backward())?)?;
             }
         }
         Ok((loss, rows.len(), grads))

@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod linear;
 pub mod llama;
 pub mod opcheck;
+pub mod profile;
 pub mod ops;
 pub mod qmatmul;
 pub mod tokenizer;

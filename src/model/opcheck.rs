@@ -164,6 +164,38 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                 )?);
             }
         }
+        // LoRA beside the frozen product (one op, its backward ours), with and without dropout
+        // on the update's input, the weight dense and as Q4_1 blocks (QLoRA).
+        {
+            use super::FrozenWeight;
+            let w = random(&[48, 64], 15)?;
+            let w32 = w.to_dtype(DType::F32)?;
+            let q = candle_core::quantized::QTensor::quantize(&w32, candle_core::quantized::GgmlDType::Q4_1)?;
+            let q_dense = q.dequantize(&Device::Cpu)?.to_dtype(DType::F64)?;
+            let q = if device.is_cpu() { q } else { candle_core::quantized::QTensor::quantize_onto(&w32, candle_core::quantized::GgmlDType::Q4_1, device)? };
+            let blocks = FrozenWeight::quantized(q)?;
+            for (case, dropout, held) in [("dense", None, None), ("dense, dropout 0.25", Some((0.25, 77)), None), ("Q4_1 blocks, dropout 0.25", Some((0.25, 78)), Some(&blocks))] {
+                let reference_w = if held.is_some() { &q_dense } else { &w };
+                out.push(check(
+                    &format!("lora_linear {case}"),
+                    device,
+                    dtype,
+                    &[random(&[3, 5, 64], 16)?, random(&[8, 64], 17)?, random(&[48, 8], 18)?],
+                    &|t| {
+                        let dense;
+                        let weight = match held {
+                            Some(b) => b,
+                            None => {
+                                dense = FrozenWeight::Dense(w.to_dtype(t[0].dtype())?.to_device(t[0].device())?);
+                                &dense
+                            }
+                        };
+                        ops::lora_linear(&t[0], weight, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout })
+                    },
+                    &|t| ops::lora_linear_composed(&t[0], reference_w, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }),
+                )?);
+            }
+        }
         let targets: Vec<u32> = (0..9u32).map(|i| (i * 37 + 5) % 300).collect();
         let head = random(&[300, 64], 11)?;
         out.push(check(

@@ -24,7 +24,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
-use super::fused;
+use super::{fused, profile};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -106,7 +106,9 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w.dense(self.dtype)?)?))
+        profile::region("frozen matmul bwd", grad.device(), || {
+            Ok(Some(grad.matmul(&self.w.dense(self.dtype)?)?))
+        })
     }
 }
 
@@ -125,20 +127,242 @@ pub fn frozen_linear_blocks(xs: &Tensor, q: &Arc<QTensor>) -> CResult<Tensor> {
 }
 
 fn frozen_product(xs: &Tensor, w: Held, n: usize) -> CResult<Tensor> {
-    let dims = xs.dims().to_vec();
-    let k = *dims.last().unwrap_or(&0);
-    let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-    let x2 = xs.reshape((m, k))?.contiguous()?;
-    // A weight that is itself trained (full fine-tuning) goes through candle's matmul, whose
-    // backward gives it a gradient; the custom op gives `xs` one only.
-    let trained = matches!(&w, Held::Dense(t) if t.track_op());
-    let dtype = xs.dtype();
-    let out = if xs.track_op() && !trained { x2.apply_op1(FrozenMatmul { w, dtype })? } else { x2.matmul(&w.dense(dtype)?.t()?)? };
-    let mut out_dims = dims;
-    if let Some(last) = out_dims.last_mut() {
-        *last = n;
+    profile::region("frozen matmul fwd", xs.device(), || {
+        let dims = xs.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let x2 = xs.reshape((m, k))?.contiguous()?;
+        // A weight that is itself trained (full fine-tuning) goes through candle's matmul, whose
+        // backward gives it a gradient; the custom op gives `xs` one only.
+        let trained = matches!(&w, Held::Dense(t) if t.track_op());
+        let dtype = xs.dtype();
+        let out = if xs.track_op() && !trained { x2.apply_op1(FrozenMatmul { w, dtype })? } else { x2.matmul(&w.dense(dtype)?.t()?)? };
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        out.reshape(out_dims)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// LoRA beside the frozen product
+// ---------------------------------------------------------------------------------------------
+
+/// LoRA's low-rank pair beside a frozen product (see [`lora_linear`]).
+#[derive(Clone, Copy)]
+pub struct LoraPair<'a> {
+    /// (r, in), in the activations' dtype.
+    pub a: &'a Tensor,
+    /// (out, r), in the activations' dtype.
+    pub b: &'a Tensor,
+    /// alpha / r (or alpha / √r).
+    pub scale: f64,
+    /// Dropout on the update's input: (rate, seed) as [`fused::dropout`] draws it.
+    pub dropout: Option<(f64, u64)>,
+}
+
+/// `y = x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ` as one graph node, x̃ = dropout(x): the forward is two products
+/// into the output and an add (`x̃·Aᵀ`, (tokens, r), is made first and held); the backward is
+/// `dX = dY·W + dropout(s·(dY·B)·A)`, `dA = (s·dY·B)ᵀ·x̃`, `dB = s·dYᵀ·(x̃·Aᵀ)`, with x̃ drawn again
+/// from the seed. The graph keeps `x`, the (tokens, r) product and the output; composed, it
+/// kept the base product, the update before and after scaling (three (tokens, out) tensors
+/// per adapted projection) and x̃, and spent a pass over (tokens, out) on the scaling in each
+/// direction.
+struct LoraProduct {
+    /// (out, in).
+    w: Held,
+    dtype: DType,
+    /// x̃·Aᵀ, (m, r), detached.
+    xa: Tensor,
+    scale: f64,
+    dropout: Option<(f64, u64)>,
+}
+
+impl LoraProduct {
+    /// `x·Wᵀ + (s·xa)·Bᵀ` on a backend's storage.
+    fn forward<S>(&self, x: &S, xl: &Layout, b: &S, bl: &Layout, w: &S, wl: &Layout, xa: &S, xal: &Layout) -> CResult<(S, Shape)>
+    where
+        S: BackendStorage,
+    {
+        let (m, k) = xl.shape().dims2()?;
+        let (n, r) = bl.shape().dims2()?;
+        if wl.shape().dims2()? != (n, k) || xal.shape().dims2()? != (m, r) {
+            candle_core::bail!("lora-product: x {:?}, W {:?}, B {:?}, x·Aᵀ {:?} do not fit", xl.shape(), wl.shape(), bl.shape(), xal.shape());
+        }
+        let y = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        let small = Layout::contiguous((m, r));
+        let xa_s = xa.affine(xal, self.scale, 0.0)?;
+        let up = xa_s.matmul(b, (1, m, n, r), &small, &bl.transpose(0, 1)?)?;
+        let out = Layout::contiguous((m, n));
+        Ok((y.binary_impl::<candle_core::op::Add>(&up, &out, &out)?, Shape::from((m, n))))
     }
-    out.reshape(out_dims)
+
+    fn dropped(&self, x: &Tensor) -> CResult<Tensor> {
+        match self.dropout {
+            Some((p, seed)) => fused::dropout(x, p, seed),
+            None => Ok(x.clone()),
+        }
+    }
+}
+
+/// `dst (m×n, row-major) = [dst +] beta·lhs·rhs` in f32 on the CPU through gemm (candle's CPU
+/// matmul kernel), so a second product accumulates into the first's output instead of making
+/// its own and adding (a pass over the output saved). `lhs` (m×k) and `rhs` (k×n) are (data,
+/// row stride, column stride).
+fn cpu_gemm(dst: &mut [f32], (m, n, k): (usize, usize, usize), accumulate: bool, lhs: (&[f32], usize, usize), rhs: (&[f32], usize, usize), beta: f32) -> CResult<()> {
+    let reach = |rows: usize, cols: usize, (d, rs, cs): (&[f32], usize, usize)| rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < d.len();
+    if dst.len() != m * n || !reach(m, k, lhs) || !reach(k, n, rhs) {
+        candle_core::bail!("lora-product: operands do not cover a {m}×{k} · {k}×{n} product");
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: every index gemm touches is inside its slice (checked above: the last row and
+    // column of each operand are in bounds, strides are non-negative), and `dst` is exclusive.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
+/// `f` on a contiguous f32 CPU tensor's elements.
+fn cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(c) = &*s else { candle_core::bail!("lora-product: tensor not on the cpu") };
+    f(contiguous_f32(c, l, "lora-product")?)
+}
+
+fn f32_contiguous(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
+}
+
+impl candle_core::CustomOp3 for LoraProduct {
+    fn name(&self) -> &'static str {
+        "lora-product"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, _a: &CpuStorage, _al: &Layout, b: &CpuStorage, bl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let w = self.w.dense(self.dtype)?;
+        if self.dtype == DType::F32 && f32_contiguous(&w) && f32_contiguous(&self.xa) && xl.is_contiguous() && bl.is_contiguous() {
+            // y = x·Wᵀ, then y += s·(x̃·Aᵀ)·Bᵀ into the same buffer.
+            let (m, k) = xl.shape().dims2()?;
+            let (n, r) = bl.shape().dims2()?;
+            let (x, b) = (contiguous_f32(x, xl, "lora-product")?, contiguous_f32(b, bl, "lora-product")?);
+            let mut y = vec![0f32; m * n];
+            cpu_f32(&w, |w| cpu_gemm(&mut y, (m, n, k), false, (x, k, 1), (w, 1, k), 1.0))?;
+            cpu_f32(&self.xa, |xa| cpu_gemm(&mut y, (m, n, r), true, (xa, r, 1), (b, 1, r), self.scale as f32))?;
+            return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+        }
+        let (ws, wl) = w.storage_and_layout();
+        let (xas, xal) = self.xa.storage_and_layout();
+        let (Storage::Cpu(w), Storage::Cpu(xa)) = (&*ws, &*xas) else { candle_core::bail!("lora-product: weight not on the cpu") };
+        self.forward(x, xl, b, bl, w, wl, xa, xal)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        _a: &candle_core::CudaStorage,
+        _al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let w = self.w.dense(self.dtype)?;
+        let (ws, wl) = w.storage_and_layout();
+        let (xas, xal) = self.xa.storage_and_layout();
+        let (Storage::Cuda(w), Storage::Cuda(xa)) = (&*ws, &*xas) else { candle_core::bail!("lora-product: weight not on cuda") };
+        self.forward(x, xl, b, bl, w, wl, xa, xal)
+    }
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        profile::region("lora product bwd", grad.device(), || {
+            // An input that tracks no ops (the first layer's, from frozen embeddings) gets no gradient.
+            let x_tracks = x.track_op();
+            let (x, a, b, g) = (x.detach(), a.detach(), b.detach(), grad.detach().contiguous()?);
+            // s·dY·B, (m, r): the update's input side.
+            let dxa = (g.matmul(&b)? * self.scale)?;
+            let db = (g.t()?.matmul(&self.xa)? * self.scale)?;
+            let da = dxa.t()?.matmul(&self.dropped(&x)?)?;
+            let dx = if !x_tracks {
+                None
+            } else if self.dropout.is_none() && f32_contiguous(&g) && f32_contiguous(&dxa) && f32_contiguous(&a) {
+                // dX = dY·W, then dX += (s·dY·B)·A into the same buffer.
+                let w = self.w.dense(self.dtype)?.contiguous()?;
+                let ((m, n), (r, k)) = (g.dims2()?, a.dims2()?);
+                let mut dx = vec![0f32; m * k];
+                cpu_f32(&g, |g| cpu_f32(&w, |w| cpu_gemm(&mut dx, (m, k, n), false, (g, n, 1), (w, k, 1), 1.0)))?;
+                cpu_f32(&dxa, |d| cpu_f32(&a, |a| cpu_gemm(&mut dx, (m, k, r), true, (d, r, 1), (a, k, 1), 1.0)))?;
+                Some(Tensor::from_vec(dx, (m, k), &Device::Cpu)?)
+            } else {
+                Some((g.matmul(&self.w.dense(self.dtype)?)? + self.dropped(&dxa.matmul(&a)?)?)?)
+            };
+            Ok((dx, Some(da), Some(db)))
+        })
+    }
+}
+
+/// `xs·Wᵀ + s·(dropout(xs)·Aᵀ)·Bᵀ` (a LoRA-adapted projection in training) as one op, for a
+/// dense frozen `w` (out, in) or one held as quantized blocks; `xs` may have any number of
+/// leading dims. Gradients go to `xs` (when it tracks ops), A and B; W gets none.
+pub fn lora_linear(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair) -> CResult<Tensor> {
+    profile::region("lora product fwd", xs.device(), || {
+        let held = match w {
+            super::FrozenWeight::Dense(t) => Held::Dense(t.clone()),
+            super::FrozenWeight::Quantized { q, .. } => Held::Blocks(q.clone()),
+        };
+        let dims = xs.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let x2 = xs.reshape((m, k))?.contiguous()?;
+        let dtype = xs.dtype();
+        let op = LoraProduct { w: held, dtype, xa: Tensor::zeros((0, 0), dtype, xs.device())?, scale: pair.scale, dropout: pair.dropout };
+        let xa = op.dropped(&x2.detach())?.matmul(&pair.a.detach().t()?)?;
+        let op = LoraProduct { xa, ..op };
+        let out = x2.apply_op3(&pair.a.contiguous()?, &pair.b.contiguous()?, op)?;
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = pair.b.dim(0)?;
+        }
+        out.reshape(out_dims)
+    })
+}
+
+/// [`lora_linear`] from differentiable primitives: the reference it is held to.
+pub fn lora_linear_composed(xs: &Tensor, w: &Tensor, pair: LoraPair) -> CResult<Tensor> {
+    let x = match pair.dropout {
+        Some((p, seed)) => {
+            let mask = Tensor::from_vec(fused::dropout_mask(xs.elem_count(), p, seed), xs.shape(), &Device::Cpu)?;
+            (xs * mask.to_dtype(xs.dtype())?.to_device(xs.device())?)?
+        }
+        None => xs.clone(),
+    };
+    let base = xs.broadcast_matmul(&w.t()?)?;
+    base + (x.broadcast_matmul(&pair.a.t()?)?.broadcast_matmul(&pair.b.t()?)? * pair.scale)?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -181,6 +405,8 @@ type InputGrad = Arc<dyn Fn(&Tensor, &Tensor) -> CResult<Tensor> + Send + Sync>;
 struct GradHook {
     out: Tensor,
     grad: InputGrad,
+    /// The backward's profile region (`rms_norm bwd` …).
+    name: &'static str,
 }
 
 impl CustomOp1 for GradHook {
@@ -198,16 +424,19 @@ impl CustomOp1 for GradHook {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some((self.grad)(&arg.detach(), &grad.detach())?))
+        profile::region(self.name, grad.device(), || {
+            Ok(Some((self.grad)(&arg.detach(), &grad.detach())?))
+        })
     }
 }
 
-/// `out` (computed from `x` without a graph) with `grad` as its backward when `x` tracks ops.
-fn with_input_grad(x: &Tensor, out: Tensor, grad: InputGrad) -> CResult<Tensor> {
+/// `out` (computed from `x` without a graph) with `grad` as its backward when `x` tracks ops
+/// (profiled as region `name`).
+fn with_input_grad(x: &Tensor, out: Tensor, name: &'static str, grad: InputGrad) -> CResult<Tensor> {
     if !x.track_op() {
         return Ok(out);
     }
-    x.apply_op1(GradHook { out, grad })
+    x.apply_op1(GradHook { out, grad, name })
 }
 
 /// Where candle's fused forward kernels (with a backward of ours) beat composed ops: on GPUs,
@@ -248,7 +477,9 @@ impl CustomOp1 for RmsNorm {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some(arg.apply_op1_no_bwd(&RmsNormGrad { w: self.w.clone(), eps: self.eps, grad: grad.contiguous()? })?))
+        profile::region("rms_norm bwd", grad.device(), || {
+            Ok(Some(arg.apply_op1_no_bwd(&RmsNormGrad { w: self.w.clone(), eps: self.eps, grad: grad.contiguous()? })?))
+        })
     }
 }
 
@@ -289,15 +520,17 @@ impl CustomOp1 for RmsNormGrad {
 /// RMSNorm over the last dim, differentiable in `xs` (fused) and also in `w` when `w` is
 /// trained (composed).
 pub fn rms_norm(xs: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
-    if fused::active(xs) && !w.track_op() {
-        rms_norm_hooked(xs, w, eps)
-    } else if use_fused(xs) && !w.track_op() {
-        xs.contiguous()?.apply_op1(RmsNorm { w: w.clone(), eps: eps as f32 })
-    } else if use_candle_kernels(xs) && !w.track_op() {
-        rms_norm_hooked(xs, w, eps)
-    } else {
-        rms_norm_composed(xs, w, eps)
-    }
+    profile::region("rms_norm fwd", xs.device(), || {
+        if fused::active(xs) && !w.track_op() {
+            rms_norm_hooked(xs, w, eps)
+        } else if use_fused(xs) && !w.track_op() {
+            xs.contiguous()?.apply_op1(RmsNorm { w: w.clone(), eps: eps as f32 })
+        } else if use_candle_kernels(xs) && !w.track_op() {
+            rms_norm_hooked(xs, w, eps)
+        } else {
+            rms_norm_composed(xs, w, eps)
+        }
+    })
 }
 
 /// RMSNorm with our analytic input gradient, so the graph keeps only `xs`, not the composed
@@ -315,6 +548,7 @@ pub fn rms_norm_hooked(xs: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
     with_input_grad(
         xs,
         out,
+        "rms_norm bwd",
         Arc::new(move |x, g| if fused::active(x) { fused::rms_norm_input_grad(x, &w, eps, g) } else { rms_norm_input_grad(x, &w, eps, g) }),
     )
 }
@@ -382,21 +616,25 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let inv = Rope { cos: self.cos.clone(), sin: self.sin.clone(), inverse: !self.inverse };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&inv)?))
+        profile::region("rope bwd", grad.device(), || {
+            let inv = Rope { cos: self.cos.clone(), sin: self.sin.clone(), inverse: !self.inverse };
+            Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&inv)?))
+        })
     }
 }
 
 /// Rotary position embedding, HF's rotate-half convention. `xs`: (b, heads, seq, d);
 /// `cos`, `sin`: (seq, d/2).
 pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
-    if use_fused(xs) {
-        xs.contiguous()?.apply_op1(Rope { cos: cos.clone(), sin: sin.clone(), inverse: false })
-    } else if use_candle_kernels(xs) {
-        rope_hooked(xs, cos, sin)
-    } else {
-        rope_composed(xs, cos, sin)
-    }
+    profile::region("rope fwd", xs.device(), || {
+        if use_fused(xs) {
+            xs.contiguous()?.apply_op1(Rope { cos: cos.clone(), sin: sin.clone(), inverse: false })
+        } else if use_candle_kernels(xs) {
+            rope_hooked(xs, cos, sin)
+        } else {
+            rope_composed(xs, cos, sin)
+        }
+    })
 }
 
 /// RoPE by candle's fused kernel (CUDA, 16-bit); its backward is the same kernel rotating the
@@ -406,7 +644,7 @@ pub fn rope_hooked(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
     let (cos, sin) = (cos.detach().to_dtype(dtype)?.contiguous()?, sin.detach().to_dtype(dtype)?.contiguous()?);
     let out = candle_nn::rotary_emb::rope(&xs.detach().contiguous()?, &cos, &sin)?;
     let neg_sin = sin.neg()?;
-    with_input_grad(xs, out, Arc::new(move |_, g| candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)))
+    with_input_grad(xs, out, "rope bwd", Arc::new(move |_, g| candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)))
 }
 
 /// RoPE from differentiable primitives (reference and non-CPU path).
@@ -640,37 +878,39 @@ impl candle_core::CustomOp3 for AttentionGrad {
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, nkv, rows, hd) = q.dims4()?;
-        let s = self.q_len;
-        let rep = rows / s;
-        let k_len = k.dim(2)?;
-        let dtype = q.dtype();
-        // Sums over blocks and the softmax's row terms in f32 (f64 for f64 operands).
-        let acc = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
-        let o = split_heads(&self.o, nkv, hd)?;
-        let g = split_heads(grad, nkv, hd)?;
-        let (mut dk, mut dv) = (Tensor::zeros((b, nkv, k_len, hd), acc, q.device())?, Tensor::zeros((b, nkv, k_len, hd), acc, q.device())?);
-        let mut dq = Vec::new();
-        let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-        for blk in blocks(&qd, &kd, &vd, s, self.block)? {
-            let blk = blk?;
-            let (gb, ob) = (block_rows(&g, s, blk.start, blk.n)?, block_rows(&o, s, blk.start, blk.n)?);
-            let p = causal_softmax(&blk.q.matmul(&blk.k.t()?)?, blk.n, self.scale)?;
-            // dS = scale · P ∘ (dO·Vᵀ − rowsum(dO ∘ O)); masked entries have P = 0.
-            let dp = gb.matmul(&blk.v.t()?)?;
-            let row = (gb.to_dtype(acc)? * ob.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?;
-            let ds = if fused::active(&p) {
-                fused::attention_ds(&p, &dp, &row, self.scale)?
-            } else {
-                ((p.to_dtype(acc)? * dp.to_dtype(acc)?.broadcast_sub(&row)?)? * self.scale)?.to_dtype(dtype)?
-            };
-            let pad = k_len - blk.keys;
-            dv = (dv + p.t()?.matmul(&gb)?.to_dtype(acc)?.pad_with_zeros(2, 0, pad)?)?;
-            dk = (dk + ds.t()?.matmul(&blk.q)?.to_dtype(acc)?.pad_with_zeros(2, 0, pad)?)?;
-            dq.push(ds.matmul(&blk.k)?);
-        }
-        let dq = join_blocks(dq, b, nkv, rep, hd)?;
-        Ok((Some(dq), Some(dk.to_dtype(dtype)?), Some(dv.to_dtype(dtype)?)))
+        profile::region("attention bwd", q.device(), || {
+            let (b, nkv, rows, hd) = q.dims4()?;
+            let s = self.q_len;
+            let rep = rows / s;
+            let k_len = k.dim(2)?;
+            let dtype = q.dtype();
+            // Sums over blocks and the softmax's row terms in f32 (f64 for f64 operands).
+            let acc = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+            let o = split_heads(&self.o, nkv, hd)?;
+            let g = split_heads(grad, nkv, hd)?;
+            let (mut dk, mut dv) = (Tensor::zeros((b, nkv, k_len, hd), acc, q.device())?, Tensor::zeros((b, nkv, k_len, hd), acc, q.device())?);
+            let mut dq = Vec::new();
+            let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+            for blk in blocks(&qd, &kd, &vd, s, self.block)? {
+                let blk = blk?;
+                let (gb, ob) = (block_rows(&g, s, blk.start, blk.n)?, block_rows(&o, s, blk.start, blk.n)?);
+                let p = causal_softmax(&blk.q.matmul(&blk.k.t()?)?, blk.n, self.scale)?;
+                // dS = scale · P ∘ (dO·Vᵀ − rowsum(dO ∘ O)); masked entries have P = 0.
+                let dp = gb.matmul(&blk.v.t()?)?;
+                let row = (gb.to_dtype(acc)? * ob.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?;
+                let ds = if fused::active(&p) {
+                    fused::attention_ds(&p, &dp, &row, self.scale)?
+                } else {
+                    ((p.to_dtype(acc)? * dp.to_dtype(acc)?.broadcast_sub(&row)?)? * self.scale)?.to_dtype(dtype)?
+                };
+                let pad = k_len - blk.keys;
+                dv = (dv + p.t()?.matmul(&gb)?.to_dtype(acc)?.pad_with_zeros(2, 0, pad)?)?;
+                dk = (dk + ds.t()?.matmul(&blk.q)?.to_dtype(acc)?.pad_with_zeros(2, 0, pad)?)?;
+                dq.push(ds.matmul(&blk.k)?);
+            }
+            let dq = join_blocks(dq, b, nkv, rep, hd)?;
+            Ok((Some(dq), Some(dk.to_dtype(dtype)?), Some(dv.to_dtype(dtype)?)))
+        })
     }
 }
 
@@ -683,9 +923,11 @@ impl candle_core::CustomOp3 for AttentionGrad {
 /// position; the backward recomputes each block's probabilities (flash attention's scheme, on
 /// tensor ops: every device and dtype). What stays for the backward: q, k, v and the output.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usize, scale: f64) -> CResult<Tensor> {
-    let (b, nkv, rows, _) = q.dims4()?;
-    let block = attention_block_len(b, nkv * rows / q_len.max(1), q_len, k.dim(2)?);
-    causal_attention_blocked(q, k, v, q_len, scale, block)
+    profile::region("attention fwd", q.device(), || {
+        let (b, nkv, rows, _) = q.dims4()?;
+        let block = attention_block_len(b, nkv * rows / q_len.max(1), q_len, k.dim(2)?);
+        causal_attention_blocked(q, k, v, q_len, scale, block)
+    })
 }
 
 /// [`causal_attention`] with a given block length (positions per query block).
@@ -768,9 +1010,11 @@ impl CustomOp1 for LinearCrossEntropy {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let dh = self.dh.lock().ok().and_then(|s| s.clone());
-        let Some(dh) = dh else { candle_core::bail!("linear-cross-entropy: backward without forward") };
-        Ok(Some(dh.broadcast_mul(&grad.unsqueeze(1)?)?))
+        profile::region("lm head + loss bwd", grad.device(), || {
+            let dh = self.dh.lock().ok().and_then(|s| s.clone());
+            let Some(dh) = dh else { candle_core::bail!("linear-cross-entropy: backward without forward") };
+            Ok(Some(dh.broadcast_mul(&grad.unsqueeze(1)?)?))
+        })
     }
 }
 
@@ -779,28 +1023,30 @@ impl CustomOp1 for LinearCrossEntropy {
 /// dropped at once; the gradient for `hs` is computed in the same pass (Liger-style), so the
 /// (n, vocab) logits never stay in memory and need no composed log-softmax backward.
 pub fn linear_cross_entropy(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize) -> CResult<Tensor> {
-    check_targets(hs, targets, w.dim(0)?)?;
-    if use_fused(hs) && hs.track_op() && !fused::active(hs) {
-        let op = LinearCrossEntropy { w: w.clone(), targets: targets.to_vec(), chunk, dh: Default::default() };
-        return hs.contiguous()?.apply_op1(op);
-    }
-    if hs.track_op() {
-        return linear_cross_entropy_chunked(hs, w, targets, chunk);
-    }
-    // Composed path (other devices/dtypes, and no-grad evaluation), chunk by chunk.
-    let n = hs.dim(0)?;
-    // The fused kernels read the targets on the device: copied there once, not per chunk.
-    let on_device = if fused::active(hs) { Some(Tensor::from_slice(targets, targets.len(), hs.device())?) } else { None };
-    let mut parts = Vec::new();
-    for start in (0..n).step_by(chunk.max(1)) {
-        let rows = chunk.max(1).min(n - start);
-        let logits = frozen_linear(&hs.narrow(0, start, rows)?, w)?;
-        parts.push(match &on_device {
-            Some(t) => fused::cross_entropy_loss(&logits, &t.narrow(0, start, rows)?)?,
-            None => cross_entropy_rows(&logits, &targets[start..start + rows])?,
-        });
-    }
-    Tensor::cat(&parts, 0)
+    profile::region("lm head + loss fwd", hs.device(), || {
+        check_targets(hs, targets, w.dim(0)?)?;
+        if use_fused(hs) && hs.track_op() && !fused::active(hs) {
+            let op = LinearCrossEntropy { w: w.clone(), targets: targets.to_vec(), chunk, dh: Default::default() };
+            return hs.contiguous()?.apply_op1(op);
+        }
+        if hs.track_op() {
+            return linear_cross_entropy_chunked(hs, w, targets, chunk);
+        }
+        // Composed path (other devices/dtypes, and no-grad evaluation), chunk by chunk.
+        let n = hs.dim(0)?;
+        // The fused kernels read the targets on the device: copied there once, not per chunk.
+        let on_device = if fused::active(hs) { Some(Tensor::from_slice(targets, targets.len(), hs.device())?) } else { None };
+        let mut parts = Vec::new();
+        for start in (0..n).step_by(chunk.max(1)) {
+            let rows = chunk.max(1).min(n - start);
+            let logits = frozen_linear(&hs.narrow(0, start, rows)?, w)?;
+            parts.push(match &on_device {
+                Some(t) => fused::cross_entropy_loss(&logits, &t.narrow(0, start, rows)?)?,
+                None => cross_entropy_rows(&logits, &targets[start..start + rows])?,
+            });
+        }
+        Tensor::cat(&parts, 0)
+    })
 }
 
 /// [`linear_cross_entropy`] for any device and dtype (GPUs, bf16), from tensor ops: each chunk's
@@ -909,33 +1155,37 @@ impl candle_core::CustomOp2 for SwiGlu {
     }
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let (gd, ud, dd) = (g.flatten_all()?.to_vec1::<f32>()?, u.flatten_all()?.to_vec1::<f32>()?, grad.flatten_all()?.to_vec1::<f32>()?);
-        let n = gd.len();
-        let mut dg = vec![0f32; n];
-        let mut du = vec![0f32; n];
-        dg.par_chunks_mut(4096).zip(du.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
-            let base = c * 4096;
-            for i in 0..dg.len() {
-                let (x, y, d) = (gd[base + i], ud[base + i], dd[base + i]);
-                let s = 1.0 / (1.0 + (-x).exp());
-                du[i] = d * x * s;
-                dg[i] = d * y * s * (1.0 + x * (1.0 - s));
-            }
-        });
-        let dev = g.device();
-        Ok((Some(Tensor::from_vec(dg, g.shape(), dev)?), Some(Tensor::from_vec(du, u.shape(), dev)?)))
+        profile::region("swiglu bwd", g.device(), || {
+            let (gd, ud, dd) = (g.flatten_all()?.to_vec1::<f32>()?, u.flatten_all()?.to_vec1::<f32>()?, grad.flatten_all()?.to_vec1::<f32>()?);
+            let n = gd.len();
+            let mut dg = vec![0f32; n];
+            let mut du = vec![0f32; n];
+            dg.par_chunks_mut(4096).zip(du.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
+                let base = c * 4096;
+                for i in 0..dg.len() {
+                    let (x, y, d) = (gd[base + i], ud[base + i], dd[base + i]);
+                    let s = 1.0 / (1.0 + (-x).exp());
+                    du[i] = d * x * s;
+                    dg[i] = d * y * s * (1.0 + x * (1.0 - s));
+                }
+            });
+            let dev = g.device();
+            Ok((Some(Tensor::from_vec(dg, g.shape(), dev)?), Some(Tensor::from_vec(du, u.shape(), dev)?)))
+        })
     }
 }
 
 /// `silu(gate) · up`, the SwiGLU activation, with a fused CPU kernel and analytic backward.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
-    if fused::active(gate) && up.dtype() == gate.dtype() {
-        fused::swiglu(gate, up)
-    } else if use_fused(gate) && up.dtype() == DType::F32 {
-        gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
-    } else {
-        swiglu_composed(gate, up)
-    }
+    profile::region("swiglu fwd", gate.device(), || {
+        if fused::active(gate) && up.dtype() == gate.dtype() {
+            fused::swiglu(gate, up)
+        } else if use_fused(gate) && up.dtype() == DType::F32 {
+            gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+        } else {
+            swiglu_composed(gate, up)
+        }
+    })
 }
 
 /// SwiGLU from differentiable primitives (reference and non-CPU path).
@@ -954,7 +1204,7 @@ mod tests {
         let base = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((3, 4)).unwrap();
         let out = base.narrow(0, 1, 2).unwrap().t().unwrap();
         let x = candle_core::Var::zeros((4, 2), DType::F32, &Device::Cpu).unwrap();
-        let y = with_input_grad(x.as_tensor(), out.clone(), Arc::new(|_, g| g * 3.0)).unwrap();
+        let y = with_input_grad(x.as_tensor(), out.clone(), "test", Arc::new(|_, g| g * 3.0)).unwrap();
         assert_eq!(y.to_vec2::<f32>().unwrap(), out.to_vec2::<f32>().unwrap());
         assert_eq!(y.to_vec2::<f32>().unwrap()[0], vec![4.0, 8.0]);
         let g = y.sum_all().unwrap().backward().unwrap();

@@ -199,7 +199,12 @@ use super::var_tensor as t;
 /// The adapter's input in training: `xs` with dropout `p` (seeded per step and layer `index`),
 /// or `xs` itself (LoRA and AdaLoRA).
 pub(crate) fn adapter_input(xs: &Tensor, p: f64, index: u64, ctx: &ForwardCtx) -> Result<Tensor> {
-    Ok(if ctx.train && p > 0.0 { dropout(xs, p, ctx.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15))? } else { xs.clone() })
+    Ok(if ctx.train && p > 0.0 { dropout(xs, p, dropout_seed(index, ctx))? } else { xs.clone() })
+}
+
+/// The seed of adapted layer `index`'s dropout mask in a pass.
+fn dropout_seed(index: u64, ctx: &ForwardCtx) -> u64 {
+    ctx.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// `scale·(x·Aᵀ)·Bᵀ` for A (r, in), B (out, r) with plain 2-D matmuls on (tokens, features):
@@ -261,7 +266,25 @@ impl LinearAdapter for LoraLayer {
     }
 
     fn forward_full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
-        let magnitude = self.magnitude.as_ref()?;
+        let Some(magnitude) = self.magnitude.as_ref() else {
+            // Training: the frozen product and the update as one op (`ops::lora_linear`: what
+            // the graph keeps is the input and a (tokens, r) product, not three (tokens, out)
+            // tensors, and the scaling costs no pass over the output). Inference keeps the
+            // separate products (quantized weights multiply faster there).
+            if !ctx.train || ctx.generation {
+                return None;
+            }
+            let run = || -> Result<Tensor> {
+                let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
+                let dropout = (self.dropout > 0.0).then(|| (self.dropout, dropout_seed(self.index, ctx)));
+                let y = crate::model::ops::lora_linear(xs, weight, crate::model::ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout })?;
+                Ok(match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            };
+            return Some(run());
+        };
         let run = || -> Result<Tensor> {
             // PEFT's form: base(x) + (g − 1)·(x̃·Wᵀ) + g·s·(x̃·Aᵀ)·Bᵀ with g = m / ‖W + s·B·A‖_row
             // and x̃ = dropout(x) (= x when dropout is off, giving g·(x·Wᵀ + update) + b).

@@ -373,13 +373,7 @@ impl TargetModules {
 /// projection adapted: 8.4 GB, against 14.3 with the mask kept; bench/RESULTS.md); f64 (the
 /// finite-difference tests) multiplies by the mask.
 pub fn dropout(xs: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    use crate::model::fused;
-    if matches!(xs.dtype(), candle_core::DType::F32 | candle_core::DType::BF16 | candle_core::DType::F16) {
-        return Ok(fused::dropout(xs, p, seed)?);
-    }
-    let mask = fused::dropout_mask(xs.elem_count(), p, seed);
-    let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
-    Ok((xs * mask)?)
+    Ok(crate::model::fused::dropout(xs, p, seed)?)
 }
 
 /// The adapter installed in a model: its config and trainable layers.

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::config::RunConfig;
 use super::optim::{AdamW, AdamWParams};
+use crate::model::profile::{self, ProfileRow};
 use crate::model::{self, ForwardCtx};
 use crate::peft::Adapter;
 use crate::{Error, Result};
@@ -28,6 +29,10 @@ pub struct BenchResult {
     pub device: String,
     /// Precision of the base and activations (`f32`, `bf16`, `f16`).
     pub dtype: String,
+    /// With `--profile`: where the time of the profiled steps (run after the timed ones) went,
+    /// by region, largest first ([`crate::model::profile`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Vec<ProfileRow>>,
 }
 
 /// This process's peak resident set size in bytes (Linux `VmHWM`; 0 elsewhere).
@@ -95,6 +100,8 @@ pub struct BenchOptions<'a> {
     pub gradient_checkpointing: bool,
     /// Precision of the base and activations (adapters and AdamW stay f32).
     pub dtype: super::config::Precision,
+    /// After the timed steps, profile this many more (0: none).
+    pub profile_steps: usize,
 }
 
 /// Runs `warmup + steps` LoRA training steps (full causal-LM loss on every token, AdamW
@@ -137,15 +144,13 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
     let mut scaler = super::optim::LossScaler::for_run(&train);
     let mut losses = Vec::new();
     let mut step_s = Vec::new();
-    for i in 0..o.warmup + o.steps {
-        let start = Instant::now();
+    let mut step = |i: usize| -> Result<f64> {
         let batch = ids.get(i % n)?;
         let labels: Vec<i64> = batch.flatten_all()?.to_vec1::<u32>()?.into_iter().map(|x| x as i64).collect();
         let ctx = ForwardCtx { train: true, seed: i as u64, ..Default::default() };
         // Every position but each row's first predicts a label.
         let loss_scale = scaler.map_or(1.0, |s| s.scale);
         let (loss, grads) = super::trainer::micro_grads(&model, &adapter, &batch, &labels, &ctx, &train, labels.len() - b, &vars, loss_scale)?;
-        losses.push(loss);
         let grads: Vec<Tensor> =
             grads.into_iter().zip(&vars).map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like())).collect::<candle_core::Result<_>>()?;
         let apply = match scaler.as_mut() {
@@ -153,13 +158,29 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
             None => true,
         };
         if apply {
-            opt.step(&grads, o.lr)?;
+            profile::region("optimizer", &device, || opt.step(&grads, o.lr))?;
         }
+        Ok(loss)
+    };
+    for i in 0..o.warmup + o.steps {
+        let start = Instant::now();
+        losses.push(step(i)?);
         device.synchronize()?;
         if i >= o.warmup {
             step_s.push(start.elapsed().as_secs_f64());
         }
     }
+    // Profiled steps after the timed ones (a profile synchronizes the device around every
+    // region, which would slow the timed steps); their losses are not reported.
+    let profile = if o.profile_steps > 0 {
+        profile::start();
+        for i in 0..o.profile_steps {
+            profile::region("step (other)", &device, || step(o.warmup + o.steps + i))?;
+        }
+        Some(profile::finish(o.profile_steps))
+    } else {
+        None
+    };
     let total: f64 = step_s.iter().sum();
     Ok(BenchResult {
         tokens_per_s: (o.steps * b * s) as f64 / total.max(1e-9),
@@ -168,5 +189,6 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
         step_s,
         device: crate::device::describe(&device),
         dtype: o.dtype.name().into(),
+        profile,
     })
 }

@@ -14,7 +14,7 @@ use super::heldout;
 use super::observer::{TrainEvent, TrainObserver};
 use super::optim::{self, AdamW, AdamWParams};
 use crate::data::{self, Batch, Batcher, ChatTemplate, DataOptions, Example};
-use crate::model::{self, ForwardCtx, LoadedModel};
+use crate::model::{self, profile, ForwardCtx, LoadedModel};
 use crate::peft::Adapter;
 use crate::{Error, Result};
 
@@ -127,17 +127,22 @@ pub(super) fn micro_grads(
         }
         return unscale(grads).map(|g| (lv, g));
     }
-    let (sum, _) = model.loss_sum(ids, labels, ctx, t.loss_chunk)?;
-    let lv = sum.to_scalar::<f32>()? as f64 * scale;
-    let loss = (sum * (scale * loss_scale))?;
-    let loss = match adapter.regularizer(ctx)? {
-        Some(r) => (loss + (r * (loss_scale / t.grad_accum as f64))?)?,
-        None => loss,
-    };
+    let dev = model.device();
+    let (lv, loss) = profile::region("forward", dev, || -> Result<_> {
+        let (sum, _) = model.loss_sum(ids, labels, ctx, t.loss_chunk)?;
+        let lv = sum.to_scalar::<f32>()? as f64 * scale;
+        let loss = (sum * (scale * loss_scale))?;
+        let loss = match adapter.regularizer(ctx)? {
+            Some(r) => (loss + (r * (loss_scale / t.grad_accum as f64))?)?,
+            None => loss,
+        };
+        Ok((lv, loss))
+    })?;
     if !lv.is_finite() {
         return Ok((lv, vec![None; vars.len()]));
     }
-    unscale(collect(&loss.backward()?)).map(|g| (lv, g))
+    let grads = profile::region("backward", dev, || loss.backward())?;
+    unscale(collect(&grads)).map(|g| (lv, g))
 }
 
 /// An out-of-memory error becomes one that says what to change.

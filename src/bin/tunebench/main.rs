@@ -314,6 +314,12 @@ enum Cmd {
         /// Timed steps.
         #[arg(long, default_value_t = 6)]
         steps: usize,
+        /// After the timed steps, run N more with the time of each region (forward and
+        /// backward of every op, optimizer) measured, and print that table to stderr (the
+        /// JSON line gets a `profile` field). Regions synchronize the device, so these steps
+        /// are slower; the timed ones are not profiled.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        profile: usize,
     },
 }
 
@@ -794,7 +800,7 @@ fn run(cli: Cli) -> Result<()> {
                 return Err(Error::Msg(format!("{failed} of {} op checks failed", checks.len())));
             }
         }
-        Cmd::BenchTrain { model, shape, batches, batch, seq, device, gradient_checkpointing, dtype, rank, alpha, dropout, targets, lr, warmup_steps, steps } => {
+        Cmd::BenchTrain { model, shape, batches, batch, seq, device, gradient_checkpointing, dtype, rank, alpha, dropout, targets, lr, warmup_steps, steps, profile } => {
             use tunebench::train::bench::{self, BenchModel, BenchOptions};
             let path = model_path(model);
             let which = match &shape {
@@ -803,8 +809,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             let targets = targets_of(&targets);
             let dtype: tunebench::train::config::Precision = dtype.parse().map_err(|e| Error::Msg(format!("--dtype: {e}")))?;
-            let o = BenchOptions { rank, alpha, dropout, targets: &targets, lr, warmup: warmup_steps, steps, device: &device, gradient_checkpointing, dtype };
+            let o = BenchOptions { rank, alpha, dropout, targets: &targets, lr, warmup: warmup_steps, steps, device: &device, gradient_checkpointing, dtype, profile_steps: profile };
             let r = bench::run(which, batches.as_deref(), (batch, seq), &o)?;
+            if let Some(rows) = &r.profile {
+                eprintln!("where a step's time goes ({profile} profiled steps after the timed ones, {} {}):", r.device, r.dtype);
+                eprint!("{}", tunebench::model::profile::table(rows));
+            }
             println!("{}", serde_json::to_string(&r).map_err(|e| Error::Msg(e.to_string()))?);
         }
     }
