@@ -239,6 +239,12 @@ def main() -> int:
     print(f"\nCPU LoRA training, {shape}, {args.steps} timed steps, {mach['nproc']} cores ({mach['cpu']})")
     print("\n".join(lines))
     print(f"reference step times (s): {' '.join(f'{x:.2f}' for x in ref['step_seconds'])}")
+    # `tunebench estimate`'s peak for the same run, against the peak measured here.
+    est_line = None
+    if exe and ours.get("estimated_peak_bytes"):
+        est, got = ours["estimated_peak_bytes"], sides[-1][2]
+        est_line = f"- tunebench estimate for this run: {est / GIB:.2f} GiB peak, {100 * (est / got - 1):+.1f}% of the measured"
+        print(est_line[2:])
     # (With dropout the two sides draw different masks, so their losses differ.)
     if len(sides) == 2 and not args.dropout and abs(sides[1][4][0] - sides[0][4][0]) > 1e-2:
         print("warning: first-step losses differ by more than 1e-2 although weights and batch are identical")
@@ -262,6 +268,8 @@ def main() -> int:
             section.append(f"- tunebench: {tunebench_version(exe) or '(no --version)'}, git {git_rev() or '?'}; "
                            f"`{ours_cmd}`")
         section.append(f"- reference step times (s): {' '.join(f'{x:.2f}' for x in ref['step_seconds'])}")
+        if est_line:
+            section.append(est_line)
         section += ["", *lines, ""]
         new = not os.path.exists(RESULTS)
         with open(RESULTS, "a", encoding="utf-8") as f:

@@ -9,7 +9,8 @@ backward + optimizer step, synchronized); tokens/s = batch*seq / median step tim
 Peak memory: on a GPU, the device memory in use sampled every 20 ms (NVML) above what was in use
 before the child started — the same measurement for both sides, CUDA context included; PyTorch's
 own max_memory_allocated is printed beside it. On the CPU (--device cpu, a smoke run of this
-script), each child's peak RSS.
+script), each child's peak RSS. Our row's notes also give `tunebench estimate`'s prediction for
+the same run and its error against the measured peak (the estimate is calibrated on the CPU).
 
 Ours is `tunebench bench-train --shape S --batch B --seq L --device D [--gradient-checkpointing]`
 (random tokens, seeded) with --dtype; build it for the GPU with `bash scripts/build-cuda` and
@@ -212,6 +213,11 @@ def main() -> int:
                 continue
             tps = tokens / statistics.median(res["step_s"])
             ratio = f"{tps / ref_tps:.2f}x tok/s, {peak / ref_peak:.2f}x memory" if ref_tps and ref_peak else ""
+            # `tunebench estimate`'s prediction for the same run (calibrated on the CPU; its error
+            # here is what a GPU calibration starts from).
+            est = res.get("estimated_peak_bytes")
+            if est and peak:
+                ratio += f"{'; ' if ratio else ''}estimate {est / GIB:.2f} GiB ({100 * (est / peak - 1):+.0f}%)"
             rows.append((label, f"tunebench {res.get('dtype', dtype)} ({res.get('device', '?')})", tps, peak,
                          res["losses"][0], ratio))
 

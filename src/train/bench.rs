@@ -33,6 +33,11 @@ pub struct BenchResult {
     /// by region, largest first ([`crate::model::profile`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<Vec<ProfileRow>>,
+    /// What `tunebench estimate` predicts for the same run's peak memory, bytes (set by the
+    /// caller: the estimate lives above training), so a benchmark checks it against the peak
+    /// it measures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_peak_bytes: Option<u64>,
 }
 
 /// This process's peak resident set size in bytes (Linux `VmHWM`; 0 elsewhere).
@@ -190,5 +195,6 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
         device: crate::device::describe(&device),
         dtype: o.dtype.name().into(),
         profile,
+        estimated_peak_bytes: None,
     })
 }
