@@ -52,7 +52,7 @@ use crate::{Error, Result};
 /// allocator slack) for the methods whose adapters run on composed ops. Calibrated on 6 LoRA
 /// configs of the default model when LoRA composed too (bench/RESULTS.md, 2026-11-23).
 pub const ACTIVATION_FACTOR: f64 = 1.25;
-/// The same for LoRA and QLoRA without DoRA, which train through `ops::lora_linear` (the
+/// The same for LoRA and QLoRA without DoRA, and AdaLoRA, which train through `ops::lora_linear` (the
 /// count covers what it keeps exactly). Refit on the same 6 configs (bench/RESULTS.md,
 /// 2026-12-02).
 pub const LORA_ACTIVATION_FACTOR: f64 = 1.03;
@@ -233,8 +233,9 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
                     let dropped = if l.lora_dropout > 0.0 { i } else { 0 };
                     (r * (i + o) + o, r + 4 * o + dropped)
                 }
-                // P, Λ, Q at init_r (masked triplets stay trainable); activations as LoRA's.
-                PeftConfig::AdaLora(a) => (a.init_r * (i + o + 1), a.init_r + 2 * o + if a.lora_dropout > 0.0 { i } else { 0 }),
+                // P, Λ, Q at init_r (masked triplets stay trainable); activations as LoRA's
+                // (the same op, with Q ⊙ Λ as its A).
+                PeftConfig::AdaLora(a) => (a.init_r * (i + o + 1), a.init_r),
                 PeftConfig::Ia3(l) if l.feedforward_modules.iter().any(|f| n == *f || n.ends_with(&format!(".{f}"))) => (i, i),
                 PeftConfig::Ia3(_) => (o, o),
                 PeftConfig::Bitfit(_) => (o, o),
@@ -332,8 +333,9 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     let adapter = trainable * ADAPTER_BYTES_PER_PARAM;
     let tokens = b * s;
     let act_bytes_per_tok_layer = wbytes as f64 * activation_floats_per_token_layer(model, adapter_floats);
-    // LoRA (and QLoRA) without DoRA trains through one op per projection (`ops::lora_linear`).
-    let lora_op = matches!(&cfg.peft, PeftConfig::Lora(l) | PeftConfig::Qlora(l) if !l.use_dora);
+    // LoRA (and QLoRA) without DoRA, and AdaLoRA, train through one op per projection
+    // (`ops::lora_linear`).
+    let lora_op = matches!(&cfg.peft, PeftConfig::Lora(l) | PeftConfig::Qlora(l) if !l.use_dora) || matches!(cfg.peft, PeftConfig::AdaLora(_));
     let factor = match (lora_op, half) {
         (true, false) => LORA_ACTIVATION_FACTOR,
         (true, true) => LORA_ACTIVATION_FACTOR * LORA_HALF_ACTIVATION_FACTOR,

@@ -318,6 +318,24 @@ impl AdaLoraLayer {
 }
 
 impl LinearAdapter for AdaLoraLayer {
+    /// Training: the frozen product and the update `s·(x̃·(Q ⊙ Λ)ᵀ)·Pᵀ` as one op, LoRA's
+    /// (`ops::lora_linear`, with Q ⊙ Λ as its A: Λ's gradient comes through it).
+    fn forward_full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
+        if !ctx.train || ctx.generation || self.rank() == 0 {
+            return None;
+        }
+        let run = || -> Result<Tensor> {
+            let (a, b) = (self.scaled_a(ctx)?, t(&self.b, ctx));
+            let dropout = (self.dropout > 0.0).then(|| (self.dropout, super::lora::dropout_seed(self.index, ctx)));
+            let y = crate::model::ops::lora_linear(xs, weight, crate::model::ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout })?;
+            Ok(match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            })
+        };
+        Some(run())
+    }
+
     fn forward(&self, xs: &Tensor, base: Tensor, _w: &FrozenWeight, ctx: &ForwardCtx) -> Result<Tensor> {
         if self.rank() == 0 {
             return Ok(base);

@@ -203,7 +203,7 @@ pub(crate) fn adapter_input(xs: &Tensor, p: f64, index: u64, ctx: &ForwardCtx) -
 }
 
 /// The seed of adapted layer `index`'s dropout mask in a pass.
-fn dropout_seed(index: u64, ctx: &ForwardCtx) -> u64 {
+pub(crate) fn dropout_seed(index: u64, ctx: &ForwardCtx) -> u64 {
     ctx.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
