@@ -245,7 +245,7 @@ fn detached_half_causal_softmax_matches_composed() {
 fn lora_linear_matches_composed() {
     use tunebench::model::FrozenWeight;
     for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
-        for dropout in [None, Some((0.3, 5u64))] {
+        for (dropout, with_bias) in [(None, false), (Some((0.3, 5u64)), false), (None, true), (Some((0.3, 6u64)), true)] {
             for x_tracks in [true, false] {
                 let x0 = randn(&[2, 7, 12], 40, dtype);
                 let w = randn(&[10, 12], 41, dtype);
@@ -253,9 +253,10 @@ fn lora_linear_matches_composed() {
                 let xv = Var::from_tensor(&x0).unwrap();
                 let x = if x_tracks { xv.as_tensor().clone() } else { x0.clone() };
                 let pair = ops::LoraPair { a: a.as_tensor(), b: b.as_tensor(), scale: 1.5, dropout };
-                let y1 = ops::lora_linear(&x, &FrozenWeight::Dense(w.clone()), pair).unwrap();
-                let y2 = ops::lora_linear_composed(&x, &w, pair).unwrap();
-                let what = format!("{dtype:?} dropout {dropout:?} x tracks {x_tracks}");
+                let bias = with_bias.then(|| randn(&[10], 49, dtype));
+                let y1 = ops::lora_linear(&x, &FrozenWeight::Dense(w.clone()), bias.as_ref(), pair).unwrap();
+                let y2 = ops::lora_linear_composed(&x, &w, bias.as_ref(), pair).unwrap();
+                let what = format!("{dtype:?} dropout {dropout:?} bias {with_bias} x tracks {x_tracks}");
                 assert_eq!(y1.dims(), &[2, 7, 10]);
                 assert!(max_rel(&y1, &y2) < tol, "{what}: forward differs {}", max_rel(&y1, &y2));
                 let cot = randn(y1.dims(), 44, dtype);
@@ -266,6 +267,7 @@ fn lora_linear_matches_composed() {
                     assert!(max_rel(u, v) < tol, "{what}: d{name} differs {}", max_rel(u, v));
                 }
                 assert!(g1.get(&w).is_none(), "the frozen weight gets no gradient");
+                assert!(bias.as_ref().is_none_or(|b| g1.get(b).is_none()), "the frozen bias gets no gradient");
                 match x_tracks {
                     true => {
                         let (u, v) = (g1.get(xv.as_tensor()).unwrap(), g2.get(xv.as_tensor()).unwrap());
@@ -279,8 +281,15 @@ fn lora_linear_matches_composed() {
     // Dropout reaches the update: without it the value differs.
     let (x, w) = (randn(&[3, 12], 45, DType::F64), randn(&[10, 12], 46, DType::F64));
     let (a, b) = (randn(&[4, 12], 47, DType::F64), randn(&[10, 4], 48, DType::F64));
-    let with = |d| ops::lora_linear(&x, &FrozenWeight::Dense(w.clone()), ops::LoraPair { a: &a, b: &b, scale: 1.0, dropout: d }).unwrap();
+    let with = |d| ops::lora_linear(&x, &FrozenWeight::Dense(w.clone()), None, ops::LoraPair { a: &a, b: &b, scale: 1.0, dropout: d }).unwrap();
     assert!(max_rel(&with(Some((0.5, 1))), &with(None)) > 1e-3);
+    // A bias that trains (tracks ops) gets its gradient, added after the op.
+    let bv = Var::from_tensor(&randn(&[10], 50, DType::F64)).unwrap();
+    let pair = ops::LoraPair { a: &a, b: &b, scale: 1.0, dropout: None };
+    let y = ops::lora_linear(&x, &FrozenWeight::Dense(w.clone()), Some(bv.as_tensor()), pair).unwrap();
+    assert!(max_rel(&y, &ops::lora_linear_composed(&x, &w, Some(bv.as_tensor()), pair).unwrap()) < 1e-12);
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(g.get(bv.as_tensor()).unwrap().to_vec1::<f64>().unwrap(), vec![3.0; 10], "three rows, each adding the bias once");
 }
 
 /// The device checker (`tunebench check-ops`, which bench/gpu_session.sh runs on a GPU) on the

@@ -174,7 +174,12 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
             let q_dense = q.dequantize(&Device::Cpu)?.to_dtype(DType::F64)?;
             let q = if device.is_cpu() { q } else { candle_core::quantized::QTensor::quantize_onto(&w32, candle_core::quantized::GgmlDType::Q4_1, device)? };
             let blocks = FrozenWeight::quantized(q)?;
-            for (case, dropout, held) in [("dense", None, None), ("dense, dropout 0.25", Some((0.25, 77)), None), ("Q4_1 blocks, dropout 0.25", Some((0.25, 78)), Some(&blocks))] {
+            let bias = random(&[48], 19)?;
+            for (case, dropout, held, with_bias) in [
+                ("dense", None, None, false),
+                ("dense + bias, dropout 0.25", Some((0.25, 77)), None, true),
+                ("Q4_1 blocks, dropout 0.25", Some((0.25, 78)), Some(&blocks), false),
+            ] {
                 let reference_w = if held.is_some() { &q_dense } else { &w };
                 out.push(check(
                     &format!("lora_linear {case}"),
@@ -190,9 +195,10 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                                 &dense
                             }
                         };
-                        ops::lora_linear(&t[0], weight, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout })
+                        let b = if with_bias { Some(bias.to_dtype(t[0].dtype())?.to_device(t[0].device())?) } else { None };
+                        ops::lora_linear(&t[0], weight, b.as_ref(), ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout })
                     },
-                    &|t| ops::lora_linear_composed(&t[0], reference_w, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }),
+                    &|t| ops::lora_linear_composed(&t[0], reference_w, with_bias.then_some(&bias), ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }),
                 )?);
             }
         }

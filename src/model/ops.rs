@@ -172,6 +172,8 @@ pub struct LoraPair<'a> {
 struct LoraProduct {
     /// (out, in).
     w: Held,
+    /// The projection's frozen bias (out,), in the activations' dtype.
+    bias: Option<Tensor>,
     dtype: DType,
     /// x̃·Aᵀ, (m, r), detached.
     xa: Tensor,
@@ -180,8 +182,9 @@ struct LoraProduct {
 }
 
 impl LoraProduct {
-    /// `x·Wᵀ + (s·xa)·Bᵀ` on a backend's storage.
-    fn forward<S>(&self, x: &S, xl: &Layout, b: &S, bl: &Layout, w: &S, wl: &Layout, xa: &S, xal: &Layout) -> CResult<(S, Shape)>
+    /// `x·Wᵀ + (s·xa)·Bᵀ [+ bias]` on a backend's storage.
+    #[allow(clippy::too_many_arguments)]
+    fn forward<S>(&self, x: &S, xl: &Layout, b: &S, bl: &Layout, w: &S, wl: &Layout, xa: &S, xal: &Layout, bias: Option<(&S, &Layout)>) -> CResult<(S, Shape)>
     where
         S: BackendStorage,
     {
@@ -195,7 +198,11 @@ impl LoraProduct {
         let xa_s = xa.affine(xal, self.scale, 0.0)?;
         let up = xa_s.matmul(b, (1, m, n, r), &small, &bl.transpose(0, 1)?)?;
         let out = Layout::contiguous((m, n));
-        Ok((y.binary_impl::<candle_core::op::Add>(&up, &out, &out)?, Shape::from((m, n))))
+        let mut y = y.binary_impl::<candle_core::op::Add>(&up, &out, &out)?;
+        if let Some((bias, bias_l)) = bias {
+            y = y.binary_impl::<candle_core::op::Add>(bias, &out, &bias_l.broadcast_as((m, n))?)?;
+        }
+        Ok((y, Shape::from((m, n))))
     }
 
     fn dropped(&self, x: &Tensor) -> CResult<Tensor> {
@@ -266,20 +273,38 @@ impl candle_core::CustomOp3 for LoraProduct {
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, _a: &CpuStorage, _al: &Layout, b: &CpuStorage, bl: &Layout) -> CResult<(CpuStorage, Shape)> {
         let w = self.w.dense(self.dtype)?;
-        if self.dtype == DType::F32 && f32_contiguous(&w) && f32_contiguous(&self.xa) && xl.is_contiguous() && bl.is_contiguous() {
-            // y = x·Wᵀ, then y += s·(x̃·Aᵀ)·Bᵀ into the same buffer.
+        let bias_ok = self.bias.as_ref().is_none_or(f32_contiguous);
+        if self.dtype == DType::F32 && f32_contiguous(&w) && f32_contiguous(&self.xa) && bias_ok && xl.is_contiguous() && bl.is_contiguous() {
+            // y = [bias +] x·Wᵀ, then y += s·(x̃·Aᵀ)·Bᵀ into the same buffer.
             let (m, k) = xl.shape().dims2()?;
             let (n, r) = bl.shape().dims2()?;
             let (x, b) = (contiguous_f32(x, xl, "lora-product")?, contiguous_f32(b, bl, "lora-product")?);
             let mut y = vec![0f32; m * n];
-            cpu_f32(&w, |w| cpu_gemm(&mut y, (m, n, k), false, (x, k, 1), (w, 1, k), 1.0))?;
+            if let Some(bias) = &self.bias {
+                cpu_f32(bias, |bias| {
+                    if bias.len() != n {
+                        candle_core::bail!("lora-product: bias of {} for {n} outputs", bias.len());
+                    }
+                    y.chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
+                    Ok(())
+                })?;
+            }
+            cpu_f32(&w, |w| cpu_gemm(&mut y, (m, n, k), self.bias.is_some(), (x, k, 1), (w, 1, k), 1.0))?;
             cpu_f32(&self.xa, |xa| cpu_gemm(&mut y, (m, n, r), true, (xa, r, 1), (b, 1, r), self.scale as f32))?;
             return Ok((CpuStorage::F32(y), Shape::from((m, n))));
         }
         let (ws, wl) = w.storage_and_layout();
         let (xas, xal) = self.xa.storage_and_layout();
         let (Storage::Cpu(w), Storage::Cpu(xa)) = (&*ws, &*xas) else { candle_core::bail!("lora-product: weight not on the cpu") };
-        self.forward(x, xl, b, bl, w, wl, xa, xal)
+        let held = self.bias.as_ref().map(|t| t.storage_and_layout());
+        let bias = match &held {
+            Some((st, l)) => match &**st {
+                Storage::Cpu(c) => Some((c, *l)),
+                _ => candle_core::bail!("lora-product: bias not on the cpu"),
+            },
+            None => None,
+        };
+        self.forward(x, xl, b, bl, w, wl, xa, xal, bias)
     }
 
     #[cfg(feature = "cuda")]
@@ -296,7 +321,15 @@ impl candle_core::CustomOp3 for LoraProduct {
         let (ws, wl) = w.storage_and_layout();
         let (xas, xal) = self.xa.storage_and_layout();
         let (Storage::Cuda(w), Storage::Cuda(xa)) = (&*ws, &*xas) else { candle_core::bail!("lora-product: weight not on cuda") };
-        self.forward(x, xl, b, bl, w, wl, xa, xal)
+        let held = self.bias.as_ref().map(|t| t.storage_and_layout());
+        let bias = match &held {
+            Some((st, l)) => match &**st {
+                Storage::Cuda(c) => Some((c, *l)),
+                _ => candle_core::bail!("lora-product: bias not on cuda"),
+            },
+            None => None,
+        };
+        self.forward(x, xl, b, bl, w, wl, xa, xal, bias)
     }
 
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -326,10 +359,15 @@ impl candle_core::CustomOp3 for LoraProduct {
     }
 }
 
-/// `xs·Wᵀ + s·(dropout(xs)·Aᵀ)·Bᵀ` (a LoRA-adapted projection in training) as one op, for a
-/// dense frozen `w` (out, in) or one held as quantized blocks; `xs` may have any number of
-/// leading dims. Gradients go to `xs` (when it tracks ops), A and B; W gets none.
-pub fn lora_linear(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair) -> CResult<Tensor> {
+/// `xs·Wᵀ + bias + s·(dropout(xs)·Aᵀ)·Bᵀ` (a LoRA-adapted projection in training) as one op,
+/// for a dense frozen `w` (out, in) or one held as quantized blocks and an optional frozen
+/// `bias` (out,); `xs` may have any number of leading dims. Gradients go to `xs` (when it
+/// tracks ops), A and B; W and the bias get none (a bias that is trained, i.e. tracks ops, is
+/// added after the op instead).
+pub fn lora_linear(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair) -> CResult<Tensor> {
+    if let Some(b) = bias.filter(|b| b.track_op()) {
+        return lora_linear(xs, w, None, pair)?.broadcast_add(b);
+    }
     profile::region("lora product fwd", xs.device(), || {
         let held = match w {
             super::FrozenWeight::Dense(t) => Held::Dense(t.clone()),
@@ -340,7 +378,8 @@ pub fn lora_linear(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair) -> CRes
         let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x2 = xs.reshape((m, k))?.contiguous()?;
         let dtype = xs.dtype();
-        let op = LoraProduct { w: held, dtype, xa: Tensor::zeros((0, 0), dtype, xs.device())?, scale: pair.scale, dropout: pair.dropout };
+        let bias = bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?;
+        let op = LoraProduct { w: held, bias, dtype, xa: Tensor::zeros((0, 0), dtype, xs.device())?, scale: pair.scale, dropout: pair.dropout };
         let xa = op.dropped(&x2.detach())?.matmul(&pair.a.detach().t()?)?;
         let op = LoraProduct { xa, ..op };
         let out = x2.apply_op3(&pair.a.contiguous()?, &pair.b.contiguous()?, op)?;
@@ -353,7 +392,7 @@ pub fn lora_linear(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair) -> CRes
 }
 
 /// [`lora_linear`] from differentiable primitives: the reference it is held to.
-pub fn lora_linear_composed(xs: &Tensor, w: &Tensor, pair: LoraPair) -> CResult<Tensor> {
+pub fn lora_linear_composed(xs: &Tensor, w: &Tensor, bias: Option<&Tensor>, pair: LoraPair) -> CResult<Tensor> {
     let x = match pair.dropout {
         Some((p, seed)) => {
             let mask = Tensor::from_vec(fused::dropout_mask(xs.elem_count(), p, seed), xs.shape(), &Device::Cpu)?;
@@ -361,7 +400,10 @@ pub fn lora_linear_composed(xs: &Tensor, w: &Tensor, pair: LoraPair) -> CResult<
         }
         None => xs.clone(),
     };
-    let base = xs.broadcast_matmul(&w.t()?)?;
+    let mut base = xs.broadcast_matmul(&w.t()?)?;
+    if let Some(b) = bias {
+        base = base.broadcast_add(b)?;
+    }
     base + (x.broadcast_matmul(&pair.a.t()?)?.broadcast_matmul(&pair.b.t()?)? * pair.scale)?
 }
 

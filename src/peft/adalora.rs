@@ -327,11 +327,7 @@ impl LinearAdapter for AdaLoraLayer {
         let run = || -> Result<Tensor> {
             let (a, b) = (self.scaled_a(ctx)?, t(&self.b, ctx));
             let dropout = (self.dropout > 0.0).then(|| (self.dropout, super::lora::dropout_seed(self.index, ctx)));
-            let y = crate::model::ops::lora_linear(xs, weight, crate::model::ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout })?;
-            Ok(match bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            })
+            Ok(crate::model::ops::lora_linear(xs, weight, bias, crate::model::ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout })?)
         };
         Some(run())
     }

@@ -277,11 +277,7 @@ impl LinearAdapter for LoraLayer {
             let run = || -> Result<Tensor> {
                 let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
                 let dropout = (self.dropout > 0.0).then(|| (self.dropout, dropout_seed(self.index, ctx)));
-                let y = crate::model::ops::lora_linear(xs, weight, crate::model::ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout })?;
-                Ok(match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                })
+                Ok(crate::model::ops::lora_linear(xs, weight, bias, crate::model::ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout })?)
             };
             return Some(run());
         };
