@@ -52,7 +52,7 @@ use crate::{Error, Result};
 /// allocator slack) for the methods whose adapters run on composed ops. Calibrated on 6 LoRA
 /// configs of the default model when LoRA composed too (bench/RESULTS.md, 2026-11-23).
 pub const ACTIVATION_FACTOR: f64 = 1.25;
-/// The same for LoRA and QLoRA without DoRA, and AdaLoRA, which train through `ops::lora_linear` (the
+/// The same for LoRA and QLoRA (DoRA without dropout too) and AdaLoRA, which train through `ops::lora_linear` (the
 /// count covers what it keeps exactly). Refit on the same 6 configs (bench/RESULTS.md,
 /// 2026-12-02).
 pub const LORA_ACTIVATION_FACTOR: f64 = 1.03;
@@ -224,14 +224,16 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
             let (params, acts) = match peft {
                 // LoRA in training is one op with the frozen product (`ops::lora_linear`): it
                 // keeps only x̃·A (r) beside the output the frozen product would have anyway
-                // (dropout's input is drawn again in the backward, not kept). DoRA composes:
-                // x·A (r), its B output and the sum with the frozen output, the dropped copy of
-                // the input with dropout, the magnitude vector and the scaled sum (out each).
+                // (dropout's input is drawn again in the backward, not kept). DoRA with dropout
+                // composes: x·A (r), its B output and the sum with the frozen output, the dropped
+                // copy of the input, the magnitude vector and the scaled sum (out each).
                 PeftConfig::Lora(l) | PeftConfig::Qlora(l) if !l.use_dora => (l.rank_and_scale(&n).0 * (i + o), l.rank_and_scale(&n).0),
+                // Without dropout DoRA takes LoRA's op and scales its output: x·A (r) and the
+                // unscaled sum (out).
+                PeftConfig::Lora(l) | PeftConfig::Qlora(l) if l.lora_dropout == 0.0 => (l.rank_and_scale(&n).0 * (i + o) + o, l.rank_and_scale(&n).0 + o),
                 PeftConfig::Lora(l) | PeftConfig::Qlora(l) => {
                     let r = l.rank_and_scale(&n).0;
-                    let dropped = if l.lora_dropout > 0.0 { i } else { 0 };
-                    (r * (i + o) + o, r + 4 * o + dropped)
+                    (r * (i + o) + o, r + 4 * o + i)
                 }
                 // P, Λ, Q at init_r (masked triplets stay trainable); activations as LoRA's
                 // (the same op, with Q ⊙ Λ as its A).
@@ -335,7 +337,8 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     let act_bytes_per_tok_layer = wbytes as f64 * activation_floats_per_token_layer(model, adapter_floats);
     // LoRA (and QLoRA) without DoRA, and AdaLoRA, train through one op per projection
     // (`ops::lora_linear`).
-    let lora_op = matches!(&cfg.peft, PeftConfig::Lora(l) | PeftConfig::Qlora(l) if !l.use_dora) || matches!(cfg.peft, PeftConfig::AdaLora(_));
+    let lora_op = matches!(&cfg.peft, PeftConfig::Lora(l) | PeftConfig::Qlora(l) if !l.use_dora || l.lora_dropout == 0.0)
+        || matches!(cfg.peft, PeftConfig::AdaLora(_));
     let factor = match (lora_op, half) {
         (true, false) => LORA_ACTIVATION_FACTOR,
         (true, true) => LORA_ACTIVATION_FACTOR * LORA_HALF_ACTIVATION_FACTOR,

@@ -285,6 +285,17 @@ impl LinearAdapter for LoraLayer {
             // PEFT's form: base(x) + (g − 1)·(x̃·Wᵀ) + g·s·(x̃·Aᵀ)·Bᵀ with g = m / ‖W + s·B·A‖_row
             // and x̃ = dropout(x) (= x when dropout is off, giving g·(x·Wᵀ + update) + b).
             let g = self.dora_scale(magnitude, weight, ctx)?;
+            if ctx.train && !ctx.generation && self.dropout == 0.0 {
+                // Without dropout: g·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, the sum from LoRA's op (the graph
+                // keeps it and the scaled output, not the base output and the update's chain).
+                let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
+                let pair = crate::model::ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout: None };
+                let out = crate::model::ops::lora_linear(xs, weight, None, pair)?.broadcast_mul(&g)?;
+                return Ok(match bias {
+                    Some(b) => out.broadcast_add(b)?,
+                    None => out,
+                });
+            }
             let y = weight.product(xs)?;
             let x = self.dropped(xs, ctx)?;
             let (plain, y_drop) = if ctx.train && self.dropout > 0.0 { (y.clone(), weight.product(&x)?) } else { (y.clone(), y) };
