@@ -335,16 +335,16 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     let adapter = trainable * ADAPTER_BYTES_PER_PARAM;
     let tokens = b * s;
     let act_bytes_per_tok_layer = wbytes as f64 * activation_floats_per_token_layer(model, adapter_floats);
-    // LoRA (and QLoRA) without DoRA, and AdaLoRA, train through one op per projection
-    // (`ops::lora_linear`).
+    // LoRA and QLoRA (DoRA only without dropout) and AdaLoRA train through one op per
+    // projection (`ops::lora_linear`).
     let lora_op = matches!(&cfg.peft, PeftConfig::Lora(l) | PeftConfig::Qlora(l) if !l.use_dora || l.lora_dropout == 0.0)
         || matches!(cfg.peft, PeftConfig::AdaLora(_));
-    let factor = match (lora_op, half) {
-        (true, false) => LORA_ACTIVATION_FACTOR,
-        (true, true) => LORA_ACTIVATION_FACTOR * LORA_HALF_ACTIVATION_FACTOR,
-        (false, false) => ACTIVATION_FACTOR,
-        (false, true) => ACTIVATION_FACTOR * HALF_ACTIVATION_FACTOR,
+    let half_factor = match (half, lora_op) {
+        (false, _) => 1.0,
+        (true, true) => LORA_HALF_ACTIVATION_FACTOR,
+        (true, false) => HALF_ACTIVATION_FACTOR,
     };
+    let factor = half_factor * if lora_op { LORA_ACTIVATION_FACTOR } else { ACTIVATION_FACTOR };
     let counted = act_bytes_per_tok_layer * (tokens * layers) as f64;
     let acts = (factor * counted) as u64 + wbytes * tokens * model.hidden_size as u64 * 2;
     let attn_factor = if half { HALF_ATTENTION_FACTOR } else { 1.0 };
@@ -361,7 +361,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     // recomputed in the backward holds its activations and part of their gradients
     // ([`CHECKPOINT_LAYER_COPIES`]); attention is one block at a time either way.
     let layer_inputs = wbytes * tokens * model.hidden_size as u64 * layers;
-    let acts_ckpt = (CHECKPOINT_LAYER_COPIES * counted / layers.max(1) as f64) as u64 + layer_inputs;
+    let acts_ckpt = (CHECKPOINT_LAYER_COPIES * half_factor * counted / layers.max(1) as f64) as u64 + layer_inputs;
     let attn_ckpt = attn;
     let ckpt = weights + adapter + acts_ckpt + attn_ckpt + loss;
     let checkpointing = t.gradient_checkpointing;
