@@ -205,11 +205,34 @@ impl LoraProduct {
         Ok((y, Shape::from((m, n))))
     }
 
+    /// [`Self::forward`] with the weight `w`, x̃·Aᵀ and the bias read as the backend's storage
+    /// (`pick`: the backend's variant of [`Storage`]; `device` names it in the error).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_held<S>(&self, x: &S, xl: &Layout, b: &S, bl: &Layout, w: &Tensor, pick: fn(&Storage) -> Option<&S>, device: &str) -> CResult<(S, Shape)>
+    where
+        S: BackendStorage,
+    {
+        let (ws, wl) = w.storage_and_layout();
+        let (xas, xal) = self.xa.storage_and_layout();
+        let bias = self.bias.as_ref().map(|t| t.storage_and_layout());
+        let (Some(w), Some(xa)) = (pick(&ws), pick(&xas)) else { candle_core::bail!("lora-product: weight not on {device}") };
+        let bias = match &bias {
+            Some((st, l)) => Some((pick(st).ok_or_else(|| candle_core::Error::Msg(format!("lora-product: bias not on {device}")))?, *l)),
+            None => None,
+        };
+        self.forward(x, xl, b, bl, w, wl, xa, xal, bias)
+    }
+
     fn dropped(&self, x: &Tensor) -> CResult<Tensor> {
-        match self.dropout {
-            Some((p, seed)) => fused::dropout(x, p, seed),
-            None => Ok(x.clone()),
-        }
+        dropped(x, self.dropout)
+    }
+}
+
+/// `x` with dropout (rate, seed) applied, or `x` itself.
+fn dropped(x: &Tensor, dropout: Option<(f64, u64)>) -> CResult<Tensor> {
+    match dropout {
+        Some((p, seed)) => fused::dropout(x, p, seed),
+        None => Ok(x.clone()),
     }
 }
 
@@ -255,10 +278,25 @@ fn cpu_gemm(dst: &mut [f32], (m, n, k): (usize, usize, usize), accumulate: bool,
     Ok(())
 }
 
+fn cpu_storage(s: &Storage) -> Option<&CpuStorage> {
+    match s {
+        Storage::Cpu(c) => Some(c),
+        _ => None,
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_storage(s: &Storage) -> Option<&candle_core::CudaStorage> {
+    match s {
+        Storage::Cuda(c) => Some(c),
+        _ => None,
+    }
+}
+
 /// `f` on a contiguous f32 CPU tensor's elements.
 fn cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
     let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(c) = &*s else { candle_core::bail!("lora-product: tensor not on the cpu") };
+    let Some(c) = cpu_storage(&s) else { candle_core::bail!("lora-product: tensor not on the cpu") };
     f(contiguous_f32(c, l, "lora-product")?)
 }
 
@@ -293,18 +331,7 @@ impl candle_core::CustomOp3 for LoraProduct {
             cpu_f32(&self.xa, |xa| cpu_gemm(&mut y, (m, n, r), true, (xa, r, 1), (b, 1, r), self.scale as f32))?;
             return Ok((CpuStorage::F32(y), Shape::from((m, n))));
         }
-        let (ws, wl) = w.storage_and_layout();
-        let (xas, xal) = self.xa.storage_and_layout();
-        let (Storage::Cpu(w), Storage::Cpu(xa)) = (&*ws, &*xas) else { candle_core::bail!("lora-product: weight not on the cpu") };
-        let held = self.bias.as_ref().map(|t| t.storage_and_layout());
-        let bias = match &held {
-            Some((st, l)) => match &**st {
-                Storage::Cpu(c) => Some((c, *l)),
-                _ => candle_core::bail!("lora-product: bias not on the cpu"),
-            },
-            None => None,
-        };
-        self.forward(x, xl, b, bl, w, wl, xa, xal, bias)
+        self.forward_held(x, xl, b, bl, &w, cpu_storage, "the cpu")
     }
 
     #[cfg(feature = "cuda")]
@@ -317,19 +344,7 @@ impl candle_core::CustomOp3 for LoraProduct {
         b: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        let w = self.w.dense(self.dtype)?;
-        let (ws, wl) = w.storage_and_layout();
-        let (xas, xal) = self.xa.storage_and_layout();
-        let (Storage::Cuda(w), Storage::Cuda(xa)) = (&*ws, &*xas) else { candle_core::bail!("lora-product: weight not on cuda") };
-        let held = self.bias.as_ref().map(|t| t.storage_and_layout());
-        let bias = match &held {
-            Some((st, l)) => match &**st {
-                Storage::Cuda(c) => Some((c, *l)),
-                _ => candle_core::bail!("lora-product: bias not on cuda"),
-            },
-            None => None,
-        };
-        self.forward(x, xl, b, bl, w, wl, xa, xal, bias)
+        self.forward_held(x, xl, b, bl, &self.w.dense(self.dtype)?, cuda_storage, "cuda")
     }
 
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -379,9 +394,8 @@ pub fn lora_linear(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, 
         let x2 = xs.reshape((m, k))?.contiguous()?;
         let dtype = xs.dtype();
         let bias = bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?;
-        let op = LoraProduct { w: held, bias, dtype, xa: Tensor::zeros((0, 0), dtype, xs.device())?, scale: pair.scale, dropout: pair.dropout };
-        let xa = op.dropped(&x2.detach())?.matmul(&pair.a.detach().t()?)?;
-        let op = LoraProduct { xa, ..op };
+        let xa = dropped(&x2.detach(), pair.dropout)?.matmul(&pair.a.detach().t()?)?;
+        let op = LoraProduct { w: held, bias, dtype, xa, scale: pair.scale, dropout: pair.dropout };
         let out = x2.apply_op3(&pair.a.contiguous()?, &pair.b.contiguous()?, op)?;
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {

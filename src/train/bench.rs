@@ -29,6 +29,10 @@ pub struct BenchResult {
     pub device: String,
     /// Precision of the base and activations (`f32`, `bf16`, `f16`).
     pub dtype: String,
+    /// Rows and tokens per row of the batches trained on.
+    pub batch: usize,
+    /// See `batch`.
+    pub seq: usize,
     /// With `--profile`: where the time of the profiled steps (run after the timed ones) went,
     /// by region, largest first ([`crate::model::profile`]).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -194,6 +198,8 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
         step_s,
         device: crate::device::describe(&device),
         dtype: o.dtype.name().into(),
+        batch: b,
+        seq: s,
         profile,
         estimated_peak_bytes: None,
     })

@@ -811,7 +811,7 @@ fn run(cli: Cli) -> Result<()> {
             let dtype: tunebench::train::config::Precision = dtype.parse().map_err(|e| Error::Msg(format!("--dtype: {e}")))?;
             let o = BenchOptions { rank, alpha, dropout, targets: &targets, lr, warmup: warmup_steps, steps, device: &device, gradient_checkpointing, dtype, profile_steps: profile };
             let mut r = bench::run(which, batches.as_deref(), (batch, seq), &o)?;
-            r.estimated_peak_bytes = Some(bench_estimate(&shape, &path, batches.as_deref(), (batch, seq), &o)?);
+            r.estimated_peak_bytes = Some(bench_estimate(&shape, &path, (r.batch, r.seq), &o)?);
             if let Some(rows) = &r.profile {
                 eprintln!("where a step's time goes ({profile} profiled steps after the timed ones, {} {}):", r.device, r.dtype);
                 eprint!("{}", tunebench::model::profile::table(rows));
@@ -822,23 +822,12 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// `tunebench estimate`'s peak memory for what `bench-train` runs: the same model (or shape),
-/// LoRA, batch, length, dtype and checkpointing.
-fn bench_estimate(shape: &Option<String>, path: &Path, batches: Option<&Path>, random: (usize, usize), o: &tunebench::train::bench::BenchOptions) -> Result<u64> {
+/// `tunebench estimate`'s peak memory for what `bench-train` ran: the same model (or shape),
+/// LoRA, batch shape, dtype and checkpointing.
+fn bench_estimate(shape: &Option<String>, path: &Path, (batch, seq): (usize, usize), o: &tunebench::train::bench::BenchOptions) -> Result<u64> {
     let model = match shape {
         Some(s) => tunebench::train::bench::shape_config(s)?,
         None => tunebench::model::load_config(path)?,
-    };
-    let (batch, seq) = match batches {
-        Some(f) => {
-            let t = candle_core::safetensors::load(f, &candle_core::Device::Cpu).map_err(|e| Error::bad_input(f, None, e.to_string()))?;
-            let dims = t.get("input_ids").map(|t| t.dims().to_vec()).unwrap_or_default();
-            match dims[..] {
-                [_, b, s] => (b, s),
-                _ => return Err(Error::bad_input(f, None, "`input_ids` must be [n_batches, batch, seq]")),
-            }
-        }
-        None => random,
     };
     // Only the model, adapter and batch shape matter to the estimate (no data is read).
     let mut cfg = tunebench::train::RunConfig::from_toml("[data]\npath = \"bench-train batches\"\n", None)?;
