@@ -3,7 +3,7 @@
 //! are checked for every method in `tests/peft_methods.rs`.
 
 use candle_core::{DType, Device, Tensor, Var};
-use tunebench::model::ops;
+use tunebench::model::{fused, ops};
 
 fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     use rand::{Rng, SeedableRng};
@@ -165,12 +165,23 @@ fn frozen_blocks_give_the_dequantized_products_gradient() {
 /// against the composed reference, in value and in the gradients of q, k and v: grouped
 /// queries (two heads per KV head), with and without earlier keys (prefix/cache), in one block
 /// and in several (including a short last one); f64 to rounding, f32, and bf16 within bf16's
-/// tolerance.
+/// tolerance. In f32 and bf16 twice: the CPU's attention kernels (`model::attention_cpu`),
+/// and inside `fused::forced` the tensor-op path a GPU runs.
 #[test]
 fn blocked_attention_matches_composed() {
+    for forced in [false, true] {
+        if forced {
+            fused::forced(blocked_attention_cases);
+        } else {
+            blocked_attention_cases();
+        }
+    }
+}
+
+fn blocked_attention_cases() {
     let scale = 0.35;
     for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5), (DType::BF16, 3e-2)] {
-        for (s, k_len, block) in [(7, 7, 3), (7, 7, 7), (5, 9, 2), (6, 6, 1)] {
+        for (s, k_len, block) in [(7, 7, 3), (7, 7, 7), (5, 9, 2), (6, 6, 1), (9, 9, 4)] {
             let (b, nkv, rep, hd) = (2, 2, 2, 4);
             let q = Var::from_tensor(&randn(&[b, nkv, rep * s, hd], 41, dtype)).unwrap();
             let k = Var::from_tensor(&randn(&[b, nkv, k_len, hd], 42, dtype)).unwrap();
@@ -178,7 +189,7 @@ fn blocked_attention_matches_composed() {
             let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
             let y1 = ops::causal_attention_blocked(qt, kt, vt, s, scale, block).unwrap();
             let y2 = ops::causal_attention_composed(qt, kt, vt, s, scale).unwrap();
-            let what = format!("{dtype:?} s={s} keys={k_len} block={block}");
+            let what = format!("{dtype:?} s={s} keys={k_len} block={block} forced={}", fused::is_forced());
             assert!(max_rel(&y1, &y2) < tol, "{what}: forward differs: {}", max_rel(&y1, &y2));
             let cot = randn(y1.dims(), 44, dtype);
             let g1 = (y1 * &cot).unwrap().sum_all().unwrap().backward().unwrap();

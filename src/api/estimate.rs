@@ -13,8 +13,10 @@
 //!   rank-r intermediate (LoRA trains through `ops::lora_linear`, which keeps no output of its
 //!   own beside the projection's; DoRA composes and keeps more) — see
 //!   [`activation_floats_per_token_layer`];
-//! * attention: one query block of scores at a time (`ops::causal_attention` keeps none for
-//!   the backward and recomputes each block's there), at most `ops::ATTENTION_BLOCK_BYTES`;
+//! * attention: keeps no scores for the backward (`ops::causal_attention` recomputes them
+//!   there); on the CPU (`model::attention_cpu`) two (64 × keys) buffers per thread and the
+//!   backward's per-head gradients, on a GPU one query block of scores at a time, at most
+//!   `ops::ATTENTION_BLOCK_BYTES`;
 //! * the loss: `loss_chunk` rows of vocabulary logits at once (their softmax and gradient
 //!   reuse memory the backward pass frees) — or, when the LM head is adapted (a LoRA target,
 //!   full fine-tuning's trained embedding), every counted row's logits, kept for the backward;
@@ -53,18 +55,24 @@ use crate::{Error, Result};
 /// configs of the default model when LoRA composed too (bench/RESULTS.md, 2026-11-23).
 pub const ACTIVATION_FACTOR: f64 = 1.25;
 /// The same for LoRA and QLoRA (DoRA without dropout too) and AdaLoRA, which train through `ops::lora_linear` (the
-/// count covers what it keeps exactly). Refit on the same 6 configs (bench/RESULTS.md,
-/// 2026-12-02).
-pub const LORA_ACTIVATION_FACTOR: f64 = 1.03;
+/// count covers what it keeps exactly). Refit on the same 6 configs and the 8×256 one
+/// (bench/RESULTS.md, 2026-12-02, after the CPU's attention kernels).
+pub const LORA_ACTIVATION_FACTOR: f64 = 1.04;
 /// Copies of one query block's f32 attention scores alive at the peak (the backward's
 /// probabilities, their gradient and its temporaries; nothing of the kind is kept between the
-/// passes). Measured with the blocked attention (bench/RESULTS.md, 2026-12-01).
+/// passes) on a GPU (tensor ops). Measured on the CPU with the same blocked attention
+/// (bench/RESULTS.md, 2026-12-01), before the CPU took its own kernels.
 pub const ATTENTION_COPIES: f64 = 3.5;
 /// With gradient checkpointing: one decoder layer's activations alive at the peak, in units of
 /// a layer's counted activation bytes (the recomputed layer and its gradients). Measured on
 /// three configs of the default model (bench/RESULTS.md, 2026-12-01: 1.3 of the counted bytes
 /// × 1.25), checked on two with LoRA as one op (2026-12-02).
 pub const CHECKPOINT_LAYER_COPIES: f64 = 1.65;
+/// With gradient checkpointing, f32 floats per token and unit of hidden size alive at the peak
+/// beside the recomputed layer: fitted, not itemised (the CPU's attention kernels made the
+/// attention term small, and the checkpointed runs measured the same 56 MiB above the rest at
+/// 2048 tokens in f32 and in bf16, 55 MiB at 1920; bench/RESULTS.md, 2026-12-02).
+pub const CHECKPOINT_TOKEN_FLOATS_PER_HIDDEN: f64 = 12.5;
 /// Bytes per trainable parameter: value, gradient, accumulated gradient, AdamW m and v (f32),
 /// less what is freed between micro-batches. Calibrated with [`ACTIVATION_FACTOR`].
 pub const ADAPTER_BYTES_PER_PARAM: u64 = 17;
@@ -76,8 +84,9 @@ pub const LOGIT_COPIES: f64 = 1.0;
 pub const TIME_OVERHEAD: f64 = 2.2;
 /// [`TIME_OVERHEAD`] for LoRA as one op (no scaling pass, no graph nodes of its own; measured
 /// 0.71–0.83 of the composed figure on the six held-out configs of `tests/estimate.rs`,
-/// 2026-12-02).
-pub const LORA_TIME_OVERHEAD: f64 = 1.75;
+/// 2026-12-02; then 0.78–0.89 of 1.75 in f32 after the CPU's attention kernels and vector
+/// `exp`, the same day).
+pub const LORA_TIME_OVERHEAD: f64 = 1.5;
 
 /// Mixed precision on the CPU runs unfused ops where the f32 kernels would run (SwiGLU, the
 /// f32 casts around RMSNorm and the softmax), which keep more temporaries: activations × this
@@ -87,8 +96,8 @@ pub const LORA_TIME_OVERHEAD: f64 = 1.75;
 /// (bench/RESULTS.md, 2026-12-01 20:40).
 pub const HALF_ACTIVATION_FACTOR: f64 = 1.17;
 /// [`HALF_ACTIVATION_FACTOR`] for LoRA as one op ([`LORA_ACTIVATION_FACTOR`]); refit on three
-/// bf16 configs (bench/RESULTS.md, 2026-12-02).
-pub const LORA_HALF_ACTIVATION_FACTOR: f64 = 1.29;
+/// bf16 configs (bench/RESULTS.md, 2026-12-02, after the CPU's attention kernels).
+pub const LORA_HALF_ACTIVATION_FACTOR: f64 = 1.31;
 /// See [`HALF_ACTIVATION_FACTOR`].
 pub const HALF_ATTENTION_FACTOR: f64 = 1.0;
 /// Time per step of bf16 over f32 on the CPU (candle's bf16 matmul is slower than its f32
@@ -347,10 +356,28 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     let factor = half_factor * if lora_op { LORA_ACTIVATION_FACTOR } else { ACTIVATION_FACTOR };
     let counted = act_bytes_per_tok_layer * (tokens * layers) as f64;
     let acts = (factor * counted) as u64 + wbytes * tokens * model.hidden_size as u64 * 2;
-    let attn_factor = if half { HALF_ATTENTION_FACTOR } else { 1.0 };
-    // One query block of scores at a time (`ops::causal_attention`), in every layer alike.
-    let block = crate::model::ops::attention_block_len(b as usize, model.num_attention_heads, s as usize, s as usize) as u64;
-    let attn = (attn_factor * ATTENTION_COPIES * 4.0 * (b * model.num_attention_heads as u64 * block * s) as f64) as u64;
+    // A GPU run: `cuda`/`cuda:N`, or `auto` in a CUDA build (without opening the device).
+    let on_gpu = match crate::device::DeviceChoice::parse(&cfg.train.device, "train.device")? {
+        crate::device::DeviceChoice::Cuda(_) => true,
+        crate::device::DeviceChoice::Auto => crate::device::CUDA_BUILD,
+        crate::device::DeviceChoice::Cpu => false,
+    };
+    let heads = model.num_attention_heads as u64;
+    let attn = if on_gpu {
+        // One query block of scores at a time (`ops::causal_attention` on tensor ops), in every
+        // layer alike.
+        let attn_factor = if half { HALF_ATTENTION_FACTOR } else { 1.0 };
+        let block = crate::model::ops::attention_block_len(b as usize, model.num_attention_heads, s as usize, s as usize) as u64;
+        (attn_factor * ATTENTION_COPIES * 4.0 * (b * heads * block * s) as f64) as u64
+    } else {
+        // `model::attention_cpu`: two (tile × keys) f32 buffers per thread; the backward's dQ
+        // and per-query-head dK, dV (f32), and with 16-bit activations f32 copies of q, k, v,
+        // the output and its gradient.
+        let threads = rayon::current_num_threads() as u64;
+        let tile = (crate::model::attention_cpu::TILE as u64).min(s);
+        let per_head = b * heads * s * model.head_dim() as u64;
+        4 * (2 * threads * tile * s + if half { 8 } else { 3 } * per_head)
+    };
     let chunk = (t.loss_chunk as u64).min(tokens).max(1);
     let loss = if head_adapted {
         (LOGIT_COPIES * 4.0 * (tokens * model.vocab_size as u64) as f64) as u64
@@ -359,10 +386,15 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     };
     // Gradient checkpointing keeps each layer's input; at the peak, the layer being
     // recomputed in the backward holds its activations and part of their gradients
-    // ([`CHECKPOINT_LAYER_COPIES`]); attention is one block at a time either way.
+    // ([`CHECKPOINT_LAYER_COPIES`]), beside [`CHECKPOINT_TOKEN_FLOATS_PER_HIDDEN`]; attention
+    // is the same either way.
     let layer_inputs = wbytes * tokens * model.hidden_size as u64 * layers;
-    let acts_ckpt = (CHECKPOINT_LAYER_COPIES * half_factor * counted / layers.max(1) as f64) as u64 + layer_inputs;
+    let ckpt_extra = (4.0 * CHECKPOINT_TOKEN_FLOATS_PER_HIDDEN * (tokens * model.hidden_size as u64) as f64) as u64;
+    let acts_ckpt = (CHECKPOINT_LAYER_COPIES * half_factor * counted / layers.max(1) as f64) as u64 + layer_inputs + ckpt_extra;
     let attn_ckpt = attn;
+    // It keeps a part of what a plain run keeps, never more (a model of one or two layers
+    // gains next to nothing).
+    let acts_ckpt = acts_ckpt.min(acts);
     let ckpt = weights + adapter + acts_ckpt + attn_ckpt + loss;
     let checkpointing = t.gradient_checkpointing;
     let (acts, attn) = if checkpointing { (acts_ckpt, attn_ckpt) } else { (acts, attn) };
@@ -404,12 +436,6 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         ((t.epochs * micro as f64) / t.grad_accum as f64).ceil() as u64
     };
     let mut warnings = Vec::new();
-    // A GPU run: `cuda`/`cuda:N`, or `auto` in a CUDA build (without opening the device).
-    let on_gpu = match crate::device::DeviceChoice::parse(&cfg.train.device, "train.device")? {
-        crate::device::DeviceChoice::Cuda(_) => true,
-        crate::device::DeviceChoice::Auto => crate::device::CUDA_BUILD,
-        crate::device::DeviceChoice::Cpu => false,
-    };
     if on_gpu {
         warnings.push(format!(
             "train.device = \"{}\": this estimate is calibrated on the CPU (peak RSS, this machine's f32 matmul rate); on a GPU its memory is a rough guide to GPU memory and its time does not apply",
@@ -462,7 +488,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
                 ),
                 ("adapter + optimizer".into(), adapter),
                 (if checkpointing { "activations (layer inputs + one layer)" } else { "activations" }.into(), acts),
-                ("attention (one query block)".into(), attn),
+                (if on_gpu { "attention (one query block)" } else { "attention (tiles, gradients)" }.into(), attn),
                 ("loss (logits chunk)".into(), loss),
             ],
             total_bytes_checkpointed: ckpt,

@@ -44,10 +44,17 @@ thread_local! {
 /// tensor on a CUDA device (unless `TUNEBENCH_FUSED_KERNELS=0`), or on any device inside
 /// [`forced`].
 pub fn active(t: &Tensor) -> bool {
-    matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) && (FORCED.with(Cell::get) || (t.device().is_cuda() && enabled_by_env()))
+    matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) && (is_forced() || (t.device().is_cuda() && enabled_by_env()))
 }
 
-fn enabled_by_env() -> bool {
+/// True inside [`forced`] on this thread.
+pub fn is_forced() -> bool {
+    FORCED.with(Cell::get)
+}
+
+/// False when `TUNEBENCH_FUSED_KERNELS=0` asks for the training ops' tensor-op paths (to
+/// compare against them).
+pub(crate) fn enabled_by_env() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("TUNEBENCH_FUSED_KERNELS").map(|v| v.trim() != "0").unwrap_or(true))
 }

@@ -2,7 +2,9 @@
 //! templates, and the Llama-family decoder written for training.
 
 pub mod attend;
+pub mod attention_cpu;
 pub mod config;
+pub mod cpu_math;
 pub mod fused;
 pub mod gguf;
 pub mod linear;

@@ -14,7 +14,8 @@
 //!   ([`rms_norm_hooked`], [`rope_hooked`]) instead of composed ops whose every temporary
 //!   the graph would keep;
 //! * on CUDA devices, SwiGLU, RMSNorm's input gradient, the causal softmax, the chunked loss
-//!   and attention's score gradient take our own kernels ([`super::fused`], unless
+//!   and attention's score gradient take our own kernels ([`super::fused`]), and on the CPU
+//!   attention takes [`super::attention_cpu`]'s (in f32, for 16-bit operands too; both unless
 //!   `TUNEBENCH_FUSED_KERNELS=0`).
 
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
-use super::{fused, profile};
+use super::{attention_cpu, cpu_math, fused, profile};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -239,16 +240,26 @@ fn dropped(x: &Tensor, dropout: Option<(f64, u64)>) -> CResult<Tensor> {
 /// `dst (m×n, row-major) = [dst +] beta·lhs·rhs` in f32 on the CPU through gemm (candle's CPU
 /// matmul kernel), so a second product accumulates into the first's output instead of making
 /// its own and adding (a pass over the output saved). `lhs` (m×k) and `rhs` (k×n) are (data,
-/// row stride, column stride).
-fn cpu_gemm(dst: &mut [f32], (m, n, k): (usize, usize, usize), accumulate: bool, lhs: (&[f32], usize, usize), rhs: (&[f32], usize, usize), beta: f32) -> CResult<()> {
+/// row stride, column stride). `parallel`: split the product over candle's CPU threads (false
+/// inside a task that is already one of many in parallel).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn cpu_gemm(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+    beta: f32,
+    parallel: bool,
+) -> CResult<()> {
     let reach = |rows: usize, cols: usize, (d, rs, cs): (&[f32], usize, usize)| rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < d.len();
     if dst.len() != m * n || !reach(m, k, lhs) || !reach(k, n, rhs) {
-        candle_core::bail!("lora-product: operands do not cover a {m}×{k} · {k}×{n} product");
+        candle_core::bail!("cpu-gemm: operands do not cover a {m}×{k} · {k}×{n} product");
     }
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let threads = candle_core::utils::get_num_threads();
+    let threads = if parallel { candle_core::utils::get_num_threads() } else { 1 };
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: every index gemm touches is inside its slice (checked above: the last row and
     // column of each operand are in bounds, strides are non-negative), and `dst` is exclusive.
@@ -296,8 +307,8 @@ fn cuda_storage(s: &Storage) -> Option<&candle_core::CudaStorage> {
 /// `f` on a contiguous f32 CPU tensor's elements.
 fn cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
     let (s, l) = t.storage_and_layout();
-    let Some(c) = cpu_storage(&s) else { candle_core::bail!("lora-product: tensor not on the cpu") };
-    f(contiguous_f32(c, l, "lora-product")?)
+    let Some(c) = cpu_storage(&s) else { candle_core::bail!("cpu-f32: tensor not on the cpu") };
+    f(contiguous_f32(c, l, "cpu-f32")?)
 }
 
 fn f32_contiguous(t: &Tensor) -> bool {
@@ -327,8 +338,8 @@ impl candle_core::CustomOp3 for LoraProduct {
                     Ok(())
                 })?;
             }
-            cpu_f32(&w, |w| cpu_gemm(&mut y, (m, n, k), self.bias.is_some(), (x, k, 1), (w, 1, k), 1.0))?;
-            cpu_f32(&self.xa, |xa| cpu_gemm(&mut y, (m, n, r), true, (xa, r, 1), (b, 1, r), self.scale as f32))?;
+            cpu_f32(&w, |w| cpu_gemm(&mut y, (m, n, k), self.bias.is_some(), (x, k, 1), (w, 1, k), 1.0, true))?;
+            cpu_f32(&self.xa, |xa| cpu_gemm(&mut y, (m, n, r), true, (xa, r, 1), (b, 1, r), self.scale as f32, true))?;
             return Ok((CpuStorage::F32(y), Shape::from((m, n))));
         }
         self.forward_held(x, xl, b, bl, &w, cpu_storage, "the cpu")
@@ -363,8 +374,8 @@ impl candle_core::CustomOp3 for LoraProduct {
                 let w = self.w.dense(self.dtype)?.contiguous()?;
                 let ((m, n), (r, k)) = (g.dims2()?, a.dims2()?);
                 let mut dx = vec![0f32; m * k];
-                cpu_f32(&g, |g| cpu_f32(&w, |w| cpu_gemm(&mut dx, (m, k, n), false, (g, n, 1), (w, k, 1), 1.0)))?;
-                cpu_f32(&dxa, |d| cpu_f32(&a, |a| cpu_gemm(&mut dx, (m, k, r), true, (d, r, 1), (a, k, 1), 1.0)))?;
+                cpu_f32(&g, |g| cpu_f32(&w, |w| cpu_gemm(&mut dx, (m, k, n), false, (g, n, 1), (w, k, 1), 1.0, true)))?;
+                cpu_f32(&dxa, |d| cpu_f32(&a, |a| cpu_gemm(&mut dx, (m, k, r), true, (d, r, 1), (a, k, 1), 1.0, true)))?;
                 Some(Tensor::from_vec(dx, (m, k), &Device::Cpu)?)
             } else {
                 Some((g.matmul(&self.w.dense(self.dtype)?)? + self.dropped(&dxa.matmul(&a)?)?)?)
@@ -909,6 +920,9 @@ struct AttentionGrad {
     q_len: usize,
     scale: f64,
     block: usize,
+    /// Each query row's log-sum-exp when the forward ran [`attention_cpu`]'s kernel (on the
+    /// CPU): the backward then runs its backward kernel too.
+    lse: Option<Arc<Vec<f32>>>,
 }
 
 impl candle_core::CustomOp3 for AttentionGrad {
@@ -939,6 +953,19 @@ impl candle_core::CustomOp3 for AttentionGrad {
             let s = self.q_len;
             let rep = rows / s;
             let k_len = k.dim(2)?;
+            if let Some(lse) = &self.lse {
+                // 16-bit operands are computed in f32, their gradients handed back in 16 bits.
+                let d = attention_cpu::Dims { b, nkv, rep, s, keys: k_len, hd };
+                let [q, k, v, o, g] = [q, k, v, &self.o, grad].map(f32_copy);
+                let (dq, dk, dv) = cpu_f32(&q?, |q| {
+                    cpu_f32(&k?, |k| {
+                        cpu_f32(&v?, |v| cpu_f32(&o?, |o| cpu_f32(&g?, |g| attention_cpu::backward(q, k, v, o, lse, g, d, self.scale as f32, self.block))))
+                    })
+                })?;
+                let dtype = self.o.dtype();
+                let grad = |x: Vec<f32>, rows: usize| Tensor::from_vec(x, (b, nkv, rows, hd), &Device::Cpu)?.to_dtype(dtype);
+                return Ok((Some(grad(dq, rows)?), Some(grad(dk, k_len)?), Some(grad(dv, k_len)?)));
+            }
             let dtype = q.dtype();
             // Sums over blocks and the softmax's row terms in f32 (f64 for f64 operands).
             let acc = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
@@ -974,29 +1001,67 @@ impl candle_core::CustomOp3 for AttentionGrad {
 /// for the backward, with the heads merged: (b, q_len, heads·hd), `o_proj`'s input. `q` is
 /// (b, nkv, rep·q_len, hd) with the `rep` query heads sharing a KV head stacked on the row
 /// axis (as [`causal_softmax`] reads them), `k`, `v` (b, nkv, k_len, hd) with
-/// `k_len ≥ q_len` (earlier keys: a prefix or a cache). The forward runs in query blocks of at
-/// most [`ATTENTION_BLOCK_BYTES`] of scores, each block seeing only the keys up to its last
-/// position; the backward recomputes each block's probabilities (flash attention's scheme, on
-/// tensor ops: every device and dtype). What stays for the backward: q, k, v and the output.
+/// `k_len ≥ q_len` (earlier keys: a prefix or a cache). The forward runs in query blocks, each
+/// seeing only the keys up to its last position; the backward recomputes each block's
+/// probabilities (flash attention's scheme). On the CPU both passes are [`attention_cpu`]'s
+/// kernels (in f32; 16-bit operands are cast), in blocks of [`attention_cpu::TILE`]
+/// positions; elsewhere they
+/// are tensor ops (every device and dtype) in blocks of at most [`ATTENTION_BLOCK_BYTES`] of
+/// scores. What stays for the backward: q, k, v and the output (and on the CPU one
+/// log-sum-exp per query row).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usize, scale: f64) -> CResult<Tensor> {
     profile::region("attention fwd", q.device(), || {
         let (b, nkv, rows, _) = q.dims4()?;
-        let block = attention_block_len(b, nkv * rows / q_len.max(1), q_len, k.dim(2)?);
+        let block = if cpu_attention(q, k, v) {
+            attention_cpu::TILE.min(q_len.max(1))
+        } else {
+            attention_block_len(b, nkv * rows / q_len.max(1), q_len, k.dim(2)?)
+        };
         causal_attention_blocked(q, k, v, q_len, scale, block)
     })
 }
 
+/// Whether attention over these operands runs [`attention_cpu`]'s kernels: on the CPU, in f32,
+/// or in bf16/f16 (computed in f32); not with `TUNEBENCH_FUSED_KERNELS=0`, nor inside
+/// [`fused::forced`] (which checks the tensor-op path a GPU runs, on its CPU twins).
+fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let dtype = q.dtype();
+    q.device().is_cpu()
+        && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        && (k.dtype(), v.dtype()) == (dtype, dtype)
+        && fused::enabled_by_env()
+        && !fused::is_forced()
+}
+
+/// `t` as a contiguous f32 tensor (itself when it is one already).
+fn f32_copy(t: &Tensor) -> CResult<Tensor> {
+    t.to_dtype(DType::F32)?.contiguous()
+}
+
 /// [`causal_attention`] with a given block length (positions per query block).
 pub fn causal_attention_blocked(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usize, scale: f64, block: usize) -> CResult<Tensor> {
-    let (_, _, rows, _) = q.dims4()?;
-    if q_len == 0 || rows % q_len != 0 || k.dim(2)? < q_len {
-        candle_core::bail!("causal-attention: {rows} query rows, {q_len} positions, {} keys", k.dim(2)?);
+    let (b, nkv, rows, hd) = q.dims4()?;
+    let k_len = k.dim(2)?;
+    if q_len == 0 || rows % q_len != 0 || k_len < q_len || k.dims4()? != (b, nkv, k_len, hd) || v.dims4()? != (b, nkv, k_len, hd) {
+        candle_core::bail!("causal-attention: q {:?}, k {:?}, v {:?} for {q_len} positions", q.dims(), k.dims(), v.dims());
+    }
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if cpu_attention(q, k, v) {
+        let d = attention_cpu::Dims { b, nkv, rep: rows / q_len, s: q_len, keys: k_len, hd };
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let (qf, kf, vf) = (f32_copy(&q)?, f32_copy(&k)?, f32_copy(&v)?);
+        let (o, lse) = cpu_f32(&qf, |qs| cpu_f32(&kf, |ks| cpu_f32(&vf, |vs| attention_cpu::forward(qs, ks, vs, d, scale as f32, block))))?;
+        let o = Tensor::from_vec(o, (b, q_len, nkv * d.rep * hd), &Device::Cpu)?.to_dtype(q.dtype())?;
+        if !tracked {
+            return Ok(o);
+        }
+        return q.apply_op3(&k, &v, AttentionGrad { o, q_len, scale, block, lse: Some(Arc::new(lse)) });
     }
     let o = merge_heads(&attention_forward(&q.detach(), &k.detach(), &v.detach(), q_len, scale, block)?, q_len)?;
-    if !(q.track_op() || k.track_op() || v.track_op()) {
+    if !tracked {
         return Ok(o);
     }
-    q.apply_op3(k, v, AttentionGrad { o, q_len, scale, block })
+    q.apply_op3(k, v, AttentionGrad { o, q_len, scale, block, lse: None })
 }
 
 /// Causal attention from differentiable primitives, heads merged: the scores, their causal
@@ -1203,8 +1268,11 @@ impl candle_core::CustomOp2 for SwiGlu {
         let (g, u) = binary_slices(a, al, b, bl, "swiglu")?;
         let mut out = vec![0f32; g.len()];
         out.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(o, (g, u))| {
+            // exp(−g) first, eight at a time, then silu(g)·u over it.
+            o.copy_from_slice(g);
+            cpu_math::exp_shifted(o, -1.0, 0.0);
             for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + (-g).exp()) * u;
+                *o = g / (1.0 + *o) * u;
             }
         });
         Ok((CpuStorage::F32(out), al.shape().clone()))
@@ -1212,19 +1280,33 @@ impl candle_core::CustomOp2 for SwiGlu {
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         profile::region("swiglu bwd", g.device(), || {
-            let (gd, ud, dd) = (g.flatten_all()?.to_vec1::<f32>()?, u.flatten_all()?.to_vec1::<f32>()?, grad.flatten_all()?.to_vec1::<f32>()?);
-            let n = gd.len();
+            // The operands are read in place (the op's inputs are contiguous f32 on the CPU).
+            let grad = grad.contiguous()?;
+            let n = g.elem_count();
             let mut dg = vec![0f32; n];
             let mut du = vec![0f32; n];
-            dg.par_chunks_mut(4096).zip(du.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
-                let base = c * 4096;
-                for i in 0..dg.len() {
-                    let (x, y, d) = (gd[base + i], ud[base + i], dd[base + i]);
-                    let s = 1.0 / (1.0 + (-x).exp());
-                    du[i] = d * x * s;
-                    dg[i] = d * y * s * (1.0 + x * (1.0 - s));
-                }
-            });
+            cpu_f32(g, |gd| {
+                cpu_f32(u, |ud| {
+                    cpu_f32(&grad, |dd| {
+                        if gd.len() != n || ud.len() != n || dd.len() != n {
+                            candle_core::bail!("swiglu: operands and gradient differ in size");
+                        }
+                        dg.par_chunks_mut(4096).zip(du.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
+                            let base = c * 4096;
+                            // exp(−x) into dg first, eight at a time.
+                            dg.copy_from_slice(&gd[base..base + dg.len()]);
+                            cpu_math::exp_shifted(dg, -1.0, 0.0);
+                            for i in 0..dg.len() {
+                                let (x, y, d) = (gd[base + i], ud[base + i], dd[base + i]);
+                                let s = 1.0 / (1.0 + dg[i]);
+                                du[i] = d * x * s;
+                                dg[i] = d * y * s * (1.0 + x * (1.0 - s));
+                            }
+                        });
+                        Ok(())
+                    })
+                })
+            })?;
             let dev = g.device();
             Ok((Some(Tensor::from_vec(dg, g.shape(), dev)?), Some(Tensor::from_vec(du, u.shape(), dev)?)))
         })
