@@ -306,9 +306,19 @@ fn cuda_storage(s: &Storage) -> Option<&candle_core::CudaStorage> {
 
 /// `f` on a contiguous f32 CPU tensor's elements.
 fn cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
-    let (s, l) = t.storage_and_layout();
-    let Some(c) = cpu_storage(&s) else { candle_core::bail!("cpu-f32: tensor not on the cpu") };
-    f(contiguous_f32(c, l, "cpu-f32")?)
+    cpu_f32s([t], |[x]| f(x))
+}
+
+/// `f` on the elements of several contiguous f32 CPU tensors at once.
+fn cpu_f32s<const N: usize, R>(ts: [&Tensor; N], f: impl FnOnce([&[f32]; N]) -> CResult<R>) -> CResult<R> {
+    let held = ts.map(|t| t.storage_and_layout());
+    let mut slices = Vec::with_capacity(N);
+    for (s, l) in &held {
+        let Some(c) = cpu_storage(s) else { candle_core::bail!("cpu-f32: tensor not on the cpu") };
+        slices.push(contiguous_f32(c, l, "cpu-f32")?);
+    }
+    let Ok(slices) = <[&[f32]; N]>::try_from(slices) else { candle_core::bail!("cpu-f32: {N} tensors expected") };
+    f(slices)
 }
 
 fn f32_contiguous(t: &Tensor) -> bool {
@@ -374,8 +384,8 @@ impl candle_core::CustomOp3 for LoraProduct {
                 let w = self.w.dense(self.dtype)?.contiguous()?;
                 let ((m, n), (r, k)) = (g.dims2()?, a.dims2()?);
                 let mut dx = vec![0f32; m * k];
-                cpu_f32(&g, |g| cpu_f32(&w, |w| cpu_gemm(&mut dx, (m, k, n), false, (g, n, 1), (w, k, 1), 1.0, true)))?;
-                cpu_f32(&dxa, |d| cpu_f32(&a, |a| cpu_gemm(&mut dx, (m, k, r), true, (d, r, 1), (a, k, 1), 1.0, true)))?;
+                cpu_f32s([&g, &w], |[g, w]| cpu_gemm(&mut dx, (m, k, n), false, (g, n, 1), (w, k, 1), 1.0, true))?;
+                cpu_f32s([&dxa, &a], |[d, a]| cpu_gemm(&mut dx, (m, k, r), true, (d, r, 1), (a, k, 1), 1.0, true))?;
                 Some(Tensor::from_vec(dx, (m, k), &Device::Cpu)?)
             } else {
                 Some((g.matmul(&self.w.dense(self.dtype)?)? + self.dropped(&dxa.matmul(&a)?)?)?)
@@ -957,11 +967,8 @@ impl candle_core::CustomOp3 for AttentionGrad {
                 // 16-bit operands are computed in f32, their gradients handed back in 16 bits.
                 let d = attention_cpu::Dims { b, nkv, rep, s, keys: k_len, hd };
                 let [q, k, v, o, g] = [q, k, v, &self.o, grad].map(f32_copy);
-                let (dq, dk, dv) = cpu_f32(&q?, |q| {
-                    cpu_f32(&k?, |k| {
-                        cpu_f32(&v?, |v| cpu_f32(&o?, |o| cpu_f32(&g?, |g| attention_cpu::backward(q, k, v, o, lse, g, d, self.scale as f32, self.block))))
-                    })
-                })?;
+                let (q, k, v, o, g) = (q?, k?, v?, o?, g?);
+                let (dq, dk, dv) = cpu_f32s([&q, &k, &v, &o, &g], |[q, k, v, o, g]| attention_cpu::backward(q, k, v, o, lse, g, d, self.scale as f32, self.block))?;
                 let dtype = self.o.dtype();
                 let grad = |x: Vec<f32>, rows: usize| Tensor::from_vec(x, (b, nkv, rows, hd), &Device::Cpu)?.to_dtype(dtype);
                 return Ok((Some(grad(dq, rows)?), Some(grad(dk, k_len)?), Some(grad(dv, k_len)?)));
@@ -1050,7 +1057,7 @@ pub fn causal_attention_blocked(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usize
         let d = attention_cpu::Dims { b, nkv, rep: rows / q_len, s: q_len, keys: k_len, hd };
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let (qf, kf, vf) = (f32_copy(&q)?, f32_copy(&k)?, f32_copy(&v)?);
-        let (o, lse) = cpu_f32(&qf, |qs| cpu_f32(&kf, |ks| cpu_f32(&vf, |vs| attention_cpu::forward(qs, ks, vs, d, scale as f32, block))))?;
+        let (o, lse) = cpu_f32s([&qf, &kf, &vf], |[qs, ks, vs]| attention_cpu::forward(qs, ks, vs, d, scale as f32, block))?;
         let o = Tensor::from_vec(o, (b, q_len, nkv * d.rep * hd), &Device::Cpu)?.to_dtype(q.dtype())?;
         if !tracked {
             return Ok(o);
@@ -1285,27 +1292,23 @@ impl candle_core::CustomOp2 for SwiGlu {
             let n = g.elem_count();
             let mut dg = vec![0f32; n];
             let mut du = vec![0f32; n];
-            cpu_f32(g, |gd| {
-                cpu_f32(u, |ud| {
-                    cpu_f32(&grad, |dd| {
-                        if gd.len() != n || ud.len() != n || dd.len() != n {
-                            candle_core::bail!("swiglu: operands and gradient differ in size");
-                        }
-                        dg.par_chunks_mut(4096).zip(du.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
-                            let base = c * 4096;
-                            // exp(−x) into dg first, eight at a time.
-                            dg.copy_from_slice(&gd[base..base + dg.len()]);
-                            cpu_math::exp_shifted(dg, -1.0, 0.0);
-                            for i in 0..dg.len() {
-                                let (x, y, d) = (gd[base + i], ud[base + i], dd[base + i]);
-                                let s = 1.0 / (1.0 + dg[i]);
-                                du[i] = d * x * s;
-                                dg[i] = d * y * s * (1.0 + x * (1.0 - s));
-                            }
-                        });
-                        Ok(())
-                    })
-                })
+            cpu_f32s([g, u, &grad], |[gd, ud, dd]| {
+                if gd.len() != n || ud.len() != n || dd.len() != n {
+                    candle_core::bail!("swiglu: operands and gradient differ in size");
+                }
+                dg.par_chunks_mut(4096).zip(du.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
+                    let base = c * 4096;
+                    // exp(−x) into dg first, eight at a time.
+                    dg.copy_from_slice(&gd[base..base + dg.len()]);
+                    cpu_math::exp_shifted(dg, -1.0, 0.0);
+                    for i in 0..dg.len() {
+                        let (x, y, d) = (gd[base + i], ud[base + i], dd[base + i]);
+                        let s = 1.0 / (1.0 + dg[i]);
+                        du[i] = d * x * s;
+                        dg[i] = d * y * s * (1.0 + x * (1.0 - s));
+                    }
+                });
+                Ok(())
             })?;
             let dev = g.device();
             Ok((Some(Tensor::from_vec(dg, g.shape(), dev)?), Some(Tensor::from_vec(du, u.shape(), dev)?)))

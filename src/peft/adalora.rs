@@ -326,8 +326,7 @@ impl LinearAdapter for AdaLoraLayer {
         }
         let run = || -> Result<Tensor> {
             let (a, b) = (self.scaled_a(ctx)?, t(&self.b, ctx));
-            let dropout = (self.dropout > 0.0).then(|| (self.dropout, super::lora::dropout_seed(self.index, ctx)));
-            Ok(crate::model::ops::lora_linear(xs, weight, bias, crate::model::ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout })?)
+            super::lora::train_product(xs, weight, bias, &a, &b, self.scale, self.dropout, self.index, ctx)
         };
         Some(run())
     }

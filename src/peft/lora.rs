@@ -202,8 +202,17 @@ pub(crate) fn adapter_input(xs: &Tensor, p: f64, index: u64, ctx: &ForwardCtx) -
     Ok(if ctx.train && p > 0.0 { dropout(xs, p, dropout_seed(index, ctx))? } else { xs.clone() })
 }
 
+/// In training, `xs·Wᵀ [+ bias] + scale·(x̃·Aᵀ)·Bᵀ` as one op (`ops::lora_linear`), x̃ = `xs`
+/// with dropout `p` drawn as [`adapter_input`] draws it: LoRA's, AdaLoRA's (Q ⊙ Λ as A) and
+/// dropout-free DoRA's projection.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_product(xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, a: &Tensor, b: &Tensor, scale: f64, p: f64, index: u64, ctx: &ForwardCtx) -> Result<Tensor> {
+    let dropout = (p > 0.0).then(|| (p, dropout_seed(index, ctx)));
+    Ok(crate::model::ops::lora_linear(xs, weight, bias, crate::model::ops::LoraPair { a, b, scale, dropout })?)
+}
+
 /// The seed of adapted layer `index`'s dropout mask in a pass.
-pub(crate) fn dropout_seed(index: u64, ctx: &ForwardCtx) -> u64 {
+fn dropout_seed(index: u64, ctx: &ForwardCtx) -> u64 {
     ctx.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
@@ -274,12 +283,8 @@ impl LinearAdapter for LoraLayer {
             if !ctx.train || ctx.generation {
                 return None;
             }
-            let run = || -> Result<Tensor> {
-                let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
-                let dropout = (self.dropout > 0.0).then(|| (self.dropout, dropout_seed(self.index, ctx)));
-                Ok(crate::model::ops::lora_linear(xs, weight, bias, crate::model::ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout })?)
-            };
-            return Some(run());
+            let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
+            return Some(train_product(xs, weight, bias, &a, &b, self.scale, self.dropout, self.index, ctx));
         };
         let run = || -> Result<Tensor> {
             // PEFT's form: base(x) + (g − 1)·(x̃·Wᵀ) + g·s·(x̃·Aᵀ)·Bᵀ with g = m / ‖W + s·B·A‖_row
@@ -289,8 +294,7 @@ impl LinearAdapter for LoraLayer {
                 // Without dropout: g·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, the sum from LoRA's op (the graph
                 // keeps it and the scaled output, not the base output and the update's chain).
                 let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
-                let pair = crate::model::ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout: None };
-                let out = crate::model::ops::lora_linear(xs, weight, None, pair)?.broadcast_mul(&g)?;
+                let out = train_product(xs, weight, None, &a, &b, self.scale, 0.0, self.index, ctx)?.broadcast_mul(&g)?;
                 return Ok(match bias {
                     Some(b) => out.broadcast_add(b)?,
                     None => out,
