@@ -210,6 +210,45 @@ template <typename T> void run_all(const char* dtype, double limit,
     }
 }
 
+// Heads moved between (b, s, heads·hd) rows and (b, heads, s, hd) blocks, both ways, rotated
+// by RoPE (+θ into the heads, −θ out) and plain: 600 values over a grid capped at 2 blocks.
+template <typename T> void heads_all(const char* dtype, double limit, void (*plain)(const T*, T*, size_t, int, int, int, int),
+                                     void (*rope)(const T*, const float*, T*, size_t, int, int, int, int)) {
+    const int b = 2, s = 5, heads = 6, hd = 10, half = hd / 2, width = heads * hd;
+    const size_t n = static_cast<size_t>(b) * s * width;
+    auto x = random_vec<T>(n, 16, 2.f);
+    auto table = random_vec<float>(static_cast<size_t>(s) * hd, 17, 1.f);
+    const auto xw = wide(x);
+    for (int rotate = 0; rotate < 2; ++rotate) {
+        for (int into = 1; into >= 0; --into) {
+            std::vector<double> want(n);
+            for (int bi = 0; bi < b; ++bi)
+                for (int h = 0; h < heads; ++h)
+                    for (int p = 0; p < s; ++p) {
+                        const size_t rows = (static_cast<size_t>(bi) * s + p) * width + h * hd;
+                        const size_t blocks = ((static_cast<size_t>(bi) * heads + h) * s + p) * hd;
+                        const size_t from = into ? rows : blocks, to = into ? blocks : rows;
+                        for (int d = 0; d < hd; ++d) {
+                            if (!rotate) {
+                                want[to + d] = xw[from + d];
+                                continue;
+                            }
+                            const int j = d % half;
+                            const double c = table[p * hd + j], sn = (into ? 1.0 : -1.0) * table[p * hd + half + j];
+                            want[to + d] = d < half ? xw[from + d] * c - xw[from + d + half] * sn : xw[from + d] * c + xw[from + d - half] * sn;
+                        }
+                    }
+            std::vector<T> out(n, make<T>(NAN));
+            if (rotate) {
+                emu::launch(2, 256, [&] { rope(x.data(), table.data(), out.data(), n, s, heads, hd, into); });
+            } else {
+                emu::launch(2, 256, [&] { plain(x.data(), out.data(), n, s, heads, hd, into); });
+            }
+            report(rotate ? (into ? "split_heads_rope" : "merge_heads_rope") : (into ? "split_heads" : "merge_heads"), dtype, out, want, limit);
+        }
+    }
+}
+
 // AdamW (f32 only): 700 elements over a grid capped at 2 blocks, with weight decay.
 void adamw() {
     const size_t n = 700;
@@ -299,6 +338,9 @@ int main(int argc, char** argv) {
                     tb_ce_grad_f16, tb_attention_ds_f16, tb_dropout_f16);
     run_all<__nv_bfloat16>("bf16", 8e-3, tb_swiglu_fwd_bf16, tb_swiglu_bwd_bf16, tb_rmsnorm_bwd_bf16, tb_causal_softmax_bf16,
                            tb_ce_stats_bf16, tb_ce_grad_bf16, tb_attention_ds_bf16, tb_dropout_bf16);
+    heads_all<float>("f32", 1e-5, tb_split_heads_f32, tb_split_heads_rope_f32);
+    heads_all<__half>("f16", 1e-3, tb_split_heads_f16, tb_split_heads_rope_f16);
+    heads_all<__nv_bfloat16>("bf16", 8e-3, tb_split_heads_bf16, tb_split_heads_rope_bf16);
     adamw();
     if (argc > 1) dequant_all(argv[1]);
     std::printf("%d failed\n", failures);

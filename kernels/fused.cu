@@ -21,6 +21,10 @@
 //                             the seed (the CPU's splitmix64 stream, bit for bit), so no mask
 //                             is copied from the host or kept for the backward (the backward
 //                             is the same kernel on the gradient);
+//   split_heads[_rope]        a projection's (b, s, heads·hd) output to per-head (b, heads, s,
+//                             hd) blocks, RoPE applied, and back (rotating by −θ) for the
+//                             backward (was a reshape, transpose, copy, RoPE and reshape, each a
+//                             zero-filled gradient and an add in the backward);
 //   adamw_moments / adamw_param
 //                             one AdamW step of one f32 variable in two launches (was ~16
 //                             tensor ops per variable: thousands of launches per step with
@@ -196,6 +200,44 @@ template <typename T> __device__ void dropout(const T* x, T* out, size_t n, uint
     }
 }
 
+// One element of a move between (b, s, heads·hd) rows and per-head (b, heads, s, hd) blocks:
+// into the heads when into_heads, out of them otherwise; element i is the destination's. With
+// ROTATE, each head row is rotated by RoPE (rotate-half): table (s, hd) f32 holds each
+// position's hd/2 cosines then hd/2 sines; the sines count +θ into the heads, −θ out of them.
+template <typename T, bool ROTATE>
+__device__ void split_heads(const T* x, const float* table, T* out, size_t n, int s, int heads, int hd, int into_heads) {
+    const int half = hd / 2;
+    for (size_t i = first_index(); i < n; i += grid_stride()) {
+        const int d = (int)(i % hd);
+        size_t rest = i / hd;
+        int p, h;
+        size_t base;
+        if (into_heads) {
+            p = (int)(rest % s);
+            rest /= s;
+            h = (int)(rest % heads);
+            const size_t bi = rest / heads;
+            base = ((bi * s + p) * heads + h) * (size_t)hd;
+        } else {
+            h = (int)(rest % heads);
+            rest /= heads;
+            p = (int)(rest % s);
+            const size_t bi = rest / s;
+            base = ((bi * heads + h) * s + p) * (size_t)hd;
+        }
+        if (!ROTATE) {
+            out[i] = x[base + d];
+            continue;
+        }
+        const int j = d % half;
+        const float c = table[(size_t)p * hd + j];
+        const float sn = (into_heads ? 1.f : -1.f) * table[(size_t)p * hd + half + j];
+        const float v = d < half ? load(x[base + d]) * c - load(x[base + d + half]) * sn
+                                 : load(x[base + d]) * c + load(x[base + d - half]) * sn;
+        out[i] = store<T>(v);
+    }
+}
+
 }  // namespace
 
 // AdamW's new moments of one variable: mv[0..n] = m·b1 + g·(1 − b1), mv[n..2n] = v·b2 + g²·(1 − b2).
@@ -301,6 +343,14 @@ __device__ __forceinline__ float q4k_at(const uint8_t* blocks, size_t i) {
     extern "C" __global__ void tb_attention_ds_##SUFFIX(const T* p, const T* dp, const float* rowdot, T* ds,          \
                                                         size_t n, int k_len, float scale) {                            \
         attention_ds<T>(p, dp, rowdot, ds, n, k_len, scale);                                                           \
+    }                                                                                                                  \
+    extern "C" __global__ void tb_split_heads_##SUFFIX(const T* x, T* out, size_t n, int s, int heads, int hd,       \
+                                                       int into_heads) {                                               \
+        split_heads<T, false>(x, nullptr, out, n, s, heads, hd, into_heads);                                           \
+    }                                                                                                                  \
+    extern "C" __global__ void tb_split_heads_rope_##SUFFIX(const T* x, const float* table, T* out, size_t n, int s,  \
+                                                            int heads, int hd, int into_heads) {                       \
+        split_heads<T, true>(x, table, out, n, s, heads, hd, into_heads);                                              \
     }                                                                                                                  \
     extern "C" __global__ void tb_dropout_##SUFFIX(const T* x, T* out, size_t n, uint64_t seed, uint64_t threshold,   \
                                                    float scale) {                                                      \

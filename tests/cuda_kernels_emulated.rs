@@ -51,10 +51,10 @@ fn cuda_kernels_match_the_reference_under_host_emulation() {
     println!("{out}");
     let _ = std::fs::remove_dir_all(&dir);
     assert!(run.status.success(), "{out}\n{}", String::from_utf8_lossy(&run.stderr));
-    // Every kernel ran in every dtype: 11 checks each for f32, f16 and bf16, AdamW's two (f32),
-    // and four block formats to f32, f16 and bf16.
+    // Every kernel ran in every dtype: 11 checks each for f32, f16 and bf16, the head moves'
+    // four each, AdamW's two (f32), and four block formats to f32, f16 and bf16.
     let passed = out.lines().filter(|l| l.ends_with(" ok")).count();
-    assert_eq!(passed, 47, "{out}");
+    assert_eq!(passed, 59, "{out}");
     // The dropout kernel draws exactly the CPU's mask (model::fused::dropout_mask).
     let line = out.lines().find(|l| l.starts_with("dropout mask n=")).expect("the dropout mask's summary");
     let mask = tunebench::model::fused::dropout_mask(10_000, 0.3, 0x0123_4567_89ab_cdef);

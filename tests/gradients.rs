@@ -48,6 +48,25 @@ fn fused_rope_matches_composed() {
     check_op(&x, |x| ops::rope(x, &cos, &sin).unwrap(), |x| ops::rope_composed(x, &cos, &sin).unwrap(), 1e-5);
 }
 
+/// Heads split out of a projection's (b, s, heads·hd) output, rotated or not, grouped for
+/// grouped-query attention: one op against the reshape/transpose/RoPE chain it replaces.
+#[test]
+fn fused_split_heads_matches_composed() {
+    let (b, s, hd) = (2, 5, 8);
+    let cos = randn(&[s, hd / 2], 41, DType::F32);
+    let sin = randn(&[s, hd / 2], 42, DType::F32);
+    for (heads, groups, rotate) in [(6, 2, true), (2, 2, true), (3, 3, false), (4, 1, true)] {
+        let x = randn(&[b, s, heads * hd], 43, DType::F32);
+        let rope = rotate.then_some((&cos, &sin));
+        let composed = |x: &Tensor| {
+            let h = x.reshape((b, s, heads, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let h = if rotate { ops::rope_composed(&h, &cos, &sin).unwrap() } else { h };
+            h.reshape((b, groups, heads / groups * s, hd)).unwrap()
+        };
+        check_op(&x, |x| ops::split_heads(x, heads, groups, rope).unwrap(), composed, 1e-6);
+    }
+}
+
 #[test]
 fn fused_causal_softmax_matches_composed() {
     // Two heads stacked on the row axis (grouped-query layout), with and without a prefix of
@@ -82,6 +101,20 @@ fn fused_linear_cross_entropy_matches_composed() {
         &h,
         |h| ops::linear_cross_entropy(h, &w, &targets, 3).unwrap(),
         |h| ops::cross_entropy_rows(&h.matmul(&w.t().unwrap()).unwrap(), &targets).unwrap(),
+        1e-5,
+    );
+    // At sizes where the kernel's vector passes do the work (rows of 1003 logits: 125 lanes of
+    // eight and a remainder), with peaked rows (logits up to ±30), against f64.
+    let h = (randn(&[37, 72], 23, DType::F32) * 2.5).unwrap();
+    let w = randn(&[1003, 72], 24, DType::F32);
+    let targets: Vec<u32> = (0..37u32).map(|i| (i * 271) % 1003).collect();
+    check_op(
+        &h,
+        |h| ops::linear_cross_entropy(h, &w, &targets, 16).unwrap(),
+        |h| {
+            let logits = h.to_dtype(DType::F64).unwrap().matmul(&w.to_dtype(DType::F64).unwrap().t().unwrap()).unwrap();
+            ops::cross_entropy_rows(&logits, &targets).unwrap().to_dtype(DType::F32).unwrap()
+        },
         1e-5,
     );
 }

@@ -202,7 +202,7 @@ fn bench_train_runs_a_shape_with_and_without_checkpointing() {
         let layers = 2.0; // the tiny shape
         assert_eq!(get("lora product fwd")["calls_per_step"].as_f64().unwrap(), 7.0 * layers * if recompute { 2.0 } else { 1.0 });
         assert_eq!(get("lora product bwd")["calls_per_step"].as_f64().unwrap(), 7.0 * layers);
-        for name in ["attention fwd", "attention bwd", "swiglu fwd", "swiglu bwd", "rms_norm fwd", "rope fwd", "lm head + loss fwd", "backward", "optimizer"] {
+        for name in ["attention fwd", "attention bwd", "swiglu fwd", "swiglu bwd", "rms_norm fwd", "split heads fwd", "split heads bwd", "lm head + loss fwd", "backward", "optimizer"] {
             assert!(get(name)["seconds_per_step"].as_f64().unwrap() >= 0.0);
         }
         assert_eq!(rows.iter().any(|r| r["region"] == "forward (recompute)"), recompute);

@@ -8,7 +8,7 @@
 //!   the projections at 5 bits a weight plus one dequantized at a time;
 //! * adapter: trainable parameters × (value + gradient + accumulated gradient + AdamW m, v);
 //! * activations kept for the backward pass, per token and decoder layer: the layer input,
-//!   both norm outputs, q/k/v (projected, laid out, rotated), attention output, MLP
+//!   both norm outputs, q/k/v (projected, and per head rotated), attention output, MLP
 //!   gate/up/activation, projections' outputs and residual sums, plus each LoRA target's
 //!   rank-r intermediate (LoRA trains through `ops::lora_linear`, which keeps no output of its
 //!   own beside the projection's; DoRA composes and keeps more) — see
@@ -56,8 +56,9 @@ use crate::{Error, Result};
 pub const ACTIVATION_FACTOR: f64 = 1.25;
 /// The same for LoRA and QLoRA (DoRA without dropout too) and AdaLoRA, which train through `ops::lora_linear` (the
 /// count covers what it keeps exactly). Refit on the same 6 configs and the 8×256 one
-/// (bench/RESULTS.md, 2026-12-02, after the CPU's attention kernels).
-pub const LORA_ACTIVATION_FACTOR: f64 = 1.04;
+/// (bench/RESULTS.md, 2026-12-02, after `ops::split_heads` and reshape-free LoRA ops took the
+/// zero-filled gradients of eleven graph nodes per layer out of the backward's peak).
+pub const LORA_ACTIVATION_FACTOR: f64 = 1.0;
 /// Copies of one query block's f32 attention scores alive at the peak (the backward's
 /// probabilities, their gradient and its temporaries; nothing of the kind is kept between the
 /// passes) on a GPU (tensor ops). Measured on the CPU with the same blocked attention
@@ -96,8 +97,8 @@ pub const LORA_TIME_OVERHEAD: f64 = 1.5;
 /// (bench/RESULTS.md, 2026-12-01 20:40).
 pub const HALF_ACTIVATION_FACTOR: f64 = 1.17;
 /// [`HALF_ACTIVATION_FACTOR`] for LoRA as one op ([`LORA_ACTIVATION_FACTOR`]); refit on three
-/// bf16 configs (bench/RESULTS.md, 2026-12-02, after the CPU's attention kernels).
-pub const LORA_HALF_ACTIVATION_FACTOR: f64 = 1.31;
+/// bf16 configs (bench/RESULTS.md, 2026-12-02, after `ops::split_heads`).
+pub const LORA_HALF_ACTIVATION_FACTOR: f64 = 1.39;
 /// See [`HALF_ACTIVATION_FACTOR`].
 pub const HALF_ATTENTION_FACTOR: f64 = 1.0;
 /// Time per step of bf16 over f32 on the CPU (candle's bf16 matmul is slower than its f32
@@ -240,8 +241,11 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
                 // copy of the input, the magnitude vector and the scaled sum (out each).
                 PeftConfig::Lora(l) | PeftConfig::Qlora(l) if !l.use_dora => (l.rank_and_scale(&n).0 * (i + o), l.rank_and_scale(&n).0),
                 // Without dropout DoRA takes LoRA's op and scales its output: x·A (r) and the
-                // unscaled sum (out).
-                PeftConfig::Lora(l) | PeftConfig::Qlora(l) if l.lora_dropout == 0.0 => (l.rank_and_scale(&n).0 * (i + o) + o, l.rank_and_scale(&n).0 + o),
+                // unscaled sum (out), and the scaling's gradient temporaries at the peak
+                // (measured: 0.3·out on two configs, bench/RESULTS.md, 2026-12-02).
+                PeftConfig::Lora(l) | PeftConfig::Qlora(l) if l.lora_dropout == 0.0 => {
+                    (l.rank_and_scale(&n).0 * (i + o) + o, l.rank_and_scale(&n).0 + o + (3 * o).div_ceil(10))
+                }
                 PeftConfig::Lora(l) | PeftConfig::Qlora(l) => {
                     let r = l.rank_and_scale(&n).0;
                     (r * (i + o) + o, r + 4 * o + i)
@@ -266,9 +270,9 @@ pub fn activation_floats_per_token_layer(c: &LlamaConfig, adapter_floats: f64) -
     let (d, ff) = (c.hidden_size as f64, c.intermediate_size as f64);
     let q = (c.num_attention_heads * c.head_dim()) as f64;
     let kv = (c.kv_heads() * c.head_dim()) as f64;
-    // input, norm1, q (proj, laid out, rotated), k (×3), v (×2), attention out (laid out,
-    // merged), o_proj out, residual, norm2, gate, up, activation, down out, residual.
-    let base = d + d + 3.0 * q + 3.0 * kv + 2.0 * kv + 2.0 * q + d + d + d + ff + ff + ff + d + d;
+    // input, norm1, q (proj, per head rotated: `ops::split_heads`), k (×2), v (×2), attention
+    // out (held, merged), o_proj out, residual, norm2, gate, up, activation, down out, residual.
+    let base = d + d + 2.0 * q + 2.0 * kv + 2.0 * kv + 2.0 * q + d + d + d + ff + ff + ff + d + d;
     base + adapter_floats
 }
 

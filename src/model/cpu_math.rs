@@ -1,6 +1,7 @@
 //! Vector math for the CPU kernels: `exp` eight lanes at a time on AVX2 + FMA, where the
-//! softmax of attention (`attention_cpu`) and SiLU (`ops::swiglu`) spend their time; a call
-//! per element of `f32::exp` cost more than the products around it.
+//! softmax of attention (`attention_cpu`), the LM head's loss (`ops::linear_cross_entropy`)
+//! and SiLU (`ops::swiglu`) spend their time (a call per element of `f32::exp` cost more than
+//! the products around it), and a row's maximum.
 
 /// `x = exp(x · scale − shift)` for every element, returning their sum: eight at a time on
 /// AVX2 + FMA (a polynomial, within 2 ulp of `f32::exp`), `f32::exp` otherwise. On AVX2 the
@@ -16,6 +17,21 @@ pub fn exp_shifted(xs: &mut [f32], scale: f32, shift: f32) -> f32 {
         }
     }
     exp_shifted_scalar(xs, scale, shift)
+}
+
+/// The largest element (−∞ for none); NaN elements are passed over, as `f32::max` does, and
+/// left for the `exp` after it to carry. Eight running maxima, which the compiler turns into
+/// vector compares.
+pub fn max(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    lanes.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
 /// [`exp_shifted`] with `f32::exp`.
@@ -103,5 +119,22 @@ mod tests {
         with_nan[17] = f32::NAN;
         assert!(exp_shifted(&mut with_nan, 1.0, 0.0).is_nan());
         assert!(with_nan[3].is_nan() && with_nan[17].is_nan() && with_nan[4].is_finite());
+    }
+
+    /// The running maximum against a fold, at lengths around the eight lanes, with the
+    /// largest element in the remainder, in the lanes, and NaNs passed over.
+    #[test]
+    fn max_matches_a_fold() {
+        for n in [0usize, 1, 7, 8, 9, 17, 100, 1003] {
+            let mut xs: Vec<f32> = (0..n).map(|i| ((i * 7919) % 113) as f32 * -0.37 + 3.0).collect();
+            assert_eq!(max(&xs), xs.iter().cloned().fold(f32::NEG_INFINITY, f32::max), "n = {n}");
+            if n > 0 {
+                xs[n - 1] = 50.0;
+                assert_eq!(max(&xs), 50.0);
+                xs[n / 2] = 60.0;
+                xs[0] = f32::NAN;
+                assert_eq!(max(&xs), if n == 1 { f32::NEG_INFINITY } else { 60.0 }, "n = {n}");
+            }
+        }
     }
 }

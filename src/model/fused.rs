@@ -16,6 +16,10 @@
 //! * [`dropout`]: inverted dropout whose mask the kernel draws from the seed and the element's
 //!   index — [`dropout_mask`]'s stream, bit for bit — so no mask is copied from the host or kept
 //!   for the backward;
+//! * [`split_heads`]: a projection's (b, s, heads·hd) output to per-head blocks in the layout
+//!   attention reads, rotated by RoPE, in one pass (and back in the backward): one graph node
+//!   where a reshape, a transpose, a copy, RoPE and a reshape were five, each a zero-filled
+//!   gradient and an add in candle's backward; on the CPU it is the f32 training path's op too;
 //! * [`adamw_step`]: one AdamW update of an f32 variable in two launches;
 //! * [`dequantize`]: a frozen weight held as quantized blocks (QLoRA's base: Q4_0, Q4_1, Q8_0,
 //!   Q4_K) to the activations' dtype in one pass, where candle dequantizes to f32 and casts.
@@ -616,6 +620,144 @@ pub fn dropout(xs: &Tensor, p: f64, seed: u64) -> CResult<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Heads: a projection's output to per-head blocks (RoPE on the way) and back
+// ---------------------------------------------------------------------------------------------
+
+/// Moves values between (b, s, heads·hd) rows and per-head (b, heads, s, hd) blocks, rotating
+/// each head row by RoPE (`table`: (s, hd) f32, each position's hd/2 cosines then hd/2 sines)
+/// by +θ on the way into the heads and by −θ on the way out (the backward).
+struct Heads {
+    heads: usize,
+    groups: usize,
+    s: usize,
+    hd: usize,
+    table: Option<Tensor>,
+    into_heads: bool,
+}
+
+impl Heads {
+    fn name(&self) -> &'static str {
+        if self.into_heads { "fused-split-heads" } else { "fused-merge-heads" }
+    }
+
+    /// The output's shape for an input of `n` elements: (b, groups, heads/groups·s, hd) into
+    /// the heads, (b, s, heads·hd) out of them.
+    fn out_shape(&self, n: usize) -> Shape {
+        let (s, hd, heads) = (self.s, self.hd, self.heads);
+        let b = n / (s * heads * hd).max(1);
+        if self.into_heads { Shape::from((b, self.groups, heads / self.groups * s, hd)) } else { Shape::from((b, s, heads * hd)) }
+    }
+
+    /// The move on the CPU in f32 (`src` and `dst` of b·s·heads·hd values), in parallel: one
+    /// task per destination block (a head's s rows, or a position's heads).
+    fn move_cpu(&self, src: &[f32], dst: &mut [f32]) -> CResult<()> {
+        use rayon::prelude::*;
+        let (s, hd, heads) = (self.s, self.hd, self.heads);
+        let width = heads * hd;
+        if src.len() != dst.len() || src.len() % (s * width).max(1) != 0 {
+            candle_core::bail!("{}: {} values for rows of {s} × {width}", self.name(), src.len());
+        }
+        let table = match &self.table {
+            Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        if table.as_ref().is_some_and(|t| t.len() != s * hd) {
+            candle_core::bail!("{}: RoPE table of {} values for {s} positions of {hd}", self.name(), table.map_or(0, |t| t.len()));
+        }
+        let half = hd / 2;
+        let place = |from: &[f32], to: &mut [f32], p: usize, sign: f32| match &table {
+            Some(t) => {
+                let (cos, sin) = t[p * hd..(p + 1) * hd].split_at(half);
+                let (o1, o2) = to.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2, sn) = (from[i], from[i + half], sign * sin[i]);
+                    o1[i] = x1 * cos[i] - x2 * sn;
+                    o2[i] = x2 * cos[i] + x1 * sn;
+                }
+            }
+            None => to.copy_from_slice(from),
+        };
+        if s * hd == 0 {
+            return Ok(());
+        }
+        if self.into_heads {
+            dst.par_chunks_mut(s * hd).enumerate().for_each(|(bh, block)| {
+                let (bi, h) = (bh / heads, bh % heads);
+                for (p, row) in block.chunks_mut(hd).enumerate() {
+                    let at = (bi * s + p) * width + h * hd;
+                    place(&src[at..at + hd], row, p, 1.0);
+                }
+            });
+        } else {
+            dst.par_chunks_mut(width).enumerate().for_each(|(bp, row)| {
+                let (bi, p) = (bp / s, bp % s);
+                for (h, out) in row.chunks_mut(hd).enumerate() {
+                    let at = ((bi * heads + h) * s + p) * hd;
+                    place(&src[at..at + hd], out, p, -1.0);
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp1 for Heads {
+    fn name(&self) -> &'static str {
+        Heads::name(self)
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let n = l.shape().elem_count();
+        let shape = self.out_shape(n);
+        if let (CpuStorage::F32(v), Some((a, b))) = (st, l.contiguous_offsets()) {
+            // f32 read in place (the CPU's training path).
+            let mut out = vec![0f32; n];
+            self.move_cpu(&v[a..b], &mut out)?;
+            return Ok((CpuStorage::F32(out), shape));
+        }
+        let x = cpu_values(st, l, self.name())?;
+        let mut out = vec![0f32; n];
+        self.move_cpu(&x, &mut out)?;
+        Ok((cpu_store(out, st.dtype(), self.name())?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, st: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        Ok((by_dtype!(st.dtype(), heads_cuda(self, st, l))?, self.out_shape(l.shape().elem_count())))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        profile::region("split heads bwd", grad.device(), || {
+            let back = Heads { table: self.table.clone(), into_heads: !self.into_heads, ..*self };
+            Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
+        })
+    }
+}
+
+/// `x` (b, s, heads·hd), a projection's output, as per-head blocks (b, groups,
+/// heads/groups·s, hd) — with `groups` the KV head count, the query heads sharing a KV head
+/// stacked on the row axis — each head row rotated by RoPE when `rope` holds (cos, sin),
+/// (s, hd/2). Differentiable in `x`; the kernel (or on the CPU its twin) moves the values in
+/// one pass each way.
+pub fn split_heads(x: &Tensor, heads: usize, groups: usize, rope: Option<(&Tensor, &Tensor)>) -> CResult<Tensor> {
+    let (_, s, width) = x.dims3()?;
+    if heads == 0 || groups == 0 || width % heads != 0 || heads % groups != 0 || (rope.is_some() && (width / heads) % 2 != 0) {
+        candle_core::bail!("fused-split-heads: {width} features do not split into {heads} heads in {groups} groups (of even size for RoPE)");
+    }
+    let hd = width / heads;
+    let table = match rope {
+        Some((cos, sin)) => {
+            if cos.dims() != [s, hd / 2] || sin.dims() != [s, hd / 2] {
+                candle_core::bail!("fused-split-heads: RoPE tables {:?}, {:?} for {s} positions of head size {hd}", cos.dims(), sin.dims());
+            }
+            Some(Tensor::cat(&[cos, sin], 1)?.to_dtype(DType::F32)?.to_device(x.device())?.contiguous()?)
+        }
+        None => None,
+    };
+    x.contiguous()?.apply_op1(Heads { heads, groups, s, hd, table, into_heads: true })
+}
+
+// ---------------------------------------------------------------------------------------------
 // AdamW
 // ---------------------------------------------------------------------------------------------
 
@@ -973,6 +1115,26 @@ fn dequant_cuda<T: gpu::Elem>(dev: &candle_core::CudaDevice, q: &candle_core::qu
     let mut out = gpu::output::<T>(dev, n)?;
     launch!(dev, kernel, T::DTYPE, gpu::elementwise(n), &blocks, &mut out, &n);
     Ok(Cs::wrap_cuda_slice(out, dev.clone()))
+}
+
+#[cfg(feature = "cuda")]
+fn heads_cuda<T: gpu::Elem>(o: &Heads, st: &Cs, l: &Layout) -> CResult<Cs> {
+    let op = o.name();
+    let dev = gpu::device(st);
+    let n = l.shape().elem_count();
+    let x = gpu::view::<T>(st, l, op)?;
+    let mut out = gpu::output::<T>(&dev, n)?;
+    let (s, heads, hd, into) = (o.s as i32, o.heads as i32, o.hd as i32, i32::from(o.into_heads));
+    match &o.table {
+        Some(t) => {
+            let (ts, tl) = t.storage_and_layout();
+            let candle_core::Storage::Cuda(ts) = &*ts else { candle_core::bail!("{op}: RoPE table not on cuda") };
+            let table = gpu::view::<f32>(ts, tl, op)?;
+            launch!(dev, "split_heads_rope", T::DTYPE, gpu::elementwise(n), &x, &table, &mut out, &n, &s, &heads, &hd, &into);
+        }
+        None => launch!(dev, "split_heads", T::DTYPE, gpu::elementwise(n), &x, &mut out, &n, &s, &heads, &hd, &into),
+    }
+    Ok(Cs::wrap_cuda_slice(out, dev))
 }
 
 #[cfg(feature = "cuda")]

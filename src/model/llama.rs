@@ -188,12 +188,12 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = xs.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
-        let q = self.q_proj.forward(xs, ctx)?.reshape((b, s, nh, hd))?.transpose(1, 2)?;
-        let k = self.k_proj.forward(xs, ctx)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?;
-        let v = self.v_proj.forward(xs, ctx)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = ops::rope(&q.contiguous()?, cos, sin)?;
-        let mut k = ops::rope(&k.contiguous()?, cos, sin)?;
-        let mut v = v;
+        // Per head, rotated: q as (b, nkv, rep·s, hd), the nh/nkv query heads sharing a KV head
+        // stacked along the row axis (grouped-query attention without copying K/V); k and v as
+        // (b, nkv, s, hd).
+        let q = ops::split_heads(&self.q_proj.forward(xs, ctx)?, nh, nkv, Some((cos, sin)))?;
+        let mut k = ops::split_heads(&self.k_proj.forward(xs, ctx)?, nkv, nkv, Some((cos, sin)))?;
+        let mut v = ops::split_heads(&self.v_proj.forward(xs, ctx)?, nkv, nkv, None)?;
         if let Some((pk, pv)) = prefix {
             let n = pk.dim(1)?;
             let pk = pk.to_dtype(k.dtype())?.unsqueeze(0)?.broadcast_as((b, nkv, n, hd))?.contiguous()?;
@@ -210,10 +210,6 @@ impl Attention {
             c.k = Some(k.clone());
             c.v = Some(v.clone());
         }
-        // Grouped-query attention without copying K/V: the `rep` query heads sharing one KV
-        // head are stacked along the row axis, (b, nkv, rep·s, hd).
-        let rep = nh / nkv;
-        let q = q.reshape((b, nkv, rep * s, hd))?;
         let out = ops::causal_attention(&q, &k, &v, s, 1.0 / (hd as f64).sqrt())?;
         self.o_proj.forward(&out, ctx)
     }

@@ -125,6 +125,18 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
             &|t| ops::rope(&t[0], &cos.to_dtype(DType::F32)?.to_device(t[0].device())?, &sin.to_dtype(DType::F32)?.to_device(t[0].device())?),
             &|t| ops::rope_composed(&t[0], &cos, &sin),
         )?);
+        // A projection's output split into 4 heads in 2 groups (grouped queries) and rotated.
+        out.push(check(
+            "split_heads",
+            device,
+            dtype,
+            &[random(&[2, 7, 4 * 32], 11)?],
+            &|t| ops::split_heads(&t[0], 4, 2, Some((&cos.to_dtype(DType::F32)?.to_device(t[0].device())?, &sin.to_dtype(DType::F32)?.to_device(t[0].device())?))),
+            &|t| {
+                let h = t[0].reshape((2, 7, 4, 32))?.transpose(1, 2)?.contiguous()?;
+                ops::rope_composed(&h, &cos, &sin)?.reshape((2, 2, 2 * 7, 32))
+            },
+        )?);
         out.push(check(
             "swiglu",
             device,

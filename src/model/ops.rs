@@ -189,12 +189,12 @@ impl LoraProduct {
     where
         S: BackendStorage,
     {
-        let (m, k) = xl.shape().dims2()?;
+        let (m, k, xl2) = token_rows(xl)?;
         let (n, r) = bl.shape().dims2()?;
         if wl.shape().dims2()? != (n, k) || xal.shape().dims2()? != (m, r) {
             candle_core::bail!("lora-product: x {:?}, W {:?}, B {:?}, x·Aᵀ {:?} do not fit", xl.shape(), wl.shape(), bl.shape(), xal.shape());
         }
-        let y = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        let y = x.matmul(w, (1, m, n, k), &xl2, &wl.transpose(0, 1)?)?;
         let small = Layout::contiguous((m, r));
         let xa_s = xa.affine(xal, self.scale, 0.0)?;
         let up = xa_s.matmul(b, (1, m, n, r), &small, &bl.transpose(0, 1)?)?;
@@ -203,7 +203,7 @@ impl LoraProduct {
         if let Some((bias, bias_l)) = bias {
             y = y.binary_impl::<candle_core::op::Add>(bias, &out, &bias_l.broadcast_as((m, n))?)?;
         }
-        Ok((y, Shape::from((m, n))))
+        Ok((y, out_shape(xl, n)))
     }
 
     /// [`Self::forward`] with the weight `w`, x̃·Aᵀ and the bias read as the backend's storage
@@ -227,6 +227,27 @@ impl LoraProduct {
     fn dropped(&self, x: &Tensor) -> CResult<Tensor> {
         dropped(x, self.dropout)
     }
+}
+
+/// A contiguous input of any rank as the (tokens, features) matrix a product reads: its rows,
+/// columns, and that matrix's layout (at the input's offset).
+fn token_rows(l: &Layout) -> CResult<(usize, usize, Layout)> {
+    if !l.is_contiguous() {
+        candle_core::bail!("lora-product: input {:?} is not contiguous", l.shape());
+    }
+    let k = l.shape().dims().last().copied().unwrap_or(1);
+    let m = if k == 0 { 0 } else { l.shape().elem_count() / k };
+    Ok((m, k, Layout::contiguous_with_offset((m, k), l.start_offset())))
+}
+
+/// The input's shape with its last dimension replaced by `n` (a product's output).
+fn out_shape(l: &Layout, n: usize) -> Shape {
+    let mut dims = l.shape().dims().to_vec();
+    match dims.last_mut() {
+        Some(last) => *last = n,
+        None => dims.push(n),
+    }
+    Shape::from(dims)
 }
 
 /// `x` with dropout (rate, seed) applied, or `x` itself.
@@ -335,7 +356,7 @@ impl candle_core::CustomOp3 for LoraProduct {
         let bias_ok = self.bias.as_ref().is_none_or(f32_contiguous);
         if self.dtype == DType::F32 && f32_contiguous(&w) && f32_contiguous(&self.xa) && bias_ok && xl.is_contiguous() && bl.is_contiguous() {
             // y = [bias +] x·Wᵀ, then y += s·(x̃·Aᵀ)·Bᵀ into the same buffer.
-            let (m, k) = xl.shape().dims2()?;
+            let (m, k, _) = token_rows(xl)?;
             let (n, r) = bl.shape().dims2()?;
             let (x, b) = (contiguous_f32(x, xl, "lora-product")?, contiguous_f32(b, bl, "lora-product")?);
             let mut y = vec![0f32; m * n];
@@ -350,7 +371,7 @@ impl candle_core::CustomOp3 for LoraProduct {
             }
             cpu_f32(&w, |w| cpu_gemm(&mut y, (m, n, k), self.bias.is_some(), (x, k, 1), (w, 1, k), 1.0, true))?;
             cpu_f32(&self.xa, |xa| cpu_gemm(&mut y, (m, n, r), true, (xa, r, 1), (b, 1, r), self.scale as f32, true))?;
-            return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+            return Ok((CpuStorage::F32(y), out_shape(xl, n)));
         }
         self.forward_held(x, xl, b, bl, &w, cpu_storage, "the cpu")
     }
@@ -372,7 +393,11 @@ impl candle_core::CustomOp3 for LoraProduct {
         profile::region("lora product bwd", grad.device(), || {
             // An input that tracks no ops (the first layer's, from frozen embeddings) gets no gradient.
             let x_tracks = x.track_op();
-            let (x, a, b, g) = (x.detach(), a.detach(), b.detach(), grad.detach().contiguous()?);
+            // Leading dimensions flattened: (tokens, in) and (tokens, out).
+            let x_dims = x.dims().to_vec();
+            let (m, k) = (x.elem_count() / a.dim(1)?.max(1), a.dim(1)?);
+            let (x, a, b) = (x.detach().reshape((m, k))?, a.detach(), b.detach());
+            let g = grad.detach().contiguous()?.reshape((m, b.dim(0)?))?;
             // s·dY·B, (m, r): the update's input side.
             let dxa = (g.matmul(&b)? * self.scale)?;
             let db = (g.t()?.matmul(&self.xa)? * self.scale)?;
@@ -386,9 +411,9 @@ impl candle_core::CustomOp3 for LoraProduct {
                 let mut dx = vec![0f32; m * k];
                 cpu_f32s([&g, &w], |[g, w]| cpu_gemm(&mut dx, (m, k, n), false, (g, n, 1), (w, k, 1), 1.0, true))?;
                 cpu_f32s([&dxa, &a], |[d, a]| cpu_gemm(&mut dx, (m, k, r), true, (d, r, 1), (a, k, 1), 1.0, true))?;
-                Some(Tensor::from_vec(dx, (m, k), &Device::Cpu)?)
+                Some(Tensor::from_vec(dx, x_dims, &Device::Cpu)?)
             } else {
-                Some((g.matmul(&self.w.dense(self.dtype)?)? + self.dropped(&dxa.matmul(&a)?)?)?)
+                Some((g.matmul(&self.w.dense(self.dtype)?)? + self.dropped(&dxa.matmul(&a)?)?)?.reshape(x_dims)?)
             };
             Ok((dx, Some(da), Some(db)))
         })
@@ -409,20 +434,17 @@ pub fn lora_linear(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, 
             super::FrozenWeight::Dense(t) => Held::Dense(t.clone()),
             super::FrozenWeight::Quantized { q, .. } => Held::Blocks(q.clone()),
         };
-        let dims = xs.dims().to_vec();
-        let k = *dims.last().unwrap_or(&0);
-        let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-        let x2 = xs.reshape((m, k))?.contiguous()?;
+        // The op takes the input in its own shape (any leading dims) and gives the output in
+        // the same: a reshape on each side would be two more graph nodes, each a zero-filled
+        // gradient and an add in candle's backward.
+        let x = xs.contiguous()?;
+        let k = x.dims().last().copied().unwrap_or(0);
+        let m = if k == 0 { 0 } else { x.elem_count() / k };
         let dtype = xs.dtype();
         let bias = bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?;
-        let xa = dropped(&x2.detach(), pair.dropout)?.matmul(&pair.a.detach().t()?)?;
+        let xa = dropped(&x.detach().reshape((m, k))?, pair.dropout)?.matmul(&pair.a.detach().t()?)?;
         let op = LoraProduct { w: held, bias, dtype, xa, scale: pair.scale, dropout: pair.dropout };
-        let out = x2.apply_op3(&pair.a.contiguous()?, &pair.b.contiguous()?, op)?;
-        let mut out_dims = dims;
-        if let Some(last) = out_dims.last_mut() {
-            *last = pair.b.dim(0)?;
-        }
-        out.reshape(out_dims)
+        x.apply_op3(&pair.a.contiguous()?, &pair.b.contiguous()?, op)
     })
 }
 
@@ -679,14 +701,7 @@ impl CustomOp1 for Rope {
             for p in 0..seq {
                 let xr = &xh[p * d..(p + 1) * d];
                 let or = &mut o[p * d..(p + 1) * d];
-                let c = &cos[p * half..(p + 1) * half];
-                let sn = &sin[p * half..(p + 1) * half];
-                for i in 0..half {
-                    let (x1, x2) = (xr[i], xr[i + half]);
-                    let s = sign * sn[i];
-                    or[i] = x1 * c[i] - x2 * s;
-                    or[i + half] = x2 * c[i] + x1 * s;
-                }
+                rotate_half(xr, or, &cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half], sign);
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -733,6 +748,52 @@ pub fn rope_composed(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor>
     let x2 = xs.narrow(D::Minus1, d / 2, d / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     xs.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+/// One position's RoPE (rotate-half): `out = x·cos + rotate_half(x)·sign·sin`, `cos`/`sin` the
+/// position's d/2 angles' (sign −1: the inverse rotation, a rotation's backward).
+fn rotate_half(x: &[f32], out: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
+    let half = cos.len();
+    let (o1, o2) = out.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (x[i], x[i + half]);
+        let s = sign * sin[i];
+        o1[i] = x1 * cos[i] - x2 * s;
+        o2[i] = x2 * cos[i] + x1 * s;
+    }
+}
+
+/// A projection's output (b, s, heads·hd) laid out per head, (b, groups, heads/groups·s, hd)
+/// (the heads sharing a KV head stacked on the row axis when `groups` is the KV head count,
+/// as [`causal_attention`] reads q), rotated by RoPE when `rope` holds (cos, sin), (s, hd/2).
+/// In f32/bf16/f16 on the CPU, and on CUDA with the fused kernels on, this is one op
+/// ([`fused::split_heads`]) whose backward rotates back and merges the heads in one pass;
+/// otherwise (f64, or `TUNEBENCH_FUSED_KERNELS=0` on a GPU) the chain it replaces: a reshape,
+/// a transpose, a copy, RoPE and a reshape — five graph nodes, each a zero-filled gradient and
+/// an add in candle's backward.
+pub fn split_heads(x: &Tensor, heads: usize, groups: usize, rope: Option<(&Tensor, &Tensor)>) -> CResult<Tensor> {
+    profile::region("split heads fwd", x.device(), || {
+        if matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) && (x.device().is_cpu() || fused::active(x)) {
+            return fused::split_heads(x, heads, groups, rope);
+        }
+        split_heads_composed(x, heads, groups, rope)
+    })
+}
+
+/// [`split_heads`] from reshapes, a transpose and [`rope`] (the reference, and the path on a
+/// GPU without the fused kernels).
+pub fn split_heads_composed(x: &Tensor, heads: usize, groups: usize, rope: Option<(&Tensor, &Tensor)>) -> CResult<Tensor> {
+    let (b, s, width) = x.dims3()?;
+    if heads == 0 || groups == 0 || width % heads != 0 || heads % groups != 0 {
+        candle_core::bail!("split-heads: {width} features do not split into {heads} heads in {groups} groups");
+    }
+    let hd = width / heads;
+    let h = x.reshape((b, s, heads, hd))?.transpose(1, 2)?.contiguous()?;
+    let h = match rope {
+        Some((cos, sin)) => self::rope(&h, cos, sin)?,
+        None => h,
+    };
+    h.reshape((b, groups, heads / groups * s, hd))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -913,7 +974,7 @@ fn merge_heads(o: &Tensor, s: usize) -> CResult<Tensor> {
 }
 
 /// (b, s, heads·hd) → (b, nkv, rep·s, hd), the inverse of [`merge_heads`].
-fn split_heads(o: &Tensor, nkv: usize, hd: usize) -> CResult<Tensor> {
+fn head_blocks(o: &Tensor, nkv: usize, hd: usize) -> CResult<Tensor> {
     let (b, s, width) = o.dims3()?;
     let nh = width / hd;
     o.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, nkv, nh / nkv * s, hd))
@@ -976,8 +1037,8 @@ impl candle_core::CustomOp3 for AttentionGrad {
             let dtype = q.dtype();
             // Sums over blocks and the softmax's row terms in f32 (f64 for f64 operands).
             let acc = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
-            let o = split_heads(&self.o, nkv, hd)?;
-            let g = split_heads(grad, nkv, hd)?;
+            let o = head_blocks(&self.o, nkv, hd)?;
+            let g = head_blocks(grad, nkv, hd)?;
             let (mut dk, mut dv) = (Tensor::zeros((b, nkv, k_len, hd), acc, q.device())?, Tensor::zeros((b, nkv, k_len, hd), acc, q.device())?);
             let mut dq = Vec::new();
             let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
@@ -1101,36 +1162,43 @@ impl CustomOp1 for LinearCrossEntropy {
         let h = contiguous_f32(s, l, "linear-cross-entropy")?;
         let (n, d) = l.shape().dims2()?;
         let vocab = self.w.dim(0)?;
+        if self.w.dims() != [vocab, d] {
+            candle_core::bail!("linear-cross-entropy: weight {:?} for hidden size {d}", self.w.dims());
+        }
+        let w = f32_copy(&self.w)?;
+        let chunk = self.chunk.max(1).min(n.max(1));
         let mut losses = vec![0f32; n];
         let mut dh = vec![0f32; n * d];
-        let wt = self.w.t()?;
-        for start in (0..n).step_by(self.chunk.max(1)) {
-            let rows = self.chunk.max(1).min(n - start);
-            let hc = Tensor::from_slice(&h[start * d..(start + rows) * d], (rows, d), &Device::Cpu)?;
-            let mut lg: Vec<f32> = hc.matmul(&wt)?.flatten_all()?.to_vec1()?;
-            let targets = &self.targets[start..start + rows];
-            let out = &mut losses[start..start + rows];
-            // Each row: loss = lse − logit[target]; gradient row = softmax − onehot.
-            lg.par_chunks_mut(vocab).zip(out.par_iter_mut()).zip(targets.par_iter()).for_each(|((row, loss), &t)| {
-                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let t = t as usize;
-                let target_logit = row[t];
-                let mut sum = 0f32;
-                for v in row.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                // lse − logit[t], in the shifted form (exact even when exp underflows; NaN
-                // logits give a NaN loss, which the trainer reports).
-                *loss = sum.ln() - (target_logit - max);
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|v| *v *= inv);
-                row[t] -= 1.0;
-            });
-            let g = Tensor::from_vec(lg, (rows, vocab), &Device::Cpu)?;
-            let dhc: Vec<f32> = g.matmul(&self.w)?.flatten_all()?.to_vec1()?;
-            dh[start * d..(start + rows) * d].copy_from_slice(&dhc);
-        }
+        // One chunk's logits, reused: made by gemm in place, turned into softmax − onehot row by
+        // row (a row, vocab floats, stays in cache through its passes), then multiplied by W
+        // straight into the chunk's rows of dh.
+        let mut logits = vec![0f32; chunk * vocab];
+        cpu_f32(&w, |w| {
+            for start in (0..n).step_by(chunk) {
+                let rows = chunk.min(n - start);
+                let lg = &mut logits[..rows * vocab];
+                // logits = h_chunk · Wᵀ (Wᵀ read in place: row stride 1, column stride d).
+                cpu_gemm(lg, (rows, vocab, d), false, (&h[start * d..(start + rows) * d], d, 1), (w, 1, d), 1.0, true)?;
+                let targets = &self.targets[start..start + rows];
+                let out = &mut losses[start..start + rows];
+                // Each row: loss = lse − logit[target]; gradient row = softmax − onehot.
+                lg.par_chunks_mut(vocab).zip(out.par_iter_mut()).zip(targets.par_iter()).for_each(|((row, loss), &t)| {
+                    let t = t as usize;
+                    let target_logit = row[t];
+                    let max = cpu_math::max(row);
+                    let sum = cpu_math::exp_shifted(row, 1.0, max);
+                    // lse − logit[t], in the shifted form (exact even when exp underflows; NaN
+                    // logits give a NaN loss, which the trainer reports).
+                    *loss = sum.ln() - (target_logit - max);
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|v| *v *= inv);
+                    row[t] -= 1.0;
+                });
+                // dh_chunk = (softmax − onehot) · W.
+                cpu_gemm(&mut dh[start * d..(start + rows) * d], (rows, d, vocab), false, (lg, vocab, 1), (w, d, 1), 1.0, true)?;
+            }
+            Ok(())
+        })?;
         if let Ok(mut slot) = self.dh.lock() {
             *slot = Some(Tensor::from_vec(dh, (n, d), &Device::Cpu)?);
         }
