@@ -986,8 +986,10 @@ fn head_blocks(o: &Tensor, nkv: usize, hd: usize) -> CResult<Tensor> {
 /// `q`, `k` and `v` — flash attention's backward, on tensor ops, so it runs on every device
 /// and dtype. The graph keeps q, k, v and the output, never the (rows × keys) matrices.
 struct AttentionGrad {
-    /// The output, (b, s, heads·hd), detached.
-    o: Tensor,
+    /// The output, (b, s, heads·hd), detached: handed over (copied) as the op's result by
+    /// the forward, which then drops it; the backward reads the result instead, so one copy
+    /// stays between the passes, not two.
+    o: std::sync::Mutex<Option<Tensor>>,
     q_len: usize,
     scale: f64,
     block: usize,
@@ -996,13 +998,27 @@ struct AttentionGrad {
     lse: Option<Arc<Vec<f32>>>,
 }
 
+impl AttentionGrad {
+    fn new(o: Tensor, q_len: usize, scale: f64, block: usize, lse: Option<Arc<Vec<f32>>>) -> Self {
+        AttentionGrad { o: std::sync::Mutex::new(Some(o)), q_len, scale, block, lse }
+    }
+
+    /// The output, taken out of the op (the forward's result holds it from then on).
+    fn take_output(&self) -> CResult<Tensor> {
+        match self.o.lock().ok().and_then(|mut o| o.take()) {
+            Some(o) => Ok(o),
+            None => candle_core::bail!("attention-grad: the forward ran twice"),
+        }
+    }
+}
+
 impl candle_core::CustomOp3 for AttentionGrad {
     fn name(&self) -> &'static str {
         "attention-grad"
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
-        held_cpu(&self.o, "attention-grad")
+        held_cpu(&self.take_output()?, "attention-grad")
     }
 
     #[cfg(feature = "cuda")]
@@ -1015,10 +1031,10 @@ impl candle_core::CustomOp3 for AttentionGrad {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        held_cuda(&self.o, "attention-grad")
+        held_cuda(&self.take_output()?, "attention-grad")
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         profile::region("attention bwd", q.device(), || {
             let (b, nkv, rows, hd) = q.dims4()?;
             let s = self.q_len;
@@ -1027,17 +1043,17 @@ impl candle_core::CustomOp3 for AttentionGrad {
             if let Some(lse) = &self.lse {
                 // 16-bit operands are computed in f32, their gradients handed back in 16 bits.
                 let d = attention_cpu::Dims { b, nkv, rep, s, keys: k_len, hd };
-                let [q, k, v, o, g] = [q, k, v, &self.o, grad].map(f32_copy);
+                let [q, k, v, o, g] = [q, k, v, res, grad].map(f32_copy);
                 let (q, k, v, o, g) = (q?, k?, v?, o?, g?);
                 let (dq, dk, dv) = cpu_f32s([&q, &k, &v, &o, &g], |[q, k, v, o, g]| attention_cpu::backward(q, k, v, o, lse, g, d, self.scale as f32, self.block))?;
-                let dtype = self.o.dtype();
+                let dtype = res.dtype();
                 let grad = |x: Vec<f32>, rows: usize| Tensor::from_vec(x, (b, nkv, rows, hd), &Device::Cpu)?.to_dtype(dtype);
                 return Ok((Some(grad(dq, rows)?), Some(grad(dk, k_len)?), Some(grad(dv, k_len)?)));
             }
             let dtype = q.dtype();
             // Sums over blocks and the softmax's row terms in f32 (f64 for f64 operands).
             let acc = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
-            let o = head_blocks(&self.o, nkv, hd)?;
+            let o = head_blocks(&res.detach(), nkv, hd)?;
             let g = head_blocks(grad, nkv, hd)?;
             let (mut dk, mut dv) = (Tensor::zeros((b, nkv, k_len, hd), acc, q.device())?, Tensor::zeros((b, nkv, k_len, hd), acc, q.device())?);
             let mut dq = Vec::new();
@@ -1123,13 +1139,13 @@ pub fn causal_attention_blocked(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usize
         if !tracked {
             return Ok(o);
         }
-        return q.apply_op3(&k, &v, AttentionGrad { o, q_len, scale, block, lse: Some(Arc::new(lse)) });
+        return q.apply_op3(&k, &v, AttentionGrad::new(o, q_len, scale, block, Some(Arc::new(lse))));
     }
     let o = merge_heads(&attention_forward(&q.detach(), &k.detach(), &v.detach(), q_len, scale, block)?, q_len)?;
     if !tracked {
         return Ok(o);
     }
-    q.apply_op3(k, v, AttentionGrad { o, q_len, scale, block, lse: None })
+    q.apply_op3(k, v, AttentionGrad::new(o, q_len, scale, block, None))
 }
 
 /// Causal attention from differentiable primitives, heads merged: the scores, their causal
