@@ -1122,6 +1122,10 @@ fn heads_cuda<T: gpu::Elem>(o: &Heads, st: &Cs, l: &Layout) -> CResult<Cs> {
     let op = o.name();
     let dev = gpu::device(st);
     let n = l.shape().elem_count();
+    // The kernel maps every destination index to a source index of the same full shape.
+    if n % (o.s * o.heads * o.hd).max(1) != 0 || o.table.as_ref().is_some_and(|t| t.elem_count() != o.s * o.hd) {
+        candle_core::bail!("{op}: {n} values for rows of {} × {} × {}", o.s, o.heads, o.hd);
+    }
     let x = gpu::view::<T>(st, l, op)?;
     let mut out = gpu::output::<T>(&dev, n)?;
     let (s, heads, hd, into) = (o.s as i32, o.heads as i32, o.hd as i32, i32::from(o.into_heads));
