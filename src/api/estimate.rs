@@ -98,19 +98,23 @@ pub const LORA_TIME_OVERHEAD: f64 = 1.4;
 /// (bench/RESULTS.md, 2026-12-01 20:40).
 pub const HALF_ACTIVATION_FACTOR: f64 = 1.17;
 /// [`HALF_ACTIVATION_FACTOR`] for LoRA as one op ([`LORA_ACTIVATION_FACTOR`]); refit on three
-/// bf16 configs (bench/RESULTS.md, 2026-12-02, after `ops::split_heads` and the attention
-/// output kept once).
-pub const LORA_HALF_ACTIVATION_FACTOR: f64 = 1.35;
+/// bf16 configs (bench/RESULTS.md, 2026-12-02, after the CPU's 16-bit LoRA products, SwiGLU
+/// and loss took f32 kernels: 1.35 → 1.06; a checkpointed bf16 run is over-predicted by
+/// about 20%, not refit).
+pub const LORA_HALF_ACTIVATION_FACTOR: f64 = 1.06;
 /// See [`HALF_ACTIVATION_FACTOR`].
 pub const HALF_ATTENTION_FACTOR: f64 = 1.0;
 /// Time per step of bf16 over f32 on the CPU (candle's bf16 matmul is slower than its f32
 /// one; measured on the default model; 2.0 → 2.3 when the CPU's attention kernels and vector
 /// `exp` sped up f32 more than bf16, from the held-out bf16 config of `tests/estimate.rs`,
-/// bench/RESULTS.md 2026-12-02).
-pub const HALF_CPU_TIME_FACTOR: f64 = 2.3;
+/// bench/RESULTS.md 2026-12-02; 2.3 → 1.5 when the 16-bit LoRA products, SwiGLU and loss took
+/// the f32 kernels: the held-out bf16 step took 0.62 of the old prediction).
+pub const HALF_CPU_TIME_FACTOR: f64 = 1.5;
 /// The same for f16 (`train.dtype = "f16"`): the CPU has no f16 arithmetic, so candle's f16
-/// matmul converts as it goes (measured 4.5x f32's step time, bench/RESULTS.md 2026-12-01).
-pub const F16_CPU_TIME_FACTOR: f64 = 4.5;
+/// matmul converts as it goes (measured 4.5x f32's step time, bench/RESULTS.md 2026-12-01;
+/// about 2.1x after the 16-bit LoRA products, SwiGLU and loss took the f32 kernels,
+/// 2026-12-02).
+pub const F16_CPU_TIME_FACTOR: f64 = 2.3;
 
 /// Request: estimate a run.
 #[derive(Clone, Debug, Serialize, Deserialize, ts_rs::TS)]
@@ -462,9 +466,9 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     }
     if half && !on_gpu {
         warnings.push(format!(
-            "train.dtype = \"{}\" is meant for GPUs: on the CPU it takes {} the time of f32 (the CPU's fast kernels are f32), for about two thirds of the memory",
+            "train.dtype = \"{}\" is meant for GPUs: on the CPU it takes {} the time of f32 (the CPU's fast kernels are f32, so 16-bit operands are widened for them), for about two thirds of the memory",
             cfg.train.dtype.name(),
-            if cfg.train.dtype == crate::train::config::Precision::F16 { "four to five times" } else { "about twice" }
+            if cfg.train.dtype == crate::train::config::Precision::F16 { "about twice" } else { "about one and a half times" }
         ));
     }
     if full.is_some() {

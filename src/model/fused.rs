@@ -80,23 +80,26 @@ pub fn forced<R>(f: impl FnOnce() -> R) -> R {
 // CPU twins' plumbing
 // ---------------------------------------------------------------------------------------------
 
-/// A contiguous f32/bf16/f16 operand as f32 values.
-fn cpu_values(s: &CpuStorage, l: &Layout, op: &str) -> CResult<Vec<f32>> {
+/// A contiguous f32/bf16/f16 operand as f32 values (converted in parallel: the CPU's 16-bit
+/// training ops widen whole activations with it).
+pub(crate) fn cpu_values(s: &CpuStorage, l: &Layout, op: &str) -> CResult<Vec<f32>> {
+    use rayon::prelude::*;
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{op}: operand must be contiguous") };
     Ok(match s {
         CpuStorage::F32(v) => v[a..b].to_vec(),
-        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
-        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::BF16(v) => v[a..b].par_iter().with_min_len(4096).map(|x| x.to_f32()).collect(),
+        CpuStorage::F16(v) => v[a..b].par_iter().with_min_len(4096).map(|x| x.to_f32()).collect(),
         other => candle_core::bail!("{op}: f32, bf16 or f16 operand expected, got {:?}", other.dtype()),
     })
 }
 
-/// f32 results rounded once to `dtype`.
-fn cpu_store(v: Vec<f32>, dtype: DType, op: &str) -> CResult<CpuStorage> {
+/// f32 results rounded once to `dtype` (in parallel).
+pub(crate) fn cpu_store(v: Vec<f32>, dtype: DType, op: &str) -> CResult<CpuStorage> {
+    use rayon::prelude::*;
     Ok(match dtype {
         DType::F32 => CpuStorage::F32(v),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
-        DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(v.par_iter().with_min_len(4096).map(|&x| bf16::from_f32(x)).collect()),
+        DType::F16 => CpuStorage::F16(v.par_iter().with_min_len(4096).map(|&x| f16::from_f32(x)).collect()),
         other => candle_core::bail!("{op}: f32, bf16 or f16 expected, got {other:?}"),
     })
 }

@@ -214,7 +214,9 @@ impl LoraProduct {
         S: BackendStorage,
     {
         let (ws, wl) = w.storage_and_layout();
-        let (xas, xal) = self.xa.storage_and_layout();
+        // x̃·Aᵀ in the operands' dtype (the CPU's 16-bit path holds it in f32).
+        let xa = self.xa.to_dtype(self.dtype)?;
+        let (xas, xal) = xa.storage_and_layout();
         let bias = self.bias.as_ref().map(|t| t.storage_and_layout());
         let (Some(w), Some(xa)) = (pick(&ws), pick(&xas)) else { candle_core::bail!("lora-product: weight not on {device}") };
         let bias = match &bias {
@@ -226,6 +228,27 @@ impl LoraProduct {
 
     fn dropped(&self, x: &Tensor) -> CResult<Tensor> {
         dropped(x, self.dropout)
+    }
+
+    /// The CPU's forward in f32: y = [bias +] x·Wᵀ, then y += s·(x̃·Aᵀ)·Bᵀ into the same
+    /// buffer. `x`, `b`: the contiguous operands' values; `w`, `xa`, `bias`: contiguous f32.
+    #[allow(clippy::too_many_arguments)]
+    fn product_f32(&self, x: &[f32], xl: &Layout, b: &[f32], bl: &Layout, w: &Tensor, xa: &Tensor, bias: Option<&Tensor>) -> CResult<Vec<f32>> {
+        let (m, k, _) = token_rows(xl)?;
+        let (n, r) = bl.shape().dims2()?;
+        let mut y = vec![0f32; m * n];
+        if let Some(bias) = bias {
+            cpu_f32(bias, |bias| {
+                if bias.len() != n {
+                    candle_core::bail!("lora-product: bias of {} for {n} outputs", bias.len());
+                }
+                y.chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
+                Ok(())
+            })?;
+        }
+        cpu_f32(w, |w| cpu_gemm(&mut y, (m, n, k), bias.is_some(), (x, k, 1), (w, 1, k), 1.0, true))?;
+        cpu_f32(xa, |xa| cpu_gemm(&mut y, (m, n, r), true, (xa, r, 1), (b, 1, r), self.scale as f32, true))?;
+        Ok(y)
     }
 }
 
@@ -354,24 +377,20 @@ impl candle_core::CustomOp3 for LoraProduct {
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, _a: &CpuStorage, _al: &Layout, b: &CpuStorage, bl: &Layout) -> CResult<(CpuStorage, Shape)> {
         let w = self.w.dense(self.dtype)?;
         let bias_ok = self.bias.as_ref().is_none_or(f32_contiguous);
+        let n = bl.shape().dims2()?.0;
         if self.dtype == DType::F32 && f32_contiguous(&w) && f32_contiguous(&self.xa) && bias_ok && xl.is_contiguous() && bl.is_contiguous() {
-            // y = [bias +] x·Wᵀ, then y += s·(x̃·Aᵀ)·Bᵀ into the same buffer.
-            let (m, k, _) = token_rows(xl)?;
-            let (n, r) = bl.shape().dims2()?;
             let (x, b) = (contiguous_f32(x, xl, "lora-product")?, contiguous_f32(b, bl, "lora-product")?);
-            let mut y = vec![0f32; m * n];
-            if let Some(bias) = &self.bias {
-                cpu_f32(bias, |bias| {
-                    if bias.len() != n {
-                        candle_core::bail!("lora-product: bias of {} for {n} outputs", bias.len());
-                    }
-                    y.chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
-                    Ok(())
-                })?;
-            }
-            cpu_f32(&w, |w| cpu_gemm(&mut y, (m, n, k), self.bias.is_some(), (x, k, 1), (w, 1, k), 1.0, true))?;
-            cpu_f32(&self.xa, |xa| cpu_gemm(&mut y, (m, n, r), true, (xa, r, 1), (b, 1, r), self.scale as f32, true))?;
+            let y = self.product_f32(x, xl, b, bl, &w, &self.xa, self.bias.as_ref())?;
             return Ok((CpuStorage::F32(y), out_shape(xl, n)));
+        }
+        if matches!(self.dtype, DType::BF16 | DType::F16) && xl.is_contiguous() && bl.is_contiguous() {
+            // 16-bit on the CPU: the operands widened to f32 (exactly) for gemm's f32 kernels,
+            // the result rounded once; candle's 16-bit products run at a third of f32's rate.
+            let op = "lora-product";
+            let (x, b) = (fused::cpu_values(x, xl, op)?, fused::cpu_values(b, bl, op)?);
+            let bias = self.bias.as_ref().map(f32_copy).transpose()?;
+            let y = self.product_f32(&x, xl, &b, bl, &f32_copy(&w)?, &f32_copy(&self.xa)?, bias.as_ref())?;
+            return Ok((fused::cpu_store(y, self.dtype, op)?, out_shape(xl, n)));
         }
         self.forward_held(x, xl, b, bl, &w, cpu_storage, "the cpu")
     }
@@ -396,26 +415,33 @@ impl candle_core::CustomOp3 for LoraProduct {
             // Leading dimensions flattened: (tokens, in) and (tokens, out).
             let x_dims = x.dims().to_vec();
             let (m, k) = (x.elem_count() / a.dim(1)?.max(1), a.dim(1)?);
-            let (x, a, b) = (x.detach().reshape((m, k))?, a.detach(), b.detach());
-            let g = grad.detach().contiguous()?.reshape((m, b.dim(0)?))?;
+            // 16-bit on the CPU: computed in f32 (gemm's f32 kernels), the gradients rounded
+            // back to each operand's dtype at the end.
+            let half_cpu = grad.device().is_cpu() && matches!(self.dtype, DType::BF16 | DType::F16);
+            let (x_dtype, a_dtype, b_dtype) = (x.dtype(), a.dtype(), b.dtype());
+            let wide = |t: Tensor| if half_cpu { f32_copy(&t) } else { Ok(t) };
+            let (x, a, b) = (wide(x.detach().reshape((m, k))?)?, wide(a.detach())?, wide(b.detach())?);
+            let g = wide(grad.detach().contiguous()?.reshape((m, b.dim(0)?))?)?;
+            let xa = wide(self.xa.clone())?;
             // s·dY·B, (m, r): the update's input side.
             let dxa = (g.matmul(&b)? * self.scale)?;
-            let db = (g.t()?.matmul(&self.xa)? * self.scale)?;
+            let db = (g.t()?.matmul(&xa)? * self.scale)?;
             let da = dxa.t()?.matmul(&self.dropped(&x)?)?;
             let dx = if !x_tracks {
                 None
             } else if self.dropout.is_none() && f32_contiguous(&g) && f32_contiguous(&dxa) && f32_contiguous(&a) {
                 // dX = dY·W, then dX += (s·dY·B)·A into the same buffer.
-                let w = self.w.dense(self.dtype)?.contiguous()?;
+                let w = wide(self.w.dense(self.dtype)?)?.contiguous()?;
                 let ((m, n), (r, k)) = (g.dims2()?, a.dims2()?);
                 let mut dx = vec![0f32; m * k];
                 cpu_f32s([&g, &w], |[g, w]| cpu_gemm(&mut dx, (m, k, n), false, (g, n, 1), (w, k, 1), 1.0, true))?;
                 cpu_f32s([&dxa, &a], |[d, a]| cpu_gemm(&mut dx, (m, k, r), true, (d, r, 1), (a, k, 1), 1.0, true))?;
                 Some(Tensor::from_vec(dx, x_dims, &Device::Cpu)?)
             } else {
-                Some((g.matmul(&self.w.dense(self.dtype)?)? + self.dropped(&dxa.matmul(&a)?)?)?.reshape(x_dims)?)
+                Some((g.matmul(&wide(self.w.dense(self.dtype)?)?)? + self.dropped(&dxa.matmul(&a)?)?)?.reshape(x_dims)?)
             };
-            Ok((dx, Some(da), Some(db)))
+            let narrow = |t: Tensor, dtype: DType| if half_cpu { narrowed(&t, dtype) } else { Ok(t) };
+            Ok((dx.map(|t| narrow(t, x_dtype)).transpose()?, Some(narrow(da, a_dtype)?), Some(narrow(db, b_dtype)?)))
         })
     }
 }
@@ -442,7 +468,12 @@ pub fn lora_linear(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, 
         let m = if k == 0 { 0 } else { x.elem_count() / k };
         let dtype = xs.dtype();
         let bias = bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?;
-        let xa = dropped(&x.detach().reshape((m, k))?, pair.dropout)?.matmul(&pair.a.detach().t()?)?;
+        // x̃·Aᵀ, (m, r); 16-bit on the CPU in f32 (candle's 16-bit products are slow; the op
+        // widens its operands the same way).
+        let half_cpu = x.device().is_cpu() && matches!(dtype, DType::BF16 | DType::F16);
+        let (x2, a) = (x.detach().reshape((m, k))?, pair.a.detach());
+        let (x2, a) = if half_cpu { (f32_copy(&x2)?, f32_copy(&a)?) } else { (x2, a) };
+        let xa = dropped(&x2, pair.dropout)?.matmul(&a.t()?)?;
         let op = LoraProduct { w: held, bias, dtype, xa, scale: pair.scale, dropout: pair.dropout };
         x.apply_op3(&pair.a.contiguous()?, &pair.b.contiguous()?, op)
     })
@@ -1119,7 +1150,28 @@ fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 
 /// `t` as a contiguous f32 tensor (itself when it is one already).
 fn f32_copy(t: &Tensor) -> CResult<Tensor> {
+    if t.device().is_cpu() && matches!(t.dtype(), DType::BF16 | DType::F16) && t.is_contiguous() {
+        // Widened in parallel (candle's cast is one thread).
+        let (st, l) = t.storage_and_layout();
+        let Some(cpu) = cpu_storage(&st) else { candle_core::bail!("f32-copy: tensor not on the cpu") };
+        let v = fused::cpu_values(cpu, l, "f32-copy")?;
+        drop(st);
+        return Tensor::from_vec(v, t.shape(), &Device::Cpu);
+    }
     t.to_dtype(DType::F32)?.contiguous()
+}
+
+/// `t` rounded to `dtype`: an f32 CPU tensor to bf16/f16 in parallel (candle's cast is one
+/// thread), anything else by `to_dtype`.
+fn narrowed(t: &Tensor, dtype: DType) -> CResult<Tensor> {
+    if !(f32_contiguous(t) && matches!(dtype, DType::BF16 | DType::F16)) {
+        return t.to_dtype(dtype);
+    }
+    let shape = t.shape().clone();
+    cpu_f32(t, |v| match dtype {
+        DType::BF16 => Tensor::from_vec(v.par_iter().with_min_len(4096).map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>(), shape, &Device::Cpu),
+        _ => Tensor::from_vec(v.par_iter().with_min_len(4096).map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>(), shape, &Device::Cpu),
+    })
 }
 
 /// [`causal_attention`] with a given block length (positions per query block).
@@ -1240,6 +1292,13 @@ pub fn linear_cross_entropy(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usi
         if use_fused(hs) && hs.track_op() && !fused::active(hs) {
             let op = LinearCrossEntropy { w: w.clone(), targets: targets.to_vec(), chunk, dh: Default::default() };
             return hs.contiguous()?.apply_op1(op);
+        }
+        if hs.device().is_cpu() && matches!(hs.dtype(), DType::BF16 | DType::F16) && hs.track_op() && !fused::is_forced() {
+            // 16-bit on the CPU: the f32 op above on the hidden states and the weight cast to
+            // f32 (exactly), gemm at f32's rate where candle's bf16 products run at a third
+            // of it; the gradient goes back to 16 bits through the cast. Logits in f32 are
+            // the more exact ones.
+            return linear_cross_entropy(&hs.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, targets, chunk);
         }
         if hs.track_op() {
             return linear_cross_entropy_chunked(hs, w, targets, chunk);
@@ -1403,7 +1462,10 @@ impl candle_core::CustomOp2 for SwiGlu {
 /// `silu(gate) · up`, the SwiGLU activation, with a fused CPU kernel and analytic backward.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
     profile::region("swiglu fwd", gate.device(), || {
-        if fused::active(gate) && up.dtype() == gate.dtype() {
+        // 16-bit on the CPU: the kernel's twin (one pass each way in f32) beats candle's
+        // composed SiLU and product in bf16.
+        let half_cpu = gate.device().is_cpu() && matches!(gate.dtype(), DType::BF16 | DType::F16);
+        if (fused::active(gate) || half_cpu) && up.dtype() == gate.dtype() {
             fused::swiglu(gate, up)
         } else if use_fused(gate) && up.dtype() == DType::F32 {
             gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
