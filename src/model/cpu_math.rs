@@ -1,7 +1,7 @@
 //! Vector math for the CPU kernels: `exp` eight lanes at a time on AVX2 + FMA, where the
 //! softmax of attention (`attention_cpu`), the LM head's loss (`ops::linear_cross_entropy`)
 //! and SiLU (`ops::swiglu`) spend their time (a call per element of `f32::exp` cost more than
-//! the products around it), and a row's maximum.
+//! the products around it), a row's maximum, and RoPE's rotation of one position.
 
 /// `x = exp(x · scale − shift)` for every element, returning their sum: eight at a time on
 /// AVX2 + FMA (a polynomial, within 2 ulp of `f32::exp`), `f32::exp` otherwise. On AVX2 the
@@ -32,6 +32,19 @@ pub fn max(xs: &[f32]) -> f32 {
         }
     }
     lanes.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+/// One position's RoPE (rotate-half): `out = x·cos + rotate_half(x)·sign·sin`, `cos`/`sin` the
+/// position's d/2 angles (sign −1: the inverse rotation, a rotation's backward).
+pub fn rotate_half(x: &[f32], out: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
+    let half = cos.len();
+    let (o1, o2) = out.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (x[i], x[i + half]);
+        let s = sign * sin[i];
+        o1[i] = x1 * cos[i] - x2 * s;
+        o2[i] = x2 * cos[i] + x1 * s;
+    }
 }
 
 /// [`exp_shifted`] with `f32::exp`.

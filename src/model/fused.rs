@@ -671,12 +671,7 @@ impl Heads {
         let place = |from: &[f32], to: &mut [f32], p: usize, sign: f32| match &table {
             Some(t) => {
                 let (cos, sin) = t[p * hd..(p + 1) * hd].split_at(half);
-                let (o1, o2) = to.split_at_mut(half);
-                for i in 0..half {
-                    let (x1, x2, sn) = (from[i], from[i + half], sign * sin[i]);
-                    o1[i] = x1 * cos[i] - x2 * sn;
-                    o2[i] = x2 * cos[i] + x1 * sn;
-                }
+                super::cpu_math::rotate_half(from, to, cos, sin, sign);
             }
             None => to.copy_from_slice(from),
         };

@@ -732,7 +732,7 @@ impl CustomOp1 for Rope {
             for p in 0..seq {
                 let xr = &xh[p * d..(p + 1) * d];
                 let or = &mut o[p * d..(p + 1) * d];
-                rotate_half(xr, or, &cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half], sign);
+                cpu_math::rotate_half(xr, or, &cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half], sign);
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -779,19 +779,6 @@ pub fn rope_composed(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor>
     let x2 = xs.narrow(D::Minus1, d / 2, d / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     xs.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
-}
-
-/// One position's RoPE (rotate-half): `out = x·cos + rotate_half(x)·sign·sin`, `cos`/`sin` the
-/// position's d/2 angles' (sign −1: the inverse rotation, a rotation's backward).
-fn rotate_half(x: &[f32], out: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
-    let half = cos.len();
-    let (o1, o2) = out.split_at_mut(half);
-    for i in 0..half {
-        let (x1, x2) = (x[i], x[i + half]);
-        let s = sign * sin[i];
-        o1[i] = x1 * cos[i] - x2 * s;
-        o2[i] = x2 * cos[i] + x1 * s;
-    }
 }
 
 /// A projection's output (b, s, heads·hd) laid out per head, (b, groups, heads/groups·s, hd)
@@ -1298,7 +1285,7 @@ pub fn linear_cross_entropy(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usi
             // f32 (exactly), gemm at f32's rate where candle's bf16 products run at a third
             // of it; the gradient goes back to 16 bits through the cast. Logits in f32 are
             // the more exact ones.
-            return linear_cross_entropy(&hs.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, targets, chunk);
+            return linear_cross_entropy(&hs.to_dtype(DType::F32)?, &f32_copy(w)?, targets, chunk);
         }
         if hs.track_op() {
             return linear_cross_entropy_chunked(hs, w, targets, chunk);
