@@ -8,7 +8,8 @@ backward + optimizer step, synchronized); tokens/s = batch*seq / median step tim
 
 Peak memory: on a GPU, the device memory in use sampled every 20 ms (NVML) above what was in use
 before the child started — the same measurement for both sides, CUDA context included; PyTorch's
-own max_memory_allocated is printed beside it. On the CPU (--device cpu, a smoke run of this
+own max_memory_allocated is printed beside it, and ours (the CUDA memory pool's high-water mark,
+`device_peak_bytes`) beside ours. On the CPU (--device cpu, a smoke run of this
 script), each child's peak RSS. Our row's notes also give `tunebench estimate`'s prediction for
 the same run and its error against the measured peak (the estimate is calibrated on the CPU).
 
@@ -218,6 +219,11 @@ def main() -> int:
             est = res.get("estimated_peak_bytes")
             if est and peak:
                 ratio += f"{'; ' if ratio else ''}estimate {est / GIB:.2f} GiB ({100 * (est / peak - 1):+.0f}%)"
+            # The CUDA memory pool's high-water mark (our tensors alone, as PyTorch's
+            # max_memory_allocated is theirs).
+            own = res.get("device_peak_bytes")
+            if own:
+                ratio += f"{'; ' if ratio else ''}pool peak {own / GIB:.2f} GiB"
             rows.append((label, f"tunebench {res.get('dtype', dtype)} ({res.get('device', '?')})", tps, peak,
                          res["losses"][0], ratio))
 

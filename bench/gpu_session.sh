@@ -137,6 +137,12 @@ if [ "$DEVICE" != cpu ] && [ "${TUNEBENCH_FUSED_KERNELS:-1}" != 0 ]; then
       --steps "$steps" --dtype bf16 --device "$DEVICE" | tail -n1 | "$py" -c "import json,sys; r=json.loads(sys.stdin.read()); \
 print('fused kernels $fused:', {k: r[k] for k in r if k not in ('losses',)})" || fail=1
   done
+  # The runs above keep freed memory in the CUDA pool (src/device.rs); the driver's default
+  # unmaps it at every synchronization, so each step maps its activations again.
+  echo "== the memory pool trimmed at each synchronization (the driver's default), same run"
+  TUNEBENCH_CUDA_TRIM_POOL=1 "$bin" bench-train --shape smollm2-135m --batch "$batch" --seq "$seq" --warmup-steps 2 \
+    --steps "$steps" --dtype bf16 --device "$DEVICE" | tail -n1 | "$py" -c "import json,sys; r=json.loads(sys.stdin.read()); \
+print('pool trimmed:', {k: r[k] for k in r if k not in ('losses',)})" || fail=1
 fi
 # Where a step's time goes on the device (the fused kernels to write next follow from it):
 # profiled steps time each op's forward and backward between device synchronizations.

@@ -99,11 +99,105 @@ pub fn describe(device: &Device) -> String {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(n: usize, key: &str) -> Result<Device> {
-    Device::new_cuda(n).map_err(|e| {
+    let device = Device::new_cuda(n).map_err(|e| {
         Error::Msg(format!(
             "cannot open CUDA device {n}: {e}. Check that the NVIDIA driver is loaded (nvidia-smi lists the GPU) and that cuda:{n} exists, or set {key} to cpu"
         ))
-    })
+    })?;
+    if std::env::var("TUNEBENCH_CUDA_TRIM_POOL").is_ok_and(|v| v == "1") {
+        return Ok(device);
+    }
+    if let Err(e) = pool::keep_freed_memory(n) {
+        tracing::warn!("cuda:{n}: the memory pool keeps its default (freed memory returned at each synchronization): {e}");
+    }
+    Ok(device)
+}
+
+/// The CUDA device's default memory pool, which every tensor allocation comes from: candle
+/// allocates through cudarc, which uses the driver's stream-ordered allocator
+/// (`cuMemAllocAsync` / `cuMemFreeAsync`) wherever the device supports memory pools.
+#[cfg(feature = "cuda")]
+mod pool {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys, DriverError};
+
+    fn attribute(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute, value: Option<u64>) -> Result<u64, DriverError> {
+        let mut v: u64 = value.unwrap_or(0);
+        let p = (&mut v as *mut u64).cast::<core::ffi::c_void>();
+        // SAFETY: `pool` comes from cuDeviceGetDefaultMemPool; the size-valued attributes used
+        // here (release threshold, reserved/used high-water marks) are cuuint64_t, which `v` is.
+        unsafe {
+            match value {
+                Some(_) => result::mem_pool::set_attribute(pool, attr, p)?,
+                None => result::mem_pool::get_attribute(pool, attr, p)?,
+            }
+        }
+        Ok(v)
+    }
+
+    /// Device `n`'s default pool, or None where the device has no memory pools (allocations
+    /// then go through plain `cuMemAlloc`, which has no pool to tune or read).
+    fn default_pool(n: usize) -> Result<Option<sys::CUmemoryPool>, DriverError> {
+        let dev = result::device::get(n as i32)?;
+        // SAFETY: `dev` was returned by cuDeviceGet for this ordinal.
+        let pools = unsafe { result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)? };
+        if pools <= 0 {
+            return Ok(None);
+        }
+        // SAFETY: as above.
+        Ok(Some(unsafe { result::device::get_default_mem_pool(dev)? }))
+    }
+
+    /// Keeps freed memory in the pool for the next allocation instead of returning it to the
+    /// driver. The pool's default release threshold is 0: at every synchronization (each step
+    /// reads its loss and gradient norm) it unmaps all free memory, so the next step maps its
+    /// activations' gigabytes again, page by page (tens of ms per GiB). A trainer owns its
+    /// GPU for the run, so it keeps what it has used (PyTorch's caching allocator does the
+    /// same); the peak is unchanged. `TUNEBENCH_CUDA_TRIM_POOL=1` keeps the driver's default.
+    pub(super) fn keep_freed_memory(n: usize) -> Result<(), DriverError> {
+        if let Some(pool) = default_pool(n)? {
+            attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, Some(u64::MAX))?;
+        }
+        Ok(())
+    }
+
+    /// The pool's high-water marks since the device was opened: (bytes in use, bytes mapped).
+    pub(super) fn peaks(n: usize) -> Result<Option<(u64, u64)>, DriverError> {
+        let Some(pool) = default_pool(n)? else { return Ok(None) };
+        let used = attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)?;
+        let reserved = attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, None)?;
+        Ok(Some((used, reserved)))
+    }
+}
+
+/// The most device memory this process's tensors have held at once on `device` (the CUDA
+/// memory pool's high-water mark of bytes in use, as PyTorch's `max_memory_allocated`), or
+/// None on the CPU, without pools, or in a build without CUDA. cuBLAS's workspace and the
+/// loaded kernels are outside the pool (NVML's device-wide figure includes them).
+pub fn pool_peak_bytes(device: &Device) -> Option<u64> {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => cuda_pool_peak(gpu_id),
+        _ => None,
+    }
+}
+
+/// [`pool_peak_bytes`] for the device a run's `train.device` names (`auto`: cuda:0 in a CUDA
+/// build), read in the process that trained on it; None where that is not a CUDA device.
+pub fn pool_peak_bytes_for(spec: &str) -> Option<u64> {
+    match DeviceChoice::parse(spec, "train.device").ok()? {
+        DeviceChoice::Cuda(n) => cuda_pool_peak(n),
+        DeviceChoice::Auto if CUDA_BUILD => cuda_pool_peak(0),
+        _ => None,
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_pool_peak(n: usize) -> Option<u64> {
+    pool::peaks(n).ok().flatten().map(|(used, _)| used).filter(|&b| b > 0)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_pool_peak(_n: usize) -> Option<u64> {
+    None
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -162,6 +256,9 @@ mod tests {
     #[test]
     fn cpu_and_auto_open_without_a_gpu() {
         assert!(DeviceChoice::Cpu.open("k").unwrap().is_cpu());
+        // Only a CUDA device has a memory pool to report.
+        assert_eq!(pool_peak_bytes(&Device::Cpu), None);
+        assert_eq!(pool_peak_bytes_for("cpu"), None);
         let auto = DeviceChoice::Auto.open("k").unwrap();
         if !CUDA_BUILD {
             assert!(auto.is_cpu());

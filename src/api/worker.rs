@@ -249,6 +249,11 @@ pub fn run_worker(db: &Path, run_id: i64, stop: Arc<AtomicBool>, skip_heldout: b
             let mut finals = rt.block_on(final_metrics(&store, run_id, heldout))?;
             // The cost of recording this session (store writes), for bench/RESULTS.md.
             finals["recording_s"] = json!(recording_s);
+            // On a GPU, the device memory the run's tensors peaked at (the estimate predicts
+            // device memory there; the peak RSS above is the host's).
+            if let Some(b) = crate::device::pool_peak_bytes_for(&cfg.train.device) {
+                finals["device_peak_bytes"] = json!(b);
+            }
             rt.block_on(store.finish_run(run_id, pid as i64, status, None, &finals, peak))?;
             Ok(WorkerOutcome {
                 status,

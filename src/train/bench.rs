@@ -42,6 +42,11 @@ pub struct BenchResult {
     /// it measures.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub estimated_peak_bytes: Option<u64>,
+    /// On a GPU: the most memory this process's tensors held at once (the CUDA memory pool's
+    /// high-water mark, [`crate::device::pool_peak_bytes`]), beside the device-wide figure a
+    /// benchmark samples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_peak_bytes: Option<u64>,
 }
 
 /// This process's peak resident set size in bytes (Linux `VmHWM`; 0 elsewhere).
@@ -202,5 +207,6 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
         seq: s,
         profile,
         estimated_peak_bytes: None,
+        device_peak_bytes: crate::device::pool_peak_bytes(&device),
     })
 }

@@ -378,7 +378,11 @@ pub fn cmd_runs(cmd: RunsCmd) -> Result<()> {
                 println!("  params   {t} trainable of {a} ({:.2}%)", 100.0 * t as f64 / a.max(1) as f64);
             }
             if let Some(p) = r.peak_rss_bytes {
-                println!("  memory   peak {:.2} GiB", p as f64 / (1u64 << 30) as f64);
+                let gib = |b: f64| b / (1u64 << 30) as f64;
+                match r.final_metrics.get("device_peak_bytes").and_then(|v| v.as_f64()) {
+                    Some(d) => println!("  memory   peak {:.2} GiB on the device, {:.2} GiB of host memory", gib(d), gib(p as f64)),
+                    None => println!("  memory   peak {:.2} GiB", gib(p as f64)),
+                }
             }
             if let Some(e) = &r.error {
                 println!("  error    {e}");
