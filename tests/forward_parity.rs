@@ -109,3 +109,31 @@ fn default_model_matches_pytorch_transformers() {
     }
     eprintln!("largest logit difference from the reference: {worst}");
 }
+
+/// Mixed-precision training loads the base in bf16 tensor by tensor (`model::load_in`, so the
+/// f32 model never exists all at once): the same weights as loading in f32 and casting, bit for
+/// bit, and the same logits.
+#[test]
+fn loading_in_bf16_equals_loading_in_f32_and_casting() {
+    use candle_core::DType;
+    let path = common::default_model();
+    let mut cast = model::load(&path, &Device::Cpu).unwrap().model;
+    cast.cast(DType::BF16).unwrap();
+    let direct = model::load_in(&path, &Device::Cpu, DType::BF16).unwrap().model;
+    let bits = |t: Tensor| -> Vec<u16> { t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap().iter().map(|x| (x.to_bits() >> 16) as u16).collect() };
+    assert_eq!(direct.embed_tokens().dense().unwrap().dtype(), DType::BF16);
+    assert_eq!(bits(direct.embed_tokens().dense().unwrap()), bits(cast.embed_tokens().dense().unwrap()), "embedding");
+    let (a, b) = (direct.linears(), cast.linears());
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.name(), y.name());
+        assert_eq!(x.weight().dense().unwrap().dtype(), DType::BF16, "{}", x.name());
+        assert_eq!(bits(x.weight().dense().unwrap()), bits(y.weight().dense().unwrap()), "{}", x.name());
+    }
+    // The norms (and everything else) through the logits.
+    let ids = Tensor::new(&[[1u32, 9690, 314, 253, 1345, 282, 2724, 30, 216, 4237, 28, 11, 7, 42, 0, 5]], &Device::Cpu).unwrap();
+    let ctx = ForwardCtx::default();
+    let (l1, l2) = (direct.logits(&ids, &ctx).unwrap(), cast.logits(&ids, &ctx).unwrap());
+    let diff = (l1.to_dtype(DType::F32).unwrap() - l2.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0, "logits of the two bf16 models");
+}

@@ -99,13 +99,15 @@ pub const LORA_TIME_OVERHEAD: f64 = 1.4;
 pub const HALF_ACTIVATION_FACTOR: f64 = 1.17;
 /// [`HALF_ACTIVATION_FACTOR`] for LoRA as one op ([`LORA_ACTIVATION_FACTOR`]); refit on three
 /// bf16 configs (bench/RESULTS.md, 2026-12-02, after the CPU's 16-bit LoRA products, SwiGLU
-/// and loss took f32 kernels: 1.35 → 1.06; then 1.19, with [`HALF_FIXED_BYTES`], when the
-/// weights began to count at 16-bit size in training and the f32 load as its own peak).
-pub const LORA_HALF_ACTIVATION_FACTOR: f64 = 1.19;
+/// and loss took f32 kernels: 1.35 → 1.06; then 1.16, with [`HALF_FIXED_BYTES`], when the
+/// base began to load in 16 bits and its weights to count at that size).
+pub const LORA_HALF_ACTIVATION_FACTOR: f64 = 1.16;
 /// What a 16-bit run holds in training beyond its counted parts, bytes: fitted with
 /// [`LORA_HALF_ACTIVATION_FACTOR`] on four bf16 configs of the default model from 256 to
 /// 2048 tokens (bench/RESULTS.md, 2026-12-02), once the weights counted at 16-bit size.
-pub const HALF_FIXED_BYTES: u64 = 130 << 20;
+pub const HALF_FIXED_BYTES: u64 = 128 << 20;
+/// [`HALF_FIXED_BYTES`] for a checkpointed run (fitted on three checkpointed bf16 configs).
+pub const HALF_FIXED_BYTES_CHECKPOINTED: u64 = 52 << 20;
 /// See [`HALF_ACTIVATION_FACTOR`].
 pub const HALF_ATTENTION_FACTOR: f64 = 1.0;
 /// Time per step of bf16 over f32 on the CPU (candle's bf16 matmul is slower than its f32
@@ -355,14 +357,10 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         let largest: u64 = shapes.iter().map(|(_, i, o)| (*i * *o) as u64).max().unwrap_or(0);
         wbytes * (total - lin.min(total)) + lin * 5 / 8 + wbytes * largest
     } else {
-        // Held in the activations' dtype (a 16-bit base is loaded in f32 first: `load` below).
+        // Held in the activations' dtype (`model::load_in` converts each tensor as it reads it,
+        // so a 16-bit base never exists in f32 all at once).
         wbytes * total
     };
-    // A 16-bit base is loaded (or drawn) in f32 and then cast, so before training the process
-    // holds the f32 model; what training allocates later reuses that memory (the CPU's heap,
-    // a GPU's memory pool), so the peak is the larger of the two. The adapter, its optimizer
-    // state and the loss chunk come on top of the f32 pages (measured: a checkpointed bf16 run
-    // of the default model peaks at 657–686 MiB from 256 to 2048 tokens, 608 MiB at 16).
     let adapter = trainable * ADAPTER_BYTES_PER_PARAM;
     let tokens = b * s;
     let act_bytes_per_tok_layer = wbytes as f64 * activation_floats_per_token_layer(model, adapter_floats);
@@ -406,10 +404,18 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     } else {
         4 * chunk * model.vocab_size as u64
     };
-    let load = if half && !qlora { 4 * total + adapter + loss } else { 0 };
-    // In training, a 16-bit run holds a fixed amount beyond its counted parts (an f32 run's
-    // factors absorb the same).
-    let fixed = if half && !qlora { HALF_FIXED_BYTES } else { 0 };
+    // Loading a 16-bit base holds one tensor in f32 beside the converted ones (the largest: the
+    // embedding or a projection); a small checkpointed run peaks there (bench/RESULTS.md,
+    // 2026-12-02: 464–528 MiB up to 256 tokens on the default model).
+    let largest = linear_shapes(model).iter().map(|(_, i, o)| (*i * *o) as u64).max().unwrap_or(0).max((model.vocab_size * model.hidden_size) as u64);
+    let load = if half && !qlora { weights + 4 * largest + adapter + loss } else { 0 };
+    // A 16-bit run holds a fixed amount beyond its counted parts (an f32 run's factors absorb
+    // the same).
+    let fixed = |checkpointed: bool| match (half && !qlora, checkpointed) {
+        (false, _) => 0,
+        (true, false) => HALF_FIXED_BYTES,
+        (true, true) => HALF_FIXED_BYTES_CHECKPOINTED,
+    };
     // Gradient checkpointing keeps each layer's input; at the peak, the layer being
     // recomputed in the backward holds its activations and part of their gradients
     // ([`CHECKPOINT_LAYER_COPIES`]), beside [`CHECKPOINT_TOKEN_FLOATS_PER_HIDDEN`]; attention
@@ -421,10 +427,10 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     // It keeps a part of what a plain run keeps, never more (a model of one or two layers
     // gains next to nothing).
     let acts_ckpt = acts_ckpt.min(acts);
-    let ckpt = (weights + adapter + acts_ckpt + attn_ckpt + loss + fixed).max(load);
+    let ckpt = (weights + adapter + acts_ckpt + attn_ckpt + loss + fixed(true)).max(load);
     let checkpointing = t.gradient_checkpointing;
     let (acts, attn) = if checkpointing { (acts_ckpt, attn_ckpt) } else { (acts, attn) };
-    let training = weights + adapter + acts + attn + loss + fixed;
+    let training = weights + adapter + acts + attn + loss + fixed(checkpointing);
     let total_bytes = training.max(load);
 
     // FLOPs: forward 2·tokens·(linear params) + attention 4·b·s²·(heads·head_dim) per layer;
@@ -517,12 +523,11 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
                 (if checkpointing { "activations (layer inputs + one layer)" } else { "activations" }.into(), acts),
                 (if on_gpu { "attention (one query block)" } else { "attention (tiles, gradients)" }.into(), attn),
                 ("loss (logits chunk)".into(), loss),
-                ("fixed (16-bit runs)".into(), fixed),
-                // Loading in f32 peaks above training (small batches in 16 bits).
-                ("loading the base in f32, above training".into(), load.saturating_sub(training)),
+                ("fixed (16-bit runs)".into(), fixed(checkpointing)),
+                ("loading (one tensor in f32), above training".into(), load.saturating_sub(training)),
             ]
             .into_iter()
-            .filter(|(name, b): &(String, u64)| *b > 0 || !(name.starts_with("loading") || name.starts_with("fixed")))
+            .filter(|(name, b): &(String, u64)| *b > 0 || !(name.starts_with("fixed") || name.starts_with("loading")))
             .collect(),
             total_bytes_checkpointed: ckpt,
         },

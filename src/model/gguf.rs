@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::config::LlamaConfig;
 use super::linear::FrozenWeight;
@@ -101,7 +101,13 @@ pub fn unpermute_rows(w: &Tensor, n_heads: usize) -> Result<Tensor> {
 
 /// Reads a GGUF file: config, dequantized f32 weights under HF names, tokenizer.
 pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
-    let (config, weights, tokenizer, spec) = read(path, device, false)?;
+    load_in(path, device, DType::F32)
+}
+
+/// [`load`] with the tensors in `dtype`: each is dequantized and converted before the next is
+/// read, so a 16-bit model never exists in f32 all at once (training's load peak).
+pub fn load_in(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel> {
+    let (config, weights, tokenizer, spec) = read(path, device, false, dtype)?;
     let tensors = weights.into_iter().map(|(k, w)| Ok((k, w.dense()?))).collect::<Result<_>>()?;
     Ok(GgufModel { config, tensors, tokenizer, spec })
 }
@@ -121,13 +127,14 @@ pub struct GgufQuantized {
 /// Reads a GGUF file keeping quantized matrices quantized (q/k rows are still moved to HF's
 /// layout, block rows being independent), so inference multiplies the blocks directly.
 pub fn load_quantized(path: &Path, device: &Device) -> Result<GgufQuantized> {
-    let (config, weights, tokenizer, spec) = read(path, device, true)?;
+    let (config, weights, tokenizer, spec) = read(path, device, true, DType::F32)?;
     Ok(GgufQuantized { config, weights, tokenizer, spec })
 }
 
 type Read = (LlamaConfig, HashMap<String, FrozenWeight>, tokenizers::Tokenizer, TokenizerSpec);
 
-fn read(path: &Path, device: &Device, keep_quantized: bool) -> Result<Read> {
+/// `dense`: the dtype of the tensors that are not kept as blocks.
+fn read(path: &Path, device: &Device, keep_quantized: bool, dense: DType) -> Result<Read> {
     let mut file = std::io::BufReader::with_capacity(1 << 16, std::fs::File::open(path).map_err(|e| Error::io(path, e))?);
     let content = Content::read(&mut file)
         .map_err(|e| Error::bad_input(path, None, format!("not a readable GGUF file: {e}")))?;
@@ -175,7 +182,7 @@ fn read(path: &Path, device: &Device, keep_quantized: bool) -> Result<Read> {
             if let Some(h) = heads {
                 t = unpermute_rows(&t, h)?;
             }
-            FrozenWeight::Dense(t)
+            FrozenWeight::Dense(t.to_dtype(dense)?)
         };
         weights.insert(hf, w);
     }

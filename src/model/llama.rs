@@ -395,14 +395,16 @@ impl Llama {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut t = HashMap::new();
-        let mut rnd = |shape: &[usize], scale: f32| -> Result<Tensor> {
+        // Each tensor drawn in f32 (offset added there) and converted to `dtype` at once, so a
+        // 16-bit model never exists in f32 all at once (a benchmark's load peak).
+        let mut rnd = |shape: &[usize], scale: f32, offset: f32| -> Result<Tensor> {
             let n: usize = shape.iter().product();
-            let v: Vec<f32> = (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect();
-            Ok(Tensor::from_vec(v, shape, device)?)
+            let v: Vec<f32> = (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale + offset).collect();
+            Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)
         };
         let (h, nh, nkv, hd, f) = (cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim(), cfg.intermediate_size);
         let s = 1.0 / (h as f32).sqrt();
-        t.insert("model.embed_tokens.weight".to_string(), rnd(&[cfg.vocab_size, h], 1.0)?);
+        t.insert("model.embed_tokens.weight".to_string(), rnd(&[cfg.vocab_size, h], 1.0, 0.0)?);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             for (m, o, inp) in [
@@ -414,17 +416,17 @@ impl Llama {
                 ("mlp.up_proj", f, h),
                 ("mlp.down_proj", h, f),
             ] {
-                t.insert(format!("{p}.{m}.weight"), rnd(&[o, inp], s * 2.0)?);
+                t.insert(format!("{p}.{m}.weight"), rnd(&[o, inp], s * 2.0, 0.0)?);
                 if cfg.attention_bias && m != "self_attn.o_proj" && m.starts_with("self_attn") {
-                    t.insert(format!("{p}.{m}.bias"), rnd(&[o], 0.1)?);
+                    t.insert(format!("{p}.{m}.bias"), rnd(&[o], 0.1, 0.0)?);
                 }
             }
-            t.insert(format!("{p}.input_layernorm.weight"), (rnd(&[h], 0.2)? + 1.0)?);
-            t.insert(format!("{p}.post_attention_layernorm.weight"), (rnd(&[h], 0.2)? + 1.0)?);
+            t.insert(format!("{p}.input_layernorm.weight"), rnd(&[h], 0.2, 1.0)?);
+            t.insert(format!("{p}.post_attention_layernorm.weight"), rnd(&[h], 0.2, 1.0)?);
         }
-        t.insert("model.norm.weight".to_string(), (rnd(&[h], 0.2)? + 1.0)?);
+        t.insert("model.norm.weight".to_string(), rnd(&[h], 0.2, 1.0)?);
         if !cfg.tie_word_embeddings {
-            t.insert("lm_head.weight".to_string(), rnd(&[cfg.vocab_size, h], s)?);
+            t.insert("lm_head.weight".to_string(), rnd(&[cfg.vocab_size, h], s, 0.0)?);
         }
         Self::from_tensors_dtype(cfg, t, std::path::Path::new("<random>"), device, dtype)
     }

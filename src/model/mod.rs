@@ -42,18 +42,25 @@ pub struct LoadedModel {
 /// Loads a model from a `.gguf` file or a HF folder (config.json, model.safetensors or a
 /// sharded index, tokenizer.json, tokenizer_config.json). Weights are f32 on `device`.
 pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
+    load_in(path, device, DType::F32)
+}
+
+/// [`load`] with the weights in `dtype` (mixed-precision training's bf16/f16 base), each
+/// converted as it is read: the model never exists in f32 all at once, so loading peaks at
+/// about the 16-bit model's size rather than twice it.
+pub fn load_in(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     if !path.exists() {
         return Err(Error::bad_input(path, None, "model path does not exist (run scripts/setup for the default model)"));
     }
     if path.is_file() {
-        let g = gguf::load(path, device)?;
-        let model = Llama::from_tensors(g.config, g.tensors, path, device)?;
+        let g = gguf::load_in(path, device, dtype)?;
+        let model = Llama::from_tensors_dtype(g.config, g.tensors, path, device, dtype)?;
         return Ok(LoadedModel { model, tokenizer: g.tokenizer, spec: g.spec, source: path.to_path_buf() });
     }
     let cfg = LlamaConfig::from_hf_json(&required(path, "config.json")?)?;
-    let tensors = read_safetensors_folder(path, device)?;
+    let tensors = read_safetensors_folder(path, device, dtype)?;
     let (tokenizer, spec) = tokenizer::from_hf_folder(path)?;
-    let model = Llama::from_tensors(cfg, tensors, path, device)?;
+    let model = Llama::from_tensors_dtype(cfg, tensors, path, device, dtype)?;
     Ok(LoadedModel { model, tokenizer, spec, source: path.to_path_buf() })
 }
 
@@ -158,7 +165,7 @@ fn required(dir: &Path, file: &str) -> Result<PathBuf> {
 }
 
 /// Reads `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
-fn read_safetensors_folder(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+fn read_safetensors_folder(dir: &Path, device: &Device, dtype: DType) -> Result<HashMap<String, Tensor>> {
     let single = dir.join("model.safetensors");
     let files: Vec<PathBuf> = if single.exists() {
         vec![single]
@@ -183,7 +190,7 @@ fn read_safetensors_folder(dir: &Path, device: &Device) -> Result<HashMap<String
         }
         let t = candle_core::safetensors::load(&f, device).map_err(|e| Error::bad_input(&f, None, e.to_string()))?;
         for (k, v) in t {
-            out.insert(k, v.to_dtype(DType::F32)?);
+            out.insert(k, v.to_dtype(dtype)?);
         }
     }
     Ok(out)

@@ -124,11 +124,12 @@ pub struct BenchOptions<'a> {
 /// tokens.
 pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize), o: &BenchOptions) -> Result<BenchResult> {
     let device = crate::device::open(o.device, "--device")?;
+    // In the base's dtype from the start (a 16-bit model is never held in f32 all at once).
+    let base = o.dtype.base_dtype();
     let mut model = match model {
-        BenchModel::Path(p) => model::load(p, &device)?.model,
-        BenchModel::Shape(name) => model::Llama::random(shape_config(name)?, 0, &device)?,
+        BenchModel::Path(p) => model::load_in(p, &device, base)?.model,
+        BenchModel::Shape(name) => model::Llama::random_dtype(shape_config(name)?, 0, &device, base)?,
     };
-    model.cast(o.dtype.base_dtype())?;
     let ids = match batches_file {
         Some(f) => {
             let t = candle_core::safetensors::load(f, &device).map_err(|e| Error::bad_input(f, None, e.to_string()))?;

@@ -162,8 +162,13 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
     let cfg_text = toml::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
     checkpoint::atomic_write(&out_dir.join("config.toml"), |p| std::fs::write(p, &cfg_text).map_err(|e| Error::io(p, e)))?;
 
-    // The model itself may not fit on the device.
-    let mut m = load_base(cfg, &device).map_err(|e| out_of_memory(e, &device, cfg))?;
+    // The model itself may not fit on the device. Mixed precision loads the base in its 16-bit
+    // dtype tensor by tensor (QLoRA's blocks stay blocks; the rest is cast below).
+    let mut m = match cfg.peft {
+        crate::peft::PeftConfig::Qlora(_) => load_base(cfg, &device),
+        _ => model::load_in(&cfg.model_path(), &device, cfg.train.dtype.base_dtype()),
+    }
+    .map_err(|e| out_of_memory(e, &device, cfg))?;
     if cfg.train.dtype != super::config::Precision::F32 {
         m.model.cast(cfg.train.dtype.base_dtype()).map_err(|e| out_of_memory(e, &device, cfg))?;
     }
