@@ -123,8 +123,8 @@ mod pool {
     fn attribute(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute, value: Option<u64>) -> Result<u64, DriverError> {
         let mut v: u64 = value.unwrap_or(0);
         let p = (&mut v as *mut u64).cast::<core::ffi::c_void>();
-        // SAFETY: `pool` comes from cuDeviceGetDefaultMemPool; the size-valued attributes used
-        // here (release threshold, reserved/used high-water marks) are cuuint64_t, which `v` is.
+        // SAFETY: `pool` comes from cuDeviceGetDefaultMemPool; the attributes used here (the
+        // release threshold, the used high-water mark) are cuuint64_t, which `v` is.
         unsafe {
             match value {
                 Some(_) => result::mem_pool::set_attribute(pool, attr, p)?,
@@ -152,7 +152,8 @@ mod pool {
     /// reads its loss and gradient norm) it unmaps all free memory, so the next step maps its
     /// activations' gigabytes again, page by page (tens of ms per GiB). A trainer owns its
     /// GPU for the run, so it keeps what it has used (PyTorch's caching allocator does the
-    /// same); the peak is unchanged. `TUNEBENCH_CUDA_TRIM_POOL=1` keeps the driver's default.
+    /// same); the peak in use is unchanged, and what the pool maps stays near it.
+    /// `TUNEBENCH_CUDA_TRIM_POOL=1` keeps the driver's default.
     pub(super) fn keep_freed_memory(n: usize) -> Result<(), DriverError> {
         if let Some(pool) = default_pool(n)? {
             attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, Some(u64::MAX))?;
@@ -160,12 +161,10 @@ mod pool {
         Ok(())
     }
 
-    /// The pool's high-water marks since the device was opened: (bytes in use, bytes mapped).
-    pub(super) fn peaks(n: usize) -> Result<Option<(u64, u64)>, DriverError> {
+    /// The pool's high-water mark of bytes in use since the device was opened.
+    pub(super) fn peak_used(n: usize) -> Result<Option<u64>, DriverError> {
         let Some(pool) = default_pool(n)? else { return Ok(None) };
-        let used = attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)?;
-        let reserved = attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, None)?;
-        Ok(Some((used, reserved)))
+        Ok(Some(attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)?))
     }
 }
 
@@ -192,7 +191,7 @@ pub fn pool_peak_bytes_for(spec: &str) -> Option<u64> {
 
 #[cfg(feature = "cuda")]
 fn cuda_pool_peak(n: usize) -> Option<u64> {
-    pool::peaks(n).ok().flatten().map(|(used, _)| used).filter(|&b| b > 0)
+    pool::peak_used(n).ok().flatten().filter(|&b| b > 0)
 }
 
 #[cfg(not(feature = "cuda"))]

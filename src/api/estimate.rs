@@ -95,7 +95,7 @@ pub const LORA_TIME_OVERHEAD: f64 = 1.4;
 /// factor over their 16-bit size, attention blocks × [`HALF_ATTENTION_FACTOR`] over the f32
 /// figure. Fitted on four configs of the default model (bench/RESULTS.md, 2026-12-01 20:40)
 /// when LoRA still composed and the weights counted at f32 size; not refit since (the methods
-/// it applies to now, checked in bf16 on 2026-12-02: IA3 +17%, DoRA with dropout −5%).
+/// it applies to now, checked in bf16 on 2026-12-02: IA3 +22%, DoRA with dropout −3.4%).
 pub const HALF_ACTIVATION_FACTOR: f64 = 1.17;
 /// [`HALF_ACTIVATION_FACTOR`] for LoRA as one op ([`LORA_ACTIVATION_FACTOR`]); refit on three
 /// bf16 configs (bench/RESULTS.md, 2026-12-02, after the CPU's 16-bit LoRA products, SwiGLU
