@@ -351,11 +351,12 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     // included, at 2 bytes.
     let half = cfg.train.dtype != crate::train::config::Precision::F32;
     let wbytes: u64 = if half { 2 } else { 4 };
+    let shapes = linear_shapes(model);
+    // The largest projection's weight count.
+    let largest_linear: u64 = shapes.iter().map(|(_, i, o)| (*i * *o) as u64).max().unwrap_or(0);
     let weights = if qlora {
-        let shapes = linear_shapes(model);
         let lin: u64 = shapes.iter().map(|(_, i, o)| (*i * *o) as u64).sum();
-        let largest: u64 = shapes.iter().map(|(_, i, o)| (*i * *o) as u64).max().unwrap_or(0);
-        wbytes * (total - lin.min(total)) + lin * 5 / 8 + wbytes * largest
+        wbytes * (total - lin.min(total)) + lin * 5 / 8 + wbytes * largest_linear
     } else {
         // Held in the activations' dtype (`model::load_in` converts each tensor as it reads it,
         // so a 16-bit base never exists in f32 all at once).
@@ -407,7 +408,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     // Loading a 16-bit base holds one tensor in f32 beside the converted ones (the largest: the
     // embedding or a projection); a small checkpointed run peaks there (bench/RESULTS.md,
     // 2026-12-02: 464–528 MiB up to 256 tokens on the default model).
-    let largest = linear_shapes(model).iter().map(|(_, i, o)| (*i * *o) as u64).max().unwrap_or(0).max((model.vocab_size * model.hidden_size) as u64);
+    let largest = largest_linear.max((model.vocab_size * model.hidden_size) as u64);
     let load = if half && !qlora { weights + 4 * largest + adapter + loss } else { 0 };
     // A 16-bit run holds a fixed amount beyond its counted parts (an f32 run's factors absorb
     // the same).
@@ -436,7 +437,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     // FLOPs: forward 2·tokens·(linear params) + attention 4·b·s²·(heads·head_dim) per layer;
     // backward: input gradients of every linear (2·tokens·params again), attention ×2.5 (the
     // scores recomputed, then dP, dV, dQ, dK), LoRA weight gradients.
-    let lin_params: f64 = linear_shapes(model).iter().map(|(_, i, o)| (*i * *o) as f64).sum();
+    let lin_params: f64 = shapes.iter().map(|(_, i, o)| (*i * *o) as f64).sum();
     let attn_fwd = 4.0 * (b * s * s) as f64 * (model.num_attention_heads * model.head_dim()) as f64 * layers as f64 / 2.0;
     let lora_flops: f64 = if full.is_some() {
         // Weight gradients of every trained matrix (its forward is already counted).
@@ -503,32 +504,35 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         let with = if virt > 0 { format!(" plus {virt} virtual tokens") } else { String::new() };
         warnings.push(format!("data.max_len {}{with} is longer than the model's context ({})", cfg.data.max_len, model.max_position_embeddings));
     }
+    let mut parts: Vec<(String, u64)> = vec![
+        (
+            match (qlora, half) {
+                (true, _) => "weights (4-bit projections)",
+                (false, true) => "weights (16-bit)",
+                (false, false) => "weights (f32)",
+            }
+            .into(),
+            weights,
+        ),
+        ("adapter + optimizer".into(), adapter),
+        (if checkpointing { "activations (layer inputs + one layer)" } else { "activations" }.into(), acts),
+        (if on_gpu { "attention (one query block)" } else { "attention (tiles, gradients)" }.into(), attn),
+        ("loss (logits chunk)".into(), loss),
+    ];
+    // The parts only some runs have: 16-bit runs' fixed term, and the load where it peaks
+    // above training (small 16-bit runs).
+    parts.extend(
+        [("fixed (16-bit runs)".to_string(), fixed(checkpointing)), ("loading (one tensor in f32), above training".to_string(), load.saturating_sub(training))]
+            .into_iter()
+            .filter(|(_, b)| *b > 0),
+    );
     Ok(Estimate {
         total_params: total,
         trainable_params: trainable,
         trainable_pct: 100.0 * trainable as f64 / total.max(1) as f64,
         memory: MemoryEstimate {
             total_bytes,
-            parts: vec![
-                (
-                    match (qlora, half) {
-                        (true, _) => "weights (4-bit projections)",
-                        (false, true) => "weights (16-bit)",
-                        (false, false) => "weights (f32)",
-                    }
-                    .into(),
-                    weights,
-                ),
-                ("adapter + optimizer".into(), adapter),
-                (if checkpointing { "activations (layer inputs + one layer)" } else { "activations" }.into(), acts),
-                (if on_gpu { "attention (one query block)" } else { "attention (tiles, gradients)" }.into(), attn),
-                ("loss (logits chunk)".into(), loss),
-                ("fixed (16-bit runs)".into(), fixed(checkpointing)),
-                ("loading (one tensor in f32), above training".into(), load.saturating_sub(training)),
-            ]
-            .into_iter()
-            .filter(|(name, b): &(String, u64)| *b > 0 || !(name.starts_with("fixed") || name.starts_with("loading")))
-            .collect(),
+            parts,
             total_bytes_checkpointed: ckpt,
         },
         step_s,

@@ -89,7 +89,7 @@ impl Workbench {
         let spec = req.device.clone().unwrap_or_else(|| cfg.train.device.clone());
         let report = tokio::task::spawn_blocking(move || -> Result<EvalReport> {
             let device = crate::device::open(&spec, "device")?;
-            let mut m = crate::train::trainer::load_base(&cfg, &device)?;
+            let mut m = crate::train::trainer::load_base(&cfg, &device, candle_core::DType::F32)?;
             evaluate(&cfg, &mut m, Some(&adapter), &opts, |done, total| {
                 let _ = events.send(ApiEvent::EvalProgress { run_id, done, total });
             })

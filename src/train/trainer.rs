@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::checkpoint::{self, TrainerState};
 use super::config::RunConfig;
@@ -79,11 +79,12 @@ pub fn validate(m: &LoadedModel, val: &[Example], batch_size: usize, chunk: usiz
     Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
 }
 
-/// The base model of a run: dense f32, or with its projections in 4-bit blocks for qlora.
-pub fn load_base(cfg: &RunConfig, device: &Device) -> Result<model::LoadedModel> {
+/// The base model of a run: dense in `dtype` (each tensor converted as it is read), or with
+/// its projections in 4-bit blocks for qlora (the rest f32, cast by the caller).
+pub fn load_base(cfg: &RunConfig, device: &Device, dtype: DType) -> Result<model::LoadedModel> {
     match cfg.peft {
         crate::peft::PeftConfig::Qlora(_) => model::load_4bit(&cfg.model_path(), device),
-        _ => model::load(&cfg.model_path(), device),
+        _ => model::load_in(&cfg.model_path(), device, dtype),
     }
 }
 
@@ -164,11 +165,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
 
     // The model itself may not fit on the device. Mixed precision loads the base in its 16-bit
     // dtype tensor by tensor (QLoRA's blocks stay blocks; the rest is cast below).
-    let mut m = match cfg.peft {
-        crate::peft::PeftConfig::Qlora(_) => load_base(cfg, &device),
-        _ => model::load_in(&cfg.model_path(), &device, cfg.train.dtype.base_dtype()),
-    }
-    .map_err(|e| out_of_memory(e, &device, cfg))?;
+    let mut m = load_base(cfg, &device, cfg.train.dtype.base_dtype()).map_err(|e| out_of_memory(e, &device, cfg))?;
     if cfg.train.dtype != super::config::Precision::F32 {
         m.model.cast(cfg.train.dtype.base_dtype()).map_err(|e| out_of_memory(e, &device, cfg))?;
     }
