@@ -64,32 +64,41 @@ fail=0
 echo "== op gradients on $DEVICE against the f64 reference (tunebench check-ops)"
 if ! "$bin" check-ops --device "$DEVICE"; then
   fail=1
-  # Which side is off: our fused kernels (kernels/fused.cu) or the rest? Without them the
-  # ops take candle's kernels with our backward; if that passes, measure that way.
-  echo "== op checks again with the fused kernels off (TUNEBENCH_FUSED_KERNELS=0)"
-  if TUNEBENCH_FUSED_KERNELS=0 "$bin" check-ops --device "$DEVICE"; then
-    echo "the fused kernels fail their checks: the rest of this session runs without them"
-    export TUNEBENCH_FUSED_KERNELS=0
+  # Which side is off: the flash-attention kernels, the other fused kernels (kernels/fused.cu)
+  # or the rest? Without the flash kernels attention takes the blocked tensor ops; without any
+  # fused kernel the ops take candle's kernels with our backward. Measure the way that passes.
+  echo "== op checks again with the flash kernels off (TUNEBENCH_FLASH_ATTENTION=0)"
+  if TUNEBENCH_FLASH_ATTENTION=0 "$bin" check-ops --device "$DEVICE"; then
+    echo "the flash kernels fail their checks: the rest of this session runs without them"
+    export TUNEBENCH_FLASH_ATTENTION=0
+  else
+    echo "== op checks again with the fused kernels off (TUNEBENCH_FUSED_KERNELS=0)"
+    if TUNEBENCH_FUSED_KERNELS=0 "$bin" check-ops --device "$DEVICE"; then
+      echo "the fused kernels fail their checks: the rest of this session runs without them"
+      export TUNEBENCH_FUSED_KERNELS=0
+    fi
   fi
 fi
 
-echo "== correctness: $DEVICE against the CPU (tiny shape, random weights, same batches)"
+echo "== correctness: $DEVICE against the CPU (tiny shapes, random weights, same batches; tiny-hd64's 16-bit runs take the flash kernels)"
+for shape in tiny tiny-hd64; do
 for dtype in f32 bf16 f16; do
   for ckpt in "" --gradient-checkpointing; do
-    args=(bench-train --shape tiny --batch 4 --seq 64 --warmup-steps 0 --steps 6 --lr 1e-2 --dtype "$dtype" $ckpt)
+    args=(bench-train --shape "$shape" --batch 4 --seq 64 --warmup-steps 0 --steps 6 --lr 1e-2 --dtype "$dtype" $ckpt)
     ref=$("$bin" "${args[@]}" --device cpu | tail -n1)
     got=$("$bin" "${args[@]}" --device "$DEVICE" | tail -n1)
-    "$py" - "$dtype" "$ckpt" "$ref" "$got" <<'PY' || fail=1
+    "$py" - "$shape" "$dtype" "$ckpt" "$ref" "$got" <<'PY' || fail=1
 import json, sys
-dtype, ckpt, ref, got = sys.argv[1], sys.argv[2] or "plain", json.loads(sys.argv[3]), json.loads(sys.argv[4])
+shape, dtype, ckpt, ref, got = sys.argv[1], sys.argv[2], sys.argv[3] or "plain", json.loads(sys.argv[4]), json.loads(sys.argv[5])
 tol = 1e-3 if dtype == "f32" else 3e-2
 worst = max(abs(a - b) / max(abs(a), 1e-9) for a, b in zip(ref["losses"], got["losses"]))
 ok = worst <= tol and got["losses"][-1] < got["losses"][0]
-print(f"{dtype:5} {ckpt:26} device {got['device']}: worst relative loss difference {worst:.2e} (limit {tol:g}) "
+print(f"{shape:9} {dtype:5} {ckpt:26} device {got['device']}: worst relative loss difference {worst:.2e} (limit {tol:g}) "
       f"{'ok' if ok else 'FAILED'}; losses {['%.4f' % x for x in got['losses']]}")
 sys.exit(0 if ok else 1)
 PY
   done
+done
 done
 
 echo "== inference on $DEVICE against the CPU (tiny shape, random weights; full-sequence and token-by-token logits)"
@@ -137,6 +146,11 @@ if [ "$DEVICE" != cpu ] && [ "${TUNEBENCH_FUSED_KERNELS:-1}" != 0 ]; then
       --steps "$steps" --dtype bf16 --device "$DEVICE" | tail -n1 | "$py" -c "import json,sys; r=json.loads(sys.stdin.read()); \
 print('fused kernels $fused:', {k: r[k] for k in r if k not in ('losses',)})" || fail=1
   done
+  # Attention by the flash kernels (the runs above) against the blocked tensor-op attention.
+  echo "== flash attention off (TUNEBENCH_FLASH_ATTENTION=0), same run"
+  TUNEBENCH_FLASH_ATTENTION=0 "$bin" bench-train --shape smollm2-135m --batch "$batch" --seq "$seq" --warmup-steps 2 \
+    --steps "$steps" --dtype bf16 --device "$DEVICE" | tail -n1 | "$py" -c "import json,sys; r=json.loads(sys.stdin.read()); \
+print('flash off:', {k: r[k] for k in r if k not in ('losses',)})" || fail=1
   # The runs above keep freed memory in the CUDA pool (src/device.rs); the driver's default
   # unmaps it at every synchronization, so each step maps its activations again.
   echo "== the memory pool trimmed at each synchronization (the driver's default), same run"

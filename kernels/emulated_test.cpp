@@ -3,7 +3,9 @@
 // 256 or 1024 per row), on sizes that exercise the strides: rows longer and shorter than a
 // block, widths that are not multiples of 32, a grid capped below the element count. Each
 // result is held to a double-precision reference computed here from the same (rounded)
-// inputs. Prints one line per kernel and dtype; exits 1 when one is off.
+// inputs. The flash-attention kernels (f16, bf16) run as fused.rs launches them (128 threads,
+// one block per tile of 64 positions) on shapes with grouped queries and earlier keys. Prints
+// one line per kernel and dtype; exits 1 when one is off.
 // The dequantization kernels are held to another implementation: given a folder, for each
 // format F it reads F.blocks (quantized blocks written by candle) and F.f32 (candle's CPU
 // dequantization of them, little-endian f32) and checks the kernel against those values.
@@ -272,6 +274,108 @@ void adamw() {
     report("adamw_param", "f32", step, want_step, 1e-4);
 }
 
+
+// Flash attention (f16, bf16; head_dim 64 and 128): the forward, then the two backward kernels
+// fed the forward's own output and log-sum-exp, as src/model/fused.rs runs them, against
+// attention and its gradients computed here in double from the same rounded inputs. Shapes
+// with grouped queries (rep query heads per KV head), keys ahead of the queries (a prefix),
+// and query and key counts that are not multiples of the tiles. Every output has a tail of
+// NaN past its end that must stay untouched (no write out of bounds).
+template <typename T, int HD> struct FlashKernels {
+    void (*fwd)(const T*, const T*, const T*, T*, float*, int, int, int, int, int, float);
+    void (*dq)(const T*, const T*, const T*, const T*, const T*, const float*, float*, T*, int, int, int, int, int, float);
+    void (*dkv)(const T*, const T*, const T*, const T*, const float*, const float*, T*, T*, int, int, int, int, int, float);
+};
+
+template <typename V> bool tail_intact(const V& v, size_t n) {
+    for (size_t i = n; i < v.size(); ++i)
+        if (!std::isnan(value(v[i]))) return false;
+    return true;
+}
+
+template <typename T, int HD> void flash_case(const char* dtype, double fwd_limit, double bwd_limit, FlashKernels<T, HD> kern, int b, int nkv,
+                                              int rep, int s, int keys) {
+    const int heads = nkv * rep, offset = keys - s, tail = 64;
+    const float scale = 1.f / std::sqrt(static_cast<float>(HD));
+    const size_t nq = static_cast<size_t>(b) * heads * s * HD, nk = static_cast<size_t>(b) * nkv * keys * HD, rows = static_cast<size_t>(b) * heads * s;
+    auto q = random_vec<T>(nq, 21, 2.f), k = random_vec<T>(nk, 22, 2.f), v = random_vec<T>(nk, 23, 1.f), dout = random_vec<T>(nq, 24, 1.f);
+    const auto qw = wide(q), kw = wide(k), vw = wide(v), gw = wide(dout);
+    std::vector<double> want_o(nq, 0.0), want_lse(rows), want_dot(rows), want_dq(nq, 0.0), want_dk(nk, 0.0), want_dv(nk, 0.0);
+    for (int bi = 0; bi < b; ++bi)
+        for (int g = 0; g < nkv; ++g)
+            for (int j = 0; j < rep; ++j)
+                for (int p = 0; p < s; ++p) {
+                    const size_t qrow = ((static_cast<size_t>(bi) * nkv + g) * rep + j) * s + p;
+                    const size_t orow = (static_cast<size_t>(bi) * s + p) * heads + g * rep + j;
+                    const size_t kv0 = (static_cast<size_t>(bi) * nkv + g) * keys;
+                    const int seen = offset + p + 1;
+                    std::vector<double> sc(seen), pr(seen), dp(seen);
+                    double m = -INFINITY, sum = 0;
+                    for (int t = 0; t < seen; ++t) {
+                        double dotqk = 0;
+                        for (int d = 0; d < HD; ++d) dotqk += qw[qrow * HD + d] * kw[(kv0 + t) * HD + d];
+                        sc[t] = scale * dotqk;
+                        m = std::max(m, sc[t]);
+                    }
+                    for (int t = 0; t < seen; ++t) sum += std::exp(sc[t] - m);
+                    const double lse = m + std::log(sum);
+                    want_lse[qrow] = lse;
+                    double rowdot = 0;
+                    for (int t = 0; t < seen; ++t) {
+                        pr[t] = std::exp(sc[t] - lse);
+                        double x = 0;
+                        for (int d = 0; d < HD; ++d) {
+                            want_o[orow * HD + d] += pr[t] * vw[(kv0 + t) * HD + d];
+                            x += gw[orow * HD + d] * vw[(kv0 + t) * HD + d];
+                        }
+                        dp[t] = x;
+                        rowdot += pr[t] * x;
+                    }
+                    want_dot[qrow] = rowdot;
+                    for (int t = 0; t < seen; ++t) {
+                        const double ds = scale * pr[t] * (dp[t] - rowdot);
+                        for (int d = 0; d < HD; ++d) {
+                            want_dq[qrow * HD + d] += ds * kw[(kv0 + t) * HD + d];
+                            want_dk[(kv0 + t) * HD + d] += ds * qw[qrow * HD + d];
+                            want_dv[(kv0 + t) * HD + d] += pr[t] * gw[orow * HD + d];
+                        }
+                    }
+                }
+    const T nan = make<T>(NAN);
+    std::vector<T> o(nq + tail, nan), dq(nq + tail, nan), dk(nk + tail, nan), dv(nk + tail, nan);
+    std::vector<float> lse(rows + tail, NAN), dot(rows + tail, NAN);
+    const unsigned q_tiles = static_cast<unsigned>((s + flash::ROWS - 1) / flash::ROWS), k_tiles = static_cast<unsigned>((keys + flash::ROWS - 1) / flash::ROWS);
+    emu::launch(b * heads * q_tiles, flash::THREADS, [&] { kern.fwd(q.data(), k.data(), v.data(), o.data(), lse.data(), b, nkv, rep, s, keys, scale); });
+    emu::launch(b * heads * q_tiles, flash::THREADS, [&] {
+        kern.dq(q.data(), k.data(), v.data(), o.data(), dout.data(), lse.data(), dot.data(), dq.data(), b, nkv, rep, s, keys, scale);
+    });
+    emu::launch(b * nkv * k_tiles, flash::THREADS, [&] {
+        kern.dkv(q.data(), k.data(), v.data(), dout.data(), lse.data(), dot.data(), dk.data(), dv.data(), b, nkv, rep, s, keys, scale);
+    });
+    char name[64];
+    const auto check = [&](const char* what, const auto& got, size_t n, const std::vector<double>& want, double limit) {
+        std::snprintf(name, sizeof name, "flash%d_%s/%d", HD, what, s);
+        report(name, dtype, std::vector(got.begin(), got.begin() + static_cast<long>(n)), want, limit);
+        if (!tail_intact(got, n)) {
+            std::printf("%-16s %-5s wrote past its output FAILED\n", name, dtype);
+            ++failures;
+        }
+    };
+    check("o", o, nq, want_o, fwd_limit);
+    check("lse", lse, rows, want_lse, 1e-5);  // f32 sums of exact products
+    check("dot", dot, rows, want_dot, fwd_limit);
+    check("dq", dq, nq, want_dq, bwd_limit);
+    check("dk", dk, nk, want_dk, bwd_limit);
+    check("dv", dv, nk, want_dv, bwd_limit);
+}
+
+template <typename T, int HD> void flash_all(const char* dtype, double fwd_limit, double bwd_limit, FlashKernels<T, HD> kern) {
+    // Two query tiles (the second partial), keys five ahead, two query heads per KV head; then
+    // one partial tile, three query heads sharing one KV head, no earlier keys.
+    flash_case<T, HD>(dtype, fwd_limit, bwd_limit, kern, 2, 2, 2, 70, 75);
+    flash_case<T, HD>(dtype, fwd_limit, bwd_limit, kern, 1, 1, 3, 20, 20);
+}
+
 std::vector<uint8_t> read_file(const std::string& path) {
     std::vector<uint8_t> bytes;
     if (FILE* f = std::fopen(path.c_str(), "rb")) {
@@ -342,6 +446,12 @@ int main(int argc, char** argv) {
     heads_all<__half>("f16", 1e-3, tb_split_heads_f16, tb_split_heads_rope_f16);
     heads_all<__nv_bfloat16>("bf16", 8e-3, tb_split_heads_bf16, tb_split_heads_rope_bf16);
     adamw();
+    // P and dS are rounded to the dtype before their products (as the tensor-op path rounds
+    // them), so the errors are a few of the dtype's ulps.
+    flash_all<__half, 64>("f16", 2e-3, 3e-3, {tb_flash_fwd_hd64_f16, tb_flash_bwd_dq_hd64_f16, tb_flash_bwd_dkv_hd64_f16});
+    flash_all<__half, 128>("f16", 2e-3, 3e-3, {tb_flash_fwd_hd128_f16, tb_flash_bwd_dq_hd128_f16, tb_flash_bwd_dkv_hd128_f16});
+    flash_all<__nv_bfloat16, 64>("bf16", 1.6e-2, 2.5e-2, {tb_flash_fwd_hd64_bf16, tb_flash_bwd_dq_hd64_bf16, tb_flash_bwd_dkv_hd64_bf16});
+    flash_all<__nv_bfloat16, 128>("bf16", 1.6e-2, 2.5e-2, {tb_flash_fwd_hd128_bf16, tb_flash_bwd_dq_hd128_bf16, tb_flash_bwd_dkv_hd128_bf16});
     if (argc > 1) dequant_all(argv[1]);
     std::printf("%d failed\n", failures);
     return failures == 0 ? 0 : 1;

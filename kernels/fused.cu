@@ -29,6 +29,11 @@
 //                             one AdamW step of one f32 variable in two launches (was ~16
 //                             tensor ops per variable: thousands of launches per step with
 //                             LoRA on every projection of a 1B model);
+//   flash_fwd / flash_bwd_dq / flash_bwd_dkv (f16, bf16; head_dim 64 or 128)
+//                             causal attention in one launch forward and two backward, on the
+//                             tensor cores (nvcuda::wmma), the scores of one tile at a time in
+//                             shared memory (was, per layer and per query block, copies of the
+//                             block's rows, two matmuls and a softmax forward, ~20 ops backward);
 //   dequant_{q4_0,q4_1,q8_0,q4k}
 //                             a frozen weight held as quantized blocks (QLoRA's base) to the
 //                             activations' dtype in one pass, for each product that needs it
@@ -39,10 +44,13 @@
 // kernels/host_emulation.hpp runs these kernels on the CPU, one std::thread per CUDA thread
 // (tests/cuda_kernels_emulated.rs).
 #include "host_emulation.hpp"
+#define TB_UNROLL
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 #include <stdint.h>
+#define TB_UNROLL _Pragma("unroll")
 #endif
 
 namespace {
@@ -238,6 +246,360 @@ __device__ void split_heads(const T* x, const float* table, T* out, size_t n, in
     }
 }
 
+
+// ---- Flash attention: f16/bf16 operands on the tensor cores (nvcuda::wmma 16×16×16 tiles) ----
+//
+// Shapes as src/model/ops.rs's causal attention holds them: q (b, nkv, rep·s, hd), the rep
+// query heads of a KV head stacked on the row axis (row j·s + position); k, v (b, nkv, keys, hd)
+// with keys ≥ s, the first keys − s before the first query (a prefix or a cache); the output and
+// its gradient (b, s, heads·hd), query head h = g·rep + j; lse and dot one f32 per q row.
+// Query position p sees keys 0 ..= keys − s + p. A block is 4 warps; each warp owns 16 rows of
+// the block's tile (queries, or keys in flash_bwd_dkv) and keeps their operands and
+// accumulators in wmma fragments; scores go through shared memory (f32, rows padded against
+// bank conflicts), where the lane pair (r, r + 16) of a warp reduces row r, each half of the
+// columns. The forward makes two passes over the keys: the rows' maxima and sums first (so the
+// log-sum-exp is known), then P·V with P = exp(scale·S − lse) rounded to the dtype (as the
+// tensor-op path's softmax is), so no accumulator is ever rescaled. The backward recomputes P
+// from lse: flash_bwd_dq per query tile (dQ = dS·K; it also writes dot = rowsum(dO∘O) for
+// flash_bwd_dkv), flash_bwd_dkv per key tile over every query that sees it (dV = Pᵀ·dO,
+// dK = dSᵀ·Q), with dS = scale·P∘(dO·Vᵀ − dot); no atomics, so the result is deterministic.
+// Global operands move 16 bytes at a time: their first elements and row strides are multiples
+// of 8 values (src/model/fused.rs copies an operand that is not). The tensor cores take f16
+// from compute capability 7.0 and bf16 from 8.0: below 8.0 (build.rs targets 8.0 unless
+// CUDA_COMPUTE_CAP says otherwise, and tells src/model/fused.rs) these kernels are left out.
+#if defined(TB_HOST_EMULATION) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define TB_FLASH_KERNELS 1
+namespace flash {
+using namespace nvcuda;
+
+constexpr int WARPS = 4, THREADS = 32 * WARPS, ROWS = 16 * WARPS;
+
+template <typename T> using frag_a = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+template <typename T> using frag_b_row = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
+template <typename T> using frag_b_col = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
+using frag_acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
+
+// 8 16-bit values (16 bytes).
+template <typename T> __device__ __forceinline__ void copy8(T* dst, const T* src) {
+#ifdef TB_HOST_EMULATION
+    std::memcpy(dst, src, 16);
+#else
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+// A (rows × HD) shared tile from global rows src + r·stride; rows from `valid` on are zeros.
+// The whole block takes part.
+template <typename T, int HD> __device__ __forceinline__ void load_tile(T* dst, const T* src, size_t stride, int rows, int valid) {
+    constexpr int CHUNKS = HD / 8;
+    for (int i = threadIdx.x; i < rows * CHUNKS; i += blockDim.x) {
+        const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
+        if (r < valid) {
+            copy8(dst + r * HD + c, src + (size_t)r * stride + c);
+        } else {
+            for (int e = 0; e < 8; ++e) dst[r * HD + c + e] = store<T>(0.f);
+        }
+    }
+}
+
+// The warp's 16 rows of a shared (· × HD) tile as matrix_a fragments.
+template <typename T, int HD> __device__ __forceinline__ void load_rows(frag_a<T>* a, const T* tile) {
+    TB_UNROLL for (int kk = 0; kk < HD / 16; ++kk) wmma::load_matrix_sync(a[kk], tile + kk * 16, HD);
+}
+
+// The warp's 16 rows of ROWS global rows (src + r·stride; from `valid` on zeros) as matrix_a
+// fragments, through the shared `stage` (ROWS × HD), which is free again on return.
+template <typename T, int HD> __device__ __forceinline__ void stage_rows(frag_a<T>* a, T* stage, const T* src, size_t stride, int valid) {
+    load_tile<T, HD>(stage, src, stride, ROWS, valid);
+    __syncthreads();
+    load_rows<T, HD>(a, stage + (threadIdx.x >> 5) * 16 * HD);
+    __syncthreads();
+}
+
+// Key/value tile t0 (BC rows each; past `keys` zeros) into shared ks and vs, for the block.
+template <typename T, int HD, int BC>
+__device__ __forceinline__ void load_kv(T* ks, T* vs, const T* kb, const T* vb, int t0, int keys) {
+    load_tile<T, HD>(ks, kb + (size_t)t0 * HD, HD, BC, keys - t0);
+    load_tile<T, HD>(vs, vb + (size_t)t0 * HD, HD, BC, keys - t0);
+    __syncthreads();
+}
+
+template <int HD> __device__ __forceinline__ void zero(frag_acc* acc) {
+    TB_UNROLL for (int n = 0; n < HD / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
+}
+
+// out (16 × NC, row stride ldo) = A·Bᵀ: A the warp's 16 rows (fragments), B the NC rows of a
+// shared (NC × HD) tile.
+template <typename T, int HD, int NC> __device__ __forceinline__ void times_t(const frag_a<T>* a, const T* b, float* out, int ldo) {
+    TB_UNROLL for (int n = 0; n < NC / 16; ++n) {
+        frag_acc acc;
+        wmma::fill_fragment(acc, 0.f);
+        TB_UNROLL for (int kk = 0; kk < HD / 16; ++kk) {
+            frag_b_col<T> bf;
+            wmma::load_matrix_sync(bf, b + n * 16 * HD + kk * 16, HD);
+            wmma::mma_sync(acc, a[kk], bf, acc);
+        }
+        wmma::store_matrix_sync(out + n * 16, acc, ldo, wmma::mem_row_major);
+    }
+}
+
+// acc (16 × HD) += P·B: P the warp's (16 × NK) shared tile (row stride ldp), B a shared
+// (NK × HD) tile.
+template <typename T, int HD, int NK> __device__ __forceinline__ void accumulate(frag_acc* acc, const T* p, int ldp, const T* b) {
+    TB_UNROLL for (int kk = 0; kk < NK / 16; ++kk) {
+        frag_a<T> pf;
+        wmma::load_matrix_sync(pf, p + kk * 16, ldp);
+        TB_UNROLL for (int n = 0; n < HD / 16; ++n) {
+            frag_b_row<T> bf;
+            wmma::load_matrix_sync(bf, b + kk * 16 * HD + n * 16, HD);
+            wmma::mma_sync(acc[n], pf, bf, acc[n]);
+        }
+    }
+}
+
+// The warp's 16 × HD accumulators to global rows dst + r·stride, rows from `valid` on skipped,
+// through the warp's 256 floats of `scratch`.
+template <typename T, int HD> __device__ __forceinline__ void store_rows(T* dst, size_t stride, int valid, const frag_acc* acc, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    TB_UNROLL for (int n = 0; n < HD / 16; ++n) {
+        wmma::store_matrix_sync(scratch, acc[n], 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 256; e += 32) {
+            if (e / 16 < valid) dst[(size_t)(e / 16) * stride + n * 16 + e % 16] = store<T>(scratch[e]);
+        }
+        __syncwarp();
+    }
+}
+
+// The query tile a block of flash::fwd or flash::bwd_dq owns: blocks run from the last tile
+// (the longest) to the first, then over (batch row, query head).
+struct QueryTile {
+    int heads, valid, last0, kend;
+    size_t row0;   // q's row (and lse's, dot's) of position p0
+    size_t kv0;    // the KV head's first key row
+    size_t orow0;  // the (b, s, heads) output row of position p0
+
+    __device__ QueryTile(int b, int nkv, int rep, int s, int keys) {
+        heads = nkv * rep;
+        const int tiles = (s + ROWS - 1) / ROWS, total = b * heads;
+        const int hh = (int)(blockIdx.x % total), tile = tiles - 1 - (int)(blockIdx.x / total);
+        const int bi = hh / heads, h = hh % heads, g = h / rep, j = h % rep;
+        const int p0 = tile * ROWS;
+        valid = imin(ROWS, s - p0);
+        last0 = keys - s + p0;  // the last key position p0 sees
+        kend = imin(keys, last0 + valid);
+        row0 = ((size_t)(bi * nkv + g) * rep + j) * s + p0;
+        kv0 = (size_t)(bi * nkv + g) * keys;
+        orow0 = ((size_t)bi * s + p0) * heads + h;
+    }
+};
+
+// One tile of ROWS query positions of one query head (block = tile, from the last tile, the
+// longest, to the first; then head): o and lse of its rows.
+template <typename T, int HD>
+__device__ void fwd(const T* q, const T* k, const T* v, T* o, float* lse, int b, int nkv, int rep, int s, int keys, float scale) {
+    constexpr int BC = HD == 128 ? 32 : 64, LDS = BC + 4, LDP = BC + 8;
+    constexpr int Q_BYTES = ROWS * HD * (int)sizeof(T), KV_BYTES = 2 * BC * HD * (int)sizeof(T);
+    constexpr int A_BYTES = Q_BYTES > KV_BYTES ? Q_BYTES : KV_BYTES;
+    __shared__ __align__(128) unsigned char smem[A_BYTES + ROWS * LDS * 4 + ROWS * LDP * (int)sizeof(T)];
+    T* const qs = reinterpret_cast<T*>(smem);
+    T* const ks = qs;
+    T* const vs = ks + BC * HD;
+    float* const ss = reinterpret_cast<float*>(smem + A_BYTES);
+    T* const ps = reinterpret_cast<T*>(smem + A_BYTES + ROWS * LDS * 4);
+
+    const QueryTile qt(b, nkv, rep, s, keys);
+    const int heads = qt.heads, valid = qt.valid, kend = qt.kend;
+    const size_t row0 = qt.row0, orow0 = qt.orow0;
+    const T* kb = k + qt.kv0 * HD;
+    const T* vb = v + qt.kv0 * HD;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane & 15, c0 = (lane >> 4) * (BC / 2);
+    const int last = qt.last0 + warp * 16 + r;  // the last key this lane's row sees
+    float* const sw = ss + warp * 16 * LDS;
+    T* const pw = ps + warp * 16 * LDP;
+
+    frag_a<T> qf[HD / 16];
+    stage_rows<T, HD>(qf, qs, q + row0 * HD, HD, valid);
+
+    // Pass 1: each row's maximum m and sum l of exp(scale·S − m), tile by tile.
+    float m = neg_inf(), l = 0.f;
+    for (int t0 = 0; t0 < kend; t0 += BC) {
+        load_tile<T, HD>(ks, kb + (size_t)t0 * HD, HD, BC, keys - t0);
+        __syncthreads();
+        times_t<T, HD, BC>(qf, ks, sw, LDS);
+        __syncwarp();
+        float mt = neg_inf();
+        for (int c = c0; c < c0 + BC / 2; ++c) {
+            if (t0 + c <= last) mt = fmaxf(mt, sw[r * LDS + c] * scale);
+        }
+        mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 16));
+        const float mn = fmaxf(m, mt);
+        float sum = 0.f;
+        for (int c = c0; c < c0 + BC / 2; ++c) {
+            if (t0 + c <= last) sum += expf(sw[r * LDS + c] * scale - mn);
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+        l = l * expf(m - mn) + sum;
+        m = mn;
+        __syncthreads();
+    }
+    const float row_lse = m + logf(l);
+    if (c0 == 0 && warp * 16 + r < valid) lse[row0 + warp * 16 + r] = row_lse;
+
+    // Pass 2: O = P·V.
+    frag_acc of[HD / 16];
+    zero<HD>(of);
+    for (int t0 = 0; t0 < kend; t0 += BC) {
+        load_kv<T, HD, BC>(ks, vs, kb, vb, t0, keys);
+        times_t<T, HD, BC>(qf, ks, sw, LDS);
+        __syncwarp();
+        for (int c = c0; c < c0 + BC / 2; ++c) {
+            pw[r * LDP + c] = store<T>(t0 + c <= last ? expf(sw[r * LDS + c] * scale - row_lse) : 0.f);
+        }
+        __syncwarp();
+        accumulate<T, HD, BC>(of, pw, LDP, vs);
+        __syncthreads();
+    }
+    store_rows<T, HD>(o + (orow0 + (size_t)warp * 16 * heads) * HD, (size_t)heads * HD, valid - warp * 16, of, sw);
+}
+
+// dQ of one tile of ROWS query positions of one query head (blocks as fwd); first dot =
+// rowsum(dO∘O) of its rows, for flash_bwd_dkv.
+template <typename T, int HD>
+__device__ void bwd_dq(const T* q, const T* k, const T* v, const T* o, const T* dout, const float* lse, float* dot, T* dq, int b, int nkv,
+                       int rep, int s, int keys, float scale) {
+    constexpr int BC = 32, LDS = BC + 4, LDP = BC + 8;
+    constexpr int Q_BYTES = ROWS * HD * (int)sizeof(T), KV_BYTES = 2 * BC * HD * (int)sizeof(T);
+    constexpr int A_BYTES = Q_BYTES > KV_BYTES ? Q_BYTES : KV_BYTES;
+    __shared__ __align__(128) unsigned char smem[A_BYTES + 2 * ROWS * LDS * 4 + ROWS * LDP * (int)sizeof(T)];
+    T* const stage = reinterpret_cast<T*>(smem);
+    T* const ks = stage;
+    T* const vs = ks + BC * HD;
+    float* const ss = reinterpret_cast<float*>(smem + A_BYTES);
+    float* const dps = ss + ROWS * LDS;
+    T* const dss = reinterpret_cast<T*>(smem + A_BYTES + 2 * ROWS * LDS * 4);
+
+    const QueryTile qt(b, nkv, rep, s, keys);
+    const int heads = qt.heads, valid = qt.valid, kend = qt.kend;
+    const size_t row0 = qt.row0, orow0 = qt.orow0;
+    const size_t ostride = (size_t)heads * HD;
+    const T* kb = k + qt.kv0 * HD;
+    const T* vb = v + qt.kv0 * HD;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane & 15, c0 = (lane >> 4) * (BC / 2);
+    const int row = warp * 16 + r;
+    const int last = qt.last0 + row;
+    float* const sw = ss + warp * 16 * LDS;
+    float* const dpw = dps + warp * 16 * LDS;
+    T* const dsw = dss + warp * 16 * LDP;
+
+    // dot and lse of this lane's row (its half of the head dimension, then the pair's sum).
+    float d = 0.f, row_lse = 0.f;
+    if (row < valid) {
+        const T* orow = o + (orow0 + (size_t)row * heads) * HD;
+        const T* grow = dout + (orow0 + (size_t)row * heads) * HD;
+        for (int e = (lane >> 4) * (HD / 2); e < (lane >> 4 ? HD : HD / 2); ++e) d += load(orow[e]) * load(grow[e]);
+        row_lse = lse[row0 + row];
+    }
+    d += __shfl_xor_sync(0xffffffffu, d, 16);
+    if (c0 == 0 && row < valid) dot[row0 + row] = d;
+
+    frag_a<T> qf[HD / 16], gf[HD / 16];
+    stage_rows<T, HD>(qf, stage, q + row0 * HD, HD, valid);
+    stage_rows<T, HD>(gf, stage, dout + orow0 * HD, ostride, valid);
+
+    frag_acc acc[HD / 16];
+    zero<HD>(acc);
+    for (int t0 = 0; t0 < kend; t0 += BC) {
+        load_kv<T, HD, BC>(ks, vs, kb, vb, t0, keys);
+        times_t<T, HD, BC>(qf, ks, sw, LDS);
+        times_t<T, HD, BC>(gf, vs, dpw, LDS);
+        __syncwarp();
+        for (int c = c0; c < c0 + BC / 2; ++c) {
+            const float p = t0 + c <= last ? expf(sw[r * LDS + c] * scale - row_lse) : 0.f;
+            dsw[r * LDP + c] = store<T>(scale * p * (dpw[r * LDS + c] - d));
+        }
+        __syncwarp();
+        accumulate<T, HD, BC>(acc, dsw, LDP, ks);
+        __syncthreads();
+    }
+    store_rows<T, HD>(dq + (row0 + warp * 16) * HD, HD, valid - warp * 16, acc, sw);
+}
+
+// dK and dV of one tile of ROWS keys of one KV head (block = tile, first keys first, as they
+// see the most queries; then batch row and KV head), over the query tiles of each of its rep
+// query heads that see one of its keys.
+template <typename T, int HD>
+__device__ void bwd_dkv(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dot, T* dk, T* dv, int b, int nkv,
+                        int rep, int s, int keys, float scale) {
+    constexpr int BQ = 32, LDS = BQ + 4, LDP = BQ + 8;
+    constexpr int K_BYTES = ROWS * HD * (int)sizeof(T), QG_BYTES = 2 * BQ * HD * (int)sizeof(T);
+    constexpr int A_BYTES = K_BYTES > QG_BYTES ? K_BYTES : QG_BYTES;
+    constexpr int S_BYTES = 2 * ROWS * LDS * 4, P_BYTES = 2 * ROWS * LDP * (int)sizeof(T);
+    __shared__ __align__(128) unsigned char smem[A_BYTES + S_BYTES + P_BYTES + 2 * BQ * 4];
+    T* const stage = reinterpret_cast<T*>(smem);
+    T* const qs = stage;
+    T* const gs = qs + BQ * HD;
+    float* const sts = reinterpret_cast<float*>(smem + A_BYTES);
+    float* const dpts = sts + ROWS * LDS;
+    T* const pts = reinterpret_cast<T*>(smem + A_BYTES + S_BYTES);
+    T* const dsts = pts + ROWS * LDP;
+    float* const lse_s = reinterpret_cast<float*>(smem + A_BYTES + S_BYTES + P_BYTES);
+    float* const dot_s = lse_s + BQ;
+
+    const int heads = nkv * rep, total = b * nkv;
+    const int kvh = (int)(blockIdx.x % total), tile = (int)(blockIdx.x / total);
+    const int bi = kvh / nkv, g = kvh % nkv;
+    const int k0 = tile * ROWS, valid = imin(ROWS, keys - k0), offset = keys - s;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane & 15, c0 = (lane >> 4) * (BQ / 2);
+    const int key = k0 + warp * 16 + r;  // this lane's row: a key
+    float* const stw = sts + warp * 16 * LDS;
+    float* const dptw = dpts + warp * 16 * LDS;
+    T* const ptw = pts + warp * 16 * LDP;
+    T* const dstw = dsts + warp * 16 * LDP;
+
+    const size_t krow0 = (size_t)kvh * keys + k0;
+    frag_a<T> kf[HD / 16], vf[HD / 16];
+    stage_rows<T, HD>(kf, stage, k + krow0 * HD, HD, valid);
+    stage_rows<T, HD>(vf, stage, v + krow0 * HD, HD, valid);
+
+    frag_acc dka[HD / 16], dva[HD / 16];
+    zero<HD>(dka);
+    zero<HD>(dva);
+    const int first = imax(0, k0 - offset);  // the first query position that sees key k0
+    for (int j = 0; j < rep; ++j) {
+        for (int p0 = first; p0 < s; p0 += BQ) {
+            const int nq = imin(BQ, s - p0);
+            const size_t qrow0 = ((size_t)kvh * rep + j) * s + p0;
+            load_tile<T, HD>(qs, q + qrow0 * HD, HD, BQ, nq);
+            load_tile<T, HD>(gs, dout + (((size_t)bi * s + p0) * heads + g * rep + j) * HD, (size_t)heads * HD, BQ, nq);
+            for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
+                lse_s[i] = i < nq ? lse[qrow0 + i] : 0.f;
+                dot_s[i] = i < nq ? dot[qrow0 + i] : 0.f;
+            }
+            __syncthreads();
+            times_t<T, HD, BQ>(kf, qs, stw, LDS);   // Sᵀ = K·Qᵀ
+            times_t<T, HD, BQ>(vf, gs, dptw, LDS);  // dPᵀ = V·dOᵀ
+            __syncwarp();
+            for (int c = c0; c < c0 + BQ / 2; ++c) {
+                const bool seen = c < nq && key <= offset + p0 + c;
+                const float p = seen ? expf(stw[r * LDS + c] * scale - lse_s[c]) : 0.f;
+                ptw[r * LDP + c] = store<T>(p);
+                dstw[r * LDP + c] = store<T>(scale * p * (dptw[r * LDS + c] - dot_s[c]));
+            }
+            __syncwarp();
+            accumulate<T, HD, BQ>(dva, ptw, LDP, gs);
+            accumulate<T, HD, BQ>(dka, dstw, LDP, qs);
+            __syncthreads();
+        }
+    }
+    store_rows<T, HD>(dk + (krow0 + warp * 16) * HD, HD, valid - warp * 16, dka, stw);
+    store_rows<T, HD>(dv + (krow0 + warp * 16) * HD, HD, valid - warp * 16, dva, stw);
+}
+}  // namespace flash
+#endif
 }  // namespace
 
 // AdamW's new moments of one variable: mv[0..n] = m·b1 + g·(1 − b1), mv[n..2n] = v·b2 + g²·(1 − b2).
@@ -364,3 +726,31 @@ __device__ __forceinline__ float q4k_at(const uint8_t* blocks, size_t i) {
 TB_KERNELS(float, f32)
 TB_KERNELS(__half, f16)
 TB_KERNELS(__nv_bfloat16, bf16)
+
+// tb_flash_{fwd,bwd_dq,bwd_dkv}_hd<HD>_<dtype>: flash attention (namespace flash above), one
+// block of flash::THREADS threads per tile.
+#define TB_FLASH(T, SUFFIX, HD)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(flash::THREADS)                                                        \
+        tb_flash_fwd_hd##HD##_##SUFFIX(const T* q, const T* k, const T* v, T* o, float* lse, int b, int nkv, int rep,   \
+                                       int s, int keys, float scale) {                                                  \
+        flash::fwd<T, HD>(q, k, v, o, lse, b, nkv, rep, s, keys, scale);                                                \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(flash::THREADS)                                                        \
+        tb_flash_bwd_dq_hd##HD##_##SUFFIX(const T* q, const T* k, const T* v, const T* o, const T* dout,               \
+                                          const float* lse, float* dot, T* dq, int b, int nkv, int rep, int s,          \
+                                          int keys, float scale) {                                                      \
+        flash::bwd_dq<T, HD>(q, k, v, o, dout, lse, dot, dq, b, nkv, rep, s, keys, scale);                             \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(flash::THREADS)                                                        \
+        tb_flash_bwd_dkv_hd##HD##_##SUFFIX(const T* q, const T* k, const T* v, const T* dout, const float* lse,        \
+                                           const float* dot, T* dk, T* dv, int b, int nkv, int rep, int s, int keys,    \
+                                           float scale) {                                                               \
+        flash::bwd_dkv<T, HD>(q, k, v, dout, lse, dot, dk, dv, b, nkv, rep, s, keys, scale);                           \
+    }
+
+#ifdef TB_FLASH_KERNELS
+TB_FLASH(__half, f16, 64)
+TB_FLASH(__half, f16, 128)
+TB_FLASH(__nv_bfloat16, bf16, 64)
+TB_FLASH(__nv_bfloat16, bf16, 128)
+#endif

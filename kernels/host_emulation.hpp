@@ -5,7 +5,12 @@
 // std::threads with `threadIdx`/`blockIdx` thread-local, `__syncthreads` a barrier over the
 // block and `__shfl_xor_sync` an exchange through a buffer between two barriers of the warp —
 // the CUDA execution model the kernels' index arithmetic, strides, masks and reductions rely on
-// (tests/cuda_kernels_emulated.rs, with kernels/emulated_test.cpp). __half is GCC's _Float16
+// (tests/cuda_kernels_emulated.rs, with kernels/emulated_test.cpp). The warp matrix ops the
+// flash-attention kernels use (`nvcuda::wmma`: fill, load, mma, store of 16×16×16 tiles) are
+// emulated too: each lane holds the whole tile, a load reads all of it, the product is an f32
+// sum in every lane, and a store writes only the lane's share of the elements (as on the GPU,
+// where each lane stores its own), so a kernel that reads a stored tile before `__syncwarp`
+// reads some elements stale. __half is GCC's _Float16
 // and __nv_bfloat16 the top half of an f32, both rounded to nearest even as CUDA's *_rn
 // conversions do. What this cannot show — timing, memory coalescing, the driver's JIT — is
 // left to `tunebench check-ops` on a GPU.
@@ -18,12 +23,15 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __device__
 #define __global__
 #define __forceinline__ inline
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(n)
 
 struct Dim3 {
     unsigned x = 0, y = 0, z = 0;
@@ -110,6 +118,8 @@ template <typename F> void launch(unsigned grid, unsigned block, F body) {
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_barriers[threadIdx.x >> 5]->arrive_and_wait(); }
+
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
     const unsigned lane = threadIdx.x & 31, base = threadIdx.x & ~31u;
     emu::warp_buf[threadIdx.x] = v;
@@ -118,3 +128,57 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
     emu::warp_barriers[threadIdx.x >> 5]->arrive_and_wait();
     return r;
 }
+
+// ---- nvcuda::wmma, 16×16×16 tiles of f16/bf16 with f32 accumulators ----
+namespace nvcuda::wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+// The whole 16×16 tile, element (i, j) at x[16·i + j], in every lane.
+template <typename Use, int M, int N, int K, typename T, typename Layout = void> struct fragment {
+    static_assert(M == 16 && N == 16 && K == 16, "only 16x16x16 tiles are emulated");
+    float x[256];
+};
+
+inline float element(float v) { return v; }
+inline float element(__half v) { return __half2float(v); }
+inline float element(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename Use, typename T, typename L> void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float v) {
+    for (float& e : f.x) e = v;
+}
+
+// A matrix_a/matrix_b tile from `p` (its layout from the fragment's type, `ldm` elements between
+// rows or columns).
+template <typename Use, typename T, typename L> void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+    static_assert(std::is_same_v<L, row_major> || std::is_same_v<L, col_major>, "matrix_a/b fragments have a layout");
+    for (unsigned i = 0; i < 16; ++i)
+        for (unsigned j = 0; j < 16; ++j) f.x[16 * i + j] = element(p[std::is_same_v<L, row_major> ? i * ldm + j : i + j * ldm]);
+}
+
+// d = a·b + c, summed in f32.
+template <typename T, typename LA, typename LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+    float out[256];
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 16; ++j) {
+            float s = c.x[16 * i + j];
+            for (int k = 0; k < 16; ++k) s += a.x[16 * i + k] * b.x[16 * k + j];
+            out[16 * i + j] = s;
+        }
+    std::memcpy(d.x, out, sizeof out);
+}
+
+// This lane's share of the tile (elements e with e mod 32 = lane) to `p`.
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t layout) {
+    for (unsigned e = threadIdx.x & 31; e < 256; e += 32) {
+        const unsigned i = e / 16, j = e % 16;
+        p[layout == mem_row_major ? i * ldm + j : i + j * ldm] = f.x[e];
+    }
+}
+}  // namespace nvcuda::wmma

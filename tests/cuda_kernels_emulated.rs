@@ -1,6 +1,7 @@
 //! Our CUDA kernels (kernels/fused.cu) run on the CPU under host emulation
 //! (kernels/host_emulation.hpp: a thread per CUDA thread, barriers for `__syncthreads` and warp
-//! shuffles), every kernel in f32, f16 and bf16 against a double-precision reference
+//! shuffles, `nvcuda::wmma` tiles for the flash-attention kernels), every kernel in f32, f16
+//! and bf16 (flash attention in f16 and bf16) against a double-precision reference
 //! (kernels/emulated_test.cpp). This checks what a GPU-less machine can of the kernels
 //! themselves — their indexing, grid strides, causal masks and block reductions — beside the
 //! CPU twins that `tests/gradients.rs` holds to the composed ops; `tunebench check-ops` checks
@@ -52,9 +53,11 @@ fn cuda_kernels_match_the_reference_under_host_emulation() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(run.status.success(), "{out}\n{}", String::from_utf8_lossy(&run.stderr));
     // Every kernel ran in every dtype: 11 checks each for f32, f16 and bf16, the head moves'
-    // four each, AdamW's two (f32), and four block formats to f32, f16 and bf16.
+    // four each, AdamW's two (f32), four block formats to f32, f16 and bf16, and flash
+    // attention's six results (o, lse, dot, dq, dk, dv) for two shapes at head_dim 64 and 128
+    // in f16 and bf16.
     let passed = out.lines().filter(|l| l.ends_with(" ok")).count();
-    assert_eq!(passed, 59, "{out}");
+    assert_eq!(passed, 59 + 48, "{out}");
     // The dropout kernel draws exactly the CPU's mask (model::fused::dropout_mask).
     let line = out.lines().find(|l| l.starts_with("dropout mask n=")).expect("the dropout mask's summary");
     let mask = tunebench::model::fused::dropout_mask(10_000, 0.3, 0x0123_4567_89ab_cdef);

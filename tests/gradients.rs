@@ -367,7 +367,9 @@ fn lora_linear_matches_composed() {
 #[test]
 fn op_checks_pass_on_the_cpu() {
     let checks = tunebench::model::opcheck::run(&Device::Cpu).unwrap();
-    assert!(checks.len() >= 84, "{}", checks.len());
+    assert!(checks.len() >= 96, "{}", checks.len());
+    let flash_shapes = checks.iter().filter(|c| c.op.starts_with("causal_attention hd=")).count();
+    assert_eq!(flash_shapes, 12, "head_dim 64 and 128 (the flash kernels' on a GPU); three dtypes, plain and forced");
     assert!(checks.iter().filter(|c| c.op.ends_with("[fused, forced]")).count() >= 33, "the fused twins run too");
     let blocks = checks.iter().filter(|c| c.op.starts_with("frozen_linear_blocks")).count();
     assert_eq!(blocks, 24, "four block formats, three dtypes, plain and forced");

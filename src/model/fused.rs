@@ -22,9 +22,14 @@
 //!   gradient and an add in candle's backward; on the CPU it is the f32 training path's op too;
 //! * [`adamw_step`]: one AdamW update of an f32 variable in two launches;
 //! * [`dequantize`]: a frozen weight held as quantized blocks (QLoRA's base: Q4_0, Q4_1, Q8_0,
-//!   Q4_K) to the activations' dtype in one pass, where candle dequantizes to f32 and casts.
+//!   Q4_K) to the activations' dtype in one pass, where candle dequantizes to f32 and casts;
+//! * [`flash_forward`], [`flash_backward`]: causal attention in f16/bf16 (head_dim 64 or 128) on
+//!   the tensor cores, one launch forward and two backward, the scores of one tile at a time in
+//!   shared memory ([`flash_applies`]; the blocked attention of [`super::ops`] made each query
+//!   block's copies, scores and softmax as tensors, ~20 launches per block backward).
 //!
-//! Every op has a CPU twin in Rust doing the same arithmetic (f32, one rounding). The ops in
+//! Every op but flash attention has a CPU twin in Rust doing the same arithmetic (f32, one
+//! rounding); flash attention's scheme runs on the CPU as [`super::attention_cpu`]. The ops in
 //! [`super::ops`] take these kernels on CUDA devices ([`active`]; `TUNEBENCH_FUSED_KERNELS=0`
 //! turns them off, for comparison), and anywhere inside [`forced`], which is how the op checks
 //! (`model::opcheck`, `tests/gradients.rs`) run the twins and the ops' wiring on the CPU against
@@ -207,6 +212,18 @@ macro_rules! by_dtype {
             DType::BF16 => $f::<bf16>($($a),*),
             DType::F16 => $f::<f16>($($a),*),
             other => candle_core::bail!("fused kernels: f32, bf16 or f16 expected, got {other:?}"),
+        }
+    };
+}
+
+/// Calls the generic `$f::<T>` for a 16-bit `$dtype` (the flash kernels' element types).
+#[cfg(all(feature = "cuda", tb_flash))]
+macro_rules! by_dtype16 {
+    ($dtype:expr, $f:ident ( $($a:expr),* )) => {
+        match $dtype {
+            DType::BF16 => $f::<bf16>($($a),*),
+            DType::F16 => $f::<f16>($($a),*),
+            other => candle_core::bail!("flash-attention: f16 or bf16 expected, got {other:?}"),
         }
     };
 }
@@ -852,6 +869,95 @@ pub fn adamw_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: AdamWStep) 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Flash attention (CUDA, f16/bf16)
+// ---------------------------------------------------------------------------------------------
+
+/// Query positions per tile of the flash kernels (one thread block of 4 warps each).
+pub const FLASH_ROWS: usize = 64;
+
+/// Whether this build's kernels hold the flash-attention kernels (a CUDA build for compute
+/// capability 8.0 or newer, build.rs's default).
+pub const FLASH_BUILT: bool = cfg!(all(feature = "cuda", tb_flash));
+
+/// True when causal attention over these operands takes the flash kernels: all three f16 or
+/// all three bf16, head_dim 64 or 128, on a CUDA device in a build that has them (unless
+/// `TUNEBENCH_FUSED_KERNELS=0` or `TUNEBENCH_FLASH_ATTENTION=0`, which keeps the blocked
+/// tensor-op attention, to compare against), or on any device inside [`forced`] (on the CPU
+/// the twin: [`super::attention_cpu`]'s kernels, the same scheme in f32).
+pub fn flash_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    let dtype = q.dtype();
+    matches!(dtype, DType::BF16 | DType::F16)
+        && (k.dtype(), v.dtype()) == (dtype, dtype)
+        && matches!(q.dims().last(), Some(64 | 128))
+        && (is_forced()
+            || (FLASH_BUILT
+                && q.device().is_cuda()
+                && enabled_by_env()
+                && *ON.get_or_init(|| std::env::var("TUNEBENCH_FLASH_ATTENTION").map(|v| v.trim() != "0").unwrap_or(true))))
+}
+
+/// The operands' shapes: (b, nkv, rep, keys, hd) for `q` (b, nkv, rep·q_len, hd) and `k`, `v`
+/// (b, nkv, keys, hd), keys ≥ q_len.
+fn flash_dims(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usize) -> CResult<(usize, usize, usize, usize, usize)> {
+    let (b, nkv, rows, hd) = q.dims4()?;
+    let keys = k.dim(2)?;
+    if q_len == 0 || rows % q_len != 0 || keys < q_len || k.dims4()? != (b, nkv, keys, hd) || v.dims4()? != (b, nkv, keys, hd) {
+        candle_core::bail!("flash-attention: q {:?}, k {:?}, v {:?} for {q_len} positions", q.dims(), k.dims(), v.dims());
+    }
+    Ok((b, nkv, rows / q_len, keys, hd))
+}
+
+/// Causal attention's forward by the flash kernel, without a graph: the output (b, q_len,
+/// heads·hd), heads merged, in the operands' dtype, and each query row's log-sum-exp of its
+/// scaled scores, (b, nkv, rep·q_len) in f32, which [`flash_backward`] takes. Shapes as
+/// [`super::ops::causal_attention`]'s. On the CPU, the twin.
+pub fn flash_forward(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usize, scale: f64) -> CResult<(Tensor, Tensor)> {
+    let (b, nkv, rep, keys, hd) = flash_dims(q, k, v, q_len)?;
+    #[cfg(all(feature = "cuda", tb_flash))]
+    if q.device().is_cuda() {
+        return by_dtype16!(q.dtype(), flash_forward_cuda(q, k, v, q_len, (b, nkv, rep, keys, hd), scale as f32));
+    }
+    if !q.device().is_cpu() {
+        candle_core::bail!("flash-attention: this build has no flash kernels for {:?} on {:?}", q.dtype(), q.device().location());
+    }
+    // The CPU twin.
+    let d = super::attention_cpu::Dims { b, nkv, rep, s: q_len, keys, hd };
+    let (o, lse) = super::attention_cpu::forward(&host_f32(q)?, &host_f32(k)?, &host_f32(v)?, d, scale as f32, super::attention_cpu::TILE.min(q_len))?;
+    Ok((Tensor::from_vec(o, (b, q_len, nkv * rep * hd), q.device())?.to_dtype(q.dtype())?, Tensor::from_vec(lse, (b, nkv, rep * q_len), q.device())?))
+}
+
+/// A CPU tensor's values as f32, in row-major order (the twin's operands).
+fn host_f32(t: &Tensor) -> CResult<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// The gradients (dq, dk, dv) of [`flash_forward`]'s output for its gradient `grad` (b, q_len,
+/// heads·hd), from the operands, the output `o` and the log-sum-exp `lse` the forward returned:
+/// the probabilities are made again tile by tile, never kept.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, grad: &Tensor, q_len: usize, scale: f64) -> CResult<(Tensor, Tensor, Tensor)> {
+    let (b, nkv, rep, keys, hd) = flash_dims(q, k, v, q_len)?;
+    let merged = o.dims3()?;
+    if merged != (b, q_len, nkv * rep * hd) || grad.dims3()? != merged || lse.dims3()? != (b, nkv, rep * q_len) || lse.dtype() != DType::F32 {
+        candle_core::bail!("flash-attention backward: output {:?}, gradient {:?}, log-sum-exp {:?} {:?} for q {:?}", o.dims(), grad.dims(), lse.dims(), lse.dtype(), q.dims());
+    }
+    #[cfg(all(feature = "cuda", tb_flash))]
+    if q.device().is_cuda() {
+        return by_dtype16!(q.dtype(), flash_backward_cuda(q, k, v, o, lse, grad, q_len, (b, nkv, rep, keys, hd), scale as f32));
+    }
+    if !q.device().is_cpu() {
+        candle_core::bail!("flash-attention: this build has no flash kernels for {:?} on {:?}", q.dtype(), q.device().location());
+    }
+    // The CPU twin.
+    let d = super::attention_cpu::Dims { b, nkv, rep, s: q_len, keys, hd };
+    let (qv, kv, vv, ov, gv) = (host_f32(q)?, host_f32(k)?, host_f32(v)?, host_f32(o)?, host_f32(grad)?);
+    let (dq, dk, dv) = super::attention_cpu::backward(&qv, &kv, &vv, &ov, &host_f32(lse)?, &gv, d, scale as f32, super::attention_cpu::TILE.min(q_len))?;
+    let grad_of = |x: Vec<f32>, rows: usize| Tensor::from_vec(x, (b, nkv, rows, hd), q.device())?.to_dtype(q.dtype());
+    Ok((grad_of(dq, rep * q_len)?, grad_of(dk, keys)?, grad_of(dv, keys)?))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Quantized blocks to dense values
 // ---------------------------------------------------------------------------------------------
 
@@ -1148,4 +1254,123 @@ fn dropout_cuda<T: gpu::Elem>(o: &Dropout, s: &Cs, l: &Layout) -> CResult<Cs> {
     let (threshold, scale) = dropout_params(o.p);
     launch!(dev, "dropout", T::DTYPE, gpu::elementwise(n), &x, &mut out, &n, &o.seed, &threshold, &scale);
     Ok(Cs::wrap_cuda_slice(out, dev))
+}
+
+/// A device buffer a launch filled, handed to candle as a tensor: applied (without a graph) to
+/// any tensor on the device, the op's forward returns the buffer. How launches outside a
+/// custom op (the flash kernels take six operands and return several results) make tensors.
+#[cfg(all(feature = "cuda", tb_flash))]
+struct Filled {
+    storage: std::sync::Mutex<Option<Cs>>,
+    shape: Shape,
+}
+
+#[cfg(all(feature = "cuda", tb_flash))]
+impl CustomOp1 for Filled {
+    fn name(&self) -> &'static str {
+        "filled"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        candle_core::bail!("filled: a device buffer, not on the cpu")
+    }
+
+    fn cuda_fwd(&self, _: &Cs, _: &Layout) -> CResult<(Cs, Shape)> {
+        match self.storage.lock().ok().and_then(|mut s| s.take()) {
+            Some(s) => Ok((s, self.shape.clone())),
+            None => candle_core::bail!("filled: the buffer was handed over already"),
+        }
+    }
+}
+
+#[cfg(all(feature = "cuda", tb_flash))]
+fn filled<T: gpu::Elem>(slice: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>, dev: &candle_core::CudaDevice, shape: impl Into<Shape>, anchor: &Tensor) -> CResult<Tensor> {
+    anchor.apply_op1_no_bwd(&Filled { storage: std::sync::Mutex::new(Some(Cs::wrap_cuda_slice(slice, dev.clone()))), shape: shape.into() })
+}
+
+/// An operand as the flash kernels read it: contiguous, its first element at a multiple of 8
+/// values (16-byte loads); copied when it is not.
+#[cfg(all(feature = "cuda", tb_flash))]
+fn flash_operand(t: &Tensor) -> CResult<Tensor> {
+    let t = t.detach();
+    if t.is_contiguous() && t.layout().start_offset() % 8 == 0 {
+        Ok(t)
+    } else {
+        t.force_contiguous()
+    }
+}
+
+/// The CUDA storages of flash operands (read-locked for the launches).
+#[cfg(all(feature = "cuda", tb_flash))]
+fn cuda_of<'a>(st: &'a candle_core::Storage, op: &str) -> CResult<&'a Cs> {
+    match st {
+        candle_core::Storage::Cuda(s) => Ok(s),
+        _ => candle_core::bail!("{op}: operand not on cuda"),
+    }
+}
+
+/// One block of [`FLASH_ROWS`] query positions (or keys) per tile.
+#[cfg(all(feature = "cuda", tb_flash))]
+fn flash_launch(blocks: usize) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+    candle_core::cuda_backend::cudarc::driver::LaunchConfig { grid_dim: (blocks.max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+}
+
+#[cfg(all(feature = "cuda", tb_flash))]
+fn flash_forward_cuda<T: gpu::Elem>(q: &Tensor, k: &Tensor, v: &Tensor, s: usize, (b, nkv, rep, keys, hd): (usize, usize, usize, usize, usize), scale: f32) -> CResult<(Tensor, Tensor)> {
+    let op = "flash-attention";
+    let (q, k, v) = (flash_operand(q)?, flash_operand(k)?, flash_operand(v)?);
+    let (dev, o, lse) = {
+        let ((qs, ql), (ks, kl), (vs, vl)) = (q.storage_and_layout(), k.storage_and_layout(), v.storage_and_layout());
+        let (qc, kc, vc) = (cuda_of(&qs, op)?, cuda_of(&ks, op)?, cuda_of(&vs, op)?);
+        let dev = gpu::device(qc);
+        let (qv, kv, vv) = (gpu::view::<T>(qc, ql, op)?, gpu::view::<T>(kc, kl, op)?, gpu::view::<T>(vc, vl, op)?);
+        let mut o = gpu::output::<T>(&dev, b * s * nkv * rep * hd)?;
+        let mut lse = gpu::output::<f32>(&dev, b * nkv * rep * s)?;
+        let [bi, nkvi, repi, si, keysi] = [b, nkv, rep, s, keys].map(|x| x as i32);
+        let cfg = flash_launch(b * nkv * rep * s.div_ceil(FLASH_ROWS));
+        launch!(dev, &format!("flash_fwd_hd{hd}"), T::DTYPE, cfg, &qv, &kv, &vv, &mut o, &mut lse, &bi, &nkvi, &repi, &si, &keysi, &scale);
+        (dev, o, lse)
+    };
+    Ok((filled(o, &dev, (b, s, nkv * rep * hd), &q)?, filled(lse, &dev, (b, nkv, rep * s), &q)?))
+}
+
+#[cfg(all(feature = "cuda", tb_flash))]
+#[allow(clippy::too_many_arguments)]
+fn flash_backward_cuda<T: gpu::Elem>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    grad: &Tensor,
+    s: usize,
+    (b, nkv, rep, keys, hd): (usize, usize, usize, usize, usize),
+    scale: f32,
+) -> CResult<(Tensor, Tensor, Tensor)> {
+    let op = "flash-attention backward";
+    let [q, k, v, o, grad] = [q, k, v, o, grad].map(flash_operand);
+    let (q, k, v, o, grad) = (q?, k?, v?, o?, grad?);
+    let lse = lse.contiguous()?;
+    let (dev, dq, dk, dv) = {
+        let ((qs, ql), (ks, kl), (vs, vl)) = (q.storage_and_layout(), k.storage_and_layout(), v.storage_and_layout());
+        let ((os, ol), (gs, gl), (ls, ll)) = (o.storage_and_layout(), grad.storage_and_layout(), lse.storage_and_layout());
+        let (qc, kc, vc) = (cuda_of(&qs, op)?, cuda_of(&ks, op)?, cuda_of(&vs, op)?);
+        let (oc, gc, lc) = (cuda_of(&os, op)?, cuda_of(&gs, op)?, cuda_of(&ls, op)?);
+        let dev = gpu::device(qc);
+        let (qv, kv, vv) = (gpu::view::<T>(qc, ql, op)?, gpu::view::<T>(kc, kl, op)?, gpu::view::<T>(vc, vl, op)?);
+        let (ov, gv, lv) = (gpu::view::<T>(oc, ol, op)?, gpu::view::<T>(gc, gl, op)?, gpu::view::<f32>(lc, ll, op)?);
+        let rows = b * nkv * rep * s;
+        let mut dot = gpu::output::<f32>(&dev, rows)?;
+        let mut dq = gpu::output::<T>(&dev, rows * hd)?;
+        let mut dk = gpu::output::<T>(&dev, b * nkv * keys * hd)?;
+        let mut dv = gpu::output::<T>(&dev, b * nkv * keys * hd)?;
+        let [bi, nkvi, repi, si, keysi] = [b, nkv, rep, s, keys].map(|x| x as i32);
+        // dQ (and each row's dO·O, which the dK/dV kernel reads), then dK and dV.
+        let cfg = flash_launch(b * nkv * rep * s.div_ceil(FLASH_ROWS));
+        launch!(dev, &format!("flash_bwd_dq_hd{hd}"), T::DTYPE, cfg, &qv, &kv, &vv, &ov, &gv, &lv, &mut dot, &mut dq, &bi, &nkvi, &repi, &si, &keysi, &scale);
+        let cfg = flash_launch(b * nkv * keys.div_ceil(FLASH_ROWS));
+        launch!(dev, &format!("flash_bwd_dkv_hd{hd}"), T::DTYPE, cfg, &qv, &kv, &vv, &gv, &lv, &dot, &mut dk, &mut dv, &bi, &nkvi, &repi, &si, &keysi, &scale);
+        (dev, dq, dk, dv)
+    };
+    Ok((filled(dq, &dev, (b, nkv, rep * s, hd), &q)?, filled(dk, &dev, (b, nkv, keys, hd), &q)?, filled(dv, &dev, (b, nkv, keys, hd), &q)?))
 }

@@ -3,9 +3,10 @@
 //! to the composed reference computed on the CPU in f64 from the same inputs. What
 //! `tests/gradients.rs` runs on the CPU and `tunebench check-ops --device cuda:0` runs on a
 //! GPU (`bench/gpu_session.sh`), so the kernels a GPU takes (our fused kernels of
-//! `kernels/fused.cu`, candle's fused forward with our backward, the blocked attention, the
-//! chunked loss, the frozen product with a weight held as quantized blocks) are checked where
-//! they run. On the CPU every op runs a second time with the
+//! `kernels/fused.cu`, candle's fused forward with our backward, the blocked attention and
+//! (head_dim 64, 128 in 16 bits) the flash kernels, the chunked loss, the frozen product with
+//! a weight held as quantized blocks) are checked where they run. On the CPU every op runs a
+//! second time with the
 //! fused ops forced ([`super::fused::forced`]): their CPU twins and the ops' wiring to them.
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -155,6 +156,20 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                 &[random(&[b, nkv, rep * s, hd], 8)?, random(&[b, nkv, keys, hd], 9)?, random(&[b, nkv, keys, hd], 10)?],
                 &|t| ops::causal_attention_blocked(&t[0], &t[1], &t[2], s, 0.18, block),
                 &|t| ops::causal_attention_composed(&t[0], &t[1], &t[2], s, 0.18),
+            )?);
+        }
+        // The head sizes the flash kernels take on a GPU in f16/bf16 (64 and 128): two query
+        // tiles (the second partial), keys ahead of the queries, two query heads per KV head.
+        for hd in [64, 128] {
+            let (b, nkv, rep, s, keys) = (1, 2, 2, 70, 75);
+            let scale = 1.0 / (hd as f64).sqrt();
+            out.push(check(
+                &format!("causal_attention hd={hd} s={s} keys={keys}"),
+                device,
+                dtype,
+                &[random(&[b, nkv, rep * s, hd], 20)?, random(&[b, nkv, keys, hd], 21)?, random(&[b, nkv, keys, hd], 22)?],
+                &|t| ops::causal_attention(&t[0], &t[1], &t[2], s, scale),
+                &|t| ops::causal_attention_composed(&t[0], &t[1], &t[2], s, scale),
             )?);
         }
         // A frozen weight held as quantized blocks (QLoRA's base): dequantized for the product

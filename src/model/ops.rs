@@ -1011,13 +1011,23 @@ struct AttentionGrad {
     q_len: usize,
     scale: f64,
     block: usize,
-    /// Each query row's log-sum-exp when the forward ran [`attention_cpu`]'s kernel (on the
-    /// CPU): the backward then runs its backward kernel too.
-    lse: Option<Arc<Vec<f32>>>,
+    /// What the forward kept for the backward besides the output.
+    lse: SavedLse,
+}
+
+/// Each query row's log-sum-exp of its scaled scores, when the forward ran a kernel that keeps
+/// it: the backward then runs that kernel's backward too.
+enum SavedLse {
+    /// The forward ran on tensor ops (the backward recomputes whole blocks).
+    None,
+    /// [`attention_cpu`]'s kernel ran (on the CPU).
+    Cpu(Arc<Vec<f32>>),
+    /// The flash kernels ran (on a GPU, in 16 bits): (b, nkv, rep·s) f32 on the device.
+    Flash(Tensor),
 }
 
 impl AttentionGrad {
-    fn new(o: Tensor, q_len: usize, scale: f64, block: usize, lse: Option<Arc<Vec<f32>>>) -> Self {
+    fn new(o: Tensor, q_len: usize, scale: f64, block: usize, lse: SavedLse) -> Self {
         AttentionGrad { o: std::sync::Mutex::new(Some(o)), q_len, scale, block, lse }
     }
 
@@ -1058,7 +1068,11 @@ impl candle_core::CustomOp3 for AttentionGrad {
             let s = self.q_len;
             let rep = rows / s;
             let k_len = k.dim(2)?;
-            if let Some(lse) = &self.lse {
+            if let SavedLse::Flash(lse) = &self.lse {
+                let (dq, dk, dv) = fused::flash_backward(q, k, v, res, lse, grad, s, self.scale)?;
+                return Ok((Some(dq), Some(dk), Some(dv)));
+            }
+            if let SavedLse::Cpu(lse) = &self.lse {
                 // 16-bit operands are computed in f32, their gradients handed back in 16 bits.
                 let d = attention_cpu::Dims { b, nkv, rep, s, keys: k_len, hd };
                 let [q, k, v, o, g] = [q, k, v, res, grad].map(f32_copy);
@@ -1107,9 +1121,10 @@ impl candle_core::CustomOp3 for AttentionGrad {
 /// seeing only the keys up to its last position; the backward recomputes each block's
 /// probabilities (flash attention's scheme). On the CPU both passes are [`attention_cpu`]'s
 /// kernels (in f32; 16-bit operands are cast), in blocks of [`attention_cpu::TILE`]
-/// positions; elsewhere they
-/// are tensor ops (every device and dtype) in blocks of at most [`ATTENTION_BLOCK_BYTES`] of
-/// scores. What stays for the backward: q, k, v and the output (and on the CPU one
+/// positions; on a GPU in f16/bf16 with head_dim 64 or 128, the flash kernels
+/// ([`fused::flash_applies`]: one launch forward, two backward); elsewhere they are tensor
+/// ops (every device and dtype) in blocks of at most [`ATTENTION_BLOCK_BYTES`] of scores.
+/// What stays for the backward: q, k, v and the output (and with either kernel one
 /// log-sum-exp per query row).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usize, scale: f64) -> CResult<Tensor> {
     profile::region("attention fwd", q.device(), || {
@@ -1178,13 +1193,20 @@ pub fn causal_attention_blocked(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usize
         if !tracked {
             return Ok(o);
         }
-        return q.apply_op3(&k, &v, AttentionGrad::new(o, q_len, scale, block, Some(Arc::new(lse))));
+        return q.apply_op3(&k, &v, AttentionGrad::new(o, q_len, scale, block, SavedLse::Cpu(Arc::new(lse))));
+    }
+    if fused::flash_applies(q, k, v) {
+        let (o, lse) = fused::flash_forward(q, k, v, q_len, scale)?;
+        if !tracked {
+            return Ok(o);
+        }
+        return q.apply_op3(k, v, AttentionGrad::new(o, q_len, scale, block, SavedLse::Flash(lse)));
     }
     let o = merge_heads(&attention_forward(&q.detach(), &k.detach(), &v.detach(), q_len, scale, block)?, q_len)?;
     if !tracked {
         return Ok(o);
     }
-    q.apply_op3(k, v, AttentionGrad::new(o, q_len, scale, block, None))
+    q.apply_op3(k, v, AttentionGrad::new(o, q_len, scale, block, SavedLse::None))
 }
 
 /// Causal attention from differentiable primitives, heads merged: the scores, their causal

@@ -75,6 +75,8 @@ pub enum BenchModel<'a> {
 /// tied embeddings, as in `bench/gpu_bench.py`.
 pub const SHAPES: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
     ("tiny", 64, 2, 4, 2, 128, 512),
+    // head_dim 64: attention through the flash kernels on a GPU in f16/bf16.
+    ("tiny-hd64", 256, 2, 4, 2, 512, 512),
     ("smollm2-135m", 576, 30, 9, 3, 1536, 49152),
     ("llama-1b", 2048, 16, 32, 8, 8192, 128256),
     ("qwen1.5b-like", 1536, 28, 12, 2, 8960, 151936),
