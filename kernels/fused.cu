@@ -246,7 +246,6 @@ __device__ void split_heads(const T* x, const float* table, T* out, size_t n, in
     }
 }
 
-
 // ---- Flash attention: f16/bf16 operands on the tensor cores (nvcuda::wmma 16×16×16 tiles) ----
 //
 // Shapes as src/model/ops.rs's causal attention holds them: q (b, nkv, rep·s, hd), the rep

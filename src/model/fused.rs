@@ -918,18 +918,18 @@ pub fn flash_forward(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usize, scale: f6
     if q.device().is_cuda() {
         return by_dtype16!(q.dtype(), flash_forward_cuda(q, k, v, q_len, (b, nkv, rep, keys, hd), scale as f32));
     }
+    // The CPU twin.
+    let d = flash_twin_dims(q, (b, nkv, rep, keys, hd), q_len)?;
+    let (o, lse) = super::ops::attention_cpu_forward(q, k, v, d, scale as f32, super::attention_cpu::TILE.min(q_len))?;
+    Ok((o, Tensor::from_vec(lse, (b, nkv, rep * q_len), q.device())?))
+}
+
+/// The twin's shapes, on the CPU; elsewhere, an error: this build has no flash kernels there.
+fn flash_twin_dims(q: &Tensor, (b, nkv, rep, keys, hd): (usize, usize, usize, usize, usize), q_len: usize) -> CResult<super::attention_cpu::Dims> {
     if !q.device().is_cpu() {
         candle_core::bail!("flash-attention: this build has no flash kernels for {:?} on {:?}", q.dtype(), q.device().location());
     }
-    // The CPU twin.
-    let d = super::attention_cpu::Dims { b, nkv, rep, s: q_len, keys, hd };
-    let (o, lse) = super::attention_cpu::forward(&host_f32(q)?, &host_f32(k)?, &host_f32(v)?, d, scale as f32, super::attention_cpu::TILE.min(q_len))?;
-    Ok((Tensor::from_vec(o, (b, q_len, nkv * rep * hd), q.device())?.to_dtype(q.dtype())?, Tensor::from_vec(lse, (b, nkv, rep * q_len), q.device())?))
-}
-
-/// A CPU tensor's values as f32, in row-major order (the twin's operands).
-fn host_f32(t: &Tensor) -> CResult<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+    Ok(super::attention_cpu::Dims { b, nkv, rep, s: q_len, keys, hd })
 }
 
 /// The gradients (dq, dk, dv) of [`flash_forward`]'s output for its gradient `grad` (b, q_len,
@@ -946,15 +946,10 @@ pub fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tens
     if q.device().is_cuda() {
         return by_dtype16!(q.dtype(), flash_backward_cuda(q, k, v, o, lse, grad, q_len, (b, nkv, rep, keys, hd), scale as f32));
     }
-    if !q.device().is_cpu() {
-        candle_core::bail!("flash-attention: this build has no flash kernels for {:?} on {:?}", q.dtype(), q.device().location());
-    }
     // The CPU twin.
-    let d = super::attention_cpu::Dims { b, nkv, rep, s: q_len, keys, hd };
-    let (qv, kv, vv, ov, gv) = (host_f32(q)?, host_f32(k)?, host_f32(v)?, host_f32(o)?, host_f32(grad)?);
-    let (dq, dk, dv) = super::attention_cpu::backward(&qv, &kv, &vv, &ov, &host_f32(lse)?, &gv, d, scale as f32, super::attention_cpu::TILE.min(q_len))?;
-    let grad_of = |x: Vec<f32>, rows: usize| Tensor::from_vec(x, (b, nkv, rows, hd), q.device())?.to_dtype(q.dtype());
-    Ok((grad_of(dq, rep * q_len)?, grad_of(dk, keys)?, grad_of(dv, keys)?))
+    let d = flash_twin_dims(q, (b, nkv, rep, keys, hd), q_len)?;
+    let lse = lse.flatten_all()?.to_vec1::<f32>()?;
+    super::ops::attention_cpu_backward(q, k, v, o, &lse, grad, d, scale as f32, super::attention_cpu::TILE.min(q_len))
 }
 
 // ---------------------------------------------------------------------------------------------

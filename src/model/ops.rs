@@ -1073,14 +1073,9 @@ impl candle_core::CustomOp3 for AttentionGrad {
                 return Ok((Some(dq), Some(dk), Some(dv)));
             }
             if let SavedLse::Cpu(lse) = &self.lse {
-                // 16-bit operands are computed in f32, their gradients handed back in 16 bits.
                 let d = attention_cpu::Dims { b, nkv, rep, s, keys: k_len, hd };
-                let [q, k, v, o, g] = [q, k, v, res, grad].map(f32_copy);
-                let (q, k, v, o, g) = (q?, k?, v?, o?, g?);
-                let (dq, dk, dv) = cpu_f32s([&q, &k, &v, &o, &g], |[q, k, v, o, g]| attention_cpu::backward(q, k, v, o, lse, g, d, self.scale as f32, self.block))?;
-                let dtype = res.dtype();
-                let grad = |x: Vec<f32>, rows: usize| Tensor::from_vec(x, (b, nkv, rows, hd), &Device::Cpu)?.to_dtype(dtype);
-                return Ok((Some(grad(dq, rows)?), Some(grad(dk, k_len)?), Some(grad(dv, k_len)?)));
+                let (dq, dk, dv) = attention_cpu_backward(q, k, v, res, lse, grad, d, self.scale as f32, self.block)?;
+                return Ok((Some(dq), Some(dk), Some(dv)));
             }
             let dtype = q.dtype();
             // Sums over blocks and the softmax's row terms in f32 (f64 for f64 operands).
@@ -1176,6 +1171,25 @@ fn narrowed(t: &Tensor, dtype: DType) -> CResult<Tensor> {
     })
 }
 
+/// [`attention_cpu`]'s forward on CPU operands in f32, bf16 or f16 (computed in f32): the
+/// output (b, s, heads·hd) in q's dtype and each q row's log-sum-exp.
+pub(crate) fn attention_cpu_forward(q: &Tensor, k: &Tensor, v: &Tensor, d: attention_cpu::Dims, scale: f32, tile: usize) -> CResult<(Tensor, Vec<f32>)> {
+    let (qf, kf, vf) = (f32_copy(&q.contiguous()?)?, f32_copy(&k.contiguous()?)?, f32_copy(&v.contiguous()?)?);
+    let (o, lse) = cpu_f32s([&qf, &kf, &vf], |[qs, ks, vs]| attention_cpu::forward(qs, ks, vs, d, scale, tile))?;
+    Ok((Tensor::from_vec(o, (d.b, d.s, d.nkv * d.rep * d.hd), &Device::Cpu)?.to_dtype(q.dtype())?, lse))
+}
+
+/// [`attention_cpu`]'s backward: (dq, dk, dv) in q's dtype from the operands, the output `o`,
+/// the forward's log-sum-exps and the output's gradient `g` (16-bit ones computed in f32).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_cpu_backward(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &[f32], g: &Tensor, d: attention_cpu::Dims, scale: f32, tile: usize) -> CResult<(Tensor, Tensor, Tensor)> {
+    let [q32, k32, v32, o32, g32] = [q, k, v, o, g].map(f32_copy);
+    let (q32, k32, v32, o32, g32) = (q32?, k32?, v32?, o32?, g32?);
+    let (dq, dk, dv) = cpu_f32s([&q32, &k32, &v32, &o32, &g32], |[q, k, v, o, g]| attention_cpu::backward(q, k, v, o, lse, g, d, scale, tile))?;
+    let grad = |x: Vec<f32>, rows: usize| Tensor::from_vec(x, (d.b, d.nkv, rows, d.hd), &Device::Cpu)?.to_dtype(q.dtype());
+    Ok((grad(dq, d.rep * d.s)?, grad(dk, d.keys)?, grad(dv, d.keys)?))
+}
+
 /// [`causal_attention`] with a given block length (positions per query block).
 pub fn causal_attention_blocked(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usize, scale: f64, block: usize) -> CResult<Tensor> {
     let (b, nkv, rows, hd) = q.dims4()?;
@@ -1186,14 +1200,11 @@ pub fn causal_attention_blocked(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usize
     let tracked = q.track_op() || k.track_op() || v.track_op();
     if cpu_attention(q, k, v) {
         let d = attention_cpu::Dims { b, nkv, rep: rows / q_len, s: q_len, keys: k_len, hd };
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let (qf, kf, vf) = (f32_copy(&q)?, f32_copy(&k)?, f32_copy(&v)?);
-        let (o, lse) = cpu_f32s([&qf, &kf, &vf], |[qs, ks, vs]| attention_cpu::forward(qs, ks, vs, d, scale as f32, block))?;
-        let o = Tensor::from_vec(o, (b, q_len, nkv * d.rep * hd), &Device::Cpu)?.to_dtype(q.dtype())?;
+        let (o, lse) = attention_cpu_forward(q, k, v, d, scale as f32, block)?;
         if !tracked {
             return Ok(o);
         }
-        return q.apply_op3(&k, &v, AttentionGrad::new(o, q_len, scale, block, SavedLse::Cpu(Arc::new(lse))));
+        return q.apply_op3(k, v, AttentionGrad::new(o, q_len, scale, block, SavedLse::Cpu(Arc::new(lse))));
     }
     if fused::flash_applies(q, k, v) {
         let (o, lse) = fused::flash_forward(q, k, v, q_len, scale)?;
