@@ -284,6 +284,8 @@ __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 // 8 16-bit values (16 bytes).
 template <typename T> __device__ __forceinline__ void copy8(T* dst, const T* src) {
 #ifdef TB_HOST_EMULATION
+    check_vector_address(dst);
+    check_vector_address(src);
     std::memcpy(dst, src, 16);
 #else
     *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);

@@ -10,7 +10,9 @@
 // emulated too: each lane holds the whole tile, a load reads all of it, the product is an f32
 // sum in every lane, and a store writes only the lane's share of the elements (as on the GPU,
 // where each lane stores its own), so a kernel that reads a stored tile before `__syncwarp`
-// reads some elements stale. __half is GCC's _Float16
+// reads some elements stale. What the hardware requires of addresses (16-byte vector
+// accesses, 32-byte aligned wmma tiles with strides of whole 16-byte units) is checked, and
+// the emulation aborts where a GPU would fault. __half is GCC's _Float16
 // and __nv_bfloat16 the top half of an f32, both rounded to nearest even as CUDA's *_rn
 // conversions do. What this cannot show — timing, memory coalescing, the driver's JIT — is
 // left to `tunebench check-ops` on a GPU.
@@ -20,6 +22,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -116,6 +120,15 @@ template <typename F> void launch(unsigned grid, unsigned block, F body) {
 }
 }  // namespace emu
 
+// A 16-byte vector load or store (a `uint4` on the GPU) needs a 16-byte aligned address there;
+// the emulation's memcpy would not, so an unaligned one stops here.
+inline void check_vector_address(const void* p) {
+    if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) {
+        std::fprintf(stderr, "16-byte vector access at %p: not 16-byte aligned\n", p);
+        std::abort();
+    }
+}
+
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_barriers[threadIdx.x >> 5]->arrive_and_wait(); }
@@ -144,6 +157,17 @@ template <typename Use, int M, int N, int K, typename T, typename Layout = void>
     float x[256];
 };
 
+// What the hardware requires of a tile's address (CUDA C++ Programming Guide, warp matrix
+// functions): a 256-bit aligned pointer and a stride of whole 16-byte units. The emulated load
+// and store would work anyway, so an unaligned tile stops here instead of on the GPU.
+template <typename T> void check_tile_address(const T* p, unsigned ldm) {
+    if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0 || (ldm * sizeof(T)) % 16 != 0) {
+        std::fprintf(stderr, "wmma tile at %p with stride %u elements of %zu bytes: not 32-byte aligned or stride not a multiple of 16 bytes\n",
+                     static_cast<const void*>(p), ldm, sizeof(T));
+        std::abort();
+    }
+}
+
 inline float element(float v) { return v; }
 inline float element(__half v) { return __half2float(v); }
 inline float element(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -156,6 +180,7 @@ template <typename Use, typename T, typename L> void fill_fragment(fragment<Use,
 // rows or columns).
 template <typename Use, typename T, typename L> void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
     static_assert(std::is_same_v<L, row_major> || std::is_same_v<L, col_major>, "matrix_a/b fragments have a layout");
+    check_tile_address(p, ldm);
     for (unsigned i = 0; i < 16; ++i)
         for (unsigned j = 0; j < 16; ++j) f.x[16 * i + j] = element(p[std::is_same_v<L, row_major> ? i * ldm + j : i + j * ldm]);
 }
@@ -176,6 +201,7 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
 
 // This lane's share of the tile (elements e with e mod 32 = lane) to `p`.
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t layout) {
+    check_tile_address(p, ldm);
     for (unsigned e = threadIdx.x & 31; e < 256; e += 32) {
         const unsigned i = e / 16, j = e % 16;
         p[layout == mem_row_major ? i * ldm + j : i + j * ldm] = f.x[e];

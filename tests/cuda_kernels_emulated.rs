@@ -31,33 +31,45 @@ fn write_quantized_weights(dir: &Path) {
     }
 }
 
-#[test]
-fn cuda_kernels_match_the_reference_under_host_emulation() {
+/// Builds kernels/emulated_test.cpp with `flags` (beside the emulation's own) and runs it on
+/// fresh quantized weights: its report (stdout), after asserting that it built and exited 0.
+fn build_and_run(name: &str, flags: &[&str]) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::temp_dir().join(format!("tunebench-kernels-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("tunebench-kernels-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let exe = dir.join("emulated_test");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let built = Command::new(&cxx)
         .args(["-std=c++20", "-O1", "-pthread", "-Wall", "-Werror", "-DTB_HOST_EMULATION"])
+        .args(flags)
         .arg(root.join("kernels/emulated_test.cpp"))
         .arg("-o")
         .arg(&exe)
         .output()
         .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{cxx}` ({e}); set CXX"));
-    assert!(built.status.success(), "compiling kernels/emulated_test.cpp failed:\n{}", String::from_utf8_lossy(&built.stderr));
+    assert!(built.status.success(), "compiling kernels/emulated_test.cpp {flags:?} failed:\n{}", String::from_utf8_lossy(&built.stderr));
     write_quantized_weights(&dir);
     let run = Command::new(&exe).arg(&dir).output().unwrap();
-    let out = String::from_utf8_lossy(&run.stdout);
+    let out = String::from_utf8_lossy(&run.stdout).into_owned();
     println!("{out}");
     let _ = std::fs::remove_dir_all(&dir);
     assert!(run.status.success(), "{out}\n{}", String::from_utf8_lossy(&run.stderr));
-    // Every kernel ran in every dtype: 11 checks each for f32, f16 and bf16, the head moves'
-    // four each, AdamW's two (f32), four block formats to f32, f16 and bf16, and flash
-    // attention's six results (o, lse, dot, dq, dk, dv) for two shapes at head_dim 64 and 128
-    // in f16 and bf16.
+    out
+}
+
+/// Every kernel's checks passed: 11 each for f32, f16 and bf16, the head moves' four each,
+/// AdamW's two (f32), four block formats to f32, f16 and bf16, and flash attention's six
+/// results (o, lse, dot, dq, dk, dv) for two shapes at head_dim 64 and 128 in f16 and bf16.
+fn assert_all_passed(out: &str) {
     let passed = out.lines().filter(|l| l.ends_with(" ok")).count();
     assert_eq!(passed, 59 + 48, "{out}");
+    assert!(out.contains("0 failed"), "{out}");
+}
+
+#[test]
+fn cuda_kernels_match_the_reference_under_host_emulation() {
+    let out = build_and_run("plain", &[]);
+    assert_all_passed(&out);
     // The dropout kernel draws exactly the CPU's mask (model::fused::dropout_mask).
     let line = out.lines().find(|l| l.starts_with("dropout mask n=")).expect("the dropout mask's summary");
     let mask = tunebench::model::fused::dropout_mask(10_000, 0.3, 0x0123_4567_89ab_cdef);
@@ -68,5 +80,15 @@ fn cuda_kernels_match_the_reference_under_host_emulation() {
         let dtypes = out.lines().filter(|l| l.starts_with(kernel) && l.ends_with(" ok")).filter_map(|l| l.split_whitespace().nth(1)).collect::<std::collections::BTreeSet<_>>();
         assert_eq!(dtypes.len(), 3, "{kernel} in f32, f16 and bf16: {out}");
     }
-    assert!(out.contains("0 failed"), "{out}");
+}
+
+/// The same run under AddressSanitizer and UBSan. The NaN tails after every output catch a
+/// kernel writing past its end; this catches reads past an input (a key tile's rows beyond the
+/// keys, say, whose scores a mask would then hide: harmless in the numbers, a fault on a GPU
+/// when the row lies past the allocation) and shared-memory overruns. The emulation also
+/// stops on the GPU's alignment rules (16-byte vector accesses, 32-byte `wmma` tiles).
+#[test]
+fn cuda_kernels_stay_in_bounds_under_address_sanitizer() {
+    let out = build_and_run("asan", &["-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]);
+    assert_all_passed(&out);
 }

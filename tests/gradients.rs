@@ -91,6 +91,12 @@ fn fused_swiglu_matches_composed() {
     check_op(&u, |u| ops::swiglu(&g, u).unwrap(), |u| ops::swiglu_composed(&g, u).unwrap(), 1e-5);
 }
 
+/// The per-row cross-entropy of `h · wᵀ` computed in f64 (as f32).
+fn f64_cross_entropy(h: &Tensor, w: &Tensor, targets: &[u32]) -> Tensor {
+    let logits = h.to_dtype(DType::F64).unwrap().matmul(&w.to_dtype(DType::F64).unwrap().t().unwrap()).unwrap();
+    ops::cross_entropy_rows(&logits, targets).unwrap().to_dtype(DType::F32).unwrap()
+}
+
 #[test]
 fn fused_linear_cross_entropy_matches_composed() {
     let h = randn(&[7, 16], 21, DType::F32);
@@ -111,12 +117,28 @@ fn fused_linear_cross_entropy_matches_composed() {
     check_op(
         &h,
         |h| ops::linear_cross_entropy(h, &w, &targets, 16).unwrap(),
-        |h| {
-            let logits = h.to_dtype(DType::F64).unwrap().matmul(&w.to_dtype(DType::F64).unwrap().t().unwrap()).unwrap();
-            ops::cross_entropy_rows(&logits, &targets).unwrap().to_dtype(DType::F32).unwrap()
-        },
+        |h| f64_cross_entropy(h, &w, &targets),
         1e-5,
     );
+}
+
+/// A 16-bit run's loss on the CPU: the f32 kernel with the 16-bit weight widened a block of
+/// vocabulary rows at a time (2500 rows: two whole blocks and a partial one), against the same
+/// 16-bit values in f64. The loss is computed from exact widenings (f32 summation only); the
+/// gradient is rounded once to the hidden states' dtype.
+#[test]
+fn half_linear_cross_entropy_on_the_cpu_matches_f64() {
+    let targets: Vec<u32> = (0..37u32).map(|i| (i * 677) % 2500).collect();
+    for (dtype, tol) in [(DType::BF16, 5e-3), (DType::F16, 1e-3)] {
+        let h = (randn(&[37, 48], 25, DType::F32) * 2.0).unwrap().to_dtype(dtype).unwrap();
+        let w = randn(&[2500, 48], 26, dtype);
+        check_op(
+            &h,
+            |h| ops::linear_cross_entropy(h, &w, &targets, 16).unwrap(),
+            |h| f64_cross_entropy(h, &w, &targets),
+            tol,
+        );
+    }
 }
 
 /// The device-agnostic chunked loss (what GPUs and bf16 use): the same per-row losses and

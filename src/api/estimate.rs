@@ -2,8 +2,8 @@
 //! and predicted time per step — from the model's architecture alone (no weights are read).
 //!
 //! Memory model (CPU, f32, as this engine trains; with `train.dtype = "bf16"` or `"f16"` the
-//! base and its activations, the adapters' included, take 2 bytes, the weights loaded in f32
-//! first):
+//! base and its activations, the adapters' included, take 2 bytes, each weight converted as it
+//! is read):
 //! * weights: every base parameter in f32 (GGUF weights are dequantized on load); for qlora
 //!   the projections at 5 bits a weight plus one dequantized at a time;
 //! * adapter: trainable parameters × (value + gradient + accumulated gradient + AdamW m, v);
@@ -104,10 +104,13 @@ pub const HALF_ACTIVATION_FACTOR: f64 = 1.17;
 pub const LORA_HALF_ACTIVATION_FACTOR: f64 = 1.16;
 /// What a 16-bit run holds in training beyond its counted parts, bytes: fitted with
 /// [`LORA_HALF_ACTIVATION_FACTOR`] on four bf16 configs of the default model from 256 to
-/// 2048 tokens (bench/RESULTS.md, 2026-12-02), once the weights counted at 16-bit size.
-pub const HALF_FIXED_BYTES: u64 = 128 << 20;
-/// [`HALF_FIXED_BYTES`] for a checkpointed run (fitted on three checkpointed bf16 configs).
-pub const HALF_FIXED_BYTES_CHECKPOINTED: u64 = 52 << 20;
+/// 2048 tokens (bench/RESULTS.md, 2026-12-02, once the weights counted at 16-bit size: 128 MiB;
+/// 26 MiB since the CPU loss stopped holding an f32 copy of the LM head, which it had covered).
+pub const HALF_FIXED_BYTES: u64 = 26 << 20;
+/// [`HALF_FIXED_BYTES`] for a checkpointed run (fitted on three checkpointed bf16 configs:
+/// 52 MiB, then 15 MiB with the f32 LM head gone and the loss chunk counted only where it
+/// outlasts the backward's peak).
+pub const HALF_FIXED_BYTES_CHECKPOINTED: u64 = 15 << 20;
 /// See [`HALF_ACTIVATION_FACTOR`].
 pub const HALF_ATTENTION_FACTOR: f64 = 1.0;
 /// Time per step of bf16 over f32 on the CPU (candle's bf16 matmul is slower than its f32
@@ -405,11 +408,6 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     } else {
         4 * chunk * model.vocab_size as u64
     };
-    // Loading a 16-bit base holds one tensor in f32 beside the converted ones (the largest: the
-    // embedding or a projection); a small checkpointed run peaks there (bench/RESULTS.md,
-    // 2026-12-02: 464–528 MiB up to 256 tokens on the default model).
-    let largest = largest_linear.max((model.vocab_size * model.hidden_size) as u64);
-    let load = if half && !qlora { weights + 4 * largest + adapter + loss } else { 0 };
     // A 16-bit run holds a fixed amount beyond its counted parts (an f32 run's factors absorb
     // the same).
     let fixed = |checkpointed: bool| match (half && !qlora, checkpointed) {
@@ -417,6 +415,11 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         (true, false) => HALF_FIXED_BYTES,
         (true, true) => HALF_FIXED_BYTES_CHECKPOINTED,
     };
+    // Loading a 16-bit base holds at most one tensor in f32 beside the converted ones (the
+    // largest: the embedding or a projection), before any adapter exists: a bound, since the
+    // largest is often read first.
+    let largest = largest_linear.max((model.vocab_size * model.hidden_size) as u64);
+    let load = if half && !qlora { weights + 4 * largest + fixed(false) } else { 0 };
     // Gradient checkpointing keeps each layer's input; at the peak, the layer being
     // recomputed in the backward holds its activations and part of their gradients
     // ([`CHECKPOINT_LAYER_COPIES`]), beside [`CHECKPOINT_TOKEN_FLOATS_PER_HIDDEN`]; attention
@@ -428,9 +431,13 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     // It keeps a part of what a plain run keeps, never more (a model of one or two layers
     // gains next to nothing).
     let acts_ckpt = acts_ckpt.min(acts);
-    let ckpt = (weights + adapter + acts_ckpt + attn_ckpt + loss + fixed(true)).max(load);
+    // The loss's logits chunk lives in the forward only (unless the LM head is adapted): a
+    // checkpointed run peaks later, recomputing a layer in the backward, so the chunk counts
+    // only where the layer inputs and it come to more than that.
+    let loss_ckpt = if head_adapted { loss } else { (layer_inputs + loss).saturating_sub(acts_ckpt) };
+    let ckpt = (weights + adapter + acts_ckpt + attn_ckpt + loss_ckpt + fixed(true)).max(load);
     let checkpointing = t.gradient_checkpointing;
-    let (acts, attn) = if checkpointing { (acts_ckpt, attn_ckpt) } else { (acts, attn) };
+    let (acts, attn, loss) = if checkpointing { (acts_ckpt, attn_ckpt, loss_ckpt) } else { (acts, attn, loss) };
     let training = weights + adapter + acts + attn + loss + fixed(checkpointing);
     let total_bytes = training.max(load);
 

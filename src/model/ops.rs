@@ -296,8 +296,26 @@ pub(super) fn cpu_gemm(
     beta: f32,
     parallel: bool,
 ) -> CResult<()> {
+    if dst.len() != m * n {
+        candle_core::bail!("cpu-gemm: {} outputs for a {m}×{n} product", dst.len());
+    }
+    cpu_gemm_rows(dst, n, (m, n, k), accumulate, lhs, rhs, beta, parallel)
+}
+
+/// [`cpu_gemm`] into `dst` rows `dst_stride` apart (a block of columns of a wider matrix).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn cpu_gemm_rows(
+    dst: &mut [f32],
+    dst_stride: usize,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+    beta: f32,
+    parallel: bool,
+) -> CResult<()> {
     let reach = |rows: usize, cols: usize, (d, rs, cs): (&[f32], usize, usize)| rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < d.len();
-    if dst.len() != m * n || !reach(m, k, lhs) || !reach(k, n, rhs) {
+    if dst_stride < n || !reach(m, n, (&*dst, dst_stride, 1)) || !reach(m, k, lhs) || !reach(k, n, rhs) {
         candle_core::bail!("cpu-gemm: operands do not cover a {m}×{k} · {k}×{n} product");
     }
     if m == 0 || n == 0 {
@@ -314,7 +332,7 @@ pub(super) fn cpu_gemm(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_stride as isize,
             accumulate,
             lhs.0.as_ptr(),
             lhs.2 as isize,
@@ -1232,13 +1250,21 @@ pub fn causal_attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usiz
 // ---------------------------------------------------------------------------------------------
 
 struct LinearCrossEntropy {
-    /// (vocab, hidden), frozen.
-    w: Tensor,
+    /// (vocab, hidden), frozen; taken by the forward, so the op in the graph does not keep it
+    /// (a 16-bit run's f32 copy of the weight is freed before the backward).
+    w: std::sync::Mutex<Option<Tensor>>,
     targets: Vec<u32>,
     chunk: usize,
     /// dLoss_i/dh_i for every row, computed in the forward pass (the loss is per row, so the
     /// backward only scales it by the incoming gradient).
     dh: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
+}
+
+impl LinearCrossEntropy {
+    /// The op on f32 hidden states `hs` and the weight `w` (f32, bf16 or f16) on the CPU.
+    fn apply(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize) -> CResult<Tensor> {
+        hs.apply_op1(LinearCrossEntropy { w: std::sync::Mutex::new(Some(w.clone())), targets: targets.to_vec(), chunk, dh: Default::default() })
+    }
 }
 
 impl CustomOp1 for LinearCrossEntropy {
@@ -1247,13 +1273,24 @@ impl CustomOp1 for LinearCrossEntropy {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let h = contiguous_f32(s, l, "linear-cross-entropy")?;
+        let op = "linear-cross-entropy";
+        let h = contiguous_f32(s, l, op)?;
         let (n, d) = l.shape().dims2()?;
-        let vocab = self.w.dim(0)?;
-        if self.w.dims() != [vocab, d] {
-            candle_core::bail!("linear-cross-entropy: weight {:?} for hidden size {d}", self.w.dims());
+        let Some(w) = self.w.lock().ok().and_then(|mut w| w.take()) else { candle_core::bail!("{op}: forward run twice") };
+        let vocab = w.dim(0)?;
+        if w.dims() != [vocab, d] {
+            candle_core::bail!("{op}: weight {:?} for hidden size {d}", w.dims());
         }
-        let w = f32_copy(&self.w)?;
+        let w = w.contiguous()?;
+        let (ws, wl) = w.storage_and_layout();
+        let Some(ws) = cpu_storage(&ws) else { candle_core::bail!("{op}: weight not on the cpu") };
+        let Some((w0, _)) = wl.contiguous_offsets() else { candle_core::bail!("{op}: weight must be contiguous") };
+        // The weight's vocabulary rows a block at a time: an f32 weight in one block, read in
+        // place; a 16-bit one widened HALF_VOCAB_BLOCK rows at a time into a reused buffer
+        // (exactly), so no f32 copy of the whole weight exists (1 GiB at a 128k vocabulary and
+        // hidden 2048). Each block is widened twice per chunk, for the logits and for dh.
+        let block_rows = if matches!(ws, CpuStorage::F32(_)) { vocab } else { HALF_VOCAB_BLOCK.min(vocab) };
+        let mut wide = Vec::new();
         let chunk = self.chunk.max(1).min(n.max(1));
         let mut losses = vec![0f32; n];
         let mut dh = vec![0f32; n * d];
@@ -1261,32 +1298,38 @@ impl CustomOp1 for LinearCrossEntropy {
         // row (a row, vocab floats, stays in cache through its passes), then multiplied by W
         // straight into the chunk's rows of dh.
         let mut logits = vec![0f32; chunk * vocab];
-        cpu_f32(&w, |w| {
-            for start in (0..n).step_by(chunk) {
-                let rows = chunk.min(n - start);
-                let lg = &mut logits[..rows * vocab];
-                // logits = h_chunk · Wᵀ (Wᵀ read in place: row stride 1, column stride d).
-                cpu_gemm(lg, (rows, vocab, d), false, (&h[start * d..(start + rows) * d], d, 1), (w, 1, d), 1.0, true)?;
-                let targets = &self.targets[start..start + rows];
-                let out = &mut losses[start..start + rows];
-                // Each row: loss = lse − logit[target]; gradient row = softmax − onehot.
-                lg.par_chunks_mut(vocab).zip(out.par_iter_mut()).zip(targets.par_iter()).for_each(|((row, loss), &t)| {
-                    let t = t as usize;
-                    let target_logit = row[t];
-                    let max = cpu_math::max(row);
-                    let sum = cpu_math::exp_shifted(row, 1.0, max);
-                    // lse − logit[t], in the shifted form (exact even when exp underflows; NaN
-                    // logits give a NaN loss, which the trainer reports).
-                    *loss = sum.ln() - (target_logit - max);
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|v| *v *= inv);
-                    row[t] -= 1.0;
-                });
-                // dh_chunk = (softmax − onehot) · W.
-                cpu_gemm(&mut dh[start * d..(start + rows) * d], (rows, d, vocab), false, (lg, vocab, 1), (w, d, 1), 1.0, true)?;
+        for start in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - start);
+            let lg = &mut logits[..rows * vocab];
+            // logits = h_chunk · Wᵀ (Wᵀ read in place: row stride 1, column stride d), a block
+            // of columns at a time.
+            for v0 in (0..vocab).step_by(block_rows) {
+                let vl = block_rows.min(vocab - v0);
+                let wb = vocab_rows(ws, w0 + v0 * d, vl * d, &mut wide, op)?;
+                cpu_gemm_rows(&mut lg[v0..], vocab, (rows, vl, d), false, (&h[start * d..(start + rows) * d], d, 1), (wb, 1, d), 1.0, true)?;
             }
-            Ok(())
-        })?;
+            let targets = &self.targets[start..start + rows];
+            let out = &mut losses[start..start + rows];
+            // Each row: loss = lse − logit[target]; gradient row = softmax − onehot.
+            lg.par_chunks_mut(vocab).zip(out.par_iter_mut()).zip(targets.par_iter()).for_each(|((row, loss), &t)| {
+                let t = t as usize;
+                let target_logit = row[t];
+                let max = cpu_math::max(row);
+                let sum = cpu_math::exp_shifted(row, 1.0, max);
+                // lse − logit[t], in the shifted form (exact even when exp underflows; NaN
+                // logits give a NaN loss, which the trainer reports).
+                *loss = sum.ln() - (target_logit - max);
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|v| *v *= inv);
+                row[t] -= 1.0;
+            });
+            // dh_chunk = (softmax − onehot) · W, summed over the blocks.
+            for v0 in (0..vocab).step_by(block_rows) {
+                let vl = block_rows.min(vocab - v0);
+                let wb = vocab_rows(ws, w0 + v0 * d, vl * d, &mut wide, op)?;
+                cpu_gemm(&mut dh[start * d..(start + rows) * d], (rows, d, vl), v0 > 0, (&lg[v0..], vocab, 1), (wb, d, 1), 1.0, true)?;
+            }
+        }
         if let Ok(mut slot) = self.dh.lock() {
             *slot = Some(Tensor::from_vec(dh, (n, d), &Device::Cpu)?);
         }
@@ -1302,6 +1345,26 @@ impl CustomOp1 for LinearCrossEntropy {
     }
 }
 
+/// Vocabulary rows a 16-bit LM-head weight is widened to f32 at a time in the CPU loss (8 MiB
+/// at hidden 2048).
+const HALF_VOCAB_BLOCK: usize = 1024;
+
+/// `len` elements of a weight from element `at` as f32: in place for an f32 weight, widened
+/// (in parallel, exactly) into `buf` for a bf16/f16 one.
+fn vocab_rows<'a>(w: &'a CpuStorage, at: usize, len: usize, buf: &'a mut Vec<f32>, op: &str) -> CResult<&'a [f32]> {
+    fn widen<T: Copy + Sync>(src: &[T], buf: &mut Vec<f32>, f: impl Fn(T) -> f32 + Sync) {
+        buf.resize(src.len(), 0.0);
+        buf.par_chunks_mut(8192).zip(src.par_chunks(8192)).for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d = f(s)));
+    }
+    match w {
+        CpuStorage::F32(v) => return Ok(&v[at..at + len]),
+        CpuStorage::BF16(v) => widen(&v[at..at + len], buf, |x| x.to_f32()),
+        CpuStorage::F16(v) => widen(&v[at..at + len], buf, |x| x.to_f32()),
+        other => candle_core::bail!("{op}: f32, bf16 or f16 weight expected, got {:?}", other.dtype()),
+    }
+    Ok(&buf[..len])
+}
+
 /// Per-row cross-entropy of `hs · wᵀ` (an LM head with frozen weight `w`, (vocab, hidden))
 /// against `targets`, shape (n,). On CPU/f32 the logits are produced `chunk` rows at a time and
 /// dropped at once; the gradient for `hs` is computed in the same pass (Liger-style), so the
@@ -1310,15 +1373,14 @@ pub fn linear_cross_entropy(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usi
     profile::region("lm head + loss fwd", hs.device(), || {
         check_targets(hs, targets, w.dim(0)?)?;
         if use_fused(hs) && hs.track_op() && !fused::active(hs) {
-            let op = LinearCrossEntropy { w: w.clone(), targets: targets.to_vec(), chunk, dh: Default::default() };
-            return hs.contiguous()?.apply_op1(op);
+            return LinearCrossEntropy::apply(&hs.contiguous()?, w, targets, chunk);
         }
         if hs.device().is_cpu() && matches!(hs.dtype(), DType::BF16 | DType::F16) && hs.track_op() && !fused::is_forced() {
-            // 16-bit on the CPU: the f32 op above on the hidden states and the weight cast to
-            // f32 (exactly), gemm at f32's rate where candle's bf16 products run at a third
-            // of it; the gradient goes back to 16 bits through the cast. Logits in f32 are
-            // the more exact ones.
-            return linear_cross_entropy(&hs.to_dtype(DType::F32)?, &f32_copy(w)?, targets, chunk);
+            // 16-bit on the CPU: the f32 op above on the hidden states cast to f32, the weight
+            // widened a block of rows at a time inside it (exactly), gemm at f32's rate where
+            // candle's bf16 products run at a third of it; the gradient goes back to 16 bits
+            // through the cast. Logits in f32 are the more exact ones.
+            return LinearCrossEntropy::apply(&hs.to_dtype(DType::F32)?.contiguous()?, w, targets, chunk);
         }
         if hs.track_op() {
             return linear_cross_entropy_chunked(hs, w, targets, chunk);
