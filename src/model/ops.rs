@@ -1250,8 +1250,8 @@ pub fn causal_attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, q_len: usiz
 // ---------------------------------------------------------------------------------------------
 
 struct LinearCrossEntropy {
-    /// (vocab, hidden), frozen; taken by the forward, so the op in the graph does not keep it
-    /// (a 16-bit run's f32 copy of the weight is freed before the backward).
+    /// (vocab, hidden), frozen (f32, bf16 or f16); taken by the forward, so the op in the graph
+    /// keeps nothing of it for the backward (which reads only `dh`).
     w: std::sync::Mutex<Option<Tensor>>,
     targets: Vec<u32>,
     chunk: usize,
