@@ -52,8 +52,10 @@ use crate::{Error, Result};
 
 /// Measured activation bytes ÷ the counted floats × 4 (temporaries alive at the peak,
 /// allocator slack) for the methods whose adapters run on composed ops. Calibrated on 6 LoRA
-/// configs of the default model when LoRA composed too (bench/RESULTS.md, 2026-11-23).
-pub const ACTIVATION_FACTOR: f64 = 1.25;
+/// configs of the default model when LoRA composed too (bench/RESULTS.md, 2026-11-23: 1.25);
+/// refit on IA3, BitFit, both adapters, the four prompt-learning methods, DoRA with dropout
+/// and full fine-tuning (2026-12-03: 0.95–1.03 of their counts in f32, so 1.0).
+pub const ACTIVATION_FACTOR: f64 = 1.0;
 /// The same for LoRA and QLoRA (DoRA without dropout too) and AdaLoRA, which train through `ops::lora_linear` (the
 /// count covers what it keeps exactly). Refit on the same 6 configs and the 8×256 one
 /// (bench/RESULTS.md, 2026-12-02, after `ops::split_heads` and reshape-free LoRA ops took the
@@ -77,10 +79,19 @@ pub const CHECKPOINT_TOKEN_FLOATS_PER_HIDDEN: f64 = 12.5;
 /// Bytes per trainable parameter: value, gradient, accumulated gradient, AdamW m and v (f32),
 /// less what is freed between micro-batches. Calibrated with [`ACTIVATION_FACTOR`].
 pub const ADAPTER_BYTES_PER_PARAM: u64 = 17;
-/// Copies of the (tokens, vocab) logits alive at the peak when the LM head is adapted and the
-/// loss runs on composed ops (every counted row's logits stay for the backward; `tokens`
-/// over-counts the rows, which covers the temporaries). Calibrated on full fine-tuning.
-pub const LOGIT_COPIES: f64 = 1.0;
+/// Bytes per parameter that full fine-tuning trains: the value (the model's weight itself,
+/// which the trainer makes a view of it), gradient, AdamW m and v, all f32 (the CPU's AdamW
+/// steps in place). Fitted with [`LOGIT_COPIES`] and [`EMBEDDING_GRAD_COPIES`] on three
+/// configs of the default model (bench/RESULTS.md, 2026-12-03).
+pub const FULL_BYTES_PER_PARAM: u64 = 16;
+/// Copies of the (tokens, vocab) f32 logits alive at the peak when the LM head is adapted and
+/// the loss runs on composed ops (the logits, their log-softmax and the backward's gradients
+/// of both, with temporaries). Fitted on full fine-tuning of the default model at 256, 1024
+/// and 2048 tokens (bench/RESULTS.md, 2026-12-03: 1.0 before, when the base was held twice).
+pub const LOGIT_COPIES: f64 = 5.25;
+/// A trained embedding's dense f32 gradients alive beside it at the peak (the lookup's and,
+/// tied, the LM head's, before they are summed), in units of the embedding's size.
+pub const EMBEDDING_GRAD_COPIES: f64 = 2.0;
 /// Step time ÷ pure matmul time (norms, softmax, RoPE, element-wise ops, optimizer).
 pub const TIME_OVERHEAD: f64 = 2.2;
 /// [`TIME_OVERHEAD`] for LoRA as one op (no scaling pass, no graph nodes of its own; measured
@@ -94,9 +105,11 @@ pub const LORA_TIME_OVERHEAD: f64 = 1.4;
 /// f32 casts around RMSNorm and the softmax), which keep more temporaries: activations × this
 /// factor over their 16-bit size, attention blocks × [`HALF_ATTENTION_FACTOR`] over the f32
 /// figure. Fitted on four configs of the default model (bench/RESULTS.md, 2026-12-01 20:40)
-/// when LoRA still composed and the weights counted at f32 size; not refit since (the methods
-/// it applies to now, checked in bf16 on 2026-12-02: IA3 +22%, DoRA with dropout −3.4%).
-pub const HALF_ACTIVATION_FACTOR: f64 = 1.17;
+/// when LoRA still composed and the weights counted at f32 size (1.17); refit with
+/// [`ACTIVATION_FACTOR`] on the methods it applies to (bench/RESULTS.md, 2026-12-03: IA3,
+/// BitFit, both adapters, the four prompt-learning methods and DoRA with dropout in bf16
+/// measure 1.07–1.22 of their counts at 16 bits, mean 1.15).
+pub const HALF_ACTIVATION_FACTOR: f64 = 1.15;
 /// [`HALF_ACTIVATION_FACTOR`] for LoRA as one op ([`LORA_ACTIVATION_FACTOR`]); refit on three
 /// bf16 configs (bench/RESULTS.md, 2026-12-02, after the CPU's 16-bit LoRA products, SwiGLU
 /// and loss took f32 kernels: 1.35 → 1.06; then 1.16, with [`HALF_FIXED_BYTES`], when the
@@ -161,7 +174,7 @@ pub struct Estimate {
     pub total_steps: u64,
     /// Predicted seconds for the run.
     pub total_s: f64,
-    /// Sequence length assumed (data.max_len).
+    /// Positions per row assumed: the longest example up to data.max_len, plus a prompt-learning method's virtual tokens.
     pub seq_len: usize,
     /// Training FLOPs per step.
     pub flops_per_step: f64,
@@ -252,8 +265,10 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
                 // LoRA in training is one op with the frozen product (`ops::lora_linear`): it
                 // keeps only x̃·A (r) beside the output the frozen product would have anyway
                 // (dropout's input is drawn again in the backward, not kept). DoRA with dropout
-                // composes: x·A (r), its B output and the sum with the frozen output, the dropped
-                // copy of the input, the magnitude vector and the scaled sum (out each).
+                // composes: the dropped copy of the input (in), x̃·A (r), and seven (tokens, out)
+                // tensors: x̃·Wᵀ, its (g − 1) scaling, the update's B output, scaled by s and
+                // by g, and the two sums (measured 1.04 of this count in f32 and bf16,
+                // bench/RESULTS.md 2026-12-03).
                 PeftConfig::Lora(l) | PeftConfig::Qlora(l) if !l.use_dora => (l.rank_and_scale(&n).0 * (i + o), l.rank_and_scale(&n).0),
                 // Without dropout DoRA takes LoRA's op and scales its output: x·A (r) and the
                 // unscaled sum (out), and the scaling's gradient temporaries at the peak
@@ -263,7 +278,7 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
                 }
                 PeftConfig::Lora(l) | PeftConfig::Qlora(l) => {
                     let r = l.rank_and_scale(&n).0;
-                    (r * (i + o) + o, r + 4 * o + i)
+                    (r * (i + o) + o, r + 7 * o + i)
                 }
                 // P, Λ, Q at init_r (masked triplets stay trainable); activations as LoRA's
                 // (the same op, with Q ⊙ Λ as its A).
@@ -271,8 +286,10 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
                 PeftConfig::Ia3(l) if l.feedforward_modules.iter().any(|f| n == *f || n.ends_with(&format!(".{f}"))) => (i, i),
                 PeftConfig::Ia3(_) => (o, o),
                 PeftConfig::Bitfit(_) => (o, o),
-                // Down-projection and its activation (b each), up-projection and sum (d each).
-                PeftConfig::Adapter(a) => (a.params_per_adapter(o), 2 * a.bottleneck_size + 2 * o),
+                // Every node the composed adapter makes stays in the graph: the down-projection,
+                // its bias sum and the activation (b each), the up-projection, its bias sum and
+                // the residual sum (d each).
+                PeftConfig::Adapter(a) => (a.params_per_adapter(o), 3 * a.bottleneck_size + 3 * o),
                 PeftConfig::PromptTuning(_) | PeftConfig::PTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_) | PeftConfig::Full(_) => (0, 0),
             };
             (n, i, o, params, acts)
@@ -328,15 +345,23 @@ pub fn machine_ram_bytes() -> Option<u64> {
 pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest: Option<usize>) -> Result<Estimate> {
     cfg.peft.validate()?;
     let t = &cfg.train;
-    // Virtual tokens of prompt-learning methods run through the model like real ones (prefix
-    // tuning's only through attention; counted the same, an overestimate).
-    let seq = longest.map_or(cfg.data.max_len, |l| l.min(cfg.data.max_len)).max(1) + cfg.peft.num_virtual_tokens();
-    let (b, s) = (t.batch_size as u64, seq as u64);
+    // Virtual tokens of prompt tuning and P-tuning run through the model like real ones;
+    // prefix tuning's (and P-tuning v2's) only as keys and values in every attention layer.
+    let virt = cfg.peft.num_virtual_tokens();
+    let prefix = cfg.peft.prompt_method().is_some_and(|m| m.is_prefix());
+    let seq = longest.map_or(cfg.data.max_len, |l| l.min(cfg.data.max_len)).max(1) + virt;
+    // Positions through the layers (`s`), and the keys each attends over.
+    let (b, s) = (t.batch_size as u64, if prefix { seq - virt } else { seq } as u64);
+    let keys = seq as u64;
     let layers = model.num_hidden_layers as u64;
     let total = total_params(model);
     let ad = adapted(model, &cfg.peft)?;
     let trainable: u64 = ad.iter().map(|a| a.3 as u64).sum();
-    let adapter_floats: f64 = ad.iter().filter(|a| a.0.starts_with("model.layers.0.")).map(|a| a.4 as f64).sum();
+    let mut adapter_floats: f64 = ad.iter().filter(|a| a.0.starts_with("model.layers.0.")).map(|a| a.4 as f64).sum();
+    if prefix {
+        // Each layer's keys and values with the prefix in front (b, kv heads, keys, head_dim).
+        adapter_floats += 2.0 * (model.kv_heads() * model.head_dim()) as f64 * keys as f64 / s as f64;
+    }
     // Full fine-tuning keeps the base's activations (its trained norms' composed RMSNorm adds
     // temporaries that are gone before the peak: measured at batch 2, 8 and 16).
     let full = match &cfg.peft {
@@ -363,9 +388,17 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     } else {
         // Held in the activations' dtype (`model::load_in` converts each tensor as it reads it,
         // so a 16-bit base never exists in f32 all at once).
-        wbytes * total
+        // Full fine-tuning's trained weights are counted with the adapter: the trainer makes the
+        // model's frozen weights views of them (`peft::full::share_frozen_with_trained`).
+        wbytes * (total - full.map_or(0, |_| trainable).min(total))
     };
-    let adapter = trainable * ADAPTER_BYTES_PER_PARAM;
+    let adapter = match full {
+        Some(f) => {
+            let embedding = if f.train_embeddings { EMBEDDING_GRAD_COPIES * 4.0 * (model.vocab_size * model.hidden_size) as f64 } else { 0.0 };
+            trainable * FULL_BYTES_PER_PARAM + embedding as u64
+        }
+        None => trainable * ADAPTER_BYTES_PER_PARAM,
+    };
     let tokens = b * s;
     let act_bytes_per_tok_layer = wbytes as f64 * activation_floats_per_token_layer(model, adapter_floats);
     // LoRA and QLoRA (DoRA only without dropout) and AdaLoRA train through one op per
@@ -391,8 +424,8 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         // One query block of scores at a time (`ops::causal_attention` on tensor ops), in every
         // layer alike.
         let attn_factor = if half { HALF_ATTENTION_FACTOR } else { 1.0 };
-        let block = crate::model::ops::attention_block_len(b as usize, model.num_attention_heads, s as usize, s as usize) as u64;
-        (attn_factor * ATTENTION_COPIES * 4.0 * (b * heads * block * s) as f64) as u64
+        let block = crate::model::ops::attention_block_len(b as usize, model.num_attention_heads, s as usize, keys as usize) as u64;
+        (attn_factor * ATTENTION_COPIES * 4.0 * (b * heads * block * keys) as f64) as u64
     } else {
         // `model::attention_cpu`: two (tile × keys) f32 buffers per thread; the backward's dQ
         // and per-query-head dK, dV (f32), and with 16-bit activations f32 copies of q, k, v,
@@ -400,7 +433,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         let threads = rayon::current_num_threads() as u64;
         let tile = (crate::model::attention_cpu::TILE as u64).min(s);
         let per_head = b * heads * s * model.head_dim() as u64;
-        4 * (2 * threads * tile * s + if half { 8 } else { 3 } * per_head)
+        4 * (2 * threads * tile * keys + if half { 8 } else { 3 } * per_head)
     };
     let chunk = (t.loss_chunk as u64).min(tokens).max(1);
     let loss = if head_adapted {
@@ -445,7 +478,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     // backward: input gradients of every linear (2·tokens·params again), attention ×2.5 (the
     // scores recomputed, then dP, dV, dQ, dK), LoRA weight gradients.
     let lin_params: f64 = shapes.iter().map(|(_, i, o)| (*i * *o) as f64).sum();
-    let attn_fwd = 4.0 * (b * s * s) as f64 * (model.num_attention_heads * model.head_dim()) as f64 * layers as f64 / 2.0;
+    let attn_fwd = 4.0 * (b * s * keys) as f64 * (model.num_attention_heads * model.head_dim()) as f64 * layers as f64 / 2.0;
     let lora_flops: f64 = if full.is_some() {
         // Weight gradients of every trained matrix (its forward is already counted).
         2.0 * trainable as f64 * tokens as f64
@@ -501,12 +534,11 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     }
     if full.is_some() {
         warnings.push(format!(
-            "full fine-tuning trains all {:.0}M of these parameters: their copies, gradients and AdamW state alone take {:.1} GiB (about {ADAPTER_BYTES_PER_PARAM} bytes a parameter), and the tuned model is saved whole; LoRA on all-linear reaches similar quality on small tasks at a fraction of that",
+            "full fine-tuning trains all {:.0}M of these parameters: their copies, gradients and AdamW state alone take {:.1} GiB (about {FULL_BYTES_PER_PARAM} bytes a parameter, the weight's own value included), and the tuned model is saved whole; LoRA on all-linear reaches similar quality on small tasks at a fraction of that",
             trainable as f64 / 1e6,
             adapter as f64 / (1u64 << 30) as f64
         ));
     }
-    let virt = cfg.peft.num_virtual_tokens();
     if cfg.data.max_len + virt > model.max_position_embeddings {
         let with = if virt > 0 { format!(" plus {virt} virtual tokens") } else { String::new() };
         warnings.push(format!("data.max_len {}{with} is longer than the model's context ({})", cfg.data.max_len, model.max_position_embeddings));
@@ -516,12 +548,13 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
             match (qlora, half) {
                 (true, _) => "weights (4-bit projections)",
                 (false, true) => "weights (16-bit)",
+                (false, false) if full.is_some() => "frozen weights (f32)",
                 (false, false) => "weights (f32)",
             }
             .into(),
             weights,
         ),
-        ("adapter + optimizer".into(), adapter),
+        (if full.is_some() { "trained weights, gradients + optimizer" } else { "adapter + optimizer" }.into(), adapter),
         (if checkpointing { "activations (layer inputs + one layer)" } else { "activations" }.into(), acts),
         (if on_gpu { "attention (one query block)" } else { "attention (tiles, gradients)" }.into(), attn),
         ("loss (logits chunk)".into(), loss),
@@ -545,7 +578,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         step_s,
         total_steps,
         total_s: step_s * total_steps as f64,
-        seq_len: s as usize,
+        seq_len: seq,
         flops_per_step: flops,
         machine_gflops: gflops,
         warnings,

@@ -848,6 +848,95 @@ impl candle_core::CustomOp2 for AdamParam {
     cuda_fwd2!(adamw_param_cuda, same_shape);
 }
 
+/// One of AdamW's moments updated in place from the gradient (the only source): the first
+/// (`m·β₁ + g·(1 − β₁)`) or, with `second`, the second (`v·β₂ + g²·(1 − β₂)`).
+struct AdamMomentInPlace {
+    h: AdamWStep,
+    second: bool,
+}
+
+/// Elements per parallel chunk of the in-place AdamW passes (small variables stay on one
+/// thread).
+pub(crate) const ADAMW_CHUNK: usize = 1 << 14;
+
+impl candle_core::InplaceOp2 for AdamMomentInPlace {
+    fn name(&self) -> &'static str {
+        "adamw-moment-in-place"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, g: &CpuStorage, gl: &Layout) -> CResult<()> {
+        use rayon::prelude::*;
+        let op = self.name();
+        let g = cpu_f32(g, gl, op)?;
+        let d = cpu_f32_mut(dst, dst_l, op)?;
+        if d.len() != g.len() {
+            candle_core::bail!("{op}: {} moments for {} gradients", d.len(), g.len());
+        }
+        let h = self.h;
+        let (keep, take, square) = if self.second { (h.b2, h.one_minus_b2, true) } else { (h.b1, h.one_minus_b1, false) };
+        d.par_chunks_mut(ADAMW_CHUNK).zip(g.par_chunks(ADAMW_CHUNK)).for_each(|(d, g)| {
+            for (d, &g) in d.iter_mut().zip(g) {
+                *d = *d * keep + if square { g * g } else { g } * take;
+            }
+        });
+        Ok(())
+    }
+}
+
+/// The parameter updated in place from the new moments (m, v), as [`AdamParam`] computes it.
+struct AdamParamInPlace(AdamWStep);
+
+impl candle_core::InplaceOp3 for AdamParamInPlace {
+    fn name(&self) -> &'static str {
+        "adamw-param-in-place"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, m: &CpuStorage, ml: &Layout, v: &CpuStorage, vl: &Layout) -> CResult<()> {
+        use rayon::prelude::*;
+        let op = self.name();
+        let (m, v) = (cpu_f32(m, ml, op)?, cpu_f32(v, vl, op)?);
+        let p = cpu_f32_mut(dst, dst_l, op)?;
+        if (m.len(), v.len()) != (p.len(), p.len()) {
+            candle_core::bail!("{op}: {} parameters with {} and {} moments", p.len(), m.len(), v.len());
+        }
+        let h = self.0;
+        p.par_chunks_mut(ADAMW_CHUNK).zip(m.par_chunks(ADAMW_CHUNK).zip(v.par_chunks(ADAMW_CHUNK))).for_each(|(p, (m, v))| {
+            for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                let denom = (v * h.inv_bc2).sqrt() + h.eps;
+                *p = *p * h.decay - (m * h.inv_bc1) / denom * h.lr;
+            }
+        });
+        Ok(())
+    }
+}
+
+/// A contiguous f32 operand's values, to write (the in-place AdamW passes).
+fn cpu_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> CResult<&'a mut [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{op}: operand must be contiguous") };
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[a..b]),
+        other => candle_core::bail!("{op}: f32 expected, got {:?}", other.dtype()),
+    }
+}
+
+/// One AdamW step of an f32 CPU variable `p` with gradient `g`, all in place: `m`, `v`, then
+/// `p` are overwritten where they are (three passes, nothing allocated; the arithmetic of
+/// [`adamw_step`], so the same values to the bit). The tensor-op step allocates about seven
+/// temporaries of the variable's size at its peak (and [`adamw_step`] returns new tensors):
+/// for full fine-tuning's largest variable, the embedding, that is the step's memory peak.
+/// `m` and `v` must be the optimizer's own (no other tensor shares their storage).
+pub fn adamw_step_in_place(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: AdamWStep) -> CResult<()> {
+    for t in [p, g, m, v] {
+        if t.shape() != p.shape() || t.dtype() != DType::F32 || !t.device().is_cpu() {
+            candle_core::bail!("adamw-in-place: variable {:?} {:?} with operand {:?} {:?} on {:?}", p.dims(), p.dtype(), t.dims(), t.dtype(), t.device().location());
+        }
+    }
+    let g = g.contiguous()?;
+    m.inplace_op2(&g, &AdamMomentInPlace { h, second: false })?;
+    v.inplace_op2(&g, &AdamMomentInPlace { h, second: true })?;
+    p.inplace_op3(m, v, &AdamParamInPlace(h))
+}
+
 /// A contiguous f32 operand's values (AdamW's operands are all f32).
 fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{op}: operand must be contiguous") };

@@ -199,6 +199,26 @@ impl FullWeights {
     }
 }
 
+/// Makes every frozen weight that `layers` and `tuned` train a view of its variable, so a
+/// training process does not hold the base twice (the trained copy beside the frozen one: 4
+/// bytes a trained parameter, 513 MiB on the default model). The frozen weights then follow
+/// the training: [`super::remove_all`] no longer gives the base back, so only a process that
+/// needs the untuned base no more calls this (the trainer, after its held-out check before
+/// training).
+pub fn share_frozen_with_trained(model: &mut Llama, layers: &[(String, Arc<dyn PeftLayer>)], tuned: &FullWeights) -> Result<()> {
+    let by_prefix: HashMap<&str, &FullLayer> =
+        layers.iter().filter_map(|(p, l)| l.as_any().downcast_ref::<FullLayer>().map(|f| (p.as_str(), f))).collect();
+    for lin in model.linears_mut() {
+        if let Some(l) = by_prefix.get(super::peft_prefix(lin).as_str()) {
+            lin.set_frozen_weight(FrozenWeight::Dense(l.weight.as_detached_tensor()))?;
+            if let Some(b) = &l.bias {
+                lin.set_bias(Some(b.as_detached_tensor()));
+            }
+        }
+    }
+    tuned.merge_into(model)
+}
+
 fn trainable_copy(t: &Tensor) -> Result<Var> {
     // A copy, never the frozen storage itself: the optimizer updates a Var in place.
     Ok(Var::from_tensor(&t.copy()?)?)

@@ -437,6 +437,17 @@ impl Adapter {
         Ok(Adapter { config: config.clone(), layers, prompt: None, full: None, adalora })
     }
 
+    /// For a process that trains this adapter and needs the untuned base no more (the
+    /// trainer, after its held-out check before training): full fine-tuning's frozen weights
+    /// become views of the trained ones ([`full::share_frozen_with_trained`]), so the base is
+    /// not held twice. Other methods train beside their frozen base: nothing changes.
+    pub fn share_base_with_trained(&self, model: &mut Llama) -> Result<()> {
+        match &self.full {
+            Some(f) => full::share_frozen_with_trained(model, &self.layers, f),
+            None => Ok(()),
+        }
+    }
+
     /// The trainable tensors under their PEFT keys (`….lora_A.weight`), in a fixed order.
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let mut v = Vec::with_capacity(self.layers.len() * 2);

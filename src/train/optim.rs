@@ -29,6 +29,9 @@ pub struct AdamW {
     v: Vec<Tensor>,
     step: usize,
     p: AdamWParams,
+    /// Whether an f32 CPU variable steps in place ([`fused::adamw_step_in_place`]); off with
+    /// `TUNEBENCH_FUSED_KERNELS=0`, which asks for the tensor ops.
+    in_place: bool,
 }
 
 impl AdamW {
@@ -36,7 +39,7 @@ impl AdamW {
     pub fn new(vars: Vec<(String, Var)>, p: AdamWParams) -> Result<Self> {
         let m = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
         let v = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(AdamW { vars, m, v, step: 0, p })
+        Ok(AdamW { vars, m, v, step: 0, p, in_place: fused::enabled_by_env() })
     }
 
     /// The optimized variables.
@@ -72,6 +75,12 @@ impl AdamW {
                 (self.m[i], self.v[i]) = (m, v);
                 continue;
             }
+            if self.in_place && var.device().is_cpu() && g.dtype() == DType::F32 && var.dtype() == DType::F32 {
+                // On the CPU: three passes over the variable and its moments, nothing
+                // allocated (the tensor ops below hold ~7 temporaries of its size).
+                fused::adamw_step_in_place(var.as_tensor(), g, &self.m[i], &self.v[i], fused_step)?;
+                continue;
+            }
             let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let mut p = var.as_tensor().clone();
@@ -92,7 +101,8 @@ impl AdamW {
         self.step
     }
 
-    /// The state as named tensors (`m.<var>`, `v.<var>`, `step`).
+    /// The state as named tensors (`m.<var>`, `v.<var>`, `step`): views of the live moments,
+    /// which the next step on the CPU updates in place, so write them before stepping again.
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (i, (name, _)) in self.vars.iter().enumerate() {
@@ -104,7 +114,8 @@ impl AdamW {
         Ok(out)
     }
 
-    /// Restores state written by [`AdamW::state`].
+    /// Restores state written by [`AdamW::state`]. The moments become the optimizer's own,
+    /// which later steps on the CPU update in place: the caller lets go of `state`.
     pub fn restore(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         for (i, (name, var)) in self.vars.iter().enumerate() {
             for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
@@ -113,7 +124,7 @@ impl AdamW {
                 if t.dims() != var.dims() {
                     return Err(Error::Msg(format!("optimizer state `{key}` has shape {:?}, expected {:?}", t.dims(), var.dims())));
                 }
-                *slot = t.clone();
+                *slot = t.contiguous()?;
             }
         }
         let step = state.get("step").ok_or_else(|| Error::Msg("optimizer state has no `step`".into()))?;
@@ -285,6 +296,7 @@ mod adamw_tests {
             AdamW::new(vars, p.clone()).unwrap()
         };
         let (mut plain, mut fast) = (make(), make());
+        plain.in_place = false;
         for step in 0..6u64 {
             let grads = vec![random(&[3, 5], 10 + step), random(&[7], 20 + step)];
             plain.step(&grads, 1e-2).unwrap();
@@ -305,6 +317,56 @@ mod adamw_tests {
         }
         assert_eq!(fast.m[0].dims(), &[3, 5]);
         assert!(diff(plain.vars()[0].1.as_tensor(), &random(&[3, 5], 1)) > 1e-3, "the parameters moved");
+    }
+
+    /// The CPU's in-place step (a variable of several parallel chunks, and a small one) gives
+    /// the fused kernels' twin's values to the bit and the tensor ops' within rounding, over six
+    /// steps with a save and restore of its state between; it writes the variable and the
+    /// moments where they are.
+    #[test]
+    fn in_place_adamw_matches_the_fused_twin_and_the_tensor_ops() {
+        let p = AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+        let big = [3 * fused::ADAMW_CHUNK + 17];
+        let make = |in_place: bool| {
+            let vars = vec![("a".to_string(), Var::from_tensor(&random(&big, 1)).unwrap()), ("b".to_string(), Var::from_tensor(&random(&[7], 2)).unwrap())];
+            let mut o = AdamW::new(vars, p.clone()).unwrap();
+            o.in_place = in_place;
+            o
+        };
+        let (mut plain, mut twin, mut inplace) = (make(false), make(false), make(true));
+        let storage = |t: &Tensor| match &*t.storage_and_layout().0 {
+            candle_core::Storage::Cpu(c) => c.as_slice::<f32>().unwrap().as_ptr() as usize,
+            _ => unreachable!("a CPU test"),
+        };
+        let before = (storage(inplace.vars()[0].1.as_tensor()), storage(&inplace.m[0]), storage(&inplace.v[0]));
+        for step in 0..6u64 {
+            let grads = vec![random(&big, 10 + step), random(&[7], 20 + step)];
+            plain.step(&grads, 1e-2).unwrap();
+            fused::forced(|| twin.step(&grads, 1e-2)).unwrap();
+            inplace.step(&grads, 1e-2).unwrap();
+            if step == 0 {
+                assert_eq!(before, (storage(inplace.vars()[0].1.as_tensor()), storage(&inplace.m[0]), storage(&inplace.v[0])), "updated in place");
+            }
+            if step == 2 {
+                let state = inplace.state().unwrap();
+                let params: Vec<Tensor> = inplace.vars().iter().map(|(_, v)| v.as_tensor().copy().unwrap()).collect();
+                inplace = make(true);
+                for ((_, v), src) in inplace.vars.iter().zip(&params) {
+                    v.set(src).unwrap();
+                }
+                inplace.restore(&state).unwrap();
+            }
+        }
+        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        for i in 0..2 {
+            let (x, y) = (inplace.vars()[i].1.as_tensor(), twin.vars()[i].1.as_tensor());
+            assert_eq!(x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "parameter {i} against the twin");
+            assert_eq!(inplace.m[i].flatten_all().unwrap().to_vec1::<f32>().unwrap(), twin.m[i].flatten_all().unwrap().to_vec1::<f32>().unwrap(), "m {i}");
+            assert_eq!(inplace.v[i].flatten_all().unwrap().to_vec1::<f32>().unwrap(), twin.v[i].flatten_all().unwrap().to_vec1::<f32>().unwrap(), "v {i}");
+            assert!(diff(x, plain.vars()[i].1.as_tensor()) < 1e-7, "parameter {i} against the tensor ops");
+            assert!(diff(&inplace.m[i], &plain.m[i]) < 1e-8 && diff(&inplace.v[i], &plain.v[i]) < 1e-8, "moments {i} against the tensor ops");
+        }
+        assert!(diff(inplace.vars()[0].1.as_tensor(), &random(&big, 1)) > 1e-3, "the parameters moved");
     }
 
     #[test]

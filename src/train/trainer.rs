@@ -242,6 +242,9 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
     };
     // AdaLoRA's rank schedule runs over the whole run unless its config says otherwise.
     let adapter = Adapter::inject_with(&mut m.model, &cfg.peft.for_steps(total_steps), cfg.seed, Some(&m.tokenizer))?;
+    // The held-out check before training has run: full fine-tuning's frozen base becomes a view
+    // of the trained weights instead of a second copy.
+    adapter.share_base_with_trained(&mut m.model)?;
     let vars = adapter.trainable();
     let mut opt = AdamW::new(
         vars.clone(),

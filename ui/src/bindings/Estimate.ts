@@ -34,7 +34,7 @@ total_steps: number,
  */
 total_s: number, 
 /**
- * Sequence length assumed (data.max_len).
+ * Positions per row assumed: the longest example up to data.max_len, plus a prompt-learning method's virtual tokens.
  */
 seq_len: number, 
 /**
