@@ -805,6 +805,31 @@ fn full_fine_tuning_saves_every_weight_and_merges_into_a_plain_model() {
     }
 }
 
+/// In the trainer, full fine-tuning's frozen base becomes a view of the trained weights (it is
+/// not held twice): sharing changes no output, every later update of the trained weights is
+/// the model's own (uninstalled, the model keeps them), and a plain `remove_all` without it
+/// still gives the base back (the test above).
+#[test]
+fn the_trainer_shares_full_fine_tunings_base_with_the_trained_weights() {
+    for (tie, train_embeddings) in [(true, true), (false, true), (true, false)] {
+        let mut cfg = LlamaConfig::tiny(40);
+        cfg.tie_word_embeddings = tie;
+        cfg.attention_bias = !tie;
+        let mut model = Llama::random_dtype(cfg.clone(), 11, &Device::Cpu, DType::F64).unwrap();
+        let base = logits(&model);
+        let adapter = Adapter::inject(&mut model, &PeftConfig::Full(FullConfig { train_embeddings, train_norms: true }), 1).unwrap();
+        adapter.share_base_with_trained(&mut model).unwrap();
+        assert_eq!(logits(&model), base, "tie={tie}: sharing changes nothing");
+        randomize(&adapter, DType::F64);
+        let tuned = logits(&model);
+        assert!(max_rel(&tuned, &base) > 1e-3);
+        tunebench::peft::remove_all(&mut model);
+        let rel = max_rel(&logits(&model), &tuned);
+        // Without the embedding trained, the frozen embedding is the base's own and stays so.
+        assert!(rel < 1e-12, "tie={tie} embeddings={train_embeddings}: the frozen weights are the trained ones ({rel})");
+    }
+}
+
 /// The estimate knows full fine-tuning: every parameter trainable, their optimizer state in
 /// the memory, and a warning that says what it costs.
 #[test]
