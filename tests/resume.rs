@@ -210,6 +210,21 @@ fn bench_train_runs_a_shape_with_and_without_checkpointing() {
         assert!((share - 1.0).abs() < 1e-6, "{share}");
         assert!(plain.get("profile").is_none());
     }
+    // --peft: any method instead of LoRA (both start from the base's loss, their identity
+    // inits; then IA3 trains its own way, no LoRA op runs, and the estimate is IA3's); a bad
+    // key is named.
+    let ia3 = run(&["--peft", "method = \"ia3\"", "--profile", "1"]);
+    let l = ia3["losses"].as_array().unwrap();
+    assert!(l[0] == a[0] && l[1] != a[1], "IA3's own losses: {l:?} (LoRA {a:?})");
+    let rows = ia3["profile"].as_array().unwrap();
+    assert!(rows.iter().any(|r| r["region"] == "adapter fwd") && !rows.iter().any(|r| r["region"] == "lora product fwd"), "{rows:?}");
+    assert!(est(&ia3) < est(&plain), "IA3 trains far fewer parameters: {} vs {}", est(&ia3), est(&plain));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunebench"))
+        .args(["bench-train", "--shape", "tiny", "--peft", "method = \"ia3\"\nfeedforward_modules = [\"nope\"]"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--peft") && err.contains("feedforward_modules"), "{err}");
 }
 
 /// Mixed precision on the real default model: a bf16 run's loss curve follows the f32 run's

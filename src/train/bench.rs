@@ -118,9 +118,27 @@ pub struct BenchOptions<'a> {
     pub dtype: super::config::Precision,
     /// After the timed steps, profile this many more (0: none).
     pub profile_steps: usize,
+    /// Any method's config instead of LoRA from `rank`, `alpha`, `dropout` and `targets`.
+    pub peft: Option<crate::peft::PeftConfig>,
 }
 
-/// Runs `warmup + steps` LoRA training steps (full causal-LM loss on every token, AdamW
+/// The method a benchmark trains: `o.peft`, or LoRA from the LoRA options.
+pub fn peft_config(o: &BenchOptions) -> Result<crate::peft::PeftConfig> {
+    let peft = match &o.peft {
+        Some(p) => p.clone(),
+        None => {
+            let mut peft = RunConfig::lora(o.rank, o.alpha, o.targets);
+            if let crate::peft::PeftConfig::Lora(l) = &mut peft {
+                l.lora_dropout = o.dropout;
+            }
+            peft
+        }
+    };
+    peft.validate()?;
+    Ok(peft)
+}
+
+/// Runs `warmup + steps` training steps of LoRA or `o.peft` (full causal-LM loss on every token, AdamW
 /// without weight decay at a constant `lr`) cycling through the batches: those in
 /// `batches_file` (`input_ids` [n, batch, seq]), or `random` = (batch, seq) seeded random
 /// tokens.
@@ -148,12 +166,10 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
     };
     let source = batches_file.map(|f| f.display().to_string()).unwrap_or_else(|| "random batches".into());
     let (n, b, s) = ids.dims3().map_err(|_| Error::Msg(format!("{source}: `input_ids` must be [n_batches, batch, seq]")))?;
-    let mut peft = RunConfig::lora(o.rank, o.alpha, o.targets);
-    if let crate::peft::PeftConfig::Lora(l) = &mut peft {
-        l.lora_dropout = o.dropout;
-    }
-    peft.validate()?;
+    let peft = peft_config(o)?;
     let adapter = Adapter::inject(&mut model, &peft, 0)?;
+    // As the trainer: full fine-tuning's frozen base becomes a view of the trained weights.
+    adapter.share_base_with_trained(&mut model)?;
     let mut opt = AdamW::new(adapter.trainable(), AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })?;
     let vars = adapter.trainable();
     let train = super::config::TrainSection { gradient_checkpointing: o.gradient_checkpointing, loss_chunk: 256, grad_accum: 1, dtype: o.dtype, ..Default::default() };

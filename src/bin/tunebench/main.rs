@@ -263,8 +263,8 @@ enum Cmd {
         #[arg(long, default_value = "auto")]
         device: String,
     },
-    /// Benchmark LoRA training steps on fixed batches (a safetensors file holding an i64
-    /// `input_ids` [n, batch, seq]); prints one JSON line.
+    /// Benchmark training steps of LoRA (or any method: --peft) on fixed batches (a
+    /// safetensors file holding an i64 `input_ids` [n, batch, seq]); prints one JSON line.
     BenchTrain {
         /// Model.
         #[arg(long, conflicts_with = "shape")]
@@ -320,6 +320,10 @@ enum Cmd {
         /// are slower; the timed ones are not profiled.
         #[arg(long, value_name = "N", default_value_t = 0)]
         profile: usize,
+        /// Any method instead of LoRA: the `[peft]` table's lines, as in a run config (e.g.
+        /// 'method = "ia3"'); the LoRA options are then unused.
+        #[arg(long, value_name = "TOML")]
+        peft: Option<String>,
     },
 }
 
@@ -800,7 +804,7 @@ fn run(cli: Cli) -> Result<()> {
                 return Err(Error::Msg(format!("{failed} of {} op checks failed", checks.len())));
             }
         }
-        Cmd::BenchTrain { model, shape, batches, batch, seq, device, gradient_checkpointing, dtype, rank, alpha, dropout, targets, lr, warmup_steps, steps, profile } => {
+        Cmd::BenchTrain { model, shape, batches, batch, seq, device, gradient_checkpointing, dtype, rank, alpha, dropout, targets, lr, warmup_steps, steps, profile, peft } => {
             use tunebench::train::bench::{self, BenchModel, BenchOptions};
             let path = model_path(model);
             let which = match &shape {
@@ -809,7 +813,15 @@ fn run(cli: Cli) -> Result<()> {
             };
             let targets = targets_of(&targets);
             let dtype: tunebench::train::config::Precision = dtype.parse().map_err(|e| Error::Msg(format!("--dtype: {e}")))?;
-            let o = BenchOptions { rank, alpha, dropout, targets: &targets, lr, warmup: warmup_steps, steps, device: &device, gradient_checkpointing, dtype, profile_steps: profile };
+            let peft = match peft {
+                Some(text) => Some(
+                    tunebench::train::RunConfig::from_toml(&format!("[data]\npath = \"bench-train batches\"\n[peft]\n{text}\n"), None)
+                        .map_err(|e| Error::Msg(format!("--peft: {e}")))?
+                        .peft,
+                ),
+                None => None,
+            };
+            let o = BenchOptions { rank, alpha, dropout, targets: &targets, lr, warmup: warmup_steps, steps, device: &device, gradient_checkpointing, dtype, profile_steps: profile, peft };
             let mut r = bench::run(which, batches.as_deref(), (batch, seq), &o)?;
             r.estimated_peak_bytes = Some(bench_estimate(&shape, &path, (r.batch, r.seq), &o)?);
             if let Some(rows) = &r.profile {
@@ -823,7 +835,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// `tunebench estimate`'s peak memory for what `bench-train` ran: the same model (or shape),
-/// LoRA, batch shape, dtype and checkpointing.
+/// method, batch shape, dtype and checkpointing.
 fn bench_estimate(shape: &Option<String>, path: &Path, (batch, seq): (usize, usize), o: &tunebench::train::bench::BenchOptions) -> Result<u64> {
     let model = match shape {
         Some(s) => tunebench::train::bench::shape_config(s)?,
@@ -831,10 +843,7 @@ fn bench_estimate(shape: &Option<String>, path: &Path, (batch, seq): (usize, usi
     };
     // Only the model, adapter and batch shape matter to the estimate (no data is read).
     let mut cfg = tunebench::train::RunConfig::from_toml("[data]\npath = \"bench-train batches\"\n", None)?;
-    cfg.peft = tunebench::train::RunConfig::lora(o.rank, o.alpha, o.targets);
-    if let tunebench::peft::PeftConfig::Lora(l) = &mut cfg.peft {
-        l.lora_dropout = o.dropout;
-    }
+    cfg.peft = tunebench::train::bench::peft_config(o)?;
     (cfg.data.max_len, cfg.train.batch_size, cfg.train.max_steps) = (seq, batch, o.warmup + o.steps);
     (cfg.train.gradient_checkpointing, cfg.train.dtype, cfg.train.device, cfg.train.loss_chunk) = (o.gradient_checkpointing, o.dtype, o.device.to_string(), 256);
     Ok(tunebench::api::estimate::estimate(&cfg, &model, None, Some(seq))?.memory.total_bytes)
