@@ -21,6 +21,15 @@ Anchor shapes:
   "$py" bench/cpu_lora_bench.py --batch 2 --seq 128 --rank 8 --targets q,v
   "$py" bench/cpu_lora_bench.py --batch 8 --seq 256 --gradient-checkpointing   # both sides checkpoint
   "$py" bench/cpu_lora_bench.py --batch 8 --seq 256 --dropout 0.05              # LoRA dropout, both sides
+  "$py" bench/cpu_lora_bench.py --batch 8 --seq 256 --method ia3                 # another method (below)
+
+--method trains another method on both sides instead of LoRA (the LoRA options are then unused):
+  ia3            IA3 on k, v (outputs) and down (input): PEFT's IA3Config, ours `method = "ia3"`
+  p_tuning_v2    20 trained key/value prefixes per layer, no reparameterisation: PEFT's
+                 PrefixTuningConfig (prefix_projection off), ours `method = "p_tuning_v2"`
+  prompt_tuning  20 trained input embeddings: PEFT's PromptTuningConfig, ours `method = "prompt_tuning"`
+                 (the two initialise them differently, so their losses differ)
+  full           every weight (embedding and norms included), plain PyTorch, ours `method = "full"`
 Options: --reference-only (PyTorch side alone), --write-results (append to bench/RESULTS.md),
 --tunebench PATH (default $TUNEBENCH_BIN or target/release/tunebench), --steps, --warmup.
 """
@@ -42,6 +51,14 @@ import tbcommon as tb  # noqa: E402
 from tbcommon import git_rev, machine, parse_json_line, tunebench_version  # noqa: E402
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# --method: (our [peft] lines, a label); the reference's config is built in reference_train.
+METHODS = {
+    "lora": (None, "LoRA"),
+    "ia3": ('method = "ia3"', "IA3 on k, v, down"),
+    "p_tuning_v2": ('method = "p_tuning_v2"\nnum_virtual_tokens = 20', "P-tuning v2 (prefix tuning without reparameterisation), 20 tokens"),
+    "prompt_tuning": ('method = "prompt_tuning"\nnum_virtual_tokens = 20', "prompt tuning, 20 tokens"),
+    "full": ('method = "full"', "full fine-tuning"),
+}
 DEFAULT_DATA = os.path.join(os.path.dirname(tb.ROOT), "shared", "data", "alpaca_en_demo.json")
 RESULTS = os.path.join(tb.ROOT, "bench", "RESULTS.md")
 GIB = 1024 ** 3
@@ -97,7 +114,8 @@ def make_batches(model_path: str, data_path: str, n_batches: int, batch: int, se
 
 
 def reference_train(model_path: str, batches_path: str, rank: int, alpha: float, targets, lr: float,
-                    warmup: int, steps: int, threads: int, checkpointing: bool = False, dropout: float = 0.0) -> dict:
+                    warmup: int, steps: int, threads: int, checkpointing: bool = False, dropout: float = 0.0,
+                    method: str = "lora") -> dict:
     """The PyTorch + PEFT side (runs in its own process). Returns tokens/s, losses, step times."""
     import time
 
@@ -117,8 +135,22 @@ def reference_train(model_path: str, batches_path: str, rank: int, alpha: float,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                                             bias="none", task_type="CAUSAL_LM"))
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif method == "ia3":
+        from peft import IA3Config
+        model = get_peft_model(model, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                feedforward_modules=["down_proj"], task_type="CAUSAL_LM"))
+    elif method == "p_tuning_v2":
+        from peft import PrefixTuningConfig
+        model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM"))
+    elif method == "prompt_tuning":
+        from peft import PromptTuningConfig
+        model = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM"))
+    else:
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                                                 bias="none", task_type="CAUSAL_LM"))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -159,6 +191,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6, help="timed steps (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="shuffle seed of the batches (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: cores)")
+    ap.add_argument("--method", choices=sorted(METHODS), default="lora",
+                    help="the method both sides train (default: %(default)s; see above)")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="both sides recompute each decoder layer in the backward")
     ap.add_argument("--reference-only", action="store_true", help="run only the PyTorch + PEFT side")
@@ -173,7 +207,7 @@ def main() -> int:
 
     if args.worker_reference:  # child process: the PyTorch side
         res = reference_train(args.model, args.batches, args.rank, alpha, targets, args.lr, args.warmup,
-                              args.steps, args.threads, args.gradient_checkpointing, args.dropout)
+                              args.steps, args.threads, args.gradient_checkpointing, args.dropout, args.method)
         res["peak_rss_bytes"] = tb.self_peak_rss_bytes()
         print(json.dumps(res))
         return 0
@@ -186,7 +220,10 @@ def main() -> int:
     batches = os.path.join(work, f"batches-{n_batches}x{args.batch}x{args.seq}-seed{args.seed}.safetensors")
     make_batches(args.model, args.data, n_batches, args.batch, args.seq, args.seed, batches)
     mach = machine()
-    shape = f"{args.batch}x{args.seq}, LoRA r{args.rank} alpha {alpha} on {','.join(t[:-5] for t in targets)}"
+    if args.method == "lora":
+        shape = f"{args.batch}x{args.seq}, LoRA r{args.rank} alpha {alpha} on {','.join(t[:-5] for t in targets)}"
+    else:
+        shape = f"{args.batch}x{args.seq}, {METHODS[args.method][1]}"
     if args.dropout:
         shape += f", dropout {args.dropout:g}"
     if args.gradient_checkpointing:
@@ -200,7 +237,7 @@ def main() -> int:
     ref_argv = [sys.executable, os.path.abspath(__file__), "--worker-reference", "--model", args.model,
                 "--batches", batches, "--rank", str(args.rank), "--alpha", str(alpha), "--targets", ",".join(targets),
                 "--lr", str(args.lr), "--warmup", str(args.warmup), "--steps", str(args.steps),
-                "--threads", str(args.threads), "--dropout", str(args.dropout)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+                "--threads", str(args.threads), "--dropout", str(args.dropout), "--method", args.method] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
     r = tb.run_measured(ref_argv, stream_stderr=True).check("PyTorch reference")
     ref = parse_json_line(r.stdout, "PyTorch reference")
     tokens_per_step = args.batch * args.seq
@@ -215,6 +252,8 @@ def main() -> int:
                            "--warmup-steps", str(args.warmup), "--steps", str(args.steps), "--dropout", str(args.dropout)]
         if args.gradient_checkpointing:
             ours_argv.append("--gradient-checkpointing")
+        if METHODS[args.method][0]:
+            ours_argv += ["--peft", METHODS[args.method][0]]
         ours_cmd = shlex.join(ours_argv)
         r = tb.run_measured(ours_argv, stream_stderr=True).check("tunebench bench-train")
         ours = parse_json_line(r.stdout, "tunebench bench-train")
@@ -236,7 +275,7 @@ def main() -> int:
     if len(sides) == 2:
         (_, t0, m0, _, l0, _), (_, t1, m1, _, l1, _) = sides
         lines.append(f"| ours/pytorch | {t1 / t0:.2f}x | | {m1 / m0:.2f}x | | Δ {abs(l1[0] - l0[0]):.2e} | |")
-    print(f"\nCPU LoRA training, {shape}, {args.steps} timed steps, {mach['nproc']} cores ({mach['cpu']})")
+    print(f"\nCPU training, {shape}, {args.steps} timed steps, {mach['nproc']} cores ({mach['cpu']})")
     print("\n".join(lines))
     print(f"reference step times (s): {' '.join(f'{x:.2f}' for x in ref['step_seconds'])}")
     # `tunebench estimate`'s peak for the same run, against the peak measured here.
@@ -246,7 +285,9 @@ def main() -> int:
         est_line = f"- tunebench estimate for this run: {est / GIB:.2f} GiB peak, {100 * (est / got - 1):+.1f}% of the measured"
         print(est_line[2:])
     # (With dropout the two sides draw different masks, so their losses differ.)
-    if len(sides) == 2 and not args.dropout and abs(sides[1][4][0] - sides[0][4][0]) > 1e-2:
+    # (Prompt-learning methods initialise their virtual tokens differently on the two sides.)
+    same_start = not args.dropout and args.method in ("lora", "ia3", "full")
+    if len(sides) == 2 and same_start and abs(sides[1][4][0] - sides[0][4][0]) > 1e-2:
         print("warning: first-step losses differ by more than 1e-2 although weights and batch are identical")
 
     if args.write_results:
@@ -254,7 +295,7 @@ def main() -> int:
         cmd = "bench/cpu_lora_bench.py " + shlex.join(sys.argv[1:])
         now = datetime.datetime.now().astimezone()
         section = [
-            f"\n## {now:%Y-%m-%d %H:%M %Z} — CPU LoRA training, {shape}",
+            f"\n## {now:%Y-%m-%d %H:%M %Z} — CPU {'LoRA ' if args.method == 'lora' else ''}training, {shape}",
             "",
             f"- machine: {mach['cpu']}, {mach['nproc']} cores (nproc), {mach['mem_gib']} GiB; "
             f"load average before the run {mach['load_avg'][0]:.2f}",
