@@ -159,6 +159,31 @@ fn chunked_linear_cross_entropy_matches_composed() {
     }
 }
 
+/// A trained LM head's chunked loss (full fine-tuning's): the summed loss and the gradients of
+/// both the hidden states and the weight against the composed loss in f64, in f32 (the CPU's
+/// gemm-accumulated dW over several chunks and a short last one) and f64 (tensor ops).
+#[test]
+fn trained_head_loss_gives_the_weight_its_gradient() {
+    let targets: Vec<u32> = (0..37u32).map(|i| (i * 131) % 203).collect();
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::F64, 1e-12)] {
+        let h = Var::from_tensor(&(randn(&[37, 24], 41, dtype) * 1.5).unwrap()).unwrap();
+        let w = Var::from_tensor(&randn(&[203, 24], 42, dtype)).unwrap();
+        let ours = ops::linear_cross_entropy_trained_sum(h.as_tensor(), w.as_tensor(), &targets, 16).unwrap();
+        let g = (&ours * 0.7).unwrap().backward().unwrap();
+        let (h64, w64) = (h.as_tensor().to_dtype(DType::F64).unwrap(), w.as_tensor().to_dtype(DType::F64).unwrap());
+        let (hv, wv) = (Var::from_tensor(&h64).unwrap(), Var::from_tensor(&w64).unwrap());
+        let reference = ops::cross_entropy_rows(&hv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap(), &targets).unwrap().sum_all().unwrap();
+        let gr = (&reference * 0.7).unwrap().backward().unwrap();
+        let value = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        assert!((value(&ours) - value(&reference)).abs() <= tol * value(&reference).abs(), "{dtype:?}: loss {} vs {}", value(&ours), value(&reference));
+        for (name, a, b) in [("h", g.get(h.as_tensor()).unwrap(), gr.get(hv.as_tensor()).unwrap()), ("w", g.get(w.as_tensor()).unwrap(), gr.get(wv.as_tensor()).unwrap())] {
+            assert_eq!(a.dtype(), dtype, "{name}'s gradient in its own dtype");
+            let rel = max_rel(&a.to_dtype(DType::F64).unwrap(), b);
+            assert!(rel < tol, "{dtype:?}: d{name} off by {rel}");
+        }
+    }
+}
+
 #[test]
 fn frozen_linear_gives_input_gradient_and_none_to_the_weight() {
     let x = Var::from_tensor(&randn(&[2, 3, 8], 7, DType::F32)).unwrap();

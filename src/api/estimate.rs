@@ -84,14 +84,19 @@ pub const ADAPTER_BYTES_PER_PARAM: u64 = 17;
 /// steps in place). Fitted with [`LOGIT_COPIES`] and [`EMBEDDING_GRAD_COPIES`] on three
 /// configs of the default model (bench/RESULTS.md, 2026-12-03).
 pub const FULL_BYTES_PER_PARAM: u64 = 16;
-/// Copies of the (tokens, vocab) f32 logits alive at the peak when the LM head is adapted and
-/// the loss runs on composed ops (the logits, their log-softmax and the backward's gradients
-/// of both, with temporaries). Fitted on full fine-tuning of the default model at 256, 1024
-/// and 2048 tokens (bench/RESULTS.md, 2026-12-03: 1.0 before, when the base was held twice).
+/// Copies of the (tokens, vocab) f32 logits alive at the peak when the LM head is adapted by
+/// LoRA and the loss runs on composed ops (the logits, their log-softmax and the backward's
+/// gradients of both, with temporaries). Fitted on full fine-tuning of the default model at
+/// 256, 1024 and 2048 tokens when its head took the composed loss too (bench/RESULTS.md,
+/// 2026-12-03: 1.0 before, when the base was held twice); checked on LoRA with lm_head.
 pub const LOGIT_COPIES: f64 = 5.25;
-/// A trained embedding's dense f32 gradients alive beside it at the peak (the lookup's and,
-/// tied, the LM head's, before they are summed), in units of the embedding's size.
-pub const EMBEDDING_GRAD_COPIES: f64 = 2.0;
+/// A trained embedding's dense f32 gradients alive beside it at the peak (the lookup's, the
+/// LM head's dW from the chunked loss, and their sum), in units of the embedding's size.
+/// Fitted with [`FULL_NORM_FLOATS_PER_HIDDEN`] on three configs (bench/RESULTS.md, 2026-12-03).
+pub const EMBEDDING_GRAD_COPIES: f64 = 3.0;
+/// Full fine-tuning's trained norms (composed RMSNorm with a tracked weight): f32 floats per
+/// token and layer kept beyond the frozen norms', in units of the hidden size.
+pub const FULL_NORM_FLOATS_PER_HIDDEN: f64 = 3.0;
 /// Step time ÷ pure matmul time (norms, softmax, RoPE, element-wise ops, optimizer) for the
 /// methods on composed ops: 2.2 when fitted (2026-11-23); 1.8 since the CPU's attention
 /// kernels, split_heads and the gemm loss (bench/RESULTS.md 2026-12-03: IA3, BitFit, both
@@ -368,15 +373,19 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         // Each layer's keys and values with the prefix in front (b, kv heads, keys, head_dim).
         adapter_floats += 2.0 * (model.kv_heads() * model.head_dim()) as f64 * keys as f64 / s as f64;
     }
-    // Full fine-tuning keeps the base's activations (its trained norms' composed RMSNorm adds
-    // temporaries that are gone before the peak: measured at batch 2, 8 and 16).
+    // Full fine-tuning keeps the base's activations, and its trained norms (composed RMSNorm)
+    // [`FULL_NORM_FLOATS_PER_HIDDEN`] more per token and layer.
     let full = match &cfg.peft {
         PeftConfig::Full(f) => Some(f),
         _ => None,
     };
-    // An adapted LM head (a LoRA target, or full fine-tuning's trained embedding) takes the
-    // composed cross-entropy: every counted row's logits stay in the graph until the backward.
-    let head_adapted = ad.iter().any(|a| a.0 == "lm_head") || full.is_some_and(|f| f.train_embeddings);
+    if full.is_some_and(|f| f.train_norms) {
+        adapter_floats += FULL_NORM_FLOATS_PER_HIDDEN * model.hidden_size as f64;
+    }
+    // A LoRA-adapted LM head takes the composed cross-entropy: every counted row's logits stay
+    // in the graph until the backward. (Full fine-tuning's trained head takes the chunked loss,
+    // `ops::linear_cross_entropy_trained_sum`: one chunk of logits, like a frozen head.)
+    let head_adapted = ad.iter().any(|a| a.0 == "lm_head");
 
     // QLoRA holds the projections in 4-bit blocks (≤ 5 bits a weight: Q4_1; Q4_K is 4.5) and
     // dequantizes one at a time; everything else stays f32.

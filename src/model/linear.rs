@@ -172,6 +172,13 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     fn forward_full(&self, _xs: &Tensor, _weight: &FrozenWeight, _bias: Option<&Tensor>, _ctx: &ForwardCtx) -> Option<Result<Tensor>> {
         None
     }
+    /// The weight that replaces the frozen one wholesale while training (full fine-tuning,
+    /// without a bias), tracked for its gradient: an LM head with one trains through the
+    /// chunked loss ([`super::ops::linear_cross_entropy_trained_sum`]) instead of keeping every
+    /// row's logits. `None` (the default) for every other method.
+    fn trained_weight(&self, _ctx: &ForwardCtx) -> Option<Tensor> {
+        None
+    }
     /// Downcasting support, for saving and merging.
     fn as_any(&self) -> &dyn std::any::Any;
 }

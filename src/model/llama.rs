@@ -740,7 +740,11 @@ impl Llama {
         let n = rows.len();
         let idx = Tensor::from_slice(rows, n, &self.device)?;
         let hs = h.index_select(&idx, 0)?;
-        Ok(if self.lm_head.adapter().is_none() && self.lm_head.bias().is_none() {
+        let trained = self.lm_head.adapter().and_then(|a| a.trained_weight(ctx)).filter(|_| self.lm_head.bias().is_none());
+        Ok(if let Some(w) = trained {
+            // A head whose weight trains (full fine-tuning): chunk by chunk, its gradient too.
+            ops::linear_cross_entropy_trained_sum(&hs, &w, targets, chunk)?
+        } else if self.lm_head.adapter().is_none() && self.lm_head.bias().is_none() {
             ops::linear_cross_entropy(&hs, &self.lm_head.weight().dense()?, targets, chunk)?.sum_all()?
         } else {
             // An adapter on the LM head: logits through the slot, then cross-entropy.

@@ -121,6 +121,10 @@ impl LinearAdapter for FullLayer {
         Some(run())
     }
 
+    fn trained_weight(&self, ctx: &ForwardCtx) -> Option<Tensor> {
+        (ctx.train && !ctx.generation && self.bias.is_none()).then(|| var_tensor(&self.weight, ctx))
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
