@@ -91,6 +91,35 @@ fn fused_swiglu_matches_composed() {
     check_op(&u, |u| ops::swiglu(&g, u).unwrap(), |u| ops::swiglu_composed(&g, u).unwrap(), 1e-5);
 }
 
+/// IA3's scaling and BitFit's shift: values and both gradients (the input's and the vector's)
+/// against the broadcast ops in f64, over more rows than one of the kernel's blocks (150 rows
+/// of 24 channels) and with IA3's (out, 1) vector shape.
+#[test]
+fn channel_scale_and_shift_match_composed() {
+    type Op = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
+    let cases: [(&str, Op, Op, &[usize]); 3] = [
+        ("scale", ops::channel_scale, ops::channel_scale_composed, &[24, 1]),
+        ("scale", ops::channel_scale, ops::channel_scale_composed, &[1, 24]),
+        ("shift", ops::channel_shift, ops::channel_shift_composed, &[24]),
+    ];
+    for (name, op, composed, vshape) in cases {
+        let x = Var::from_tensor(&randn(&[3, 50, 24], 51, DType::F32)).unwrap();
+        let v = Var::from_tensor(&(randn(vshape, 52, DType::F32) + 1.0).unwrap()).unwrap();
+        let y = op(x.as_tensor(), v.as_tensor()).unwrap();
+        let (x64, v64) = (Var::from_tensor(&x.as_tensor().to_dtype(DType::F64).unwrap()).unwrap(), Var::from_tensor(&v.as_tensor().to_dtype(DType::F64).unwrap()).unwrap());
+        let yr = composed(x64.as_tensor(), v64.as_tensor()).unwrap();
+        assert_eq!(y.dims(), yr.dims(), "{name}: shape");
+        assert!(max_rel(&y, &yr) < 1e-6, "{name}: forward off by {}", max_rel(&y, &yr));
+        let cot = randn(y.dims(), 53, DType::F32);
+        let g = (y * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (yr * cot.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+        for (what, a, b) in [("x", g.get(x.as_tensor()).unwrap(), gr.get(x64.as_tensor()).unwrap()), ("v", g.get(v.as_tensor()).unwrap(), gr.get(v64.as_tensor()).unwrap())] {
+            assert_eq!(a.dims(), b.dims(), "{name} {vshape:?}: d{what}'s shape");
+            assert!(max_rel(a, b) < 1e-5, "{name} {vshape:?}: d{what} off by {}", max_rel(a, b));
+        }
+    }
+}
+
 /// The per-row cross-entropy of `h · wᵀ` computed in f64 (as f32).
 fn f64_cross_entropy(h: &Tensor, w: &Tensor, targets: &[u32]) -> Tensor {
     let logits = h.to_dtype(DType::F64).unwrap().matmul(&w.to_dtype(DType::F64).unwrap().t().unwrap()).unwrap();

@@ -1649,6 +1649,144 @@ pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
     gate.silu()? * up
 }
 
+// ---------------------------------------------------------------------------------------------
+// Per-channel scale and shift (IA3's vectors, BitFit's biases)
+// ---------------------------------------------------------------------------------------------
+
+/// What a [`ChannelOp`] does with its vector `v` (one value per channel, the last dim of x).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Channel {
+    /// `x ⊙ v` (IA3).
+    Scale,
+    /// `x + v` (BitFit's trained bias).
+    Shift,
+}
+
+/// `x ⊙ v` or `x + v` with `v` broadcast over every row of `x`, on contiguous f32 CPU tensors.
+/// Composed, the broadcast's backward multiplies into a full-size temporary and then sums it
+/// over the leading dims with strided reductions; here the vector's gradient is one parallel
+/// pass over row blocks (a partial sum per block, then added up), and for a scale the input's
+/// gradient another.
+struct ChannelOp(Channel);
+
+/// Rows per block of the vector gradient's partial sums.
+const CHANNEL_ROWS: usize = 64;
+
+impl candle_core::CustomOp2 for ChannelOp {
+    fn name(&self) -> &'static str {
+        match self.0 {
+            Channel::Scale => "channel-scale",
+            Channel::Shift => "channel-shift",
+        }
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, v: &CpuStorage, vl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (x, v) = (contiguous_f32(x, xl, op)?, contiguous_f32(v, vl, op)?);
+        let n = v.len();
+        if n == 0 || x.len() % n != 0 || xl.dims().last() != Some(&n) {
+            candle_core::bail!("{op}: input {:?} does not end in the vector's {n} channels", xl.dims());
+        }
+        let mut out = vec![0f32; x.len()];
+        let mode = self.0;
+        out.par_chunks_mut(n * CHANNEL_ROWS).zip(x.par_chunks(n * CHANNEL_ROWS)).for_each(|(o, xs)| {
+            for (o, xr) in o.chunks_mut(n).zip(xs.chunks(n)) {
+                match mode {
+                    Channel::Scale => o.iter_mut().zip(xr.iter().zip(v)).for_each(|(o, (a, b))| *o = a * b),
+                    Channel::Shift => o.iter_mut().zip(xr.iter().zip(v)).for_each(|(o, (a, b))| *o = a + b),
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        profile::region("adapter bwd", grad.device(), || {
+            let grad = grad.contiguous()?;
+            let n = v.elem_count();
+            let mode = self.0;
+            // The vector's gradient: Σ over rows of grad ⊙ x (scale) or of grad (shift).
+            let dv = cpu_f32s([x, &grad], |[xd, gd]| {
+                if xd.len() != gd.len() || gd.len() % n != 0 {
+                    candle_core::bail!("{}: input and gradient differ in size", self.name());
+                }
+                Ok(gd
+                    .par_chunks(n * CHANNEL_ROWS)
+                    .zip(xd.par_chunks(n * CHANNEL_ROWS))
+                    .map(|(gs, xs)| {
+                        let mut acc = vec![0f32; n];
+                        for (gr, xr) in gs.chunks(n).zip(xs.chunks(n)) {
+                            match mode {
+                                Channel::Scale => acc.iter_mut().zip(gr.iter().zip(xr)).for_each(|(a, (g, x))| *a += g * x),
+                                Channel::Shift => acc.iter_mut().zip(gr).for_each(|(a, g)| *a += g),
+                            }
+                        }
+                        acc
+                    })
+                    .reduce(
+                        || vec![0f32; n],
+                        |mut a, b| {
+                            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                            a
+                        },
+                    ))
+            })?;
+            let dv = Tensor::from_vec(dv, v.shape(), v.device())?;
+            let dx = match mode {
+                // The input's gradient: grad ⊙ v, row by row.
+                Channel::Scale => {
+                    let mut dx = vec![0f32; grad.elem_count()];
+                    cpu_f32s([&grad, v], |[gd, vd]| {
+                        dx.par_chunks_mut(n * CHANNEL_ROWS).zip(gd.par_chunks(n * CHANNEL_ROWS)).for_each(|(o, gs)| {
+                            for (o, gr) in o.chunks_mut(n).zip(gs.chunks(n)) {
+                                o.iter_mut().zip(gr.iter().zip(vd)).for_each(|(o, (g, b))| *o = g * b);
+                            }
+                        });
+                        Ok(())
+                    })?;
+                    Tensor::from_vec(dx, x.shape(), x.device())?
+                }
+                // A shift hands the gradient through unchanged.
+                Channel::Shift => grad,
+            };
+            Ok((Some(dx), Some(dv)))
+        })
+    }
+}
+
+/// The channel op where it has a kernel (f32 on the CPU, `x` of any rank whose last dim is the
+/// vector's length), else `composed`.
+fn channel_op(x: &Tensor, v: &Tensor, mode: Channel, composed: impl FnOnce(&Tensor, &Tensor) -> CResult<Tensor>) -> CResult<Tensor> {
+    let fits = x.dims().last() == Some(&v.elem_count()) && x.rank() >= 1;
+    if fits && use_fused(x) && v.device().is_cpu() && v.dtype() == DType::F32 {
+        x.contiguous()?.apply_op2(&v.flatten_all()?.contiguous()?, ChannelOp(mode))
+    } else {
+        composed(x, v)
+    }
+}
+
+/// `x ⊙ v`, `v` a vector over the last dim of `x` (IA3's learned scaling), with a CPU kernel
+/// whose backward makes the vector's gradient in one pass; elsewhere a broadcast multiply.
+pub fn channel_scale(x: &Tensor, v: &Tensor) -> CResult<Tensor> {
+    channel_op(x, v, Channel::Scale, channel_scale_composed)
+}
+
+/// [`channel_scale`] from differentiable primitives (reference and non-CPU path).
+pub fn channel_scale_composed(x: &Tensor, v: &Tensor) -> CResult<Tensor> {
+    x.broadcast_mul(&v.flatten_all()?)
+}
+
+/// `x + v`, `v` a vector over the last dim of `x` (BitFit's trained bias), with a CPU kernel as
+/// [`channel_scale`]'s; elsewhere a broadcast add.
+pub fn channel_shift(x: &Tensor, v: &Tensor) -> CResult<Tensor> {
+    channel_op(x, v, Channel::Shift, channel_shift_composed)
+}
+
+/// [`channel_shift`] from differentiable primitives (reference and non-CPU path).
+pub fn channel_shift_composed(x: &Tensor, v: &Tensor) -> CResult<Tensor> {
+    x.broadcast_add(&v.flatten_all()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::{PeftLayer, TargetModules};
-use crate::model::{ForwardCtx, FrozenWeight, LinearAdapter, Llama};
+use crate::model::{ops, ForwardCtx, FrozenWeight, LinearAdapter, Llama};
 use crate::schema::{target_modules_field, text, Field};
 use crate::{Error, Result};
 
@@ -67,7 +67,7 @@ pub struct BitfitLayer {
 
 impl LinearAdapter for BitfitLayer {
     fn forward(&self, _xs: &Tensor, base: Tensor, _w: &FrozenWeight, ctx: &ForwardCtx) -> Result<Tensor> {
-        Ok(base.broadcast_add(&super::var_tensor(&self.delta, ctx))?)
+        Ok(ops::channel_shift(&base, &super::var_tensor(&self.delta, ctx))?)
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

@@ -18,7 +18,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::{PeftLayer, TargetModules};
-use crate::model::{ForwardCtx, FrozenWeight, LinearAdapter, Llama};
+use crate::model::{ops, ForwardCtx, FrozenWeight, LinearAdapter, Llama};
 use crate::schema::{target_modules_field, text, Field, FieldKind};
 use crate::{Error, Result};
 
@@ -93,7 +93,7 @@ pub struct Ia3Layer {
 impl LinearAdapter for Ia3Layer {
     fn forward(&self, _xs: &Tensor, base: Tensor, _w: &FrozenWeight, ctx: &ForwardCtx) -> Result<Tensor> {
         // Attention targets only (feed-forward ones compute in `forward_full`).
-        Ok(base.broadcast_mul(&super::var_tensor(&self.l, ctx).flatten_all()?)?)
+        Ok(ops::channel_scale(&base, &super::var_tensor(&self.l, ctx))?)
     }
 
     fn forward_full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
@@ -101,7 +101,7 @@ impl LinearAdapter for Ia3Layer {
             return None;
         }
         let run = || -> Result<Tensor> {
-            let scaled = xs.broadcast_mul(&super::var_tensor(&self.l, ctx).flatten_all()?)?;
+            let scaled = ops::channel_scale(xs, &super::var_tensor(&self.l, ctx))?;
             let y = weight.product(&scaled)?;
             Ok(match bias {
                 Some(b) => y.broadcast_add(b)?,
