@@ -117,6 +117,16 @@ fn channel_scale_and_shift_match_composed() {
             assert_eq!(a.dims(), b.dims(), "{name} {vshape:?}: d{what}'s shape");
             assert!(max_rel(a, b) < 1e-5, "{name} {vshape:?}: d{what} off by {}", max_rel(a, b));
         }
+        // The vector's gradient is the same bits whatever the number of threads.
+        let dv = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let y = op(x.as_tensor(), v.as_tensor()).unwrap();
+                let g = (y * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+                g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+        };
+        assert_eq!(dv(1), dv(3), "{name} {vshape:?}: dv depends on the threads");
     }
 }
 

@@ -1665,8 +1665,8 @@ enum Channel {
 /// `x ⊙ v` or `x + v` with `v` broadcast over every row of `x`, on contiguous f32 CPU tensors.
 /// Composed, the broadcast's backward multiplies into a full-size temporary and then sums it
 /// over the leading dims with strided reductions; here the vector's gradient is one parallel
-/// pass over row blocks (a partial sum per block, then added up), and for a scale the input's
-/// gradient another.
+/// pass over row blocks (a partial sum per block, then added up in block order, so the result
+/// does not depend on the threads), and for a scale the input's gradient another.
 struct ChannelOp(Channel);
 
 /// Rows per block of the vector gradient's partial sums.
@@ -1723,13 +1723,13 @@ impl candle_core::CustomOp2 for ChannelOp {
                         }
                         acc
                     })
-                    .reduce(
-                        || vec![0f32; n],
-                        |mut a, b| {
-                            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                            a
-                        },
-                    ))
+                    // Summed in block order, not as threads finish: the same bits every run.
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .fold(vec![0f32; n], |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                        a
+                    }))
             })?;
             let dv = Tensor::from_vec(dv, v.shape(), v.device())?;
             let dx = match mode {
