@@ -239,6 +239,23 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
             &|t| ops::linear_cross_entropy_chunked(&t[0], &head.to_dtype(t[0].dtype())?.to_device(t[0].device())?, &targets, 4),
             &|t| ops::cross_entropy_rows(&t[0].matmul(&head.t()?)?, &targets),
         )?);
+        // A head whose weight trains (full fine-tuning): the summed loss, with the weight's
+        // gradient (accumulated over three chunks, the last one short) as well as the rows'.
+        out.push(check(
+            "linear_cross_entropy_trained_sum",
+            device,
+            dtype,
+            &[random(&[9, 64], 12)?, random(&[300, 64], 11)?],
+            &|t| ops::linear_cross_entropy_trained_sum(&t[0], &t[1], &targets, 4),
+            &|t| ops::cross_entropy_rows(&t[0].matmul(&t[1].t()?)?, &targets)?.sum_all(),
+        )?);
+        // IA3's scaling and BitFit's shift by a trained vector over the last dim.
+        for (name, op, reference) in [
+            ("channel_scale", ops::channel_scale as fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>, ops::channel_scale_composed as fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>),
+            ("channel_shift", ops::channel_shift, ops::channel_shift_composed),
+        ] {
+            out.push(check(name, device, dtype, &[random(&[3, 70, 48], 23)?, random(&[48], 24)?], &|t| op(&t[0], &t[1]), &|t| reference(&t[0], &t[1]))?);
+        }
     }
     Ok(out)
 }
