@@ -1687,17 +1687,7 @@ impl candle_core::CustomOp2 for ChannelOp {
         if n == 0 || x.len() % n != 0 || xl.dims().last() != Some(&n) {
             candle_core::bail!("{op}: input {:?} does not end in the vector's {n} channels", xl.dims());
         }
-        let mut out = vec![0f32; x.len()];
-        let mode = self.0;
-        out.par_chunks_mut(n * CHANNEL_ROWS).zip(x.par_chunks(n * CHANNEL_ROWS)).for_each(|(o, xs)| {
-            for (o, xr) in o.chunks_mut(n).zip(xs.chunks(n)) {
-                match mode {
-                    Channel::Scale => o.iter_mut().zip(xr.iter().zip(v)).for_each(|(o, (a, b))| *o = a * b),
-                    Channel::Shift => o.iter_mut().zip(xr.iter().zip(v)).for_each(|(o, (a, b))| *o = a + b),
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), xl.shape().clone()))
+        Ok((CpuStorage::F32(channel_rows(x, v, self.0)), xl.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
@@ -1733,19 +1723,8 @@ impl candle_core::CustomOp2 for ChannelOp {
             })?;
             let dv = Tensor::from_vec(dv, v.shape(), v.device())?;
             let dx = match mode {
-                // The input's gradient: grad ⊙ v, row by row.
-                Channel::Scale => {
-                    let mut dx = vec![0f32; grad.elem_count()];
-                    cpu_f32s([&grad, v], |[gd, vd]| {
-                        dx.par_chunks_mut(n * CHANNEL_ROWS).zip(gd.par_chunks(n * CHANNEL_ROWS)).for_each(|(o, gs)| {
-                            for (o, gr) in o.chunks_mut(n).zip(gs.chunks(n)) {
-                                o.iter_mut().zip(gr.iter().zip(vd)).for_each(|(o, (g, b))| *o = g * b);
-                            }
-                        });
-                        Ok(())
-                    })?;
-                    Tensor::from_vec(dx, x.shape(), x.device())?
-                }
+                // The input's gradient: grad ⊙ v, the forward's scaling applied to grad.
+                Channel::Scale => Tensor::from_vec(cpu_f32s([&grad, v], |[gd, vd]| Ok(channel_rows(gd, vd, Channel::Scale)))?, x.shape(), x.device())?,
                 // A shift hands the gradient through unchanged.
                 Channel::Shift => grad,
             };
@@ -1754,10 +1733,26 @@ impl candle_core::CustomOp2 for ChannelOp {
     }
 }
 
+/// Every row of `x` (rows of `v.len()`) scaled by or shifted by `v`, in parallel over row
+/// blocks.
+fn channel_rows(x: &[f32], v: &[f32], mode: Channel) -> Vec<f32> {
+    let n = v.len();
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(n * CHANNEL_ROWS).zip(x.par_chunks(n * CHANNEL_ROWS)).for_each(|(o, xs)| {
+        for (o, xr) in o.chunks_mut(n).zip(xs.chunks(n)) {
+            match mode {
+                Channel::Scale => o.iter_mut().zip(xr.iter().zip(v)).for_each(|(o, (a, b))| *o = a * b),
+                Channel::Shift => o.iter_mut().zip(xr.iter().zip(v)).for_each(|(o, (a, b))| *o = a + b),
+            }
+        }
+    });
+    out
+}
+
 /// The channel op where it has a kernel (f32 on the CPU, `x` of any rank whose last dim is the
 /// vector's length), else `composed`.
 fn channel_op(x: &Tensor, v: &Tensor, mode: Channel, composed: impl FnOnce(&Tensor, &Tensor) -> CResult<Tensor>) -> CResult<Tensor> {
-    let fits = x.dims().last() == Some(&v.elem_count()) && x.rank() >= 1;
+    let fits = x.dims().last() == Some(&v.elem_count());
     if fits && use_fused(x) && v.device().is_cpu() && v.dtype() == DType::F32 {
         x.contiguous()?.apply_op2(&v.flatten_all()?.contiguous()?, ChannelOp(mode))
     } else {
