@@ -33,6 +33,22 @@ fn check_op(x: &Tensor, f: impl Fn(&Tensor) -> Tensor, reference: impl Fn(&Tenso
     assert!(max_rel(g1, g2) < tol, "gradient differs: {}", max_rel(g1, g2));
 }
 
+/// A two-input op in f32 against its reference in f64 on the same values: the value (to 1e-6)
+/// and both inputs' gradients for the cotangent `cot` (to 1e-5, with their shapes).
+fn check_two_inputs(case: &str, x: &Var, v: &Var, cot: &Tensor, op: impl Fn(&Tensor, &Tensor) -> Tensor, reference: impl Fn(&Tensor, &Tensor) -> Tensor) {
+    let wide = |t: &Var| Var::from_tensor(&t.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+    let (x64, v64) = (wide(x), wide(v));
+    let (y, yr) = (op(x.as_tensor(), v.as_tensor()), reference(x64.as_tensor(), v64.as_tensor()));
+    assert_eq!(y.dims(), yr.dims(), "{case}: shape");
+    assert!(max_rel(&y, &yr) < 1e-6, "{case}: forward off by {}", max_rel(&y, &yr));
+    let g = (y * cot).unwrap().sum_all().unwrap().backward().unwrap();
+    let gr = (yr * cot.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    for (what, a, b) in [("x", g.get(x.as_tensor()).unwrap(), gr.get(x64.as_tensor()).unwrap()), ("v", g.get(v.as_tensor()).unwrap(), gr.get(v64.as_tensor()).unwrap())] {
+        assert_eq!(a.dims(), b.dims(), "{case}: d{what}'s shape");
+        assert!(max_rel(a, b) < 1e-5, "{case}: d{what} off by {}", max_rel(a, b));
+    }
+}
+
 #[test]
 fn fused_rms_norm_matches_composed() {
     let x = randn(&[3, 5, 16], 1, DType::F32);
@@ -105,18 +121,8 @@ fn channel_scale_and_shift_match_composed() {
     for (name, op, composed, vshape) in cases {
         let x = Var::from_tensor(&randn(&[3, 50, 24], 51, DType::F32)).unwrap();
         let v = Var::from_tensor(&(randn(vshape, 52, DType::F32) + 1.0).unwrap()).unwrap();
-        let y = op(x.as_tensor(), v.as_tensor()).unwrap();
-        let (x64, v64) = (Var::from_tensor(&x.as_tensor().to_dtype(DType::F64).unwrap()).unwrap(), Var::from_tensor(&v.as_tensor().to_dtype(DType::F64).unwrap()).unwrap());
-        let yr = composed(x64.as_tensor(), v64.as_tensor()).unwrap();
-        assert_eq!(y.dims(), yr.dims(), "{name}: shape");
-        assert!(max_rel(&y, &yr) < 1e-6, "{name}: forward off by {}", max_rel(&y, &yr));
-        let cot = randn(y.dims(), 53, DType::F32);
-        let g = (y * &cot).unwrap().sum_all().unwrap().backward().unwrap();
-        let gr = (yr * cot.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
-        for (what, a, b) in [("x", g.get(x.as_tensor()).unwrap(), gr.get(x64.as_tensor()).unwrap()), ("v", g.get(v.as_tensor()).unwrap(), gr.get(v64.as_tensor()).unwrap())] {
-            assert_eq!(a.dims(), b.dims(), "{name} {vshape:?}: d{what}'s shape");
-            assert!(max_rel(a, b) < 1e-5, "{name} {vshape:?}: d{what} off by {}", max_rel(a, b));
-        }
+        let cot = randn(&[3, 50, 24], 53, DType::F32);
+        check_two_inputs(&format!("{name} {vshape:?}"), &x, &v, &cot, |x, v| op(x, v).unwrap(), |x, v| composed(x, v).unwrap());
         // The vector's gradient is the same bits whatever the number of threads.
         let dv = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
@@ -235,6 +241,36 @@ fn frozen_linear_gives_input_gradient_and_none_to_the_weight() {
     let want = cot.broadcast_matmul(&w).unwrap();
     assert!(max_rel(g.get(x.as_tensor()).unwrap(), &want) < 1e-6);
     assert!(g.get(&w).is_none(), "the frozen weight must get no gradient");
+}
+
+/// Full fine-tuning's product: a trained weight (a variable) gets `dYᵀ·X` in its own (out, in)
+/// shape and the input `dY·W`, against candle's matmul in f64; an input that tracks no ops
+/// gets no gradient.
+#[test]
+fn trained_linear_gives_both_gradients() {
+    let x = Var::from_tensor(&randn(&[2, 7, 24], 17, DType::F32)).unwrap();
+    let w = Var::from_tensor(&randn(&[40, 24], 18, DType::F32)).unwrap();
+    let cot = randn(&[2, 7, 40], 19, DType::F32);
+    // Through the frozen product's entry point, as full fine-tuning's layers call it.
+    check_two_inputs("trained_linear", &x, &w, &cot, |x, w| ops::frozen_linear(x, w).unwrap(), |x, w| x.broadcast_matmul(&w.t().unwrap()).unwrap());
+    let frozen_x = x.as_tensor().detach();
+    let g = ops::trained_linear(&frozen_x, w.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(g.get(&frozen_x).is_none(), "an input that tracks no ops got a gradient");
+    assert!(g.get(w.as_tensor()).is_some());
+}
+
+/// Full fine-tuning's norms: RMSNorm with a trained weight (the fused op with a unit weight,
+/// then the channel scale) against the composed formula in f64, both gradients.
+#[test]
+fn rms_norm_with_a_trained_weight_matches_composed() {
+    let x = Var::from_tensor(&randn(&[3, 9, 32], 27, DType::F32)).unwrap();
+    let w = Var::from_tensor(&(randn(&[32], 28, DType::F32) + 1.0).unwrap()).unwrap();
+    let cot = randn(&[3, 9, 32], 29, DType::F32);
+    check_two_inputs("rms_norm", &x, &w, &cot, |x, w| ops::rms_norm(x, w, 1e-5).unwrap(), |x, w| ops::rms_norm_composed(x, w, 1e-5).unwrap());
+    // The same bits as the fused op with the weight frozen.
+    let y = ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+    let frozen = ops::rms_norm(x.as_tensor(), &w.as_tensor().detach(), 1e-5).unwrap();
+    assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), frozen.flatten_all().unwrap().to_vec1::<f32>().unwrap());
 }
 
 /// A weight held as 4-bit blocks (QLoRA's base): the product and the input gradient equal
@@ -465,6 +501,8 @@ fn op_checks_pass_on_the_cpu() {
     assert_eq!(trained_head, 6, "the trained head's loss; three dtypes, plain and forced");
     let channel = checks.iter().filter(|c| c.op.starts_with("channel_")).count();
     assert_eq!(channel, 12, "scale and shift; three dtypes, plain and forced");
+    let full = checks.iter().filter(|c| c.op.starts_with("trained_linear") || c.op.starts_with("rms_norm trained")).count();
+    assert_eq!(full, 12, "full fine-tuning's product and norms; three dtypes, plain and forced");
     for c in &checks {
         assert!(c.ok(), "{c:?}");
     }

@@ -5,9 +5,9 @@
 //! GPU (`bench/gpu_session.sh`), so the kernels a GPU takes (our fused kernels of
 //! `kernels/fused.cu`, candle's fused forward with our backward, the blocked attention and
 //! (head_dim 64, 128 in 16 bits) the flash kernels, the chunked loss, the frozen product with
-//! a weight held as quantized blocks) are checked where they run. On the CPU every op runs a
-//! second time with the
-//! fused ops forced ([`super::fused::forced`]): their CPU twins and the ops' wiring to them.
+//! a weight held as quantized blocks, full fine-tuning's trained product and norms) are
+//! checked where they run. On the CPU every op runs a second time with the fused ops forced
+//! ([`super::fused::forced`]): their CPU twins and the ops' wiring to them.
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
@@ -117,6 +117,15 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
             &|t| ops::rms_norm(&t[0], &w.to_dtype(t[0].dtype())?.to_device(t[0].device())?, 1e-5),
             &|t| ops::rms_norm_composed(&t[0], &w, 1e-5),
         )?);
+        // Full fine-tuning's norms: the weight trained too.
+        out.push(check(
+            "rms_norm trained weight",
+            device,
+            dtype,
+            &[x.clone(), w.clone()],
+            &|t| ops::rms_norm(&t[0], &t[1], 1e-5),
+            &|t| ops::rms_norm_composed(&t[0], &t[1], 1e-5),
+        )?);
         let (cos, sin) = (random(&[7, 16], 3)?, random(&[7, 16], 4)?);
         out.push(check(
             "rope",
@@ -191,6 +200,15 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                 )?);
             }
         }
+        // Full fine-tuning's product: the weight trained, both gradients.
+        out.push(check(
+            "trained_linear",
+            device,
+            dtype,
+            &[random(&[3, 5, 64], 25)?, random(&[48, 64], 26)?],
+            &|t| ops::trained_linear(&t[0], &t[1]),
+            &|t| t[0].broadcast_matmul(&t[1].t()?),
+        )?);
         // LoRA beside the frozen product (one op, its backward ours), with and without dropout
         // on the update's input, the weight dense and as Q4_1 blocks (QLoRA).
         {

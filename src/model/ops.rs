@@ -3,10 +3,13 @@
 //! candle's fused `rms_norm`, `rope` and `softmax_last_dim` record no backward, and its matmul
 //! backward always computes the gradient of both operands. These ops fix both:
 //! * [`frozen_linear`]: `x · Wᵀ` whose backward returns only `dX = dY · W` (no gradient for a
-//!   frozen weight, no wasted matmul);
+//!   frozen weight, no wasted matmul); [`trained_linear`], its twin for a trained weight (full
+//!   fine-tuning), gives the weight `dYᵀ·X` in its own layout; both take any leading dims as
+//!   one graph node (in candle's backward every node costs a zero-filled gradient and an add);
 //! * [`rms_norm`], [`rope`], [`causal_softmax`]: fused f32 CPU kernels (rayon over rows) with
 //!   analytic backward, and a composed differentiable fallback for other devices/dtypes.
-//!   The composed versions are also the reference the tests hold the fused ones to;
+//!   The composed versions are also the reference the tests hold the fused ones to; a trained
+//!   RMSNorm weight is the unit-weight norm followed by [`channel_scale`];
 //! * [`causal_attention`]: attention in query blocks whose backward recomputes the
 //!   probabilities, so no (batch, heads, seq, seq) matrix stays alive between the passes;
 //! * on GPUs and for 16-bit activations, RMSNorm, RoPE and the (graph-free) causal softmax run
@@ -81,34 +84,27 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (m, k) = l.shape().dims2()?;
         let w = self.w.dense(self.dtype)?;
-        let (n, kw) = w.dims2()?;
-        if k != kw {
-            candle_core::bail!("frozen-matmul: input width {k} != weight width {kw}");
-        }
         let (ws, wl) = w.storage_and_layout();
         let Storage::Cpu(w) = &*ws else { candle_core::bail!("frozen-matmul: weight not on cpu") };
-        let wt = wl.transpose(0, 1)?;
-        let out = s.matmul(w, (1, m, n, k), l, &wt)?;
-        Ok((out, Shape::from((m, n))))
+        let (m, k, n, x2) = product_dims(l, wl, "frozen-matmul")?;
+        Ok((s.matmul(w, (1, m, n, k), &x2, &wl.transpose(0, 1)?)?, out_shape(l, n)))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
-        let (m, k) = l.shape().dims2()?;
         let w = self.w.dense(self.dtype)?;
-        let (n, _) = w.dims2()?;
         let (ws, wl) = w.storage_and_layout();
         let Storage::Cuda(w) = &*ws else { candle_core::bail!("frozen-matmul: weight not on cuda") };
-        let wt = wl.transpose(0, 1)?;
-        let out = s.matmul(w, (1, m, n, k), l, &wt)?;
-        Ok((out, Shape::from((m, n))))
+        let (m, k, n, x2) = product_dims(l, wl, "frozen-matmul")?;
+        Ok((s.matmul(w, (1, m, n, k), &x2, &wl.transpose(0, 1)?)?, out_shape(l, n)))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         profile::region("frozen matmul bwd", grad.device(), || {
-            Ok(Some(grad.matmul(&self.w.dense(self.dtype)?)?))
+            let w = self.w.dense(self.dtype)?;
+            let (m, n) = (grad.elem_count() / w.dim(0)?.max(1), w.dim(0)?);
+            Ok(Some(grad.contiguous()?.reshape((m, n))?.matmul(&w)?.reshape(arg.dims())?))
         })
     }
 }
@@ -128,22 +124,77 @@ pub fn frozen_linear_blocks(xs: &Tensor, q: &Arc<QTensor>) -> CResult<Tensor> {
 }
 
 fn frozen_product(xs: &Tensor, w: Held, n: usize) -> CResult<Tensor> {
+    // A weight that is itself trained (full fine-tuning) goes through `trained_linear`, whose
+    // backward gives it a gradient; the custom op gives `xs` one only.
+    if let Held::Dense(t) = &w {
+        if t.track_op() {
+            return trained_linear(xs, &t.to_dtype(xs.dtype())?);
+        }
+    }
     profile::region("frozen matmul fwd", xs.device(), || {
+        let dtype = xs.dtype();
+        if xs.track_op() {
+            // Over any leading dims: no reshape nodes (each a zero-filled gradient and an add
+            // in candle's backward).
+            return xs.contiguous()?.apply_op1(FrozenMatmul { w, dtype });
+        }
         let dims = xs.dims().to_vec();
         let k = *dims.last().unwrap_or(&0);
         let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-        let x2 = xs.reshape((m, k))?.contiguous()?;
-        // A weight that is itself trained (full fine-tuning) goes through candle's matmul, whose
-        // backward gives it a gradient; the custom op gives `xs` one only.
-        let trained = matches!(&w, Held::Dense(t) if t.track_op());
-        let dtype = xs.dtype();
-        let out = if xs.track_op() && !trained { x2.apply_op1(FrozenMatmul { w, dtype })? } else { x2.matmul(&w.dense(dtype)?.t()?)? };
+        let out = xs.reshape((m, k))?.contiguous()?.matmul(&w.dense(dtype)?.t()?)?;
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = n;
         }
         out.reshape(out_dims)
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trained linear (full fine-tuning)
+// ---------------------------------------------------------------------------------------------
+
+/// `x · Wᵀ` for a trained `W` (out, in), as one graph node over `x`'s leading dims.
+struct TrainedMatmul;
+
+impl candle_core::CustomOp2 for TrainedMatmul {
+    fn name(&self) -> &'static str {
+        "trained-matmul"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (m, k, n, x2) = product_dims(xl, wl, "trained-matmul")?;
+        Ok((x.matmul(w, (1, m, n, k), &x2, &wl.transpose(0, 1)?)?, out_shape(xl, n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, x: &candle_core::CudaStorage, xl: &Layout, w: &candle_core::CudaStorage, wl: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let (m, k, n, x2) = product_dims(xl, wl, "trained-matmul")?;
+        Ok((x.matmul(w, (1, m, n, k), &x2, &wl.transpose(0, 1)?)?, out_shape(xl, n)))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        profile::region("trained matmul bwd", grad.device(), || {
+            let (n, k) = w.dims2()?;
+            let m = x.elem_count() / k.max(1);
+            let g = grad.detach().contiguous()?.reshape((m, n))?;
+            // dW = dYᵀ·X, made in W's own (out, in) layout.
+            let dw = g.t()?.matmul(&x.detach().reshape((m, k))?)?;
+            // An input that tracks no ops gets no gradient (and costs no product).
+            let dx = if x.track_op() { Some(g.matmul(&w.detach())?.reshape(x.dims())?) } else { None };
+            Ok((dx, Some(dw)))
+        })
+    }
+}
+
+/// `xs · wᵀ` for a trained `w` of shape (out, in) (full fine-tuning's layers; `xs` may have any
+/// number of leading dims): one graph node whose backward gives `w` its gradient `dYᵀ·X` in its
+/// own layout and `xs` its gradient `dY·W` (only when `xs` tracks ops). candle's matmul on the
+/// transposed weight, which this replaces, made the weight's gradient as (in, out) and
+/// transposed it back, and its backward summed each through a zero-filled buffer (the second
+/// by a strided add); the reshapes around it were two more such nodes over the activations.
+pub fn trained_linear(xs: &Tensor, w: &Tensor) -> CResult<Tensor> {
+    profile::region("trained matmul fwd", xs.device(), || xs.contiguous()?.apply_op2(w, TrainedMatmul))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -252,11 +303,22 @@ impl LoraProduct {
     }
 }
 
+/// A product `x·Wᵀ`'s (tokens, in, out) for a contiguous input `xl` of any rank and a weight
+/// `wl` (out, in), and the input as the (tokens, in) matrix it reads.
+fn product_dims(xl: &Layout, wl: &Layout, op: &str) -> CResult<(usize, usize, usize, Layout)> {
+    let (m, k, x2) = token_rows(xl)?;
+    let (n, kw) = wl.shape().dims2()?;
+    if k != kw {
+        candle_core::bail!("{op}: input width {k} != weight width {kw}");
+    }
+    Ok((m, k, n, x2))
+}
+
 /// A contiguous input of any rank as the (tokens, features) matrix a product reads: its rows,
 /// columns, and that matrix's layout (at the input's offset).
 fn token_rows(l: &Layout) -> CResult<(usize, usize, Layout)> {
     if !l.is_contiguous() {
-        candle_core::bail!("lora-product: input {:?} is not contiguous", l.shape());
+        candle_core::bail!("product: input {:?} is not contiguous", l.shape());
     }
     let k = l.shape().dims().last().copied().unwrap_or(1);
     let m = if k == 0 { 0 } else { l.shape().elem_count() / k };
@@ -665,9 +727,14 @@ impl CustomOp1 for RmsNormGrad {
     }
 }
 
-/// RMSNorm over the last dim, differentiable in `xs` (fused) and also in `w` when `w` is
-/// trained (composed).
+/// RMSNorm over the last dim, differentiable in `xs` and also in `w` when `w` is trained (full
+/// fine-tuning's norms: the normalized rows, from the fused op with a unit weight, times `w`
+/// through [`channel_scale`], whose backward makes `w`'s gradient in one pass).
 pub fn rms_norm(xs: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+    if w.track_op() && (fused::active(xs) || use_fused(xs) || use_candle_kernels(xs)) {
+        let unit = Tensor::ones(w.dims(), xs.dtype(), xs.device())?;
+        return channel_scale(&rms_norm(xs, &unit, eps)?, w);
+    }
     profile::region("rms_norm fwd", xs.device(), || {
         if fused::active(xs) && !w.track_op() {
             rms_norm_hooked(xs, w, eps)
