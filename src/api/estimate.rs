@@ -94,9 +94,11 @@ pub const LOGIT_COPIES: f64 = 5.25;
 /// LM head's dW from the chunked loss, and their sum), in units of the embedding's size.
 /// Fitted with [`FULL_NORM_FLOATS_PER_HIDDEN`] on three configs (bench/RESULTS.md, 2026-12-03).
 pub const EMBEDDING_GRAD_COPIES: f64 = 3.0;
-/// Full fine-tuning's trained norms (composed RMSNorm with a tracked weight): f32 floats per
-/// token and layer kept beyond the frozen norms', in units of the hidden size.
-pub const FULL_NORM_FLOATS_PER_HIDDEN: f64 = 3.0;
+/// Full fine-tuning's trained norms (the unit-weight norm's output, which the channel scale by
+/// the trained weight keeps): f32 floats per token and layer kept beyond the frozen norms', in
+/// units of the hidden size. Fitted on four configs (bench/RESULTS.md, 2026-12-03 11:40; 3 while
+/// the norms composed).
+pub const FULL_NORM_FLOATS_PER_HIDDEN: f64 = 1.0;
 /// Step time ÷ pure matmul time (norms, softmax, RoPE, element-wise ops, optimizer) for the
 /// methods on composed ops: 2.2 when fitted (2026-11-23); 1.8 since the CPU's attention
 /// kernels, split_heads and the gemm loss (bench/RESULTS.md 2026-12-03: IA3, BitFit, both
@@ -373,7 +375,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         // Each layer's keys and values with the prefix in front (b, kv heads, keys, head_dim).
         adapter_floats += 2.0 * (model.kv_heads() * model.head_dim()) as f64 * keys as f64 / s as f64;
     }
-    // Full fine-tuning keeps the base's activations, and its trained norms (composed RMSNorm)
+    // Full fine-tuning keeps the base's activations, and its trained norms
     // [`FULL_NORM_FLOATS_PER_HIDDEN`] more per token and layer.
     let full = match &cfg.peft {
         PeftConfig::Full(f) => Some(f),
