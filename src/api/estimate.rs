@@ -96,7 +96,7 @@ pub const LOGIT_COPIES: f64 = 5.25;
 pub const EMBEDDING_GRAD_COPIES: f64 = 3.0;
 /// Full fine-tuning's trained norms (the unit-weight norm's output, which the channel scale by
 /// the trained weight keeps): f32 floats per token and layer kept beyond the frozen norms', in
-/// units of the hidden size. Fitted on four configs (bench/RESULTS.md, 2026-12-03 11:40; 3 while
+/// units of the hidden size. Fitted on four configs (bench/RESULTS.md, 2026-12-03, after 11:18; 3 while
 /// the norms composed).
 pub const FULL_NORM_FLOATS_PER_HIDDEN: f64 = 1.0;
 /// Step time ÷ pure matmul time (norms, softmax, RoPE, element-wise ops, optimizer) for the
