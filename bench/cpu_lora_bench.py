@@ -70,9 +70,9 @@ def parse_targets(spec: str) -> list[str]:
     out = []
     for t in spec.split(","):
         t = t.strip()
-        name = t if t.endswith("_proj") else f"{t}_proj"
-        if name not in ALL_TARGETS:
-            raise SystemExit(f"error: unknown target {t!r} (use all-linear or a list of {', '.join(ALL_TARGETS)})")
+        name = t if t.endswith("_proj") or t == "lm_head" else f"{t}_proj"
+        if name not in ALL_TARGETS and name != "lm_head":
+            raise SystemExit(f"error: unknown target {t!r} (use all-linear or a list of {', '.join(ALL_TARGETS)}, lm_head)")
         out.append(name)
     return out
 
@@ -185,7 +185,7 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 * rank)")
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout rate, both sides (default: %(default)s)")
-    ap.add_argument("--targets", default="all-linear", help="all-linear, or a list such as q,v or q_proj,v_proj")
+    ap.add_argument("--targets", default="all-linear", help="all-linear, or a list such as q,v or q_proj,v_proj (lm_head too)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=6, help="timed steps (default: %(default)s)")
@@ -221,7 +221,7 @@ def main() -> int:
     make_batches(args.model, args.data, n_batches, args.batch, args.seq, args.seed, batches)
     mach = machine()
     if args.method == "lora":
-        shape = f"{args.batch}x{args.seq}, LoRA r{args.rank} alpha {alpha} on {','.join(t[:-5] for t in targets)}"
+        shape = f"{args.batch}x{args.seq}, LoRA r{args.rank} alpha {alpha} on {','.join(t.removesuffix('_proj') for t in targets)}"
     else:
         shape = f"{args.batch}x{args.seq}, {METHODS[args.method][1]}"
     if args.dropout:

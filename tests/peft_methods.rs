@@ -56,6 +56,11 @@ fn adalora_cfg() -> AdaLoraConfig {
 fn methods() -> Vec<(&'static str, PeftConfig)> {
     vec![
         ("lora", PeftConfig::Lora(LoraConfig { r: 2, lora_alpha: 4.0, target_modules: all_linear(), ..Default::default() })),
+        (
+            // The LM head too: its loss runs chunk by chunk with the pair's gradients.
+            "lora-head",
+            PeftConfig::Lora(LoraConfig { r: 2, lora_alpha: 4.0, target_modules: TargetModules::Names(vec!["v_proj".into(), "lm_head".into()]), ..Default::default() }),
+        ),
         ("dora", PeftConfig::Lora(LoraConfig { r: 2, lora_alpha: 4.0, target_modules: all_linear(), use_dora: true, ..Default::default() })),
         ("adalora", PeftConfig::AdaLora(adalora_cfg())),
         ("ia3", PeftConfig::Ia3(Ia3Config::default())),
@@ -142,7 +147,10 @@ fn formula(cfg: &LlamaConfig, peft: &PeftConfig) -> usize {
     let per_layer: usize = layer
         .iter()
         .map(|&(n, i, o)| match peft {
-            PeftConfig::Lora(c) | PeftConfig::Qlora(c) => c.r * (i + o) + if c.use_dora { o } else { 0 },
+            PeftConfig::Lora(c) | PeftConfig::Qlora(c) => match &c.target_modules {
+                TargetModules::Names(ns) if !ns.iter().any(|x| x == n) => 0,
+                _ => c.r * (i + o) + if c.use_dora { o } else { 0 },
+            },
             // P (o × r), Λ (r), Q (r × i).
             PeftConfig::AdaLora(c) => c.init_r * (i + o + 1),
             PeftConfig::Ia3(c) => {
@@ -165,7 +173,12 @@ fn formula(cfg: &LlamaConfig, peft: &PeftConfig) -> usize {
             _ => unreachable!("prompt-learning methods are counted by prompt_formula"),
         })
         .sum();
-    per_layer * cfg.num_hidden_layers
+    // LoRA on the LM head: r·(hidden + vocab).
+    let head = match peft {
+        PeftConfig::Lora(c) | PeftConfig::Qlora(c) if matches!(&c.target_modules, TargetModules::Names(ns) if ns.iter().any(|x| x == "lm_head")) => c.r * (d + cfg.vocab_size),
+        _ => 0,
+    };
+    per_layer * cfg.num_hidden_layers + head
 }
 
 /// Sets every trainable tensor to random values (so that every part of every method matters).

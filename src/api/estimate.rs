@@ -84,11 +84,12 @@ pub const ADAPTER_BYTES_PER_PARAM: u64 = 17;
 /// steps in place). Fitted with [`LOGIT_COPIES`] and [`EMBEDDING_GRAD_COPIES`] on three
 /// configs of the default model (bench/RESULTS.md, 2026-12-03).
 pub const FULL_BYTES_PER_PARAM: u64 = 16;
-/// Copies of the (tokens, vocab) f32 logits alive at the peak when the LM head is adapted by
-/// LoRA and the loss runs on composed ops (the logits, their log-softmax and the backward's
-/// gradients of both, with temporaries). Fitted on full fine-tuning of the default model at
-/// 256, 1024 and 2048 tokens when its head took the composed loss too (bench/RESULTS.md,
-/// 2026-12-03: 1.0 before, when the base was held twice); checked on LoRA with lm_head.
+/// Copies of the (tokens, vocab) f32 logits alive at the peak when the LM head is adapted by a
+/// method whose loss runs on composed ops (DoRA, AdaLoRA, IA3: the logits, their log-softmax
+/// and the backward's gradients of both, with temporaries). Fitted on full fine-tuning of the
+/// default model at 256, 1024 and 2048 tokens when its head took the composed loss too
+/// (bench/RESULTS.md, 2026-12-03: 1.0 before, when the base was held twice); checked on LoRA
+/// with lm_head while that composed.
 pub const LOGIT_COPIES: f64 = 5.25;
 /// A trained embedding's dense f32 gradients alive beside it at the peak (the lookup's, the
 /// LM head's dW from the chunked loss, and their sum), in units of the embedding's size.
@@ -384,10 +385,15 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     if full.is_some_and(|f| f.train_norms) {
         adapter_floats += FULL_NORM_FLOATS_PER_HIDDEN * model.hidden_size as f64;
     }
-    // A LoRA-adapted LM head takes the composed cross-entropy: every counted row's logits stay
-    // in the graph until the backward. (Full fine-tuning's trained head takes the chunked loss,
+    // An LM head adapted by DoRA, AdaLoRA or IA3 takes the composed cross-entropy: every
+    // counted row's logits stay in the graph until the backward. (LoRA's head takes
+    // `ops::linear_cross_entropy_lora_sum` and full fine-tuning's
     // `ops::linear_cross_entropy_trained_sum`: one chunk of logits, like a frozen head.)
-    let head_adapted = ad.iter().any(|a| a.0 == "lm_head");
+    let chunked_head = match &cfg.peft {
+        PeftConfig::Lora(l) | PeftConfig::Qlora(l) => !l.use_dora,
+        _ => false,
+    };
+    let head_adapted = !chunked_head && ad.iter().any(|a| a.0 == "lm_head");
 
     // QLoRA holds the projections in 4-bit blocks (≤ 5 bits a weight: Q4_1; Q4_K is 4.5) and
     // dequantizes one at a time; everything else stays f32.

@@ -179,6 +179,14 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     fn trained_weight(&self, _ctx: &ForwardCtx) -> Option<Tensor> {
         None
     }
+    /// LoRA's pair on an LM head while training (plain LoRA; not DoRA): the update's input
+    /// (`xs`, the head's input rows, with the method's dropout applied), A, B and the scale, so
+    /// the head's loss runs chunk by chunk with the pair's gradients
+    /// ([`super::ops::linear_cross_entropy_lora_sum`]) instead of keeping every row's logits.
+    /// `None` (the default) for every other method.
+    fn head_pair(&self, _xs: &Tensor, _ctx: &ForwardCtx) -> Option<Result<(Tensor, Tensor, Tensor, f64)>> {
+        None
+    }
     /// Downcasting support, for saving and merging.
     fn as_any(&self) -> &dyn std::any::Any;
 }

@@ -740,10 +740,16 @@ impl Llama {
         let n = rows.len();
         let idx = Tensor::from_slice(rows, n, &self.device)?;
         let hs = h.index_select(&idx, 0)?;
-        let trained = self.lm_head.adapter().and_then(|a| a.trained_weight(ctx)).filter(|_| self.lm_head.bias().is_none());
+        let unbiased = self.lm_head.adapter().filter(|_| self.lm_head.bias().is_none());
+        let trained = unbiased.and_then(|a| a.trained_weight(ctx));
+        let pair = unbiased.and_then(|a| a.head_pair(&hs, ctx)).transpose()?;
         Ok(if let Some(w) = trained {
             // A head whose weight trains (full fine-tuning): chunk by chunk, its gradient too.
             ops::linear_cross_entropy_trained_sum(&hs, &w, targets, chunk)?
+        } else if let Some((input, a, b, scale)) = pair {
+            // LoRA on the head: chunk by chunk, the pair's gradients too.
+            let pair = ops::HeadPair { input: &input, a: &a, b: &b, scale };
+            ops::linear_cross_entropy_lora_sum(&hs, &self.lm_head.weight().dense()?, pair, targets, chunk)?
         } else if self.lm_head.adapter().is_none() && self.lm_head.bias().is_none() {
             ops::linear_cross_entropy(&hs, &self.lm_head.weight().dense()?, targets, chunk)?.sum_all()?
         } else {

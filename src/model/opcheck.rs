@@ -5,9 +5,9 @@
 //! GPU (`bench/gpu_session.sh`), so the kernels a GPU takes (our fused kernels of
 //! `kernels/fused.cu`, candle's fused forward with our backward, the blocked attention and
 //! (head_dim 64, 128 in 16 bits) the flash kernels, the chunked loss, the frozen product with
-//! a weight held as quantized blocks, full fine-tuning's trained product and norms) are
-//! checked where they run. On the CPU every op runs a second time with the fused ops forced
-//! ([`super::fused::forced`]): their CPU twins and the ops' wiring to them.
+//! a weight held as quantized blocks, full fine-tuning's trained product and norms, LoRA on the
+//! LM head) are checked where they run. On the CPU every op runs a second time with the fused
+//! ops forced ([`super::fused::forced`]): their CPU twins and the ops' wiring to them.
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
@@ -266,6 +266,22 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
             &[random(&[9, 64], 12)?, random(&[300, 64], 11)?],
             &|t| ops::linear_cross_entropy_trained_sum(&t[0], &t[1], &targets, 4),
             &|t| ops::cross_entropy_rows(&t[0].matmul(&t[1].t()?)?, &targets)?.sum_all(),
+        )?);
+        // LoRA on the head: the summed loss with the gradients of the rows, the update's
+        // (separate) input and the pair (three chunks, the last one short).
+        out.push(check(
+            "linear_cross_entropy_lora_sum",
+            device,
+            dtype,
+            &[random(&[9, 64], 12)?, random(&[9, 64], 27)?, random(&[4, 64], 28)?, random(&[300, 4], 29)?],
+            &|t| {
+                let pair = ops::HeadPair { input: &t[1], a: &t[2], b: &t[3], scale: 2.0 };
+                ops::linear_cross_entropy_lora_sum(&t[0], &head.to_dtype(t[0].dtype())?.to_device(t[0].device())?, pair, &targets, 4)
+            },
+            &|t| {
+                let logits = (t[0].matmul(&head.t()?)? + (t[1].matmul(&t[2].t()?)?.matmul(&t[3].t()?)? * 2.0)?)?;
+                ops::cross_entropy_rows(&logits, &targets)?.sum_all()
+            },
         )?);
         // IA3's scaling and BitFit's shift by a trained vector over the last dim.
         for (name, op, reference) in [

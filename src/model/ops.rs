@@ -1344,59 +1344,7 @@ impl CustomOp1 for LinearCrossEntropy {
         let h = contiguous_f32(s, l, op)?;
         let (n, d) = l.shape().dims2()?;
         let Some(w) = self.w.lock().ok().and_then(|mut w| w.take()) else { candle_core::bail!("{op}: forward run twice") };
-        let vocab = w.dim(0)?;
-        if w.dims() != [vocab, d] {
-            candle_core::bail!("{op}: weight {:?} for hidden size {d}", w.dims());
-        }
-        let w = w.contiguous()?;
-        let (ws, wl) = w.storage_and_layout();
-        let Some(ws) = cpu_storage(&ws) else { candle_core::bail!("{op}: weight not on the cpu") };
-        let Some((w0, _)) = wl.contiguous_offsets() else { candle_core::bail!("{op}: weight must be contiguous") };
-        // The weight's vocabulary rows a block at a time: an f32 weight in one block, read in
-        // place; a 16-bit one widened HALF_VOCAB_BLOCK rows at a time into a reused buffer
-        // (exactly), so no f32 copy of the whole weight exists (1 GiB at a 128k vocabulary and
-        // hidden 2048). Each block is widened twice per chunk, for the logits and for dh.
-        let block_rows = if matches!(ws, CpuStorage::F32(_)) { vocab } else { HALF_VOCAB_BLOCK.min(vocab) };
-        let mut wide = Vec::new();
-        let chunk = self.chunk.max(1).min(n.max(1));
-        let mut losses = vec![0f32; n];
-        let mut dh = vec![0f32; n * d];
-        // One chunk's logits, reused: made by gemm in place, turned into softmax − onehot row by
-        // row (a row, vocab floats, stays in cache through its passes), then multiplied by W
-        // straight into the chunk's rows of dh.
-        let mut logits = vec![0f32; chunk * vocab];
-        for start in (0..n).step_by(chunk) {
-            let rows = chunk.min(n - start);
-            let lg = &mut logits[..rows * vocab];
-            // logits = h_chunk · Wᵀ (Wᵀ read in place: row stride 1, column stride d), a block
-            // of columns at a time.
-            for v0 in (0..vocab).step_by(block_rows) {
-                let vl = block_rows.min(vocab - v0);
-                let wb = vocab_rows(ws, w0 + v0 * d, vl * d, &mut wide, op)?;
-                cpu_gemm_rows(&mut lg[v0..], vocab, (rows, vl, d), false, (&h[start * d..(start + rows) * d], d, 1), (wb, 1, d), 1.0, true)?;
-            }
-            let targets = &self.targets[start..start + rows];
-            let out = &mut losses[start..start + rows];
-            // Each row: loss = lse − logit[target]; gradient row = softmax − onehot.
-            lg.par_chunks_mut(vocab).zip(out.par_iter_mut()).zip(targets.par_iter()).for_each(|((row, loss), &t)| {
-                let t = t as usize;
-                let target_logit = row[t];
-                let max = cpu_math::max(row);
-                let sum = cpu_math::exp_shifted(row, 1.0, max);
-                // lse − logit[t], in the shifted form (exact even when exp underflows; NaN
-                // logits give a NaN loss, which the trainer reports).
-                *loss = sum.ln() - (target_logit - max);
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|v| *v *= inv);
-                row[t] -= 1.0;
-            });
-            // dh_chunk = (softmax − onehot) · W, summed over the blocks.
-            for v0 in (0..vocab).step_by(block_rows) {
-                let vl = block_rows.min(vocab - v0);
-                let wb = vocab_rows(ws, w0 + v0 * d, vl * d, &mut wide, op)?;
-                cpu_gemm(&mut dh[start * d..(start + rows) * d], (rows, d, vl), v0 > 0, (&lg[v0..], vocab, 1), (wb, d, 1), 1.0, true)?;
-            }
-        }
+        let (losses, dh) = cpu_head_loss(h, (n, d), &w, &self.targets, self.chunk, |_, _, _| Ok(()), |_, _, _| Ok(()))?;
         if let Ok(mut slot) = self.dh.lock() {
             *slot = Some(Tensor::from_vec(dh, (n, d), &Device::Cpu)?);
         }
@@ -1410,6 +1358,80 @@ impl CustomOp1 for LinearCrossEntropy {
             Ok(Some(dh.broadcast_mul(&grad.unsqueeze(1)?)?))
         })
     }
+}
+
+/// The CPU's chunked LM-head loss on f32 rows `h` (n, d) and a head `w` (vocab, d; f32, bf16 or
+/// f16): per chunk of rows, the logits `h·Wᵀ` by gemm into one reused buffer, then
+/// `extra(start, rows, logits)` (LoRA adds its update there), then each row turned in place into
+/// softmax − onehot with its loss, `dh = g·W` into the chunk's rows, and `after(start, rows, g)`
+/// (LoRA's gradients read `g` there). Returns the rows' losses and dh.
+#[allow(clippy::type_complexity)]
+fn cpu_head_loss(
+    h: &[f32],
+    (n, d): (usize, usize),
+    w: &Tensor,
+    targets: &[u32],
+    chunk: usize,
+    mut extra: impl FnMut(usize, usize, &mut [f32]) -> CResult<()>,
+    mut after: impl FnMut(usize, usize, &[f32]) -> CResult<()>,
+) -> CResult<(Vec<f32>, Vec<f32>)> {
+    let op = "linear-cross-entropy";
+    let vocab = w.dim(0)?;
+    if w.dims() != [vocab, d] || h.len() != n * d || targets.len() != n {
+        candle_core::bail!("{op}: weight {:?}, {} targets for {n} rows of hidden size {d}", w.dims(), targets.len());
+    }
+    let w = w.contiguous()?;
+    let (ws, wl) = w.storage_and_layout();
+    let Some(ws) = cpu_storage(&ws) else { candle_core::bail!("{op}: weight not on the cpu") };
+    let Some((w0, _)) = wl.contiguous_offsets() else { candle_core::bail!("{op}: weight must be contiguous") };
+    // The weight's vocabulary rows a block at a time: an f32 weight in one block, read in
+    // place; a 16-bit one widened HALF_VOCAB_BLOCK rows at a time into a reused buffer
+    // (exactly), so no f32 copy of the whole weight exists (1 GiB at a 128k vocabulary and
+    // hidden 2048). Each block is widened twice per chunk, for the logits and for dh.
+    let block_rows = if matches!(ws, CpuStorage::F32(_)) { vocab } else { HALF_VOCAB_BLOCK.min(vocab) };
+    let mut wide = Vec::new();
+    let chunk = chunk.max(1).min(n.max(1));
+    let mut losses = vec![0f32; n];
+    let mut dh = vec![0f32; n * d];
+    // One chunk's logits, reused: made by gemm in place, turned into softmax − onehot row by
+    // row (a row, vocab floats, stays in cache through its passes), then multiplied by W
+    // straight into the chunk's rows of dh.
+    let mut logits = vec![0f32; chunk * vocab];
+    for start in (0..n).step_by(chunk) {
+        let rows = chunk.min(n - start);
+        let lg = &mut logits[..rows * vocab];
+        // logits = h_chunk · Wᵀ (Wᵀ read in place: row stride 1, column stride d), a block
+        // of columns at a time.
+        for v0 in (0..vocab).step_by(block_rows) {
+            let vl = block_rows.min(vocab - v0);
+            let wb = vocab_rows(ws, w0 + v0 * d, vl * d, &mut wide, op)?;
+            cpu_gemm_rows(&mut lg[v0..], vocab, (rows, vl, d), false, (&h[start * d..(start + rows) * d], d, 1), (wb, 1, d), 1.0, true)?;
+        }
+        extra(start, rows, lg)?;
+        let targets = &targets[start..start + rows];
+        let out = &mut losses[start..start + rows];
+        // Each row: loss = lse − logit[target]; gradient row = softmax − onehot.
+        lg.par_chunks_mut(vocab).zip(out.par_iter_mut()).zip(targets.par_iter()).for_each(|((row, loss), &t)| {
+            let t = t as usize;
+            let target_logit = row[t];
+            let max = cpu_math::max(row);
+            let sum = cpu_math::exp_shifted(row, 1.0, max);
+            // lse − logit[t], in the shifted form (exact even when exp underflows; NaN
+            // logits give a NaN loss, which the trainer reports).
+            *loss = sum.ln() - (target_logit - max);
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|v| *v *= inv);
+            row[t] -= 1.0;
+        });
+        // dh_chunk = (softmax − onehot) · W, summed over the blocks.
+        for v0 in (0..vocab).step_by(block_rows) {
+            let vl = block_rows.min(vocab - v0);
+            let wb = vocab_rows(ws, w0 + v0 * d, vl * d, &mut wide, op)?;
+            cpu_gemm(&mut dh[start * d..(start + rows) * d], (rows, d, vl), v0 > 0, (&lg[v0..], vocab, 1), (wb, d, 1), 1.0, true)?;
+        }
+        after(start, rows, lg)?;
+    }
+    Ok((losses, dh))
 }
 
 /// Vocabulary rows a 16-bit LM-head weight is widened to f32 at a time in the CPU loss (8 MiB
@@ -1487,7 +1509,7 @@ pub fn linear_cross_entropy_chunked(hs: &Tensor, w: &Tensor, targets: &[u32], ch
     let all_targets = Tensor::from_slice(targets, targets.len(), hs.device())?;
     for start in (0..n).step_by(chunk.max(1)) {
         let rows = chunk.max(1).min(n - start);
-        let (loss, g) = chunk_loss_and_softmax_grad(&h.narrow(0, start, rows)?, &wd, &all_targets.narrow(0, start, rows)?, dtype)?;
+        let (loss, g) = chunk_loss_and_softmax_grad(&h.narrow(0, start, rows)?.matmul(&wd.t()?)?, &all_targets.narrow(0, start, rows)?, dtype)?;
         losses.push(loss);
         grads.push(g.to_dtype(wd.dtype())?.matmul(&wd)?.to_dtype(dtype)?);
     }
@@ -1499,18 +1521,18 @@ pub fn linear_cross_entropy_chunked(hs: &Tensor, w: &Tensor, targets: &[u32], ch
     (loss + tracked)? - constant
 }
 
-/// One chunk of rows `h` (rows, hidden) against the head `wd` (vocab, hidden): each row's loss
-/// in `dtype` and softmax − onehot (rows, vocab) (in the logits' dtype from the fused kernels
-/// on a GPU, else in `dtype`).
-fn chunk_loss_and_softmax_grad(h: &Tensor, wd: &Tensor, t: &Tensor, dtype: DType) -> CResult<(Tensor, Tensor)> {
-    if fused::active(h) {
+/// One chunk's logits (rows, vocab), made in the activations' dtype: each row's loss in `dtype`
+/// and softmax − onehot (rows, vocab) (in the logits' dtype from the fused kernels on a GPU,
+/// else in `dtype`).
+fn chunk_loss_and_softmax_grad(logits: &Tensor, t: &Tensor, dtype: DType) -> CResult<(Tensor, Tensor)> {
+    if fused::active(logits) {
         // One kernel for the rows' losses and log-sum-exps, one for softmax − onehot in the
-        // logits' (the weight's) dtype.
-        let (loss, g) = fused::cross_entropy(&h.matmul(&wd.t()?)?, t)?;
+        // logits' dtype.
+        let (loss, g) = fused::cross_entropy(logits, t)?;
         return Ok((loss.to_dtype(dtype)?, g));
     }
-    // Logits in the activations' dtype (as the model computes them), normalised in f32.
-    let logits = h.matmul(&wd.t()?)?.to_dtype(dtype)?;
+    // Normalised in f32.
+    let logits = logits.to_dtype(dtype)?;
     let rows = logits.dim(0)?;
     let max = logits.max_keepdim(D::Minus1)?;
     let shifted = logits.broadcast_sub(&max)?;
@@ -1518,7 +1540,7 @@ fn chunk_loss_and_softmax_grad(h: &Tensor, wd: &Tensor, t: &Tensor, dtype: DType
     let sum = e.sum_keepdim(D::Minus1)?;
     let picked = shifted.gather(&t.unsqueeze(1)?, 1)?;
     let loss = (sum.log()? - picked)?.squeeze(1)?;
-    let onehot = Tensor::zeros((rows, logits.dim(1)?), dtype, h.device())?.scatter_add(&t.unsqueeze(1)?, &Tensor::ones((rows, 1), dtype, h.device())?, 1)?;
+    let onehot = Tensor::zeros((rows, logits.dim(1)?), dtype, logits.device())?.scatter_add(&t.unsqueeze(1)?, &Tensor::ones((rows, 1), dtype, logits.device())?, 1)?;
     Ok((loss, (e.broadcast_div(&sum)? - onehot)?))
 }
 
@@ -1548,7 +1570,7 @@ pub fn linear_cross_entropy_trained_sum(hs: &Tensor, w: &Tensor, targets: &[u32]
         for start in (0..n).step_by(chunk.max(1)) {
             let rows = chunk.max(1).min(n - start);
             let hc = h.narrow(0, start, rows)?;
-            let (l, g) = chunk_loss_and_softmax_grad(&hc, &wd, &all_targets.narrow(0, start, rows)?, dtype)?;
+            let (l, g) = chunk_loss_and_softmax_grad(&hc.matmul(&wd.t()?)?, &all_targets.narrow(0, start, rows)?, dtype)?;
             loss = (loss + l.sum_all()?)?;
             grads.push(g.to_dtype(wd.dtype())?.matmul(&wd)?.to_dtype(dtype)?);
             if cpu {
@@ -1573,6 +1595,111 @@ pub fn linear_cross_entropy_trained_sum(hs: &Tensor, w: &Tensor, targets: &[u32]
             None => Ok(loss),
         }
     })
+}
+
+/// LoRA's pair on an LM head (see [`linear_cross_entropy_lora_sum`]).
+#[derive(Clone, Copy)]
+pub struct HeadPair<'a> {
+    /// The update's input rows (`hs` with LoRA's dropout applied, or `hs` itself), tracked.
+    pub input: &'a Tensor,
+    /// (r, hidden), in the activations' dtype.
+    pub a: &'a Tensor,
+    /// (vocab, r), in the activations' dtype.
+    pub b: &'a Tensor,
+    /// alpha / r (or alpha / √r).
+    pub scale: f64,
+}
+
+/// The summed cross-entropy of `hs·Wᵀ + s·(x·Aᵀ)·Bᵀ` against `targets` for a LoRA-adapted LM
+/// head (frozen `w` (vocab, hidden)): [`linear_cross_entropy_trained_sum`]'s scheme with the
+/// pair's gradients. Per chunk the logits are made, turned into softmax − onehot `g` and
+/// dropped; `dh = g·W`, `dx = s·(g·B)·A`, `dB += s·gᵀ·(x·Aᵀ)` and `dA += s·(g·B)ᵀ·x`
+/// accumulate in f32 (f64 for f64), and [`CarryGradient`] zeros hand them to `hs`, `x`, A
+/// and B. The composed loss kept every row's logits and their log-softmax for the backward
+/// (`LOGIT_COPIES` = 5.25 copies of (rows, vocab) f32 in the estimate); this keeps one chunk.
+pub fn linear_cross_entropy_lora_sum(hs: &Tensor, w: &Tensor, pair: HeadPair, targets: &[u32], chunk: usize) -> CResult<Tensor> {
+    profile::region("lm head + loss fwd", hs.device(), || {
+        check_targets(hs, targets, w.dim(0)?)?;
+        let n = hs.dim(0)?;
+        if use_fused(hs) && !fused::active(hs) && n > 0 {
+            return lora_head_loss_cpu(hs, w, pair, targets, chunk);
+        }
+        let dtype = if hs.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        let (h, x, wd) = (hs.detach(), pair.input.detach(), w.detach().to_dtype(hs.dtype())?);
+        let (a32, b32) = (pair.a.detach().to_dtype(dtype)?, pair.b.detach().to_dtype(dtype)?);
+        let all_targets = Tensor::from_slice(targets, targets.len(), hs.device())?;
+        let mut loss = Tensor::zeros((), dtype, hs.device())?;
+        let (mut dh, mut dx) = (Vec::new(), Vec::new());
+        let (mut da, mut db) = (a32.zeros_like()?, b32.zeros_like()?);
+        for start in (0..n).step_by(chunk.max(1)) {
+            let rows = chunk.max(1).min(n - start);
+            let (hc, xc) = (h.narrow(0, start, rows)?, x.narrow(0, start, rows)?);
+            // The low-rank path in f32 (LoRA's pair may be f32 beside 16-bit activations).
+            let xc = xc.to_dtype(dtype)?;
+            let xa = xc.matmul(&a32.t()?)?;
+            let logits = (hc.matmul(&wd.t()?)?.to_dtype(dtype)? + (xa.matmul(&b32.t()?)? * pair.scale)?)?;
+            let (l, g) = chunk_loss_and_softmax_grad(&logits, &all_targets.narrow(0, start, rows)?, dtype)?;
+            loss = (loss + l.sum_all()?)?;
+            dh.push(g.to_dtype(wd.dtype())?.matmul(&wd)?.to_dtype(dtype)?);
+            let g = g.to_dtype(dtype)?;
+            let gb = g.matmul(&b32)?;
+            dx.push((gb.matmul(&a32)? * pair.scale)?);
+            db = (db + (g.t()?.matmul(&xa)? * pair.scale)?)?;
+            da = (da + (gb.t()?.matmul(&xc)? * pair.scale)?)?;
+        }
+        if n == 0 {
+            return Ok(loss);
+        }
+        let loss = (loss + hs.apply_op1(CarryGradient(Tensor::cat(&dh, 0)?))?)?;
+        let loss = (loss + pair.input.apply_op1(CarryGradient(Tensor::cat(&dx, 0)?))?)?;
+        (loss + pair.a.apply_op1(CarryGradient(da))?)? + pair.b.apply_op1(CarryGradient(db))?
+    })
+}
+
+/// [`linear_cross_entropy_lora_sum`] on the CPU in f32: [`cpu_head_loss`]'s chunks, the update
+/// `s·(x·Aᵀ)·Bᵀ` added into each chunk's logits by gemm and the pair's gradients read from each
+/// chunk's softmax − onehot (`g·B` into one (n, r) buffer, `s·gᵀ·(x·Aᵀ)` accumulated into dB),
+/// then `dx = s·(g·B)·A` and `dA = s·(g·B)ᵀ·x` once over all rows.
+fn lora_head_loss_cpu(hs: &Tensor, w: &Tensor, pair: HeadPair, targets: &[u32], chunk: usize) -> CResult<Tensor> {
+    let f32_rows = |t: &Tensor| -> CResult<Tensor> { t.detach().to_dtype(DType::F32)?.contiguous() };
+    let (h, x, a, b) = (f32_rows(hs)?, f32_rows(pair.input)?, f32_rows(pair.a)?, f32_rows(pair.b)?);
+    let ((n, d), (r, k), (vocab, rb)) = (h.dims2()?, a.dims2()?, b.dims2()?);
+    if x.dims() != [n, k] || rb != r || k != d {
+        candle_core::bail!("lora-head-loss: rows {:?}, input {:?}, A {:?}, B {:?}", h.dims(), x.dims(), a.dims(), b.dims());
+    }
+    let s = pair.scale as f32;
+    let (losses, dh, gb, db) = cpu_f32s([&h, &x, &a, &b], |[h, x, a, b]| {
+        // x·Aᵀ for every row, (n, r).
+        let mut xa = vec![0f32; n * r];
+        cpu_gemm(&mut xa, (n, r, k), false, (x, k, 1), (a, 1, k), 1.0, true)?;
+        let mut gb = vec![0f32; n * r];
+        let mut db = vec![0f32; vocab * r];
+        let (losses, dh) = cpu_head_loss(
+            h,
+            (n, d),
+            &w.detach(),
+            targets,
+            chunk,
+            // logits += s·(x·Aᵀ)_chunk·Bᵀ (Bᵀ read in place: row stride 1, column stride r).
+            |start, rows, lg| cpu_gemm(lg, (rows, vocab, r), true, (&xa[start * r..(start + rows) * r], r, 1), (b, 1, r), s, true),
+            |start, rows, g| {
+                cpu_gemm(&mut gb[start * r..(start + rows) * r], (rows, r, vocab), false, (g, vocab, 1), (b, r, 1), 1.0, true)?;
+                // dB += s·gᵀ·(x·Aᵀ)_chunk.
+                cpu_gemm(&mut db, (vocab, r, rows), start > 0, (g, 1, vocab), (&xa[start * r..(start + rows) * r], r, 1), s, true)
+            },
+        )?;
+        Ok((losses, dh, gb, db))
+    })?;
+    let (mut dx, mut da) = (vec![0f32; n * k], vec![0f32; r * k]);
+    cpu_f32s([&x, &a], |[x, a]| {
+        cpu_gemm(&mut dx, (n, k, r), false, (&gb, r, 1), (a, k, 1), s, true)?;
+        cpu_gemm(&mut da, (r, k, n), false, (&gb, 1, r), (x, k, 1), s, true)
+    })?;
+    let dev = Device::Cpu;
+    let loss = Tensor::new(losses.iter().map(|&l| l as f64).sum::<f64>() as f32, &dev)?;
+    let carry = |t: &Tensor, g: Vec<f32>, dims: (usize, usize)| t.apply_op1(CarryGradient(Tensor::from_vec(g, dims, &dev)?));
+    let loss = ((loss + carry(hs, dh, (n, d))?)? + carry(pair.input, dx, (n, k))?)?;
+    (loss + carry(pair.a, da, (r, k))?)? + carry(pair.b, db, (vocab, r))?
 }
 
 /// A scalar zero whose backward hands its input the gradient it carries (scaled by the incoming

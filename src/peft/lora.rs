@@ -282,6 +282,13 @@ impl LoraLayer {
 }
 
 impl LinearAdapter for LoraLayer {
+    fn head_pair(&self, xs: &Tensor, ctx: &ForwardCtx) -> Option<Result<(Tensor, Tensor, Tensor, f64)>> {
+        if self.magnitude.is_some() || !ctx.train || ctx.generation {
+            return None;
+        }
+        Some(self.dropped(xs, ctx).map(|x| (x, t(&self.a, ctx), t(&self.b, ctx), self.scale)))
+    }
+
     fn forward(&self, xs: &Tensor, base: Tensor, _w: &FrozenWeight, ctx: &ForwardCtx) -> Result<Tensor> {
         let x = self.dropped(xs, ctx)?;
         Ok((base + self.update(&x, ctx)?)?)
