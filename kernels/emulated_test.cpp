@@ -272,6 +272,19 @@ void adamw() {
     std::vector<float> step(n);
     for (size_t i = 0; i < n; ++i) want_step[i] = want_p[i] - p[i], step[i] = out[i] - p[i];
     report("adamw_param", "f32", step, want_step, 1e-4);
+    // The in-place twins (the trainer's): m, v, then p overwritten where they are, the same
+    // values as the two kernels above.
+    auto m2 = m, v2 = v, p2 = p;
+    emu::launch(2, 256, [&] { tb_adamw_moment_inplace_f32(m2.data(), g.data(), n, b1, 1 - b1, 0); });
+    emu::launch(2, 256, [&] { tb_adamw_moment_inplace_f32(v2.data(), g.data(), n, b2, 1 - b2, 1); });
+    emu::launch(2, 256, [&] { tb_adamw_param_inplace_f32(p2.data(), m2.data(), v2.data(), n, 1 - lr * wd, 1 / bc1, 1 / bc2, eps, lr); });
+    std::vector<double> got_mv(2 * n);
+    for (size_t i = 0; i < n; ++i) got_mv[i] = mv[i], got_mv[n + i] = mv[n + i];
+    std::vector<float> mv2(2 * n);
+    for (size_t i = 0; i < n; ++i) mv2[i] = m2[i], mv2[n + i] = v2[i];
+    report("adamw_moment_inplace", "f32", mv2, got_mv, 0.0);
+    std::vector<double> want_out(out.begin(), out.end());
+    report("adamw_param_inplace", "f32", p2, want_out, 0.0);
 }
 
 

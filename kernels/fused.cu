@@ -29,6 +29,10 @@
 //                             one AdamW step of one f32 variable in two launches (was ~16
 //                             tensor ops per variable: thousands of launches per step with
 //                             LoRA on every projection of a 1B model);
+//   adamw_moment_inplace / adamw_param_inplace
+//                             the same step in place (three launches, nothing allocated; the
+//                             trainer's: two launches allocate 3 copies of the variable, 12
+//                             bytes a parameter at once for full fine-tuning);
 //   flash_fwd / flash_bwd_dq / flash_bwd_dkv (f16, bf16; head_dim 64 or 128)
 //                             causal attention in one launch forward and two backward, on the
 //                             tensor cores (nvcuda::wmma), the scores of one tile at a time in
@@ -620,6 +624,24 @@ extern "C" __global__ void tb_adamw_param_f32(const float* p, const float* mv, f
     for (size_t i = first_index(); i < n; i += grid_stride()) {
         const float denom = sqrtf(mv[n + i] * inv_bc2) + eps;
         out[i] = p[i] * decay - (mv[i] * inv_bc1) / denom * lr;
+    }
+}
+
+// AdamW in place, as the CPU steps (three launches, nothing allocated; the arithmetic of the two
+// kernels above). One moment: d = d·keep + (square ? g² : g)·take.
+extern "C" __global__ void tb_adamw_moment_inplace_f32(float* d, const float* g, size_t n, float keep, float take, int square) {
+    for (size_t i = first_index(); i < n; i += grid_stride()) {
+        const float gi = g[i];
+        d[i] = d[i] * keep + (square ? gi * gi : gi) * take;
+    }
+}
+
+// The parameter from the new moments m and v, overwritten where it is.
+extern "C" __global__ void tb_adamw_param_inplace_f32(float* p, const float* m, const float* v, size_t n, float decay, float inv_bc1,
+                                                      float inv_bc2, float eps, float lr) {
+    for (size_t i = first_index(); i < n; i += grid_stride()) {
+        const float denom = sqrtf(v[i] * inv_bc2) + eps;
+        p[i] = p[i] * decay - (m[i] * inv_bc1) / denom * lr;
     }
 }
 

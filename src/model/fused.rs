@@ -20,7 +20,8 @@
 //!   attention reads, rotated by RoPE, in one pass (and back in the backward): one graph node
 //!   where a reshape, a transpose, a copy, RoPE and a reshape were five, each a zero-filled
 //!   gradient and an add in candle's backward; on the CPU it is the f32 training path's op too;
-//! * [`adamw_step`]: one AdamW update of an f32 variable in two launches;
+//! * [`adamw_step`]: one AdamW update of an f32 variable in two launches, and
+//!   [`adamw_step_in_place`] in three that overwrite the variable and its moments;
 //! * [`dequantize`]: a frozen weight held as quantized blocks (QLoRA's base: Q4_0, Q4_1, Q8_0,
 //!   Q4_K) to the activations' dtype in one pass, where candle dequantizes to f32 and casts;
 //! * [`flash_forward`], [`flash_backward`]: causal attention in f16/bf16 (head_dim 64 or 128) on
@@ -135,7 +136,7 @@ fn sigmoid(x: f32) -> f32 {
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig};
     use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
     use candle_core::{DType, Layout, WithDType};
 
@@ -164,6 +165,12 @@ mod gpu {
     pub fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, op: &str) -> CResult<CudaView<'a, T>> {
         let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{op}: operand must be contiguous") };
         Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+    }
+
+    /// The contiguous elements of an operand, to write (the in-place AdamW launches).
+    pub fn view_mut<'a, T: CudaDType>(s: &'a mut CudaStorage, l: &Layout, op: &str) -> CResult<CudaViewMut<'a, T>> {
+        let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{op}: operand must be contiguous") };
+        Ok(s.as_cuda_slice_mut::<T>()?.slice_mut(a..b))
     }
 
     /// A grid-stride launch over `n` elements.
@@ -881,6 +888,21 @@ impl candle_core::InplaceOp2 for AdamMomentInPlace {
         });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, dst: &mut candle_core::CudaStorage, dst_l: &Layout, g: &candle_core::CudaStorage, gl: &Layout) -> CResult<()> {
+        let op = self.name();
+        let dev = gpu::device(dst);
+        let (n, g) = (dst_l.shape().elem_count(), gpu::view::<f32>(g, gl, op)?);
+        if g.len() != n {
+            candle_core::bail!("{op}: {n} moments for {} gradients", g.len());
+        }
+        let h = self.h;
+        let (keep, take, square) = if self.second { (h.b2, h.one_minus_b2, 1i32) } else { (h.b1, h.one_minus_b1, 0i32) };
+        let mut d = gpu::view_mut::<f32>(dst, dst_l, op)?;
+        launch!(dev, "adamw_moment_inplace", DType::F32, gpu::elementwise(n), &mut d, &g, &n, &keep, &take, &square);
+        Ok(())
+    }
 }
 
 /// The parameter updated in place from the new moments (m, v), as [`AdamParam`] computes it.
@@ -908,6 +930,21 @@ impl candle_core::InplaceOp3 for AdamParamInPlace {
         });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, dst: &mut candle_core::CudaStorage, dst_l: &Layout, m: &candle_core::CudaStorage, ml: &Layout, v: &candle_core::CudaStorage, vl: &Layout) -> CResult<()> {
+        let op = self.name();
+        let dev = gpu::device(dst);
+        let n = dst_l.shape().elem_count();
+        let (m, v) = (gpu::view::<f32>(m, ml, op)?, gpu::view::<f32>(v, vl, op)?);
+        if (m.len(), v.len()) != (n, n) {
+            candle_core::bail!("{op}: {n} parameters with {} and {} moments", m.len(), v.len());
+        }
+        let h = &self.0;
+        let mut p = gpu::view_mut::<f32>(dst, dst_l, op)?;
+        launch!(dev, "adamw_param_inplace", DType::F32, gpu::elementwise(n), &mut p, &m, &v, &n, &h.decay, &h.inv_bc1, &h.inv_bc2, &h.eps, &h.lr);
+        Ok(())
+    }
 }
 
 /// A contiguous f32 operand's values, to write (the in-place AdamW passes).
@@ -919,15 +956,16 @@ fn cpu_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> CResult<&'a m
     }
 }
 
-/// One AdamW step of an f32 CPU variable `p` with gradient `g`, all in place: `m`, `v`, then
-/// `p` are overwritten where they are (three passes, nothing allocated; the arithmetic of
-/// [`adamw_step`], so the same values to the bit). The tensor-op step allocates about seven
-/// temporaries of the variable's size at its peak (and [`adamw_step`] returns new tensors):
-/// for full fine-tuning's largest variable, the embedding, that is the step's memory peak.
-/// `m` and `v` must be the optimizer's own (no other tensor shares their storage).
+/// One AdamW step of an f32 variable `p` with gradient `g`, all in place: `m`, `v`, then `p`
+/// are overwritten where they are (three passes on the CPU, three launches on a GPU; nothing
+/// allocated; the arithmetic of [`adamw_step`], so on the CPU the same values to the bit).
+/// The tensor-op step allocates about seven temporaries of the variable's size at its peak and
+/// [`adamw_step`] three (its new moments and parameter): for full fine-tuning's largest
+/// variable, the embedding, that is the step's memory peak. `m` and `v` must be the
+/// optimizer's own (no other tensor shares their storage).
 pub fn adamw_step_in_place(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: AdamWStep) -> CResult<()> {
     for t in [p, g, m, v] {
-        if t.shape() != p.shape() || t.dtype() != DType::F32 || !t.device().is_cpu() {
+        if t.shape() != p.shape() || t.dtype() != DType::F32 || !t.device().same_device(p.device()) {
             candle_core::bail!("adamw-in-place: variable {:?} {:?} with operand {:?} {:?} on {:?}", p.dims(), p.dtype(), t.dims(), t.dtype(), t.device().location());
         }
     }

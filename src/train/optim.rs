@@ -29,8 +29,9 @@ pub struct AdamW {
     v: Vec<Tensor>,
     step: usize,
     p: AdamWParams,
-    /// Whether an f32 CPU variable steps in place ([`fused::adamw_step_in_place`]); off with
-    /// `TUNEBENCH_FUSED_KERNELS=0`, which asks for the tensor ops.
+    /// Whether an f32 variable steps in place ([`fused::adamw_step_in_place`]) on the CPU and,
+    /// through our kernels, on a GPU; off with `TUNEBENCH_FUSED_KERNELS=0`, which asks for the
+    /// tensor ops.
     in_place: bool,
 }
 
@@ -68,17 +69,20 @@ impl AdamW {
         for (i, (_, var)) in self.vars.iter().enumerate() {
             // Detached: the moments outlive the step, so they must not hold its graph.
             let g = &grads[i].detach();
+            let kernels = var.device().is_cpu() || fused::active(g);
+            if self.in_place && kernels && g.dtype() == DType::F32 && var.dtype() == DType::F32 {
+                // Three passes over the variable and its moments (on a GPU three launches
+                // instead of ~16 tensor ops), nothing allocated (the tensor ops below hold ~7
+                // temporaries of its size).
+                fused::adamw_step_in_place(var.as_tensor(), g, &self.m[i], &self.v[i], fused_step)?;
+                continue;
+            }
             if fused::active(g) && g.dtype() == DType::F32 && var.dtype() == DType::F32 {
-                // On a GPU: two kernel launches instead of ~16 tensor ops per variable.
+                // The kernels' out-of-place twin (new moments and parameter): what the in-place
+                // step is held to.
                 let (p, m, v) = fused::adamw_step(var.as_tensor(), g, &self.m[i], &self.v[i], fused_step)?;
                 var.set(&p)?;
                 (self.m[i], self.v[i]) = (m, v);
-                continue;
-            }
-            if self.in_place && var.device().is_cpu() && g.dtype() == DType::F32 && var.dtype() == DType::F32 {
-                // On the CPU: three passes over the variable and its moments, nothing
-                // allocated (the tensor ops below hold ~7 temporaries of its size).
-                fused::adamw_step_in_place(var.as_tensor(), g, &self.m[i], &self.v[i], fused_step)?;
                 continue;
             }
             let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
@@ -102,7 +106,7 @@ impl AdamW {
     }
 
     /// The state as named tensors (`m.<var>`, `v.<var>`, `step`): views of the live moments,
-    /// which the next step on the CPU updates in place, so write them before stepping again.
+    /// which the next step updates in place, so write them before stepping again.
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (i, (name, _)) in self.vars.iter().enumerate() {
@@ -115,7 +119,7 @@ impl AdamW {
     }
 
     /// Restores state written by [`AdamW::state`]. The moments become the optimizer's own,
-    /// which later steps on the CPU update in place: the caller lets go of `state`.
+    /// which later steps update in place: the caller lets go of `state`.
     pub fn restore(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         for (i, (name, var)) in self.vars.iter().enumerate() {
             for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
@@ -296,7 +300,7 @@ mod adamw_tests {
             AdamW::new(vars, p.clone()).unwrap()
         };
         let (mut plain, mut fast) = (make(), make());
-        plain.in_place = false;
+        (plain.in_place, fast.in_place) = (false, false);
         for step in 0..6u64 {
             let grads = vec![random(&[3, 5], 10 + step), random(&[7], 20 + step)];
             plain.step(&grads, 1e-2).unwrap();
