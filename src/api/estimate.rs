@@ -80,8 +80,8 @@ pub const CHECKPOINT_TOKEN_FLOATS_PER_HIDDEN: f64 = 12.5;
 /// less what is freed between micro-batches. Calibrated with [`ACTIVATION_FACTOR`].
 pub const ADAPTER_BYTES_PER_PARAM: u64 = 17;
 /// Bytes per parameter that full fine-tuning trains: the value (the model's weight itself,
-/// which the trainer makes a view of it), gradient, AdamW m and v, all f32 (the CPU's AdamW
-/// steps in place). Fitted with [`LOGIT_COPIES`] and [`EMBEDDING_GRAD_COPIES`] on three
+/// which the trainer makes a view of it), gradient, AdamW m and v, all f32 (AdamW steps in
+/// place). Fitted with [`LOGIT_COPIES`] and [`EMBEDDING_GRAD_COPIES`] on three
 /// configs of the default model (bench/RESULTS.md, 2026-12-03).
 pub const FULL_BYTES_PER_PARAM: u64 = 16;
 /// Copies of the (tokens, vocab) f32 logits alive at the peak when the LM head is adapted by a
