@@ -741,12 +741,10 @@ impl Llama {
         let idx = Tensor::from_slice(rows, n, &self.device)?;
         let hs = h.index_select(&idx, 0)?;
         let unbiased = self.lm_head.adapter().filter(|_| self.lm_head.bias().is_none());
-        let trained = unbiased.and_then(|a| a.trained_weight(ctx));
-        let pair = unbiased.and_then(|a| a.head_pair(&hs, ctx)).transpose()?;
-        Ok(if let Some(w) = trained {
+        Ok(if let Some(w) = unbiased.and_then(|a| a.trained_weight(ctx)) {
             // A head whose weight trains (full fine-tuning): chunk by chunk, its gradient too.
             ops::linear_cross_entropy_trained_sum(&hs, &w, targets, chunk)?
-        } else if let Some((input, a, b, scale)) = pair {
+        } else if let Some((input, a, b, scale)) = unbiased.and_then(|a| a.head_pair(&hs, ctx)).transpose()? {
             // LoRA on the head: chunk by chunk, the pair's gradients too.
             let pair = ops::HeadPair { input: &input, a: &a, b: &b, scale };
             ops::linear_cross_entropy_lora_sum(&hs, &self.lm_head.weight().dense()?, pair, targets, chunk)?

@@ -69,15 +69,15 @@ impl AdamW {
         for (i, (_, var)) in self.vars.iter().enumerate() {
             // Detached: the moments outlive the step, so they must not hold its graph.
             let g = &grads[i].detach();
-            let kernels = var.device().is_cpu() || fused::active(g);
-            if self.in_place && kernels && g.dtype() == DType::F32 && var.dtype() == DType::F32 {
+            let f32 = g.dtype() == DType::F32 && var.dtype() == DType::F32;
+            if self.in_place && f32 && (var.device().is_cpu() || fused::active(g)) {
                 // Three passes over the variable and its moments (on a GPU three launches
                 // instead of ~16 tensor ops), nothing allocated (the tensor ops below hold ~7
                 // temporaries of its size).
                 fused::adamw_step_in_place(var.as_tensor(), g, &self.m[i], &self.v[i], fused_step)?;
                 continue;
             }
-            if fused::active(g) && g.dtype() == DType::F32 && var.dtype() == DType::F32 {
+            if f32 && fused::active(g) {
                 // The kernels' out-of-place twin (new moments and parameter): what the in-place
                 // step is held to.
                 let (p, m, v) = fused::adamw_step(var.as_tensor(), g, &self.m[i], &self.v[i], fused_step)?;
