@@ -1557,15 +1557,14 @@ pub fn linear_cross_entropy_trained_sum(hs: &Tensor, w: &Tensor, targets: &[u32]
     profile::region("lm head + loss fwd", hs.device(), || {
         check_targets(hs, targets, w.dim(0)?)?;
         let n = hs.dim(0)?;
+        if use_fused(hs) && !fused::active(hs) && n > 0 {
+            return trained_head_loss_cpu(hs, w, targets, chunk);
+        }
         let dtype = if hs.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
         let (h, wd) = (hs.detach(), w.detach());
         let all_targets = Tensor::from_slice(targets, targets.len(), hs.device())?;
-        let (vocab, d) = wd.dims2()?;
         let mut loss = Tensor::zeros((), dtype, hs.device())?;
         let mut grads = Vec::new();
-        // dW on the CPU in f32: each chunk's gᵀ·h accumulated by gemm into one buffer.
-        let cpu = h.device().is_cpu() && dtype == DType::F32 && wd.dtype() == DType::F32 && h.is_contiguous();
-        let mut dw_cpu = if cpu { vec![0f32; vocab * d] } else { Vec::new() };
         let mut dw: Option<Tensor> = None;
         for start in (0..n).step_by(chunk.max(1)) {
             let rows = chunk.max(1).min(n - start);
@@ -1573,20 +1572,11 @@ pub fn linear_cross_entropy_trained_sum(hs: &Tensor, w: &Tensor, targets: &[u32]
             let (l, g) = chunk_loss_and_softmax_grad(&hc.matmul(&wd.t()?)?, &all_targets.narrow(0, start, rows)?, dtype)?;
             loss = (loss + l.sum_all()?)?;
             grads.push(g.to_dtype(wd.dtype())?.matmul(&wd)?.to_dtype(dtype)?);
-            if cpu {
-                let g = g.contiguous()?;
-                // (gᵀ: row stride 1, column stride vocab) · (h chunk: d, 1).
-                cpu_f32s([&g, &hc.contiguous()?], |[g, hc]| cpu_gemm(&mut dw_cpu, (vocab, d, rows), start > 0, (g, 1, vocab), (hc, d, 1), 1.0, true))?;
-                continue;
-            }
             let part = g.to_dtype(dtype)?.t()?.matmul(&hc.to_dtype(dtype)?)?;
             dw = Some(match dw {
                 Some(acc) => (acc + part)?,
                 None => part,
             });
-        }
-        if cpu && n > 0 {
-            dw = Some(Tensor::from_vec(dw_cpu, (vocab, d), &Device::Cpu)?);
         }
         let dh = Tensor::cat(&grads, 0)?;
         let loss = (loss + hs.apply_op1(CarryGradient(dh))?)?;
@@ -1595,6 +1585,24 @@ pub fn linear_cross_entropy_trained_sum(hs: &Tensor, w: &Tensor, targets: &[u32]
             None => Ok(loss),
         }
     })
+}
+
+/// [`linear_cross_entropy_trained_sum`] on the CPU in f32: [`cpu_head_loss`]'s chunks (one
+/// reused buffer of logits, turned into softmax − onehot `g` in place), with each chunk's
+/// `gᵀ·h` accumulated by gemm into one f32 dW.
+fn trained_head_loss_cpu(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize) -> CResult<Tensor> {
+    let h = hs.detach().contiguous()?;
+    let ((n, d), vocab) = (h.dims2()?, w.dim(0)?);
+    let mut dw = vec![0f32; vocab * d];
+    let (losses, dh) = cpu_f32s([&h], |[h]| {
+        // dW += gᵀ·h_chunk (gᵀ read in place: row stride 1, column stride vocab).
+        let dw_chunk = |start: usize, rows: usize, g: &[f32]| cpu_gemm(&mut dw, (vocab, d, rows), start > 0, (g, 1, vocab), (&h[start * d..(start + rows) * d], d, 1), 1.0, true);
+        cpu_head_loss(h, (n, d), &w.detach(), targets, chunk, |_, _, _| Ok(()), dw_chunk)
+    })?;
+    let dev = Device::Cpu;
+    let loss = Tensor::new(losses.iter().map(|&l| l as f64).sum::<f64>() as f32, &dev)?;
+    let loss = (loss + hs.apply_op1(CarryGradient(Tensor::from_vec(dh, (n, d), &dev)?))?)?;
+    loss + w.apply_op1(CarryGradient(Tensor::from_vec(dw, (vocab, d), &dev)?))?
 }
 
 /// LoRA's pair on an LM head (see [`linear_cross_entropy_lora_sum`]).
