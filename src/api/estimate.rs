@@ -34,7 +34,7 @@
 //!
 //! Time: matmul FLOPs of forward + backward (frozen weights get only the input gradient)
 //! divided by this machine's measured f32 matmul rate, times an overhead factor for the
-//! non-matmul ops.
+//! non-matmul ops, plus the optimizer's pass over the trainable parameters.
 //!
 //! All of it is calibrated on the CPU; a run on a GPU (`train.device` = `cuda…`, or `auto` in a
 //! CUDA build) is told so in the warnings (the GPU case is issue 7's, to be measured there).
@@ -113,6 +113,15 @@ pub const TIME_OVERHEAD: f64 = 1.8;
 /// `exp`, the same day; then 0.84–0.96 of 1.5 after `ops::split_heads` and the CPU loss as
 /// gemm into one buffer).
 pub const LORA_TIME_OVERHEAD: f64 = 1.4;
+/// [`TIME_OVERHEAD`] for full fine-tuning, whose products are all `ops::trained_linear` and
+/// whose head is the gemm loss: 1.17 on four configs (2×128 to 8×256, bench/RESULTS.md
+/// 2026-12-03 14:40), fitted with [`SECONDS_PER_TRAINABLE`].
+pub const FULL_TIME_OVERHEAD: f64 = 1.17;
+/// Seconds per trainable parameter and optimizer step beyond the products: the AdamW update
+/// (value, gradient, m and v read, three written), the gradients' clipping norm and their
+/// accumulation, on this machine's memory bandwidth (1.2 s a step for the default model's 135M
+/// in full fine-tuning; negligible for the adapters). Fitted with [`FULL_TIME_OVERHEAD`].
+pub const SECONDS_PER_TRAINABLE: f64 = 9e-9;
 
 /// Mixed precision on the CPU runs unfused ops where the f32 kernels would run (SwiGLU, the
 /// f32 casts around RMSNorm and the softmax), which keep more temporaries: activations × this
@@ -528,8 +537,14 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         crate::train::config::Precision::Bf16 => HALF_CPU_TIME_FACTOR,
         crate::train::config::Precision::F16 => F16_CPU_TIME_FACTOR,
     };
-    let overhead = if lora_op { LORA_TIME_OVERHEAD } else { TIME_OVERHEAD };
-    let step_s = flops / (gflops * 1e9) * overhead * precision_factor;
+    let overhead = if full.is_some() {
+        FULL_TIME_OVERHEAD
+    } else if lora_op {
+        LORA_TIME_OVERHEAD
+    } else {
+        TIME_OVERHEAD
+    };
+    let step_s = flops / (gflops * 1e9) * overhead * precision_factor + trainable as f64 * SECONDS_PER_TRAINABLE;
 
     let total_steps = if t.max_steps > 0 {
         t.max_steps as u64
