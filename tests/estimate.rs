@@ -74,8 +74,10 @@ fn memory_prediction_is_within_15_percent_of_measured_peak() {
         },
         // Methods on composed ops (their constants were fitted on other shapes,
         // bench/RESULTS.md 2026-12-03). Full fine-tuning: every weight and the tied embedding
-        // trained, the composed loss over the whole vocabulary.
+        // trained, the head's chunked loss with its weight's gradient.
         method_config("full", &data, 3, 96, "method = \"full\"", "f32"),
+        // IA3 on the LM head too: each loss chunk's graph differentiated on its own.
+        method_config("ia3-head", &data, 5, 128, "method = \"ia3\"\ntarget_modules = [\"k_proj\", \"v_proj\", \"down_proj\", \"lm_head\"]\nfeedforward_modules = [\"down_proj\"]", "f32"),
         method_config("houlsby-bf16", &data, 5, 144, "method = \"adapter\"\nplacement = \"houlsby\"", "bf16"),
         method_config("p-tuning-v2", &data, 6, 112, "method = \"p_tuning_v2\"\nnum_virtual_tokens = 12", "f32"),
         method_config(

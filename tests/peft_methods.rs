@@ -62,6 +62,16 @@ fn methods() -> Vec<(&'static str, PeftConfig)> {
             PeftConfig::Lora(LoraConfig { r: 2, lora_alpha: 4.0, target_modules: TargetModules::Names(vec!["v_proj".into(), "lm_head".into()]), ..Default::default() }),
         ),
         ("dora", PeftConfig::Lora(LoraConfig { r: 2, lora_alpha: 4.0, target_modules: all_linear(), use_dora: true, ..Default::default() })),
+        (
+            // The other methods on the LM head: the loss runs chunk by chunk, each chunk
+            // differentiated on its own.
+            "dora-head",
+            PeftConfig::Lora(LoraConfig { r: 2, lora_alpha: 4.0, target_modules: TargetModules::Names(vec!["k_proj".into(), "lm_head".into()]), use_dora: true, ..Default::default() }),
+        ),
+        (
+            "ia3-head",
+            PeftConfig::Ia3(Ia3Config { target_modules: TargetModules::Names(vec!["v_proj".into(), "down_proj".into(), "lm_head".into()]), feedforward_modules: vec!["down_proj".into()], init_ia3_weights: true }),
+        ),
         ("adalora", PeftConfig::AdaLora(adalora_cfg())),
         ("ia3", PeftConfig::Ia3(Ia3Config::default())),
         (
@@ -173,9 +183,11 @@ fn formula(cfg: &LlamaConfig, peft: &PeftConfig) -> usize {
             _ => unreachable!("prompt-learning methods are counted by prompt_formula"),
         })
         .sum();
-    // LoRA on the LM head: r·(hidden + vocab).
+    // The LM head: LoRA's r·(hidden + vocab) (DoRA's magnitude: vocab more); IA3's vocab.
+    let on_head = |t: &TargetModules| matches!(t, TargetModules::Names(ns) if ns.iter().any(|x| x == "lm_head"));
     let head = match peft {
-        PeftConfig::Lora(c) | PeftConfig::Qlora(c) if matches!(&c.target_modules, TargetModules::Names(ns) if ns.iter().any(|x| x == "lm_head")) => c.r * (d + cfg.vocab_size),
+        PeftConfig::Lora(c) | PeftConfig::Qlora(c) if on_head(&c.target_modules) => c.r * (d + cfg.vocab_size) + if c.use_dora { cfg.vocab_size } else { 0 },
+        PeftConfig::Ia3(c) if on_head(&c.target_modules) => cfg.vocab_size,
         _ => 0,
     };
     per_layer * cfg.num_hidden_layers + head

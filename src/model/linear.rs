@@ -187,6 +187,10 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     fn head_pair(&self, _xs: &Tensor, _ctx: &ForwardCtx) -> Option<Result<(Tensor, Tensor, Tensor, f64)>> {
         None
     }
+    /// The method's trainable tensors (its `Var`s' own tensors, the ones gradients are keyed
+    /// by): an adapted LM head's loss runs chunk by chunk, each chunk's graph differentiated
+    /// on its own, and hands them the summed gradients (`Llama`'s adapted-head loss).
+    fn trainable_tensors(&self) -> Vec<Tensor>;
     /// Downcasting support, for saving and merging.
     fn as_any(&self) -> &dyn std::any::Any;
 }

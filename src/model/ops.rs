@@ -1624,7 +1624,7 @@ pub struct HeadPair<'a> {
 /// dropped; `dh = g·W`, `dx = s·(g·B)·A`, `dB += s·gᵀ·(x·Aᵀ)` and `dA += s·(g·B)ᵀ·x`
 /// accumulate in f32 (f64 for f64), and [`CarryGradient`] zeros hand them to `hs`, `x`, A
 /// and B. The composed loss kept every row's logits and their log-softmax for the backward
-/// (`LOGIT_COPIES` = 5.25 copies of (rows, vocab) f32 in the estimate); this keeps one chunk.
+/// (5.25 copies of (rows, vocab) f32 measured); this keeps one chunk.
 pub fn linear_cross_entropy_lora_sum(hs: &Tensor, w: &Tensor, pair: HeadPair, targets: &[u32], chunk: usize) -> CResult<Tensor> {
     profile::region("lm head + loss fwd", hs.device(), || {
         check_targets(hs, targets, w.dim(0)?)?;
@@ -1708,6 +1708,16 @@ fn lora_head_loss_cpu(hs: &Tensor, w: &Tensor, pair: HeadPair, targets: &[u32], 
     let carry = |t: &Tensor, g: Vec<f32>, dims: (usize, usize)| t.apply_op1(CarryGradient(Tensor::from_vec(g, dims, &dev)?));
     let loss = ((loss + carry(hs, dh, (n, d))?)? + carry(pair.input, dx, (n, k))?)?;
     (loss + carry(pair.a, da, (r, k))?)? + carry(pair.b, db, (vocab, r))?
+}
+
+/// A scalar zero (f32, or f64 for an f64 gradient) whose backward hands `t` the gradient `g`
+/// (same shape), scaled by the incoming one: how a loss differentiated outside the graph
+/// passes its gradients on.
+pub fn carry_gradient(t: &Tensor, g: Tensor) -> CResult<Tensor> {
+    if t.dims() != g.dims() {
+        candle_core::bail!("carry-gradient: gradient {:?} for a tensor {:?}", g.dims(), t.dims());
+    }
+    t.apply_op1(CarryGradient(g))
 }
 
 /// A scalar zero whose backward hands its input the gradient it carries (scaled by the incoming

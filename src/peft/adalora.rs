@@ -339,6 +339,10 @@ impl LinearAdapter for AdaLoraLayer {
         Ok((base + super::lora::low_rank_update(&x, &self.scaled_a(ctx)?, &t(&self.b, ctx), self.scale)?)?)
     }
 
+    fn trainable_tensors(&self) -> Vec<Tensor> {
+        super::var_tensors(&self.params())
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

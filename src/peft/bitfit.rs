@@ -70,6 +70,10 @@ impl LinearAdapter for BitfitLayer {
         Ok(ops::channel_shift(&base, &super::var_tensor(&self.delta, ctx))?)
     }
 
+    fn trainable_tensors(&self) -> Vec<Tensor> {
+        super::var_tensors(&self.params())
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

@@ -186,6 +186,10 @@ impl LinearAdapter for BottleneckLayer {
         Ok((y + u)?.reshape(dims)?)
     }
 
+    fn trainable_tensors(&self) -> Vec<Tensor> {
+        super::var_tensors(&self.params())
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

@@ -125,6 +125,10 @@ impl LinearAdapter for FullLayer {
         (ctx.train && !ctx.generation && self.bias.is_none()).then(|| var_tensor(&self.weight, ctx))
     }
 
+    fn trainable_tensors(&self) -> Vec<Tensor> {
+        super::var_tensors(&self.params())
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

@@ -111,6 +111,10 @@ impl LinearAdapter for Ia3Layer {
         Some(run())
     }
 
+    fn trainable_tensors(&self) -> Vec<Tensor> {
+        super::var_tensors(&self.params())
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

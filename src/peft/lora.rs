@@ -332,6 +332,10 @@ impl LinearAdapter for LoraLayer {
         Some(run())
     }
 
+    fn trainable_tensors(&self) -> Vec<Tensor> {
+        super::var_tensors(&self.params())
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

@@ -71,6 +71,11 @@ pub fn var_tensor(v: &Var, ctx: &crate::model::ForwardCtx) -> Tensor {
     }
 }
 
+/// The tensors of a layer's trainable `Var`s (`LinearAdapter::trainable_tensors`).
+pub(crate) fn var_tensors(params: &[(String, Var)]) -> Vec<Tensor> {
+    params.iter().map(|(_, v)| v.as_tensor().clone()).collect()
+}
+
 /// `n` draws from N(0, std²) (Box–Muller), as f32.
 pub fn normal_samples(rng: &mut impl rand::Rng, n: usize, std: f64) -> Vec<f32> {
     (0..n)
