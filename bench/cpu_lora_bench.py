@@ -25,6 +25,7 @@ Anchor shapes:
 
 --method trains another method on both sides instead of LoRA (the LoRA options are then unused):
   ia3            IA3 on k, v (outputs) and down (input): PEFT's IA3Config, ours `method = "ia3"`
+  ia3-head       the same and the LM head's output (its loss: chunk by chunk on our side)
   p_tuning_v2    20 trained key/value prefixes per layer, no reparameterisation: PEFT's
                  PrefixTuningConfig (prefix_projection off), ours `method = "p_tuning_v2"`
   prompt_tuning  20 trained input embeddings: PEFT's PromptTuningConfig, ours `method = "prompt_tuning"`
@@ -55,6 +56,8 @@ ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 METHODS = {
     "lora": (None, "LoRA"),
     "ia3": ('method = "ia3"', "IA3 on k, v, down"),
+    "ia3-head": ('method = "ia3"\ntarget_modules = ["k_proj", "v_proj", "down_proj", "lm_head"]\nfeedforward_modules = ["down_proj"]',
+                 "IA3 on k, v, down and the LM head"),
     "p_tuning_v2": ('method = "p_tuning_v2"\nnum_virtual_tokens = 20', "P-tuning v2 (prefix tuning without reparameterisation), 20 tokens"),
     "prompt_tuning": ('method = "prompt_tuning"\nnum_virtual_tokens = 20', "prompt tuning, 20 tokens"),
     "full": ('method = "full"', "full fine-tuning"),
@@ -138,9 +141,10 @@ def reference_train(model_path: str, batches_path: str, rank: int, alpha: float,
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-    elif method == "ia3":
+    elif method in ("ia3", "ia3-head"):
         from peft import IA3Config
-        model = get_peft_model(model, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+        head = ["lm_head"] if method == "ia3-head" else []
+        model = get_peft_model(model, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"] + head,
                                                 feedforward_modules=["down_proj"], task_type="CAUSAL_LM"))
     elif method == "p_tuning_v2":
         from peft import PrefixTuningConfig
@@ -286,7 +290,7 @@ def main() -> int:
         print(est_line[2:])
     # (With dropout the two sides draw different masks, so their losses differ.)
     # (Prompt-learning methods initialise their virtual tokens differently on the two sides.)
-    same_start = not args.dropout and args.method in ("lora", "ia3", "full")
+    same_start = not args.dropout and args.method in ("lora", "ia3", "ia3-head", "full")
     if len(sides) == 2 and same_start and abs(sides[1][4][0] - sides[0][4][0]) > 1e-2:
         print("warning: first-step losses differ by more than 1e-2 although weights and batch are identical")
 
