@@ -787,7 +787,7 @@ impl Llama {
             let part = hs.narrow(0, start, rows)?.detach();
             // A leaf (a copy of the chunk's rows) when the rows want their gradient.
             let input = if rows_tracked { candle_core::Var::from_tensor(&part)?.as_tensor().clone() } else { part };
-            let l = ops::cross_entropy_rows(&self.lm_head.forward(&input, ctx)?, &targets[start..start + rows])?.sum_all()?;
+            let l = ops::cross_entropy_sum(&self.lm_head.forward(&input, ctx)?, &targets[start..start + rows])?;
             let grads = l.backward()?;
             if rows_tracked {
                 let g = grads.get(&input).ok_or_else(|| Error::Msg("adapted LM head: the rows got no gradient".into()))?;

@@ -283,6 +283,16 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                 ops::cross_entropy_rows(&logits, &targets)?.sum_all()
             },
         )?);
+        // The summed cross-entropy with its gradient made in the forward (an adapted LM head's
+        // chunks).
+        out.push(check(
+            "cross_entropy_sum",
+            device,
+            dtype,
+            &[(random(&[9, 300], 31)? * 3.0)?],
+            &|t| ops::cross_entropy_sum(&t[0], &targets),
+            &|t| ops::cross_entropy_rows(&t[0], &targets)?.sum_all(),
+        )?);
         // IA3's scaling and BitFit's shift by a trained vector over the last dim.
         for (name, op, reference) in [
             ("channel_scale", ops::channel_scale as fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>, ops::channel_scale_composed as fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>),
