@@ -87,10 +87,11 @@ pub const FULL_BYTES_PER_PARAM: u64 = 16;
 /// Copies of one loss chunk's (rows, vocab) f32 logits alive at the peak when the LM head
 /// is adapted by a method other than LoRA (DoRA, AdaLoRA, IA3, BitFit; `Llama`'s adapted-head
 /// loss differentiates each chunk's own graph in the forward: its logits, the adapter's
-/// output, the log-softmax and their gradients). Fitted on IA3 and DoRA with lm_head at 4×256
-/// and 8×256 (bench/RESULTS.md, 2026-12-03 15:00). Before, when the head's loss was one graph
-/// over every row, 5.25 copies of (tokens, vocab) stayed until the backward.
-pub const ADAPTED_HEAD_CHUNK_COPIES: f64 = 9.0;
+/// output, `ops::cross_entropy_sum`'s gradient and the gradients back through the adapter).
+/// Fitted on IA3 and DoRA with lm_head at 3×96, 4×256 and 8×256 (bench/RESULTS.md,
+/// 2026-12-03 15:00). Before, when the head's loss was one graph over every row, 5.25 copies of
+/// (tokens, vocab) stayed until the backward.
+pub const ADAPTED_HEAD_CHUNK_COPIES: f64 = 7.0;
 /// A trained embedding's dense f32 gradients alive beside it at the peak (the lookup's, the
 /// LM head's dW from the chunked loss, and their sum), in units of the embedding's size.
 /// Fitted with [`FULL_NORM_FLOATS_PER_HIDDEN`] on three configs (bench/RESULTS.md, 2026-12-03).
@@ -468,8 +469,12 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         4 * (2 * threads * tile * keys + if half { 8 } else { 3 } * per_head)
     };
     let chunk = (t.loss_chunk as u64).min(tokens).max(1);
+    // DoRA's norm on the head reads A·Wᵀ through the frozen product each chunk: one f32
+    // (vocab, hidden) temporary beside the chunk's graph (IA3 and DoRA with lm_head, 3×96 to
+    // 8×256, twelve configs with this: −6% to +4%; DoRA checkpointed −15% without it).
+    let dora_head = head_adapted && matches!(&cfg.peft, PeftConfig::Lora(l) | PeftConfig::Qlora(l) if l.use_dora);
     let loss = if head_adapted {
-        (ADAPTED_HEAD_CHUNK_COPIES * 4.0 * (chunk * model.vocab_size as u64) as f64) as u64
+        (ADAPTED_HEAD_CHUNK_COPIES * 4.0 * (chunk * model.vocab_size as u64) as f64) as u64 + if dora_head { 4 * (model.vocab_size * model.hidden_size) as u64 } else { 0 }
     } else {
         4 * chunk * model.vocab_size as u64
     };
@@ -496,11 +501,10 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     // It keeps a part of what a plain run keeps, never more (a model of one or two layers
     // gains next to nothing).
     let acts_ckpt = acts_ckpt.min(acts);
-    // The loss's logits chunk lives in the forward only: a checkpointed run peaks later,
-    // recomputing a layer in the backward, so the chunk counts only where the layer inputs
-    // and it come to more than that. An adapted head's chunk graph counts in full (measured:
-    // −5% to +6% on IA3 and DoRA with lm_head at 4×256 and 8×256; −12% counted the other way).
-    let loss_ckpt = if head_adapted { loss } else { (layer_inputs + loss).saturating_sub(acts_ckpt) };
+    // The loss's logits chunk (an adapted head's chunk graph too) lives in the forward only: a
+    // checkpointed run peaks later, recomputing a layer in the backward, so the chunk counts
+    // only where the layer inputs and it come to more than that.
+    let loss_ckpt = (layer_inputs + loss).saturating_sub(acts_ckpt);
     let ckpt = (weights + adapter + acts_ckpt + attn_ckpt + loss_ckpt + fixed(true)).max(load);
     let checkpointing = t.gradient_checkpointing;
     let (acts, attn, loss) = if checkpointing { (acts_ckpt, attn_ckpt, loss_ckpt) } else { (acts, attn, loss) };
