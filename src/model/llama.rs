@@ -752,7 +752,7 @@ impl Llama {
             ops::linear_cross_entropy(&hs, &self.lm_head.weight().dense()?, targets, chunk)?.sum_all()?
         } else if ctx.train {
             // Any other adapter on the LM head (DoRA, AdaLoRA, IA3, BitFit, …), or a bias.
-            self.adapted_head_loss(&hs, targets, ctx, chunk)?
+            profile::region("lm head + loss fwd", &self.device, || self.adapted_head_loss(&hs, targets, ctx, chunk))?
         } else {
             // Evaluation: logits through the slot, then cross-entropy, chunk by chunk (no graph).
             let mut parts = Vec::new();
