@@ -73,12 +73,14 @@ fn methods() -> Vec<(&'static str, PeftConfig)> {
             PeftConfig::Ia3(Ia3Config { target_modules: TargetModules::Names(vec!["v_proj".into(), "down_proj".into(), "lm_head".into()]), feedforward_modules: vec!["down_proj".into()], init_ia3_weights: true }),
         ),
         ("adalora", PeftConfig::AdaLora(adalora_cfg())),
+        ("adalora-head", PeftConfig::AdaLora(AdaLoraConfig { target_modules: TargetModules::Names(vec!["q_proj".into(), "lm_head".into()]), ..adalora_cfg() })),
         ("ia3", PeftConfig::Ia3(Ia3Config::default())),
         (
             "ia3-all",
             PeftConfig::Ia3(Ia3Config { target_modules: all_linear(), feedforward_modules: vec!["down_proj".into(), "up_proj".into()], init_ia3_weights: true }),
         ),
         ("bitfit", PeftConfig::Bitfit(BitfitConfig::default())),
+        ("bitfit-head", PeftConfig::Bitfit(BitfitConfig { target_modules: TargetModules::Names(vec!["o_proj".into(), "lm_head".into()]) })),
         ("adapter-houlsby", PeftConfig::Adapter(BottleneckConfig { bottleneck_size: 3, ..Default::default() })),
         (
             "adapter-pfeiffer",
@@ -162,7 +164,10 @@ fn formula(cfg: &LlamaConfig, peft: &PeftConfig) -> usize {
                 _ => c.r * (i + o) + if c.use_dora { o } else { 0 },
             },
             // P (o × r), Λ (r), Q (r × i).
-            PeftConfig::AdaLora(c) => c.init_r * (i + o + 1),
+            PeftConfig::AdaLora(c) => match &c.target_modules {
+                TargetModules::Names(ns) if !ns.iter().any(|x| x == n) => 0,
+                _ => c.init_r * (i + o + 1),
+            },
             PeftConfig::Ia3(c) => {
                 let targeted = match &c.target_modules {
                     TargetModules::Names(ns) => ns.iter().any(|x| x == n),
@@ -174,7 +179,10 @@ fn formula(cfg: &LlamaConfig, peft: &PeftConfig) -> usize {
                     (true, false) => o,
                 }
             }
-            PeftConfig::Bitfit(_) => o,
+            PeftConfig::Bitfit(c) => match &c.target_modules {
+                TargetModules::Names(ns) if !ns.iter().any(|x| x == n) => 0,
+                _ => o,
+            },
             // 2·b·d + b + d per adapter, on o_proj (Houlsby only) and down_proj outputs.
             PeftConfig::Adapter(c) => match (n, c.placement) {
                 ("o_proj", Placement::Houlsby) | ("down_proj", _) => 2 * c.bottleneck_size * o + c.bottleneck_size + o,
@@ -183,11 +191,14 @@ fn formula(cfg: &LlamaConfig, peft: &PeftConfig) -> usize {
             _ => unreachable!("prompt-learning methods are counted by prompt_formula"),
         })
         .sum();
-    // The LM head: LoRA's r·(hidden + vocab) (DoRA's magnitude: vocab more); IA3's vocab.
+    // The LM head: LoRA's r·(hidden + vocab) (DoRA's magnitude: vocab more); IA3's and
+    // BitFit's vocab; AdaLoRA's init_r·(hidden + vocab + 1).
     let on_head = |t: &TargetModules| matches!(t, TargetModules::Names(ns) if ns.iter().any(|x| x == "lm_head"));
     let head = match peft {
         PeftConfig::Lora(c) | PeftConfig::Qlora(c) if on_head(&c.target_modules) => c.r * (d + cfg.vocab_size) + if c.use_dora { cfg.vocab_size } else { 0 },
         PeftConfig::Ia3(c) if on_head(&c.target_modules) => cfg.vocab_size,
+        PeftConfig::AdaLora(c) if on_head(&c.target_modules) => c.init_r * (d + cfg.vocab_size + 1),
+        PeftConfig::Bitfit(c) if on_head(&c.target_modules) => cfg.vocab_size,
         _ => 0,
     };
     per_layer * cfg.num_hidden_layers + head
