@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor, Var};
 
 use super::ops;
 use crate::Result;
@@ -187,10 +187,15 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     fn head_pair(&self, _xs: &Tensor, _ctx: &ForwardCtx) -> Option<Result<(Tensor, Tensor, Tensor, f64)>> {
         None
     }
-    /// The method's trainable tensors (its `Var`s' own tensors, the ones gradients are keyed
-    /// by): an adapted LM head's loss runs chunk by chunk, each chunk's graph differentiated
-    /// on its own, and hands them the summed gradients (`Llama`'s adapted-head loss).
-    fn trainable_tensors(&self) -> Vec<Tensor>;
+    /// The method's trainable tensors, each under its key suffix after the module's PEFT
+    /// prefix (`lora_A.weight`): what the optimizer updates and what is saved.
+    fn params(&self) -> Vec<(String, Var)>;
+    /// The tensors of [`params`](Self::params)' `Var`s (the ones gradients are keyed by): an
+    /// adapted LM head's loss runs chunk by chunk, each chunk's graph differentiated on its
+    /// own, and hands them the summed gradients (`Llama`'s adapted-head loss).
+    fn trainable_tensors(&self) -> Vec<Tensor> {
+        self.params().iter().map(|(_, v)| v.as_tensor().clone()).collect()
+    }
     /// Downcasting support, for saving and merging.
     fn as_any(&self) -> &dyn std::any::Any;
 }

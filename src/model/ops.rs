@@ -1466,8 +1466,17 @@ fn cross_entropy_sum_inner(logits: &Tensor, targets: &[u32]) -> CResult<Tensor> 
         softmax_grad_rows(&mut g, vocab, targets, &mut losses);
         Ok((losses, g))
     })?;
-    let total = Tensor::new(losses.iter().map(|&x| x as f64).sum::<f64>() as f32, &Device::Cpu)?;
-    total + carry_gradient(logits, Tensor::from_vec(g, (n, vocab), &Device::Cpu)?)?
+    loss_total(&losses)? + carry_cpu(logits, g, (n, vocab))?
+}
+
+/// The rows' losses summed (in f64) into a scalar f32 tensor on the CPU.
+fn loss_total(losses: &[f32]) -> CResult<Tensor> {
+    Tensor::new(losses.iter().map(|&l| l as f64).sum::<f64>() as f32, &Device::Cpu)
+}
+
+/// [`carry_gradient`] with a gradient made on the CPU as a flat f32 buffer of shape `dims`.
+fn carry_cpu(t: &Tensor, g: Vec<f32>, dims: (usize, usize)) -> CResult<Tensor> {
+    carry_gradient(t, Tensor::from_vec(g, dims, &Device::Cpu)?)
 }
 
 /// Vocabulary rows a 16-bit LM-head weight is widened to f32 at a time in the CPU loss (8 MiB
@@ -1614,10 +1623,9 @@ pub fn linear_cross_entropy_trained_sum(hs: &Tensor, w: &Tensor, targets: &[u32]
                 None => part,
             });
         }
-        let dh = Tensor::cat(&grads, 0)?;
-        let loss = (loss + hs.apply_op1(CarryGradient(dh))?)?;
+        let loss = (loss + carry_gradient(hs, Tensor::cat(&grads, 0)?)?)?;
         match dw {
-            Some(dw) => loss + w.apply_op1(CarryGradient(dw))?,
+            Some(dw) => loss + carry_gradient(w, dw)?,
             None => Ok(loss),
         }
     })
@@ -1635,10 +1643,7 @@ fn trained_head_loss_cpu(hs: &Tensor, w: &Tensor, targets: &[u32], chunk: usize)
         let dw_chunk = |start: usize, rows: usize, g: &[f32]| cpu_gemm(&mut dw, (vocab, d, rows), start > 0, (g, 1, vocab), (&h[start * d..(start + rows) * d], d, 1), 1.0, true);
         cpu_head_loss(h, (n, d), &w.detach(), targets, chunk, |_, _, _| Ok(()), dw_chunk)
     })?;
-    let dev = Device::Cpu;
-    let loss = Tensor::new(losses.iter().map(|&l| l as f64).sum::<f64>() as f32, &dev)?;
-    let loss = (loss + hs.apply_op1(CarryGradient(Tensor::from_vec(dh, (n, d), &dev)?))?)?;
-    loss + w.apply_op1(CarryGradient(Tensor::from_vec(dw, (vocab, d), &dev)?))?
+    (loss_total(&losses)? + carry_cpu(hs, dh, (n, d))?)? + carry_cpu(w, dw, (vocab, d))?
 }
 
 /// LoRA's pair on an LM head (see [`linear_cross_entropy_lora_sum`]).
@@ -1694,9 +1699,9 @@ pub fn linear_cross_entropy_lora_sum(hs: &Tensor, w: &Tensor, pair: HeadPair, ta
         if n == 0 {
             return Ok(loss);
         }
-        let loss = (loss + hs.apply_op1(CarryGradient(Tensor::cat(&dh, 0)?))?)?;
-        let loss = (loss + pair.input.apply_op1(CarryGradient(Tensor::cat(&dx, 0)?))?)?;
-        (loss + pair.a.apply_op1(CarryGradient(da))?)? + pair.b.apply_op1(CarryGradient(db))?
+        let loss = (loss + carry_gradient(hs, Tensor::cat(&dh, 0)?)?)?;
+        let loss = (loss + carry_gradient(pair.input, Tensor::cat(&dx, 0)?)?)?;
+        (loss + carry_gradient(pair.a, da)?)? + carry_gradient(pair.b, db)?
     })
 }
 
@@ -1739,11 +1744,8 @@ fn lora_head_loss_cpu(hs: &Tensor, w: &Tensor, pair: HeadPair, targets: &[u32], 
         cpu_gemm(&mut dx, (n, k, r), false, (&gb, r, 1), (a, k, 1), s, true)?;
         cpu_gemm(&mut da, (r, k, n), false, (&gb, 1, r), (x, k, 1), s, true)
     })?;
-    let dev = Device::Cpu;
-    let loss = Tensor::new(losses.iter().map(|&l| l as f64).sum::<f64>() as f32, &dev)?;
-    let carry = |t: &Tensor, g: Vec<f32>, dims: (usize, usize)| t.apply_op1(CarryGradient(Tensor::from_vec(g, dims, &dev)?));
-    let loss = ((loss + carry(hs, dh, (n, d))?)? + carry(pair.input, dx, (n, k))?)?;
-    (loss + carry(pair.a, da, (r, k))?)? + carry(pair.b, db, (vocab, r))?
+    let loss = ((loss_total(&losses)? + carry_cpu(hs, dh, (n, d))?)? + carry_cpu(pair.input, dx, (n, k))?)?;
+    (loss + carry_cpu(pair.a, da, (r, k))?)? + carry_cpu(pair.b, db, (vocab, r))?
 }
 
 /// A scalar zero (f32, or f64 for an f64 gradient) whose backward hands `t` the gradient `g`

@@ -339,8 +339,8 @@ impl LinearAdapter for AdaLoraLayer {
         Ok((base + super::lora::low_rank_update(&x, &self.scaled_a(ctx)?, &t(&self.b, ctx), self.scale)?)?)
     }
 
-    fn trainable_tensors(&self) -> Vec<Tensor> {
-        super::var_tensors(&self.params())
+    fn params(&self) -> Vec<(String, Var)> {
+        vec![("lora_A".into(), self.a.clone()), ("lora_B".into(), self.b.clone()), ("lora_E".into(), self.e.clone())]
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -349,10 +349,6 @@ impl LinearAdapter for AdaLoraLayer {
 }
 
 impl PeftLayer for AdaLoraLayer {
-    fn params(&self) -> Vec<(String, Var)> {
-        vec![("lora_A".into(), self.a.clone()), ("lora_B".into(), self.b.clone()), ("lora_E".into(), self.e.clone())]
-    }
-
     fn saved(&self) -> Result<Vec<(String, Tensor)>> {
         let (a, b, e) = (&self.a.as_detached_tensor(), &self.b.as_detached_tensor(), &self.e.as_detached_tensor());
         let Some(kept) = self.kept() else {

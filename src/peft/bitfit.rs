@@ -70,8 +70,8 @@ impl LinearAdapter for BitfitLayer {
         Ok(ops::channel_shift(&base, &super::var_tensor(&self.delta, ctx))?)
     }
 
-    fn trainable_tensors(&self) -> Vec<Tensor> {
-        super::var_tensors(&self.params())
+    fn params(&self) -> Vec<(String, Var)> {
+        vec![("bias".into(), self.delta.clone())]
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -90,10 +90,6 @@ impl BitfitLayer {
 }
 
 impl PeftLayer for BitfitLayer {
-    fn params(&self) -> Vec<(String, Var)> {
-        vec![("bias".into(), self.delta.clone())]
-    }
-
     fn saved(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(vec![("bias".into(), self.trained_bias()?)])
     }

@@ -186,16 +186,6 @@ impl LinearAdapter for BottleneckLayer {
         Ok((y + u)?.reshape(dims)?)
     }
 
-    fn trainable_tensors(&self) -> Vec<Tensor> {
-        super::var_tensors(&self.params())
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
-
-impl PeftLayer for BottleneckLayer {
     fn params(&self) -> Vec<(String, Var)> {
         vec![
             ("adapter_down.weight".into(), self.down.clone()),
@@ -205,6 +195,12 @@ impl PeftLayer for BottleneckLayer {
         ]
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl PeftLayer for BottleneckLayer {
     fn merged(&self, _weight: &Tensor, _bias: Option<&Tensor>) -> Result<Option<(Tensor, Option<Tensor>)>> {
         // y + W_up·f(W_down·y) is not linear in y.
         Ok(None)

@@ -125,16 +125,6 @@ impl LinearAdapter for FullLayer {
         (ctx.train && !ctx.generation && self.bias.is_none()).then(|| var_tensor(&self.weight, ctx))
     }
 
-    fn trainable_tensors(&self) -> Vec<Tensor> {
-        super::var_tensors(&self.params())
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
-
-impl PeftLayer for FullLayer {
     fn params(&self) -> Vec<(String, Var)> {
         if self.tied {
             return Vec::new();
@@ -146,6 +136,12 @@ impl PeftLayer for FullLayer {
         v
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl PeftLayer for FullLayer {
     fn merged(&self, _weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let b = match &self.bias {
             Some(b) => Some(b.as_detached_tensor()),

@@ -111,8 +111,8 @@ impl LinearAdapter for Ia3Layer {
         Some(run())
     }
 
-    fn trainable_tensors(&self) -> Vec<Tensor> {
-        super::var_tensors(&self.params())
+    fn params(&self) -> Vec<(String, Var)> {
+        vec![("ia3_l".into(), self.l.clone())]
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -121,10 +121,6 @@ impl LinearAdapter for Ia3Layer {
 }
 
 impl PeftLayer for Ia3Layer {
-    fn params(&self) -> Vec<(String, Var)> {
-        vec![("ia3_l".into(), self.l.clone())]
-    }
-
     fn merged(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let l = self.l.as_tensor();
         if self.feedforward {

@@ -332,16 +332,6 @@ impl LinearAdapter for LoraLayer {
         Some(run())
     }
 
-    fn trainable_tensors(&self) -> Vec<Tensor> {
-        super::var_tensors(&self.params())
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
-
-impl PeftLayer for LoraLayer {
     fn params(&self) -> Vec<(String, Var)> {
         let mut v = vec![("lora_A.weight".into(), self.a.clone()), ("lora_B.weight".into(), self.b.clone())];
         if let Some(m) = &self.magnitude {
@@ -350,6 +340,12 @@ impl PeftLayer for LoraLayer {
         v
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl PeftLayer for LoraLayer {
     fn merged(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let w = (weight + self.delta_weight()?)?;
         let w = match &self.magnitude {

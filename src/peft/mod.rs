@@ -30,11 +30,9 @@ pub use ia3::{Ia3Config, Ia3Layer};
 pub use lora::{LoraConfig, LoraLayer};
 pub use prompt::{PTuningV2Config, PrefixTuningConfig, PromptEncoderConfig, PromptModule, PromptTuningConfig};
 
-/// A method's layer installed in a [`Linear`] slot: its trainable tensors (under PEFT key
-/// suffixes), what it saves, and how it folds into the frozen weights.
+/// A method's layer installed in a [`Linear`] slot: what it saves beside its trainable tensors
+/// ([`LinearAdapter::params`]), and how it folds into the frozen weights.
 pub trait PeftLayer: LinearAdapter {
-    /// Trainable tensors: (key suffix after the module's PEFT prefix, e.g. `lora_A.weight`).
-    fn params(&self) -> Vec<(String, Var)>;
     /// What is saved (default: the trainable tensors as they are).
     fn saved(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(self.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect())
@@ -69,11 +67,6 @@ pub fn var_tensor(v: &Var, ctx: &crate::model::ForwardCtx) -> Tensor {
     } else {
         v.as_detached_tensor()
     }
-}
-
-/// The tensors of a layer's trainable `Var`s (`LinearAdapter::trainable_tensors`).
-pub(crate) fn var_tensors(params: &[(String, Var)]) -> Vec<Tensor> {
-    params.iter().map(|(_, v)| v.as_tensor().clone()).collect()
 }
 
 /// `n` draws from N(0, std²) (Box–Muller), as f32.
