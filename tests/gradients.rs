@@ -501,6 +501,8 @@ fn op_checks_pass_on_the_cpu() {
     assert_eq!(trained_head, 6, "the trained head's loss; three dtypes, plain and forced");
     let lora_head = checks.iter().filter(|c| c.op.starts_with("linear_cross_entropy_lora_sum")).count();
     assert_eq!(lora_head, 6, "LoRA on the head; three dtypes, plain and forced");
+    let affine_head = checks.iter().filter(|c| c.op.starts_with("linear_cross_entropy_affine_sum")).count();
+    assert_eq!(affine_head, 12, "IA3's scale and shift, BitFit's shift, on the head; three dtypes, plain and forced");
     let ce = checks.iter().filter(|c| c.op.starts_with("cross_entropy_sum")).count();
     assert_eq!(ce, 6, "the summed cross-entropy; three dtypes, plain and forced");
     let channel = checks.iter().filter(|c| c.op.starts_with("channel_")).count();

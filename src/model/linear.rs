@@ -187,6 +187,14 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     fn head_pair(&self, _xs: &Tensor, _ctx: &ForwardCtx) -> Option<Result<(Tensor, Tensor, Tensor, f64)>> {
         None
     }
+    /// What the method does to an LM head's output column by column while training, as
+    /// `(scale, shift)`: `z = (x·Wᵀ + b + shift) ⊙ scale` (IA3's output scaling, BitFit's change
+    /// of bias), so the head's loss runs chunk by chunk with their gradients
+    /// ([`super::ops::linear_cross_entropy_affine_sum`]) instead of through the slot's graph.
+    /// `None` (the default) for every other method.
+    fn head_affine(&self, _ctx: &ForwardCtx) -> Option<(Option<Tensor>, Option<Tensor>)> {
+        None
+    }
     /// The method's trainable tensors, each under its key suffix after the module's PEFT
     /// prefix (`lora_A.weight`): what the optimizer updates and what is saved.
     fn params(&self) -> Vec<(String, Var)>;

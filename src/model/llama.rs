@@ -750,8 +750,12 @@ impl Llama {
             ops::linear_cross_entropy_lora_sum(&hs, &self.lm_head.weight().dense()?, pair, targets, chunk)?
         } else if self.lm_head.adapter().is_none() && self.lm_head.bias().is_none() {
             ops::linear_cross_entropy(&hs, &self.lm_head.weight().dense()?, targets, chunk)?.sum_all()?
+        } else if let Some((scale, shift)) = self.head_affine(ctx)? {
+            // IA3 or BitFit on the head, or a frozen bias: chunk by chunk, their gradients too.
+            let affine = ops::HeadAffine { scale: scale.as_ref(), shift: shift.as_ref() };
+            ops::linear_cross_entropy_affine_sum(&hs, &self.lm_head.weight().dense()?, affine, targets, chunk)?
         } else if ctx.train {
-            // Any other adapter on the LM head (DoRA, AdaLoRA, IA3, BitFit, …), or a bias.
+            // Any other adapter on the LM head (DoRA, AdaLoRA, …).
             profile::region("lm head + loss fwd", &self.device, || self.adapted_head_loss(&hs, targets, ctx, chunk))?
         } else {
             // Evaluation: logits through the slot, then cross-entropy, chunk by chunk (no graph).
@@ -765,7 +769,25 @@ impl Llama {
         })
     }
 
-    /// The summed loss of an LM head with an adapter (or a bias) while training, chunk by
+    /// The LM head's column-wise scale and shift ([`ops::HeadAffine`]): its adapter's
+    /// ([`crate::model::LinearAdapter::head_affine`]) with the frozen bias added to the shift, or the frozen
+    /// bias alone; `None` when the adapter does something else to the head.
+    fn head_affine(&self, ctx: &ForwardCtx) -> Result<Option<(Option<Tensor>, Option<Tensor>)>> {
+        let (scale, shift) = match self.lm_head.adapter() {
+            Some(a) => match a.head_affine(ctx) {
+                Some(affine) => affine,
+                None => return Ok(None),
+            },
+            None => (None, None),
+        };
+        let shift = match (shift, self.lm_head.bias()) {
+            (Some(s), Some(b)) => Some(s.broadcast_add(&b.reshape(s.shape())?.to_dtype(s.dtype())?)?),
+            (s, b) => s.or_else(|| b.cloned()),
+        };
+        Ok(Some((scale, shift)))
+    }
+
+    /// The summed loss of an LM head with an adapter while training, chunk by
     /// chunk: each chunk's logits go through the slot from a leaf copy of its rows, its loss is
     /// differentiated at once and its graph dropped, and the gradients (the rows', each of the
     /// adapter's trainable tensors' summed over the chunks) are handed on by

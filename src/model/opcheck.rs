@@ -283,6 +283,33 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                 ops::cross_entropy_rows(&logits, &targets)?.sum_all()
             },
         )?);
+        // IA3 and BitFit on the head: the summed loss of `(h·Wᵀ + shift) ⊙ scale`, with the
+        // gradients of the rows and of the scale and shift (three chunks, the last one short);
+        // the shift alone is BitFit's.
+        for (case, scaled) in [("scale + shift", true), ("shift", false)] {
+            let mut inputs = vec![random(&[9, 64], 12)?, random(&[300], 33)?];
+            if scaled {
+                inputs.push(random(&[300, 1], 32)?.affine(0.5, 1.0)?);
+            }
+            out.push(check(
+                &format!("linear_cross_entropy_affine_sum {case}"),
+                device,
+                dtype,
+                &inputs,
+                &|t| {
+                    let affine = ops::HeadAffine { scale: t.get(2), shift: Some(&t[1]) };
+                    ops::linear_cross_entropy_affine_sum(&t[0], &head.to_dtype(t[0].dtype())?.to_device(t[0].device())?, affine, &targets, 4)
+                },
+                &|t| {
+                    let y = t[0].matmul(&head.t()?)?.broadcast_add(&t[1])?;
+                    let z = match t.get(2) {
+                        Some(l) => y.broadcast_mul(&l.t()?)?,
+                        None => y,
+                    };
+                    ops::cross_entropy_rows(&z, &targets)?.sum_all()
+                },
+            )?);
+        }
         // The summed cross-entropy with its gradient made in the forward (an adapted LM head's
         // chunks).
         out.push(check(

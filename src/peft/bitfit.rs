@@ -70,6 +70,10 @@ impl LinearAdapter for BitfitLayer {
         Ok(ops::channel_shift(&base, &super::var_tensor(&self.delta, ctx))?)
     }
 
+    fn head_affine(&self, ctx: &ForwardCtx) -> Option<(Option<Tensor>, Option<Tensor>)> {
+        (ctx.train && !ctx.generation).then(|| (None, Some(super::var_tensor(&self.delta, ctx))))
+    }
+
     fn params(&self) -> Vec<(String, Var)> {
         vec![("bias".into(), self.delta.clone())]
     }

@@ -111,6 +111,11 @@ impl LinearAdapter for Ia3Layer {
         Some(run())
     }
 
+    fn head_affine(&self, ctx: &ForwardCtx) -> Option<(Option<Tensor>, Option<Tensor>)> {
+        // Output scaling only (a feed-forward head scales its input: through the slot).
+        (!self.feedforward && ctx.train && !ctx.generation).then(|| (Some(super::var_tensor(&self.l, ctx)), None))
+    }
+
     fn params(&self) -> Vec<(String, Var)> {
         vec![("ia3_l".into(), self.l.clone())]
     }
