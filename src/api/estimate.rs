@@ -85,7 +85,7 @@ pub const ADAPTER_BYTES_PER_PARAM: u64 = 17;
 /// configs of the default model (bench/RESULTS.md, 2026-12-03).
 pub const FULL_BYTES_PER_PARAM: u64 = 16;
 /// Copies of one loss chunk's (rows, vocab) f32 logits alive at the peak when the LM head
-/// is adapted by a method other than LoRA (DoRA, AdaLoRA, IA3, BitFit; `Llama`'s adapted-head
+/// is adapted by a method without its own loss op (DoRA, AdaLoRA, feed-forward IA3; `Llama`'s adapted-head
 /// loss differentiates each chunk's own graph in the forward: its logits, the adapter's
 /// output, `ops::cross_entropy_sum`'s gradient and the gradients back through the adapter).
 /// Fitted on IA3 and DoRA with lm_head at 3×96, 4×256 and 8×256 (bench/RESULTS.md,
@@ -395,15 +395,21 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     if full.is_some_and(|f| f.train_norms) {
         adapter_floats += FULL_NORM_FLOATS_PER_HIDDEN * model.hidden_size as f64;
     }
-    // An LM head adapted by DoRA, AdaLoRA, IA3 or BitFit differentiates each loss chunk's
-    // own graph in the forward ([`ADAPTED_HEAD_CHUNK_COPIES`]). (LoRA's head takes
-    // `ops::linear_cross_entropy_lora_sum` and full fine-tuning's
-    // `ops::linear_cross_entropy_trained_sum`: one chunk of logits, like a frozen head.)
+    // An LM head adapted by DoRA, AdaLoRA or a feed-forward IA3 differentiates each loss
+    // chunk's own graph in the forward ([`ADAPTED_HEAD_CHUNK_COPIES`]). (LoRA's head takes
+    // `ops::linear_cross_entropy_lora_sum`, full fine-tuning's
+    // `ops::linear_cross_entropy_trained_sum`, IA3's output scaling and BitFit's
+    // `ops::linear_cross_entropy_affine_sum`: one chunk of logits, like a frozen head; IA3's
+    // keeps a second, the shifted logits its scale's gradient reads.)
+    let scaled_head = matches!(&cfg.peft, PeftConfig::Ia3(c) if !c.is_feedforward("lm_head"));
     let chunked_head = match &cfg.peft {
         PeftConfig::Lora(l) | PeftConfig::Qlora(l) => !l.use_dora,
-        _ => false,
+        PeftConfig::Bitfit(_) => true,
+        _ => scaled_head,
     };
-    let head_adapted = !chunked_head && ad.iter().any(|a| a.0 == "lm_head");
+    let head_targeted = ad.iter().any(|a| a.0 == "lm_head");
+    let head_adapted = !chunked_head && head_targeted;
+    let head_chunks = if scaled_head && head_targeted { 2 } else { 1 };
 
     // QLoRA holds the projections in 4-bit blocks (≤ 5 bits a weight: Q4_1; Q4_K is 4.5) and
     // dequantizes one at a time; everything else stays f32.
@@ -476,7 +482,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     let loss = if head_adapted {
         (ADAPTED_HEAD_CHUNK_COPIES * 4.0 * (chunk * model.vocab_size as u64) as f64) as u64 + if dora_head { 4 * (model.vocab_size * model.hidden_size) as u64 } else { 0 }
     } else {
-        4 * chunk * model.vocab_size as u64
+        head_chunks * 4 * chunk * model.vocab_size as u64
     };
     // A 16-bit run holds a fixed amount beyond its counted parts (an f32 run's factors absorb
     // the same).

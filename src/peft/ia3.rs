@@ -76,7 +76,8 @@ impl Ia3Config {
         Ok(())
     }
 
-    fn is_feedforward(&self, module: &str) -> bool {
+    /// Whether `module` (a path or a short name) is one of the feed-forward targets.
+    pub fn is_feedforward(&self, module: &str) -> bool {
         self.feedforward_modules.iter().any(|f| module == f || module.ends_with(&format!(".{f}")))
     }
 }
