@@ -21,6 +21,7 @@ Anchor shapes:
   "$py" bench/cpu_lora_bench.py --batch 2 --seq 128 --rank 8 --targets q,v
   "$py" bench/cpu_lora_bench.py --batch 8 --seq 256 --gradient-checkpointing   # both sides checkpoint
   "$py" bench/cpu_lora_bench.py --batch 8 --seq 256 --dropout 0.05              # LoRA dropout, both sides
+  "$py" bench/cpu_lora_bench.py --batch 8 --seq 256 --dora                      # DoRA (use_dora), both sides
   "$py" bench/cpu_lora_bench.py --batch 8 --seq 256 --method ia3                 # another method (below)
 
 --method trains another method on both sides instead of LoRA (the LoRA options are then unused):
@@ -118,7 +119,7 @@ def make_batches(model_path: str, data_path: str, n_batches: int, batch: int, se
 
 def reference_train(model_path: str, batches_path: str, rank: int, alpha: float, targets, lr: float,
                     warmup: int, steps: int, threads: int, checkpointing: bool = False, dropout: float = 0.0,
-                    method: str = "lora") -> dict:
+                    method: str = "lora", dora: bool = False) -> dict:
     """The PyTorch + PEFT side (runs in its own process). Returns tokens/s, losses, step times."""
     import time
 
@@ -154,7 +155,7 @@ def reference_train(model_path: str, batches_path: str, rank: int, alpha: float,
         model = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM"))
     else:
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                                                 bias="none", task_type="CAUSAL_LM"))
+                                                 use_dora=dora, bias="none", task_type="CAUSAL_LM"))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -189,6 +190,7 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 * rank)")
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout rate, both sides (default: %(default)s)")
+    ap.add_argument("--dora", action="store_true", help="DoRA (LoRA with use_dora), both sides")
     ap.add_argument("--targets", default="all-linear", help="all-linear, or a list such as q,v or q_proj,v_proj (lm_head too)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps (default: %(default)s)")
@@ -211,7 +213,8 @@ def main() -> int:
 
     if args.worker_reference:  # child process: the PyTorch side
         res = reference_train(args.model, args.batches, args.rank, alpha, targets, args.lr, args.warmup,
-                              args.steps, args.threads, args.gradient_checkpointing, args.dropout, args.method)
+                              args.steps, args.threads, args.gradient_checkpointing, args.dropout, args.method,
+                              args.dora)
         res["peak_rss_bytes"] = tb.self_peak_rss_bytes()
         print(json.dumps(res))
         return 0
@@ -225,7 +228,7 @@ def main() -> int:
     make_batches(args.model, args.data, n_batches, args.batch, args.seq, args.seed, batches)
     mach = machine()
     if args.method == "lora":
-        shape = f"{args.batch}x{args.seq}, LoRA r{args.rank} alpha {alpha} on {','.join(t.removesuffix('_proj') for t in targets)}"
+        shape = f"{args.batch}x{args.seq}, {'DoRA' if args.dora else 'LoRA'} r{args.rank} alpha {alpha} on {','.join(t.removesuffix('_proj') for t in targets)}"
     else:
         shape = f"{args.batch}x{args.seq}, {METHODS[args.method][1]}"
     if args.dropout:
@@ -242,6 +245,8 @@ def main() -> int:
                 "--batches", batches, "--rank", str(args.rank), "--alpha", str(alpha), "--targets", ",".join(targets),
                 "--lr", str(args.lr), "--warmup", str(args.warmup), "--steps", str(args.steps),
                 "--threads", str(args.threads), "--dropout", str(args.dropout), "--method", args.method] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+    if args.dora:
+        ref_argv.append("--dora")
     r = tb.run_measured(ref_argv, stream_stderr=True).check("PyTorch reference")
     ref = parse_json_line(r.stdout, "PyTorch reference")
     tokens_per_step = args.batch * args.seq
@@ -258,6 +263,9 @@ def main() -> int:
             ours_argv.append("--gradient-checkpointing")
         if METHODS[args.method][0]:
             ours_argv += ["--peft", METHODS[args.method][0]]
+        elif args.dora:
+            ours_argv += ["--peft", f'method = "lora"\nr = {args.rank}\nlora_alpha = {alpha:g}\nlora_dropout = {args.dropout:g}\n'
+                                    f'target_modules = {json.dumps("all-linear" if targets == ALL_TARGETS else targets)}\nuse_dora = true']
         ours_cmd = shlex.join(ours_argv)
         r = tb.run_measured(ours_argv, stream_stderr=True).check("tunebench bench-train")
         ours = parse_json_line(r.stdout, "tunebench bench-train")

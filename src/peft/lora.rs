@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use super::peft_prefix;
 use super::{dropout, PeftLayer, TargetModules};
-use crate::model::{FrozenWeight, ForwardCtx, LinearAdapter, Llama};
+use crate::model::{ops, FrozenWeight, ForwardCtx, LinearAdapter, Llama};
 use crate::schema::{target_modules_field, text, Field, FieldKind};
 use crate::{Error, Result};
 
@@ -314,7 +314,7 @@ impl LinearAdapter for LoraLayer {
                 // Without dropout: g·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, the sum from LoRA's op (the graph
                 // keeps it and the scaled output, not the base output and the update's chain).
                 let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
-                let out = train_product(xs, weight, None, &a, &b, self.scale, 0.0, self.index, ctx)?.broadcast_mul(&g)?;
+                let out = ops::channel_scale(&train_product(xs, weight, None, &a, &b, self.scale, 0.0, self.index, ctx)?, &g)?;
                 return Ok(match bias {
                     Some(b) => out.broadcast_add(b)?,
                     None => out,
@@ -323,7 +323,7 @@ impl LinearAdapter for LoraLayer {
             let y = weight.product(xs)?;
             let x = self.dropped(xs, ctx)?;
             let (plain, y_drop) = if ctx.train && self.dropout > 0.0 { (y.clone(), weight.product(&x)?) } else { (y.clone(), y) };
-            let mut out = (plain + (y_drop.broadcast_mul(&(&g - 1.0)?)? + self.update(&x, ctx)?.broadcast_mul(&g)?)?)?;
+            let mut out = (plain + (ops::channel_scale(&y_drop, &(&g - 1.0)?)? + ops::channel_scale(&self.update(&x, ctx)?, &g)?)?)?;
             if let Some(b) = bias {
                 out = out.broadcast_add(b)?;
             }
