@@ -307,7 +307,7 @@ def main() -> int:
         cmd = "bench/cpu_lora_bench.py " + shlex.join(sys.argv[1:])
         now = datetime.datetime.now().astimezone()
         section = [
-            f"\n## {now:%Y-%m-%d %H:%M %Z} — CPU {'LoRA ' if args.method == 'lora' else ''}training, {shape}",
+            f"\n## {now:%Y-%m-%d %H:%M %Z} — CPU {'LoRA ' if args.method == 'lora' and not args.dora else ''}training, {shape}",
             "",
             f"- machine: {mach['cpu']}, {mach['nproc']} cores (nproc), {mach['mem_gib']} GiB; "
             f"load average before the run {mach['load_avg'][0]:.2f}",
