@@ -10,7 +10,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use tunebench::model::{ForwardCtx, Llama, LlamaConfig};
+use tunebench::model::{ForwardCtx, Linear, Llama, LlamaConfig};
 use tunebench::peft::bottleneck::{NonLinearity, Placement};
 use tunebench::peft::prompt::{EncoderType, PromptInit};
 use tunebench::peft::{
@@ -252,37 +252,79 @@ fn gradients_match_central_finite_differences() {
             let (mut model, _) = tiny(DType::F64, bias);
             let adapter = Adapter::inject(&mut model, &peft, 3).unwrap();
             randomize(&adapter, DType::F64);
-            let (ids, labels) = batch();
-            // Training mode: the trainable tensors are tracked (no dropout in these configs).
-            let ctx = ForwardCtx { train: true, seed: 0, ..Default::default() };
-            let loss = |m: &Llama| -> f64 {
-                let (s, n) = m.loss_sum(&ids, &labels, &ctx, 5).unwrap();
-                s.to_scalar::<f64>().unwrap() / n as f64
-            };
-            let (s, n) = model.loss_sum(&ids, &labels, &ctx, 5).unwrap();
-            let grads = (s / n as f64).unwrap().backward().unwrap();
-            let eps = 1e-5;
-            for (key, var) in adapter.trainable() {
-                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: {key} got no gradient"));
-                let gv = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-                let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-                for &j in &[0, orig.len() / 2, orig.len() - 1] {
-                    let set = |delta: f64| {
-                        let mut v = orig.clone();
-                        v[j] += delta;
-                        var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
-                    };
-                    set(eps);
-                    let lp = loss(&model);
-                    set(-eps);
-                    let lm = loss(&model);
-                    set(0.0);
-                    let fd = (lp - lm) / (2.0 * eps);
-                    let err = (fd - gv[j]).abs() / fd.abs().max(gv[j].abs()).max(1e-4);
-                    assert!(err < 1e-4, "{name} bias={bias} {key}[{j}]: analytic {} vs finite difference {fd}", gv[j]);
-                }
-            }
+            assert_gradients_match_finite_differences(&format!("{name} bias={bias}"), &model, &adapter);
         }
+    }
+}
+
+/// Each trainable tensor's gradient (of the mean loss, in training mode) at three elements
+/// against central finite differences (relative error < 1e-4).
+fn assert_gradients_match_finite_differences(name: &str, model: &Llama, adapter: &Adapter) {
+    let (ids, labels) = batch();
+    // Training mode: the trainable tensors are tracked (no dropout in these configs).
+    let ctx = ForwardCtx { train: true, seed: 0, ..Default::default() };
+    let loss = |m: &Llama| -> f64 {
+        let (s, n) = m.loss_sum(&ids, &labels, &ctx, 5).unwrap();
+        s.to_scalar::<f64>().unwrap() / n as f64
+    };
+    let (s, n) = model.loss_sum(&ids, &labels, &ctx, 5).unwrap();
+    let grads = (s / n as f64).unwrap().backward().unwrap();
+    let eps = 1e-5;
+    for (key, var) in adapter.trainable() {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: {key} got no gradient"));
+        let gv = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for &j in &[0, orig.len() / 2, orig.len() - 1] {
+            let set = |delta: f64| {
+                let mut v = orig.clone();
+                v[j] += delta;
+                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+            };
+            set(eps);
+            let lp = loss(model);
+            set(-eps);
+            let lm = loss(model);
+            set(0.0);
+            let fd = (lp - lm) / (2.0 * eps);
+            let err = (fd - gv[j]).abs() / fd.abs().max(gv[j].abs()).max(1e-4);
+            assert!(err < 1e-4, "{name} {key}[{j}]: analytic {} vs finite difference {fd}", gv[j]);
+        }
+    }
+}
+
+/// An LM head with a frozen bias (none of the models we load has one; the head's loss takes it
+/// as `ops::HeadAffine`'s shift): frozen under LoRA elsewhere, scaled by IA3, shifted by BitFit.
+/// The training loss (the chunked affine op) equals the evaluation one (logits through the
+/// slot), and the gradients match finite differences.
+#[test]
+fn a_biased_head_trains_through_the_affine_loss() {
+    let names = |n: &[&str]| TargetModules::Names(n.iter().map(|s| s.to_string()).collect());
+    for (name, peft) in [
+        ("lora, frozen head", PeftConfig::Lora(LoraConfig { r: 2, lora_alpha: 4.0, target_modules: names(&["q_proj"]), ..Default::default() })),
+        ("ia3-head", PeftConfig::Ia3(Ia3Config { target_modules: names(&["v_proj", "lm_head"]), feedforward_modules: vec![], init_ia3_weights: true })),
+        ("bitfit-head", PeftConfig::Bitfit(BitfitConfig { target_modules: names(&["lm_head"]) })),
+    ] {
+        let (mut model, _) = tiny(DType::F64, false);
+        let w = model.lm_head.weight().dense().unwrap();
+        let b = (randn(&[w.dim(0).unwrap()], 77, DType::F64) * 0.5).unwrap();
+        model.lm_head = Linear::new("lm_head", w, Some(b));
+        let adapter = Adapter::inject(&mut model, &peft, 3).unwrap();
+        randomize(&adapter, DType::F64);
+        let (ids, labels) = batch();
+        let train = ForwardCtx { train: true, seed: 0, ..Default::default() };
+        let trained = model.loss_sum(&ids, &labels, &train, 5).unwrap().0.to_scalar::<f64>().unwrap();
+        // The reference: every logit through the slot (`Linear::forward`: bias, then the
+        // adapter), the summed cross-entropy of each labelled position's previous row.
+        let all = model.logits(&ids, &ForwardCtx::default()).unwrap().to_vec3::<f64>().unwrap();
+        let s = all[0].len();
+        let mut reference = 0.0;
+        for (i, &l) in labels.iter().enumerate().filter(|&(i, &l)| l >= 0 && i % s > 0) {
+            let row = &all[i / s][i % s - 1];
+            let max = row.iter().cloned().fold(f64::MIN, f64::max);
+            reference += max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln() - row[l as usize];
+        }
+        assert!((trained - reference).abs() < 1e-10 * reference.abs(), "{name}: {trained} against {reference}");
+        assert_gradients_match_finite_differences(name, &model, &adapter);
     }
 }
 
