@@ -201,7 +201,8 @@ pub struct Estimate {
     pub seq_len: usize,
     /// Training FLOPs per step.
     pub flops_per_step: f64,
-    /// This machine's measured f32 matmul rate, GFLOP/s.
+    /// This machine's f32 matmul rate, GFLOP/s: the median of this process's probe and the
+    /// recent ones recorded in the app data dir's machine-rate.txt.
     pub machine_gflops: f64,
     /// Things to look at (memory beyond the machine's RAM, ...).
     pub warnings: Vec<String>,
@@ -332,26 +333,72 @@ pub fn activation_floats_per_token_layer(c: &LlamaConfig, adapter_floats: f64) -
     base + adapter_floats
 }
 
-/// This machine's f32 matmul rate in GFLOP/s (measured once per process, ~0.2 s).
+/// Readings of the matmul rate kept (`machine-rate.txt` in the app data dir) for
+/// [`machine_gflops`]'s median.
+pub const RATE_HISTORY: usize = 9;
+
+/// This machine's f32 matmul rate in GFLOP/s: a probe (once per process, ~0.2 s), settled
+/// against the last [`RATE_HISTORY`] − 1 probes recorded with the same thread count by
+/// [`settled_rate`]. One probe taken while the machine is busy for a moment (right after a
+/// large write — a build's link, a full fine-tuning checkpoint — it read 96–135 GFLOP/s here
+/// against 165–200 quiet) would move a run's predicted time by as much, though the run itself
+/// lasts minutes.
 pub fn machine_gflops() -> f64 {
     static RATE: OnceLock<f64> = OnceLock::new();
     *RATE.get_or_init(|| {
-        let dev = candle_core::Device::Cpu;
-        let (m, k, n) = (512usize, 576usize, 1536usize);
-        let a = candle_core::Tensor::ones((m, k), candle_core::DType::F32, &dev).and_then(|t| t.affine(0.5, 0.1));
-        let b = candle_core::Tensor::ones((k, n), candle_core::DType::F32, &dev).and_then(|t| t.affine(0.25, 0.2));
-        let (Ok(a), Ok(b)) = (a, b) else { return 20.0 };
-        let _ = a.matmul(&b);
-        let start = Instant::now();
-        let mut reps = 0u32;
-        while start.elapsed().as_secs_f64() < 0.2 || reps < 3 {
-            if a.matmul(&b).is_err() {
-                return 20.0;
-            }
-            reps += 1;
+        match probe_gflops() {
+            Some(now) => settled_rate(&crate::paths::home().join("machine-rate.txt"), candle_core::utils::get_num_threads(), now),
+            None => 20.0,
         }
-        2.0 * (m * k * n) as f64 * reps as f64 / start.elapsed().as_secs_f64() / 1e9
     })
+}
+
+/// The median of `now` and the readings recorded in `history` (lines `threads rate`) with
+/// `threads` threads, the newest [`RATE_HISTORY`] − 1 of them; `now` is appended to the file
+/// (which keeps its newest [`RATE_HISTORY`] lines per thread count). A missing or unwritable
+/// file, or a line that does not parse, only leaves fewer readings.
+pub fn settled_rate(history: &std::path::Path, threads: usize, now: f64) -> f64 {
+    let lines: Vec<(usize, f64)> = std::fs::read_to_string(history)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (t, r) = l.split_once(' ')?;
+            Some((t.trim().parse().ok()?, r.trim().parse::<f64>().ok().filter(|r| r.is_finite() && *r > 0.0)?))
+        })
+        .collect();
+    let mut kept: Vec<(usize, f64)> = Vec::new();
+    // Newest last: keep the newest RATE_HISTORY − 1 of each thread count, then this one.
+    for (i, &(t, r)) in lines.iter().enumerate() {
+        if lines[i + 1..].iter().filter(|(u, _)| *u == t).count() < RATE_HISTORY - 1 {
+            kept.push((t, r));
+        }
+    }
+    kept.push((threads, now));
+    let mut rates: Vec<f64> = kept.iter().filter(|(t, _)| *t == threads).map(|(_, r)| *r).collect();
+    rates.sort_by(f64::total_cmp);
+    if let Some(dir) = history.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let text: String = kept.iter().map(|(t, r)| format!("{t} {r:.1}\n")).collect();
+    let _ = std::fs::write(history, text);
+    rates[rates.len() / 2]
+}
+
+/// One probe of the f32 matmul rate in GFLOP/s: a 512×576·576×1536 product repeated for
+/// 0.2 s (`None` if the product fails).
+fn probe_gflops() -> Option<f64> {
+    let dev = candle_core::Device::Cpu;
+    let (m, k, n) = (512usize, 576usize, 1536usize);
+    let a = candle_core::Tensor::ones((m, k), candle_core::DType::F32, &dev).and_then(|t| t.affine(0.5, 0.1)).ok()?;
+    let b = candle_core::Tensor::ones((k, n), candle_core::DType::F32, &dev).and_then(|t| t.affine(0.25, 0.2)).ok()?;
+    a.matmul(&b).ok()?;
+    let start = Instant::now();
+    let mut reps = 0u32;
+    while start.elapsed().as_secs_f64() < 0.2 || reps < 3 {
+        a.matmul(&b).ok()?;
+        reps += 1;
+    }
+    Some(2.0 * (m * k * n) as f64 * reps as f64 / start.elapsed().as_secs_f64() / 1e9)
 }
 
 /// Total RAM of this machine, bytes.
@@ -687,5 +734,36 @@ impl Workbench {
         };
         let rows = rows.map(|r| cfg.data.max_examples.map_or(r, |m| r.min(m as u64)));
         tokio::task::spawn_blocking(move || estimate(&cfg, &model, rows, longest)).await.map_err(|e| Error::Msg(e.to_string()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rate is the median of this probe and the recorded ones of the same thread count;
+    /// the file keeps the newest RATE_HISTORY of each count and survives a line it cannot read.
+    #[test]
+    fn the_rate_settles_on_the_median_of_recent_probes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("data").join("machine-rate.txt");
+        // Nothing recorded (and no folder yet): the probe itself.
+        assert_eq!(settled_rate(&file, 2, 150.0), 150.0);
+        // 150 and 180, 190, 185 recorded; a slow probe of 100 moves the median, not to 100.
+        for r in [180.0, 190.0] {
+            settled_rate(&file, 2, r);
+        }
+        std::fs::write(&file, format!("{}8 400.0\nnot a reading\n2 185.0\n", std::fs::read_to_string(&file).unwrap())).unwrap();
+        assert_eq!(settled_rate(&file, 2, 100.0), 180.0, "median of 150 180 190 185 100");
+        // Another thread count's readings are kept but not counted.
+        assert_eq!(settled_rate(&file, 8, 420.0), 420.0, "median of 400 420");
+        // Only the newest RATE_HISTORY of a count stay: after nine quiet probes of 200, the old ones are gone.
+        for _ in 0..RATE_HISTORY {
+            settled_rate(&file, 2, 200.0);
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(text.lines().filter(|l| l.starts_with("2 ")).count(), RATE_HISTORY, "{text}");
+        assert!(text.lines().all(|l| l == "2 200.0" || l.starts_with("8 ")), "{text}");
+        assert_eq!(settled_rate(&file, 2, 90.0), 200.0);
     }
 }

@@ -42,7 +42,8 @@ seq_len: number,
  */
 flops_per_step: number, 
 /**
- * This machine's measured f32 matmul rate, GFLOP/s.
+ * This machine's f32 matmul rate, GFLOP/s: the median of this process's probe and the
+ * recent ones recorded in the app data dir's machine-rate.txt.
  */
 machine_gflops: number, 
 /**
