@@ -495,7 +495,9 @@ fn op_checks_pass_on_the_cpu() {
     assert!(checks.iter().filter(|c| c.op.ends_with("[fused, forced]")).count() >= 33, "the fused twins run too");
     let blocks = checks.iter().filter(|c| c.op.starts_with("frozen_linear_blocks")).count();
     assert_eq!(blocks, 24, "four block formats, three dtypes, plain and forced");
-    let lora = checks.iter().filter(|c| c.op.starts_with("lora_linear")).count();
+    let dora = checks.iter().filter(|c| c.op.starts_with("lora_linear_scaled")).count();
+    assert_eq!(dora, 6, "DoRA's product; three dtypes, plain and forced");
+    let lora = checks.iter().filter(|c| c.op.starts_with("lora_linear") && !c.op.starts_with("lora_linear_scaled")).count();
     assert_eq!(lora, 18, "dense, dense with dropout and Q4_1 blocks with dropout; three dtypes, plain and forced");
     let trained_head = checks.iter().filter(|c| c.op.starts_with("linear_cross_entropy_trained_sum")).count();
     assert_eq!(trained_head, 6, "the trained head's loss; three dtypes, plain and forced");

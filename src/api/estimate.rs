@@ -138,6 +138,15 @@ pub const HALF_ACTIVATION_FACTOR: f64 = 1.15;
 /// and loss took f32 kernels: 1.35 → 1.06; then 1.16, with [`HALF_FIXED_BYTES`], when the
 /// base began to load in 16 bits and its weights to count at that size).
 pub const LORA_HALF_ACTIVATION_FACTOR: f64 = 1.16;
+/// DoRA without dropout in f32 on the CPU (its scale inside LoRA's op) peaks above LoRA by an
+/// amount that hardly grows with the tokens: measured 199, 147 and 194 MiB over LoRA's peak at
+/// 1×32, 3×96 and 8×256 tokens (r16, all seven projections of the default model, whose
+/// 106M adapted weights this counts at 2 bytes each: 202 MiB; q and v alone: −0.1% with it,
+/// −1.7% without; bench/RESULTS.md 2026-12-03), and not with gradient checkpointing (so it is
+/// held by the graph over every layer). Fitted; its origin not found yet (not DoRA's cached
+/// ‖W‖² rows: leaving them out left it unchanged); scaled with the adapted weights as the
+/// likeliest guess.
+pub const DORA_BYTES_PER_ADAPTED_WEIGHT: u64 = 2;
 /// What a 16-bit run holds in training beyond its counted parts, bytes: fitted with
 /// [`LORA_HALF_ACTIVATION_FACTOR`] on four bf16 configs of the default model from 256 to
 /// 2048 tokens (bench/RESULTS.md, 2026-12-02, once the weights counted at 16-bit size: 128 MiB;
@@ -429,6 +438,20 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     let ad = adapted(model, &cfg.peft)?;
     let trainable: u64 = ad.iter().map(|a| a.3 as u64).sum();
     let mut adapter_floats: f64 = ad.iter().filter(|a| a.0.starts_with("model.layers.0.")).map(|a| a.4 as f64).sum();
+    // A GPU run: `cuda`/`cuda:N`, or `auto` in a CUDA build (without opening the device).
+    let on_gpu = match crate::device::DeviceChoice::parse(&cfg.train.device, "train.device")? {
+        crate::device::DeviceChoice::Cuda(_) => true,
+        crate::device::DeviceChoice::Auto => crate::device::CUDA_BUILD,
+        crate::device::DeviceChoice::Cpu => false,
+    };
+    // DoRA without dropout in f32 on the CPU scales inside LoRA's op (`ops::lora_linear_scaled`):
+    // the unscaled product and the scaling's temporaries that `adapted` counts are not kept.
+    let dora_in_op = matches!(&cfg.peft, PeftConfig::Lora(l) | PeftConfig::Qlora(l) if l.use_dora && l.lora_dropout == 0.0)
+        && cfg.train.dtype == crate::train::config::Precision::F32
+        && !on_gpu;
+    if dora_in_op {
+        adapter_floats -= ad.iter().filter(|a| a.0.starts_with("model.layers.0.")).map(|a| (a.2 + (3 * a.2).div_ceil(10)) as f64).sum::<f64>();
+    }
     if prefix {
         // Each layer's keys and values with the prefix in front (b, kv heads, keys, head_dim).
         adapter_floats += 2.0 * (model.kv_heads() * model.head_dim()) as f64 * keys as f64 / s as f64;
@@ -498,13 +521,10 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     };
     let factor = half_factor * if lora_op { LORA_ACTIVATION_FACTOR } else { ACTIVATION_FACTOR };
     let counted = act_bytes_per_tok_layer * (tokens * layers) as f64;
-    let acts = (factor * counted) as u64 + wbytes * tokens * model.hidden_size as u64 * 2;
-    // A GPU run: `cuda`/`cuda:N`, or `auto` in a CUDA build (without opening the device).
-    let on_gpu = match crate::device::DeviceChoice::parse(&cfg.train.device, "train.device")? {
-        crate::device::DeviceChoice::Cuda(_) => true,
-        crate::device::DeviceChoice::Auto => crate::device::CUDA_BUILD,
-        crate::device::DeviceChoice::Cpu => false,
-    };
+    // DoRA in LoRA's op holds more than LoRA at every size in a graph over every layer
+    // ([`DORA_BYTES_PER_ADAPTED_WEIGHT`]; not with checkpointing).
+    let dora_graph = if dora_in_op { DORA_BYTES_PER_ADAPTED_WEIGHT * ad.iter().map(|a| (a.1 * a.2) as u64).sum::<u64>() } else { 0 };
+    let acts = (factor * counted) as u64 + wbytes * tokens * model.hidden_size as u64 * 2 + dora_graph;
     let heads = model.num_attention_heads as u64;
     let attn = if on_gpu {
         // One query block of scores at a time (`ops::causal_attention` on tensor ops), in every

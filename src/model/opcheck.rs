@@ -247,6 +247,26 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                 )?);
             }
         }
+        // DoRA's product without dropout: its magnitude scale g inside LoRA's op, the unscaled
+        // product read back from the output; one g_j is 0 (that column's gradient is computed
+        // again from the operands).
+        {
+            let w = random(&[48, 64], 15)?;
+            let mut g = random(&[48], 34)?.affine(0.5, 1.0)?.to_vec1::<f64>()?;
+            g[5] = 0.0;
+            let g = Tensor::from_vec(g, 48, &Device::Cpu)?;
+            out.push(check(
+                "lora_linear_scaled",
+                device,
+                dtype,
+                &[random(&[3, 5, 64], 16)?, random(&[8, 64], 17)?, random(&[48, 8], 18)?, g],
+                &|t| {
+                    let dense = super::FrozenWeight::Dense(w.to_dtype(t[0].dtype())?.to_device(t[0].device())?);
+                    ops::lora_linear_scaled(&t[0], &dense, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout: None }, &t[3])
+                },
+                &|t| ops::lora_linear_composed(&t[0], &w, None, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout: None })?.broadcast_mul(&t[3]),
+            )?);
+        }
         let targets: Vec<u32> = (0..9u32).map(|i| (i * 37 + 5) % 300).collect();
         let head = random(&[300, 64], 11)?;
         out.push(check(

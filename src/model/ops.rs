@@ -231,6 +231,10 @@ struct LoraProduct {
     xa: Tensor,
     scale: f64,
     dropout: Option<(f64, u64)>,
+    /// DoRA's magnitude scale in the op ([`lora_linear_scaled`]): the `b` operand is then
+    /// (out, r + 1), B with `g` as its last column, and the output `g ⊙ (x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ)`
+    /// (CPU, no bias; the backward reads the unscaled product from the output).
+    col_scale: bool,
 }
 
 impl LoraProduct {
@@ -286,7 +290,11 @@ impl LoraProduct {
     #[allow(clippy::too_many_arguments)]
     fn product_f32(&self, x: &[f32], xl: &Layout, b: &[f32], bl: &Layout, w: &Tensor, xa: &Tensor, bias: Option<&Tensor>) -> CResult<Vec<f32>> {
         let (m, k, _) = token_rows(xl)?;
-        let (n, r) = bl.shape().dims2()?;
+        let (n, cols) = bl.shape().dims2()?;
+        let r = if self.col_scale { cols.saturating_sub(1) } else { cols };
+        if self.col_scale && bias.is_some() {
+            candle_core::bail!("lora-product: a column scale with a bias inside the op");
+        }
         let mut y = vec![0f32; m * n];
         if let Some(bias) = bias {
             cpu_f32(bias, |bias| {
@@ -298,7 +306,12 @@ impl LoraProduct {
             })?;
         }
         cpu_f32(w, |w| cpu_gemm(&mut y, (m, n, k), bias.is_some(), (x, k, 1), (w, 1, k), 1.0, true))?;
-        cpu_f32(xa, |xa| cpu_gemm(&mut y, (m, n, r), true, (xa, r, 1), (b, 1, r), self.scale as f32, true))?;
+        cpu_f32(xa, |xa| cpu_gemm(&mut y, (m, n, r), true, (xa, r, 1), (b, 1, cols), self.scale as f32, true))?;
+        if self.col_scale {
+            // y ⊙= g, B's last column.
+            let g: Vec<f32> = (0..n).map(|j| b[j * cols + r]).collect();
+            y.par_chunks_mut(n.max(1)).for_each(|row| row.iter_mut().zip(&g).for_each(|(v, g)| *v *= g));
+        }
         Ok(y)
     }
 }
@@ -472,6 +485,9 @@ impl candle_core::CustomOp3 for LoraProduct {
             let y = self.product_f32(&x, xl, &b, bl, &f32_copy(&w)?, &f32_copy(&self.xa)?, bias.as_ref())?;
             return Ok((fused::cpu_store(y, self.dtype, op)?, out_shape(xl, n)));
         }
+        if self.col_scale {
+            candle_core::bail!("lora-product: a column scale needs contiguous operands on the cpu");
+        }
         self.forward_held(x, xl, b, bl, &w, cpu_storage, "the cpu")
     }
 
@@ -485,11 +501,23 @@ impl candle_core::CustomOp3 for LoraProduct {
         b: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        if self.col_scale {
+            candle_core::bail!("lora-product: a column scale is the cpu's");
+        }
         self.forward_held(x, xl, b, bl, &self.w.dense(self.dtype)?, cuda_storage, "cuda")
     }
 
-    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         profile::region("lora product bwd", grad.device(), || {
+            // A column scale g: the gradient of the unscaled product is dY ⊙ g, g's own is
+            // Σ_tokens dY ⊙ (x·Wᵀ + s·x̃·Aᵀ·Bᵀ); then LoRA's backward with B alone.
+            let (grad, b, dg) = if self.col_scale {
+                let (dz, b_only, dg) = self.column_scale_grads(x, b, res, grad)?;
+                (dz, b_only, Some(dg))
+            } else {
+                (grad.clone(), b.clone(), None)
+            };
+            let (grad, b) = (&grad, &b);
             // An input that tracks no ops (the first layer's, from frozen embeddings) gets no gradient.
             let x_tracks = x.track_op();
             // Leading dimensions flattened: (tokens, in) and (tokens, out).
@@ -521,8 +549,77 @@ impl candle_core::CustomOp3 for LoraProduct {
                 Some((g.matmul(&wide(self.w.dense(self.dtype)?)?)? + self.dropped(&dxa.matmul(&a)?)?)?.reshape(x_dims)?)
             };
             let narrow = |t: Tensor, dtype: DType| if half_cpu { narrowed(&t, dtype) } else { Ok(t) };
+            let db = match dg {
+                Some(dg) => Tensor::cat(&[&db, &dg.to_dtype(db.dtype())?.unsqueeze(1)?], 1)?,
+                None => db,
+            };
             Ok((dx.map(|t| narrow(t, x_dtype)).transpose()?, Some(narrow(da, a_dtype)?), Some(narrow(db, b_dtype)?)))
         })
+    }
+}
+
+impl LoraProduct {
+    /// The column scale's part of the backward: from the op's output `y = g ⊙ z` and its
+    /// gradient, `dz = dY ⊙ g`, B without g's column, and `dg = Σ_tokens dY ⊙ z` with
+    /// `z = y / g` — where some `g_j` is 0 (its column of y is all zeros), that column of z is
+    /// computed again, `x·W_jᵀ + s·(x̃·Aᵀ)·B_jᵀ`.
+    fn column_scale_grads(&self, x: &Tensor, bg: &Tensor, y: &Tensor, grad: &Tensor) -> CResult<(Tensor, Tensor, Tensor)> {
+        let (n, cols) = bg.dims2()?;
+        let r = cols - 1;
+        let bg = bg.detach();
+        let g = bg.narrow(1, r, 1)?.squeeze(1)?.contiguous()?;
+        let b = bg.narrow(1, 0, r)?.contiguous()?;
+        let m = grad.elem_count() / n.max(1);
+        let dy = grad.detach().contiguous()?.reshape((m, n))?;
+        let y = y.detach().reshape((m, n))?;
+        let gv = g.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let zero: Vec<u32> = (0..n as u32).filter(|&j| gv[j as usize] == 0.0).collect();
+        // 1/g, with 0 where g is 0 (those columns are filled below).
+        let inv: Vec<f32> = gv.iter().map(|&v| if v == 0.0 { 0.0 } else { 1.0 / v }).collect();
+        let (mut dg, dz) = if f32_contiguous(&dy) && f32_contiguous(&y) {
+            // One pass over the rows: dz = dY ⊙ g, and per thread Σ dY ⊙ y.
+            let (dg, dz) = cpu_f32s([&dy, &y], |[dy, y]| {
+                let mut dz = vec![0f32; m * n];
+                let per = m.div_ceil(rayon::current_num_threads()).max(1);
+                let sums = dz
+                    .par_chunks_mut(n.max(1))
+                    .zip(dy.par_chunks(n.max(1)).zip(y.par_chunks(n.max(1))))
+                    .with_min_len(per)
+                    .fold(
+                        || vec![0f32; n],
+                        |mut acc, (dz, (dy, y))| {
+                            for ((((z, d), y), a), g) in dz.iter_mut().zip(dy).zip(y).zip(acc.iter_mut()).zip(&gv) {
+                                *z = d * g;
+                                *a += d * y;
+                            }
+                            acc
+                        },
+                    )
+                    .reduce_with(|mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                        a
+                    })
+                    .unwrap_or_else(|| vec![0f32; n]);
+                Ok((sums.iter().zip(&inv).map(|(s, i)| s * i).collect::<Vec<f32>>(), dz))
+            })?;
+            (Tensor::from_vec(dg, n, &Device::Cpu)?, Tensor::from_vec(dz, (m, n), &Device::Cpu)?)
+        } else {
+            let inv = Tensor::from_vec(inv, n, y.device())?.to_dtype(y.dtype())?;
+            ((&dy * &y)?.sum(0)?.mul(&inv)?, dy.broadcast_mul(&g.to_dtype(dy.dtype())?)?)
+        };
+        if !zero.is_empty() {
+            let idx = Tensor::from_vec(zero.clone(), zero.len(), y.device())?;
+            let (k, w) = (x.dim(D::Minus1)?, self.w.dense(self.dtype)?);
+            let x2 = x.detach().reshape((m, k))?;
+            let z = (x2.matmul(&w.index_select(&idx, 0)?.t()?)? + (self.xa.to_dtype(y.dtype())?.matmul(&b.index_select(&idx, 0)?.t()?)? * self.scale)?)?;
+            let dg_zero = (dy.index_select(&idx, 1)? * z)?.sum(0)?;
+            let mut all = dg.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            for (j, v) in zero.iter().zip(dg_zero.to_dtype(DType::F32)?.to_vec1::<f32>()?) {
+                all[*j as usize] = v;
+            }
+            dg = Tensor::from_vec(all, n, y.device())?.to_dtype(y.dtype())?;
+        }
+        Ok((dz.reshape(grad.shape())?, b, dg))
     }
 }
 
@@ -535,6 +632,26 @@ pub fn lora_linear(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, 
     if let Some(b) = bias.filter(|b| b.track_op()) {
         return lora_linear(xs, w, None, pair)?.broadcast_add(b);
     }
+    lora_product(xs, w, bias, pair, false)
+}
+
+/// DoRA's training product without dropout, `g ⊙ (xs·Wᵀ + s·(xs·Aᵀ)·Bᵀ)` for its magnitude
+/// scale `g` (out,), tracked: on the CPU in f32 one [`lora_linear`] op with `g` as an extra
+/// column of B, whose backward reads the unscaled product from the op's output (`y / g`), so
+/// the graph keeps no (tokens, out) tensor beyond the output, where [`channel_scale`] over
+/// [`lora_linear`] keeps the unscaled product too; elsewhere that composition.
+pub fn lora_linear_scaled(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, g: &Tensor) -> CResult<Tensor> {
+    let n = pair.b.dim(0)?;
+    let fits = g.elem_count() == n && g.dtype() == DType::F32 && pair.b.dtype() == DType::F32 && pair.a.dtype() == DType::F32;
+    if !(fits && use_fused(xs) && pair.dropout.is_none()) {
+        return channel_scale(&lora_linear(xs, w, None, pair)?, g);
+    }
+    let bg = Tensor::cat(&[pair.b, &g.reshape((n, 1))?], 1)?;
+    lora_product(xs, w, None, LoraPair { b: &bg, ..pair }, true)
+}
+
+/// [`lora_linear`]'s op (with DoRA's column scale in B's last column when `col_scale`).
+fn lora_product(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair, col_scale: bool) -> CResult<Tensor> {
     profile::region("lora product fwd", xs.device(), || {
         let held = match w {
             super::FrozenWeight::Dense(t) => Held::Dense(t.clone()),
@@ -554,7 +671,7 @@ pub fn lora_linear(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, 
         let (x2, a) = (x.detach().reshape((m, k))?, pair.a.detach());
         let (x2, a) = if half_cpu { (f32_copy(&x2)?, f32_copy(&a)?) } else { (x2, a) };
         let xa = dropped(&x2, pair.dropout)?.matmul(&a.t()?)?;
-        let op = LoraProduct { w: held, bias, dtype, xa, scale: pair.scale, dropout: pair.dropout };
+        let op = LoraProduct { w: held, bias, dtype, xa, scale: pair.scale, dropout: pair.dropout, col_scale };
         x.apply_op3(&pair.a.contiguous()?, &pair.b.contiguous()?, op)
     })
 }

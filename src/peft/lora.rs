@@ -311,10 +311,10 @@ impl LinearAdapter for LoraLayer {
             // and x̃ = dropout(x) (= x when dropout is off, giving g·(x·Wᵀ + update) + b).
             let g = self.dora_scale(magnitude, weight, ctx)?;
             if ctx.train && !ctx.generation && uses_product_op(true, self.dropout) {
-                // Without dropout: g·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, the sum from LoRA's op (the graph
-                // keeps it and the scaled output, not the base output and the update's chain).
+                // Without dropout: g·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, g inside LoRA's op (the graph
+                // keeps the scaled output, not the base output and the update's chain).
                 let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
-                let out = ops::channel_scale(&train_product(xs, weight, None, &a, &b, self.scale, 0.0, self.index, ctx)?, &g)?;
+                let out = ops::lora_linear_scaled(xs, weight, ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout: None }, &g)?;
                 return Ok(match bias {
                     Some(b) => out.broadcast_add(b)?,
                     None => out,
