@@ -577,30 +577,10 @@ impl LoraProduct {
         // 1/g, with 0 where g is 0 (those columns are filled below).
         let inv: Vec<f32> = gv.iter().map(|&v| if v == 0.0 { 0.0 } else { 1.0 / v }).collect();
         let (mut dg, dz) = if f32_contiguous(&dy) && f32_contiguous(&y) {
-            // One pass over the rows: dz = dY ⊙ g, and per thread Σ dY ⊙ y.
+            // The channel op's backward passes: Σ dY ⊙ y, and dz = dY ⊙ g.
             let (dg, dz) = cpu_f32s([&dy, &y], |[dy, y]| {
-                let mut dz = vec![0f32; m * n];
-                let per = m.div_ceil(rayon::current_num_threads()).max(1);
-                let sums = dz
-                    .par_chunks_mut(n.max(1))
-                    .zip(dy.par_chunks(n.max(1)).zip(y.par_chunks(n.max(1))))
-                    .with_min_len(per)
-                    .fold(
-                        || vec![0f32; n],
-                        |mut acc, (dz, (dy, y))| {
-                            for ((((z, d), y), a), g) in dz.iter_mut().zip(dy).zip(y).zip(acc.iter_mut()).zip(&gv) {
-                                *z = d * g;
-                                *a += d * y;
-                            }
-                            acc
-                        },
-                    )
-                    .reduce_with(|mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                        a
-                    })
-                    .unwrap_or_else(|| vec![0f32; n]);
-                Ok((sums.iter().zip(&inv).map(|(s, i)| s * i).collect::<Vec<f32>>(), dz))
+                let sums = channel_sums(dy, y, n, Channel::Scale);
+                Ok((sums.iter().zip(&inv).map(|(s, i)| s * i).collect::<Vec<f32>>(), channel_rows(dy, &gv, Channel::Scale)))
             })?;
             (Tensor::from_vec(dg, n, &Device::Cpu)?, Tensor::from_vec(dz, (m, n), &Device::Cpu)?)
         } else {
@@ -2244,26 +2224,7 @@ impl candle_core::CustomOp2 for ChannelOp {
                 if xd.len() != gd.len() || gd.len() % n != 0 {
                     candle_core::bail!("{}: input and gradient differ in size", self.name());
                 }
-                Ok(gd
-                    .par_chunks(n * CHANNEL_ROWS)
-                    .zip(xd.par_chunks(n * CHANNEL_ROWS))
-                    .map(|(gs, xs)| {
-                        let mut acc = vec![0f32; n];
-                        for (gr, xr) in gs.chunks(n).zip(xs.chunks(n)) {
-                            match mode {
-                                Channel::Scale => acc.iter_mut().zip(gr.iter().zip(xr)).for_each(|(a, (g, x))| *a += g * x),
-                                Channel::Shift => acc.iter_mut().zip(gr).for_each(|(a, g)| *a += g),
-                            }
-                        }
-                        acc
-                    })
-                    // Summed in block order, not as threads finish: the same bits every run.
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .fold(vec![0f32; n], |mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                        a
-                    }))
+                Ok(channel_sums(gd, xd, n, mode))
             })?;
             let dv = Tensor::from_vec(dv, v.shape(), v.device())?;
             let dx = match mode {
@@ -2275,6 +2236,30 @@ impl candle_core::CustomOp2 for ChannelOp {
             Ok((Some(dx), Some(dv)))
         })
     }
+}
+
+/// A channel vector's gradient over rows of `n`: Σ_rows `g ⊙ x` (scale) or Σ_rows `g` (shift),
+/// in parallel over row blocks and summed in block order, not as threads finish (the same bits
+/// every run).
+fn channel_sums(g: &[f32], x: &[f32], n: usize, mode: Channel) -> Vec<f32> {
+    g.par_chunks(n * CHANNEL_ROWS)
+        .zip(x.par_chunks(n * CHANNEL_ROWS))
+        .map(|(gs, xs)| {
+            let mut acc = vec![0f32; n];
+            for (gr, xr) in gs.chunks(n).zip(xs.chunks(n)) {
+                match mode {
+                    Channel::Scale => acc.iter_mut().zip(gr.iter().zip(xr)).for_each(|(a, (g, x))| *a += g * x),
+                    Channel::Shift => acc.iter_mut().zip(gr).for_each(|(a, g)| *a += g),
+                }
+            }
+            acc
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![0f32; n], |mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        })
 }
 
 /// Every row of `x` (rows of `v.len()`) scaled by or shifted by `v`, in parallel over row
