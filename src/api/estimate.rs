@@ -138,15 +138,6 @@ pub const HALF_ACTIVATION_FACTOR: f64 = 1.15;
 /// and loss took f32 kernels: 1.35 → 1.06; then 1.16, with [`HALF_FIXED_BYTES`], when the
 /// base began to load in 16 bits and its weights to count at that size).
 pub const LORA_HALF_ACTIVATION_FACTOR: f64 = 1.16;
-/// DoRA without dropout in f32 on the CPU (its scale inside LoRA's op) peaks above LoRA by an
-/// amount that hardly grows with the tokens: measured 199, 147 and 194 MiB over LoRA's peak at
-/// 1×32, 3×96 and 8×256 tokens (r16, all seven projections of the default model, whose
-/// 106M adapted weights this counts at 2 bytes each: 202 MiB; q and v alone: −0.1% with it,
-/// −1.7% without; bench/RESULTS.md 2026-12-03), and not with gradient checkpointing (so it is
-/// held by the graph over every layer). Fitted; its origin not found yet (not DoRA's cached
-/// ‖W‖² rows: leaving them out left it unchanged); scaled with the adapted weights as the
-/// likeliest guess.
-pub const DORA_BYTES_PER_ADAPTED_WEIGHT: u64 = 2;
 /// What a 16-bit run holds in training beyond its counted parts, bytes: fitted with
 /// [`LORA_HALF_ACTIVATION_FACTOR`] on four bf16 configs of the default model from 256 to
 /// 2048 tokens (bench/RESULTS.md, 2026-12-02, once the weights counted at 16-bit size: 128 MiB;
@@ -521,10 +512,14 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     };
     let factor = half_factor * if lora_op { LORA_ACTIVATION_FACTOR } else { ACTIVATION_FACTOR };
     let counted = act_bytes_per_tok_layer * (tokens * layers) as f64;
-    // DoRA in LoRA's op holds more than LoRA at every size in a graph over every layer
-    // ([`DORA_BYTES_PER_ADAPTED_WEIGHT`]; not with checkpointing).
-    let dora_graph = if dora_in_op { DORA_BYTES_PER_ADAPTED_WEIGHT * ad.iter().map(|a| (a.1 * a.2) as u64).sum::<u64>() } else { 0 };
-    let acts = (factor * counted) as u64 + wbytes * tokens * model.hidden_size as u64 * 2 + dora_graph;
+    // DoRA's norms keep (A·Wᵀ)ᵀ + s·B·(A·Aᵀ), (out, r) in f32, for their backward
+    // (`ops::dora_row_norm`), every adapted projection's until the backward (a checkpointed
+    // run: one layer's, in the noise).
+    let dora_norms: u64 = match &cfg.peft {
+        PeftConfig::Lora(l) | PeftConfig::Qlora(l) if l.use_dora => ad.iter().map(|a| 4 * (l.rank_and_scale(&a.0).0 * a.2) as u64).sum(),
+        _ => 0,
+    };
+    let acts = (factor * counted) as u64 + wbytes * tokens * model.hidden_size as u64 * 2 + dora_norms;
     let heads = model.num_attention_heads as u64;
     let attn = if on_gpu {
         // One query block of scores at a time (`ops::causal_attention` on tensor ops), in every
@@ -542,12 +537,8 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         4 * (2 * threads * tile * keys + if half { 8 } else { 3 } * per_head)
     };
     let chunk = (t.loss_chunk as u64).min(tokens).max(1);
-    // DoRA's norm on the head reads A·Wᵀ through the frozen product each chunk: one f32
-    // (vocab, hidden) temporary beside the chunk's graph (IA3 and DoRA with lm_head, 3×96 to
-    // 8×256, twelve configs with this: −6% to +4%; DoRA checkpointed −15% without it).
-    let dora_head = head_adapted && matches!(&cfg.peft, PeftConfig::Lora(l) | PeftConfig::Qlora(l) if l.use_dora);
     let loss = if head_adapted {
-        (ADAPTED_HEAD_CHUNK_COPIES * 4.0 * (chunk * model.vocab_size as u64) as f64) as u64 + if dora_head { 4 * (model.vocab_size * model.hidden_size) as u64 } else { 0 }
+        (ADAPTED_HEAD_CHUNK_COPIES * 4.0 * (chunk * model.vocab_size as u64) as f64) as u64
     } else {
         head_chunks * 4 * chunk * model.vocab_size as u64
     };

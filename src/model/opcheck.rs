@@ -267,6 +267,23 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                 &|t| ops::lora_linear_composed(&t[0], &w, None, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout: None })?.broadcast_mul(&t[3]),
             )?);
         }
+        // DoRA's row norms ‖W + s·B·A‖_row without the formed matrix, against the formed one;
+        // the gradients of A and B from the op's closed-form backward.
+        {
+            let w = random(&[48, 64], 15)?;
+            let w2 = w.sqr()?.sum(1)?;
+            out.push(check(
+                "dora_row_norm",
+                device,
+                dtype,
+                &[random(&[8, 64], 35)?, random(&[48, 8], 36)?],
+                &|t| {
+                    let dense = super::FrozenWeight::Dense(w.to_dtype(t[0].dtype())?.to_device(t[0].device())?);
+                    ops::dora_row_norm(&t[0], &t[1], &dense, &w2.to_dtype(DType::F32)?.to_device(t[0].device())?, 2.0)
+                },
+                &|t| ops::dora_row_norm_composed(&t[0], &t[1], &w, 2.0),
+            )?);
+        }
         let targets: Vec<u32> = (0..9u32).map(|i| (i * 37 + 5) % 300).collect();
         let head = random(&[300, 64], 11)?;
         out.push(check(

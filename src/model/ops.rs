@@ -58,6 +58,13 @@ enum Held {
 }
 
 impl Held {
+    fn of(w: &super::FrozenWeight) -> Held {
+        match w {
+            super::FrozenWeight::Dense(t) => Held::Dense(t.clone()),
+            super::FrozenWeight::Quantized { q, .. } => Held::Blocks(q.clone()),
+        }
+    }
+
     /// The weight, dense, in `dtype` (the activations' dtype: mixed precision multiplies a bf16
     /// base with bf16 activations, an f32 adapter path's input with an f32 copy).
     fn dense(&self, dtype: DType) -> CResult<Tensor> {
@@ -630,13 +637,88 @@ pub fn lora_linear_scaled(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, 
     lora_product(xs, w, None, LoraPair { b: &bg, ..pair }, true)
 }
 
+/// DoRA's row norms `‖W + s·B·A‖_row` (out,) for A (r, in), B (out, r), the frozen `w`
+/// (out, in) and its squared row norms `w2` (out,), without forming W + s·B·A: the squared norm
+/// is `w2 + 2s·⟨B_j, (A·Wᵀ)ᵀ_j⟩ + s²·B_j·(A·Aᵀ)·B_jᵀ`. Computed outside the graph (in f32, or
+/// f64 for f64 operands) and given a backward of its own that hands A and B their gradients
+/// directly:
+/// `dB = 2s·c ⊙ P` and `dA = 2s·(c ⊙ B)ᵀ·(W + s·B·A)` (as `(c ⊙ B)ᵀ·W + s·((c ⊙ B)ᵀ·B)·A`),
+/// with `c = dn / 2n` per row and `P = (A·Wᵀ)ᵀ + s·B·(A·Aᵀ)` (out, r) kept from the forward.
+/// The composed form's graph (a product through W, the Gram matrix, products, sums) left a
+/// pending (out, r) gradient per node until candle's backward reached it, which it does only
+/// after every layer: ~180 MiB for SmolLM2-135M with every projection adapted.
+pub fn dora_row_norm(a: &Tensor, b: &Tensor, w: &super::FrozenWeight, w2: &Tensor, scale: f64) -> CResult<Tensor> {
+    profile::region("dora norm fwd", a.device(), || dora_row_norm_inner(a, b, w, w2, scale))
+}
+
+fn dora_row_norm_inner(a: &Tensor, b: &Tensor, w: &super::FrozenWeight, w2: &Tensor, scale: f64) -> CResult<Tensor> {
+    let dtype = a.dtype();
+    let work = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let (a32, b32) = (a.detach().to_dtype(work)?, b.detach().to_dtype(work)?);
+    let awt = w.product(&a32).map_err(|e| candle_core::Error::Msg(format!("dora-row-norm: {e}")))?.detach().t()?;
+    let bg = b32.matmul(&a32.matmul(&a32.t()?)?)?;
+    let cross = (&b32 * &awt)?.sum(1)?;
+    let quad = (&bg * &b32)?.sum(1)?;
+    let norm = ((w2.to_dtype(work)? + (cross * (2.0 * scale))?)? + (quad * (scale * scale))?)?.sqrt()?;
+    if !(a.track_op() || b.track_op()) {
+        return norm.to_dtype(dtype);
+    }
+    let p = (awt + (bg * scale)?)?.contiguous()?;
+    a.contiguous()?.apply_op2(&b.contiguous()?, DoraRowNorm { norm: norm.to_dtype(dtype)?, p, w: Held::of(w), scale })
+}
+
+/// [`dora_row_norm`]'s node: hands back the norm it holds; its backward is the closed form.
+struct DoraRowNorm {
+    /// The forward's result, (out,), in A's dtype.
+    norm: Tensor,
+    /// `(A·Wᵀ)ᵀ + s·B·(A·Aᵀ)`, (out, r), in the working dtype.
+    p: Tensor,
+    w: Held,
+    scale: f64,
+}
+
+impl candle_core::CustomOp2 for DoraRowNorm {
+    fn name(&self) -> &'static str {
+        "dora-row-norm"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        held_cpu(&self.norm, "dora-row-norm")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        held_cuda(&self.norm, "dora-row-norm")
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        profile::region("dora norm bwd", grad.device(), || self.grads(a, b, res, grad))
+    }
+}
+
+impl DoraRowNorm {
+    fn grads(&self, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let work = self.p.dtype();
+        let s = self.scale;
+        let c = (grad.detach().to_dtype(work)? / (res.detach().to_dtype(work)? * 2.0)?)?.unsqueeze(1)?;
+        let db = self.p.broadcast_mul(&(c.clone() * (2.0 * s))?)?;
+        let (a32, b32) = (a.detach().to_dtype(work)?, b.detach().to_dtype(work)?);
+        let cb_t = b32.broadcast_mul(&c)?.t()?.contiguous()?;
+        let da = ((cb_t.matmul(&self.w.dense(work)?)? + (cb_t.matmul(&b32)?.matmul(&a32)? * s)?)? * (2.0 * s))?;
+        Ok((Some(da.to_dtype(a.dtype())?), Some(db.to_dtype(b.dtype())?)))
+    }
+}
+
+/// [`dora_row_norm`] as it is defined, `‖W + s·B·A‖_row` from the formed matrix: the reference
+/// it is held to.
+pub fn dora_row_norm_composed(a: &Tensor, b: &Tensor, w: &Tensor, scale: f64) -> CResult<Tensor> {
+    (w + (b.matmul(a)? * scale)?)?.sqr()?.sum(1)?.sqrt()
+}
+
 /// [`lora_linear`]'s op (with DoRA's column scale in B's last column when `col_scale`).
 fn lora_product(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair, col_scale: bool) -> CResult<Tensor> {
     profile::region("lora product fwd", xs.device(), || {
-        let held = match w {
-            super::FrozenWeight::Dense(t) => Held::Dense(t.clone()),
-            super::FrozenWeight::Quantized { q, .. } => Held::Blocks(q.clone()),
-        };
+        let held = Held::of(w);
         // The op takes the input in its own shape (any leading dims) and gives the output in
         // the same: a reshape on each side would be two more graph nodes, each a zero-filled
         // gradient and an add in candle's backward.

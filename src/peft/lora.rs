@@ -252,10 +252,8 @@ impl LoraLayer {
         low_rank_update(x, &t(&self.a, ctx), &t(&self.b, ctx), self.scale)
     }
 
-    /// DoRA's `m / ‖W + s·B·A‖_row`, (out,), without forming W + s·B·A: the squared row norm
-    /// is `‖W_r‖² + 2s·⟨B_r, (A·Wᵀ)ᵀ_r⟩ + s²·B_r·(A·Aᵀ)·B_rᵀ`, so no (out, in) temporary is
-    /// kept for the backward and the frozen W gets no gradient (A·Wᵀ goes through
-    /// `frozen_linear`).
+    /// DoRA's `m / ‖W + s·B·A‖_row`, (out,), without forming W + s·B·A (`ops::dora_row_norm`:
+    /// the frozen W gets no gradient, and the norm's backward hands A and B theirs directly).
     fn dora_scale(&self, magnitude: &Var, weight: &FrozenWeight, ctx: &ForwardCtx) -> Result<Tensor> {
         let mut cached = self.eval_scale.lock().unwrap_or_else(|p| p.into_inner());
         if ctx.train {
@@ -263,16 +261,12 @@ impl LoraLayer {
         } else if let Some(g) = cached.as_ref() {
             return Ok(g.clone());
         }
-        let (a, b, s) = (t(&self.a, ctx), t(&self.b, ctx), self.scale);
+        let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
         let w2 = match &self.w2 {
-            Some(w2) => w2.to_dtype(a.dtype())?,
+            Some(w2) => w2.clone(),
             None => weight.dense()?.to_dtype(a.dtype())?.sqr()?.sum(1)?,
         };
-        let awt = weight.product(&a)?.t()?;
-        let cross = (&b * awt)?.sum(1)?;
-        let gram = a.matmul(&a.t()?)?;
-        let quad = (b.matmul(&gram)? * &b)?.sum(1)?;
-        let norm = ((w2 + (cross * (2.0 * s))?)? + (quad * (s * s))?)?.sqrt()?;
+        let norm = ops::dora_row_norm(&a, &b, weight, &w2, self.scale)?;
         let g = (t(magnitude, ctx) / norm)?;
         if !ctx.train {
             *cached = Some(g.clone());
