@@ -245,10 +245,22 @@ fn parameter_counts_follow_the_formulas() {
     }
 }
 
+/// The methods with adapter dropout (each draws its masks from the pass's seed, so the
+/// perturbed passes see the same masks): LoRA's op and DoRA's own node with dropout.
+fn dropout_methods() -> Vec<(&'static str, PeftConfig)> {
+    vec![
+        ("lora-dropout", PeftConfig::Lora(LoraConfig { r: 2, lora_alpha: 4.0, lora_dropout: 0.4, target_modules: all_linear(), ..Default::default() })),
+        (
+            "dora-dropout",
+            PeftConfig::Lora(LoraConfig { r: 2, lora_alpha: 4.0, lora_dropout: 0.4, use_dora: true, target_modules: all_linear(), ..Default::default() }),
+        ),
+    ]
+}
+
 #[test]
 fn gradients_match_central_finite_differences() {
     for bias in [false, true] {
-        for (name, peft) in methods() {
+        for (name, peft) in methods().into_iter().chain(dropout_methods()) {
             let (mut model, _) = tiny(DType::F64, bias);
             let adapter = Adapter::inject(&mut model, &peft, 3).unwrap();
             randomize(&adapter, DType::F64);
@@ -261,7 +273,7 @@ fn gradients_match_central_finite_differences() {
 /// against central finite differences (relative error < 1e-4).
 fn assert_gradients_match_finite_differences(name: &str, model: &Llama, adapter: &Adapter) {
     let (ids, labels) = batch();
-    // Training mode: the trainable tensors are tracked (no dropout in these configs).
+    // Training mode: the trainable tensors are tracked (dropout's masks fixed by the seed).
     let ctx = ForwardCtx { train: true, seed: 0, ..Default::default() };
     let loss = |m: &Llama| -> f64 {
         let (s, n) = m.loss_sum(&ids, &labels, &ctx, 5).unwrap();
@@ -336,10 +348,7 @@ fn a_biased_head_trains_through_the_affine_loss() {
 #[test]
 fn checkpointed_gradients_equal_the_plain_backward() {
     let mut rows = methods();
-    rows.push((
-        "lora-dropout",
-        PeftConfig::Lora(LoraConfig { r: 2, lora_alpha: 4.0, lora_dropout: 0.4, target_modules: all_linear(), ..Default::default() }),
-    ));
+    rows.extend(dropout_methods());
     for bias in [false, true] {
         for (name, peft) in &rows {
             let (mut model, _) = tiny(DType::F64, bias);
@@ -379,7 +388,7 @@ fn checkpointed_gradients_equal_the_plain_backward() {
 /// against the same adapter on the f32 model.
 #[test]
 fn bf16_mixed_precision_matches_f32_within_tolerance() {
-    for (name, peft) in methods() {
+    for (name, peft) in methods().into_iter().chain(dropout_methods()) {
         if matches!(peft, PeftConfig::Full(_)) {
             continue;
         }

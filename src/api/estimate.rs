@@ -131,13 +131,17 @@ pub const SECONDS_PER_TRAINABLE: f64 = 9e-9;
 /// when LoRA still composed and the weights counted at f32 size (1.17); refit with
 /// [`ACTIVATION_FACTOR`] on the methods it applies to (bench/RESULTS.md, 2026-12-03: IA3,
 /// BitFit, both adapters, the four prompt-learning methods and DoRA with dropout in bf16
-/// measure 1.07–1.22 of their counts at 16 bits, mean 1.15).
-pub const HALF_ACTIVATION_FACTOR: f64 = 1.15;
+/// measure 1.07–1.22 of their counts at 16 bits, mean 1.15); 1.06 once the hooked RMSNorm and
+/// RoPE stopped holding a second copy of their outputs (`ops::Handoff`; IA3, Houlsby and
+/// P-tuning v2 in bf16 measured 0.90–0.95 of the 1.15 figure, bench/RESULTS.md 2026-12-04).
+pub const HALF_ACTIVATION_FACTOR: f64 = 1.06;
 /// [`HALF_ACTIVATION_FACTOR`] for LoRA as one op ([`LORA_ACTIVATION_FACTOR`]); refit on three
 /// bf16 configs (bench/RESULTS.md, 2026-12-02, after the CPU's 16-bit LoRA products, SwiGLU
 /// and loss took f32 kernels: 1.35 → 1.06; then 1.16, with [`HALF_FIXED_BYTES`], when the
-/// base began to load in 16 bits and its weights to count at that size).
-pub const LORA_HALF_ACTIVATION_FACTOR: f64 = 1.16;
+/// base began to load in 16 bits and its weights to count at that size); 1.12 after
+/// `ops::Handoff` (three LoRA configs and AdaLoRA measured 0.90–1.07 of the 1.16 figure,
+/// bench/RESULTS.md 2026-12-04).
+pub const LORA_HALF_ACTIVATION_FACTOR: f64 = 1.12;
 /// What a 16-bit run holds in training beyond its counted parts, bytes: fitted with
 /// [`LORA_HALF_ACTIVATION_FACTOR`] on four bf16 configs of the default model from 256 to
 /// 2048 tokens (bench/RESULTS.md, 2026-12-02, once the weights counted at 16-bit size: 128 MiB;
@@ -288,22 +292,14 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
             let (params, acts) = match peft {
                 // LoRA in training is one op with the frozen product (`ops::lora_linear`): it
                 // keeps only x̃·A (r) beside the output the frozen product would have anyway
-                // (dropout's input is drawn again in the backward, not kept). DoRA with dropout
-                // composes: the dropped copy of the input (in), x̃·A (r), and seven (tokens, out)
-                // tensors: x̃·Wᵀ, its (g − 1) scaling, the update's B output, scaled by s and
-                // by g, and the two sums (measured 1.04 of this count in f32 and bf16,
-                // bench/RESULTS.md 2026-12-03).
+                // (dropout's input is drawn again in the backward, not kept).
                 PeftConfig::Lora(l) | PeftConfig::Qlora(l) if !l.use_dora => (l.rank_and_scale(&n).0 * (i + o), l.rank_and_scale(&n).0),
-                // Without dropout DoRA takes LoRA's op and scales its output: x·A (r) and the
-                // unscaled sum (out), and the scaling's gradient temporaries at the peak
-                // (measured: 0.3·out on two configs, bench/RESULTS.md, 2026-12-02).
-                PeftConfig::Lora(l) | PeftConfig::Qlora(l) if l.lora_dropout == 0.0 => {
-                    (l.rank_and_scale(&n).0 * (i + o) + o, l.rank_and_scale(&n).0 + o + (3 * o).div_ceil(10))
-                }
-                PeftConfig::Lora(l) | PeftConfig::Qlora(l) => {
-                    let r = l.rank_and_scale(&n).0;
-                    (r * (i + o) + o, r + 7 * o + i)
-                }
+                // DoRA is one node too (`ops::lora_linear_scaled`): x̃·A (r) and the unscaled
+                // sum (out) its magnitude's gradient reads (with dropout z = x̃·Wᵀ + s·x̃·Aᵀ·Bᵀ;
+                // without, in f32 on the CPU, none: see `dora_in_op`). The 0.3·out of
+                // gradient temporaries fitted when DoRA composed (bench/RESULTS.md,
+                // 2026-12-02) went with the one-node forms (2026-12-04).
+                PeftConfig::Lora(l) | PeftConfig::Qlora(l) => (l.rank_and_scale(&n).0 * (i + o) + o, l.rank_and_scale(&n).0 + o),
                 // P, Λ, Q at init_r (masked triplets stay trainable); activations as LoRA's
                 // (the same op, with Q ⊙ Λ as its A).
                 PeftConfig::AdaLora(a) => (a.init_r * (i + o + 1), a.init_r),
@@ -436,12 +432,12 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         crate::device::DeviceChoice::Cpu => false,
     };
     // DoRA without dropout in f32 on the CPU scales inside LoRA's op (`ops::lora_linear_scaled`):
-    // the unscaled product and the scaling's temporaries that `adapted` counts are not kept.
+    // the unscaled product that `adapted` counts is not kept (read back from the output).
     let dora_in_op = matches!(&cfg.peft, PeftConfig::Lora(l) | PeftConfig::Qlora(l) if l.use_dora && l.lora_dropout == 0.0)
         && cfg.train.dtype == crate::train::config::Precision::F32
         && !on_gpu;
     if dora_in_op {
-        adapter_floats -= ad.iter().filter(|a| a.0.starts_with("model.layers.0.")).map(|a| (a.2 + (3 * a.2).div_ceil(10)) as f64).sum::<f64>();
+        adapter_floats -= ad.iter().filter(|a| a.0.starts_with("model.layers.0.")).map(|a| a.2 as f64).sum::<f64>();
     }
     if prefix {
         // Each layer's keys and values with the prefix in front (b, kv heads, keys, head_dim).
@@ -501,10 +497,9 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     };
     let tokens = b * s;
     let act_bytes_per_tok_layer = wbytes as f64 * activation_floats_per_token_layer(model, adapter_floats);
-    // LoRA and QLoRA (DoRA only without dropout) and AdaLoRA train through one op per
-    // projection (`ops::lora_linear`).
-    let lora_op = matches!(&cfg.peft, PeftConfig::Lora(l) | PeftConfig::Qlora(l) if l.trains_through_product_op())
-        || matches!(cfg.peft, PeftConfig::AdaLora(_));
+    // LoRA, QLoRA (DoRA too) and AdaLoRA train through one op per projection
+    // (`ops::lora_linear`, `ops::lora_linear_scaled`).
+    let lora_op = matches!(cfg.peft, PeftConfig::Lora(_) | PeftConfig::Qlora(_) | PeftConfig::AdaLora(_));
     let half_factor = match (half, lora_op) {
         (false, _) => 1.0,
         (true, true) => LORA_HALF_ACTIVATION_FACTOR,

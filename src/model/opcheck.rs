@@ -247,25 +247,41 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                 )?);
             }
         }
-        // DoRA's product without dropout: its magnitude scale g inside LoRA's op, the unscaled
-        // product read back from the output; one g_j is 0 (that column's gradient is computed
-        // again from the operands).
+        // DoRA's product: without dropout its magnitude scale g inside LoRA's op, the unscaled
+        // product read back from the output; with dropout (PEFT's form, the base product not
+        // dropped) its own node, the weight dense and as Q4_1 blocks. One g_j is 0 (without
+        // dropout, that column's gradient is computed again from the operands).
         {
             let w = random(&[48, 64], 15)?;
+            let w32 = w.to_dtype(DType::F32)?;
+            let q = candle_core::quantized::QTensor::quantize(&w32, candle_core::quantized::GgmlDType::Q4_1)?;
+            let q_dense = q.dequantize(&Device::Cpu)?.to_dtype(DType::F64)?;
+            let q = if device.is_cpu() { q } else { candle_core::quantized::QTensor::quantize_onto(&w32, candle_core::quantized::GgmlDType::Q4_1, device)? };
+            let blocks = super::FrozenWeight::quantized(q)?;
             let mut g = random(&[48], 34)?.affine(0.5, 1.0)?.to_vec1::<f64>()?;
             g[5] = 0.0;
             let g = Tensor::from_vec(g, 48, &Device::Cpu)?;
-            out.push(check(
-                "lora_linear_scaled",
-                device,
-                dtype,
-                &[random(&[3, 5, 64], 16)?, random(&[8, 64], 17)?, random(&[48, 8], 18)?, g],
-                &|t| {
-                    let dense = super::FrozenWeight::Dense(w.to_dtype(t[0].dtype())?.to_device(t[0].device())?);
-                    ops::lora_linear_scaled(&t[0], &dense, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout: None }, &t[3])
-                },
-                &|t| ops::lora_linear_composed(&t[0], &w, None, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout: None })?.broadcast_mul(&t[3]),
-            )?);
+            for (case, dropout, held) in [("", None, None), (" dropout 0.25", Some((0.25, 79)), None), (" Q4_1 blocks, dropout 0.25", Some((0.25, 80)), Some(&blocks))] {
+                let reference_w = if held.is_some() { &q_dense } else { &w };
+                out.push(check(
+                    &format!("lora_linear_scaled{case}"),
+                    device,
+                    dtype,
+                    &[random(&[3, 5, 64], 16)?, random(&[8, 64], 17)?, random(&[48, 8], 18)?, g.clone()],
+                    &|t| {
+                        let dense;
+                        let weight = match held {
+                            Some(b) => b,
+                            None => {
+                                dense = super::FrozenWeight::Dense(w.to_dtype(t[0].dtype())?.to_device(t[0].device())?);
+                                &dense
+                            }
+                        };
+                        ops::lora_linear_scaled(&t[0], weight, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }, &t[3])
+                    },
+                    &|t| ops::lora_linear_scaled_composed(&t[0], reference_w, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }, &t[3]),
+                )?);
+            }
         }
         // DoRA's row norms ‖W + s·B·A‖_row without the formed matrix, against the formed one;
         // the gradients of A and B from the op's closed-form backward.

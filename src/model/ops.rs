@@ -204,6 +204,33 @@ pub fn trained_linear(xs: &Tensor, w: &Tensor) -> CResult<Tensor> {
     profile::region("trained matmul fwd", xs.device(), || xs.contiguous()?.apply_op2(w, TrainedMatmul))
 }
 
+/// A [`candle_core::CustomOp3`]'s `name` and forwards for a node whose result was computed
+/// outside the graph and sits in its [`Handoff`] field `$field`.
+macro_rules! handed_off_forward3 {
+    ($field:ident, $name:literal) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+            self.$field.cpu($name)
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+        ) -> CResult<(candle_core::CudaStorage, Shape)> {
+            self.$field.cuda($name)
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------------
 // LoRA beside the frozen product
 // ---------------------------------------------------------------------------------------------
@@ -622,12 +649,17 @@ pub fn lora_linear(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, 
     lora_product(xs, w, bias, pair, false)
 }
 
-/// DoRA's training product without dropout, `g ⊙ (xs·Wᵀ + s·(xs·Aᵀ)·Bᵀ)` for its magnitude
-/// scale `g` (out,), tracked: on the CPU in f32 one [`lora_linear`] op with `g` as an extra
+/// DoRA's training product for its magnitude scale `g` (out,), tracked, in PEFT's form:
+/// `xs·Wᵀ + (g − 1) ⊙ (x̃·Wᵀ) + g ⊙ s·(x̃·Aᵀ)·Bᵀ`, x̃ = dropout(xs). Without dropout that is
+/// `g ⊙ (xs·Wᵀ + s·(xs·Aᵀ)·Bᵀ)`: on the CPU in f32 one [`lora_linear`] op with `g` as an extra
 /// column of B, whose backward reads the unscaled product from the op's output (`y / g`), so
 /// the graph keeps no (tokens, out) tensor beyond the output, where [`channel_scale`] over
-/// [`lora_linear`] keeps the unscaled product too; elsewhere that composition.
+/// [`lora_linear`] (elsewhere) keeps the unscaled product too. With dropout: one node
+/// ([`DoraDropoutProduct`]) on every device and dtype.
 pub fn lora_linear_scaled(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, g: &Tensor) -> CResult<Tensor> {
+    if let Some(dropout) = pair.dropout {
+        return profile::region("dora dropout fwd", xs.device(), || dora_dropout_product(xs, w, pair, dropout, g));
+    }
     let n = pair.b.dim(0)?;
     let fits = g.elem_count() == n && g.dtype() == DType::F32 && pair.b.dtype() == DType::F32 && pair.a.dtype() == DType::F32;
     if !(fits && use_fused(xs) && pair.dropout.is_none()) {
@@ -635,6 +667,105 @@ pub fn lora_linear_scaled(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, 
     }
     let bg = Tensor::cat(&[pair.b, &g.reshape((n, 1))?], 1)?;
     lora_product(xs, w, None, LoraPair { b: &bg, ..pair }, true)
+}
+
+/// DoRA with dropout as one node: `y = (x − x̃)·Wᵀ + g ⊙ z` with `z = x̃·Wᵀ + s·(x̃·Aᵀ)·Bᵀ`
+/// (PEFT's `x·Wᵀ + (g − 1) ⊙ (x̃·Wᵀ) + g ⊙ s·(x̃·Aᵀ)·Bᵀ` regrouped), computed outside the graph.
+/// Its operands are x, A and B with g as its last column; it keeps x̃·Aᵀ (tokens, r) and z
+/// (tokens, out), g's gradient being `Σ_tokens dY ⊙ z`, and draws x̃ again from the seed. With
+/// `dZ = dY ⊙ g`: `dX = dY·W + dropout((dZ − dY)·W + s·(dZ·B)·A)`, `dA = (s·dZ·B)ᵀ·x̃`,
+/// `dB = s·dZᵀ·(x̃·Aᵀ)`. Composed, the graph kept seven (tokens, out) tensors per projection
+/// (x̃·Wᵀ, its scaling by g − 1, the update before and after s and g, two sums) and x̃.
+struct DoraDropoutProduct {
+    /// (out, in).
+    w: Held,
+    /// The dtype the products run in: f32 for 16-bit CPU operands (gemm's f32 kernels, as in
+    /// [`LoraProduct`]), the operands' own elsewhere.
+    work: DType,
+    /// x̃·Aᵀ, (tokens, r), in `work`.
+    xa: Tensor,
+    /// z, (tokens, out), in the activations' dtype.
+    z: Tensor,
+    /// The forward's result.
+    out: Handoff,
+    scale: f64,
+    dropout: (f64, u64),
+}
+
+/// `t` in `work` (f32 copies of 16-bit CPU tensors).
+fn in_work(t: &Tensor, work: DType) -> CResult<Tensor> {
+    if t.dtype() == work {
+        Ok(t.clone())
+    } else {
+        f32_copy(t)?.to_dtype(work)
+    }
+}
+
+fn dora_dropout_product(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, dropout: (f64, u64), g: &Tensor) -> CResult<Tensor> {
+    let x = xs.contiguous()?;
+    let k = x.dims().last().copied().unwrap_or(0);
+    let m = if k == 0 { 0 } else { x.elem_count() / k };
+    let n = pair.b.dim(0)?;
+    let dtype = x.dtype();
+    let work = if x.device().is_cpu() && matches!(dtype, DType::BF16 | DType::F16) { DType::F32 } else { dtype };
+    let held = Held::of(w);
+    let wt = held.dense(work)?.t()?;
+    let x2 = in_work(&x.detach().reshape((m, k))?, work)?;
+    let xd = dropped(&x2, Some(dropout))?;
+    let xa = xd.matmul(&in_work(&pair.a.detach(), work)?.t()?)?;
+    let update = (xa.matmul(&in_work(&pair.b.detach(), work)?.t()?)? * pair.scale)?;
+    let z = (xd.matmul(&wt)? + update)?;
+    let out = ((x2 - xd)?.matmul(&wt)? + z.broadcast_mul(&in_work(&g.detach(), work)?)?)?;
+    let out = narrowed(&out, dtype)?.reshape(out_shape(x.layout(), n))?;
+    let bg = Tensor::cat(&[pair.b, &g.to_dtype(pair.b.dtype())?.reshape((n, 1))?], 1)?;
+    let op = DoraDropoutProduct { w: held, work, xa, z: narrowed(&z, dtype)?, out: Handoff::new(out), scale: pair.scale, dropout };
+    x.apply_op3(&pair.a.contiguous()?, &bg, op)
+}
+
+impl candle_core::CustomOp3 for DoraDropoutProduct {
+    handed_off_forward3!(out, "dora-dropout-product");
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, bg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        profile::region("dora dropout bwd", grad.device(), || self.grads(x, a, bg, grad))
+    }
+}
+
+impl DoraDropoutProduct {
+    fn grads(&self, x: &Tensor, a: &Tensor, bg: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (work, s) = (self.work, self.scale);
+        let (n, cols) = bg.dims2()?;
+        let r = cols - 1;
+        let k = a.dim(1)?;
+        let m = grad.elem_count() / n.max(1);
+        let dy = in_work(&grad.detach().contiguous()?.reshape((m, n))?, work)?;
+        let bgw = in_work(&bg.detach(), work)?;
+        let (b, g) = (bgw.narrow(1, 0, r)?, bgw.narrow(1, r, 1)?.squeeze(1)?);
+        let dg = (&dy * in_work(&self.z, work)?)?.sum(0)?;
+        let dz = dy.broadcast_mul(&g)?;
+        // s·dZ·B, (tokens, r): the update's input side.
+        let dxa = (dz.matmul(&b)? * s)?;
+        let db = (dz.t()?.matmul(&self.xa)? * s)?;
+        let da = dxa.t()?.matmul(&dropped(&in_work(&x.detach().reshape((m, k))?, work)?, Some(self.dropout))?)?;
+        let dx = if x.track_op() {
+            let w = self.w.dense(work)?;
+            let inner = ((dz - &dy)?.matmul(&w)? + dxa.matmul(&in_work(&a.detach(), work)?)?)?;
+            Some((dy.matmul(&w)? + dropped(&inner, Some(self.dropout))?)?.reshape(x.dims())?)
+        } else {
+            None
+        };
+        let dbg = Tensor::cat(&[&db, &dg.unsqueeze(1)?], 1)?;
+        Ok((dx.map(|t| narrowed(&t, x.dtype())).transpose()?, Some(narrowed(&da, a.dtype())?), Some(narrowed(&dbg, bg.dtype())?)))
+    }
+}
+
+/// [`lora_linear_scaled`] from differentiable primitives, PEFT's form
+/// `xs·Wᵀ + (g − 1) ⊙ (x̃·Wᵀ) + g ⊙ s·(x̃·Aᵀ)·Bᵀ`: the reference it is held to.
+pub fn lora_linear_scaled_composed(xs: &Tensor, w: &Tensor, pair: LoraPair, g: &Tensor) -> CResult<Tensor> {
+    let x = dropped_composed(xs, pair.dropout)?;
+    let base = xs.broadcast_matmul(&w.t()?)?;
+    let dropped_base = x.broadcast_matmul(&w.t()?)?;
+    let update = (x.broadcast_matmul(&pair.a.t()?)?.broadcast_matmul(&pair.b.t()?)? * pair.scale)?;
+    (base + (dropped_base.clone() + update)?.broadcast_mul(g)?)? - dropped_base
 }
 
 /// DoRA's row norms `‖W + s·B·A‖_row` (out,) for A (r, in), B (out, r), the frozen `w`
@@ -655,7 +786,8 @@ fn dora_row_norm_inner(a: &Tensor, b: &Tensor, w: &super::FrozenWeight, w2: &Ten
     let dtype = a.dtype();
     let work = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
     let (a32, b32) = (a.detach().to_dtype(work)?, b.detach().to_dtype(work)?);
-    let awt = w.product(&a32).map_err(|e| candle_core::Error::Msg(format!("dora-row-norm: {e}")))?.detach().t()?;
+    let held = Held::of(w);
+    let awt = a32.matmul(&held.dense(work)?.t()?)?.t()?;
     let bg = b32.matmul(&a32.matmul(&a32.t()?)?)?;
     let cross = (&b32 * &awt)?.sum(1)?;
     let quad = (&bg * &b32)?.sum(1)?;
@@ -664,13 +796,13 @@ fn dora_row_norm_inner(a: &Tensor, b: &Tensor, w: &super::FrozenWeight, w2: &Ten
         return norm.to_dtype(dtype);
     }
     let p = (awt + (bg * scale)?)?.contiguous()?;
-    a.contiguous()?.apply_op2(&b.contiguous()?, DoraRowNorm { norm: norm.to_dtype(dtype)?, p, w: Held::of(w), scale })
+    a.contiguous()?.apply_op2(&b.contiguous()?, DoraRowNorm { norm: Handoff::new(norm.to_dtype(dtype)?), p, w: held, scale })
 }
 
 /// [`dora_row_norm`]'s node: hands back the norm it holds; its backward is the closed form.
 struct DoraRowNorm {
     /// The forward's result, (out,), in A's dtype.
-    norm: Tensor,
+    norm: Handoff,
     /// `(A·Wᵀ)ᵀ + s·B·(A·Aᵀ)`, (out, r), in the working dtype.
     p: Tensor,
     w: Held,
@@ -683,12 +815,12 @@ impl candle_core::CustomOp2 for DoraRowNorm {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
-        held_cpu(&self.norm, "dora-row-norm")
+        self.norm.cpu("dora-row-norm")
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
-        held_cuda(&self.norm, "dora-row-norm")
+        self.norm.cuda("dora-row-norm")
     }
 
     fn bwd(&self, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
@@ -740,18 +872,23 @@ fn lora_product(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pai
 
 /// [`lora_linear`] from differentiable primitives: the reference it is held to.
 pub fn lora_linear_composed(xs: &Tensor, w: &Tensor, bias: Option<&Tensor>, pair: LoraPair) -> CResult<Tensor> {
-    let x = match pair.dropout {
-        Some((p, seed)) => {
-            let mask = Tensor::from_vec(fused::dropout_mask(xs.elem_count(), p, seed), xs.shape(), &Device::Cpu)?;
-            (xs * mask.to_dtype(xs.dtype())?.to_device(xs.device())?)?
-        }
-        None => xs.clone(),
-    };
+    let x = dropped_composed(xs, pair.dropout)?;
     let mut base = xs.broadcast_matmul(&w.t()?)?;
     if let Some(b) = bias {
         base = base.broadcast_add(b)?;
     }
     base + (x.broadcast_matmul(&pair.a.t()?)?.broadcast_matmul(&pair.b.t()?)? * pair.scale)?
+}
+
+/// `xs` times [`fused::dropout_mask`] as a differentiable product (the references' dropout).
+fn dropped_composed(xs: &Tensor, dropout: Option<(f64, u64)>) -> CResult<Tensor> {
+    match dropout {
+        Some((p, seed)) => {
+            let mask = Tensor::from_vec(fused::dropout_mask(xs.elem_count(), p, seed), xs.shape(), &Device::Cpu)?;
+            xs * mask.to_dtype(xs.dtype())?.to_device(xs.device())?
+        }
+        None => Ok(xs.clone()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -772,17 +909,40 @@ where
     Ok((dst, l.shape().clone()))
 }
 
-fn held_cpu(t: &Tensor, op: &str) -> CResult<(CpuStorage, Shape)> {
-    let (st, l) = t.storage_and_layout();
-    let Storage::Cpu(s) = &*st else { candle_core::bail!("{op}: held tensor not on the cpu") };
-    copy_held(s, l)
-}
+/// A result computed before its node is made (outside the graph), handed to the node's
+/// forward once: the forward copies it into the storage candle makes the node's output of and
+/// drops it, so one copy stays between the passes, not two (the node would otherwise hold it
+/// until the graph goes).
+struct Handoff(std::sync::Mutex<Option<Tensor>>);
 
-#[cfg(feature = "cuda")]
-fn held_cuda(t: &Tensor, op: &str) -> CResult<(candle_core::CudaStorage, Shape)> {
-    let (st, l) = t.storage_and_layout();
-    let Storage::Cuda(s) = &*st else { candle_core::bail!("{op}: held tensor not on cuda") };
-    copy_held(s, l)
+impl Handoff {
+    fn new(t: Tensor) -> Self {
+        Handoff(std::sync::Mutex::new(Some(t)))
+    }
+
+    fn take(&self, op: &str) -> CResult<Tensor> {
+        match self.0.lock().ok().and_then(|mut t| t.take()) {
+            Some(t) => Ok(t),
+            None => candle_core::bail!("{op}: the forward ran twice"),
+        }
+    }
+
+    /// The result as the CPU forward's output.
+    fn cpu(&self, op: &str) -> CResult<(CpuStorage, Shape)> {
+        let t = self.take(op)?;
+        let (st, l) = t.storage_and_layout();
+        let Storage::Cpu(s) = &*st else { candle_core::bail!("{op}: held tensor not on the cpu") };
+        copy_held(s, l)
+    }
+
+    /// The result as the CUDA forward's output.
+    #[cfg(feature = "cuda")]
+    fn cuda(&self, op: &str) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let t = self.take(op)?;
+        let (st, l) = t.storage_and_layout();
+        let Storage::Cuda(s) = &*st else { candle_core::bail!("{op}: held tensor not on cuda") };
+        copy_held(s, l)
+    }
 }
 
 /// The input gradient of a hooked op: (the op's input, the output's gradient) → dInput.
@@ -792,7 +952,7 @@ type InputGrad = Arc<dyn Fn(&Tensor, &Tensor) -> CResult<Tensor> + Send + Sync>;
 /// fused RMSNorm and RoPE on CUDA) a backward: applied to the op's input, its forward hands
 /// back the output it holds and its backward calls `grad`.
 struct GradHook {
-    out: Tensor,
+    out: Handoff,
     grad: InputGrad,
     /// The backward's profile region (`rms_norm bwd` …).
     name: &'static str,
@@ -804,12 +964,12 @@ impl CustomOp1 for GradHook {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
-        held_cpu(&self.out, "grad-hook")
+        self.out.cpu("grad-hook")
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
-        held_cuda(&self.out, "grad-hook")
+        self.out.cuda("grad-hook")
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
@@ -825,7 +985,7 @@ fn with_input_grad(x: &Tensor, out: Tensor, name: &'static str, grad: InputGrad)
     if !x.track_op() {
         return Ok(out);
     }
-    x.apply_op1(GradHook { out, grad, name })
+    x.apply_op1(GradHook { out: Handoff::new(out), grad, name })
 }
 
 /// Where candle's fused forward kernels (with a backward of ours) beat composed ops: on GPUs,
@@ -1268,10 +1428,9 @@ fn head_blocks(o: &Tensor, nkv: usize, hd: usize) -> CResult<Tensor> {
 /// `q`, `k` and `v` — flash attention's backward, on tensor ops, so it runs on every device
 /// and dtype. The graph keeps q, k, v and the output, never the (rows × keys) matrices.
 struct AttentionGrad {
-    /// The output, (b, s, heads·hd), detached: handed over (copied) as the op's result by
-    /// the forward, which then drops it; the backward reads the result instead, so one copy
-    /// stays between the passes, not two.
-    o: std::sync::Mutex<Option<Tensor>>,
+    /// The output, (b, s, heads·hd), detached: handed over as the op's result by the forward;
+    /// the backward reads the result instead.
+    o: Handoff,
     q_len: usize,
     scale: f64,
     block: usize,
@@ -1292,39 +1451,12 @@ enum SavedLse {
 
 impl AttentionGrad {
     fn new(o: Tensor, q_len: usize, scale: f64, block: usize, lse: SavedLse) -> Self {
-        AttentionGrad { o: std::sync::Mutex::new(Some(o)), q_len, scale, block, lse }
-    }
-
-    /// The output, taken out of the op (the forward's result holds it from then on).
-    fn take_output(&self) -> CResult<Tensor> {
-        match self.o.lock().ok().and_then(|mut o| o.take()) {
-            Some(o) => Ok(o),
-            None => candle_core::bail!("attention-grad: the forward ran twice"),
-        }
+        AttentionGrad { o: Handoff::new(o), q_len, scale, block, lse }
     }
 }
 
 impl candle_core::CustomOp3 for AttentionGrad {
-    fn name(&self) -> &'static str {
-        "attention-grad"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
-        held_cpu(&self.take_output()?, "attention-grad")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        held_cuda(&self.take_output()?, "attention-grad")
-    }
+    handed_off_forward3!(o, "attention-grad");
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         profile::region("attention bwd", q.device(), || {

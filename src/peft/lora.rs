@@ -123,14 +123,6 @@ impl LoraConfig {
         ]
     }
 
-    /// Whether training takes each adapted projection through one op with its frozen product
-    /// (`ops::lora_linear`): LoRA, and DoRA without dropout (DoRA's dropout needs the frozen
-    /// product of the dropped input apart). What [`LoraLayer`]'s `forward_full` does, and
-    /// what the memory estimate counts.
-    pub fn trains_through_product_op(&self) -> bool {
-        uses_product_op(self.use_dora, self.lora_dropout)
-    }
-
     /// Checks the values; errors name the key.
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
@@ -219,11 +211,6 @@ pub(crate) fn train_product(xs: &Tensor, weight: &FrozenWeight, bias: Option<&Te
     Ok(crate::model::ops::lora_linear(xs, weight, bias, crate::model::ops::LoraPair { a, b, scale, dropout })?)
 }
 
-/// See [`LoraConfig::trains_through_product_op`].
-fn uses_product_op(dora: bool, dropout: f64) -> bool {
-    !dora || dropout == 0.0
-}
-
 /// The seed of adapted layer `index`'s dropout mask in a pass.
 fn dropout_seed(index: u64, ctx: &ForwardCtx) -> u64 {
     ctx.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -304,11 +291,13 @@ impl LinearAdapter for LoraLayer {
             // PEFT's form: base(x) + (g − 1)·(x̃·Wᵀ) + g·s·(x̃·Aᵀ)·Bᵀ with g = m / ‖W + s·B·A‖_row
             // and x̃ = dropout(x) (= x when dropout is off, giving g·(x·Wᵀ + update) + b).
             let g = self.dora_scale(magnitude, weight, ctx)?;
-            if ctx.train && !ctx.generation && uses_product_op(true, self.dropout) {
-                // Without dropout: g·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, g inside LoRA's op (the graph
-                // keeps the scaled output, not the base output and the update's chain).
+            if ctx.train && !ctx.generation {
+                // One node (`ops::lora_linear_scaled`): without dropout g·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ),
+                // g inside LoRA's op; with it, the form above, keeping one (tokens, out)
+                // tensor for g's gradient where the composed form kept seven.
                 let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
-                let out = ops::lora_linear_scaled(xs, weight, ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout: None }, &g)?;
+                let dropout = (self.dropout > 0.0).then(|| (self.dropout, dropout_seed(self.index, ctx)));
+                let out = ops::lora_linear_scaled(xs, weight, ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout }, &g)?;
                 return Ok(match bias {
                     Some(b) => out.broadcast_add(b)?,
                     None => out,
