@@ -38,7 +38,6 @@ Options: --reference-only (PyTorch side alone), --write-results (append to bench
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import random
@@ -305,13 +304,9 @@ def main() -> int:
     if args.write_results:
         v = tb.versions()
         cmd = "bench/cpu_lora_bench.py " + shlex.join(sys.argv[1:])
-        now = datetime.datetime.now().astimezone()
         section = [
-            f"\n## {now:%Y-%m-%d %H:%M %Z} — CPU {'LoRA ' if args.method == 'lora' and not args.dora else ''}training, {shape}",
-            "",
-            f"- machine: {mach['cpu']}, {mach['nproc']} cores (nproc), {mach['mem_gib']} GiB; "
-            f"load average before the run {mach['load_avg'][0]:.2f}",
-            f"- command: `py=$(scripts/pyenv | tail -n1); \"$py\" {cmd}`",
+            *tb.section_head(f"CPU {'LoRA ' if args.method == 'lora' and not args.dora else ''}training, {shape}", mach,
+                             f"py=$(scripts/pyenv | tail -n1); \"$py\" {cmd}"),
             f"- steps: {args.warmup} warm-up + {args.steps} timed; batches {args.batch}x{args.seq} of Alpaca demo text "
             f"(seed {args.seed}); AdamW lr {args.lr:g}, f32, torch threads {ref['threads']}",
             f"- reference: torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, python {v['python']}; "

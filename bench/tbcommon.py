@@ -182,3 +182,18 @@ def git_rev() -> str | None:
         return r.stdout.strip() or None
     except OSError:
         return None
+
+
+def section_head(title: str, mach: dict, command: str) -> list[str]:
+    """The first lines of a dated bench/RESULTS.md section: its title, the machine (as `machine()`
+    found it before the run) and the command that made it."""
+    import datetime
+
+    now = datetime.datetime.now().astimezone()
+    return [
+        f"\n## {now:%Y-%m-%d %H:%M %Z} — {title}",
+        "",
+        f"- machine: {mach['cpu']}, {mach['nproc']} cores (nproc), {mach['mem_gib']} GiB; "
+        f"load average before the run {mach['load_avg'][0]:.2f}",
+        f"- command: `{command}`",
+    ]

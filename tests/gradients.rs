@@ -519,3 +519,28 @@ fn op_checks_pass_on_the_cpu() {
     let worst = |dtype: &str| checks.iter().filter(|c| c.dtype == dtype).map(|c| c.forward.max(c.gradient)).fold(0f64, f64::max);
     assert!(worst("f32") > 0.0 && worst("bf16") > 10.0 * worst("f32"), "f32 {} bf16 {}", worst("f32"), worst("bf16"));
 }
+
+/// The LM head's loss with IA3's scale and BitFit's shift (`ops::linear_cross_entropy_affine_sum`,
+/// its CPU loop summing the scale's and shift's gradients over rows in parallel) gives the same
+/// bits every time: the partial sums come in a fixed block order, not in the order threads end.
+#[test]
+fn affine_head_gradients_are_the_same_bits_every_run() {
+    let (rows, d, vocab) = (200, 32, 3000);
+    let head = randn(&[vocab, d], 41, DType::F32);
+    let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 7919 + 13) % vocab as u32).collect();
+    let run = || {
+        let h = Var::from_tensor(&randn(&[rows, d], 42, DType::F32)).unwrap();
+        let shift = Var::from_tensor(&(randn(&[vocab], 43, DType::F32) * 0.1).unwrap()).unwrap();
+        let scale = Var::from_tensor(&randn(&[vocab, 1], 44, DType::F32).affine(0.2, 1.0).unwrap()).unwrap();
+        let affine = ops::HeadAffine { scale: Some(scale.as_tensor()), shift: Some(shift.as_tensor()) };
+        let loss = ops::linear_cross_entropy_affine_sum(h.as_tensor(), &head, affine, &targets, 128).unwrap();
+        let g = loss.backward().unwrap();
+        let bits = |v: &Var| g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        (bits(&scale), bits(&shift), bits(&h))
+    };
+    let first = run();
+    assert!(first.0.iter().any(|&b| b != 0) && first.1.iter().any(|&b| b != 0), "the scale and the shift get gradients");
+    for _ in 0..8 {
+        assert!(run() == first, "the head's gradients changed between identical runs");
+    }
+}

@@ -610,17 +610,16 @@ impl LoraProduct {
         let zero: Vec<u32> = (0..n as u32).filter(|&j| gv[j as usize] == 0.0).collect();
         // 1/g, with 0 where g is 0 (those columns are filled below).
         let inv: Vec<f32> = gv.iter().map(|&v| if v == 0.0 { 0.0 } else { 1.0 / v }).collect();
-        let (mut dg, dz) = if f32_contiguous(&dy) && f32_contiguous(&y) {
-            // The channel op's backward passes: Σ dY ⊙ y, and dz = dY ⊙ g.
-            let (dg, dz) = cpu_f32s([&dy, &y], |[dy, y]| {
-                let sums = channel_sums(dy, y, n, Channel::Scale);
-                Ok((sums.iter().zip(&inv).map(|(s, i)| s * i).collect::<Vec<f32>>(), channel_rows(dy, &gv, Channel::Scale)))
-            })?;
-            (Tensor::from_vec(dg, n, &Device::Cpu)?, Tensor::from_vec(dz, (m, n), &Device::Cpu)?)
-        } else {
-            let inv = Tensor::from_vec(inv, n, y.device())?.to_dtype(y.dtype())?;
-            ((&dy * &y)?.sum(0)?.mul(&inv)?, dy.broadcast_mul(&g.to_dtype(dy.dtype())?)?)
-        };
+        // (The op takes a column scale only in f32 on the CPU: `lora_linear_scaled`.)
+        if !(f32_contiguous(&dy) && f32_contiguous(&y)) {
+            candle_core::bail!("lora-product: a column scale's gradient needs contiguous f32 on the cpu");
+        }
+        // The channel op's backward passes: Σ dY ⊙ y, and dz = dY ⊙ g.
+        let (dg, dz) = cpu_f32s([&dy, &y], |[dy, y]| {
+            let sums = channel_sums(dy, y, n, Channel::Scale);
+            Ok((sums.iter().zip(&inv).map(|(s, i)| s * i).collect::<Vec<f32>>(), channel_rows(dy, &gv, Channel::Scale)))
+        })?;
+        let (mut dg, dz) = (Tensor::from_vec(dg, n, &Device::Cpu)?, Tensor::from_vec(dz, (m, n), &Device::Cpu)?);
         if !zero.is_empty() {
             let idx = Tensor::from_vec(zero.clone(), zero.len(), y.device())?;
             let (k, w) = (x.dim(D::Minus1)?, self.w.dense(self.dtype)?);
@@ -2143,6 +2142,10 @@ fn affine_carry(loss: Tensor, hs: &Tensor, dh: Tensor, affine: HeadAffine, dscal
 /// kept for `dscale` when the scale trains), and the affine's gradients read from softmax −
 /// onehot as it is rescaled for `dh`: one pass over the chunk, each thread summing its rows
 /// into its own pair of vocabulary-long sums.
+/// Rows per block of the head's scale and shift partial sums (a block's two vocab-long sums
+/// are its memory: 6 MiB for a 256-row chunk at a 49k vocabulary).
+const HEAD_SUM_ROWS: usize = 16;
+
 fn affine_head_loss_cpu(hs: &Tensor, w: &Tensor, affine: HeadAffine, targets: &[u32], chunk: usize) -> CResult<Tensor> {
     let flat = |t: Option<&Tensor>, fill: f64| -> CResult<Tensor> {
         match t {
@@ -2195,19 +2198,22 @@ fn affine_head_loss_cpu(hs: &Tensor, w: &Tensor, affine: HeadAffine, targets: &[
                 Ok(())
             },
             |_, rows, g| {
-                let per = rows.div_ceil(rayon::current_num_threads()).max(1);
                 let y = y.borrow();
                 let y = y.as_slice();
-                let sums = g
-                    .par_chunks_mut(vocab)
+                // Partial sums over fixed blocks of HEAD_SUM_ROWS rows, added in block order:
+                // the same sums whatever the threads do (a work-stealing fold's split points,
+                // and so its rounding, vary from run to run).
+                let block = HEAD_SUM_ROWS * vocab;
+                let parts: Vec<(Vec<f32>, Vec<f32>)> = g[..rows * vocab]
+                    .par_chunks_mut(block)
                     .enumerate()
-                    .with_min_len(per)
-                    .fold(
-                        || (vec![0f32; if want_scale { vocab } else { 0 }], vec![0f32; if want_shift { vocab } else { 0 }]),
-                        |(mut ds, mut db), (i, gr)| {
+                    .map(|(bi, gs)| {
+                        let (mut ds, mut db) = (vec![0f32; if want_scale { vocab } else { 0 }], vec![0f32; if want_shift { vocab } else { 0 }]);
+                        for (i, gr) in gs.chunks_mut(vocab).enumerate() {
                             if want_scale {
                                 // dscale += g ⊙ y, before g is rescaled.
-                                ds.iter_mut().zip(gr.iter()).zip(&y[i * vocab..(i + 1) * vocab]).for_each(|((d, g), y)| *d += g * y);
+                                let at = bi * block + i * vocab;
+                                ds.iter_mut().zip(gr.iter()).zip(&y[at..at + vocab]).for_each(|((d, g), y)| *d += g * y);
                             }
                             if has_scale {
                                 gr.iter_mut().zip(l).for_each(|(g, l)| *g *= l);
@@ -2215,15 +2221,11 @@ fn affine_head_loss_cpu(hs: &Tensor, w: &Tensor, affine: HeadAffine, targets: &[
                             if want_shift {
                                 add(&mut db, gr);
                             }
-                            (ds, db)
-                        },
-                    )
-                    .reduce_with(|(mut ds, mut db), (ds2, db2)| {
-                        add(&mut ds, &ds2);
-                        add(&mut db, &db2);
+                        }
                         (ds, db)
-                    });
-                if let Some((ds, db)) = sums {
+                    })
+                    .collect();
+                for (ds, db) in parts {
                     add(&mut dscale[..ds.len()], &ds);
                     add(&mut dshift[..db.len()], &db);
                 }
