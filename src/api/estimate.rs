@@ -296,7 +296,7 @@ pub fn adapted(c: &LlamaConfig, peft: &PeftConfig) -> Result<Vec<(String, usize,
                 PeftConfig::Lora(l) | PeftConfig::Qlora(l) if !l.use_dora => (l.rank_and_scale(&n).0 * (i + o), l.rank_and_scale(&n).0),
                 // DoRA is one node too (`ops::lora_linear_scaled`): x̃·A (r) and the unscaled
                 // sum (out) its magnitude's gradient reads (with dropout z = x̃·Wᵀ + s·x̃·Aᵀ·Bᵀ;
-                // without, in f32 on the CPU, none: see `dora_in_op`). The 0.3·out of
+                // without, none: see `dora_unscaled_from_output`). The 0.3·out of
                 // gradient temporaries fitted when DoRA composed (bench/RESULTS.md,
                 // 2026-12-02) went with the one-node forms (2026-12-04).
                 PeftConfig::Lora(l) | PeftConfig::Qlora(l) => (l.rank_and_scale(&n).0 * (i + o) + o, l.rank_and_scale(&n).0 + o),
@@ -431,12 +431,10 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
         crate::device::DeviceChoice::Auto => crate::device::CUDA_BUILD,
         crate::device::DeviceChoice::Cpu => false,
     };
-    // DoRA without dropout in f32 on the CPU scales inside LoRA's op (`ops::lora_linear_scaled`):
-    // the unscaled product that `adapted` counts is not kept (read back from the output).
-    let dora_in_op = matches!(&cfg.peft, PeftConfig::Lora(l) | PeftConfig::Qlora(l) if l.use_dora && l.lora_dropout == 0.0)
-        && cfg.train.dtype == crate::train::config::Precision::F32
-        && !on_gpu;
-    if dora_in_op {
+    // DoRA without dropout (`ops::lora_linear_scaled`) reads the unscaled product that
+    // `adapted` counts back from its output (y / g) instead of keeping it.
+    let dora_unscaled_from_output = matches!(&cfg.peft, PeftConfig::Lora(l) | PeftConfig::Qlora(l) if l.use_dora && l.lora_dropout == 0.0);
+    if dora_unscaled_from_output {
         adapter_floats -= ad.iter().filter(|a| a.0.starts_with("model.layers.0.")).map(|a| a.2 as f64).sum::<f64>();
     }
     if prefix {

@@ -652,30 +652,30 @@ pub fn lora_linear(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, 
 /// `xs·Wᵀ + (g − 1) ⊙ (x̃·Wᵀ) + g ⊙ s·(x̃·Aᵀ)·Bᵀ`, x̃ = dropout(xs). Without dropout that is
 /// `g ⊙ (xs·Wᵀ + s·(xs·Aᵀ)·Bᵀ)`: on the CPU in f32 one [`lora_linear`] op with `g` as an extra
 /// column of B, whose backward reads the unscaled product from the op's output (`y / g`), so
-/// the graph keeps no (tokens, out) tensor beyond the output, where [`channel_scale`] over
-/// [`lora_linear`] (elsewhere) keeps the unscaled product too. With dropout: one node
-/// ([`DoraDropoutProduct`]) on every device and dtype.
+/// the graph keeps no (tokens, out) tensor beyond the output. Elsewhere, and with dropout, one
+/// node of its own on tensor ops ([`DoraProduct`]), on every device and dtype.
 pub fn lora_linear_scaled(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, g: &Tensor) -> CResult<Tensor> {
-    if let Some(dropout) = pair.dropout {
-        return profile::region("dora dropout fwd", xs.device(), || dora_dropout_product(xs, w, pair, dropout, g));
-    }
     let n = pair.b.dim(0)?;
     let fits = g.elem_count() == n && g.dtype() == DType::F32 && pair.b.dtype() == DType::F32 && pair.a.dtype() == DType::F32;
     if !(fits && use_fused(xs) && pair.dropout.is_none()) {
-        return channel_scale(&lora_linear(xs, w, None, pair)?, g);
+        return profile::region("dora product fwd", xs.device(), || dora_product(xs, w, pair, g));
     }
     let bg = Tensor::cat(&[pair.b, &g.reshape((n, 1))?], 1)?;
     lora_product(xs, w, None, LoraPair { b: &bg, ..pair }, true)
 }
 
-/// DoRA with dropout as one node: `y = (x − x̃)·Wᵀ + g ⊙ z` with `z = x̃·Wᵀ + s·(x̃·Aᵀ)·Bᵀ`
-/// (PEFT's `x·Wᵀ + (g − 1) ⊙ (x̃·Wᵀ) + g ⊙ s·(x̃·Aᵀ)·Bᵀ` regrouped), computed outside the graph.
-/// Its operands are x, A and B with g as its last column; it keeps x̃·Aᵀ (tokens, r) and z
-/// (tokens, out), g's gradient being `Σ_tokens dY ⊙ z`, and draws x̃ again from the seed. With
-/// `dZ = dY ⊙ g`: `dX = dY·W + dropout((dZ − dY)·W + s·(dZ·B)·A)`, `dA = (s·dZ·B)ᵀ·x̃`,
-/// `dB = s·dZᵀ·(x̃·Aᵀ)`. Composed, the graph kept seven (tokens, out) tensors per projection
-/// (x̃·Wᵀ, its scaling by g − 1, the update before and after s and g, two sums) and x̃.
-struct DoraDropoutProduct {
+/// DoRA's product as one node on tensor ops ([`lora_linear_scaled`] off the CPU's f32 path,
+/// and with dropout): `y = (x − x̃)·Wᵀ + g ⊙ z` with `z = x̃·Wᵀ + s·(x̃·Aᵀ)·Bᵀ` (PEFT's
+/// `x·Wᵀ + (g − 1) ⊙ (x̃·Wᵀ) + g ⊙ s·(x̃·Aᵀ)·Bᵀ` regrouped; without dropout x̃ = x and y = g ⊙ z),
+/// computed outside the graph. Its operands are x, A and B with g as its last column; it keeps
+/// x̃·Aᵀ (tokens, r), and with dropout z (tokens, out) for g's gradient `Σ_tokens dY ⊙ z`
+/// (without, z is read back from the output as y / g, and computed again for any column
+/// whose g is 0); x̃ is drawn again from the seed. With `dZ = dY ⊙ g`:
+/// `dX = dY·W + dropout((dZ − dY)·W + s·(dZ·B)·A)` (without dropout `dZ·W + s·(dZ·B)·A`),
+/// `dA = (s·dZ·B)ᵀ·x̃`, `dB = s·dZᵀ·(x̃·Aᵀ)`. Composed, the graph kept seven (tokens, out)
+/// tensors per projection with dropout (x̃·Wᵀ, its scaling by g − 1, the update before and
+/// after s and g, two sums) and x̃, and the unscaled product without.
+struct DoraProduct {
     /// (out, in).
     w: Held,
     /// The dtype the products run in: f32 for 16-bit CPU operands (gemm's f32 kernels, as in
@@ -683,12 +683,12 @@ struct DoraDropoutProduct {
     work: DType,
     /// x̃·Aᵀ, (tokens, r), in `work`.
     xa: Tensor,
-    /// z, (tokens, out), in the activations' dtype.
-    z: Tensor,
+    /// With dropout, z (tokens, out) in the activations' dtype.
+    z: Option<Tensor>,
     /// The forward's result.
     out: Handoff,
     scale: f64,
-    dropout: (f64, u64),
+    dropout: Option<(f64, u64)>,
 }
 
 /// `t` in `work` (f32 copies of 16-bit CPU tensors).
@@ -700,7 +700,7 @@ fn in_work(t: &Tensor, work: DType) -> CResult<Tensor> {
     }
 }
 
-fn dora_dropout_product(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, dropout: (f64, u64), g: &Tensor) -> CResult<Tensor> {
+fn dora_product(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, g: &Tensor) -> CResult<Tensor> {
     let x = xs.contiguous()?;
     let k = x.dims().last().copied().unwrap_or(0);
     let m = if k == 0 { 0 } else { x.elem_count() / k };
@@ -710,27 +710,31 @@ fn dora_dropout_product(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, dr
     let held = Held::of(w);
     let wt = held.dense(work)?.t()?;
     let x2 = in_work(&x.detach().reshape((m, k))?, work)?;
-    let xd = dropped(&x2, Some(dropout))?;
+    let xd = dropped(&x2, pair.dropout)?;
     let xa = xd.matmul(&in_work(&pair.a.detach(), work)?.t()?)?;
     let update = (xa.matmul(&in_work(&pair.b.detach(), work)?.t()?)? * pair.scale)?;
     let z = (xd.matmul(&wt)? + update)?;
-    let out = ((x2 - xd)?.matmul(&wt)? + z.broadcast_mul(&in_work(&g.detach(), work)?)?)?;
+    let scaled = z.broadcast_mul(&in_work(&g.detach(), work)?)?;
+    let (out, z) = match pair.dropout {
+        Some(_) => (((x2 - xd)?.matmul(&wt)? + scaled)?, Some(narrowed(&z, dtype)?)),
+        None => (scaled, None),
+    };
     let out = narrowed(&out, dtype)?.reshape(out_shape(x.layout(), n))?;
     let bg = Tensor::cat(&[pair.b, &g.to_dtype(pair.b.dtype())?.reshape((n, 1))?], 1)?;
-    let op = DoraDropoutProduct { w: held, work, xa, z: narrowed(&z, dtype)?, out: Handoff::new(out), scale: pair.scale, dropout };
+    let op = DoraProduct { w: held, work, xa, z, out: Handoff::new(out), scale: pair.scale, dropout: pair.dropout };
     x.apply_op3(&pair.a.contiguous()?, &bg, op)
 }
 
-impl candle_core::CustomOp3 for DoraDropoutProduct {
-    handed_off_forward3!(out, "dora-dropout-product");
+impl candle_core::CustomOp3 for DoraProduct {
+    handed_off_forward3!(out, "dora-product");
 
-    fn bwd(&self, x: &Tensor, a: &Tensor, bg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        profile::region("dora dropout bwd", grad.device(), || self.grads(x, a, bg, grad))
+    fn bwd(&self, x: &Tensor, a: &Tensor, bg: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        profile::region("dora product bwd", grad.device(), || self.grads(x, a, bg, res, grad))
     }
 }
 
-impl DoraDropoutProduct {
-    fn grads(&self, x: &Tensor, a: &Tensor, bg: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+impl DoraProduct {
+    fn grads(&self, x: &Tensor, a: &Tensor, bg: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (work, s) = (self.work, self.scale);
         let (n, cols) = bg.dims2()?;
         let r = cols - 1;
@@ -738,22 +742,56 @@ impl DoraDropoutProduct {
         let m = grad.elem_count() / n.max(1);
         let dy = in_work(&grad.detach().contiguous()?.reshape((m, n))?, work)?;
         let bgw = in_work(&bg.detach(), work)?;
-        let (b, g) = (bgw.narrow(1, 0, r)?, bgw.narrow(1, r, 1)?.squeeze(1)?);
-        let dg = (&dy * in_work(&self.z, work)?)?.sum(0)?;
+        let (b, g) = (bgw.narrow(1, 0, r)?.contiguous()?, bgw.narrow(1, r, 1)?.squeeze(1)?.contiguous()?);
+        let aw = in_work(&a.detach(), work)?;
+        let x2 = in_work(&x.detach().reshape((m, k))?, work)?;
+        let dg = match &self.z {
+            Some(z) => (&dy * in_work(z, work)?)?.sum(0)?,
+            None => self.scale_grad_from_output(&dy, res, &g, &x2, &b)?,
+        };
         let dz = dy.broadcast_mul(&g)?;
         // s·dZ·B, (tokens, r): the update's input side.
         let dxa = (dz.matmul(&b)? * s)?;
         let db = (dz.t()?.matmul(&self.xa)? * s)?;
-        let da = dxa.t()?.matmul(&dropped(&in_work(&x.detach().reshape((m, k))?, work)?, Some(self.dropout))?)?;
+        let da = dxa.t()?.matmul(&dropped(&x2, self.dropout)?)?;
         let dx = if x.track_op() {
             let w = self.w.dense(work)?;
-            let inner = ((dz - &dy)?.matmul(&w)? + dxa.matmul(&in_work(&a.detach(), work)?)?)?;
-            Some((dy.matmul(&w)? + dropped(&inner, Some(self.dropout))?)?.reshape(x.dims())?)
+            let dx = match self.dropout {
+                Some(d) => (dy.matmul(&w)? + dropped(&((dz - &dy)?.matmul(&w)? + dxa.matmul(&aw)?)?, Some(d))?)?,
+                None => (dz.matmul(&w)? + dxa.matmul(&aw)?)?,
+            };
+            Some(dx.reshape(x.dims())?)
         } else {
             None
         };
         let dbg = Tensor::cat(&[&db, &dg.unsqueeze(1)?], 1)?;
         Ok((dx.map(|t| narrowed(&t, x.dtype())).transpose()?, Some(narrowed(&da, a.dtype())?), Some(narrowed(&dbg, bg.dtype())?)))
+    }
+
+    /// Without dropout, g's gradient `Σ_tokens dY ⊙ z` from the output `y = g ⊙ z`: `(Σ dY ⊙ y) / g`,
+    /// and for a column whose g is 0 (its y all zeros) from z computed again,
+    /// `x·W_jᵀ + s·(x·Aᵀ)·B_jᵀ`. All in `work`; `x2` is the input as (tokens, in).
+    fn scale_grad_from_output(&self, dy: &Tensor, res: &Tensor, g: &Tensor, x2: &Tensor, b: &Tensor) -> CResult<Tensor> {
+        let (m, n) = dy.dims2()?;
+        let y = in_work(&res.detach().contiguous()?.reshape((m, n))?, self.work)?;
+        // (In f64: exact for every dtype g comes in.)
+        let gv = g.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let inv: Vec<f64> = gv.iter().map(|&v| if v == 0.0 { 0.0 } else { 1.0 / v }).collect();
+        let inv = Tensor::from_vec(inv, n, &Device::Cpu)?.to_dtype(self.work)?.to_device(dy.device())?;
+        let dg = (dy * y)?.sum(0)?.mul(&inv)?;
+        let zero: Vec<u32> = (0..n as u32).filter(|&j| gv[j as usize] == 0.0).collect();
+        if zero.is_empty() {
+            return Ok(dg);
+        }
+        let idx = Tensor::from_vec(zero.clone(), zero.len(), &Device::Cpu)?.to_device(dy.device())?;
+        let w = self.w.dense(self.work)?;
+        let z = (x2.matmul(&w.index_select(&idx, 0)?.t()?)? + (self.xa.matmul(&b.index_select(&idx, 0)?.t()?)? * self.scale)?)?;
+        let dg_zero = (dy.index_select(&idx, 1)? * z)?.sum(0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let mut all = dg.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        for (j, v) in zero.iter().zip(dg_zero) {
+            all[*j as usize] = v;
+        }
+        Tensor::from_vec(all, n, &Device::Cpu)?.to_dtype(self.work)?.to_device(dy.device())
     }
 }
 

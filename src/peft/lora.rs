@@ -293,8 +293,8 @@ impl LinearAdapter for LoraLayer {
             let g = self.dora_scale(magnitude, weight, ctx)?;
             if ctx.train && !ctx.generation {
                 // One node (`ops::lora_linear_scaled`): without dropout g·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ),
-                // g inside LoRA's op; with it, the form above, keeping one (tokens, out)
-                // tensor for g's gradient where the composed form kept seven.
+                // the unscaled sum read back from the output; with it, the form above, keeping
+                // one (tokens, out) tensor for g's gradient where the composed form kept seven.
                 let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
                 let dropout = (self.dropout > 0.0).then(|| (self.dropout, dropout_seed(self.index, ctx)));
                 let out = ops::lora_linear_scaled(xs, weight, ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout }, &g)?;
