@@ -746,7 +746,7 @@ impl DoraProduct {
         let aw = in_work(&a.detach(), work)?;
         let x2 = in_work(&x.detach().reshape((m, k))?, work)?;
         let dg = match &self.z {
-            Some(z) => (&dy * in_work(z, work)?)?.sum(0)?,
+            Some(z) => column_sums(&(&dy * in_work(z, work)?)?)?,
             None => self.scale_grad_from_output(&dy, res, &g, &x2, &b)?,
         };
         let dz = dy.broadcast_mul(&g)?;
@@ -778,7 +778,7 @@ impl DoraProduct {
         let gv = g.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let inv: Vec<f64> = gv.iter().map(|&v| if v == 0.0 { 0.0 } else { 1.0 / v }).collect();
         let inv = Tensor::from_vec(inv, n, &Device::Cpu)?.to_dtype(self.work)?.to_device(dy.device())?;
-        let dg = (dy * y)?.sum(0)?.mul(&inv)?;
+        let dg = column_sums(&(dy * y)?)?.mul(&inv)?;
         let zero: Vec<u32> = (0..n as u32).filter(|&j| gv[j as usize] == 0.0).collect();
         if zero.is_empty() {
             return Ok(dg);
@@ -786,12 +786,21 @@ impl DoraProduct {
         let idx = Tensor::from_vec(zero.clone(), zero.len(), &Device::Cpu)?.to_device(dy.device())?;
         let w = self.w.dense(self.work)?;
         let z = (x2.matmul(&w.index_select(&idx, 0)?.t()?)? + (self.xa.matmul(&b.index_select(&idx, 0)?.t()?)? * self.scale)?)?;
-        let dg_zero = (dy.index_select(&idx, 1)? * z)?.sum(0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let dg_zero = column_sums(&(dy.index_select(&idx, 1)? * z)?)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let mut all = dg.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         for (j, v) in zero.iter().zip(dg_zero) {
             all[*j as usize] = v;
         }
         Tensor::from_vec(all, n, &Device::Cpu)?.to_dtype(self.work)?.to_device(dy.device())
+    }
+}
+
+/// A (tokens, n) matrix's column sums in its dtype, accumulated in f32 for 16-bit ones (a
+/// GPU's bf16 sum over thousands of tokens would round at every step).
+fn column_sums(t: &Tensor) -> CResult<Tensor> {
+    match t.dtype() {
+        DType::BF16 | DType::F16 => t.to_dtype(DType::F32)?.sum(0)?.to_dtype(t.dtype()),
+        _ => t.sum(0),
     }
 }
 
