@@ -621,16 +621,8 @@ impl LoraProduct {
         })?;
         let (mut dg, dz) = (Tensor::from_vec(dg, n, &Device::Cpu)?, Tensor::from_vec(dz, (m, n), &Device::Cpu)?);
         if !zero.is_empty() {
-            let idx = Tensor::from_vec(zero.clone(), zero.len(), y.device())?;
-            let (k, w) = (x.dim(D::Minus1)?, self.w.dense(self.dtype)?);
-            let x2 = x.detach().reshape((m, k))?;
-            let z = (x2.matmul(&w.index_select(&idx, 0)?.t()?)? + (self.xa.to_dtype(y.dtype())?.matmul(&b.index_select(&idx, 0)?.t()?)? * self.scale)?)?;
-            let dg_zero = (dy.index_select(&idx, 1)? * z)?.sum(0)?;
-            let mut all = dg.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            for (j, v) in zero.iter().zip(dg_zero.to_dtype(DType::F32)?.to_vec1::<f32>()?) {
-                all[*j as usize] = v;
-            }
-            dg = Tensor::from_vec(all, n, y.device())?.to_dtype(y.dtype())?;
+            let x2 = x.detach().reshape((m, x.dim(D::Minus1)?))?;
+            dg = scale_grad_at_zero_g(dg, &zero, &dy, &x2, &self.w.dense(self.dtype)?, &self.xa.to_dtype(y.dtype())?, &b, self.scale)?;
         }
         Ok((dz.reshape(grad.shape())?, b, dg))
     }
@@ -783,16 +775,27 @@ impl DoraProduct {
         if zero.is_empty() {
             return Ok(dg);
         }
-        let idx = Tensor::from_vec(zero.clone(), zero.len(), &Device::Cpu)?.to_device(dy.device())?;
-        let w = self.w.dense(self.work)?;
-        let z = (x2.matmul(&w.index_select(&idx, 0)?.t()?)? + (self.xa.matmul(&b.index_select(&idx, 0)?.t()?)? * self.scale)?)?;
-        let dg_zero = column_sums(&(dy.index_select(&idx, 1)? * z)?)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        let mut all = dg.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        for (j, v) in zero.iter().zip(dg_zero) {
-            all[*j as usize] = v;
-        }
-        Tensor::from_vec(all, n, &Device::Cpu)?.to_dtype(self.work)?.to_device(dy.device())
+        scale_grad_at_zero_g(dg, &zero, dy, x2, &self.w.dense(self.work)?, &self.xa, b, self.scale)
     }
+}
+
+/// A column scale g's gradient where g is 0 (the output's column is all zeros there, so y / g
+/// cannot give the unscaled product z): `Σ_tokens dY_j ⊙ z_j` with `z_j = x·W_jᵀ + s·(x·Aᵀ)·B_jᵀ`
+/// computed again for the `zero` columns only, written into `dg` (n,) there. `x2` is the input
+/// as (tokens, in), `xa` x·Aᵀ; all in one dtype on one device. Both readers of z from the
+/// output take it: [`LoraProduct`]'s column scale and [`DoraProduct`].
+#[allow(clippy::too_many_arguments)]
+fn scale_grad_at_zero_g(dg: Tensor, zero: &[u32], dy: &Tensor, x2: &Tensor, w: &Tensor, xa: &Tensor, b: &Tensor, scale: f64) -> CResult<Tensor> {
+    let dev = dy.device();
+    let idx = Tensor::from_vec(zero.to_vec(), zero.len(), &Device::Cpu)?.to_device(dev)?;
+    let z = (x2.matmul(&w.index_select(&idx, 0)?.t()?)? + (xa.matmul(&b.index_select(&idx, 0)?.t()?)? * scale)?)?;
+    let dg_zero = column_sums(&(dy.index_select(&idx, 1)? * z)?)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let mut all = dg.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    for (j, v) in zero.iter().zip(dg_zero) {
+        all[*j as usize] = v;
+    }
+    let n = all.len();
+    Tensor::from_vec(all, n, &Device::Cpu)?.to_dtype(dg.dtype())?.to_device(dev)
 }
 
 /// A (tokens, n) matrix's column sums in its dtype, accumulated in f32 for 16-bit ones (a
