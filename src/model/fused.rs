@@ -652,8 +652,11 @@ pub fn dropout(xs: &Tensor, p: f64, seed: u64) -> CResult<Tensor> {
 
 /// Moves values between (b, s, heads·hd) rows and per-head (b, heads, s, hd) blocks, rotating
 /// each head row by RoPE (`table`: (s, hd) f32, each position's hd/2 cosines then hd/2 sines)
-/// by +θ on the way into the heads and by −θ on the way out (the backward).
-struct Heads {
+/// by +θ on the way into the heads and by −θ on the way out (the backward). Besides its own
+/// graph node ([`split_heads`]) it is the last step of a projection's op
+/// (`ops::HeadSplit`), whose backward starts with [`Heads::reversed`].
+#[derive(Clone)]
+pub(crate) struct Heads {
     heads: usize,
     groups: usize,
     s: usize,
@@ -663,6 +666,31 @@ struct Heads {
 }
 
 impl Heads {
+    /// The move of a projection's output, (b, s, heads·hd) for `s` positions and `width` =
+    /// heads·hd features, into per-head blocks (b, groups, heads/groups·s, hd), rotated by RoPE
+    /// when `rope` holds (cos, sin), (s, hd/2); its table goes to `device`.
+    pub(crate) fn split(s: usize, width: usize, heads: usize, groups: usize, rope: Option<(&Tensor, &Tensor)>, device: &candle_core::Device) -> CResult<Heads> {
+        if heads == 0 || groups == 0 || width % heads != 0 || heads % groups != 0 || (rope.is_some() && (width / heads) % 2 != 0) {
+            candle_core::bail!("fused-split-heads: {width} features do not split into {heads} heads in {groups} groups (of even size for RoPE)");
+        }
+        let hd = width / heads;
+        let table = match rope {
+            Some((cos, sin)) => {
+                if cos.dims() != [s, hd / 2] || sin.dims() != [s, hd / 2] {
+                    candle_core::bail!("fused-split-heads: RoPE tables {:?}, {:?} for {s} positions of head size {hd}", cos.dims(), sin.dims());
+                }
+                Some(Tensor::cat(&[cos, sin], 1)?.to_dtype(DType::F32)?.to_device(device)?.contiguous()?)
+            }
+            None => None,
+        };
+        Ok(Heads { heads, groups, s, hd, table, into_heads: true })
+    }
+
+    /// The move the other way (the backward's).
+    pub(crate) fn reversed(&self) -> Heads {
+        Heads { table: self.table.clone(), into_heads: !self.into_heads, ..*self }
+    }
+
     fn name(&self) -> &'static str {
         if self.into_heads { "fused-split-heads" } else { "fused-merge-heads" }
     }
@@ -750,8 +778,7 @@ impl CustomOp1 for Heads {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         profile::region("split heads bwd", grad.device(), || {
-            let back = Heads { table: self.table.clone(), into_heads: !self.into_heads, ..*self };
-            Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
+            Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&self.reversed())?))
         })
     }
 }
@@ -763,20 +790,7 @@ impl CustomOp1 for Heads {
 /// one pass each way.
 pub fn split_heads(x: &Tensor, heads: usize, groups: usize, rope: Option<(&Tensor, &Tensor)>) -> CResult<Tensor> {
     let (_, s, width) = x.dims3()?;
-    if heads == 0 || groups == 0 || width % heads != 0 || heads % groups != 0 || (rope.is_some() && (width / heads) % 2 != 0) {
-        candle_core::bail!("fused-split-heads: {width} features do not split into {heads} heads in {groups} groups (of even size for RoPE)");
-    }
-    let hd = width / heads;
-    let table = match rope {
-        Some((cos, sin)) => {
-            if cos.dims() != [s, hd / 2] || sin.dims() != [s, hd / 2] {
-                candle_core::bail!("fused-split-heads: RoPE tables {:?}, {:?} for {s} positions of head size {hd}", cos.dims(), sin.dims());
-            }
-            Some(Tensor::cat(&[cos, sin], 1)?.to_dtype(DType::F32)?.to_device(x.device())?.contiguous()?)
-        }
-        None => None,
-    };
-    x.contiguous()?.apply_op1(Heads { heads, groups, s, hd, table, into_heads: true })
+    x.contiguous()?.apply_op1(Heads::split(s, width, heads, groups, rope, x.device())?)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -172,6 +172,12 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     fn forward_full(&self, _xs: &Tensor, _weight: &FrozenWeight, _bias: Option<&Tensor>, _ctx: &ForwardCtx) -> Option<Result<Tensor>> {
         None
     }
+    /// The whole layer's output laid out per head (`split` of it; [`Linear::forward_heads`]),
+    /// where the method's op can do the move itself. `None` (the default) = the layer's
+    /// output, then [`ops::split_heads`].
+    fn forward_full_heads(&self, _xs: &Tensor, _weight: &FrozenWeight, _bias: Option<&Tensor>, _ctx: &ForwardCtx, _split: ops::HeadSplit) -> Option<Result<Tensor>> {
+        None
+    }
     /// The weight that replaces the frozen one wholesale while training (full fine-tuning,
     /// without a bias), tracked for its gradient: an LM head with one trains through the
     /// chunked loss ([`super::ops::linear_cross_entropy_trained_sum`]) instead of keeping every
@@ -289,14 +295,7 @@ impl Linear {
     /// (autocast's behaviour: no f32 copies of activations), from f32 trainable tensors cast
     /// for the pass ([`ForwardCtx::compute_dtype`]).
     pub fn forward(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let mixed;
-        let ctx = match xs.dtype() {
-            DType::BF16 | DType::F16 if self.adapter.is_some() => {
-                mixed = ForwardCtx { compute_dtype: Some(xs.dtype()), ..*ctx };
-                &mixed
-            }
-            _ => ctx,
-        };
+        let ctx = &self.pass_ctx(xs, ctx);
         if let Some(a) = &self.adapter {
             if let Some(y) = a.forward_full(xs, &self.weight, self.bias.as_ref(), ctx) {
                 return y;
@@ -310,5 +309,35 @@ impl Linear {
             Some(a) => super::profile::region("adapter fwd", xs.device(), || a.forward(xs, y, &self.weight, ctx)),
             None => Ok(y),
         }
+    }
+
+    /// The pass's context for this layer: with half-precision activations an adapter computes
+    /// in their dtype.
+    fn pass_ctx(&self, xs: &Tensor, ctx: &ForwardCtx) -> ForwardCtx {
+        match xs.dtype() {
+            DType::BF16 | DType::F16 if self.adapter.is_some() => ForwardCtx { compute_dtype: Some(xs.dtype()), ..*ctx },
+            _ => *ctx,
+        }
+    }
+
+    /// `split` of [`forward`](Self::forward) (q, k and v per head, `xs` (b, s, in)). In
+    /// training the move into heads is the last step of the projection's own op where it can
+    /// be — the frozen product's ([`ops::frozen_linear_heads`]) and LoRA's
+    /// ([`LinearAdapter::forward_full_heads`]) — so the graph never holds the projection's
+    /// output beside its per-head copy.
+    pub fn forward_heads(&self, xs: &Tensor, ctx: &ForwardCtx, split: ops::HeadSplit) -> Result<Tensor> {
+        if !ctx.generation {
+            let ctx = &self.pass_ctx(xs, ctx);
+            match &self.adapter {
+                Some(a) => {
+                    if let Some(y) = a.forward_full_heads(xs, &self.weight, self.bias.as_ref(), ctx, split) {
+                        return y;
+                    }
+                }
+                None if xs.track_op() => return Ok(ops::frozen_linear_heads(xs, &self.weight, self.bias.as_ref(), split)?),
+                None => {}
+            }
+        }
+        Ok(split.apply(&self.forward(xs, ctx)?)?)
     }
 }

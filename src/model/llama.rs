@@ -191,9 +191,10 @@ impl Attention {
         // Per head, rotated: q as (b, nkv, rep·s, hd), the nh/nkv query heads sharing a KV head
         // stacked along the row axis (grouped-query attention without copying K/V); k and v as
         // (b, nkv, s, hd).
-        let q = ops::split_heads(&self.q_proj.forward(xs, ctx)?, nh, nkv, Some((cos, sin)))?;
-        let mut k = ops::split_heads(&self.k_proj.forward(xs, ctx)?, nkv, nkv, Some((cos, sin)))?;
-        let mut v = ops::split_heads(&self.v_proj.forward(xs, ctx)?, nkv, nkv, None)?;
+        let rope = Some((cos, sin));
+        let q = self.q_proj.forward_heads(xs, ctx, ops::HeadSplit { heads: nh, groups: nkv, rope })?;
+        let mut k = self.k_proj.forward_heads(xs, ctx, ops::HeadSplit { heads: nkv, groups: nkv, rope })?;
+        let mut v = self.v_proj.forward_heads(xs, ctx, ops::HeadSplit { heads: nkv, groups: nkv, rope: None })?;
         if let Some((pk, pv)) = prefix {
             let n = pk.dim(1)?;
             let pk = pk.to_dtype(k.dtype())?.unsqueeze(0)?.broadcast_as((b, nkv, n, hd))?.contiguous()?;

@@ -210,7 +210,13 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
             &|t| t[0].broadcast_matmul(&t[1].t()?),
         )?);
         // LoRA beside the frozen product (one op, its backward ours), with and without dropout
-        // on the update's input, the weight dense and as Q4_1 blocks (QLoRA).
+        // on the update's input, the weight dense and as Q4_1 blocks (QLoRA). DoRA's product:
+        // without dropout its magnitude scale g inside LoRA's op, the unscaled product read
+        // back from the output; with dropout (PEFT's form, the base product not dropped) its
+        // own node. One g_j is 0 (without dropout, that column's gradient is computed again
+        // from the operands). Then the projections whose op ends by moving its output into
+        // per-head blocks (q with RoPE in 4 heads of 12 in 2 groups, v in 4 groups without),
+        // against the product followed by the composed split.
         {
             use super::FrozenWeight;
             let w = random(&[48, 64], 15)?;
@@ -220,66 +226,100 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
             let q = if device.is_cpu() { q } else { candle_core::quantized::QTensor::quantize_onto(&w32, candle_core::quantized::GgmlDType::Q4_1, device)? };
             let blocks = FrozenWeight::quantized(q)?;
             let bias = random(&[48], 19)?;
+            let mut g = random(&[48], 34)?.affine(0.5, 1.0)?.to_vec1::<f64>()?;
+            g[5] = 0.0;
+            let g = Tensor::from_vec(g, 48, &Device::Cpu)?;
+            // The weight on the op's device in its dtype, or the blocks; and the reference's.
+            let weight_for = |held: Option<&FrozenWeight>, like: &Tensor| -> candle_core::Result<FrozenWeight> {
+                Ok(match held {
+                    Some(b) => b.clone(),
+                    None => FrozenWeight::Dense(w.to_dtype(like.dtype())?.to_device(like.device())?),
+                })
+            };
+            let reference_of = |held: Option<&FrozenWeight>| if held.is_some() { &q_dense } else { &w };
+            let on = |t: &Tensor, like: &Tensor| t.to_dtype(like.dtype())?.to_device(like.device());
             for (case, dropout, held, with_bias) in [
                 ("dense", None, None, false),
                 ("dense + bias, dropout 0.25", Some((0.25, 77)), None, true),
                 ("Q4_1 blocks, dropout 0.25", Some((0.25, 78)), Some(&blocks), false),
             ] {
-                let reference_w = if held.is_some() { &q_dense } else { &w };
                 out.push(check(
                     &format!("lora_linear {case}"),
                     device,
                     dtype,
                     &[random(&[3, 5, 64], 16)?, random(&[8, 64], 17)?, random(&[48, 8], 18)?],
                     &|t| {
-                        let dense;
-                        let weight = match held {
-                            Some(b) => b,
-                            None => {
-                                dense = FrozenWeight::Dense(w.to_dtype(t[0].dtype())?.to_device(t[0].device())?);
-                                &dense
-                            }
-                        };
-                        let b = if with_bias { Some(bias.to_dtype(t[0].dtype())?.to_device(t[0].device())?) } else { None };
-                        ops::lora_linear(&t[0], weight, b.as_ref(), ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout })
+                        let b = if with_bias { Some(on(&bias, &t[0])?) } else { None };
+                        ops::lora_linear(&t[0], &weight_for(held, &t[0])?, b.as_ref(), ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout })
                     },
-                    &|t| ops::lora_linear_composed(&t[0], reference_w, with_bias.then_some(&bias), ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }),
+                    &|t| ops::lora_linear_composed(&t[0], reference_of(held), with_bias.then_some(&bias), ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }),
                 )?);
             }
-        }
-        // DoRA's product: without dropout its magnitude scale g inside LoRA's op, the unscaled
-        // product read back from the output; with dropout (PEFT's form, the base product not
-        // dropped) its own node, the weight dense and as Q4_1 blocks. One g_j is 0 (without
-        // dropout, that column's gradient is computed again from the operands).
-        {
-            let w = random(&[48, 64], 15)?;
-            let w32 = w.to_dtype(DType::F32)?;
-            let q = candle_core::quantized::QTensor::quantize(&w32, candle_core::quantized::GgmlDType::Q4_1)?;
-            let q_dense = q.dequantize(&Device::Cpu)?.to_dtype(DType::F64)?;
-            let q = if device.is_cpu() { q } else { candle_core::quantized::QTensor::quantize_onto(&w32, candle_core::quantized::GgmlDType::Q4_1, device)? };
-            let blocks = super::FrozenWeight::quantized(q)?;
-            let mut g = random(&[48], 34)?.affine(0.5, 1.0)?.to_vec1::<f64>()?;
-            g[5] = 0.0;
-            let g = Tensor::from_vec(g, 48, &Device::Cpu)?;
             for (case, dropout, held) in [("", None, None), (" dropout 0.25", Some((0.25, 79)), None), (" Q4_1 blocks, dropout 0.25", Some((0.25, 80)), Some(&blocks))] {
-                let reference_w = if held.is_some() { &q_dense } else { &w };
                 out.push(check(
                     &format!("lora_linear_scaled{case}"),
                     device,
                     dtype,
                     &[random(&[3, 5, 64], 16)?, random(&[8, 64], 17)?, random(&[48, 8], 18)?, g.clone()],
+                    &|t| ops::lora_linear_scaled(&t[0], &weight_for(held, &t[0])?, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }, &t[3]),
+                    &|t| ops::lora_linear_scaled_composed(&t[0], reference_of(held), ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }, &t[3]),
+                )?);
+            }
+            // RoPE's tables as a rotation (cos² + sin² = 1): DoRA's backward reads its output
+            // back through the move the other way, the rotation's transpose.
+            let angles = (random(&[7, 6], 37)? * std::f64::consts::PI)?;
+            let (cos, sin) = (angles.cos()?, angles.sin()?);
+            // (heads, groups, RoPE): q's split and v's.
+            for (heads, groups, rotated) in [(4, 2, true), (4, 4, false)] {
+                let split_on = |like: &Tensor| -> candle_core::Result<(Tensor, Tensor)> { Ok((cos.to_dtype(DType::F32)?.to_device(like.device())?, sin.to_dtype(DType::F32)?.to_device(like.device())?)) };
+                let split_ref = |y: &Tensor| ops::split_heads_composed(y, heads, groups, rotated.then_some((&cos, &sin)));
+                let shape = format!("{heads} heads in {groups} groups{}", if rotated { ", RoPE" } else { "" });
+                let held = if rotated { None } else { Some(&blocks) };
+                let weight = if rotated { "dense + bias" } else { "Q4_1 blocks" };
+                let x = random(&[2, 7, 64], 39)?;
+                out.push(check(
+                    &format!("frozen_linear_heads {weight}, {shape}"),
+                    device,
+                    dtype,
+                    std::slice::from_ref(&x),
                     &|t| {
-                        let dense;
-                        let weight = match held {
-                            Some(b) => b,
-                            None => {
-                                dense = super::FrozenWeight::Dense(w.to_dtype(t[0].dtype())?.to_device(t[0].device())?);
-                                &dense
-                            }
-                        };
-                        ops::lora_linear_scaled(&t[0], weight, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }, &t[3])
+                        let (c, s) = split_on(&t[0])?;
+                        let b = if rotated { Some(on(&bias, &t[0])?) } else { None };
+                        ops::frozen_linear_heads(&t[0], &weight_for(held, &t[0])?, b.as_ref(), ops::HeadSplit { heads, groups, rope: rotated.then_some((&c, &s)) })
                     },
-                    &|t| ops::lora_linear_scaled_composed(&t[0], reference_w, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }, &t[3]),
+                    &|t| {
+                        let y = t[0].broadcast_matmul(&reference_of(held).t()?)?;
+                        split_ref(&if rotated { y.broadcast_add(&bias)? } else { y })
+                    },
+                )?);
+                let dropout = Some((0.25, 81));
+                out.push(check(
+                    &format!("lora_linear_heads {weight}, dropout 0.25, {shape}"),
+                    device,
+                    dtype,
+                    &[x.clone(), random(&[8, 64], 17)?, random(&[48, 8], 18)?],
+                    &|t| {
+                        let (c, s) = split_on(&t[0])?;
+                        let b = if rotated { Some(on(&bias, &t[0])?) } else { None };
+                        let split = ops::HeadSplit { heads, groups, rope: rotated.then_some((&c, &s)) };
+                        ops::lora_linear_heads(&t[0], &weight_for(held, &t[0])?, b.as_ref(), ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }, split)
+                    },
+                    &|t| split_ref(&ops::lora_linear_composed(&t[0], reference_of(held), rotated.then_some(&bias), ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout })?),
+                )?);
+                // DoRA: without dropout (LoRA's op with g as a column) on the dense weight,
+                // with dropout (its own node) on the blocks.
+                let dropout = if rotated { None } else { Some((0.25, 82)) };
+                out.push(check(
+                    &format!("lora_linear_scaled_heads {weight}{}, {shape}", if rotated { "" } else { ", dropout 0.25" }).replace(" + bias", ""),
+                    device,
+                    dtype,
+                    &[x.clone(), random(&[8, 64], 17)?, random(&[48, 8], 18)?, g.clone()],
+                    &|t| {
+                        let (c, s) = split_on(&t[0])?;
+                        let split = ops::HeadSplit { heads, groups, rope: rotated.then_some((&c, &s)) };
+                        ops::lora_linear_scaled_heads(&t[0], &weight_for(held, &t[0])?, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }, &t[3], split)
+                    },
+                    &|t| split_ref(&ops::lora_linear_scaled_composed(&t[0], reference_of(held), ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }, &t[3])?),
                 )?);
             }
         }

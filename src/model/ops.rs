@@ -83,6 +83,29 @@ struct FrozenMatmul {
     w: Held,
     /// The activations' dtype, which the product and its gradient take.
     dtype: DType,
+    /// A frozen bias (out,) in `dtype`, added inside the op (only with `heads`: it must come
+    /// before the move).
+    bias: Option<Tensor>,
+    /// The output laid out per head ([`HeadSplit`]).
+    heads: Option<fused::Heads>,
+}
+
+impl FrozenMatmul {
+    /// `x·Wᵀ [+ bias]` on a backend's storage (`pick`: the backend's variant of [`Storage`];
+    /// `device` names it in the error).
+    fn forward<S: BackendStorage>(&self, s: &S, l: &Layout, pick: fn(&Storage) -> Option<&S>, device: &str) -> CResult<(S, Shape)> {
+        let w = self.w.dense(self.dtype)?;
+        let (ws, wl) = w.storage_and_layout();
+        let Some(w) = pick(&ws) else { candle_core::bail!("frozen-matmul: weight not on {device}") };
+        let (m, k, n, x2) = product_dims(l, wl, "frozen-matmul")?;
+        let mut y = s.matmul(w, (1, m, n, k), &x2, &wl.transpose(0, 1)?)?;
+        if let Some(bias) = &self.bias {
+            let (bs, bl) = bias.storage_and_layout();
+            let Some(b) = pick(&bs) else { candle_core::bail!("frozen-matmul: bias not on {device}") };
+            y = y.binary_impl::<candle_core::op::Add>(b, &Layout::contiguous((m, n)), &bl.broadcast_as((m, n))?)?;
+        }
+        Ok((y, out_shape(l, n)))
+    }
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -91,24 +114,17 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let w = self.w.dense(self.dtype)?;
-        let (ws, wl) = w.storage_and_layout();
-        let Storage::Cpu(w) = &*ws else { candle_core::bail!("frozen-matmul: weight not on cpu") };
-        let (m, k, n, x2) = product_dims(l, wl, "frozen-matmul")?;
-        Ok((s.matmul(w, (1, m, n, k), &x2, &wl.transpose(0, 1)?)?, out_shape(l, n)))
+        into_heads_cpu(&self.heads, self.forward(s, l, cpu_storage, "the cpu")?)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
-        let w = self.w.dense(self.dtype)?;
-        let (ws, wl) = w.storage_and_layout();
-        let Storage::Cuda(w) = &*ws else { candle_core::bail!("frozen-matmul: weight not on cuda") };
-        let (m, k, n, x2) = product_dims(l, wl, "frozen-matmul")?;
-        Ok((s.matmul(w, (1, m, n, k), &x2, &wl.transpose(0, 1)?)?, out_shape(l, n)))
+        into_heads_cuda(&self.heads, self.forward(s, l, cuda_storage, "cuda")?)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         profile::region("frozen matmul bwd", grad.device(), || {
+            let grad = &out_of_heads(&self.heads, grad)?;
             let w = self.w.dense(self.dtype)?;
             let (m, n) = (grad.elem_count() / w.dim(0)?.max(1), w.dim(0)?);
             Ok(Some(grad.contiguous()?.reshape((m, n))?.matmul(&w)?.reshape(arg.dims())?))
@@ -130,6 +146,33 @@ pub fn frozen_linear_blocks(xs: &Tensor, q: &Arc<QTensor>) -> CResult<Tensor> {
     frozen_product(xs, Held::Blocks(q.clone()), n)
 }
 
+/// `split(xs·Wᵀ + bias)` for a frozen `w` (out, in) and `bias` (out,), `xs` (b, s, in): while
+/// `xs` tracks ops, one node whose output is already per head ([`HeadSplit`]); otherwise the
+/// product, the bias and [`split_heads`].
+pub fn frozen_linear_heads(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, split: HeadSplit) -> CResult<Tensor> {
+    let n = w.dims()[0];
+    let frozen_bias = bias.is_none_or(|b| !b.track_op());
+    let trained_w = matches!(w, super::FrozenWeight::Dense(t) if t.track_op());
+    if xs.track_op() && frozen_bias && !trained_w {
+        if let Some(heads) = split.epilogue(xs, n)? {
+            return profile::region("frozen matmul fwd", xs.device(), || {
+                let dtype = xs.dtype();
+                let bias = bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?;
+                xs.contiguous()?.apply_op1(FrozenMatmul { w: Held::of(w), dtype, bias, heads: Some(heads) })
+            });
+        }
+    }
+    let y = match w {
+        super::FrozenWeight::Dense(t) => frozen_linear(xs, t)?,
+        super::FrozenWeight::Quantized { q, .. } => frozen_linear_blocks(xs, q)?,
+    };
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    split.apply(&y)
+}
+
 fn frozen_product(xs: &Tensor, w: Held, n: usize) -> CResult<Tensor> {
     // A weight that is itself trained (full fine-tuning) goes through `trained_linear`, whose
     // backward gives it a gradient; the custom op gives `xs` one only.
@@ -143,7 +186,7 @@ fn frozen_product(xs: &Tensor, w: Held, n: usize) -> CResult<Tensor> {
         if xs.track_op() {
             // Over any leading dims: no reshape nodes (each a zero-filled gradient and an add
             // in candle's backward).
-            return xs.contiguous()?.apply_op1(FrozenMatmul { w, dtype });
+            return xs.contiguous()?.apply_op1(FrozenMatmul { w, dtype, bias: None, heads: None });
         }
         let dims = xs.dims().to_vec();
         let k = *dims.last().unwrap_or(&0);
@@ -269,6 +312,8 @@ struct LoraProduct {
     /// (out, r + 1), B with `g` as its last column, and the output `g ⊙ (x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ)`
     /// (CPU, no bias; the backward reads the unscaled product from the output).
     col_scale: bool,
+    /// The output laid out per head ([`HeadSplit`]).
+    heads: Option<fused::Heads>,
 }
 
 impl LoraProduct {
@@ -502,6 +547,33 @@ impl candle_core::CustomOp3 for LoraProduct {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, _a: &CpuStorage, _al: &Layout, b: &CpuStorage, bl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        into_heads_cpu(&self.heads, self.cpu_rows(x, xl, b, bl)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        _a: &candle_core::CudaStorage,
+        _al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        if self.col_scale {
+            candle_core::bail!("lora-product: a column scale is the cpu's");
+        }
+        into_heads_cuda(&self.heads, self.forward_held(x, xl, b, bl, &self.w.dense(self.dtype)?, cuda_storage, "cuda")?)
+    }
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        profile::region("lora product bwd", grad.device(), || self.grads(x, a, b, res, &out_of_heads(&self.heads, grad)?))
+    }
+}
+
+impl LoraProduct {
+    /// The CPU forward's (tokens, out) rows, before any move into heads.
+    fn cpu_rows(&self, x: &CpuStorage, xl: &Layout, b: &CpuStorage, bl: &Layout) -> CResult<(CpuStorage, Shape)> {
         let w = self.w.dense(self.dtype)?;
         let bias_ok = self.bias.as_ref().is_none_or(f32_contiguous);
         let n = bl.shape().dims2()?.0;
@@ -525,70 +597,54 @@ impl candle_core::CustomOp3 for LoraProduct {
         self.forward_held(x, xl, b, bl, &w, cpu_storage, "the cpu")
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        xl: &Layout,
-        _a: &candle_core::CudaStorage,
-        _al: &Layout,
-        b: &candle_core::CudaStorage,
-        bl: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        if self.col_scale {
-            candle_core::bail!("lora-product: a column scale is the cpu's");
-        }
-        self.forward_held(x, xl, b, bl, &self.w.dense(self.dtype)?, cuda_storage, "cuda")
-    }
-
-    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        profile::region("lora product bwd", grad.device(), || {
-            // A column scale g: the gradient of the unscaled product is dY ⊙ g, g's own is
-            // Σ_tokens dY ⊙ (x·Wᵀ + s·x̃·Aᵀ·Bᵀ); then LoRA's backward with B alone.
-            let (grad, b, dg) = if self.col_scale {
-                let (dz, b_only, dg) = self.column_scale_grads(x, b, res, grad)?;
-                (dz, b_only, Some(dg))
-            } else {
-                (grad.clone(), b.clone(), None)
-            };
-            let (grad, b) = (&grad, &b);
-            // An input that tracks no ops (the first layer's, from frozen embeddings) gets no gradient.
-            let x_tracks = x.track_op();
-            // Leading dimensions flattened: (tokens, in) and (tokens, out).
-            let x_dims = x.dims().to_vec();
-            let (m, k) = (x.elem_count() / a.dim(1)?.max(1), a.dim(1)?);
-            // 16-bit on the CPU: computed in f32 (gemm's f32 kernels), the gradients rounded
-            // back to each operand's dtype at the end.
-            let half_cpu = grad.device().is_cpu() && matches!(self.dtype, DType::BF16 | DType::F16);
-            let (x_dtype, a_dtype, b_dtype) = (x.dtype(), a.dtype(), b.dtype());
-            let wide = |t: Tensor| if half_cpu { f32_copy(&t) } else { Ok(t) };
-            let (x, a, b) = (wide(x.detach().reshape((m, k))?)?, wide(a.detach())?, wide(b.detach())?);
-            let g = wide(grad.detach().contiguous()?.reshape((m, b.dim(0)?))?)?;
-            let xa = wide(self.xa.clone())?;
-            // s·dY·B, (m, r): the update's input side.
-            let dxa = (g.matmul(&b)? * self.scale)?;
-            let db = (g.t()?.matmul(&xa)? * self.scale)?;
-            let da = dxa.t()?.matmul(&self.dropped(&x)?)?;
-            let dx = if !x_tracks {
-                None
-            } else if self.dropout.is_none() && f32_contiguous(&g) && f32_contiguous(&dxa) && f32_contiguous(&a) {
-                // dX = dY·W, then dX += (s·dY·B)·A into the same buffer.
-                let w = wide(self.w.dense(self.dtype)?)?.contiguous()?;
-                let ((m, n), (r, k)) = (g.dims2()?, a.dims2()?);
-                let mut dx = vec![0f32; m * k];
-                cpu_f32s([&g, &w], |[g, w]| cpu_gemm(&mut dx, (m, k, n), false, (g, n, 1), (w, k, 1), 1.0, true))?;
-                cpu_f32s([&dxa, &a], |[d, a]| cpu_gemm(&mut dx, (m, k, r), true, (d, r, 1), (a, k, 1), 1.0, true))?;
-                Some(Tensor::from_vec(dx, x_dims, &Device::Cpu)?)
-            } else {
-                Some((g.matmul(&wide(self.w.dense(self.dtype)?)?)? + self.dropped(&dxa.matmul(&a)?)?)?.reshape(x_dims)?)
-            };
-            let narrow = |t: Tensor, dtype: DType| if half_cpu { narrowed(&t, dtype) } else { Ok(t) };
-            let db = match dg {
-                Some(dg) => Tensor::cat(&[&db, &dg.to_dtype(db.dtype())?.unsqueeze(1)?], 1)?,
-                None => db,
-            };
-            Ok((dx.map(|t| narrow(t, x_dtype)).transpose()?, Some(narrow(da, a_dtype)?), Some(narrow(db, b_dtype)?)))
-        })
+    /// The backward from the output's gradient in (tokens, out) rows.
+    fn grads(&self, x: &Tensor, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // A column scale g: the gradient of the unscaled product is dY ⊙ g, g's own is
+        // Σ_tokens dY ⊙ (x·Wᵀ + s·x̃·Aᵀ·Bᵀ); then LoRA's backward with B alone.
+        let (grad, b, dg) = if self.col_scale {
+            let (dz, b_only, dg) = self.column_scale_grads(x, b, &out_of_heads(&self.heads, res)?, grad)?;
+            (dz, b_only, Some(dg))
+        } else {
+            (grad.clone(), b.clone(), None)
+        };
+        let (grad, b) = (&grad, &b);
+        // An input that tracks no ops (the first layer's, from frozen embeddings) gets no gradient.
+        let x_tracks = x.track_op();
+        // Leading dimensions flattened: (tokens, in) and (tokens, out).
+        let x_dims = x.dims().to_vec();
+        let (m, k) = (x.elem_count() / a.dim(1)?.max(1), a.dim(1)?);
+        // 16-bit on the CPU: computed in f32 (gemm's f32 kernels), the gradients rounded
+        // back to each operand's dtype at the end.
+        let half_cpu = grad.device().is_cpu() && matches!(self.dtype, DType::BF16 | DType::F16);
+        let (x_dtype, a_dtype, b_dtype) = (x.dtype(), a.dtype(), b.dtype());
+        let work = if half_cpu { DType::F32 } else { self.dtype };
+        let wide = |t: Tensor| in_work(&t, work);
+        let (x, a, b) = (wide(x.detach().reshape((m, k))?)?, wide(a.detach())?, wide(b.detach())?);
+        let g = wide(grad.detach().contiguous()?.reshape((m, b.dim(0)?))?)?;
+        let xa = wide(self.xa.clone())?;
+        // s·dY·B, (m, r): the update's input side.
+        let dxa = (g.matmul(&b)? * self.scale)?;
+        let db = (g.t()?.matmul(&xa)? * self.scale)?;
+        let da = dxa.t()?.matmul(&self.dropped(&x)?)?;
+        let dx = if !x_tracks {
+            None
+        } else if self.dropout.is_none() && f32_contiguous(&g) && f32_contiguous(&dxa) && f32_contiguous(&a) {
+            // dX = dY·W, then dX += (s·dY·B)·A into the same buffer.
+            let w = wide(self.w.dense(self.dtype)?)?.contiguous()?;
+            let ((m, n), (r, k)) = (g.dims2()?, a.dims2()?);
+            let mut dx = vec![0f32; m * k];
+            cpu_f32s([&g, &w], |[g, w]| cpu_gemm(&mut dx, (m, k, n), false, (g, n, 1), (w, k, 1), 1.0, true))?;
+            cpu_f32s([&dxa, &a], |[d, a]| cpu_gemm(&mut dx, (m, k, r), true, (d, r, 1), (a, k, 1), 1.0, true))?;
+            Some(Tensor::from_vec(dx, x_dims, &Device::Cpu)?)
+        } else {
+            Some((g.matmul(&wide(self.w.dense(self.dtype)?)?)? + self.dropped(&dxa.matmul(&a)?)?)?.reshape(x_dims)?)
+        };
+        let narrow = |t: Tensor, dtype: DType| if half_cpu { narrowed(&t, dtype) } else { Ok(t) };
+        let db = match dg {
+            Some(dg) => Tensor::cat(&[&db, &dg.to_dtype(db.dtype())?.unsqueeze(1)?], 1)?,
+            None => db,
+        };
+        Ok((dx.map(|t| narrow(t, x_dtype)).transpose()?, Some(narrow(da, a_dtype)?), Some(narrow(db, b_dtype)?)))
     }
 }
 
@@ -637,7 +693,16 @@ pub fn lora_linear(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, 
     if let Some(b) = bias.filter(|b| b.track_op()) {
         return lora_linear(xs, w, None, pair)?.broadcast_add(b);
     }
-    lora_product(xs, w, bias, pair, false)
+    lora_product(xs, w, bias, pair, false, None)
+}
+
+/// `split(lora_linear(xs, …))` for `xs` (b, s, in): where the split is one op, the same node
+/// as [`lora_linear`]'s with its output already per head ([`HeadSplit`]).
+pub fn lora_linear_heads(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair, split: HeadSplit) -> CResult<Tensor> {
+    match split.epilogue(xs, pair.b.dim(0)?)? {
+        Some(heads) if bias.is_none_or(|b| !b.track_op()) => lora_product(xs, w, bias, pair, false, Some(heads)),
+        _ => split.apply(&lora_linear(xs, w, bias, pair)?),
+    }
 }
 
 /// DoRA's training product for its magnitude scale `g` (out,), tracked, in PEFT's form:
@@ -647,13 +712,26 @@ pub fn lora_linear(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, 
 /// the graph keeps no (tokens, out) tensor beyond the output. Elsewhere, and with dropout, one
 /// node of its own on tensor ops ([`DoraProduct`]), on every device and dtype.
 pub fn lora_linear_scaled(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, g: &Tensor) -> CResult<Tensor> {
+    scaled_product(xs, w, pair, g, None)
+}
+
+/// `split(lora_linear_scaled(xs, …))` for `xs` (b, s, in): where the split is one op, the
+/// same node as [`lora_linear_scaled`]'s with its output already per head ([`HeadSplit`]).
+pub fn lora_linear_scaled_heads(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, g: &Tensor, split: HeadSplit) -> CResult<Tensor> {
+    match split.epilogue(xs, pair.b.dim(0)?)? {
+        Some(heads) => scaled_product(xs, w, pair, g, Some(heads)),
+        None => split.apply(&scaled_product(xs, w, pair, g, None)?),
+    }
+}
+
+fn scaled_product(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, g: &Tensor, heads: Option<fused::Heads>) -> CResult<Tensor> {
     let n = pair.b.dim(0)?;
     let fits = g.elem_count() == n && g.dtype() == DType::F32 && pair.b.dtype() == DType::F32 && pair.a.dtype() == DType::F32;
     if !(fits && use_fused(xs) && pair.dropout.is_none()) {
-        return profile::region("dora product fwd", xs.device(), || dora_product(xs, w, pair, g));
+        return profile::region("dora product fwd", xs.device(), || dora_product(xs, w, pair, g, heads));
     }
     let bg = Tensor::cat(&[pair.b, &g.reshape((n, 1))?], 1)?;
-    lora_product(xs, w, None, LoraPair { b: &bg, ..pair }, true)
+    lora_product(xs, w, None, LoraPair { b: &bg, ..pair }, true, heads)
 }
 
 /// DoRA's product as one node on tensor ops ([`lora_linear_scaled`] off the CPU's f32 path,
@@ -681,6 +759,8 @@ struct DoraProduct {
     out: Handoff,
     scale: f64,
     dropout: Option<(f64, u64)>,
+    /// The output laid out per head ([`HeadSplit`]).
+    heads: Option<fused::Heads>,
 }
 
 /// `t` in `work` (f32 copies of 16-bit CPU tensors).
@@ -692,7 +772,7 @@ fn in_work(t: &Tensor, work: DType) -> CResult<Tensor> {
     }
 }
 
-fn dora_product(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, g: &Tensor) -> CResult<Tensor> {
+fn dora_product(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, g: &Tensor, heads: Option<fused::Heads>) -> CResult<Tensor> {
     let x = xs.contiguous()?;
     let k = x.dims().last().copied().unwrap_or(0);
     let m = if k == 0 { 0 } else { x.elem_count() / k };
@@ -712,8 +792,12 @@ fn dora_product(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, g: &Tensor
         None => (scaled, None),
     };
     let out = narrowed(&out, dtype)?.reshape(out_shape(x.layout(), n))?;
+    let out = match &heads {
+        Some(h) => out.apply_op1_no_bwd(h)?,
+        None => out,
+    };
     let bg = Tensor::cat(&[pair.b, &g.to_dtype(pair.b.dtype())?.reshape((n, 1))?], 1)?;
-    let op = DoraProduct { w: held, work, xa, z, out: Handoff::new(out), scale: pair.scale, dropout: pair.dropout };
+    let op = DoraProduct { w: held, work, xa, z, out: Handoff::new(out), scale: pair.scale, dropout: pair.dropout, heads };
     x.apply_op3(&pair.a.contiguous()?, &bg, op)
 }
 
@@ -721,7 +805,7 @@ impl candle_core::CustomOp3 for DoraProduct {
     handed_off_forward3!(out, "dora-product");
 
     fn bwd(&self, x: &Tensor, a: &Tensor, bg: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        profile::region("dora product bwd", grad.device(), || self.grads(x, a, bg, res, grad))
+        profile::region("dora product bwd", grad.device(), || self.grads(x, a, bg, res, &out_of_heads(&self.heads, grad)?))
     }
 }
 
@@ -739,7 +823,7 @@ impl DoraProduct {
         let x2 = in_work(&x.detach().reshape((m, k))?, work)?;
         let dg = match &self.z {
             Some(z) => column_sums(&(&dy * in_work(z, work)?)?)?,
-            None => self.scale_grad_from_output(&dy, res, &g, &x2, &b)?,
+            None => self.scale_grad_from_output(&dy, &out_of_heads(&self.heads, res)?, &g, &x2, &b)?,
         };
         let dz = dy.broadcast_mul(&g)?;
         // s·dZ·B, (tokens, r): the update's input side.
@@ -897,7 +981,7 @@ pub fn dora_row_norm_composed(a: &Tensor, b: &Tensor, w: &Tensor, scale: f64) ->
 }
 
 /// [`lora_linear`]'s op (with DoRA's column scale in B's last column when `col_scale`).
-fn lora_product(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair, col_scale: bool) -> CResult<Tensor> {
+fn lora_product(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair, col_scale: bool, heads: Option<fused::Heads>) -> CResult<Tensor> {
     profile::region("lora product fwd", xs.device(), || {
         let held = Held::of(w);
         // The op takes the input in its own shape (any leading dims) and gives the output in
@@ -914,7 +998,7 @@ fn lora_product(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pai
         let (x2, a) = (x.detach().reshape((m, k))?, pair.a.detach());
         let (x2, a) = if half_cpu { (f32_copy(&x2)?, f32_copy(&a)?) } else { (x2, a) };
         let xa = dropped(&x2, pair.dropout)?.matmul(&a.t()?)?;
-        let op = LoraProduct { w: held, bias, dtype, xa, scale: pair.scale, dropout: pair.dropout, col_scale };
+        let op = LoraProduct { w: held, bias, dtype, xa, scale: pair.scale, dropout: pair.dropout, col_scale, heads };
         x.apply_op3(&pair.a.contiguous()?, &pair.b.contiguous()?, op)
     })
 }
@@ -1264,11 +1348,78 @@ pub fn rope_composed(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor>
 /// an add in candle's backward.
 pub fn split_heads(x: &Tensor, heads: usize, groups: usize, rope: Option<(&Tensor, &Tensor)>) -> CResult<Tensor> {
     profile::region("split heads fwd", x.device(), || {
-        if matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) && (x.device().is_cpu() || fused::active(x)) {
+        if fused_heads(x) {
             return fused::split_heads(x, heads, groups, rope);
         }
         split_heads_composed(x, heads, groups, rope)
     })
+}
+
+/// Where [`split_heads`] is one op: f32, bf16 and f16 on the CPU, and on CUDA with the fused
+/// kernels on.
+fn fused_heads(x: &Tensor) -> bool {
+    matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) && (x.device().is_cpu() || fused::active(x))
+}
+
+/// A projection's output laid out per head: [`split_heads`]'s arguments, for the projections
+/// that do the move as the last step of their own op ([`frozen_linear_heads`],
+/// [`lora_linear_heads`], [`lora_linear_scaled_heads`]). As its own node, [`split_heads`]
+/// holds its input — the projection's (tokens, heads·hd) output, which its backward never
+/// reads — until the graph goes; inside the projection's op that copy is gone as soon as the
+/// heads are made, and the op's backward starts by moving its output's gradient back.
+#[derive(Clone, Copy)]
+pub struct HeadSplit<'a> {
+    /// Query heads when this is q's projection, KV heads for k's and v's.
+    pub heads: usize,
+    /// KV groups: the heads' order in the output (see [`split_heads`]).
+    pub groups: usize,
+    /// RoPE's (cos, sin), (s, hd/2), for q and k: a rotation (cos² + sin² = 1), since a
+    /// backward that reads the op's output (DoRA's) takes it out of the heads by the move the
+    /// other way, which rotates by the transpose.
+    pub rope: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+impl HeadSplit<'_> {
+    /// [`split_heads`] of `x`.
+    pub fn apply(&self, x: &Tensor) -> CResult<Tensor> {
+        split_heads(x, self.heads, self.groups, self.rope)
+    }
+
+    /// The move as a projection op's last step, for the op's input `xs` (b, s, in) and `width`
+    /// outputs: where [`split_heads`] would be one op (the same kernels either way), else
+    /// `None` (the projection's output goes through [`Self::apply`]).
+    fn epilogue(&self, xs: &Tensor, width: usize) -> CResult<Option<fused::Heads>> {
+        if !fused_heads(xs) || xs.rank() != 3 {
+            return Ok(None);
+        }
+        fused::Heads::split(xs.dim(1)?, width, self.heads, self.groups, self.rope, xs.device()).map(Some)
+    }
+}
+
+/// A projection op's (b, s, out) result moved into per-head blocks by its epilogue, if any.
+fn into_heads_cpu(heads: &Option<fused::Heads>, (st, shape): (CpuStorage, Shape)) -> CResult<(CpuStorage, Shape)> {
+    match heads {
+        Some(h) => h.cpu_fwd(&st, &Layout::contiguous(shape)),
+        None => Ok((st, shape)),
+    }
+}
+
+/// [`into_heads_cpu`] on CUDA.
+#[cfg(feature = "cuda")]
+fn into_heads_cuda(heads: &Option<fused::Heads>, (st, shape): (candle_core::CudaStorage, Shape)) -> CResult<(candle_core::CudaStorage, Shape)> {
+    match heads {
+        Some(h) => h.cuda_fwd(&st, &Layout::contiguous(shape)),
+        None => Ok((st, shape)),
+    }
+}
+
+/// A tensor in a projection op's per-head output layout (the output's gradient, or the
+/// output itself) as (b, s, out) rows again, the epilogue undone; without one, `t`.
+fn out_of_heads(heads: &Option<fused::Heads>, t: &Tensor) -> CResult<Tensor> {
+    match heads {
+        Some(h) => t.contiguous()?.apply_op1_no_bwd(&h.reversed()),
+        None => Ok(t.clone()),
+    }
 }
 
 /// [`split_heads`] from reshapes, a transpose and [`rope`] (the reference, and the path on a

@@ -36,7 +36,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::{peft_prefix, var_tensor as t, PeftLayer, TargetModules};
-use crate::model::{ForwardCtx, FrozenWeight, LinearAdapter, Llama};
+use crate::model::{ops, ForwardCtx, FrozenWeight, LinearAdapter, Llama};
 use crate::schema::{target_modules_field, text, Field, FieldKind};
 use crate::{Error, Result};
 
@@ -317,18 +317,29 @@ impl AdaLoraLayer {
     }
 }
 
-impl LinearAdapter for AdaLoraLayer {
-    /// Training: the frozen product and the update `s·(x̃·(Q ⊙ Λ)ᵀ)·Pᵀ` as one op, LoRA's
-    /// (`ops::lora_linear`, with Q ⊙ Λ as its A: Λ's gradient comes through it).
-    fn forward_full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
+impl AdaLoraLayer {
+    /// [`LinearAdapter::forward_full`]'s op, laid out per head with `split`.
+    fn full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, split: Option<ops::HeadSplit>) -> Option<Result<Tensor>> {
         if !ctx.train || ctx.generation || self.rank() == 0 {
             return None;
         }
         let run = || -> Result<Tensor> {
             let (a, b) = (self.scaled_a(ctx)?, t(&self.b, ctx));
-            super::lora::train_product(xs, weight, bias, &a, &b, self.scale, self.dropout, self.index, ctx)
+            super::lora::train_product(xs, weight, bias, &a, &b, self.scale, self.dropout, self.index, ctx, split)
         };
         Some(run())
+    }
+}
+
+impl LinearAdapter for AdaLoraLayer {
+    /// Training: the frozen product and the update `s·(x̃·(Q ⊙ Λ)ᵀ)·Pᵀ` as one op, LoRA's
+    /// (`ops::lora_linear`, with Q ⊙ Λ as its A: Λ's gradient comes through it).
+    fn forward_full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
+        self.full(xs, weight, bias, ctx, None)
+    }
+
+    fn forward_full_heads(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, split: ops::HeadSplit) -> Option<Result<Tensor>> {
+        self.full(xs, weight, bias, ctx, Some(split))
     }
 
     fn forward(&self, xs: &Tensor, base: Tensor, _w: &FrozenWeight, ctx: &ForwardCtx) -> Result<Tensor> {

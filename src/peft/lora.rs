@@ -203,12 +203,27 @@ pub(crate) fn adapter_input(xs: &Tensor, p: f64, index: u64, ctx: &ForwardCtx) -
 }
 
 /// In training, `xs·Wᵀ [+ bias] + scale·(x̃·Aᵀ)·Bᵀ` as one op (`ops::lora_linear`), x̃ = `xs`
-/// with dropout `p` drawn as [`adapter_input`] draws it: LoRA's, AdaLoRA's (Q ⊙ Λ as A) and
-/// dropout-free DoRA's projection.
+/// with dropout `p` drawn as [`adapter_input`] draws it: LoRA's and AdaLoRA's (Q ⊙ Λ as A)
+/// projection; laid out per head when `split` is given (`ops::lora_linear_heads`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn train_product(xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, a: &Tensor, b: &Tensor, scale: f64, p: f64, index: u64, ctx: &ForwardCtx) -> Result<Tensor> {
+pub(crate) fn train_product(
+    xs: &Tensor,
+    weight: &FrozenWeight,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    p: f64,
+    index: u64,
+    ctx: &ForwardCtx,
+    split: Option<ops::HeadSplit>,
+) -> Result<Tensor> {
     let dropout = (p > 0.0).then(|| (p, dropout_seed(index, ctx)));
-    Ok(crate::model::ops::lora_linear(xs, weight, bias, crate::model::ops::LoraPair { a, b, scale, dropout })?)
+    let pair = ops::LoraPair { a, b, scale, dropout };
+    Ok(match split {
+        Some(split) => ops::lora_linear_heads(xs, weight, bias, pair, split)?,
+        None => ops::lora_linear(xs, weight, bias, pair)?,
+    })
 }
 
 /// The seed of adapted layer `index`'s dropout mask in a pass.
@@ -218,6 +233,14 @@ fn dropout_seed(index: u64, ctx: &ForwardCtx) -> u64 {
 
 /// `scale·(x·Aᵀ)·Bᵀ` for A (r, in), B (out, r) with plain 2-D matmuls on (tokens, features):
 /// one GEMM each instead of one per batch row (and no broadcast to reduce in the backward).
+/// `y`, or `split` of it.
+fn split_of(y: Tensor, split: Option<ops::HeadSplit>) -> Result<Tensor> {
+    Ok(match split {
+        Some(split) => split.apply(&y)?,
+        None => y,
+    })
+}
+
 pub(crate) fn low_rank_update(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     let (inp, out) = (a.dim(1)?, b.dim(0)?);
     let down = x.reshape(((), inp))?.matmul(&a.t()?)?;
@@ -230,6 +253,50 @@ pub(crate) fn low_rank_update(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) ->
 }
 
 impl LoraLayer {
+    /// The whole layer where LoRA computes it ([`LinearAdapter::forward_full`]): in training
+    /// one op with the frozen product (LoRA, and DoRA's scaled form); DoRA's in evaluation too.
+    /// With `split`, the output laid out per head.
+    fn full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, split: Option<ops::HeadSplit>) -> Option<Result<Tensor>> {
+        let Some(magnitude) = self.magnitude.as_ref() else {
+            // Training: the frozen product and the update as one op (`ops::lora_linear`: what
+            // the graph keeps is the input and a (tokens, r) product, not three (tokens, out)
+            // tensors, and the scaling costs no pass over the output). Inference keeps the
+            // separate products (quantized weights multiply faster there).
+            if !ctx.train || ctx.generation {
+                return None;
+            }
+            let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
+            return Some(train_product(xs, weight, bias, &a, &b, self.scale, self.dropout, self.index, ctx, split));
+        };
+        let run = || -> Result<Tensor> {
+            // PEFT's form: base(x) + (g − 1)·(x̃·Wᵀ) + g·s·(x̃·Aᵀ)·Bᵀ with g = m / ‖W + s·B·A‖_row
+            // and x̃ = dropout(x) (= x when dropout is off, giving g·(x·Wᵀ + update) + b).
+            let g = self.dora_scale(magnitude, weight, ctx)?;
+            if ctx.train && !ctx.generation {
+                // One node (`ops::lora_linear_scaled`): without dropout g·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ),
+                // the unscaled sum read back from the output; with it, the form above, keeping
+                // one (tokens, out) tensor for g's gradient where the composed form kept seven.
+                let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
+                let dropout = (self.dropout > 0.0).then(|| (self.dropout, dropout_seed(self.index, ctx)));
+                let pair = ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout };
+                return match (bias, split) {
+                    (None, Some(split)) => Ok(ops::lora_linear_scaled_heads(xs, weight, pair, &g, split)?),
+                    (Some(b), split) => split_of(ops::lora_linear_scaled(xs, weight, pair, &g)?.broadcast_add(b)?, split),
+                    (None, None) => Ok(ops::lora_linear_scaled(xs, weight, pair, &g)?),
+                };
+            }
+            let y = weight.product(xs)?;
+            let x = self.dropped(xs, ctx)?;
+            let (plain, y_drop) = if ctx.train && self.dropout > 0.0 { (y.clone(), weight.product(&x)?) } else { (y.clone(), y) };
+            let mut out = (plain + (ops::channel_scale(&y_drop, &(&g - 1.0)?)? + ops::channel_scale(&self.update(&x, ctx)?, &g)?)?)?;
+            if let Some(b) = bias {
+                out = out.broadcast_add(b)?;
+            }
+            split_of(out, split)
+        };
+        Some(run())
+    }
+
     fn dropped(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         adapter_input(xs, self.dropout, self.index, ctx)
     }
@@ -276,43 +343,11 @@ impl LinearAdapter for LoraLayer {
     }
 
     fn forward_full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
-        let Some(magnitude) = self.magnitude.as_ref() else {
-            // Training: the frozen product and the update as one op (`ops::lora_linear`: what
-            // the graph keeps is the input and a (tokens, r) product, not three (tokens, out)
-            // tensors, and the scaling costs no pass over the output). Inference keeps the
-            // separate products (quantized weights multiply faster there).
-            if !ctx.train || ctx.generation {
-                return None;
-            }
-            let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
-            return Some(train_product(xs, weight, bias, &a, &b, self.scale, self.dropout, self.index, ctx));
-        };
-        let run = || -> Result<Tensor> {
-            // PEFT's form: base(x) + (g − 1)·(x̃·Wᵀ) + g·s·(x̃·Aᵀ)·Bᵀ with g = m / ‖W + s·B·A‖_row
-            // and x̃ = dropout(x) (= x when dropout is off, giving g·(x·Wᵀ + update) + b).
-            let g = self.dora_scale(magnitude, weight, ctx)?;
-            if ctx.train && !ctx.generation {
-                // One node (`ops::lora_linear_scaled`): without dropout g·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ),
-                // the unscaled sum read back from the output; with it, the form above, keeping
-                // one (tokens, out) tensor for g's gradient where the composed form kept seven.
-                let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
-                let dropout = (self.dropout > 0.0).then(|| (self.dropout, dropout_seed(self.index, ctx)));
-                let out = ops::lora_linear_scaled(xs, weight, ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout }, &g)?;
-                return Ok(match bias {
-                    Some(b) => out.broadcast_add(b)?,
-                    None => out,
-                });
-            }
-            let y = weight.product(xs)?;
-            let x = self.dropped(xs, ctx)?;
-            let (plain, y_drop) = if ctx.train && self.dropout > 0.0 { (y.clone(), weight.product(&x)?) } else { (y.clone(), y) };
-            let mut out = (plain + (ops::channel_scale(&y_drop, &(&g - 1.0)?)? + ops::channel_scale(&self.update(&x, ctx)?, &g)?)?)?;
-            if let Some(b) = bias {
-                out = out.broadcast_add(b)?;
-            }
-            Ok(out)
-        };
-        Some(run())
+        self.full(xs, weight, bias, ctx, None)
+    }
+
+    fn forward_full_heads(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, split: ops::HeadSplit) -> Option<Result<Tensor>> {
+        self.full(xs, weight, bias, ctx, Some(split))
     }
 
     fn params(&self) -> Vec<(String, Var)> {
