@@ -9,8 +9,9 @@
 //! * adapter: trainable parameters × (value + gradient + accumulated gradient + AdamW m, v);
 //! * activations kept for the backward pass, per token and decoder layer: the layer input,
 //!   both norm outputs, q/k/v per head rotated (and as projected, where the projection's op
-//!   does not make the heads itself: [`fused_head_outputs`]), attention output, MLP
-//!   gate/up/activation, projections' outputs and residual sums, plus each LoRA target's
+//!   does not make the heads itself), attention output, MLP gate/up/activation, o_proj's and
+//!   down_proj's outputs where their op does not add the residual itself
+//!   ([`fused_epilogue_floats`]), the residual sums, plus each LoRA target's
 //!   rank-r intermediate (LoRA trains through `ops::lora_linear`, which keeps no output of its
 //!   own beside the projection's; DoRA composes and keeps more) — see
 //!   [`activation_floats_per_token_layer`];
@@ -325,34 +326,39 @@ pub fn activation_floats_per_token_layer(c: &LlamaConfig, adapter_floats: f64) -
     let kv = (c.kv_heads() * c.head_dim()) as f64;
     // input, norm1, q (proj, per head rotated: `ops::split_heads`), k (×2), v (×2), attention
     // out (heads merged; the backward reads the op's result), o_proj out, residual, norm2,
-    // gate, up, activation, down out, residual. (A projection whose op ends in the split
-    // keeps only the per-head copy: [`fused_head_outputs`], counted with the adapter's.)
+    // gate, up, activation, down out, residual. (A projection whose op takes the split or the
+    // residual add as its last step keeps no output of its own: [`fused_epilogue_floats`],
+    // counted with the adapter's.)
     let base = d + d + 2.0 * q + 2.0 * kv + 2.0 * kv + q + d + d + d + ff + ff + ff + d + d;
     base + adapter_floats
 }
 
-/// Floats per token and layer that q, k and v's projections do not keep beside their
-/// per-head copies, because the projection's own op makes the heads (`ops::HeadSplit`): a
-/// frozen projection (`ops::frozen_linear_heads`), LoRA's and AdaLoRA's
-/// (`ops::lora_linear_heads`), DoRA's without a bias (`ops::lora_linear_scaled_heads`). IA3's,
-/// BitFit's and full fine-tuning's projections are their output, then `ops::split_heads`.
-/// `adapted`: the names [`adapted`] lists.
-pub fn fused_head_outputs(c: &LlamaConfig, peft: &PeftConfig, adapted: &[&str]) -> f64 {
+/// Floats per token and layer that projections' outputs do not take, because the projection's
+/// own op takes the next step ([`crate::model::ops::Epilogue`]): q, k and v's move into heads
+/// and o_proj's and down_proj's add to the residual stream — the frozen product's
+/// (`ops::frozen_linear_heads`, `ops::frozen_linear_residual`), LoRA's and AdaLoRA's
+/// (`ops::lora_linear_then`), and DoRA's move into heads without a bias
+/// (`ops::lora_linear_scaled_heads`). IA3's, BitFit's, the bottleneck adapters' and full
+/// fine-tuning's projections keep their output, then take the step. `adapted`: the names
+/// [`adapted`] lists.
+pub fn fused_epilogue_floats(c: &LlamaConfig, peft: &PeftConfig, adapted: &[&str]) -> f64 {
     let hd = c.head_dim();
-    let widths = [("q_proj", c.num_attention_heads * hd), ("k_proj", c.kv_heads() * hd), ("v_proj", c.kv_heads() * hd)];
-    widths
+    let (q, kv, d) = (c.num_attention_heads * hd, c.kv_heads() * hd, c.hidden_size);
+    // (projection, output width, whether its step is the move into heads)
+    let steps = [("self_attn.q_proj", q, true), ("self_attn.k_proj", kv, true), ("self_attn.v_proj", kv, true), ("self_attn.o_proj", d, false), ("mlp.down_proj", d, false)];
+    steps
         .iter()
-        .filter(|(p, _)| {
-            let targeted = adapted.iter().any(|n| *n == format!("model.layers.0.self_attn.{p}"));
+        .filter(|(p, _, heads)| {
+            let targeted = adapted.iter().any(|n| *n == format!("model.layers.0.{p}"));
             match peft {
                 PeftConfig::Full(_) => false,
-                PeftConfig::Lora(l) | PeftConfig::Qlora(l) => !(targeted && l.use_dora && c.attention_bias),
+                PeftConfig::Lora(l) | PeftConfig::Qlora(l) => !(targeted && l.use_dora) || (*heads && !c.attention_bias),
                 PeftConfig::AdaLora(_) => true,
                 PeftConfig::Ia3(_) | PeftConfig::Bitfit(_) | PeftConfig::Adapter(_) => !targeted,
                 PeftConfig::PromptTuning(_) | PeftConfig::PTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_) => true,
             }
         })
-        .map(|(_, w)| *w as f64)
+        .map(|(_, w, _)| *w as f64)
         .sum()
 }
 
@@ -464,7 +470,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     if dora_unscaled_from_output {
         adapter_floats -= ad.iter().filter(|a| a.0.starts_with("model.layers.0.")).map(|a| a.2 as f64).sum::<f64>();
     }
-    adapter_floats -= fused_head_outputs(model, &cfg.peft, &ad.iter().map(|a| a.0.as_str()).collect::<Vec<_>>());
+    adapter_floats -= fused_epilogue_floats(model, &cfg.peft, &ad.iter().map(|a| a.0.as_str()).collect::<Vec<_>>());
     if prefix {
         // Each layer's keys and values with the prefix in front (b, kv heads, keys, head_dim).
         adapter_floats += 2.0 * (model.kv_heads() * model.head_dim()) as f64 * keys as f64 / s as f64;

@@ -172,10 +172,10 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     fn forward_full(&self, _xs: &Tensor, _weight: &FrozenWeight, _bias: Option<&Tensor>, _ctx: &ForwardCtx) -> Option<Result<Tensor>> {
         None
     }
-    /// The whole layer's output laid out per head (`split` of it; [`Linear::forward_heads`]),
-    /// where the method's op can do the move itself. `None` (the default) = the layer's
-    /// output, then [`ops::split_heads`].
-    fn forward_full_heads(&self, _xs: &Tensor, _weight: &FrozenWeight, _bias: Option<&Tensor>, _ctx: &ForwardCtx, _split: ops::HeadSplit) -> Option<Result<Tensor>> {
+    /// The whole layer's output followed by `then` ([`Linear::forward_then`]: laid out per
+    /// head, or added to the residual stream), where the method's op can take that step
+    /// itself. `None` (the default) = the layer's output, then the step on its own.
+    fn forward_full_then(&self, _xs: &Tensor, _weight: &FrozenWeight, _bias: Option<&Tensor>, _ctx: &ForwardCtx, _then: ops::Epilogue) -> Option<Result<Tensor>> {
         None
     }
     /// The weight that replaces the frozen one wholesale while training (full fine-tuning,
@@ -320,24 +320,27 @@ impl Linear {
         }
     }
 
-    /// `split` of [`forward`](Self::forward) (q, k and v per head, `xs` (b, s, in)). In
-    /// training the move into heads is the last step of the projection's own op where it can
-    /// be — the frozen product's ([`ops::frozen_linear_heads`]) and LoRA's
-    /// ([`LinearAdapter::forward_full_heads`]) — so the graph never holds the projection's
-    /// output beside its per-head copy.
-    pub fn forward_heads(&self, xs: &Tensor, ctx: &ForwardCtx, split: ops::HeadSplit) -> Result<Tensor> {
+    /// [`forward`](Self::forward), then `then`: q, k and v split into heads, o_proj's and
+    /// down_proj's output added to the residual stream. In training the step is the last one
+    /// of the projection's own op where it can be — the frozen product's
+    /// ([`ops::frozen_linear_heads`], [`ops::frozen_linear_residual`]) and LoRA's
+    /// ([`LinearAdapter::forward_full_then`]) — so the graph never holds the projection's
+    /// output beside its per-head copy or the sum (neither backward reads it).
+    pub fn forward_then(&self, xs: &Tensor, ctx: &ForwardCtx, then: ops::Epilogue) -> Result<Tensor> {
         if !ctx.generation {
             let ctx = &self.pass_ctx(xs, ctx);
-            match &self.adapter {
-                Some(a) => {
-                    if let Some(y) = a.forward_full_heads(xs, &self.weight, self.bias.as_ref(), ctx, split) {
+            match (&self.adapter, then) {
+                (_, ops::Epilogue::Rows) => {}
+                (Some(a), then) => {
+                    if let Some(y) = a.forward_full_then(xs, &self.weight, self.bias.as_ref(), ctx, then) {
                         return y;
                     }
                 }
-                None if xs.track_op() => return Ok(ops::frozen_linear_heads(xs, &self.weight, self.bias.as_ref(), split)?),
-                None => {}
+                (None, ops::Epilogue::Heads(split)) if xs.track_op() => return Ok(ops::frozen_linear_heads(xs, &self.weight, self.bias.as_ref(), split)?),
+                (None, ops::Epilogue::Residual(r)) if xs.track_op() => return Ok(ops::frozen_linear_residual(xs, &self.weight, self.bias.as_ref(), r)?),
+                (None, _) => {}
             }
         }
-        Ok(split.apply(&self.forward(xs, ctx)?)?)
+        Ok(then.apply(self.forward(xs, ctx)?)?)
     }
 }

@@ -140,11 +140,12 @@ pub trait PromptSource: Send + Sync + std::fmt::Debug {
 }
 
 impl Attention {
-    /// `prefix`: virtual keys and values (kv_heads, n, head_dim) before the real ones, for a
-    /// pass without a cache (a cache holds them from its first pass).
+    /// `residual` (the layer's input) plus the attention of `xs` (its norm). `prefix`: virtual keys and values (kv_heads, n, head_dim) before the real ones,
+    /// for a pass without a cache (a cache holds them from its first pass).
     fn forward(
         &self,
         xs: &Tensor,
+        residual: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         ctx: &ForwardCtx,
@@ -153,11 +154,11 @@ impl Attention {
     ) -> Result<Tensor> {
         if let Some(c) = cache {
             if uses_host_cache(xs) {
-                return self.forward_host(xs, cos, sin, ctx, &mut c.host);
+                return Ok((residual + self.forward_host(xs, cos, sin, ctx, &mut c.host)?)?);
             }
-            return self.forward_ops(xs, cos, sin, ctx, Some(c), None);
+            return self.forward_ops(xs, residual, cos, sin, ctx, Some(c), None);
         }
-        self.forward_ops(xs, cos, sin, ctx, None, prefix)
+        self.forward_ops(xs, residual, cos, sin, ctx, None, prefix)
     }
 
     /// Inference on the CPU: the cache grows in place and every query row is computed the same
@@ -176,10 +177,12 @@ impl Attention {
         self.o_proj.forward(&out, ctx)
     }
 
-    /// Attention from candle ops (differentiable; any device).
+    /// Attention from candle ops (differentiable; any device), added to `residual`.
+    #[allow(clippy::too_many_arguments)]
     fn forward_ops(
         &self,
         xs: &Tensor,
+        residual: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         ctx: &ForwardCtx,
@@ -192,9 +195,10 @@ impl Attention {
         // stacked along the row axis (grouped-query attention without copying K/V); k and v as
         // (b, nkv, s, hd).
         let rope = Some((cos, sin));
-        let q = self.q_proj.forward_heads(xs, ctx, ops::HeadSplit { heads: nh, groups: nkv, rope })?;
-        let mut k = self.k_proj.forward_heads(xs, ctx, ops::HeadSplit { heads: nkv, groups: nkv, rope })?;
-        let mut v = self.v_proj.forward_heads(xs, ctx, ops::HeadSplit { heads: nkv, groups: nkv, rope: None })?;
+        let split = |heads, rope| ops::Epilogue::Heads(ops::HeadSplit { heads, groups: nkv, rope });
+        let q = self.q_proj.forward_then(xs, ctx, split(nh, rope))?;
+        let mut k = self.k_proj.forward_then(xs, ctx, split(nkv, rope))?;
+        let mut v = self.v_proj.forward_then(xs, ctx, split(nkv, None))?;
         if let Some((pk, pv)) = prefix {
             let n = pk.dim(1)?;
             let pk = pk.to_dtype(k.dtype())?.unsqueeze(0)?.broadcast_as((b, nkv, n, hd))?.contiguous()?;
@@ -212,15 +216,16 @@ impl Attention {
             c.v = Some(v.clone());
         }
         let out = ops::causal_attention(&q, &k, &v, s, 1.0 / (hd as f64).sqrt())?;
-        self.o_proj.forward(&out, ctx)
+        self.o_proj.forward_then(&out, ctx, ops::Epilogue::Residual(residual))
     }
 }
 
 impl Mlp {
-    fn forward(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+    /// `residual` + the MLP of `xs`.
+    fn forward(&self, xs: &Tensor, residual: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let g = self.gate_proj.forward(xs, ctx)?;
         let u = self.up_proj.forward(xs, ctx)?;
-        self.down_proj.forward(&ops::swiglu(&g, &u)?, ctx)
+        self.down_proj.forward_then(&ops::swiglu(&g, &u)?, ctx, ops::Epilogue::Residual(residual))
     }
 }
 
@@ -238,9 +243,11 @@ impl DecoderLayer {
     ) -> Result<Tensor> {
         let [n1, n2] = norms;
         let h = ops::rms_norm(xs, n1.as_ref().unwrap_or(&self.input_layernorm), cfg.rms_norm_eps)?;
-        let xs = (xs + self.self_attn.forward(&h, cos, sin, ctx, cache, prefix)?)?;
+        // Each sublayer's last projection adds its output to the stream inside its own op
+        // where it can (`ops::Epilogue::Residual`).
+        let xs = self.self_attn.forward(&h, xs, cos, sin, ctx, cache, prefix)?;
         let h = ops::rms_norm(&xs, n2.as_ref().unwrap_or(&self.post_attention_layernorm), cfg.rms_norm_eps)?;
-        Ok((&xs + self.mlp.forward(&h, ctx)?)?)
+        self.mlp.forward(&h, &xs, ctx)
     }
 }
 

@@ -216,7 +216,8 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
         // own node. One g_j is 0 (without dropout, that column's gradient is computed again
         // from the operands). Then the projections whose op ends by moving its output into
         // per-head blocks (q with RoPE in 4 heads of 12 in 2 groups, v in 4 groups without),
-        // against the product followed by the composed split.
+        // against the product followed by the composed split, and those whose op ends by
+        // adding the residual stream.
         {
             use super::FrozenWeight;
             let w = random(&[48, 64], 15)?;
@@ -320,6 +321,39 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                         ops::lora_linear_scaled_heads(&t[0], &weight_for(held, &t[0])?, ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }, &t[3], split)
                     },
                     &|t| split_ref(&ops::lora_linear_scaled_composed(&t[0], reference_of(held), ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }, &t[3])?),
+                )?);
+            }
+            // The projections whose op ends by adding the residual stream (o_proj, down_proj),
+            // the residual's gradient the output's.
+            for held in [None, Some(&blocks)] {
+                let weight = if held.is_some() { "Q4_1 blocks" } else { "dense + bias" };
+                let with_bias = held.is_none();
+                let (x, residual) = (random(&[2, 7, 64], 40)?, random(&[2, 7, 48], 41)?);
+                out.push(check(
+                    &format!("frozen_linear_residual {weight}"),
+                    device,
+                    dtype,
+                    &[x.clone(), residual.clone()],
+                    &|t| {
+                        let b = if with_bias { Some(on(&bias, &t[0])?) } else { None };
+                        ops::frozen_linear_residual(&t[0], &weight_for(held, &t[0])?, b.as_ref(), &t[1])
+                    },
+                    &|t| {
+                        let y = t[0].broadcast_matmul(&reference_of(held).t()?)?;
+                        &t[1] + if with_bias { y.broadcast_add(&bias)? } else { y }
+                    },
+                )?);
+                let dropout = Some((0.25, 83));
+                out.push(check(
+                    &format!("lora_linear_residual {weight}, dropout 0.25"),
+                    device,
+                    dtype,
+                    &[x.clone(), random(&[8, 64], 17)?, random(&[48, 8], 18)?, residual.clone()],
+                    &|t| {
+                        let b = if with_bias { Some(on(&bias, &t[0])?) } else { None };
+                        ops::lora_linear_residual(&t[0], &weight_for(held, &t[0])?, b.as_ref(), ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout }, &t[3])
+                    },
+                    &|t| &t[3] + ops::lora_linear_composed(&t[0], reference_of(held), with_bias.then_some(&bias), ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout })?,
                 )?);
             }
         }

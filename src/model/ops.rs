@@ -83,14 +83,20 @@ struct FrozenMatmul {
     w: Held,
     /// The activations' dtype, which the product and its gradient take.
     dtype: DType,
-    /// A frozen bias (out,) in `dtype`, added inside the op (only with `heads`: it must come
-    /// before the move).
+    /// A frozen bias (out,) in `dtype`, added inside the op (with `heads`, where it must come
+    /// before the move, and before a residual).
     bias: Option<Tensor>,
     /// The output laid out per head ([`HeadSplit`]).
     heads: Option<fused::Heads>,
 }
 
 impl FrozenMatmul {
+    /// The op for `w` in the activations' `dtype`, with a frozen `bias` and `heads`.
+    fn with_bias(w: &super::FrozenWeight, dtype: DType, bias: Option<&Tensor>, heads: Option<fused::Heads>) -> CResult<FrozenMatmul> {
+        let bias = bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?;
+        Ok(FrozenMatmul { w: Held::of(w), dtype, bias, heads })
+    }
+
     /// `x·Wᵀ [+ bias]` on a backend's storage (`pick`: the backend's variant of [`Storage`];
     /// `device` names it in the error).
     fn forward<S: BackendStorage>(&self, s: &S, l: &Layout, pick: fn(&Storage) -> Option<&S>, device: &str) -> CResult<(S, Shape)> {
@@ -150,27 +156,93 @@ pub fn frozen_linear_blocks(xs: &Tensor, q: &Arc<QTensor>) -> CResult<Tensor> {
 /// `xs` tracks ops, one node whose output is already per head ([`HeadSplit`]); otherwise the
 /// product, the bias and [`split_heads`].
 pub fn frozen_linear_heads(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, split: HeadSplit) -> CResult<Tensor> {
-    let n = w.dims()[0];
-    let frozen_bias = bias.is_none_or(|b| !b.track_op());
-    let trained_w = matches!(w, super::FrozenWeight::Dense(t) if t.track_op());
-    if xs.track_op() && frozen_bias && !trained_w {
-        if let Some(heads) = split.epilogue(xs, n)? {
+    if frozen_op_fits(xs, w, bias) {
+        if let Some(heads) = split.epilogue(xs, w.dims()[0])? {
             return profile::region("frozen matmul fwd", xs.device(), || {
-                let dtype = xs.dtype();
-                let bias = bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?;
-                xs.contiguous()?.apply_op1(FrozenMatmul { w: Held::of(w), dtype, bias, heads: Some(heads) })
+                xs.contiguous()?.apply_op1(FrozenMatmul::with_bias(w, xs.dtype(), bias, Some(heads))?)
             });
         }
     }
+    split.apply(&frozen_linear_biased(xs, w, bias)?)
+}
+
+/// `residual + xs·Wᵀ + bias` for a frozen `w` (out, in), `bias` (out,), `xs` (…, in) and the
+/// residual stream (…, out) (o_proj, down_proj): while `xs` tracks ops, one node that adds the
+/// residual as its last step ([`FrozenResidual`]) — as two, the add's node would hold the
+/// product, which its backward never reads; otherwise the product, the bias and the add.
+pub fn frozen_linear_residual(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, residual: &Tensor) -> CResult<Tensor> {
+    if frozen_op_fits(xs, w, bias) && residual_fits(xs, residual, w.dims()[0])? {
+        return profile::region("frozen matmul fwd", xs.device(), || {
+            let op = FrozenResidual(FrozenMatmul::with_bias(w, xs.dtype(), bias, None)?);
+            xs.contiguous()?.apply_op2(&residual.contiguous()?, op)
+        });
+    }
+    residual + frozen_linear_biased(xs, w, bias)?
+}
+
+/// Whether the frozen product can be our op with an epilogue: `xs` tracks ops, the weight is
+/// not trained and a bias, if any, is frozen (a trained one gets its gradient from an add).
+fn frozen_op_fits(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>) -> bool {
+    let trained_w = matches!(w, super::FrozenWeight::Dense(t) if t.track_op());
+    xs.track_op() && bias.is_none_or(|b| !b.track_op()) && !trained_w
+}
+
+/// Whether `residual` can be added inside a projection op on `xs` with `n` outputs: the
+/// output's shape and dtype.
+fn residual_fits(xs: &Tensor, residual: &Tensor, n: usize) -> CResult<bool> {
+    let mut dims = xs.dims().to_vec();
+    match dims.last_mut() {
+        Some(last) => *last = n,
+        None => return Ok(false),
+    }
+    Ok(residual.dtype() == xs.dtype() && residual.dims() == dims.as_slice() && residual.device().same_device(xs.device()))
+}
+
+/// `xs·Wᵀ + bias` as the plain frozen product and an add.
+fn frozen_linear_biased(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>) -> CResult<Tensor> {
     let y = match w {
         super::FrozenWeight::Dense(t) => frozen_linear(xs, t)?,
         super::FrozenWeight::Quantized { q, .. } => frozen_linear_blocks(xs, q)?,
     };
-    let y = match bias {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    split.apply(&y)
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// [`FrozenMatmul`] with a residual added as its last step ([`frozen_linear_residual`]): a
+/// CustomOp2 on (x, residual); the residual's gradient is the output's.
+struct FrozenResidual(FrozenMatmul);
+
+impl candle_core::CustomOp2 for FrozenResidual {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-residual"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, r: &CpuStorage, rl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        add_residual(self.0.forward(s, l, cpu_storage, "the cpu")?, r, rl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout, r: &candle_core::CudaStorage, rl: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        add_residual(self.0.forward(s, l, cuda_storage, "cuda")?, r, rl)
+    }
+
+    fn bwd(&self, x: &Tensor, residual: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        Ok((CustomOp1::bwd(&self.0, x, res, grad)?, residual_grad(residual, grad)))
+    }
+}
+
+/// A projection op's (…, out) result plus the residual stream (same shape and dtype).
+fn add_residual<S: BackendStorage>((y, shape): (S, Shape), r: &S, rl: &Layout) -> CResult<(S, Shape)> {
+    let y = y.binary_impl::<candle_core::op::Add>(r, &Layout::contiguous(shape.clone()), rl)?;
+    Ok((y, shape))
+}
+
+/// The residual's gradient from a projection op that added it: the output's, when the
+/// residual tracks ops (the first layer's input, from frozen embeddings, does not).
+fn residual_grad(residual: &Tensor, grad: &Tensor) -> Option<Tensor> {
+    residual.track_op().then(|| grad.clone())
 }
 
 fn frozen_product(xs: &Tensor, w: Held, n: usize) -> CResult<Tensor> {
@@ -983,24 +1055,127 @@ pub fn dora_row_norm_composed(a: &Tensor, b: &Tensor, w: &Tensor, scale: f64) ->
 /// [`lora_linear`]'s op (with DoRA's column scale in B's last column when `col_scale`).
 fn lora_product(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair, col_scale: bool, heads: Option<fused::Heads>) -> CResult<Tensor> {
     profile::region("lora product fwd", xs.device(), || {
-        let held = Held::of(w);
-        // The op takes the input in its own shape (any leading dims) and gives the output in
-        // the same: a reshape on each side would be two more graph nodes, each a zero-filled
-        // gradient and an add in candle's backward.
-        let x = xs.contiguous()?;
-        let k = x.dims().last().copied().unwrap_or(0);
-        let m = if k == 0 { 0 } else { x.elem_count() / k };
-        let dtype = xs.dtype();
-        let bias = bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?;
-        // x̃·Aᵀ, (m, r); 16-bit on the CPU in f32 (candle's 16-bit products are slow; the op
-        // widens its operands the same way).
-        let half_cpu = x.device().is_cpu() && matches!(dtype, DType::BF16 | DType::F16);
-        let (x2, a) = (x.detach().reshape((m, k))?, pair.a.detach());
-        let (x2, a) = if half_cpu { (f32_copy(&x2)?, f32_copy(&a)?) } else { (x2, a) };
-        let xa = dropped(&x2, pair.dropout)?.matmul(&a.t()?)?;
-        let op = LoraProduct { w: held, bias, dtype, xa, scale: pair.scale, dropout: pair.dropout, col_scale, heads };
+        let (x, op) = lora_op(xs, w, bias, pair, col_scale, heads)?;
         x.apply_op3(&pair.a.contiguous()?, &pair.b.contiguous()?, op)
     })
+}
+
+/// [`LoraProduct`] for `xs` (made contiguous, returned beside it: the op's input).
+fn lora_op(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair, col_scale: bool, heads: Option<fused::Heads>) -> CResult<(Tensor, LoraProduct)> {
+    let held = Held::of(w);
+    // The op takes the input in its own shape (any leading dims) and gives the output in
+    // the same: a reshape on each side would be two more graph nodes, each a zero-filled
+    // gradient and an add in candle's backward.
+    let x = xs.contiguous()?;
+    let k = x.dims().last().copied().unwrap_or(0);
+    let m = if k == 0 { 0 } else { x.elem_count() / k };
+    let dtype = xs.dtype();
+    let bias = bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?;
+    // x̃·Aᵀ, (m, r); 16-bit on the CPU in f32 (candle's 16-bit products are slow; the op
+    // widens its operands the same way).
+    let half_cpu = x.device().is_cpu() && matches!(dtype, DType::BF16 | DType::F16);
+    let (x2, a) = (x.detach().reshape((m, k))?, pair.a.detach());
+    let (x2, a) = if half_cpu { (f32_copy(&x2)?, f32_copy(&a)?) } else { (x2, a) };
+    let xa = dropped(&x2, pair.dropout)?.matmul(&a.t()?)?;
+    Ok((x, LoraProduct { w: held, bias, dtype, xa, scale: pair.scale, dropout: pair.dropout, col_scale, heads }))
+}
+
+/// `residual + lora_linear(xs, …)` for the residual stream (…, out) (o_proj, down_proj): where
+/// the shape and dtypes allow, one node that adds the residual as its last step
+/// ([`LoraResidual`]) — as two, the add's node would hold the projection's output, which its
+/// backward never reads.
+pub fn lora_linear_residual(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair, residual: &Tensor) -> CResult<Tensor> {
+    let frozen_bias = bias.is_none_or(|b| !b.track_op());
+    if frozen_bias && pair.a.dtype() == pair.b.dtype() && residual_fits(xs, residual, pair.b.dim(0)?)? {
+        return profile::region("lora product fwd", xs.device(), || {
+            let (x, inner) = lora_op(xs, w, bias, pair, false, None)?;
+            let (a, b) = (pair.a.contiguous()?, pair.b.contiguous()?);
+            let ab = Tensor::cat(&[&a.flatten_all()?, &b.flatten_all()?], 0)?;
+            x.apply_op3(&ab, &residual.contiguous()?, LoraResidual { inner, a: a.detach(), b: b.detach() })
+        });
+    }
+    residual + lora_linear(xs, w, bias, pair)?
+}
+
+/// [`LoraProduct`] with a residual added as its last step ([`lora_linear_residual`]): a
+/// CustomOp3 on (x, A and B flattened into one vector, the residual) — candle's custom ops
+/// take three tensors at most, and the vector's node costs r·(in + out) values. The op keeps
+/// A and B themselves (detached) for its products; their gradients go back through the vector.
+struct LoraResidual {
+    inner: LoraProduct,
+    a: Tensor,
+    b: Tensor,
+}
+
+impl candle_core::CustomOp3 for LoraResidual {
+    fn name(&self) -> &'static str {
+        "lora-product-residual"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, _ab: &CpuStorage, _abl: &Layout, r: &CpuStorage, rl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (bs, bl) = self.b.storage_and_layout();
+        let Storage::Cpu(b) = &*bs else { candle_core::bail!("lora-product: B not on the cpu") };
+        add_residual(self.inner.cpu_rows(x, xl, b, bl)?, r, rl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        _ab: &candle_core::CudaStorage,
+        _abl: &Layout,
+        r: &candle_core::CudaStorage,
+        rl: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let (bs, bl) = self.b.storage_and_layout();
+        let Storage::Cuda(b) = &*bs else { candle_core::bail!("lora-product: B not on cuda") };
+        let w = self.inner.w.dense(self.inner.dtype)?;
+        add_residual(self.inner.forward_held(x, xl, b, bl, &w, cuda_storage, "cuda")?, r, rl)
+    }
+
+    fn bwd(&self, x: &Tensor, _ab: &Tensor, residual: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        profile::region("lora product bwd", grad.device(), || {
+            let (dx, da, db) = self.inner.grads(x, &self.a, &self.b, res, grad)?;
+            let (Some(da), Some(db)) = (da, db) else { candle_core::bail!("lora-product: no gradient for A or B") };
+            let dab = Tensor::cat(&[&da.flatten_all()?, &db.flatten_all()?], 0)?;
+            Ok((dx, Some(dab), residual_grad(residual, grad)))
+        })
+    }
+}
+
+/// What a projection op does last with its (…, out) product: nothing, the move into heads
+/// (q, k, v), or the residual added (o_proj, down_proj). As the op's own step, the graph keeps
+/// no copy of the product beside the result.
+#[derive(Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// The product is the output.
+    Rows,
+    /// [`split_heads`] of it.
+    Heads(HeadSplit<'a>),
+    /// The residual stream plus it.
+    Residual(&'a Tensor),
+}
+
+impl Epilogue<'_> {
+    /// The step on a product `y` computed on its own.
+    pub fn apply(&self, y: Tensor) -> CResult<Tensor> {
+        match self {
+            Epilogue::Rows => Ok(y),
+            Epilogue::Heads(split) => split.apply(&y),
+            Epilogue::Residual(r) => *r + y,
+        }
+    }
+}
+
+/// [`lora_linear`] followed by `then`, as one op where it can be ([`lora_linear_heads`],
+/// [`lora_linear_residual`]).
+pub fn lora_linear_then(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair, then: Epilogue) -> CResult<Tensor> {
+    match then {
+        Epilogue::Rows => lora_linear(xs, w, bias, pair),
+        Epilogue::Heads(split) => lora_linear_heads(xs, w, bias, pair, split),
+        Epilogue::Residual(r) => lora_linear_residual(xs, w, bias, pair, r),
+    }
 }
 
 /// [`lora_linear`] from differentiable primitives: the reference it is held to.

@@ -318,14 +318,14 @@ impl AdaLoraLayer {
 }
 
 impl AdaLoraLayer {
-    /// [`LinearAdapter::forward_full`]'s op, laid out per head with `split`.
-    fn full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, split: Option<ops::HeadSplit>) -> Option<Result<Tensor>> {
+    /// [`LinearAdapter::forward_full`]'s op, followed by `then`.
+    fn full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, then: ops::Epilogue) -> Option<Result<Tensor>> {
         if !ctx.train || ctx.generation || self.rank() == 0 {
             return None;
         }
         let run = || -> Result<Tensor> {
             let (a, b) = (self.scaled_a(ctx)?, t(&self.b, ctx));
-            super::lora::train_product(xs, weight, bias, &a, &b, self.scale, self.dropout, self.index, ctx, split)
+            super::lora::train_product(xs, weight, bias, &a, &b, self.scale, self.dropout, self.index, ctx, then)
         };
         Some(run())
     }
@@ -335,11 +335,11 @@ impl LinearAdapter for AdaLoraLayer {
     /// Training: the frozen product and the update `s·(x̃·(Q ⊙ Λ)ᵀ)·Pᵀ` as one op, LoRA's
     /// (`ops::lora_linear`, with Q ⊙ Λ as its A: Λ's gradient comes through it).
     fn forward_full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
-        self.full(xs, weight, bias, ctx, None)
+        self.full(xs, weight, bias, ctx, ops::Epilogue::Rows)
     }
 
-    fn forward_full_heads(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, split: ops::HeadSplit) -> Option<Result<Tensor>> {
-        self.full(xs, weight, bias, ctx, Some(split))
+    fn forward_full_then(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, then: ops::Epilogue) -> Option<Result<Tensor>> {
+        self.full(xs, weight, bias, ctx, then)
     }
 
     fn forward(&self, xs: &Tensor, base: Tensor, _w: &FrozenWeight, ctx: &ForwardCtx) -> Result<Tensor> {

@@ -204,7 +204,7 @@ pub(crate) fn adapter_input(xs: &Tensor, p: f64, index: u64, ctx: &ForwardCtx) -
 
 /// In training, `xs·Wᵀ [+ bias] + scale·(x̃·Aᵀ)·Bᵀ` as one op (`ops::lora_linear`), x̃ = `xs`
 /// with dropout `p` drawn as [`adapter_input`] draws it: LoRA's and AdaLoRA's (Q ⊙ Λ as A)
-/// projection; laid out per head when `split` is given (`ops::lora_linear_heads`).
+/// projection; followed by `then` inside the op where it can be (`ops::lora_linear_then`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn train_product(
     xs: &Tensor,
@@ -216,14 +216,10 @@ pub(crate) fn train_product(
     p: f64,
     index: u64,
     ctx: &ForwardCtx,
-    split: Option<ops::HeadSplit>,
+    then: ops::Epilogue,
 ) -> Result<Tensor> {
     let dropout = (p > 0.0).then(|| (p, dropout_seed(index, ctx)));
-    let pair = ops::LoraPair { a, b, scale, dropout };
-    Ok(match split {
-        Some(split) => ops::lora_linear_heads(xs, weight, bias, pair, split)?,
-        None => ops::lora_linear(xs, weight, bias, pair)?,
-    })
+    Ok(ops::lora_linear_then(xs, weight, bias, ops::LoraPair { a, b, scale, dropout }, then)?)
 }
 
 /// The seed of adapted layer `index`'s dropout mask in a pass.
@@ -233,14 +229,6 @@ fn dropout_seed(index: u64, ctx: &ForwardCtx) -> u64 {
 
 /// `scale·(x·Aᵀ)·Bᵀ` for A (r, in), B (out, r) with plain 2-D matmuls on (tokens, features):
 /// one GEMM each instead of one per batch row (and no broadcast to reduce in the backward).
-/// `y`, or `split` of it.
-fn split_of(y: Tensor, split: Option<ops::HeadSplit>) -> Result<Tensor> {
-    Ok(match split {
-        Some(split) => split.apply(&y)?,
-        None => y,
-    })
-}
-
 pub(crate) fn low_rank_update(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     let (inp, out) = (a.dim(1)?, b.dim(0)?);
     let down = x.reshape(((), inp))?.matmul(&a.t()?)?;
@@ -255,8 +243,8 @@ pub(crate) fn low_rank_update(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) ->
 impl LoraLayer {
     /// The whole layer where LoRA computes it ([`LinearAdapter::forward_full`]): in training
     /// one op with the frozen product (LoRA, and DoRA's scaled form); DoRA's in evaluation too.
-    /// With `split`, the output laid out per head.
-    fn full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, split: Option<ops::HeadSplit>) -> Option<Result<Tensor>> {
+    /// Followed by `then` (inside the op where it can be).
+    fn full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, then: ops::Epilogue) -> Option<Result<Tensor>> {
         let Some(magnitude) = self.magnitude.as_ref() else {
             // Training: the frozen product and the update as one op (`ops::lora_linear`: what
             // the graph keeps is the input and a (tokens, r) product, not three (tokens, out)
@@ -266,7 +254,7 @@ impl LoraLayer {
                 return None;
             }
             let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
-            return Some(train_product(xs, weight, bias, &a, &b, self.scale, self.dropout, self.index, ctx, split));
+            return Some(train_product(xs, weight, bias, &a, &b, self.scale, self.dropout, self.index, ctx, then));
         };
         let run = || -> Result<Tensor> {
             // PEFT's form: base(x) + (g − 1)·(x̃·Wᵀ) + g·s·(x̃·Aᵀ)·Bᵀ with g = m / ‖W + s·B·A‖_row
@@ -279,11 +267,11 @@ impl LoraLayer {
                 let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
                 let dropout = (self.dropout > 0.0).then(|| (self.dropout, dropout_seed(self.index, ctx)));
                 let pair = ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout };
-                return match (bias, split) {
-                    (None, Some(split)) => Ok(ops::lora_linear_scaled_heads(xs, weight, pair, &g, split)?),
-                    (Some(b), split) => split_of(ops::lora_linear_scaled(xs, weight, pair, &g)?.broadcast_add(b)?, split),
-                    (None, None) => Ok(ops::lora_linear_scaled(xs, weight, pair, &g)?),
-                };
+                return Ok(match (bias, then) {
+                    (None, ops::Epilogue::Heads(split)) => ops::lora_linear_scaled_heads(xs, weight, pair, &g, split)?,
+                    (Some(b), then) => then.apply(ops::lora_linear_scaled(xs, weight, pair, &g)?.broadcast_add(b)?)?,
+                    (None, then) => then.apply(ops::lora_linear_scaled(xs, weight, pair, &g)?)?,
+                });
             }
             let y = weight.product(xs)?;
             let x = self.dropped(xs, ctx)?;
@@ -292,7 +280,7 @@ impl LoraLayer {
             if let Some(b) = bias {
                 out = out.broadcast_add(b)?;
             }
-            split_of(out, split)
+            Ok(then.apply(out)?)
         };
         Some(run())
     }
@@ -343,11 +331,11 @@ impl LinearAdapter for LoraLayer {
     }
 
     fn forward_full(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
-        self.full(xs, weight, bias, ctx, None)
+        self.full(xs, weight, bias, ctx, ops::Epilogue::Rows)
     }
 
-    fn forward_full_heads(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, split: ops::HeadSplit) -> Option<Result<Tensor>> {
-        self.full(xs, weight, bias, ctx, Some(split))
+    fn forward_full_then(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, then: ops::Epilogue) -> Option<Result<Tensor>> {
+        self.full(xs, weight, bias, ctx, then)
     }
 
     fn params(&self) -> Vec<(String, Var)> {
