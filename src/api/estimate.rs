@@ -804,4 +804,28 @@ mod tests {
         assert!(text.lines().all(|l| l == "2 200.0" || l.starts_with("8 ")), "{text}");
         assert_eq!(settled_rate(&file, 2, 90.0), 200.0);
     }
+
+    /// The outputs the estimate stops counting are those whose projection op takes the next
+    /// step itself: every q/k/v/o/down that is frozen or LoRA's; DoRA's q/k/v (without a
+    /// bias) but not its o/down; none under full fine-tuning; not an IA3 target's.
+    #[test]
+    fn epilogue_floats_follow_the_ops_that_take_the_step() {
+        let c = LlamaConfig::tiny(32); // q 16 wide, k and v 8, hidden 16
+        let floats = |c: &LlamaConfig, method: &str| {
+            let peft: PeftConfig = toml::from_str(method).unwrap();
+            let ad = adapted(c, &peft).unwrap();
+            fused_epilogue_floats(c, &peft, &ad.iter().map(|a| a.0.as_str()).collect::<Vec<_>>())
+        };
+        let all = 16.0 + 8.0 + 8.0 + 16.0 + 16.0;
+        assert_eq!(floats(&c, "method = \"lora\"\ntarget_modules = \"all-linear\""), all);
+        assert_eq!(floats(&c, "method = \"lora\"\ntarget_modules = [\"q_proj\", \"v_proj\"]"), all);
+        assert_eq!(floats(&c, "method = \"lora\"\nuse_dora = true\ntarget_modules = \"all-linear\""), all - 32.0, "DoRA's o and down add on their own");
+        assert_eq!(floats(&c, "method = \"lora\"\nuse_dora = true\ntarget_modules = [\"o_proj\"]"), all - 16.0);
+        let biased = LlamaConfig { attention_bias: true, ..c.clone() };
+        assert_eq!(floats(&biased, "method = \"lora\"\nuse_dora = true\ntarget_modules = \"all-linear\""), 0.0, "with a bias DoRA's q, k, v split on their own");
+        assert_eq!(floats(&c, "method = \"full\""), 0.0);
+        let ia3 = "method = \"ia3\"\ntarget_modules = [\"k_proj\", \"v_proj\", \"down_proj\"]\nfeedforward_modules = [\"down_proj\"]";
+        assert_eq!(floats(&c, ia3), 16.0 + 16.0, "q and o, not IA3's k, v, down");
+        assert_eq!(floats(&c, "method = \"prompt_tuning\"\nnum_virtual_tokens = 4"), all);
+    }
 }
