@@ -208,6 +208,10 @@ fn bench_train_runs_a_shape_with_and_without_checkpointing() {
         // q, k and v come out of LoRA's op already per head (`ops::Epilogue::Heads`): no
         // split of its own runs.
         assert!(!rows.iter().any(|r| r["region"] == "split heads fwd" || r["region"] == "split heads bwd"), "{rows:?}");
+        // down_proj's LoRA op makes SwiGLU's product itself, and again in its backward
+        // (`ops::lora_linear_swiglu`): the graph never holds it.
+        assert_eq!(get("swiglu fwd")["calls_per_step"].as_f64().unwrap(), layers * if recompute { 3.0 } else { 2.0 });
+        assert_eq!(get("swiglu bwd")["calls_per_step"].as_f64().unwrap(), layers);
         assert_eq!(rows.iter().any(|r| r["region"] == "forward (recompute)"), recompute);
         let share: f64 = rows.iter().map(|r| r["share"].as_f64().unwrap()).sum();
         assert!((share - 1.0).abs() < 1e-6, "{share}");

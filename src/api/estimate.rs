@@ -9,9 +9,9 @@
 //! * adapter: trainable parameters × (value + gradient + accumulated gradient + AdamW m, v);
 //! * activations kept for the backward pass, per token and decoder layer: the layer input,
 //!   both norm outputs, q/k/v per head rotated (and as projected, where the projection's op
-//!   does not make the heads itself), attention output, MLP gate/up/activation, o_proj's and
-//!   down_proj's outputs where their op does not add the residual itself
-//!   ([`fused_epilogue_floats`]), the residual sums, plus each LoRA target's
+//!   does not make the heads itself), attention output, MLP gate/up, SwiGLU's product where
+//!   down_proj's op does not make it itself, o_proj's and down_proj's outputs where their op
+//!   does not add the residual itself ([`fused_epilogue_floats`]), the residual sums, plus each LoRA target's
 //!   rank-r intermediate (LoRA trains through `ops::lora_linear`, which keeps no output of its
 //!   own beside the projection's; DoRA composes and keeps more) — see
 //!   [`activation_floats_per_token_layer`];
@@ -327,39 +327,60 @@ pub fn activation_floats_per_token_layer(c: &LlamaConfig, adapter_floats: f64) -
     // input, norm1, q (proj, per head rotated: `ops::split_heads`), k (×2), v (×2), attention
     // out (heads merged; the backward reads the op's result), o_proj out, residual, norm2,
     // gate, up, activation, down out, residual. (A projection whose op takes the split or the
-    // residual add as its last step keeps no output of its own: [`fused_epilogue_floats`],
-    // counted with the adapter's.)
+    // residual add as its last step keeps no output of its own, and down_proj's op that makes
+    // SwiGLU's product keeps no activation: [`fused_epilogue_floats`], counted with the
+    // adapter's.)
     let base = d + d + 2.0 * q + 2.0 * kv + 2.0 * kv + q + d + d + d + ff + ff + ff + d + d;
     base + adapter_floats
 }
 
-/// Floats per token and layer that projections' outputs do not take, because the projection's
-/// own op takes the next step ([`crate::model::ops::Epilogue`]): q, k and v's move into heads
-/// and o_proj's and down_proj's add to the residual stream — the frozen product's
-/// (`ops::frozen_linear_heads`, `ops::frozen_linear_residual`), LoRA's and AdaLoRA's
-/// (`ops::lora_linear_then`), and DoRA's move into heads without a bias
-/// (`ops::lora_linear_scaled_heads`). IA3's, BitFit's, the bottleneck adapters' and full
-/// fine-tuning's projections keep their output, then take the step. `adapted`: the names
-/// [`adapted`] lists.
+/// Floats per token and layer that projections' inputs and outputs do not take, because the
+/// projection's own op takes the step before or after it ([`crate::model::ops::Epilogue`],
+/// `Linear::forward_swiglu_then`): q, k and v's move into heads, o_proj's and down_proj's add
+/// to the residual stream, and down_proj's input, SwiGLU's product, made inside its op. The
+/// frozen product's ops take every step (`ops::frozen_linear_heads`,
+/// `ops::frozen_linear_residual`, `ops::frozen_linear_swiglu_residual`); LoRA's and AdaLoRA's
+/// too, except the add after down_proj, which its op on SwiGLU's product leaves to a node of
+/// its own (`ops::lora_linear_swiglu`: candle's custom ops take three tensors); DoRA's only
+/// the move into heads without a bias (`ops::lora_linear_scaled_heads`). IA3's, BitFit's, the
+/// bottleneck adapters' and full fine-tuning's projections keep their input and output, then
+/// take the step. `adapted`: the names [`adapted`] lists.
 pub fn fused_epilogue_floats(c: &LlamaConfig, peft: &PeftConfig, adapted: &[&str]) -> f64 {
     let hd = c.head_dim();
-    let (q, kv, d) = (c.num_attention_heads * hd, c.kv_heads() * hd, c.hidden_size);
-    // (projection, output width, whether its step is the move into heads)
-    let steps = [("self_attn.q_proj", q, true), ("self_attn.k_proj", kv, true), ("self_attn.v_proj", kv, true), ("self_attn.o_proj", d, false), ("mlp.down_proj", d, false)];
-    steps
-        .iter()
-        .filter(|(p, _, heads)| {
-            let targeted = adapted.iter().any(|n| *n == format!("model.layers.0.{p}"));
-            match peft {
-                PeftConfig::Full(_) => false,
-                PeftConfig::Lora(l) | PeftConfig::Qlora(l) => !(targeted && l.use_dora) || (*heads && !c.attention_bias),
-                PeftConfig::AdaLora(_) => true,
-                PeftConfig::Ia3(_) | PeftConfig::Bitfit(_) | PeftConfig::Adapter(_) => !targeted,
-                PeftConfig::PromptTuning(_) | PeftConfig::PTuning(_) | PeftConfig::PrefixTuning(_) | PeftConfig::PTuningV2(_) => true,
-            }
-        })
-        .map(|(_, w, _)| *w as f64)
-        .sum()
+    let (q, kv, d, ff) = (c.num_attention_heads * hd, c.kv_heads() * hd, c.hidden_size, c.intermediate_size);
+    /// The op a projection trains through.
+    #[derive(PartialEq)]
+    enum Via {
+        Frozen,
+        Lora,
+        Dora,
+        Own,
+    }
+    let via = |p: &str| {
+        let targeted = adapted.iter().any(|n| *n == format!("model.layers.0.{p}"));
+        match peft {
+            PeftConfig::Full(_) => Via::Own,
+            _ if !targeted => Via::Frozen,
+            PeftConfig::Lora(l) | PeftConfig::Qlora(l) if l.use_dora => Via::Dora,
+            PeftConfig::Lora(_) | PeftConfig::Qlora(_) | PeftConfig::AdaLora(_) => Via::Lora,
+            _ => Via::Own,
+        }
+    };
+    let heads = |p: &str, w: usize| match via(p) {
+        Via::Frozen | Via::Lora => w,
+        Via::Dora if !c.attention_bias => w,
+        _ => 0,
+    };
+    let o = match via("self_attn.o_proj") {
+        Via::Frozen | Via::Lora => d,
+        _ => 0,
+    };
+    let down = match via("mlp.down_proj") {
+        Via::Frozen => ff + d,
+        Via::Lora => ff,
+        _ => 0,
+    };
+    (heads("self_attn.q_proj", q) + heads("self_attn.k_proj", kv) + heads("self_attn.v_proj", kv) + o + down) as f64
 }
 
 /// Readings of the matmul rate kept (`machine-rate.txt` in the app data dir) for
@@ -805,21 +826,24 @@ mod tests {
         assert_eq!(settled_rate(&file, 2, 90.0), 200.0);
     }
 
-    /// The outputs the estimate stops counting are those whose projection op takes the next
-    /// step itself: every q/k/v/o/down that is frozen or LoRA's; DoRA's q/k/v (without a
-    /// bias) but not its o/down; none under full fine-tuning; not an IA3 target's.
+    /// The tensors the estimate stops counting are those whose projection op takes the step
+    /// before or after it itself: every step of a frozen q/k/v/o/down; LoRA's, except the add
+    /// after down (its op makes SwiGLU's product instead); DoRA's q/k/v (without a bias) but
+    /// not its o/down; none under full fine-tuning; not an IA3 target's.
     #[test]
     fn epilogue_floats_follow_the_ops_that_take_the_step() {
-        let c = LlamaConfig::tiny(32); // q 16 wide, k and v 8, hidden 16
+        let c = LlamaConfig::tiny(32); // q 16 wide, k and v 8, hidden 16, intermediate 24
         let floats = |c: &LlamaConfig, method: &str| {
             let peft: PeftConfig = toml::from_str(method).unwrap();
             let ad = adapted(c, &peft).unwrap();
             fused_epilogue_floats(c, &peft, &ad.iter().map(|a| a.0.as_str()).collect::<Vec<_>>())
         };
-        let all = 16.0 + 8.0 + 8.0 + 16.0 + 16.0;
-        assert_eq!(floats(&c, "method = \"lora\"\ntarget_modules = \"all-linear\""), all);
+        let heads = 16.0 + 8.0 + 8.0;
+        let all = heads + 16.0 + 24.0 + 16.0;
+        assert_eq!(floats(&c, "method = \"lora\"\ntarget_modules = \"all-linear\""), all - 16.0, "LoRA's down leaves the add to its own node");
         assert_eq!(floats(&c, "method = \"lora\"\ntarget_modules = [\"q_proj\", \"v_proj\"]"), all);
-        assert_eq!(floats(&c, "method = \"lora\"\nuse_dora = true\ntarget_modules = \"all-linear\""), all - 32.0, "DoRA's o and down add on their own");
+        assert_eq!(floats(&c, "method = \"adalora\"\ntarget_modules = [\"down_proj\"]"), all - 16.0);
+        assert_eq!(floats(&c, "method = \"lora\"\nuse_dora = true\ntarget_modules = \"all-linear\""), heads, "DoRA's o and down take no step");
         assert_eq!(floats(&c, "method = \"lora\"\nuse_dora = true\ntarget_modules = [\"o_proj\"]"), all - 16.0);
         let biased = LlamaConfig { attention_bias: true, ..c.clone() };
         assert_eq!(floats(&biased, "method = \"lora\"\nuse_dora = true\ntarget_modules = \"all-linear\""), 0.0, "with a bias DoRA's q, k, v split on their own");

@@ -308,11 +308,18 @@ impl candle_core::CustomOp2 for Swiglu {
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         profile::region("swiglu bwd", g.device(), || {
-            let n = g.elem_count();
-            let both = g.apply_op3_no_bwd(u, &grad.contiguous()?, &SwigluGrad)?;
-            Ok((Some(both.narrow(0, 0, n)?.reshape(g.shape())?), Some(both.narrow(0, n, n)?.reshape(u.shape())?)))
+            let (dg, du) = swiglu_grads(g, u, grad)?;
+            Ok((Some(dg), Some(du)))
         })
     }
+}
+
+/// SwiGLU's input gradients (dg, du) from the operands and the output's gradient `grad`, by
+/// the fused kernel (no graph).
+pub(crate) fn swiglu_grads(g: &Tensor, u: &Tensor, grad: &Tensor) -> CResult<(Tensor, Tensor)> {
+    let n = g.elem_count();
+    let both = g.contiguous()?.apply_op3_no_bwd(&u.contiguous()?, &grad.contiguous()?, &SwigluGrad)?;
+    Ok((both.narrow(0, 0, n)?.reshape(g.shape())?, both.narrow(0, n, n)?.reshape(u.shape())?))
 }
 
 /// SwiGLU's input gradients from (g, u, dOut): (2·n,) holding dg, then du.

@@ -178,6 +178,14 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     fn forward_full_then(&self, _xs: &Tensor, _weight: &FrozenWeight, _bias: Option<&Tensor>, _ctx: &ForwardCtx, _then: ops::Epilogue) -> Option<Result<Tensor>> {
         None
     }
+    /// The whole layer on SwiGLU's product `silu(g)·u` ([`Linear::forward_swiglu_then`]:
+    /// down_proj), followed by `then`, where the method's op can make the product itself (so
+    /// the graph keeps g and u but not the product). `None` (the default) = SwiGLU's node, then
+    /// [`forward_full_then`](Self::forward_full_then) on its output.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_swiglu_then(&self, _g: &Tensor, _u: &Tensor, _weight: &FrozenWeight, _bias: Option<&Tensor>, _ctx: &ForwardCtx, _then: ops::Epilogue) -> Option<Result<Tensor>> {
+        None
+    }
     /// The weight that replaces the frozen one wholesale while training (full fine-tuning,
     /// without a bias), tracked for its gradient: an LM head with one trains through the
     /// chunked loss ([`super::ops::linear_cross_entropy_trained_sum`]) instead of keeping every
@@ -342,5 +350,30 @@ impl Linear {
             }
         }
         Ok(then.apply(self.forward(xs, ctx)?)?)
+    }
+
+    /// [`forward_then`](Self::forward_then) on SwiGLU's product `silu(g)·u` of the gate and up
+    /// projections' outputs (down_proj). In training the product is made inside the
+    /// projection's own op where it can be — the frozen product's
+    /// ([`ops::frozen_linear_swiglu_residual`]) and LoRA's
+    /// ([`LinearAdapter::forward_swiglu_then`]) — so the graph keeps g and u, which SwiGLU's
+    /// backward reads, and never the (tokens, intermediate) product, which the op makes again
+    /// when its backward needs it.
+    pub fn forward_swiglu_then(&self, g: &Tensor, u: &Tensor, ctx: &ForwardCtx, then: ops::Epilogue) -> Result<Tensor> {
+        if !ctx.generation {
+            let ctx = &self.pass_ctx(g, ctx);
+            match (&self.adapter, then) {
+                (Some(a), then) => {
+                    if let Some(y) = a.forward_swiglu_then(g, u, &self.weight, self.bias.as_ref(), ctx, then) {
+                        return y;
+                    }
+                }
+                (None, ops::Epilogue::Residual(r)) if g.track_op() || u.track_op() => {
+                    return Ok(ops::frozen_linear_swiglu_residual(g, u, &self.weight, self.bias.as_ref(), r)?);
+                }
+                (None, _) => {}
+            }
+        }
+        self.forward_then(&ops::swiglu(g, u)?, ctx, then)
     }
 }

@@ -225,7 +225,7 @@ impl Mlp {
     fn forward(&self, xs: &Tensor, residual: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let g = self.gate_proj.forward(xs, ctx)?;
         let u = self.up_proj.forward(xs, ctx)?;
-        self.down_proj.forward_then(&ops::swiglu(&g, &u)?, ctx, ops::Epilogue::Residual(residual))
+        self.down_proj.forward_swiglu_then(&g, &u, ctx, ops::Epilogue::Residual(residual))
     }
 }
 

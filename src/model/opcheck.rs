@@ -355,6 +355,38 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                     },
                     &|t| &t[3] + ops::lora_linear_composed(&t[0], reference_of(held), with_bias.then_some(&bias), ops::LoraPair { a: &t[1], b: &t[2], scale: 2.0, dropout })?,
                 )?);
+                // down_proj: SwiGLU's product made inside the op from the gate's and up's
+                // outputs (g, u), its gradient going on to both.
+                let (g, u) = (random(&[2, 7, 64], 42)?, random(&[2, 7, 64], 43)?);
+                out.push(check(
+                    &format!("frozen_linear_swiglu_residual {weight}"),
+                    device,
+                    dtype,
+                    &[g.clone(), u.clone(), residual.clone()],
+                    &|t| {
+                        let b = if with_bias { Some(on(&bias, &t[0])?) } else { None };
+                        ops::frozen_linear_swiglu_residual(&t[0], &t[1], &weight_for(held, &t[0])?, b.as_ref(), &t[2])
+                    },
+                    &|t| {
+                        let y = ops::swiglu_composed(&t[0], &t[1])?.broadcast_matmul(&reference_of(held).t()?)?;
+                        &t[2] + if with_bias { y.broadcast_add(&bias)? } else { y }
+                    },
+                )?);
+                let dropout = Some((0.25, 84));
+                out.push(check(
+                    &format!("lora_linear_swiglu {weight}, dropout 0.25"),
+                    device,
+                    dtype,
+                    &[g.clone(), u.clone(), random(&[8, 64], 17)?, random(&[48, 8], 18)?],
+                    &|t| {
+                        let b = if with_bias { Some(on(&bias, &t[0])?) } else { None };
+                        ops::lora_linear_swiglu(&t[0], &t[1], &weight_for(held, &t[0])?, b.as_ref(), ops::LoraPair { a: &t[2], b: &t[3], scale: 2.0, dropout })
+                    },
+                    &|t| {
+                        let act = ops::swiglu_composed(&t[0], &t[1])?;
+                        ops::lora_linear_composed(&act, reference_of(held), with_bias.then_some(&bias), ops::LoraPair { a: &t[2], b: &t[3], scale: 2.0, dropout })
+                    },
+                )?);
             }
         }
         // DoRA's row norms ‖W + s·B·A‖_row without the formed matrix, against the formed one;

@@ -639,7 +639,7 @@ impl candle_core::CustomOp3 for LoraProduct {
     }
 
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        profile::region("lora product bwd", grad.device(), || self.grads(x, a, b, res, &out_of_heads(&self.heads, grad)?))
+        profile::region("lora product bwd", grad.device(), || self.grads(x, x.track_op(), a, b, res, &out_of_heads(&self.heads, grad)?))
     }
 }
 
@@ -669,8 +669,11 @@ impl LoraProduct {
         self.forward_held(x, xl, b, bl, &w, cpu_storage, "the cpu")
     }
 
-    /// The backward from the output's gradient in (tokens, out) rows.
-    fn grads(&self, x: &Tensor, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    /// The backward from the output's gradient in (tokens, out) rows; `x`'s gradient only
+    /// when `x_tracks` (an input that tracks no ops — the first layer's, from frozen embeddings
+    /// — gets none).
+    #[allow(clippy::too_many_arguments)]
+    fn grads(&self, x: &Tensor, x_tracks: bool, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // A column scale g: the gradient of the unscaled product is dY ⊙ g, g's own is
         // Σ_tokens dY ⊙ (x·Wᵀ + s·x̃·Aᵀ·Bᵀ); then LoRA's backward with B alone.
         let (grad, b, dg) = if self.col_scale {
@@ -680,8 +683,6 @@ impl LoraProduct {
             (grad.clone(), b.clone(), None)
         };
         let (grad, b) = (&grad, &b);
-        // An input that tracks no ops (the first layer's, from frozen embeddings) gets no gradient.
-        let x_tracks = x.track_op();
         // Leading dimensions flattened: (tokens, in) and (tokens, out).
         let x_dims = x.dims().to_vec();
         let (m, k) = (x.elem_count() / a.dim(1)?.max(1), a.dim(1)?);
@@ -1136,11 +1137,168 @@ impl candle_core::CustomOp3 for LoraResidual {
 
     fn bwd(&self, x: &Tensor, _ab: &Tensor, residual: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         profile::region("lora product bwd", grad.device(), || {
-            let (dx, da, db) = self.inner.grads(x, &self.a, &self.b, res, grad)?;
+            let (dx, da, db) = self.inner.grads(x, x.track_op(), &self.a, &self.b, res, grad)?;
             let (Some(da), Some(db)) = (da, db) else { candle_core::bail!("lora-product: no gradient for A or B") };
             let dab = Tensor::cat(&[&da.flatten_all()?, &db.flatten_all()?], 0)?;
             Ok((dx, Some(dab), residual_grad(residual, grad)))
         })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU's product as a projection's input (down_proj)
+// ---------------------------------------------------------------------------------------------
+
+/// Whether SwiGLU's product of `g` and `u` can be made inside a projection op: one shape and
+/// dtype, on one device.
+fn swiglu_fits(g: &Tensor, u: &Tensor) -> bool {
+    g.dims() == u.dims() && g.dtype() == u.dtype() && g.device().same_device(u.device())
+}
+
+/// `residual + silu(g)·u·Wᵀ + bias` for a frozen `w` (out, in), the gate and up projections'
+/// outputs `g`, `u` (…, in) and the residual stream (…, out) (down_proj without an adapter):
+/// while g or u tracks ops, one node on (g, u, residual) ([`FrozenSwiglu`]). As SwiGLU's node
+/// and the product's, the graph would hold SwiGLU's (…, in) product for the product's backward,
+/// which never reads it; the op's backward needs only g and u (SwiGLU's own backward reads
+/// them), so what stays between the passes is one (tokens, intermediate) tensor fewer.
+pub fn frozen_linear_swiglu_residual(g: &Tensor, u: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, residual: &Tensor) -> CResult<Tensor> {
+    let tracks = g.track_op() || u.track_op();
+    let trained_w = matches!(w, super::FrozenWeight::Dense(t) if t.track_op());
+    if tracks && !trained_w && bias.is_none_or(|b| !b.track_op()) && swiglu_fits(g, u) && residual_fits(g, residual, w.dims()[0])? {
+        let act = swiglu_value(g, u)?;
+        return profile::region("frozen matmul fwd", g.device(), || {
+            let op = FrozenSwiglu { inner: FrozenMatmul::with_bias(w, g.dtype(), bias, None)?, act: Handoff::new(act) };
+            g.contiguous()?.apply_op3(&u.contiguous()?, &residual.contiguous()?, op)
+        });
+    }
+    residual + frozen_linear_biased(&swiglu(g, u)?, w, bias)?
+}
+
+/// [`FrozenMatmul`] on SwiGLU's product, plus the residual ([`frozen_linear_swiglu_residual`]):
+/// a CustomOp3 on (g, u, residual). The product is made before the node (the forward takes it
+/// from `act` and drops it); the backward is `dAct = dY·W`, then SwiGLU's backward on g and u.
+struct FrozenSwiglu {
+    inner: FrozenMatmul,
+    act: Handoff,
+}
+
+impl FrozenSwiglu {
+    const NAME: &'static str = "frozen-matmul-swiglu";
+}
+
+impl candle_core::CustomOp3 for FrozenSwiglu {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, r: &CpuStorage, rl: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let act = self.act.take(Self::NAME)?;
+        let (st, l) = act.storage_and_layout();
+        let Storage::Cpu(x) = &*st else { candle_core::bail!("{}: product not on the cpu", Self::NAME) };
+        add_residual(self.inner.forward(x, l, cpu_storage, "the cpu")?, r, rl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        r: &candle_core::CudaStorage,
+        rl: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let act = self.act.take(Self::NAME)?;
+        let (st, l) = act.storage_and_layout();
+        let Storage::Cuda(x) = &*st else { candle_core::bail!("{}: product not on cuda", Self::NAME) };
+        add_residual(self.inner.forward(x, l, cuda_storage, "cuda")?, r, rl)
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, residual: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The product's gradient needs only its shape, which is g's.
+        let Some(d_act) = CustomOp1::bwd(&self.inner, g, res, grad)? else { candle_core::bail!("{}: no gradient for the product", Self::NAME) };
+        let (dg, du) = swiglu_grads(g, u, &d_act)?;
+        Ok((g.track_op().then_some(dg), u.track_op().then_some(du), residual_grad(residual, grad)))
+    }
+}
+
+/// `lora_linear(silu(g)·u, …)` for the gate and up projections' outputs `g`, `u` (…, in)
+/// (down_proj with LoRA or AdaLoRA): one node on (g, u, A and B flattened into one vector)
+/// ([`LoraSwiglu`]), so the graph keeps g and u but not SwiGLU's product (the LoRA product's
+/// backward makes it again for A's gradient). candle's custom ops take three tensors, so the
+/// residual stream is added after the node, whose add keeps the (…, out) result: a net saving
+/// of (intermediate − hidden) values per token and layer against [`lora_linear_residual`].
+pub fn lora_linear_swiglu(g: &Tensor, u: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair) -> CResult<Tensor> {
+    if bias.is_none_or(|b| !b.track_op()) && pair.a.dtype() == pair.b.dtype() && swiglu_fits(g, u) {
+        let act = swiglu_value(g, u)?;
+        return profile::region("lora product fwd", g.device(), || {
+            let (act, inner) = lora_op(&act, w, bias, pair, false, None)?;
+            let (a, b) = (pair.a.contiguous()?, pair.b.contiguous()?);
+            let ab = Tensor::cat(&[&a.flatten_all()?, &b.flatten_all()?], 0)?;
+            let op = LoraSwiglu { inner, a: a.detach(), b: b.detach(), act: Handoff::new(act) };
+            g.contiguous()?.apply_op3(&u.contiguous()?, &ab, op)
+        });
+    }
+    lora_linear(&swiglu(g, u)?, w, bias, pair)
+}
+
+/// [`LoraProduct`] on SwiGLU's product ([`lora_linear_swiglu`]): a CustomOp3 on (g, u, A‖B).
+/// The product is made before the node (for x̃·Aᵀ, then handed to the forward and dropped) and
+/// again in the backward; its gradient goes on through SwiGLU's backward to g and u.
+struct LoraSwiglu {
+    inner: LoraProduct,
+    a: Tensor,
+    b: Tensor,
+    act: Handoff,
+}
+
+impl LoraSwiglu {
+    const NAME: &'static str = "lora-product-swiglu";
+}
+
+impl candle_core::CustomOp3 for LoraSwiglu {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let act = self.act.take(Self::NAME)?;
+        let ((xs, xl), (bs, bl)) = (act.storage_and_layout(), self.b.storage_and_layout());
+        let (Storage::Cpu(x), Storage::Cpu(b)) = (&*xs, &*bs) else { candle_core::bail!("{}: operands not on the cpu", Self::NAME) };
+        self.inner.cpu_rows(x, xl, b, bl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let act = self.act.take(Self::NAME)?;
+        let ((xs, xl), (bs, bl)) = (act.storage_and_layout(), self.b.storage_and_layout());
+        let (Storage::Cuda(x), Storage::Cuda(b)) = (&*xs, &*bs) else { candle_core::bail!("{}: operands not on cuda", Self::NAME) };
+        let w = self.inner.w.dense(self.inner.dtype)?;
+        self.inner.forward_held(x, xl, b, bl, &w, cuda_storage, "cuda")
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _ab: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let act = swiglu_value(g, u)?;
+        let tracks = g.track_op() || u.track_op();
+        let (d_act, da, db) = profile::region("lora product bwd", grad.device(), || self.inner.grads(&act, tracks, &self.a, &self.b, res, grad))?;
+        let (Some(da), Some(db)) = (da, db) else { candle_core::bail!("{}: no gradient for A or B", Self::NAME) };
+        let dab = Tensor::cat(&[&da.flatten_all()?, &db.flatten_all()?], 0)?;
+        let (dg, du) = match d_act {
+            Some(d) => {
+                let (dg, du) = swiglu_grads(g, u, &d)?;
+                (g.track_op().then_some(dg), u.track_op().then_some(du))
+            }
+            None => (None, None),
+        };
+        Ok((dg, du, Some(dab)))
     }
 }
 
@@ -2715,33 +2873,38 @@ impl candle_core::CustomOp2 for SwiGlu {
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         profile::region("swiglu bwd", g.device(), || {
-            // The operands are read in place (the op's inputs are contiguous f32 on the CPU).
-            let grad = grad.contiguous()?;
-            let n = g.elem_count();
-            let mut dg = vec![0f32; n];
-            let mut du = vec![0f32; n];
-            cpu_f32s([g, u, &grad], |[gd, ud, dd]| {
-                if gd.len() != n || ud.len() != n || dd.len() != n {
-                    candle_core::bail!("swiglu: operands and gradient differ in size");
-                }
-                dg.par_chunks_mut(4096).zip(du.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
-                    let base = c * 4096;
-                    // exp(−x) into dg first, eight at a time.
-                    dg.copy_from_slice(&gd[base..base + dg.len()]);
-                    cpu_math::exp_shifted(dg, -1.0, 0.0);
-                    for i in 0..dg.len() {
-                        let (x, y, d) = (gd[base + i], ud[base + i], dd[base + i]);
-                        let s = 1.0 / (1.0 + dg[i]);
-                        du[i] = d * x * s;
-                        dg[i] = d * y * s * (1.0 + x * (1.0 - s));
-                    }
-                });
-                Ok(())
-            })?;
-            let dev = g.device();
-            Ok((Some(Tensor::from_vec(dg, g.shape(), dev)?), Some(Tensor::from_vec(du, u.shape(), dev)?)))
+            let (dg, du) = swiglu_grads_cpu(g, u, grad)?;
+            Ok((Some(dg), Some(du)))
         })
     }
+}
+
+/// [`SwiGlu`]'s input gradients (dg, du): contiguous f32 operands on the CPU, read in place.
+fn swiglu_grads_cpu(g: &Tensor, u: &Tensor, grad: &Tensor) -> CResult<(Tensor, Tensor)> {
+    let grad = grad.contiguous()?;
+    let n = g.elem_count();
+    let mut dg = vec![0f32; n];
+    let mut du = vec![0f32; n];
+    cpu_f32s([g, u, &grad], |[gd, ud, dd]| {
+        if gd.len() != n || ud.len() != n || dd.len() != n {
+            candle_core::bail!("swiglu: operands and gradient differ in size");
+        }
+        dg.par_chunks_mut(4096).zip(du.par_chunks_mut(4096)).enumerate().for_each(|(c, (dg, du))| {
+            let base = c * 4096;
+            // exp(−x) into dg first, eight at a time.
+            dg.copy_from_slice(&gd[base..base + dg.len()]);
+            cpu_math::exp_shifted(dg, -1.0, 0.0);
+            for i in 0..dg.len() {
+                let (x, y, d) = (gd[base + i], ud[base + i], dd[base + i]);
+                let s = 1.0 / (1.0 + dg[i]);
+                du[i] = d * x * s;
+                dg[i] = d * y * s * (1.0 + x * (1.0 - s));
+            }
+        });
+        Ok(())
+    })?;
+    let dev = g.device();
+    Ok((Tensor::from_vec(dg, g.shape(), dev)?, Tensor::from_vec(du, u.shape(), dev)?))
 }
 
 /// `silu(gate) · up`, the SwiGLU activation, with a fused CPU kernel and analytic backward.
@@ -2763,6 +2926,33 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
 /// SwiGLU from differentiable primitives (reference and non-CPU path).
 pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
     gate.silu()? * up
+}
+
+/// `silu(g)·u` as a value (no graph): what a projection op that takes SwiGLU's product as
+/// its input multiplies ([`frozen_linear_swiglu_residual`], [`lora_linear_swiglu`]), by the
+/// kernel [`swiglu`] picks, so the backward's copy is the forward's bit for bit.
+fn swiglu_value(g: &Tensor, u: &Tensor) -> CResult<Tensor> {
+    swiglu(&g.detach(), &u.detach())
+}
+
+/// SwiGLU's input gradients (dg, du) from g, u and the product's gradient `d`, by the
+/// backward of the kernel [`swiglu`] picks (no graph).
+fn swiglu_grads(g: &Tensor, u: &Tensor, d: &Tensor) -> CResult<(Tensor, Tensor)> {
+    profile::region("swiglu bwd", g.device(), || {
+        let (g, u, d) = (g.detach(), u.detach(), d.detach());
+        let half_cpu = g.device().is_cpu() && matches!(g.dtype(), DType::BF16 | DType::F16);
+        if (fused::active(&g) || half_cpu) && u.dtype() == g.dtype() {
+            fused::swiglu_grads(&g, &u, &d)
+        } else if use_fused(&g) && u.dtype() == DType::F32 {
+            swiglu_grads_cpu(&g.contiguous()?, &u.contiguous()?, &d)
+        } else {
+            // silu'(g) = s·(1 + g·(1 − s)), s = sigmoid(g).
+            let s = (g.neg()?.exp()? + 1.0)?.recip()?;
+            let du = ((&d * &g)? * &s)?;
+            let dg = (((&d * &u)? * &s)? * ((&g * (1.0 - &s)?)? + 1.0)?)?;
+            Ok((dg, du))
+        }
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -342,6 +342,19 @@ impl LinearAdapter for AdaLoraLayer {
         self.full(xs, weight, bias, ctx, then)
     }
 
+    /// Training: LoRA's op on SwiGLU's product (`ops::lora_linear_swiglu`), Q ⊙ Λ as its A.
+    fn forward_swiglu_then(&self, g: &Tensor, u: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, then: ops::Epilogue) -> Option<Result<Tensor>> {
+        if !ctx.train || ctx.generation || self.rank() == 0 {
+            return None;
+        }
+        let run = || -> Result<Tensor> {
+            let (a, b) = (self.scaled_a(ctx)?, t(&self.b, ctx));
+            let pair = ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout: super::lora::train_dropout(self.dropout, self.index, ctx) };
+            super::lora::train_product_swiglu(g, u, weight, bias, pair, then)
+        };
+        Some(run())
+    }
+
     fn forward(&self, xs: &Tensor, base: Tensor, _w: &FrozenWeight, ctx: &ForwardCtx) -> Result<Tensor> {
         if self.rank() == 0 {
             return Ok(base);

@@ -218,8 +218,19 @@ pub(crate) fn train_product(
     ctx: &ForwardCtx,
     then: ops::Epilogue,
 ) -> Result<Tensor> {
-    let dropout = (p > 0.0).then(|| (p, dropout_seed(index, ctx)));
-    Ok(ops::lora_linear_then(xs, weight, bias, ops::LoraPair { a, b, scale, dropout }, then)?)
+    Ok(ops::lora_linear_then(xs, weight, bias, ops::LoraPair { a, b, scale, dropout: train_dropout(p, index, ctx) }, then)?)
+}
+
+/// [`train_product`] on SwiGLU's product of `g` and `u` (down_proj), made inside the op
+/// (`ops::lora_linear_swiglu`: the graph keeps g and u, not the product), then `then`.
+pub(crate) fn train_product_swiglu(g: &Tensor, u: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, pair: ops::LoraPair, then: ops::Epilogue) -> Result<Tensor> {
+    Ok(then.apply(ops::lora_linear_swiglu(g, u, weight, bias, pair)?)?)
+}
+
+/// The op's dropout for adapted layer `index` in a training pass: (rate `p`, the mask's seed),
+/// drawn as [`adapter_input`] draws it; `None` at rate 0.
+pub(crate) fn train_dropout(p: f64, index: u64, ctx: &ForwardCtx) -> Option<(f64, u64)> {
+    (p > 0.0).then(|| (p, dropout_seed(index, ctx)))
 }
 
 /// The seed of adapted layer `index`'s dropout mask in a pass.
@@ -265,8 +276,7 @@ impl LoraLayer {
                 // the unscaled sum read back from the output; with it, the form above, keeping
                 // one (tokens, out) tensor for g's gradient where the composed form kept seven.
                 let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
-                let dropout = (self.dropout > 0.0).then(|| (self.dropout, dropout_seed(self.index, ctx)));
-                let pair = ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout };
+                let pair = ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout: train_dropout(self.dropout, self.index, ctx) };
                 return Ok(match (bias, then) {
                     (None, ops::Epilogue::Heads(split)) => ops::lora_linear_scaled_heads(xs, weight, pair, &g, split)?,
                     (Some(b), then) => then.apply(ops::lora_linear_scaled(xs, weight, pair, &g)?.broadcast_add(b)?)?,
@@ -336,6 +346,17 @@ impl LinearAdapter for LoraLayer {
 
     fn forward_full_then(&self, xs: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, then: ops::Epilogue) -> Option<Result<Tensor>> {
         self.full(xs, weight, bias, ctx, then)
+    }
+
+    /// Training, plain LoRA (not DoRA): the frozen product and the update on SwiGLU's product,
+    /// made inside the op.
+    fn forward_swiglu_then(&self, g: &Tensor, u: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, then: ops::Epilogue) -> Option<Result<Tensor>> {
+        if self.magnitude.is_some() || !ctx.train || ctx.generation {
+            return None;
+        }
+        let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
+        let pair = ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout: train_dropout(self.dropout, self.index, ctx) };
+        Some(train_product_swiglu(g, u, weight, bias, pair, then))
     }
 
     fn params(&self) -> Vec<(String, Var)> {
