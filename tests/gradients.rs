@@ -483,13 +483,65 @@ fn lora_linear_matches_composed() {
     assert_eq!(g.get(bv.as_tensor()).unwrap().to_vec1::<f64>().unwrap(), vec![3.0; 10], "three rows, each adding the bias once");
 }
 
+/// down_proj on SwiGLU's product made inside its op (`ops::frozen_linear_swiglu_residual`,
+/// `ops::lora_linear_swiglu`, `ops::lora_linear_swiglu_residual`, whose u and residual go in
+/// through a joint node): value and every gradient equal the composed `residual +
+/// swiglu(g, u)·Wᵀ (+ LoRA)`, with each of g, u and the residual tracking ops or not (an input
+/// that does not gets no gradient; A and B always do).
+#[test]
+fn down_projection_on_swiglu_matches_composed() {
+    use tunebench::model::FrozenWeight;
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        for tracks in [[true, true, true], [true, false, true], [false, true, false], [false, false, true], [true, true, false]] {
+            let vals = [randn(&[2, 5, 12], 60, dtype), randn(&[2, 5, 12], 61, dtype), randn(&[2, 5, 10], 62, dtype)];
+            let vars: Vec<Var> = vals.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+            let ins: Vec<Tensor> = (0..3).map(|i| if tracks[i] { vars[i].as_tensor().clone() } else { vals[i].clone() }).collect();
+            let (g, u, r) = (&ins[0], &ins[1], &ins[2]);
+            let w = randn(&[10, 12], 63, dtype);
+            let (a, b) = (Var::from_tensor(&randn(&[4, 12], 64, dtype)).unwrap(), Var::from_tensor(&randn(&[10, 4], 65, dtype)).unwrap());
+            let pair = ops::LoraPair { a: a.as_tensor(), b: b.as_tensor(), scale: 1.5, dropout: Some((0.3, 7)) };
+            let dense = FrozenWeight::Dense(w.clone());
+            let act = ops::swiglu_composed(g, u).unwrap();
+            let cases: [(&str, Tensor, Tensor, bool); 3] = [
+                ("frozen", ops::frozen_linear_swiglu_residual(g, u, &dense, None, r).unwrap(), (r + act.broadcast_matmul(&w.t().unwrap()).unwrap()).unwrap(), true),
+                ("lora", ops::lora_linear_swiglu(g, u, &dense, None, pair).unwrap(), ops::lora_linear_composed(&act, &w, None, pair).unwrap(), false),
+                ("lora + residual", ops::lora_linear_swiglu_residual(g, u, &dense, None, pair, r).unwrap(), (r + ops::lora_linear_composed(&act, &w, None, pair).unwrap()).unwrap(), true),
+            ];
+            for (name, y1, y2, with_residual) in cases {
+                let what = format!("{name} {dtype:?} g, u, residual tracking {tracks:?}");
+                assert!(max_rel(&y1, &y2) < tol, "{what}: forward differs {}", max_rel(&y1, &y2));
+                let cot = randn(y1.dims(), 66, dtype);
+                let g1 = (&y1 * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (&y2 * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+                let lora = name != "frozen";
+                for (i, v) in vars.iter().enumerate() {
+                    let used = i < 2 || with_residual;
+                    match (tracks[i] && used, g1.get(v.as_tensor()), g2.get(v.as_tensor())) {
+                        (true, Some(x), Some(y)) => assert!(max_rel(x, y) < tol, "{what}: input {i}'s gradient differs {}", max_rel(x, y)),
+                        (false, None, _) => {}
+                        (want, got, _) => panic!("{what}: input {i} tracks {want}, gradient {}", got.is_some()),
+                    }
+                }
+                for (n, t) in [("A", a.as_tensor()), ("B", b.as_tensor())] {
+                    match (lora, g1.get(t)) {
+                        (true, Some(x)) => assert!(max_rel(x, g2.get(t).unwrap()) < tol, "{what}: d{n} differs"),
+                        (false, None) => {}
+                        (_, got) => panic!("{what}: d{n} present {}", got.is_some()),
+                    }
+                }
+                assert!(g1.get(&w).is_none(), "the frozen weight gets no gradient");
+            }
+        }
+    }
+}
+
 /// The device checker (`tunebench check-ops`, which bench/gpu_session.sh runs on a GPU) on the
 /// CPU: every op in f32, bf16 and f16 within its limit against the f64 reference, and the
 /// errors are real measurements (16-bit ones well above f32's).
 #[test]
 fn op_checks_pass_on_the_cpu() {
     let checks = tunebench::model::opcheck::run(&Device::Cpu).unwrap();
-    assert!(checks.len() >= 180, "{}", checks.len());
+    assert!(checks.len() >= 192, "{}", checks.len());
     let flash_shapes = checks.iter().filter(|c| c.op.starts_with("causal_attention hd=")).count();
     assert_eq!(flash_shapes, 12, "head_dim 64 and 128 (the flash kernels' on a GPU); three dtypes, plain and forced");
     assert!(checks.iter().filter(|c| c.op.ends_with("[fused, forced]")).count() >= 33, "the fused twins run too");
@@ -506,7 +558,7 @@ fn op_checks_pass_on_the_cpu() {
     let residual = checks.iter().filter(|c| c.op.contains("_linear_residual ")).count();
     assert_eq!(residual, 24, "frozen and LoRA products ending in the residual add, dense with a bias and Q4_1 blocks; three dtypes, plain and forced");
     let swiglu = checks.iter().filter(|c| c.op.contains("_linear_swiglu")).count();
-    assert_eq!(swiglu, 24, "frozen and LoRA products on SwiGLU's product made inside the op, dense with a bias and Q4_1 blocks; three dtypes, plain and forced");
+    assert_eq!(swiglu, 36, "frozen and LoRA products on SwiGLU's product made inside the op (LoRA with and without the residual add), dense with a bias and Q4_1 blocks; three dtypes, plain and forced");
     let trained_head = checks.iter().filter(|c| c.op.starts_with("linear_cross_entropy_trained_sum")).count();
     assert_eq!(trained_head, 6, "the trained head's loss; three dtypes, plain and forced");
     let lora_head = checks.iter().filter(|c| c.op.starts_with("linear_cross_entropy_lora_sum")).count();

@@ -387,6 +387,21 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                         ops::lora_linear_composed(&act, reference_of(held), with_bias.then_some(&bias), ops::LoraPair { a: &t[2], b: &t[3], scale: 2.0, dropout })
                     },
                 )?);
+                // … adding the residual too: u and the residual go in through a joint node.
+                out.push(check(
+                    &format!("lora_linear_swiglu_residual {weight}, dropout 0.25"),
+                    device,
+                    dtype,
+                    &[g.clone(), u.clone(), random(&[8, 64], 17)?, random(&[48, 8], 18)?, residual.clone()],
+                    &|t| {
+                        let b = if with_bias { Some(on(&bias, &t[0])?) } else { None };
+                        ops::lora_linear_swiglu_residual(&t[0], &t[1], &weight_for(held, &t[0])?, b.as_ref(), ops::LoraPair { a: &t[2], b: &t[3], scale: 2.0, dropout }, &t[4])
+                    },
+                    &|t| {
+                        let act = ops::swiglu_composed(&t[0], &t[1])?;
+                        &t[4] + ops::lora_linear_composed(&act, reference_of(held), with_bias.then_some(&bias), ops::LoraPair { a: &t[2], b: &t[3], scale: 2.0, dropout })?
+                    },
+                )?);
             }
         }
         // DoRA's row norms ‖W + s·B·A‖_row without the formed matrix, against the formed one;

@@ -1225,31 +1225,110 @@ impl candle_core::CustomOp3 for FrozenSwiglu {
 /// `lora_linear(silu(g)·u, …)` for the gate and up projections' outputs `g`, `u` (…, in)
 /// (down_proj with LoRA or AdaLoRA): one node on (g, u, A and B flattened into one vector)
 /// ([`LoraSwiglu`]), so the graph keeps g and u but not SwiGLU's product (the LoRA product's
-/// backward makes it again for A's gradient). candle's custom ops take three tensors, so the
-/// residual stream is added after the node, whose add keeps the (…, out) result: a net saving
-/// of (intermediate − hidden) values per token and layer against [`lora_linear_residual`].
+/// backward makes it again for A's gradient).
 pub fn lora_linear_swiglu(g: &Tensor, u: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair) -> CResult<Tensor> {
-    if bias.is_none_or(|b| !b.track_op()) && pair.a.dtype() == pair.b.dtype() && swiglu_fits(g, u) {
-        let act = swiglu_value(g, u)?;
-        return profile::region("lora product fwd", g.device(), || {
-            let (act, inner) = lora_op(&act, w, bias, pair, false, None)?;
-            let (a, b) = (pair.a.contiguous()?, pair.b.contiguous()?);
-            let ab = Tensor::cat(&[&a.flatten_all()?, &b.flatten_all()?], 0)?;
-            let op = LoraSwiglu { inner, a: a.detach(), b: b.detach(), act: Handoff::new(act) };
-            g.contiguous()?.apply_op3(&u.contiguous()?, &ab, op)
-        });
+    if lora_swiglu_fits(g, u, bias, pair) {
+        return lora_swiglu_op(g, u, w, bias, pair, None);
     }
     lora_linear(&swiglu(g, u)?, w, bias, pair)
 }
 
-/// [`LoraProduct`] on SwiGLU's product ([`lora_linear_swiglu`]): a CustomOp3 on (g, u, A‖B).
-/// The product is made before the node (for x̃·Aᵀ, then handed to the forward and dropped) and
-/// again in the backward; its gradient goes on through SwiGLU's backward to g and u.
+/// `residual + lora_linear_swiglu(g, u, …)` (down_proj with LoRA or AdaLoRA, adding to the
+/// residual stream (…, out)): one node that also adds the residual as its last step, so the
+/// graph keeps neither SwiGLU's product nor the projection's output. That is a fourth input,
+/// and candle's custom ops take three: u and the residual go in through a [`Joint`].
+pub fn lora_linear_swiglu_residual(g: &Tensor, u: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair, residual: &Tensor) -> CResult<Tensor> {
+    if lora_swiglu_fits(g, u, bias, pair) && residual_fits(g, residual, pair.b.dim(0)?)? {
+        return lora_swiglu_op(g, u, w, bias, pair, Some(residual));
+    }
+    residual + lora_linear_swiglu(g, u, w, bias, pair)?
+}
+
+/// Whether [`LoraSwiglu`] can take g, u and the pair: a frozen bias (a trained one gets its
+/// gradient from an add), A and B of one dtype, g and u alike.
+fn lora_swiglu_fits(g: &Tensor, u: &Tensor, bias: Option<&Tensor>, pair: LoraPair) -> bool {
+    bias.is_none_or(|b| !b.track_op()) && pair.a.dtype() == pair.b.dtype() && swiglu_fits(g, u)
+}
+
+/// [`LoraSwiglu`]'s node, adding `residual` as its last step when there is one.
+fn lora_swiglu_op(g: &Tensor, u: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair, residual: Option<&Tensor>) -> CResult<Tensor> {
+    let act = swiglu_value(g, u)?;
+    profile::region("lora product fwd", g.device(), || {
+        let (act, inner) = lora_op(&act, w, bias, pair, false, None)?;
+        let (a, b) = (pair.a.contiguous()?, pair.b.contiguous()?);
+        let ab = Tensor::cat(&[&a.flatten_all()?, &b.flatten_all()?], 0)?;
+        let (g, u) = (g.contiguous()?, u.contiguous()?);
+        let mut op = LoraSwiglu { inner, a: a.detach(), b: b.detach(), act: Handoff::new(act), joined: None };
+        let second = match residual {
+            None => u,
+            Some(r) => {
+                let r = r.contiguous()?;
+                let slot = Arc::new(std::sync::Mutex::new(None));
+                let joint = u.apply_op2(&r, Joint { slot: slot.clone() })?;
+                op.joined = Some(Joined { u_tracks: u.track_op(), r_tracks: r.track_op(), u: u.detach(), residual: r.detach(), slot });
+                joint
+            }
+        };
+        g.apply_op3(&second, &ab, op)
+    })
+}
+
+/// The gradients a [`LoraSwiglu`]'s backward leaves for its [`Joint`]: (du, dResidual).
+type JointSlot = Arc<std::sync::Mutex<Option<(Option<Tensor>, Option<Tensor>)>>>;
+
+/// Two tensors as one input of a node that needs four (candle's custom ops take three): a
+/// one-element node on (u, residual) whose result the consuming op takes in their place,
+/// holding both itself (detached: the storage this node keeps anyway, no copy). The consumer's
+/// backward leaves their gradients in `slot` and returns a zero for the joint's element; this
+/// node's backward then hands them on. candle runs a node's backward only after the backward
+/// of every node that reads its result, so the slot is filled by then.
+struct Joint {
+    slot: JointSlot,
+}
+
+impl candle_core::CustomOp2 for Joint {
+    fn name(&self) -> &'static str {
+        "joint"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, u: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendDevice;
+        Ok((u.device().zeros_impl(&Shape::from(1), DType::F32)?, Shape::from(1)))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, _res: &Tensor, _grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        match self.slot.lock().ok().and_then(|mut s| s.take()) {
+            Some(grads) => Ok(grads),
+            None => candle_core::bail!("joint: the consuming op's backward left no gradients"),
+        }
+    }
+}
+
+/// u and the residual as [`LoraSwiglu`] holds them when they come in through a [`Joint`].
+struct Joined {
+    u: Tensor,
+    residual: Tensor,
+    u_tracks: bool,
+    r_tracks: bool,
+    slot: JointSlot,
+}
+
+/// [`LoraProduct`] on SwiGLU's product ([`lora_linear_swiglu`]): a CustomOp3 on (g, u, A‖B),
+/// or on (g, a [`Joint`] of u and the residual, A‖B) adding the residual as its last step
+/// ([`lora_linear_swiglu_residual`]). The product is made before the node (for x̃·Aᵀ, then
+/// handed to the forward and dropped) and again in the backward; its gradient goes on through
+/// SwiGLU's backward to g and u.
 struct LoraSwiglu {
     inner: LoraProduct,
     a: Tensor,
     b: Tensor,
     act: Handoff,
+    joined: Option<Joined>,
 }
 
 impl LoraSwiglu {
@@ -1265,7 +1344,11 @@ impl candle_core::CustomOp3 for LoraSwiglu {
         let act = self.act.take(Self::NAME)?;
         let ((xs, xl), (bs, bl)) = (act.storage_and_layout(), self.b.storage_and_layout());
         let (Storage::Cpu(x), Storage::Cpu(b)) = (&*xs, &*bs) else { candle_core::bail!("{}: operands not on the cpu", Self::NAME) };
-        self.inner.cpu_rows(x, xl, b, bl)
+        let y = self.inner.cpu_rows(x, xl, b, bl)?;
+        let Some(j) = &self.joined else { return Ok(y) };
+        let (rs, rl) = j.residual.storage_and_layout();
+        let Storage::Cpu(r) = &*rs else { candle_core::bail!("{}: residual not on the cpu", Self::NAME) };
+        add_residual(y, r, rl)
     }
 
     #[cfg(feature = "cuda")]
@@ -1282,23 +1365,39 @@ impl candle_core::CustomOp3 for LoraSwiglu {
         let ((xs, xl), (bs, bl)) = (act.storage_and_layout(), self.b.storage_and_layout());
         let (Storage::Cuda(x), Storage::Cuda(b)) = (&*xs, &*bs) else { candle_core::bail!("{}: operands not on cuda", Self::NAME) };
         let w = self.inner.w.dense(self.inner.dtype)?;
-        self.inner.forward_held(x, xl, b, bl, &w, cuda_storage, "cuda")
+        let y = self.inner.forward_held(x, xl, b, bl, &w, cuda_storage, "cuda")?;
+        let Some(j) = &self.joined else { return Ok(y) };
+        let (rs, rl) = j.residual.storage_and_layout();
+        let Storage::Cuda(r) = &*rs else { candle_core::bail!("{}: residual not on cuda", Self::NAME) };
+        add_residual(y, r, rl)
     }
 
-    fn bwd(&self, g: &Tensor, u: &Tensor, _ab: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, g: &Tensor, second: &Tensor, _ab: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (u, u_tracks) = match &self.joined {
+            Some(j) => (&j.u, j.u_tracks),
+            None => (second, second.track_op()),
+        };
         let act = swiglu_value(g, u)?;
-        let tracks = g.track_op() || u.track_op();
+        let tracks = g.track_op() || u_tracks;
         let (d_act, da, db) = profile::region("lora product bwd", grad.device(), || self.inner.grads(&act, tracks, &self.a, &self.b, res, grad))?;
         let (Some(da), Some(db)) = (da, db) else { candle_core::bail!("{}: no gradient for A or B", Self::NAME) };
         let dab = Tensor::cat(&[&da.flatten_all()?, &db.flatten_all()?], 0)?;
         let (dg, du) = match d_act {
             Some(d) => {
                 let (dg, du) = swiglu_grads(g, u, &d)?;
-                (g.track_op().then_some(dg), u.track_op().then_some(du))
+                (g.track_op().then_some(dg), u_tracks.then_some(du))
             }
             None => (None, None),
         };
-        Ok((dg, du, Some(dab)))
+        let Some(j) = &self.joined else { return Ok((dg, du, Some(dab))) };
+        // u's and the residual's gradients go back through the joint's node.
+        let dr = j.r_tracks.then(|| grad.clone());
+        match j.slot.lock() {
+            Ok(mut slot) => *slot = Some((du, dr)),
+            Err(_) => candle_core::bail!("{}: the joint's slot is poisoned", Self::NAME),
+        }
+        let joint_grad = second.track_op().then(|| second.zeros_like()).transpose()?;
+        Ok((dg, joint_grad, Some(dab)))
     }
 }
 
@@ -1333,6 +1432,15 @@ pub fn lora_linear_then(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tens
         Epilogue::Rows => lora_linear(xs, w, bias, pair),
         Epilogue::Heads(split) => lora_linear_heads(xs, w, bias, pair, split),
         Epilogue::Residual(r) => lora_linear_residual(xs, w, bias, pair, r),
+    }
+}
+
+/// [`lora_linear_swiglu`] followed by `then`, the residual add inside the op
+/// ([`lora_linear_swiglu_residual`]).
+pub fn lora_linear_swiglu_then(g: &Tensor, u: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair, then: Epilogue) -> CResult<Tensor> {
+    match then {
+        Epilogue::Residual(r) => lora_linear_swiglu_residual(g, u, w, bias, pair, r),
+        then => then.apply(lora_linear_swiglu(g, u, w, bias, pair)?),
     }
 }
 

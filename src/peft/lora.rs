@@ -222,9 +222,9 @@ pub(crate) fn train_product(
 }
 
 /// [`train_product`] on SwiGLU's product of `g` and `u` (down_proj), made inside the op
-/// (`ops::lora_linear_swiglu`: the graph keeps g and u, not the product), then `then`.
+/// (`ops::lora_linear_swiglu_then`: the graph keeps g and u, not the product), then `then`.
 pub(crate) fn train_product_swiglu(g: &Tensor, u: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, pair: ops::LoraPair, then: ops::Epilogue) -> Result<Tensor> {
-    Ok(then.apply(ops::lora_linear_swiglu(g, u, weight, bias, pair)?)?)
+    Ok(ops::lora_linear_swiglu_then(g, u, weight, bias, pair, then)?)
 }
 
 /// The op's dropout for adapted layer `index` in a training pass: (rate `p`, the mask's seed),
