@@ -932,6 +932,19 @@ fn the_estimate_warns_about_full_fine_tuning() {
     assert!(est.memory.total_bytes > lora.memory.total_bytes);
 }
 
+/// The estimate counts AdaLoRA's importance estimates (two f32 moving averages per trainable
+/// parameter, kept between steps) beside the optimizer state every adapter has.
+#[test]
+fn the_estimate_counts_adalora_s_importance_estimates() {
+    use tunebench::api::estimate::{estimate, ADALORA_IMPORTANCE_BYTES_PER_PARAM, ADAPTER_BYTES_PER_PARAM};
+    let cfg = LlamaConfig::tiny(40);
+    let mut run = tunebench::train::RunConfig::from_toml("[data]\npath = \"x.jsonl\"\nmax_len = 16\n", None).unwrap();
+    run.peft = PeftConfig::AdaLora(adalora_cfg());
+    let est = estimate(&run, &cfg, Some(10), None).unwrap();
+    let adapter = est.memory.parts.iter().find(|(n, _)| n == "adapter + optimizer").unwrap().1;
+    assert_eq!(adapter, est.trainable_params * (ADAPTER_BYTES_PER_PARAM + ADALORA_IMPORTANCE_BYTES_PER_PARAM));
+}
+
 /// AdaLoRA's budget schedule is PEFT's: the values below are what PEFT 0.21's
 /// `RankAllocator.budget_schedule` returns for init_r 3, target_r 2, 14 targets, total_step 10,
 /// tinit 2, tfinal 3, deltaT 2.

@@ -81,6 +81,11 @@ pub const CHECKPOINT_TOKEN_FLOATS_PER_HIDDEN: f64 = 12.5;
 /// Bytes per trainable parameter: value, gradient, accumulated gradient, AdamW m and v (f32),
 /// less what is freed between micro-batches. Calibrated with [`ACTIVATION_FACTOR`].
 pub const ADAPTER_BYTES_PER_PARAM: u64 = 17;
+/// AdaLoRA's importance estimates beside [`ADAPTER_BYTES_PER_PARAM`]: the moving averages of
+/// |w·g| and of its deviation (`peft::adalora`'s `update_ipt`), f32 each, kept between steps
+/// until the final mask. (Uncounted, the sweep's AdaLoRA config drifted to −9.6% as the
+/// activations shrank; bench/RESULTS.md 2026-12-04 12:32.)
+pub const ADALORA_IMPORTANCE_BYTES_PER_PARAM: u64 = 8;
 /// Bytes per parameter that full fine-tuning trains: the value (the model's weight itself,
 /// which the trainer makes a view of it), gradient, AdamW m and v, all f32 (AdamW steps in
 /// place). Fitted with [`EMBEDDING_GRAD_COPIES`] (and the logit copies of a composed head) on three
@@ -544,6 +549,7 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
             let embedding = if f.train_embeddings { EMBEDDING_GRAD_COPIES * 4.0 * (model.vocab_size * model.hidden_size) as f64 } else { 0.0 };
             trainable * FULL_BYTES_PER_PARAM + embedding as u64
         }
+        None if matches!(cfg.peft, PeftConfig::AdaLora(_)) => trainable * (ADAPTER_BYTES_PER_PARAM + ADALORA_IMPORTANCE_BYTES_PER_PARAM),
         None => trainable * ADAPTER_BYTES_PER_PARAM,
     };
     let tokens = b * s;

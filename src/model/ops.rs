@@ -93,8 +93,7 @@ struct FrozenMatmul {
 impl FrozenMatmul {
     /// The op for `w` in the activations' `dtype`, with a frozen `bias` and `heads`.
     fn with_bias(w: &super::FrozenWeight, dtype: DType, bias: Option<&Tensor>, heads: Option<fused::Heads>) -> CResult<FrozenMatmul> {
-        let bias = bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?;
-        Ok(FrozenMatmul { w: Held::of(w), dtype, bias, heads })
+        Ok(FrozenMatmul { w: Held::of(w), dtype, bias: bias_in(bias, dtype)?, heads })
     }
 
     /// `x·Wᵀ [+ bias]` on a backend's storage (`pick`: the backend's variant of [`Storage`];
@@ -243,6 +242,11 @@ fn add_residual<S: BackendStorage>((y, shape): (S, Shape), r: &S, rl: &Layout) -
 /// residual tracks ops (the first layer's input, from frozen embeddings, does not).
 fn residual_grad(residual: &Tensor, grad: &Tensor) -> Option<Tensor> {
     residual.track_op().then(|| grad.clone())
+}
+
+/// A frozen bias as a projection op holds it: contiguous, in the activations' `dtype`.
+fn bias_in(bias: Option<&Tensor>, dtype: DType) -> CResult<Option<Tensor>> {
+    bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()
 }
 
 fn frozen_product(xs: &Tensor, w: Held, n: usize) -> CResult<Tensor> {
@@ -1071,7 +1075,7 @@ fn lora_op(xs: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: Lo
     let k = x.dims().last().copied().unwrap_or(0);
     let m = if k == 0 { 0 } else { x.elem_count() / k };
     let dtype = xs.dtype();
-    let bias = bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?;
+    let bias = bias_in(bias, dtype)?;
     // x̃·Aᵀ, (m, r); 16-bit on the CPU in f32 (candle's 16-bit products are slow; the op
     // widens its operands the same way).
     let half_cpu = x.device().is_cpu() && matches!(dtype, DType::BF16 | DType::F16);
