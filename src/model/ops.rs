@@ -1281,11 +1281,12 @@ fn lora_swiglu_op(g: &Tensor, u: &Tensor, w: &super::FrozenWeight, bias: Option<
 type JointSlot = Arc<std::sync::Mutex<Option<(Option<Tensor>, Option<Tensor>)>>>;
 
 /// Two tensors as one input of a node that needs four (candle's custom ops take three): a
-/// one-element node on (u, residual) whose result the consuming op takes in their place,
-/// holding both itself (detached: the storage this node keeps anyway, no copy). The consumer's
-/// backward leaves their gradients in `slot` and returns a zero for the joint's element; this
-/// node's backward then hands them on. candle runs a node's backward only after the backward
-/// of every node that reads its result, so the slot is filled by then.
+/// one-element node on (u, residual). The consuming op ([`LoraSwiglu`]) takes the joint's
+/// result in their place and holds u and the residual itself, detached (the storage this node
+/// keeps anyway: no copy). The consumer's backward leaves their gradients in `slot` and
+/// returns a zero for the joint's element; this node's backward then hands them on. candle
+/// runs a node's backward only after the backward of every node that reads its result, so the
+/// slot is filled by then.
 struct Joint {
     slot: JointSlot,
 }
