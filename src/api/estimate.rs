@@ -531,6 +531,11 @@ pub fn estimate(cfg: &RunConfig, model: &LlamaConfig, rows: Option<u64>, longest
     // included, at 2 bytes.
     let half = cfg.train.dtype != crate::train::config::Precision::F32;
     let wbytes: u64 = if half { 2 } else { 4 };
+    // DoRA's down_proj without dropout, f32 on the CPU, makes SwiGLU's product inside its op
+    // (`ops::lora_linear_scaled_swiglu`, the scale as the op's column scale): none kept for it.
+    if dora_unscaled_from_output && !half && !on_gpu && ad.iter().any(|a| a.0 == "model.layers.0.mlp.down_proj") {
+        adapter_floats -= model.intermediate_size as f64;
+    }
     let shapes = linear_shapes(model);
     // The largest projection's weight count.
     let largest_linear: u64 = shapes.iter().map(|(_, i, o)| (*i * *o) as u64).max().unwrap_or(0);

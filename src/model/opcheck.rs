@@ -357,12 +357,12 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                 )?);
                 // down_proj: SwiGLU's product made inside the op from the gate's and up's
                 // outputs (g, u), its gradient going on to both.
-                let (g, u) = (random(&[2, 7, 64], 42)?, random(&[2, 7, 64], 43)?);
+                let (gate, up) = (random(&[2, 7, 64], 42)?, random(&[2, 7, 64], 43)?);
                 out.push(check(
                     &format!("frozen_linear_swiglu_residual {weight}"),
                     device,
                     dtype,
-                    &[g.clone(), u.clone(), residual.clone()],
+                    &[gate.clone(), up.clone(), residual.clone()],
                     &|t| {
                         let b = if with_bias { Some(on(&bias, &t[0])?) } else { None };
                         ops::frozen_linear_swiglu_residual(&t[0], &t[1], &weight_for(held, &t[0])?, b.as_ref(), &t[2])
@@ -377,7 +377,7 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                     &format!("lora_linear_swiglu {weight}, dropout 0.25"),
                     device,
                     dtype,
-                    &[g.clone(), u.clone(), random(&[8, 64], 17)?, random(&[48, 8], 18)?],
+                    &[gate.clone(), up.clone(), random(&[8, 64], 17)?, random(&[48, 8], 18)?],
                     &|t| {
                         let b = if with_bias { Some(on(&bias, &t[0])?) } else { None };
                         ops::lora_linear_swiglu(&t[0], &t[1], &weight_for(held, &t[0])?, b.as_ref(), ops::LoraPair { a: &t[2], b: &t[3], scale: 2.0, dropout })
@@ -392,7 +392,7 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                     &format!("lora_linear_swiglu_residual {weight}, dropout 0.25"),
                     device,
                     dtype,
-                    &[g.clone(), u.clone(), random(&[8, 64], 17)?, random(&[48, 8], 18)?, residual.clone()],
+                    &[gate.clone(), up.clone(), random(&[8, 64], 17)?, random(&[48, 8], 18)?, residual.clone()],
                     &|t| {
                         let b = if with_bias { Some(on(&bias, &t[0])?) } else { None };
                         ops::lora_linear_swiglu_residual(&t[0], &t[1], &weight_for(held, &t[0])?, b.as_ref(), ops::LoraPair { a: &t[2], b: &t[3], scale: 2.0, dropout }, &t[4])
@@ -401,6 +401,16 @@ fn run_pass(device: &Device, force_fused: bool) -> Result<Vec<OpCheck>> {
                         let act = ops::swiglu_composed(&t[0], &t[1])?;
                         &t[4] + ops::lora_linear_composed(&act, reference_of(held), with_bias.then_some(&bias), ops::LoraPair { a: &t[2], b: &t[3], scale: 2.0, dropout })?
                     },
+                )?);
+                // DoRA's down_proj (without dropout: its scale as the op's column scale), the
+                // residual added after the op.
+                out.push(check(
+                    &format!("lora_linear_scaled_swiglu {weight}").replace(" + bias", ""),
+                    device,
+                    dtype,
+                    &[gate.clone(), up.clone(), random(&[8, 64], 17)?, random(&[48, 8], 18)?, g.clone()],
+                    &|t| ops::lora_linear_scaled_swiglu(&t[0], &t[1], &weight_for(held, &t[0])?, ops::LoraPair { a: &t[2], b: &t[3], scale: 2.0, dropout: None }, &t[4]),
+                    &|t| ops::lora_linear_scaled_composed(&ops::swiglu_composed(&t[0], &t[1])?, reference_of(held), ops::LoraPair { a: &t[2], b: &t[3], scale: 2.0, dropout: None }, &t[4]),
                 )?);
             }
         }

@@ -802,13 +802,36 @@ pub fn lora_linear_scaled_heads(xs: &Tensor, w: &super::FrozenWeight, pair: Lora
 }
 
 fn scaled_product(xs: &Tensor, w: &super::FrozenWeight, pair: LoraPair, g: &Tensor, heads: Option<fused::Heads>) -> CResult<Tensor> {
-    let n = pair.b.dim(0)?;
-    let fits = g.elem_count() == n && g.dtype() == DType::F32 && pair.b.dtype() == DType::F32 && pair.a.dtype() == DType::F32;
-    if !(fits && use_fused(xs) && pair.dropout.is_none()) {
+    if !column_scale_fits(xs, pair, g)? {
         return profile::region("dora product fwd", xs.device(), || dora_product(xs, w, pair, g, heads));
     }
-    let bg = Tensor::cat(&[pair.b, &g.reshape((n, 1))?], 1)?;
+    let bg = b_with_scale(pair.b, g)?;
     lora_product(xs, w, None, LoraPair { b: &bg, ..pair }, true, heads)
+}
+
+/// Whether DoRA's scale `g` can be LoRA's op's column scale ([`LoraProduct::col_scale`]): f32
+/// on the CPU, without dropout.
+fn column_scale_fits(xs: &Tensor, pair: LoraPair, g: &Tensor) -> CResult<bool> {
+    let fits = g.elem_count() == pair.b.dim(0)? && g.dtype() == DType::F32 && pair.b.dtype() == DType::F32 && pair.a.dtype() == DType::F32;
+    Ok(fits && use_fused(xs) && pair.dropout.is_none())
+}
+
+/// B (out, r) with DoRA's scale `g` (out,) as its last column: the column-scale op's operand.
+fn b_with_scale(b: &Tensor, g: &Tensor) -> CResult<Tensor> {
+    Tensor::cat(&[b, &g.reshape((b.dim(0)?, 1))?], 1)
+}
+
+/// [`lora_linear_scaled`] on SwiGLU's product of `g`, `u` (DoRA's down_proj): where the scale
+/// is the op's column scale (f32 on the CPU, without dropout), the product is made inside the
+/// op ([`LoraSwiglu`]), so the graph keeps g and u but not the product. The residual is added
+/// after the node: the column scale's backward reads the unscaled product back from the op's
+/// output.
+pub fn lora_linear_scaled_swiglu(g: &Tensor, u: &Tensor, w: &super::FrozenWeight, pair: LoraPair, scale: &Tensor) -> CResult<Tensor> {
+    if swiglu_fits(g, u) && column_scale_fits(g, pair, scale)? {
+        let bg = b_with_scale(pair.b, scale)?;
+        return lora_swiglu_op(g, u, w, None, LoraPair { b: &bg, ..pair }, true, None);
+    }
+    lora_linear_scaled(&swiglu(g, u)?, w, pair, scale)
 }
 
 /// DoRA's product as one node on tensor ops ([`lora_linear_scaled`] off the CPU's f32 path,
@@ -1232,7 +1255,7 @@ impl candle_core::CustomOp3 for FrozenSwiglu {
 /// backward makes it again for A's gradient).
 pub fn lora_linear_swiglu(g: &Tensor, u: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair) -> CResult<Tensor> {
     if lora_swiglu_fits(g, u, bias, pair) {
-        return lora_swiglu_op(g, u, w, bias, pair, None);
+        return lora_swiglu_op(g, u, w, bias, pair, false, None);
     }
     lora_linear(&swiglu(g, u)?, w, bias, pair)
 }
@@ -1243,7 +1266,7 @@ pub fn lora_linear_swiglu(g: &Tensor, u: &Tensor, w: &super::FrozenWeight, bias:
 /// and candle's custom ops take three: u and the residual go in through a [`Joint`].
 pub fn lora_linear_swiglu_residual(g: &Tensor, u: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair, residual: &Tensor) -> CResult<Tensor> {
     if lora_swiglu_fits(g, u, bias, pair) && residual_fits(g, residual, pair.b.dim(0)?)? {
-        return lora_swiglu_op(g, u, w, bias, pair, Some(residual));
+        return lora_swiglu_op(g, u, w, bias, pair, false, Some(residual));
     }
     residual + lora_linear_swiglu(g, u, w, bias, pair)?
 }
@@ -1254,11 +1277,16 @@ fn lora_swiglu_fits(g: &Tensor, u: &Tensor, bias: Option<&Tensor>, pair: LoraPai
     bias.is_none_or(|b| !b.track_op()) && pair.a.dtype() == pair.b.dtype() && swiglu_fits(g, u)
 }
 
-/// [`LoraSwiglu`]'s node, adding `residual` as its last step when there is one.
-fn lora_swiglu_op(g: &Tensor, u: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair, residual: Option<&Tensor>) -> CResult<Tensor> {
+/// [`LoraSwiglu`]'s node (with DoRA's scale as B's last column when `col_scale`), adding
+/// `residual` as its last step when there is one.
+#[allow(clippy::too_many_arguments)]
+fn lora_swiglu_op(g: &Tensor, u: &Tensor, w: &super::FrozenWeight, bias: Option<&Tensor>, pair: LoraPair, col_scale: bool, residual: Option<&Tensor>) -> CResult<Tensor> {
+    if col_scale && residual.is_some() {
+        candle_core::bail!("lora-product-swiglu: a column scale reads its output back, which a residual inside would hide");
+    }
     let act = swiglu_value(g, u)?;
     profile::region("lora product fwd", g.device(), || {
-        let (act, inner) = lora_op(&act, w, bias, pair, false, None)?;
+        let (act, inner) = lora_op(&act, w, bias, pair, col_scale, None)?;
         let (a, b) = (pair.a.contiguous()?, pair.b.contiguous()?);
         let ab = Tensor::cat(&[&a.flatten_all()?, &b.flatten_all()?], 0)?;
         let (g, u) = (g.contiguous()?, u.contiguous()?);

@@ -348,15 +348,26 @@ impl LinearAdapter for LoraLayer {
         self.full(xs, weight, bias, ctx, then)
     }
 
-    /// Training, plain LoRA (not DoRA): the frozen product and the update on SwiGLU's product,
-    /// made inside the op.
+    /// Training: the frozen product and the update on SwiGLU's product, made inside the op —
+    /// LoRA's, and DoRA's without a bias (`ops::lora_linear_scaled_swiglu`, which makes the
+    /// product in the op where the scale is its column scale).
     fn forward_swiglu_then(&self, g: &Tensor, u: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, ctx: &ForwardCtx, then: ops::Epilogue) -> Option<Result<Tensor>> {
-        if self.magnitude.is_some() || !ctx.train || ctx.generation {
+        if !ctx.train || ctx.generation {
             return None;
         }
         let (a, b) = (t(&self.a, ctx), t(&self.b, ctx));
         let pair = ops::LoraPair { a: &a, b: &b, scale: self.scale, dropout: train_dropout(self.dropout, self.index, ctx) };
-        Some(train_product_swiglu(g, u, weight, bias, pair, then))
+        match (&self.magnitude, bias) {
+            (None, _) => Some(train_product_swiglu(g, u, weight, bias, pair, then)),
+            (Some(magnitude), None) => {
+                let run = || -> Result<Tensor> {
+                    let scale = self.dora_scale(magnitude, weight, ctx)?;
+                    Ok(then.apply(ops::lora_linear_scaled_swiglu(g, u, weight, pair, &scale)?)?)
+                };
+                Some(run())
+            }
+            (Some(_), Some(_)) => None,
+        }
     }
 
     fn params(&self) -> Vec<(String, Var)> {
