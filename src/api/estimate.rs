@@ -353,7 +353,6 @@ pub fn fused_epilogue_floats(c: &LlamaConfig, peft: &PeftConfig, adapted: &[&str
     let hd = c.head_dim();
     let (q, kv, d, ff) = (c.num_attention_heads * hd, c.kv_heads() * hd, c.hidden_size, c.intermediate_size);
     /// The op a projection trains through.
-    #[derive(PartialEq)]
     enum Via {
         Frozen,
         Lora,

@@ -596,6 +596,14 @@ fn cuda_storage(s: &Storage) -> Option<&candle_core::CudaStorage> {
     }
 }
 
+/// `f` on a tensor an op holds, as the backend's storage (`pick`: the backend's variant of
+/// [`Storage`]; `device` names it and `what` the tensor in the error).
+fn on_storage<S, R>(t: &Tensor, pick: fn(&Storage) -> Option<&S>, device: &str, what: &str, f: impl FnOnce(&S, &Layout) -> CResult<R>) -> CResult<R> {
+    let (st, l) = t.storage_and_layout();
+    let Some(s) = pick(&st) else { candle_core::bail!("{what} not on {device}") };
+    f(s, l)
+}
+
 /// `f` on a contiguous f32 CPU tensor's elements.
 fn cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
     cpu_f32s([t], |[x]| f(x))
@@ -1141,9 +1149,8 @@ impl candle_core::CustomOp3 for LoraResidual {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, _ab: &CpuStorage, _abl: &Layout, r: &CpuStorage, rl: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (bs, bl) = self.b.storage_and_layout();
-        let Storage::Cpu(b) = &*bs else { candle_core::bail!("lora-product: B not on the cpu") };
-        add_residual(self.inner.cpu_rows(x, xl, b, bl)?, r, rl)
+        let y = on_storage(&self.b, cpu_storage, "the cpu", "lora-product: B", |b, bl| self.inner.cpu_rows(x, xl, b, bl))?;
+        add_residual(y, r, rl)
     }
 
     #[cfg(feature = "cuda")]
@@ -1156,10 +1163,9 @@ impl candle_core::CustomOp3 for LoraResidual {
         r: &candle_core::CudaStorage,
         rl: &Layout,
     ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        let (bs, bl) = self.b.storage_and_layout();
-        let Storage::Cuda(b) = &*bs else { candle_core::bail!("lora-product: B not on cuda") };
         let w = self.inner.w.dense(self.inner.dtype)?;
-        add_residual(self.inner.forward_held(x, xl, b, bl, &w, cuda_storage, "cuda")?, r, rl)
+        let y = on_storage(&self.b, cuda_storage, "cuda", "lora-product: B", |b, bl| self.inner.forward_held(x, xl, b, bl, &w, cuda_storage, "cuda"))?;
+        add_residual(y, r, rl)
     }
 
     fn bwd(&self, x: &Tensor, _ab: &Tensor, residual: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -1211,6 +1217,12 @@ struct FrozenSwiglu {
 
 impl FrozenSwiglu {
     const NAME: &'static str = "frozen-matmul-swiglu";
+
+    /// The product of the handed-over activation, plus the residual `r`, on a backend's storage.
+    fn forward<S: BackendStorage>(&self, r: &S, rl: &Layout, pick: fn(&Storage) -> Option<&S>, device: &str) -> CResult<(S, Shape)> {
+        let act = self.act.take(Self::NAME)?;
+        on_storage(&act, pick, device, "frozen-matmul-swiglu: the product", |x, l| add_residual(self.inner.forward(x, l, pick, device)?, r, rl))
+    }
 }
 
 impl candle_core::CustomOp3 for FrozenSwiglu {
@@ -1219,10 +1231,7 @@ impl candle_core::CustomOp3 for FrozenSwiglu {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, r: &CpuStorage, rl: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let act = self.act.take(Self::NAME)?;
-        let (st, l) = act.storage_and_layout();
-        let Storage::Cpu(x) = &*st else { candle_core::bail!("{}: product not on the cpu", Self::NAME) };
-        add_residual(self.inner.forward(x, l, cpu_storage, "the cpu")?, r, rl)
+        self.forward(r, rl, cpu_storage, "the cpu")
     }
 
     #[cfg(feature = "cuda")]
@@ -1235,10 +1244,7 @@ impl candle_core::CustomOp3 for FrozenSwiglu {
         r: &candle_core::CudaStorage,
         rl: &Layout,
     ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        let act = self.act.take(Self::NAME)?;
-        let (st, l) = act.storage_and_layout();
-        let Storage::Cuda(x) = &*st else { candle_core::bail!("{}: product not on cuda", Self::NAME) };
-        add_residual(self.inner.forward(x, l, cuda_storage, "cuda")?, r, rl)
+        self.forward(r, rl, cuda_storage, "cuda")
     }
 
     fn bwd(&self, g: &Tensor, u: &Tensor, residual: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -1366,6 +1372,14 @@ struct LoraSwiglu {
 
 impl LoraSwiglu {
     const NAME: &'static str = "lora-product-swiglu";
+
+    /// The op's result `y`, plus the residual when it came in through the joint.
+    fn then_residual<S: BackendStorage>(&self, y: (S, Shape), pick: fn(&Storage) -> Option<&S>, device: &str) -> CResult<(S, Shape)> {
+        match &self.joined {
+            None => Ok(y),
+            Some(j) => on_storage(&j.residual, pick, device, "lora-product-swiglu: the residual", |r, rl| add_residual(y, r, rl)),
+        }
+    }
 }
 
 impl candle_core::CustomOp3 for LoraSwiglu {
@@ -1374,14 +1388,11 @@ impl candle_core::CustomOp3 for LoraSwiglu {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let act = self.act.take(Self::NAME)?;
-        let ((xs, xl), (bs, bl)) = (act.storage_and_layout(), self.b.storage_and_layout());
-        let (Storage::Cpu(x), Storage::Cpu(b)) = (&*xs, &*bs) else { candle_core::bail!("{}: operands not on the cpu", Self::NAME) };
-        let y = self.inner.cpu_rows(x, xl, b, bl)?;
-        let Some(j) = &self.joined else { return Ok(y) };
-        let (rs, rl) = j.residual.storage_and_layout();
-        let Storage::Cpu(r) = &*rs else { candle_core::bail!("{}: residual not on the cpu", Self::NAME) };
-        add_residual(y, r, rl)
+        let (act, dev) = (self.act.take(Self::NAME)?, "the cpu");
+        let y = on_storage(&act, cpu_storage, dev, "lora-product-swiglu: the product", |x, xl| {
+            on_storage(&self.b, cpu_storage, dev, "lora-product-swiglu: B", |b, bl| self.inner.cpu_rows(x, xl, b, bl))
+        })?;
+        self.then_residual(y, cpu_storage, dev)
     }
 
     #[cfg(feature = "cuda")]
@@ -1394,15 +1405,12 @@ impl candle_core::CustomOp3 for LoraSwiglu {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        let act = self.act.take(Self::NAME)?;
-        let ((xs, xl), (bs, bl)) = (act.storage_and_layout(), self.b.storage_and_layout());
-        let (Storage::Cuda(x), Storage::Cuda(b)) = (&*xs, &*bs) else { candle_core::bail!("{}: operands not on cuda", Self::NAME) };
+        let (act, dev) = (self.act.take(Self::NAME)?, "cuda");
         let w = self.inner.w.dense(self.inner.dtype)?;
-        let y = self.inner.forward_held(x, xl, b, bl, &w, cuda_storage, "cuda")?;
-        let Some(j) = &self.joined else { return Ok(y) };
-        let (rs, rl) = j.residual.storage_and_layout();
-        let Storage::Cuda(r) = &*rs else { candle_core::bail!("{}: residual not on cuda", Self::NAME) };
-        add_residual(y, r, rl)
+        let y = on_storage(&act, cuda_storage, dev, "lora-product-swiglu: the product", |x, xl| {
+            on_storage(&self.b, cuda_storage, dev, "lora-product-swiglu: B", |b, bl| self.inner.forward_held(x, xl, b, bl, &w, cuda_storage, dev))
+        })?;
+        self.then_residual(y, cuda_storage, dev)
     }
 
     fn bwd(&self, g: &Tensor, second: &Tensor, _ab: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
