@@ -69,7 +69,13 @@ def reference(shape: str, batch: int, seq: int, dtype: str, device: str, checkpo
                       max_position_embeddings=4096, attn_implementation="sdpa", use_cache=False)
     torch.manual_seed(0)
     dt = {"bf16": torch.bfloat16, "f32": torch.float32, "f16": torch.float16}[dtype]
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=dt)
+    # Built where it trains, in its dtype: no full-precision copy on the host to convert and move.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(default)
+    model.to(device=device, dtype=dt)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -138,18 +144,18 @@ class GpuMemory:
         self._thread.join()
 
 
-def run_side(argv: list[str], device: str) -> tuple[dict, int]:
+def run_side(argv: list[str], device: str, timeout: float | None) -> tuple[dict, int]:
     """Runs one side; returns its JSON line and its peak memory (device memory or RSS)."""
     if device.startswith("cuda"):
         index = int(device.split(":")[1]) if ":" in device else 0
         with GpuMemory(index) as mem:
-            r = tb.run_measured(argv, stream_stderr=True)
+            r = tb.run_measured(argv, stream_stderr=True, timeout=timeout)
         peak = mem.peak
     else:
-        r = tb.run_measured(argv, stream_stderr=True)
+        r = tb.run_measured(argv, stream_stderr=True, timeout=timeout)
         peak = r.peak_rss_bytes
     if r.returncode != 0:
-        return {"error": f"exit {r.returncode}"}, 0
+        return {"error": f"timed out after {timeout:g} s" if r.returncode == 124 else f"exit {r.returncode}"}, 0
     return tb.parse_json_line(r.stdout, shlex.join(argv[:3])), peak
 
 
@@ -166,6 +172,7 @@ def main() -> int:
     ap.add_argument("--dtypes", default="bf16,f32", help="reference dtypes (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--side-timeout", type=float, help="kill a side's run after this many seconds (its row says so)")
     ap.add_argument("--reference-only", action="store_true")
     ap.add_argument("--write-results", action="store_true", help="append a dated section to bench/RESULTS.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -185,20 +192,31 @@ def main() -> int:
     exe = None if args.reference_only else tb.binary_argv(args.tunebench)
     tokens = args.batch * args.seq
     rows, notes = [], []
+
+    def row_line(label, impl, tps, peak, loss, note) -> str:
+        fmt = (lambda v, f: f.format(v) if v is not None else "—")
+        return (f"| {label} | {impl} | {fmt(tps, '{:.0f}')} | {fmt(peak and peak / GIB, '{:.2f} GiB')} | "
+                f"{fmt(loss, '{:.3f}')} | {note} |")
+
+    def add(*row) -> None:
+        """Keeps a row for the table and prints it now, so a run cut short still shows its rows."""
+        rows.append(row)
+        print(f"row: {row_line(*row)}", file=sys.stderr, flush=True)
     for name, ckpt in jobs:
         label = f"{name} {args.batch}x{args.seq}" + (" +ckpt" if ckpt else "")
         for dtype in args.dtypes.split(","):
             w = dict(shape=name, batch=args.batch, seq=args.seq, dtype=dtype, device=args.device, checkpointing=ckpt,
                      warmup=args.warmup, steps=args.steps, rank=args.rank)
-            ref, ref_peak = run_side([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(w)], args.device)
+            ref, ref_peak = run_side([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(w)], args.device,
+                                     args.side_timeout)
             ref_tps = None
             if "error" in ref:
-                rows.append((label, f"pytorch+peft {dtype}", None, None, None, ref["error"]))
+                add(label, f"pytorch+peft {dtype}", None, None, None, ref["error"])
             else:
                 ref_tps = tokens / statistics.median(ref["step_s"])
                 own = ref.get("torch_peak_allocated_bytes")
-                rows.append((label, f"pytorch+peft {dtype}", ref_tps, ref_peak, ref["losses"][0],
-                             f"torch max_memory_allocated {own / GIB:.2f} GiB" if own else ""))
+                add(label, f"pytorch+peft {dtype}", ref_tps, ref_peak, ref["losses"][0],
+                    f"torch max_memory_allocated {own / GIB:.2f} GiB" if own else "")
                 notes.append(f"reference {label} {dtype}: torch {ref['torch']}, {ref.get('gpu', 'cpu')}, "
                              f"trainable {ref['trainable_params']:,}")
             if not exe:
@@ -208,9 +226,9 @@ def main() -> int:
                           "--targets", "all-linear", "--warmup-steps", str(args.warmup), "--steps", str(args.steps)]
             if ckpt:
                 argv.append("--gradient-checkpointing")
-            res, peak = run_side(argv, args.device)
+            res, peak = run_side(argv, args.device, args.side_timeout)
             if "error" in res:
-                rows.append((label, f"tunebench {dtype}", None, None, None, res["error"]))
+                add(label, f"tunebench {dtype}", None, None, None, res["error"])
                 continue
             tps = tokens / statistics.median(res["step_s"])
             ratio = f"{tps / ref_tps:.2f}x tok/s, {peak / ref_peak:.2f}x memory" if ref_tps and ref_peak else ""
@@ -224,15 +242,12 @@ def main() -> int:
             own = res.get("device_peak_bytes")
             if own:
                 ratio += f"{'; ' if ratio else ''}pool peak {own / GIB:.2f} GiB"
-            rows.append((label, f"tunebench {res.get('dtype', dtype)} ({res.get('device', '?')})", tps, peak,
-                         res["losses"][0], ratio))
+            add(label, f"tunebench {res.get('dtype', dtype)} ({res.get('device', '?')})", tps, peak,
+                res["losses"][0], ratio)
 
     where = "GPU memory above idle (NVML)" if args.device.startswith("cuda") else "peak RSS"
     lines = [f"| shape | impl | tok/s (median step) | {where} | first loss | notes |", "|---|---|---|---|---|---|"]
-    for label, impl, tps, peak, loss, note in rows:
-        fmt = (lambda v, f: f.format(v) if v is not None else "—")
-        lines.append(f"| {label} | {impl} | {fmt(tps, '{:.0f}')} | {fmt(peak and peak / GIB, '{:.2f} GiB')} | "
-                     f"{fmt(loss, '{:.3f}')} | {note} |")
+    lines += [row_line(*row) for row in rows]
     print("\n".join(lines))
     if args.write_results:
         v = tb.versions()

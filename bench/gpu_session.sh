@@ -11,16 +11,20 @@
 #                                               # adds the f32 comparison, SHAPES=... narrows)
 #       1. unpacks the binary, finds the driver and CUDA libraries, prints the GPU;
 #       2. every training op's value and gradients on the GPU against the f64 CPU reference
-#          (tunebench check-ops: f32, bf16, f16);
-#          correctness: the same tiny random-init LoRA run on the GPU and on the CPU, f32, bf16 and
+#          (tunebench check-ops: f32, bf16, f16); kernels that fail are turned off for the rest;
+#       3. bench/gpu_bench.py on the issue's shapes (--write-results), both sides;
+#       4. correctness: the same tiny random-init LoRA run on the GPU and on the CPU, f32, bf16 and
 #          f16 (loss-scaled), with and without checkpointing — the GPU's losses must follow the CPU's;
 #          inference: the same tiny model's logits on both, full-sequence and token by token
 #          through the KV cache (tunebench logits --decode), dense and held as Q4_1/Q8_0 blocks
-#          (the quantized kernels a GGUF chat runs); our kernels against candle's ops;
-#       3. a profile of the 1B shape's training step (bench-train --profile: each op's forward
+#          (the quantized kernels a GGUF chat runs);
+#       5. a profile of the 1B shape's training step (bench-train --profile: each op's forward
 #          and backward, the optimizer) into $OUT/profile-llama-1b.txt;
-#       4. bench/gpu_bench.py on the issue's shapes (--write-results), both sides;
+#       6. our kernels against candle's ops, flash attention off, the memory pool trimmed;
 #       writes everything (log, RESULTS section) to $OUT (or ./gpu-out).
+#       A device lease is short, so the steps run in that order of importance within BUDGET_S
+#       seconds (default 480): a step that would not fit in what is left is skipped and says
+#       so, and each command has its own time limit.
 #
 # DEVICE=cpu runs the same steps on the CPU with the tiny shape and writes no results (a smoke
 # test of this script; needs torch + transformers + peft: PY=$(bash scripts/pyenv | tail -n1)).
@@ -61,33 +65,59 @@ fi
 "$bin" --version
 
 fail=0
+budget="${BUDGET_S:-480}"
+left() { echo $((budget - SECONDS)); }
+# fits NAME SECONDS: whether a step that takes about SECONDS fits in what is left of the budget.
+fits() {
+  if [ "$(left)" -lt "$2" ]; then
+    echo "== SKIPPED: $1 (needs about $2 s; $(left) s left of the ${budget} s budget)"
+    return 1
+  fi
+}
+# tb LIMIT ARGS...: the binary, killed past LIMIT seconds.
+tb() { local limit=$1; shift; timeout -k 5 "$limit" "$bin" "$@"; }
+
 echo "== op gradients on $DEVICE against the f64 reference (tunebench check-ops)"
-if ! "$bin" check-ops --device "$DEVICE"; then
+if ! tb 150 check-ops --device "$DEVICE"; then
   fail=1
   # Which side is off: the flash-attention kernels, the other fused kernels (kernels/fused.cu)
   # or the rest? Without the flash kernels attention takes the blocked tensor ops; without any
   # fused kernel the ops take candle's kernels with our backward. Measure the way that passes.
-  echo "== op checks again with the flash kernels off (TUNEBENCH_FLASH_ATTENTION=0)"
-  if TUNEBENCH_FLASH_ATTENTION=0 "$bin" check-ops --device "$DEVICE"; then
-    echo "the flash kernels fail their checks: the rest of this session runs without them"
-    export TUNEBENCH_FLASH_ATTENTION=0
-  else
-    echo "== op checks again with the fused kernels off (TUNEBENCH_FUSED_KERNELS=0)"
-    if TUNEBENCH_FUSED_KERNELS=0 "$bin" check-ops --device "$DEVICE"; then
-      echo "the fused kernels fail their checks: the rest of this session runs without them"
-      export TUNEBENCH_FUSED_KERNELS=0
+  if fits "op checks with the flash kernels off" 120; then
+    echo "== op checks again with the flash kernels off (TUNEBENCH_FLASH_ATTENTION=0)"
+    if TUNEBENCH_FLASH_ATTENTION=0 tb 150 check-ops --device "$DEVICE"; then
+      echo "the flash kernels fail their checks: the rest of this session runs without them"
+      export TUNEBENCH_FLASH_ATTENTION=0
+    elif fits "op checks with the fused kernels off" 120; then
+      echo "== op checks again with the fused kernels off (TUNEBENCH_FUSED_KERNELS=0)"
+      if TUNEBENCH_FUSED_KERNELS=0 tb 150 check-ops --device "$DEVICE"; then
+        echo "the fused kernels fail their checks: the rest of this session runs without them"
+        export TUNEBENCH_FUSED_KERNELS=0
+      fi
     fi
   fi
 fi
 
-echo "== correctness: $DEVICE against the CPU (tiny shapes, random weights, same batches; tiny-hd64's 16-bit runs take the flash kernels)"
-for shape in tiny tiny-hd64; do
-for dtype in f32 bf16 f16; do
-  for ckpt in "" --gradient-checkpointing; do
-    args=(bench-train --shape "$shape" --batch 4 --seq 64 --warmup-steps 0 --steps 6 --lr 1e-2 --dtype "$dtype" $ckpt)
-    ref=$("$bin" "${args[@]}" --device cpu | tail -n1)
-    got=$("$bin" "${args[@]}" --device "$DEVICE" | tail -n1)
-    "$py" - "$shape" "$dtype" "$ckpt" "$ref" "$got" <<'PY' || fail=1
+if fits "bench/gpu_bench.py" 120; then
+  echo "== bench/gpu_bench.py ($shapes, ${batch}x${seq})"
+  cp bench/RESULTS.md "$OUT/RESULTS.before.md" 2>/dev/null || true
+  # Each side of each shape gets at most a quarter of what is left, so one that hangs leaves
+  # time for the others.
+  "$py" bench/gpu_bench.py --tunebench "$bin" --device "$DEVICE" --shapes "$shapes" --batch "$batch" --seq "$seq" \
+    --dtypes "${DTYPES:-bf16}" --warmup 2 --steps "$steps" --side-timeout $(( $(left) / 4 )) "${write[@]}" || fail=1
+  diff "$OUT/RESULTS.before.md" bench/RESULTS.md | sed -n 's/^> //p' > "$OUT/RESULTS.new-section.md" || true
+  echo "results section: $OUT/RESULTS.new-section.md"
+fi
+
+if fits "training correctness against the CPU" 90; then
+  echo "== correctness: $DEVICE against the CPU (tiny shapes, random weights, same batches; tiny-hd64's 16-bit runs take the flash kernels)"
+  for shape in tiny tiny-hd64; do
+  for dtype in f32 bf16 f16; do
+    for ckpt in "" --gradient-checkpointing; do
+      args=(bench-train --shape "$shape" --batch 4 --seq 64 --warmup-steps 0 --steps 6 --lr 1e-2 --dtype "$dtype" $ckpt)
+      ref=$(tb 60 "${args[@]}" --device cpu | tail -n1) || { echo "$shape $dtype $ckpt: the CPU run failed"; fail=1; continue; }
+      got=$(tb 60 "${args[@]}" --device "$DEVICE" | tail -n1) || { echo "$shape $dtype $ckpt: the $DEVICE run failed"; fail=1; continue; }
+      "$py" - "$shape" "$dtype" "$ckpt" "$ref" "$got" <<'PY' || fail=1
 import json, sys
 shape, dtype, ckpt, ref, got = sys.argv[1], sys.argv[2], sys.argv[3] or "plain", json.loads(sys.argv[4]), json.loads(sys.argv[5])
 tol = 1e-3 if dtype == "f32" else 3e-2
@@ -97,16 +127,18 @@ print(f"{shape:9} {dtype:5} {ckpt:26} device {got['device']}: worst relative los
       f"{'ok' if ok else 'FAILED'}; losses {['%.4f' % x for x in got['losses']]}")
 sys.exit(0 if ok else 1)
 PY
+    done
   done
-done
-done
+  done
+fi
 
-echo "== inference on $DEVICE against the CPU (tiny shape, random weights; full-sequence and token-by-token logits)"
-echo '[[1, 5, 9, 200, 31, 7, 7, 300, 12, 0, 45, 99, 4, 4, 17, 256]]' > "$OUT/ids.json"
-for mode in "" --decode; do
-  "$bin" logits --shape tiny --tokens "$OUT/ids.json" --out "$OUT/logits-cpu.safetensors" --device cpu $mode
-  "$bin" logits --shape tiny --tokens "$OUT/ids.json" --out "$OUT/logits-dev.safetensors" --device "$DEVICE" $mode
-  "$py" - "$OUT" "${mode:-full}" <<'PY' || fail=1
+if fits "inference against the CPU" 40; then
+  echo "== inference on $DEVICE against the CPU (tiny shape, random weights; full-sequence and token-by-token logits)"
+  echo '[[1, 5, 9, 200, 31, 7, 7, 300, 12, 0, 45, 99, 4, 4, 17, 256]]' > "$OUT/ids.json"
+  for mode in "" --decode; do
+    tb 60 logits --shape tiny --tokens "$OUT/ids.json" --out "$OUT/logits-cpu.safetensors" --device cpu $mode || fail=1
+    tb 60 logits --shape tiny --tokens "$OUT/ids.json" --out "$OUT/logits-dev.safetensors" --device "$DEVICE" $mode || fail=1
+    "$py" - "$OUT" "${mode:-full}" <<'PY' || fail=1
 import sys
 from safetensors.numpy import load_file
 out, mode = sys.argv[1], sys.argv[2]
@@ -116,17 +148,17 @@ ok = err <= 1e-4 and a.shape == b.shape
 print(f"logits {mode:8} relative difference {err:.2e} (limit 1e-4) {'ok' if ok else 'FAILED'}")
 sys.exit(0 if ok else 1)
 PY
-done
-# The same with the projections held as quantized blocks, as a GGUF model is held for chat: the
-# device's quantized inference kernels (candle's) against the CPU's (model::qmatmul). Both
-# round activations differently, so the device must agree with the CPU's blocks much better
-# than the blocks agree with the unquantized weights.
-for blocks in q4_1 q8_0; do
-  for mode in "" --decode; do
-    "$bin" logits --shape tiny --tokens "$OUT/ids.json" --out "$OUT/logits-dense.safetensors" --device cpu $mode
-    "$bin" logits --shape tiny --blocks "$blocks" --tokens "$OUT/ids.json" --out "$OUT/logits-cpu.safetensors" --device cpu $mode
-    "$bin" logits --shape tiny --blocks "$blocks" --tokens "$OUT/ids.json" --out "$OUT/logits-dev.safetensors" --device "$DEVICE" $mode
-    "$py" - "$OUT" "$blocks ${mode:-full}" <<'PY' || fail=1
+  done
+  # The same with the projections held as quantized blocks, as a GGUF model is held for chat: the
+  # device's quantized inference kernels (candle's) against the CPU's (model::qmatmul). Both
+  # round activations differently, so the device must agree with the CPU's blocks much better
+  # than the blocks agree with the unquantized weights.
+  for blocks in q4_1 q8_0; do
+    for mode in "" --decode; do
+      tb 60 logits --shape tiny --tokens "$OUT/ids.json" --out "$OUT/logits-dense.safetensors" --device cpu $mode || fail=1
+      tb 60 logits --shape tiny --blocks "$blocks" --tokens "$OUT/ids.json" --out "$OUT/logits-cpu.safetensors" --device cpu $mode || fail=1
+      tb 60 logits --shape tiny --blocks "$blocks" --tokens "$OUT/ids.json" --out "$OUT/logits-dev.safetensors" --device "$DEVICE" $mode || fail=1
+      "$py" - "$OUT" "$blocks ${mode:-full}" <<'PY' || fail=1
 import sys
 from safetensors.numpy import load_file
 out, what = sys.argv[1], sys.argv[2]
@@ -136,39 +168,39 @@ ok = err <= 0.5 * quant and a.shape == b.shape
 print(f"logits {what:14} device vs cpu {err:.2e} (limit half the blocks' own error, {quant:.2e}) {'ok' if ok else 'FAILED'}")
 sys.exit(0 if ok else 1)
 PY
+    done
   done
-done
-rm -f "$OUT"/logits-*.safetensors
-if [ "$DEVICE" != cpu ] && [ "${TUNEBENCH_FUSED_KERNELS:-1}" != 0 ]; then
-  echo "== our fused kernels against candle's ops (SmolLM2-135M shape, bf16, ${batch}x${seq}, tokens/s)"
-  for fused in 1 0; do
-    TUNEBENCH_FUSED_KERNELS=$fused "$bin" bench-train --shape smollm2-135m --batch "$batch" --seq "$seq" --warmup-steps 2 \
-      --steps "$steps" --dtype bf16 --device "$DEVICE" | tail -n1 | "$py" -c "import json,sys; r=json.loads(sys.stdin.read()); \
-print('fused kernels $fused:', {k: r[k] for k in r if k not in ('losses',)})" || fail=1
-  done
-  # Attention by the flash kernels (the runs above) against the blocked tensor-op attention.
-  echo "== flash attention off (TUNEBENCH_FLASH_ATTENTION=0), same run"
-  TUNEBENCH_FLASH_ATTENTION=0 "$bin" bench-train --shape smollm2-135m --batch "$batch" --seq "$seq" --warmup-steps 2 \
-    --steps "$steps" --dtype bf16 --device "$DEVICE" | tail -n1 | "$py" -c "import json,sys; r=json.loads(sys.stdin.read()); \
-print('flash off:', {k: r[k] for k in r if k not in ('losses',)})" || fail=1
-  # The runs above keep freed memory in the CUDA pool (src/device.rs); the driver's default
-  # unmaps it at every synchronization, so each step maps its activations again.
-  echo "== the memory pool trimmed at each synchronization (the driver's default), same run"
-  TUNEBENCH_CUDA_TRIM_POOL=1 "$bin" bench-train --shape smollm2-135m --batch "$batch" --seq "$seq" --warmup-steps 2 \
-    --steps "$steps" --dtype bf16 --device "$DEVICE" | tail -n1 | "$py" -c "import json,sys; r=json.loads(sys.stdin.read()); \
-print('pool trimmed:', {k: r[k] for k in r if k not in ('losses',)})" || fail=1
+  rm -f "$OUT"/logits-*.safetensors
 fi
+
 # Where a step's time goes on the device (the fused kernels to write next follow from it):
 # profiled steps time each op's forward and backward between device synchronizations.
 pshape=llama-1b; [ "$DEVICE" = cpu ] && pshape=tiny
-echo "== profile: $pshape bf16 ${batch}x${seq} on $DEVICE (bench-train --profile)"
-"$bin" bench-train --shape "$pshape" --batch "$batch" --seq "$seq" --warmup-steps 1 --steps 1 --profile 3 --dtype bf16 \
-  --device "$DEVICE" 2> "$OUT/profile-$pshape.txt" | tail -n1 > "$OUT/profile-$pshape.json" || fail=1
-cat "$OUT/profile-$pshape.txt"
-echo "== bench/gpu_bench.py ($shapes, ${batch}x${seq})"
-cp bench/RESULTS.md "$OUT/RESULTS.before.md" 2>/dev/null || true
-"$py" bench/gpu_bench.py --tunebench "$bin" --device "$DEVICE" --shapes "$shapes" --batch "$batch" --seq "$seq" \
-  --dtypes "${DTYPES:-bf16}" --warmup 2 --steps "$steps" "${write[@]}" || fail=1
-diff "$OUT/RESULTS.before.md" bench/RESULTS.md | sed -n 's/^> //p' > "$OUT/RESULTS.new-section.md" || true
-echo "results section: $OUT/RESULTS.new-section.md"
+if fits "the profile" 45; then
+  echo "== profile: $pshape bf16 ${batch}x${seq} on $DEVICE (bench-train --profile)"
+  tb 90 bench-train --shape "$pshape" --batch "$batch" --seq "$seq" --warmup-steps 1 --steps 1 --profile 3 --dtype bf16 \
+    --device "$DEVICE" 2> "$OUT/profile-$pshape.txt" | tail -n1 > "$OUT/profile-$pshape.json" || fail=1
+  cat "$OUT/profile-$pshape.txt"
+fi
+
+# A/B runs of what the defaults choose: summary JSON without the losses.
+summary() { "$py" -c "import json,sys; r=json.loads(sys.stdin.read()); print('$1:', {k: r[k] for k in r if k != 'losses'})"; }
+ab() { # ab LABEL [ENV=VALUE...]: the SmolLM2 shape in bf16 with the given environment
+  local label=$1; shift
+  env "$@" timeout -k 5 60 "$bin" bench-train --shape smollm2-135m --batch "$batch" --seq "$seq" --warmup-steps 2 \
+    --steps "$steps" --dtype bf16 --device "$DEVICE" | tail -n1 | summary "$label" || fail=1
+}
+if [ "$DEVICE" != cpu ] && [ "${TUNEBENCH_FUSED_KERNELS:-1}" != 0 ] && fits "the A/B runs" 60; then
+  echo "== our fused kernels against candle's ops (SmolLM2-135M shape, bf16, ${batch}x${seq}, tokens/s)"
+  ab "fused kernels 1" TUNEBENCH_FUSED_KERNELS=1
+  ab "fused kernels 0" TUNEBENCH_FUSED_KERNELS=0
+  # Attention by the flash kernels (the runs above) against the blocked tensor-op attention.
+  echo "== flash attention off (TUNEBENCH_FLASH_ATTENTION=0), same run"
+  ab "flash off" TUNEBENCH_FLASH_ATTENTION=0
+  # The runs above keep freed memory in the CUDA pool (src/device.rs); the driver's default
+  # unmaps it at every synchronization, so each step maps its activations again.
+  echo "== the memory pool trimmed at each synchronization (the driver's default), same run"
+  ab "pool trimmed" TUNEBENCH_CUDA_TRIM_POOL=1
+fi
+echo "== done in $SECONDS s (budget ${budget} s); failures: $fail"
 exit "$fail"

@@ -7,6 +7,7 @@ import os
 import platform
 import resource
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -87,15 +88,24 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-def run_measured(argv: list[str], stream_stderr: bool = False, env: dict | None = None) -> Result:
+def run_measured(argv: list[str], stream_stderr: bool = False, env: dict | None = None,
+                 timeout: float | None = None) -> Result:
     """Run argv as a child process and return its output and its own peak RSS (ru_maxrss of
-    exactly that child, forked from a fresh launcher so the parent's size does not leak in)."""
+    exactly that child, forked from a fresh launcher so the parent's size does not leak in).
+    Past `timeout` seconds the child and everything it started are killed; the result's return
+    code is then 124 (as timeout(1) gives) and its stderr says so."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
             tempfile.NamedTemporaryFile(suffix=".json") as meta:
         t0 = time.perf_counter()
         p = subprocess.Popen([sys.executable, "-c", _LAUNCHER, meta.name] + list(argv), stdout=out,
-                             stderr=None if stream_stderr else err, env=env)
-        p.wait()
+                             stderr=None if stream_stderr else err, env=env, start_new_session=True)
+        try:
+            p.wait(timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            timed_out = True
         secs = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
@@ -105,8 +115,10 @@ def run_measured(argv: list[str], stream_stderr: bool = False, env: dict | None 
         except (OSError, ValueError):
             m = {"code": p.returncode or 1, "maxrss_kb": 0}
         rss = m["maxrss_kb"] * (1024 if sys.platform != "darwin" else 1)
-        return Result(argv, m["code"], out.read().decode("utf-8", "replace"),
-                      err.read().decode("utf-8", "replace"), secs, rss)
+        stderr = err.read().decode("utf-8", "replace")
+        if timed_out:
+            m["code"], stderr = 124, stderr + f"\nkilled after {timeout:g} s (timeout)\n"
+        return Result(argv, m["code"], out.read().decode("utf-8", "replace"), stderr, secs, rss)
 
 
 def quiet_transformers() -> None:
