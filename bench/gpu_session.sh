@@ -24,7 +24,8 @@
 #       writes everything (log, RESULTS section) to $OUT (or ./gpu-out).
 #       A device lease is short, so the steps run in that order of importance within BUDGET_S
 #       seconds (default 480): a step that would not fit in what is left is skipped and says
-#       so, and each command has its own time limit.
+#       so, and each command has its own time limit. ONLY=bench,profile (say) runs the op checks
+#       and those steps alone.
 #
 # DEVICE=cpu runs the same steps on the CPU with the tiny shape and writes no results (a smoke
 # test of this script; needs torch + transformers + peft: PY=$(bash scripts/pyenv | tail -n1)).
@@ -38,6 +39,8 @@ if [ "${1:-}" = "--prepare" ]; then
   mkdir -p .gpu
   cp "$target/release/tunebench-cuda.xz" .gpu/
   cp "${TUNEBENCH_DEVICE_ENV:-../shared/cuda/device-env.sh}" .gpu/device-env.sh
+  # The commit the binary was built from (with -dirty for uncommitted changes), for the results.
+  git describe --always --dirty > .gpu/revision
   du -sh .gpu
   echo "prepared .gpu/ — on the GPU machine: carry [\".gpu\"] and run: bash bench/gpu_session.sh"
   exit 0
@@ -58,6 +61,8 @@ else
   bin=/tmp/tunebench
   # shellcheck disable=SC1091
   source .gpu/device-env.sh
+  TUNEBENCH_GIT_REV="$(cat .gpu/revision 2>/dev/null || true)"
+  export TUNEBENCH_GIT_REV
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
   shapes="${SHAPES:-smollm2-135m,llama-1b,qwen1.5b-like,qwen1.5b-like+ckpt}"; batch=8; seq=512; steps=10
   write=(--write-results)
@@ -67,8 +72,19 @@ fi
 fail=0
 budget="${BUDGET_S:-480}"
 left() { echo $((budget - SECONDS)); }
-# fits NAME SECONDS: whether a step that takes about SECONDS fits in what is left of the budget.
+# fits NAME SECONDS: whether a step that takes about SECONDS fits in what is left of the budget
+# (and, with ONLY set, is one of the steps it names: a comma-separated list of ops, bench,
+# training, inference, profile, ab; the op checks always run).
 fits() {
+  local key
+  case "$1" in
+    bench*) key=bench ;; training*) key=training ;; inference*) key=inference ;; "the profile") key=profile ;;
+    "the A/B runs") key=ab ;; *) key=ops ;;
+  esac
+  if [ -n "${ONLY:-}" ] && [ "$key" != ops ] && [[ ",$ONLY," != *",$key,"* ]]; then
+    echo "== not asked for: $1 (ONLY=$ONLY)"
+    return 1
+  fi
   if [ "$(left)" -lt "$2" ]; then
     echo "== SKIPPED: $1 (needs about $2 s; $(left) s left of the ${budget} s budget)"
     return 1
@@ -98,7 +114,7 @@ if ! tb 150 check-ops --device "$DEVICE"; then
   fi
 fi
 
-if fits "bench/gpu_bench.py" 120; then
+if fits "bench: bench/gpu_bench.py" 120; then
   echo "== bench/gpu_bench.py ($shapes, ${batch}x${seq})"
   cp bench/RESULTS.md "$OUT/RESULTS.before.md" 2>/dev/null || true
   # Each side of each shape gets at most a quarter of what is left, so one that hangs leaves
@@ -109,7 +125,7 @@ if fits "bench/gpu_bench.py" 120; then
   echo "results section: $OUT/RESULTS.new-section.md"
 fi
 
-if fits "training correctness against the CPU" 90; then
+if fits "training: correctness against the CPU" 90; then
   echo "== correctness: $DEVICE against the CPU (tiny shapes, random weights, same batches; tiny-hd64's 16-bit runs take the flash kernels)"
   for shape in tiny tiny-hd64; do
   for dtype in f32 bf16 f16; do
@@ -120,11 +136,16 @@ if fits "training correctness against the CPU" 90; then
       "$py" - "$shape" "$dtype" "$ckpt" "$ref" "$got" <<'PY' || fail=1
 import json, sys
 shape, dtype, ckpt, ref, got = sys.argv[1], sys.argv[2], sys.argv[3] or "plain", json.loads(sys.argv[4]), json.loads(sys.argv[5])
-tol = 1e-3 if dtype == "f32" else 3e-2
-worst = max(abs(a - b) / max(abs(a), 1e-9) for a, b in zip(ref["losses"], got["losses"]))
-ok = worst <= tol and got["losses"][-1] < got["losses"][0]
-print(f"{shape:9} {dtype:5} {ckpt:26} device {got['device']}: worst relative loss difference {worst:.2e} (limit {tol:g}) "
-      f"{'ok' if ok else 'FAILED'}; losses {['%.4f' % x for x in got['losses']]}")
+# The first step's loss is one forward on the same weights: it must agree closely. The later
+# ones follow five updates at lr 1e-2 (the loss falls ~8x), which carry each side's rounding
+# on: in 16 bits the limit is looser (bf16 keeps 8 bits of mantissa, and the flash kernels
+# round the probabilities to it for the tensor-core product, as FlashAttention does).
+first_tol, tol = (1e-5, 1e-3) if dtype == "f32" else (5e-3, 6e-2)
+rel = [abs(a - b) / max(abs(a), 1e-9) for a, b in zip(ref["losses"], got["losses"])]
+ok = rel[0] <= first_tol and max(rel) <= tol and got["losses"][-1] < got["losses"][0]
+print(f"{shape:9} {dtype:5} {ckpt:26} device {got['device']}: relative loss difference first step {rel[0]:.2e} "
+      f"(limit {first_tol:g}), worst {max(rel):.2e} (limit {tol:g}) {'ok' if ok else 'FAILED'}; "
+      f"losses {['%.4f' % x for x in got['losses']]}")
 sys.exit(0 if ok else 1)
 PY
     done
@@ -132,7 +153,7 @@ PY
   done
 fi
 
-if fits "inference against the CPU" 40; then
+if fits "inference: logits against the CPU" 40; then
   echo "== inference on $DEVICE against the CPU (tiny shape, random weights; full-sequence and token-by-token logits)"
   echo '[[1, 5, 9, 200, 31, 7, 7, 300, 12, 0, 45, 99, 4, 4, 17, 256]]' > "$OUT/ids.json"
   for mode in "" --decode; do
@@ -150,9 +171,10 @@ sys.exit(0 if ok else 1)
 PY
   done
   # The same with the projections held as quantized blocks, as a GGUF model is held for chat: the
-  # device's quantized inference kernels (candle's) against the CPU's (model::qmatmul). Both
-  # round activations differently, so the device must agree with the CPU's blocks much better
-  # than the blocks agree with the unquantized weights.
+  # device's quantized inference (candle's kernels for a decoding step's row, the dequantized
+  # product for a prompt's rows) against the CPU's (model::qmatmul). Both sides round the
+  # activations to 8 bits, each its own way, so they need not agree with each other better than
+  # with the unquantized weights; the device must be no further from those than twice the CPU.
   for blocks in q4_1 q8_0; do
     for mode in "" --decode; do
       tb 60 logits --shape tiny --tokens "$OUT/ids.json" --out "$OUT/logits-dense.safetensors" --device cpu $mode || fail=1
@@ -163,9 +185,10 @@ import sys
 from safetensors.numpy import load_file
 out, what = sys.argv[1], sys.argv[2]
 d, a, b = (load_file(f"{out}/logits-{n}.safetensors")["logits.0"] for n in ("dense", "cpu", "dev"))
-quant, err = float(abs(a - d).max() / abs(d).max()), float(abs(a - b).max() / abs(a).max())
-ok = err <= 0.5 * quant and a.shape == b.shape
-print(f"logits {what:14} device vs cpu {err:.2e} (limit half the blocks' own error, {quant:.2e}) {'ok' if ok else 'FAILED'}")
+quant, err = float(abs(a - d).max() / abs(d).max()), float(abs(b - d).max() / abs(d).max())
+ok = err <= 2 * quant and a.shape == b.shape
+print(f"logits {what:14} device vs unquantized {err:.2e} (limit 2 × the cpu's {quant:.2e}; device vs cpu "
+      f"{float(abs(a - b).max() / abs(a).max()):.2e}) {'ok' if ok else 'FAILED'}")
 sys.exit(0 if ok else 1)
 PY
     done

@@ -189,6 +189,10 @@ def tunebench_version(exe: list[str]) -> str | None:
 
 
 def git_rev() -> str | None:
+    """The checkout's commit; TUNEBENCH_GIT_REV names the one a carried binary was built from
+    (bench/gpu_session.sh sets it on the GPU machine, whose copy of the tree may not say)."""
+    if os.environ.get("TUNEBENCH_GIT_REV"):
+        return os.environ["TUNEBENCH_GIT_REV"]
     try:
         r = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         return r.stdout.strip() or None

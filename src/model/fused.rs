@@ -1517,3 +1517,174 @@ fn flash_backward_cuda<T: gpu::Elem>(
     };
     Ok((filled(dq, &dev, (b, nkv, rep * s, hd), &q)?, filled(dk, &dev, (b, nkv, keys, hd), &q)?, filled(dv, &dev, (b, nkv, keys, hd), &q)?))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Products summed in one buffer (cuBLAS's beta)
+// ---------------------------------------------------------------------------------------------
+
+/// `C = alpha·op(A)·op(B) + beta·C` by cuBLAS (f32 accumulation, one rounding) for row-major
+/// contiguous operands: C (m, n); A (m, k), or held as (k, m) when `ta`; B (k, n), or held as
+/// (n, k) when `tb`.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn gemm_cuda<T: gpu::Elem>(
+    dev: &candle_core::CudaDevice,
+    c: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<T>,
+    (m, n, k): (usize, usize, usize),
+    (a, ta): (&candle_core::cuda_backend::cudarc::driver::CudaView<T>, bool),
+    (b, tb): (&candle_core::cuda_backend::cudarc::driver::CudaView<T>, bool),
+    alpha: f32,
+    beta: f32,
+) -> CResult<()> {
+    use candle_core::cuda_backend::cudarc::cublas::{result, sys};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let data = match T::DTYPE {
+        DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
+        DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+        DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
+        other => candle_core::bail!("gemm: f32, bf16 or f16 expected, got {other:?}"),
+    };
+    if a.len() < m * k || b.len() < k * n || c.len() < m * n {
+        candle_core::bail!("gemm: ({m}, {k})·({k}, {n}) from {} and {} values into {}", a.len(), b.len(), c.len());
+    }
+    let dim = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("gemm: dimension {v} too large")));
+    let op = |t: bool| if t { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
+    // cuBLAS is column-major, where a row-major (r, c) matrix reads as its (c, r) transpose:
+    // C's rows come out as Cᵀ = op(B)ᵀ·op(A)ᵀ, B's buffer first.
+    let (lda, ldb) = (if tb { k } else { n }, if ta { m } else { k });
+    let blas = dev.cublas_handle();
+    let stream = dev.cuda_stream();
+    let (bp, _b_guard) = b.device_ptr(&stream);
+    let (ap, _a_guard) = a.device_ptr(&stream);
+    let (cp, _c_guard) = c.device_ptr_mut(&stream);
+    // SAFETY: the three buffers hold at least the values the product reads and writes (checked
+    // above), in the dtype named, and the handle queues on the stream the guards record.
+    unsafe {
+        result::gemm_ex(
+            *blas.handle(),
+            op(tb),
+            op(ta),
+            dim(n)?,
+            dim(m)?,
+            dim(k)?,
+            (&alpha as *const f32).cast(),
+            bp as *const _,
+            data,
+            dim(lda)?,
+            ap as *const _,
+            data,
+            dim(ldb)?,
+            (&beta as *const f32).cast(),
+            cp as *mut _,
+            data,
+            dim(n)?,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| candle_core::Error::Msg(format!("gemm: cublas: {e:?}")))
+}
+
+/// `f` on a contiguous tensor's values on the device.
+#[cfg(feature = "cuda")]
+fn on_cuda_view<T: gpu::Elem, R>(t: &Tensor, f: impl FnOnce(&candle_core::cuda_backend::cudarc::driver::CudaView<T>) -> CResult<R>) -> CResult<R> {
+    let (st, l) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*st else { candle_core::bail!("gemm: operand not on cuda") };
+    f(&gpu::view::<T>(s, l, "gemm")?)
+}
+
+/// Whether `t` is a contiguous tensor of `dims` in `dtype`.
+#[cfg(feature = "cuda")]
+fn plain(t: &Tensor, dims: &[usize], dtype: DType) -> bool {
+    t.is_contiguous() && t.dims() == dims && t.dtype() == dtype && t.device().is_cuda()
+}
+
+/// `init + x·Wᵀ + s·xa·Bᵀ` as (m, n) rows on the device, LoRA's training product, with both
+/// products summed in the output buffer (cuBLAS's beta): the low-rank term and the sum are no
+/// tensors of their own, which saves three passes over the output and one (m, n) buffer.
+/// `x` (…, k) and B (n, r) are the op's operands; W (n, k) and x̃·Aᵀ (m, r) tensors in x's
+/// dtype; `init` (a layout that reads as (m, n): the frozen bias broadcast, or the residual
+/// stream) is copied in first. None where an operand is not contiguous or not in x's dtype
+/// (the caller then takes candle's products).
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+pub fn lora_rows_cuda(x: &Cs, xl: &Layout, b: &Cs, bl: &Layout, w: &Tensor, xa: &Tensor, scale: f64, init: Option<(&Cs, &Layout)>) -> CResult<Option<Cs>> {
+    if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        return Ok(None);
+    }
+    by_dtype!(x.dtype(), lora_rows_typed(x, xl, b, bl, w, xa, scale, init))
+}
+
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn lora_rows_typed<T: gpu::Elem>(x: &Cs, xl: &Layout, b: &Cs, bl: &Layout, w: &Tensor, xa: &Tensor, scale: f64, init: Option<(&Cs, &Layout)>) -> CResult<Option<Cs>> {
+    let op = "lora-product";
+    let (n, r) = bl.shape().dims2()?;
+    let k = xl.shape().dims().last().copied().unwrap_or(0);
+    let m = if k == 0 { 0 } else { xl.shape().elem_count() / k };
+    let fits = xl.is_contiguous() && bl.is_contiguous() && b.dtype() == T::DTYPE && plain(w, &[n, k], T::DTYPE) && plain(xa, &[m, r], T::DTYPE);
+    if !fits || m * n * k * r == 0 || init.is_some_and(|(s, l)| s.dtype() != T::DTYPE || l.shape().dims() != [m, n]) {
+        return Ok(None);
+    }
+    let dev = gpu::device(x);
+    let mut out = Cs::wrap_cuda_slice(gpu::output::<T>(&dev, m * n)?, dev.clone());
+    if let Some((s, l)) = init {
+        s.copy_strided_src(&mut out, 0, l)?;
+    }
+    let (xv, bv) = (gpu::view::<T>(x, xl, op)?, gpu::view::<T>(b, bl, op)?);
+    {
+        let mut cv = out.as_cuda_slice_mut::<T>()?.slice_mut(0..m * n);
+        let beta = if init.is_some() { 1.0 } else { 0.0 };
+        on_cuda_view::<T, _>(w, |wv| gemm_cuda(&dev, &mut cv, (m, n, k), (&xv, false), (wv, true), 1.0, beta))?;
+        on_cuda_view::<T, _>(xa, |xav| gemm_cuda(&dev, &mut cv, (m, n, r), (xav, false), (&bv, true), scale as f32, 1.0))?;
+    }
+    Ok(Some(out))
+}
+
+/// `dY·W + d·A` (m, k) on the device, LoRA's input gradient (`d` = s·dY·B, (m, r); W (n, k),
+/// A (r, k)), the second product summed into the first's buffer. A CustomOp2 on (dY, d),
+/// without a backward, for CUDA tensors only (the CPU's backward sums its products itself).
+#[cfg(feature = "cuda")]
+pub struct ProductSum {
+    /// The frozen weight W (n, k), contiguous in dY's dtype.
+    pub w: Tensor,
+    /// LoRA's A (r, k), likewise.
+    pub a: Tensor,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp2 for ProductSum {
+    fn name(&self) -> &'static str {
+        "lora-input-grad"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        candle_core::bail!("lora-input-grad: a cuda op")
+    }
+
+    fn cuda_fwd(&self, g: &Cs, gl: &Layout, d: &Cs, dl: &Layout) -> CResult<(Cs, Shape)> {
+        let storage = by_dtype!(g.dtype(), product_sum_cuda(self, g, gl, d, dl))?;
+        Ok((storage, Shape::from((gl.shape().dims2()?.0, self.w.dim(1)?))))
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn product_sum_cuda<T: gpu::Elem>(o: &ProductSum, g: &Cs, gl: &Layout, d: &Cs, dl: &Layout) -> CResult<Cs> {
+    let op = "lora-input-grad";
+    let ((m, n), (md, r), (nw, k)) = (gl.shape().dims2()?, dl.shape().dims2()?, o.w.dims2()?);
+    if md != m || nw != n || o.a.dims() != [r, k] || m * n * k * r == 0 {
+        candle_core::bail!("{op}: dY {:?}, d {:?}, W {:?}, A {:?} do not fit", gl.shape(), dl.shape(), o.w.shape(), o.a.shape());
+    }
+    if !(plain(&o.w, &[n, k], T::DTYPE) && plain(&o.a, &[r, k], T::DTYPE)) {
+        candle_core::bail!("{op}: W and A must be contiguous in dY's dtype");
+    }
+    let dev = gpu::device(g);
+    let mut out = gpu::output::<T>(&dev, m * k)?;
+    let (gv, dv) = (gpu::view::<T>(g, gl, op)?, gpu::view::<T>(d, dl, op)?);
+    {
+        let mut cv = out.slice_mut(0..m * k);
+        on_cuda_view::<T, _>(&o.w, |wv| gemm_cuda(&dev, &mut cv, (m, k, n), (&gv, false), (wv, false), 1.0, 0.0))?;
+        on_cuda_view::<T, _>(&o.a, |av| gemm_cuda(&dev, &mut cv, (m, k, r), (&dv, false), (av, false), 1.0, 1.0))?;
+    }
+    Ok(Cs::wrap_cuda_slice(out, dev))
+}

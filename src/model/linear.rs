@@ -23,6 +23,11 @@ pub enum FrozenWeight {
     },
 }
 
+/// Rows of activations up to which a GPU multiplies quantized blocks with candle's kernels
+/// (activations rounded to 8 bits, as a token's decoding step does); more take the
+/// dequantized product.
+const CUDA_BLOCK_KERNEL_ROWS: usize = 8;
+
 /// The block types `model::qmatmul` multiplies itself on the CPU.
 fn own_kernel(t: GgmlDType) -> Option<super::qmatmul::BlockKind> {
     match t {
@@ -114,11 +119,17 @@ impl FrozenWeight {
             // Gradients, or half-precision activations: the exact dequantized product.
             return self.product(xs);
         }
+        let rows = xs.elem_count() / xs.dim(candle_core::D::Minus1)?.max(1);
         match own_kernel(q.dtype()) {
             Some(kind) if xs.device().is_cpu() && xs.dtype() == DType::F32 => {
                 let (n, k) = q.shape().dims2()?;
                 super::qmatmul::matmul(kind, xs, &q.data()?, n, k)
             }
+            // A prompt's many rows on a GPU: the dequantized product (cuBLAS), which is
+            // compute-bound there anyway. candle 0.11's kernel for many rows of Q8_0 blocks
+            // gave logits 60% off the CPU's on the H200 (bench/gpu_session.sh's inference
+            // check, 2026-12-04); its one-row kernels (decoding) agree.
+            _ if xs.device().is_cuda() && rows > CUDA_BLOCK_KERNEL_ROWS => self.product(xs),
             _ => Ok(mm.forward(xs)?),
         }
     }

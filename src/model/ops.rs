@@ -244,6 +244,21 @@ fn residual_grad(residual: &Tensor, grad: &Tensor) -> Option<Tensor> {
     residual.track_op().then(|| grad.clone())
 }
 
+/// LoRA's input gradient `dY·W + d·A` (d = s·dY·B) as one buffer on CUDA with the fused
+/// kernels on ([`fused::ProductSum`]); None elsewhere (the caller sums candle's products).
+fn input_grad_summed(g: &Tensor, d: &Tensor, w: &Tensor, a: &Tensor) -> CResult<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        let dtype_ok = matches!(g.dtype(), DType::F32 | DType::BF16 | DType::F16) && [d, w, a].iter().all(|t| t.dtype() == g.dtype());
+        if g.device().is_cuda() && fused::enabled_by_env() && dtype_ok {
+            let op = fused::ProductSum { w: w.contiguous()?, a: a.contiguous()? };
+            return Ok(Some(g.contiguous()?.apply_op2_no_bwd(&d.contiguous()?, &op)?));
+        }
+    }
+    let _ = (g, d, w, a);
+    Ok(None)
+}
+
 /// A frozen bias as a projection op holds it: contiguous, in the activations' `dtype`.
 fn bias_in(bias: Option<&Tensor>, dtype: DType) -> CResult<Option<Tensor>> {
     bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()
@@ -438,6 +453,38 @@ impl LoraProduct {
 
     fn dropped(&self, x: &Tensor) -> CResult<Tensor> {
         dropped(x, self.dropout)
+    }
+
+    /// The forward's (tokens, out) rows on CUDA, plus the `residual` (…, out) where given:
+    /// with the fused kernels on, both products summed in one buffer that starts as the
+    /// residual or the broadcast bias ([`fused::lora_rows_cuda`]); else candle's products and
+    /// adds ([`Self::forward_held`]).
+    #[cfg(feature = "cuda")]
+    fn cuda_rows(&self, x: &candle_core::CudaStorage, xl: &Layout, b: &candle_core::CudaStorage, bl: &Layout, residual: Option<(&candle_core::CudaStorage, &Layout)>) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let w = self.w.dense(self.dtype)?;
+        let n = bl.shape().dims2()?.0;
+        let single_init = residual.is_none() || self.bias.is_none();
+        if fused::enabled_by_env() && single_init && xl.is_contiguous() && residual.is_none_or(|(_, l)| l.is_contiguous()) {
+            let (m, _, _) = token_rows(xl)?;
+            let xa = self.xa.to_dtype(self.dtype)?;
+            let bias = self.bias.as_ref().map(|t| t.storage_and_layout());
+            let init = match (residual, &bias) {
+                (Some((r, l)), _) => Some((r, Layout::contiguous_with_offset((m, n), l.start_offset()))),
+                (None, Some((st, l))) => match cuda_storage(st) {
+                    Some(s) => Some((s, l.broadcast_as((m, n))?)),
+                    None => candle_core::bail!("lora-product: bias not on cuda"),
+                },
+                (None, None) => None,
+            };
+            if let Some(y) = fused::lora_rows_cuda(x, xl, b, bl, &w, &xa, self.scale, init.as_ref().map(|(s, l)| (*s, l)))? {
+                return Ok((y, out_shape(xl, n)));
+            }
+        }
+        let y = self.forward_held(x, xl, b, bl, &w, cuda_storage, "cuda")?;
+        match residual {
+            Some((r, rl)) => add_residual(y, r, rl),
+            None => Ok(y),
+        }
     }
 
     /// The CPU's forward in f32: y = [bias +] x·Wᵀ, then y += s·(x̃·Aᵀ)·Bᵀ into the same
@@ -647,7 +694,7 @@ impl candle_core::CustomOp3 for LoraProduct {
         if self.col_scale {
             candle_core::bail!("lora-product: a column scale is the cpu's");
         }
-        into_heads_cuda(&self.heads, self.forward_held(x, xl, b, bl, &self.w.dense(self.dtype)?, cuda_storage, "cuda")?)
+        into_heads_cuda(&self.heads, self.cuda_rows(x, xl, b, bl, None)?)
     }
 
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -722,7 +769,11 @@ impl LoraProduct {
             cpu_f32s([&dxa, &a], |[d, a]| cpu_gemm(&mut dx, (m, k, r), true, (d, r, 1), (a, k, 1), 1.0, true))?;
             Some(Tensor::from_vec(dx, x_dims, &Device::Cpu)?)
         } else {
-            Some((g.matmul(&wide(self.w.dense(self.dtype)?)?)? + self.dropped(&dxa.matmul(&a)?)?)?.reshape(x_dims)?)
+            let w = wide(self.w.dense(self.dtype)?)?;
+            match self.dropout.is_none().then(|| input_grad_summed(&g, &dxa, &w, &a)).transpose()?.flatten() {
+                Some(dx) => Some(dx.reshape(x_dims)?),
+                None => Some((g.matmul(&w)? + self.dropped(&dxa.matmul(&a)?)?)?.reshape(x_dims)?),
+            }
         };
         let narrow = |t: Tensor, dtype: DType| if half_cpu { narrowed(&t, dtype) } else { Ok(t) };
         let db = match dg {
@@ -1163,9 +1214,7 @@ impl candle_core::CustomOp3 for LoraResidual {
         r: &candle_core::CudaStorage,
         rl: &Layout,
     ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        let w = self.inner.w.dense(self.inner.dtype)?;
-        let y = on_storage(&self.b, cuda_storage, "cuda", "lora-product: B", |b, bl| self.inner.forward_held(x, xl, b, bl, &w, cuda_storage, "cuda"))?;
-        add_residual(y, r, rl)
+        on_storage(&self.b, cuda_storage, "cuda", "lora-product: B", |b, bl| self.inner.cuda_rows(x, xl, b, bl, Some((r, rl))))
     }
 
     fn bwd(&self, x: &Tensor, _ab: &Tensor, residual: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -1406,11 +1455,12 @@ impl candle_core::CustomOp3 for LoraSwiglu {
         _: &Layout,
     ) -> CResult<(candle_core::CudaStorage, Shape)> {
         let (act, dev) = (self.act.take(Self::NAME)?, "cuda");
-        let w = self.inner.w.dense(self.inner.dtype)?;
-        let y = on_storage(&act, cuda_storage, dev, "lora-product-swiglu: the product", |x, xl| {
-            on_storage(&self.b, cuda_storage, dev, "lora-product-swiglu: B", |b, bl| self.inner.forward_held(x, xl, b, bl, &w, cuda_storage, dev))
-        })?;
-        self.then_residual(y, cuda_storage, dev)
+        on_storage(&act, cuda_storage, dev, "lora-product-swiglu: the product", |x, xl| {
+            on_storage(&self.b, cuda_storage, dev, "lora-product-swiglu: B", |b, bl| match &self.joined {
+                Some(j) => on_storage(&j.residual, cuda_storage, dev, "lora-product-swiglu: the residual", |r, rl| self.inner.cuda_rows(x, xl, b, bl, Some((r, rl)))),
+                None => self.inner.cuda_rows(x, xl, b, bl, None),
+            })
+        })
     }
 
     fn bwd(&self, g: &Tensor, second: &Tensor, _ab: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
