@@ -136,14 +136,23 @@ fn parameter_counts_follow_the_lora_formula() {
     assert_eq!(e.total_params, 134_515_008, "SmolLM2-135M (tied embeddings)");
     assert_eq!(e.seq_len, 64, "batches are padded to the longest example, not max_len");
     assert!(e.memory.total_bytes_checkpointed < e.memory.total_bytes);
-    // A GPU run is told the estimate is the CPU's, and not that bf16 is slow on the CPU.
+    // A GPU run is told the estimate is the CPU's, and not that bf16 is slow on the CPU; its
+    // memory holds the CUDA runtime's share beside its tensors, as a part of its own.
     let mut gpu = rc.clone();
     (gpu.train.device, gpu.train.dtype) = ("cuda:0".into(), tunebench::train::config::Precision::Bf16);
-    let w = estimate::estimate(&gpu, &model, Some(100), Some(64)).unwrap().warnings.join("\n");
+    let on_gpu = estimate::estimate(&gpu, &model, Some(100), Some(64)).unwrap();
+    let w = on_gpu.warnings.join("\n");
     assert!(w.contains("train.device = \"cuda:0\"") && w.contains("calibrated on the CPU") && !w.contains("meant for GPUs"), "{w}");
     gpu.train.device = "cpu".into();
-    let w = estimate::estimate(&gpu, &model, Some(100), Some(64)).unwrap().warnings.join("\n");
+    let on_cpu = estimate::estimate(&gpu, &model, Some(100), Some(64)).unwrap();
+    let w = on_cpu.warnings.join("\n");
     assert!(w.contains("meant for GPUs") && !w.contains("calibrated on the CPU"), "{w}");
+    // (The GPU's attention term differs from the CPU's too, so the totals differ by more.)
+    assert!(on_gpu.memory.total_bytes_checkpointed > estimate::CUDA_RUNTIME_BYTES);
+    let runtime: Vec<u64> = on_gpu.memory.parts.iter().filter(|(name, _)| name.starts_with("CUDA runtime")).map(|p| p.1).collect();
+    assert_eq!(runtime, [estimate::CUDA_RUNTIME_BYTES]);
+    assert_eq!(on_gpu.memory.parts.iter().map(|p| p.1).sum::<u64>(), on_gpu.memory.total_bytes);
+    assert!(!on_cpu.memory.parts.iter().any(|(name, _)| name.starts_with("CUDA runtime")));
     // A bad target is a config error naming the key.
     rc.peft = RunConfig::lora(8, 16.0, &["qq_proj"]);
     let err = estimate::estimate(&rc, &model, None, None).unwrap_err().to_string();
