@@ -72,21 +72,17 @@ fi
 fail=0
 budget="${BUDGET_S:-480}"
 left() { echo $((budget - SECONDS)); }
-# fits NAME SECONDS: whether a step that takes about SECONDS fits in what is left of the budget
-# (and, with ONLY set, is one of the steps it names: a comma-separated list of ops, bench,
-# training, inference, profile, ab; the op checks always run).
+# fits STEP SECONDS NAME: whether step STEP (ops, bench, training, inference, profile, ab),
+# which takes about SECONDS, fits in what is left of the budget and, with ONLY set (a
+# comma-separated list of steps), is one it names; the op checks always run. NAME is what the
+# log calls it.
 fits() {
-  local key
-  case "$1" in
-    bench*) key=bench ;; training*) key=training ;; inference*) key=inference ;; "the profile") key=profile ;;
-    "the A/B runs") key=ab ;; *) key=ops ;;
-  esac
-  if [ -n "${ONLY:-}" ] && [ "$key" != ops ] && [[ ",$ONLY," != *",$key,"* ]]; then
-    echo "== not asked for: $1 (ONLY=$ONLY)"
+  if [ -n "${ONLY:-}" ] && [ "$1" != ops ] && [[ ",$ONLY," != *",$1,"* ]]; then
+    echo "== not asked for: $3 (ONLY=$ONLY)"
     return 1
   fi
   if [ "$(left)" -lt "$2" ]; then
-    echo "== SKIPPED: $1 (needs about $2 s; $(left) s left of the ${budget} s budget)"
+    echo "== SKIPPED: $3 (needs about $2 s; $(left) s left of the ${budget} s budget)"
     return 1
   fi
 }
@@ -99,12 +95,12 @@ if ! tb 150 check-ops --device "$DEVICE"; then
   # Which side is off: the flash-attention kernels, the other fused kernels (kernels/fused.cu)
   # or the rest? Without the flash kernels attention takes the blocked tensor ops; without any
   # fused kernel the ops take candle's kernels with our backward. Measure the way that passes.
-  if fits "op checks with the flash kernels off" 120; then
+  if fits ops 120 "op checks with the flash kernels off"; then
     echo "== op checks again with the flash kernels off (TUNEBENCH_FLASH_ATTENTION=0)"
     if TUNEBENCH_FLASH_ATTENTION=0 tb 150 check-ops --device "$DEVICE"; then
       echo "the flash kernels fail their checks: the rest of this session runs without them"
       export TUNEBENCH_FLASH_ATTENTION=0
-    elif fits "op checks with the fused kernels off" 120; then
+    elif fits ops 120 "op checks with the fused kernels off"; then
       echo "== op checks again with the fused kernels off (TUNEBENCH_FUSED_KERNELS=0)"
       if TUNEBENCH_FUSED_KERNELS=0 tb 150 check-ops --device "$DEVICE"; then
         echo "the fused kernels fail their checks: the rest of this session runs without them"
@@ -114,7 +110,7 @@ if ! tb 150 check-ops --device "$DEVICE"; then
   fi
 fi
 
-if fits "bench: bench/gpu_bench.py" 120; then
+if fits bench 120 "bench/gpu_bench.py"; then
   echo "== bench/gpu_bench.py ($shapes, ${batch}x${seq})"
   cp bench/RESULTS.md "$OUT/RESULTS.before.md" 2>/dev/null || true
   # Each side of each shape gets at most a quarter of what is left, so one that hangs leaves
@@ -125,7 +121,7 @@ if fits "bench: bench/gpu_bench.py" 120; then
   echo "results section: $OUT/RESULTS.new-section.md"
 fi
 
-if fits "training: correctness against the CPU" 90; then
+if fits training 90 "training correctness against the CPU"; then
   echo "== correctness: $DEVICE against the CPU (tiny shapes, random weights, same batches; tiny-hd64's 16-bit runs take the flash kernels)"
   for shape in tiny tiny-hd64; do
   for dtype in f32 bf16 f16; do
@@ -153,7 +149,7 @@ PY
   done
 fi
 
-if fits "inference: logits against the CPU" 40; then
+if fits inference 40 "inference logits against the CPU"; then
   echo "== inference on $DEVICE against the CPU (tiny shape, random weights; full-sequence and token-by-token logits)"
   echo '[[1, 5, 9, 200, 31, 7, 7, 300, 12, 0, 45, 99, 4, 4, 17, 256]]' > "$OUT/ids.json"
   for mode in "" --decode; do
@@ -199,7 +195,7 @@ fi
 # Where a step's time goes on the device (the fused kernels to write next follow from it):
 # profiled steps time each op's forward and backward between device synchronizations.
 pshape=llama-1b; [ "$DEVICE" = cpu ] && pshape=tiny
-if fits "the profile" 45; then
+if fits profile 45 "the profile"; then
   echo "== profile: $pshape bf16 ${batch}x${seq} on $DEVICE (bench-train --profile)"
   tb 90 bench-train --shape "$pshape" --batch "$batch" --seq "$seq" --warmup-steps 1 --steps 1 --profile 3 --dtype bf16 \
     --device "$DEVICE" 2> "$OUT/profile-$pshape.txt" | tail -n1 > "$OUT/profile-$pshape.json" || fail=1
@@ -213,7 +209,7 @@ ab() { # ab LABEL [ENV=VALUE...]: the SmolLM2 shape in bf16 with the given envir
   env "$@" timeout -k 5 60 "$bin" bench-train --shape smollm2-135m --batch "$batch" --seq "$seq" --warmup-steps 2 \
     --steps "$steps" --dtype bf16 --device "$DEVICE" | tail -n1 | summary "$label" || fail=1
 }
-if [ "$DEVICE" != cpu ] && [ "${TUNEBENCH_FUSED_KERNELS:-1}" != 0 ] && fits "the A/B runs" 60; then
+if [ "$DEVICE" != cpu ] && [ "${TUNEBENCH_FUSED_KERNELS:-1}" != 0 ] && fits ab 60 "the A/B runs"; then
   echo "== our fused kernels against candle's ops (SmolLM2-135M shape, bf16, ${batch}x${seq}, tokens/s)"
   ab "fused kernels 1" TUNEBENCH_FUSED_KERNELS=1
   ab "fused kernels 0" TUNEBENCH_FUSED_KERNELS=0
