@@ -18,9 +18,11 @@
 #          inference: the same tiny model's logits on both, full-sequence and token by token
 #          through the KV cache (tunebench logits --decode), dense and held as Q4_1/Q8_0 blocks
 #          (the quantized kernels a GGUF chat runs);
-#       5. a profile of the 1B shape's training step (bench-train --profile: each op's forward
+#       5. QLoRA on the 1B shape against LoRA (tokens/s, memory); running out of device memory
+#          (a batch far too big must end with advice, exit status 1, not a crash);
+#       6. a profile of the 1B shape's training step (bench-train --profile: each op's forward
 #          and backward, the optimizer) into $OUT/profile-llama-1b.txt;
-#       6. our kernels against candle's ops, flash attention off, the memory pool trimmed;
+#       7. our kernels against candle's ops, flash attention off, the memory pool trimmed;
 #       writes everything (log, RESULTS section) to $OUT (or ./gpu-out).
 #       A device lease is short, so the steps run in that order of importance within BUDGET_S
 #       seconds (default 480): a step that would not fit in what is left is skipped and says
@@ -72,7 +74,7 @@ fi
 fail=0
 budget="${BUDGET_S:-480}"
 left() { echo $((budget - SECONDS)); }
-# fits STEP SECONDS NAME: whether step STEP (ops, bench, training, inference, profile, ab),
+# fits STEP SECONDS NAME: whether step STEP (ops, bench, training, inference, qlora, oom, profile, ab),
 # which takes about SECONDS, fits in what is left of the budget and, with ONLY set (a
 # comma-separated list of steps), is one it names; the op checks always run. NAME is what the
 # log calls it.
@@ -190,6 +192,35 @@ PY
     done
   done
   rm -f "$OUT"/logits-*.safetensors
+fi
+
+# QLoRA on the device: the Llama-1B shape's projections held as 4-bit blocks (Q4_K), which the
+# LoRA products dequantize on the GPU; against LoRA over the bf16 base (no PyTorch side: the
+# reference's 4-bit path needs bitsandbytes, which the device machine lacks).
+qshape=llama-1b; [ "$DEVICE" = cpu ] && qshape=tiny
+if fits qlora 90 "QLoRA on the device"; then
+  echo "== QLoRA against LoRA: $qshape bf16 ${batch}x${seq} on $DEVICE (tokens/s, pool peak, estimate)"
+  for method in lora qlora; do
+    tb 120 bench-train --shape "$qshape" --batch "$batch" --seq "$seq" --warmup-steps 2 --steps "$steps" --dtype bf16 \
+      --device "$DEVICE" --peft "$(printf 'method = "%s"\nr = 16\nlora_alpha = 32\ntarget_modules = "all-linear"' "$method")" \
+      | tail -n1 | "$py" -c "import json,sys; r=json.loads(sys.stdin.read()); g=lambda k: (r.get(k) or 0)/2**30
+print(f\"$method: {r['tokens_per_s']:.0f} tok/s, pool peak {g('device_peak_bytes'):.2f} GiB, estimate {g('estimated_peak_bytes'):.2f} GiB, losses {[round(x, 3) for x in r['losses']]}\")" || fail=1
+  done
+fi
+
+# Running out of device memory: a batch far past what the GPU holds must end the run with the
+# advice (exit status 1, "ran out of memory" and what to change), not a panic or an abort.
+if [ "$DEVICE" != cpu ] && fits oom 40 "running out of device memory"; then
+  echo "== out of device memory: llama-1b bf16 512x4096 on $DEVICE"
+  rc=0
+  tb 90 bench-train --shape llama-1b --batch 512 --seq 4096 --warmup-steps 0 --steps 1 --dtype bf16 --device "$DEVICE" \
+    > "$OUT/oom.out" 2> "$OUT/oom.err" || rc=$?
+  tail -n 3 "$OUT/oom.err"
+  if [ "$rc" = 1 ] && grep -q "ran out of memory" "$OUT/oom.err" && ! grep -q "panicked" "$OUT/oom.err"; then
+    echo "out of memory: ok (exit 1 with the advice)"
+  else
+    echo "out of memory: FAILED (exit $rc)"; fail=1
+  fi
 fi
 
 # Where a step's time goes on the device (the fused kernels to write next follow from it):

@@ -285,6 +285,42 @@ void adamw() {
     report("adamw_moment_inplace", "f32", mv2, got_mv, 0.0);
     std::vector<double> want_out(out.begin(), out.end());
     report("adamw_param_inplace", "f32", p2, want_out, 0.0);
+    // Every variable in one launch: three variables (700, 1 and 300 elements, in chunks of 256:
+    // 3 + 1 + 2 blocks), each updated as the in-place kernels update it alone.
+    const size_t sizes[3] = {n, 1, 300};
+    std::vector<std::vector<float>> ps, gs, ms, vs;
+    std::vector<unsigned long long> table;
+    unsigned long long first = 0;
+    const unsigned chunk = 256;
+    for (int t = 0; t < 3; ++t) {
+        const size_t k = sizes[t];
+        ps.push_back(std::vector<float>(p.begin(), p.begin() + k));
+        gs.push_back(std::vector<float>(g.begin() + (n - k), g.end()));
+        ms.push_back(std::vector<float>(m.begin(), m.begin() + k));
+        vs.push_back(std::vector<float>(v.begin() + (n - k), v.end()));
+    }
+    for (int t = 0; t < 3; ++t) {
+        for (auto* ptr : {(void*)ps[t].data(), (void*)gs[t].data(), (void*)ms[t].data(), (void*)vs[t].data()})
+            table.push_back((unsigned long long)(uintptr_t)ptr);
+        table.push_back(sizes[t]);
+        table.push_back(first);
+        first += (sizes[t] + chunk - 1) / chunk;
+    }
+    emu::launch((unsigned)first, 128, [&] {
+        tb_adamw_multi_f32(table.data(), 3, chunk, b1, 1 - b1, b2, 1 - b2, 1 - lr * wd, 1 / bc1, 1 / bc2, eps, lr);
+    });
+    std::vector<float> got_all, want_all;
+    for (int t = 0; t < 3; ++t) {
+        const size_t k = sizes[t];
+        auto pt = std::vector<float>(p.begin(), p.begin() + k), mt = std::vector<float>(m.begin(), m.begin() + k);
+        auto gt = std::vector<float>(g.begin() + (n - k), g.end()), vt = std::vector<float>(v.begin() + (n - k), v.end());
+        emu::launch(1, 256, [&] { tb_adamw_moment_inplace_f32(mt.data(), gt.data(), k, b1, 1 - b1, 0); });
+        emu::launch(1, 256, [&] { tb_adamw_moment_inplace_f32(vt.data(), gt.data(), k, b2, 1 - b2, 1); });
+        emu::launch(1, 256, [&] { tb_adamw_param_inplace_f32(pt.data(), mt.data(), vt.data(), k, 1 - lr * wd, 1 / bc1, 1 / bc2, eps, lr); });
+        for (auto* pair : {&pt, &mt, &vt}) want_all.insert(want_all.end(), pair->begin(), pair->end());
+        for (auto* pair : {&ps[t], &ms[t], &vs[t]}) got_all.insert(got_all.end(), pair->begin(), pair->end());
+    }
+    report("adamw_multi", "f32", got_all, std::vector<double>(want_all.begin(), want_all.end()), 0.0);
 }
 
 

@@ -226,6 +226,14 @@ fn bench_train_runs_a_shape_with_and_without_checkpointing() {
     let rows = ia3["profile"].as_array().unwrap();
     assert!(rows.iter().any(|r| r["region"] == "adapter fwd") && !rows.iter().any(|r| r["region"] == "lora product fwd"), "{rows:?}");
     assert!(est(&ia3) < est(&plain), "IA3 trains far fewer parameters: {} vs {}", est(&ia3), est(&plain));
+    // QLoRA: the shape's projections held as 4-bit blocks, as the trainer loads a QLoRA base,
+    // so its first loss is the quantized base's: near LoRA's (the same weights, rounded), not
+    // equal to it.
+    let q = run(&["--peft", "method = \"qlora\"\nr = 16\nlora_alpha = 32\ntarget_modules = \"all-linear\""]);
+    let ql = q["losses"].as_array().unwrap();
+    let (q0, a0) = (ql[0].as_f64().unwrap(), a[0].as_f64().unwrap());
+    assert!(q0 != a0 && (q0 - a0).abs() < 0.05 * a0, "QLoRA's first loss {q0} against LoRA's {a0}");
+    assert!(ql[3].as_f64() < ql[0].as_f64(), "QLoRA's loss falls: {ql:?}");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunebench"))
         .args(["bench-train", "--shape", "tiny", "--peft", "method = \"ia3\"\nfeedforward_modules = [\"nope\"]"])
         .output()

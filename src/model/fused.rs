@@ -996,6 +996,75 @@ pub fn adamw_step_in_place(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: Ad
     p.inplace_op3(m, v, &AdamParamInPlace(h))
 }
 
+/// [`adamw_step_in_place`] for every variable of a step at once: each `[p, g, m, v]` updated as
+/// that function updates it. On a GPU one launch for all of them (`tb_adamw_multi_f32`, given a
+/// table of their addresses) instead of three per variable: with LoRA on every projection of a
+/// 1B model that was ~670 launches a step, each a few microseconds of a mostly idle GPU.
+/// Elsewhere (the CPU, or variables on different devices) variable by variable.
+pub fn adamw_step_in_place_all(items: &[[&Tensor; 4]], h: AdamWStep) -> CResult<()> {
+    let Some(first) = items.first() else { return Ok(()) };
+    for [p, g, m, v] in items {
+        for t in [p, g, m, v] {
+            if t.shape() != p.shape() || t.dtype() != DType::F32 || !t.device().same_device(p.device()) {
+                candle_core::bail!("adamw-in-place: variable {:?} {:?} with operand {:?} {:?} on {:?}", p.dims(), p.dtype(), t.dims(), t.dtype(), t.device().location());
+            }
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = first[0].device().clone() {
+        if items.iter().all(|[p, ..]| p.device().same_device(first[0].device())) {
+            // One launch reads every operand where it is: g must be contiguous like the rest.
+            let gs = items.iter().map(|[_, g, _, _]| g.contiguous()).collect::<CResult<Vec<_>>>()?;
+            return adamw_multi_cuda(&dev, items, &gs, h);
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = first;
+    for [p, g, m, v] in items {
+        adamw_step_in_place(p, g, m, v, h)?;
+    }
+    Ok(())
+}
+
+/// Values one block of `tb_adamw_multi_f32` updates (256 threads, 8 each).
+#[cfg(feature = "cuda")]
+const ADAMW_MULTI_CHUNK: usize = 2048;
+
+#[cfg(feature = "cuda")]
+fn adamw_multi_cuda(dev: &candle_core::CudaDevice, items: &[[&Tensor; 4]], gs: &[Tensor], h: AdamWStep) -> CResult<()> {
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig};
+    let op = "adamw-multi";
+    let stream = dev.cuda_stream();
+    // Every operand's storage, held (read-locked) until the launch is queued. The kernel writes
+    // p, m and v through these addresses, as the in-place ops write them: the optimizer owns the
+    // moments, and nothing reads the variables while it steps.
+    let held: Vec<[_; 4]> = items.iter().zip(gs).map(|([p, _, m, v], g)| [p, g, m, v].map(|t| t.storage_and_layout())).collect();
+    let mut table: Vec<u64> = Vec::with_capacity(items.len() * 6);
+    let mut guards = Vec::with_capacity(items.len() * 4);
+    let mut blocks = 0usize;
+    for operands in &held {
+        let n = operands[0].1.shape().elem_count();
+        for (st, l) in operands {
+            let candle_core::Storage::Cuda(s) = &**st else { candle_core::bail!("{op}: operand not on cuda") };
+            let Some((a, _)) = l.contiguous_offsets() else { candle_core::bail!("{op}: operand must be contiguous") };
+            let (ptr, guard) = s.as_cuda_slice::<f32>()?.device_ptr(&stream);
+            table.push(ptr + (a * std::mem::size_of::<f32>()) as u64);
+            guards.push(guard);
+        }
+        table.extend([n as u64, blocks as u64]);
+        blocks += n.div_ceil(ADAMW_MULTI_CHUNK);
+    }
+    if blocks == 0 {
+        return Ok(());
+    }
+    let table = dev.clone_htod(&table)?;
+    let (count, chunk) = (items.len() as i32, ADAMW_MULTI_CHUNK as u32);
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    launch!(dev, "adamw_multi", DType::F32, cfg, &table, &count, &chunk, &h.b1, &h.one_minus_b1, &h.b2, &h.one_minus_b2, &h.decay, &h.inv_bc1, &h.inv_bc2, &h.eps, &h.lr);
+    drop(guards);
+    Ok(())
+}
+
 /// A contiguous f32 operand's values (AdamW's operands are all f32).
 fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{op}: operand must be contiguous") };

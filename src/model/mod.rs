@@ -84,24 +84,28 @@ pub fn load_quantized(path: &Path, device: &Device) -> Result<LoadedModel> {
 /// These are llama.cpp's own types rather than bitsandbytes' NF4: the file formats we read and
 /// export, with SIMD kernels in candle. The embedding (and a tied LM head) stay as loaded.
 pub fn load_4bit(path: &Path, device: &Device) -> Result<LoadedModel> {
-    use candle_core::quantized::GgmlDType;
     let mut m = load_quantized(path, device)?;
-    hold_projections_as_blocks(&mut m.model, device, |l, k| {
-        if let FrozenWeight::Quantized { q, .. } = l.weight() {
-            if matches!(q.dtype(), GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K) {
-                return Ok(None);
-            }
-        }
-        match k {
-            _ if k % 256 == 0 => Ok(Some(GgmlDType::Q4K)),
-            _ if k % 32 == 0 => Ok(Some(GgmlDType::Q4_1)),
-            _ => Err(Error::Msg(format!(
-                "{}: rows of {k} values do not split into 4-bit blocks of 32; this model cannot be trained with qlora (use lora)",
-                l.name()
-            ))),
-        }
-    })?;
+    hold_projections_as_blocks(&mut m.model, device, qlora_blocks)?;
     Ok(m)
+}
+
+/// QLoRA's block type for projection `l` with rows of `k` values (see [`load_4bit`]): `None`
+/// for weights already in 4-bit blocks, Q4_K for rows a multiple of 256 long, else Q4_1.
+pub fn qlora_blocks(l: &Linear, k: usize) -> Result<Option<candle_core::quantized::GgmlDType>> {
+    use candle_core::quantized::GgmlDType;
+    if let FrozenWeight::Quantized { q, .. } = l.weight() {
+        if matches!(q.dtype(), GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K) {
+            return Ok(None);
+        }
+    }
+    match k {
+        _ if k % 256 == 0 => Ok(Some(GgmlDType::Q4K)),
+        _ if k % 32 == 0 => Ok(Some(GgmlDType::Q4_1)),
+        _ => Err(Error::Msg(format!(
+            "{}: rows of {k} values do not split into 4-bit blocks of 32; this model cannot be trained with qlora (use lora)",
+            l.name()
+        ))),
+    }
 }
 
 /// Holds every decoder projection of `model` (not the LM head) as quantized blocks of the type

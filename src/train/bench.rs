@@ -142,14 +142,31 @@ pub fn peft_config(o: &BenchOptions) -> Result<crate::peft::PeftConfig> {
 /// without weight decay at a constant `lr`) cycling through the batches: those in
 /// `batches_file` (`input_ids` [n, batch, seq]), or `random` = (batch, seq) seeded random
 /// tokens.
-pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize), o: &BenchOptions) -> Result<BenchResult> {
+pub fn run(which: BenchModel, batches_file: Option<&Path>, random: (usize, usize), o: &BenchOptions) -> Result<BenchResult> {
     let device = crate::device::open(o.device, "--device")?;
     // In the base's dtype from the start (a 16-bit model is never held in f32 all at once).
     let base = o.dtype.base_dtype();
-    let mut model = match model {
-        BenchModel::Path(p) => model::load_in(p, &device, base)?.model,
-        BenchModel::Shape(name) => model::Llama::random_dtype(shape_config(name)?, 0, &device, base)?,
+    let qlora = matches!(o.peft, Some(crate::peft::PeftConfig::Qlora(_)));
+    // Running out of device memory ends the benchmark with the trainer's advice.
+    let advise = |e: Error, (b, s): (usize, usize)| match crate::device::is_out_of_memory(&e) {
+        true => Error::Training(crate::device::out_of_memory_advice(&device, b, s, o.gradient_checkpointing, qlora)),
+        false => e,
     };
+    let random_shape = matches!(which, BenchModel::Shape(_));
+    let mut model = match which {
+        // As the trainer loads a QLoRA base (its 4-bit blocks kept, the rest cast).
+        BenchModel::Path(p) if qlora => {
+            let mut m = model::load_4bit(p, &device).map_err(|e| advise(e, random))?.model;
+            m.cast(base).map_err(|e| advise(e, random))?;
+            m
+        }
+        BenchModel::Path(p) => model::load_in(p, &device, base).map_err(|e| advise(e, random))?.model,
+        BenchModel::Shape(name) => model::Llama::random_dtype(shape_config(name)?, 0, &device, base).map_err(|e| advise(e, random))?,
+    };
+    if qlora && random_shape {
+        // A random shape's projections held as 4-bit blocks, as `model::load_4bit` holds them.
+        model::hold_projections_as_blocks(&mut model, &device, model::qlora_blocks).map_err(|e| advise(e, random))?;
+    }
     let ids = match batches_file {
         Some(f) => {
             let t = candle_core::safetensors::load(f, &device).map_err(|e| Error::bad_input(f, None, e.to_string()))?;
@@ -197,8 +214,8 @@ pub fn run(model: BenchModel, batches_file: Option<&Path>, random: (usize, usize
     };
     for i in 0..o.warmup + o.steps {
         let start = Instant::now();
-        losses.push(step(i)?);
-        device.synchronize()?;
+        losses.push(step(i).map_err(|e| advise(e, (b, s)))?);
+        device.synchronize().map_err(|e| advise(e.into(), (b, s)))?;
         if i >= o.warmup {
             step_s.push(start.elapsed().as_secs_f64());
         }

@@ -66,17 +66,24 @@ impl AdamW {
             eps: eps as f32,
             lr: lr as f32,
         };
+        // Detached: the moments outlive the step, so they must not hold its graph.
+        let grads: Vec<Tensor> = grads.iter().map(Tensor::detach).collect();
+        // In place: three passes over each variable and its moments, nothing allocated (the
+        // tensor ops below hold ~7 temporaries of its size); on a GPU one launch for every
+        // variable (instead of ~16 tensor ops each).
+        let in_place = |i: usize| {
+            let (var, g) = (&self.vars[i].1, &grads[i]);
+            self.in_place && g.dtype() == DType::F32 && var.dtype() == DType::F32 && (var.device().is_cpu() || fused::active(g))
+        };
+        let all: Vec<[&Tensor; 4]> =
+            (0..self.vars.len()).filter(|&i| in_place(i)).map(|i| [self.vars[i].1.as_tensor(), &grads[i], &self.m[i], &self.v[i]]).collect();
+        fused::adamw_step_in_place_all(&all, fused_step)?;
         for (i, (_, var)) in self.vars.iter().enumerate() {
-            // Detached: the moments outlive the step, so they must not hold its graph.
-            let g = &grads[i].detach();
-            let f32 = g.dtype() == DType::F32 && var.dtype() == DType::F32;
-            if self.in_place && f32 && (var.device().is_cpu() || fused::active(g)) {
-                // Three passes over the variable and its moments (on a GPU three launches
-                // instead of ~16 tensor ops), nothing allocated (the tensor ops below hold ~7
-                // temporaries of its size).
-                fused::adamw_step_in_place(var.as_tensor(), g, &self.m[i], &self.v[i], fused_step)?;
+            if in_place(i) {
                 continue;
             }
+            let g = &grads[i];
+            let f32 = g.dtype() == DType::F32 && var.dtype() == DType::F32;
             if f32 && fused::active(g) {
                 // The kernels' out-of-place twin (new moments and parameter): what the in-place
                 // step is held to.
