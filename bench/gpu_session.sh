@@ -212,7 +212,9 @@ fi
 # advice (exit status 1, "ran out of memory" and what to change), not a panic or an abort.
 # 48×4096 tokens need ~210 GiB of activations on the Llama-1B shape (~1.1 MiB a token), while
 # its largest tensor (tokens × 8192) stays under 2^31 values: at 2^32 candle's own kernels
-# launch an empty grid (512×4096 tokens × 2048 = 2^32 failed with CUDA_ERROR_INVALID_VALUE).
+# launch an empty grid (512×4096 tokens × 2048 = 2^32 failed with CUDA_ERROR_INVALID_VALUE),
+# which training and bench-train now refuse by name before the step
+# (device::activation_too_large): checked too.
 if [ "$DEVICE" != cpu ] && fits oom 40 "running out of device memory"; then
   echo "== out of device memory: llama-1b bf16 48x4096 on $DEVICE"
   rc=0
@@ -223,6 +225,16 @@ if [ "$DEVICE" != cpu ] && fits oom 40 "running out of device memory"; then
     echo "out of memory: ok (exit 1 with the advice)"
   else
     echo "out of memory: FAILED (exit $rc)"; fail=1
+  fi
+  # 512×4096 tokens: a (tokens, 2048) tensor of 2^32 values, refused by name before the step.
+  rc=0
+  tb 90 bench-train --shape llama-1b --batch 512 --seq 4096 --warmup-steps 0 --steps 1 --dtype bf16 --device "$DEVICE" \
+    > "$OUT/too-large.out" 2> "$OUT/too-large.err" || rc=$?
+  tail -n 3 "$OUT/too-large.err"
+  if [ "$rc" = 1 ] && grep -q "count in 32 bits" "$OUT/too-large.err" && ! grep -q "panicked" "$OUT/too-large.err"; then
+    echo "tensor past 2^32 values: ok (exit 1, refused by name)"
+  else
+    echo "tensor past 2^32 values: FAILED (exit $rc)"; fail=1
   fi
 fi
 

@@ -213,6 +213,29 @@ pub fn is_out_of_memory(err: &Error) -> bool {
     text.contains("out_of_memory") || text.contains("out of memory") || text.contains("cublas_status_alloc_failed")
 }
 
+/// Values one tensor may hold on a GPU: candle 0.11's CUDA kernels count a tensor's elements
+/// in 32 bits, so one of 2^32 values launches an empty grid (CUDA_ERROR_INVALID_VALUE: a
+/// (tokens, 2048) activation of 512×4096 tokens on the H200) and larger ones wrap around. Kept
+/// a block of 1,024 below, which their grid arithmetic adds.
+pub const GPU_TENSOR_VALUES_MAX: u64 = (1 << 32) - 1024;
+
+/// On a GPU, an error naming the settings when a step's widest activation — `batch × seq`
+/// token rows of `width` values (the MLP's intermediate size, or the hidden size) — would hold
+/// more values than [`GPU_TENSOR_VALUES_MAX`]; `None` where it fits (and on the CPU).
+pub fn activation_too_large(device: &Device, batch: usize, seq: usize, width: usize) -> Option<String> {
+    let values = values_past_gpu_limit(batch, seq, width).filter(|_| device.is_cuda())?;
+    Some(format!(
+        "{batch} × {seq} tokens × {width} values a token make tensors of {values} values, more than the {GPU_TENSOR_VALUES_MAX} one tensor may hold on {} (candle's kernels count in 32 bits); lower train.batch_size (and raise train.grad_accum) or data.max_len",
+        describe(device)
+    ))
+}
+
+/// `batch × seq × width` when it is more than [`GPU_TENSOR_VALUES_MAX`].
+fn values_past_gpu_limit(batch: usize, seq: usize, width: usize) -> Option<u64> {
+    let values = (batch as u64).saturating_mul(seq as u64).saturating_mul(width as u64);
+    (values > GPU_TENSOR_VALUES_MAX).then_some(values)
+}
+
 /// What to try after running out of device memory, for a run with these settings.
 pub fn out_of_memory_advice(device: &Device, batch_size: usize, max_len: usize, checkpointing: bool, qlora: bool) -> String {
     let mut tips = Vec::new();
@@ -250,6 +273,18 @@ mod tests {
             assert!(e.contains("train.device") && e.contains(bad), "{e}");
         }
         assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn a_gpu_tensor_past_32_bit_counts_is_refused_by_name() {
+        // The H200's failure: 512×4096 tokens × 2048 = 2^32 values; the out-of-memory check's
+        // 48×4096 × 8192 fits, as does the benchmark's 8×512.
+        assert_eq!(values_past_gpu_limit(512, 4096, 2048), Some(1 << 32));
+        assert_eq!(values_past_gpu_limit(48, 4096, 8192), None);
+        assert_eq!(values_past_gpu_limit(8, 512, 8192), None);
+        assert!(values_past_gpu_limit(usize::MAX, 2, 2).is_some(), "no overflow");
+        // The CPU counts in 64 bits.
+        assert_eq!(activation_too_large(&Device::Cpu, 512, 4096, 2048), None);
     }
 
     #[test]

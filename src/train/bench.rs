@@ -183,6 +183,10 @@ pub fn run(which: BenchModel, batches_file: Option<&Path>, random: (usize, usize
     };
     let source = batches_file.map(|f| f.display().to_string()).unwrap_or_else(|| "random batches".into());
     let (n, b, s) = ids.dims3().map_err(|_| Error::Msg(format!("{source}: `input_ids` must be [n_batches, batch, seq]")))?;
+    let mc = model.config();
+    if let Some(why) = crate::device::activation_too_large(&device, b, s, mc.intermediate_size.max(mc.hidden_size)) {
+        return Err(Error::Msg(why));
+    }
     let peft = peft_config(o)?;
     let adapter = Adapter::inject(&mut model, &peft, 0)?;
     // As the trainer: full fine-tuning's frozen base becomes a view of the trained weights.

@@ -169,6 +169,12 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
     if cfg.train.dtype != super::config::Precision::F32 {
         m.model.cast(cfg.train.dtype.base_dtype()).map_err(|e| out_of_memory(e, &device, cfg))?;
     }
+    // A GPU step's widest activation must fit candle's 32-bit element counts.
+    let mc = m.model.config();
+    let rows = cfg.data.max_len + cfg.peft.num_virtual_tokens();
+    if let Some(why) = crate::device::activation_too_large(&device, cfg.train.batch_size, rows, mc.intermediate_size.max(mc.hidden_size)) {
+        return Err(Error::config("train.batch_size", why));
+    }
     let template = template_for(&m)?;
     let d = &cfg.data;
     let data_opts = DataOptions {
