@@ -215,27 +215,24 @@ fi
 # launch an empty grid (512×4096 tokens × 2048 = 2^32 failed with CUDA_ERROR_INVALID_VALUE),
 # which training and bench-train now refuse by name before the step
 # (device::activation_too_large): checked too.
+# refused NAME BATCH PATTERN WHAT: the Llama-1B shape at BATCH×4096 tokens on the device must
+# exit with status 1, its error saying PATTERN, without a panic (output in $OUT/NAME.out/.err).
+refused() {
+  local name=$1 batch=$2 pattern=$3 what=$4 rc=0
+  tb 90 bench-train --shape llama-1b --batch "$batch" --seq 4096 --warmup-steps 0 --steps 1 --dtype bf16 --device "$DEVICE" \
+    > "$OUT/$name.out" 2> "$OUT/$name.err" || rc=$?
+  tail -n 3 "$OUT/$name.err"
+  if [ "$rc" = 1 ] && grep -q "$pattern" "$OUT/$name.err" && ! grep -q "panicked" "$OUT/$name.err"; then
+    echo "$what: ok (exit 1, \"$pattern\")"
+  else
+    echo "$what: FAILED (exit $rc)"; fail=1
+  fi
+}
 if [ "$DEVICE" != cpu ] && fits oom 40 "running out of device memory"; then
   echo "== out of device memory: llama-1b bf16 48x4096 on $DEVICE"
-  rc=0
-  tb 90 bench-train --shape llama-1b --batch 48 --seq 4096 --warmup-steps 0 --steps 1 --dtype bf16 --device "$DEVICE" \
-    > "$OUT/oom.out" 2> "$OUT/oom.err" || rc=$?
-  tail -n 3 "$OUT/oom.err"
-  if [ "$rc" = 1 ] && grep -q "ran out of memory" "$OUT/oom.err" && ! grep -q "panicked" "$OUT/oom.err"; then
-    echo "out of memory: ok (exit 1 with the advice)"
-  else
-    echo "out of memory: FAILED (exit $rc)"; fail=1
-  fi
+  refused oom 48 "ran out of memory" "out of memory"
   # 512×4096 tokens: a (tokens, 2048) tensor of 2^32 values, refused by name before the step.
-  rc=0
-  tb 90 bench-train --shape llama-1b --batch 512 --seq 4096 --warmup-steps 0 --steps 1 --dtype bf16 --device "$DEVICE" \
-    > "$OUT/too-large.out" 2> "$OUT/too-large.err" || rc=$?
-  tail -n 3 "$OUT/too-large.err"
-  if [ "$rc" = 1 ] && grep -q "count in 32 bits" "$OUT/too-large.err" && ! grep -q "panicked" "$OUT/too-large.err"; then
-    echo "tensor past 2^32 values: ok (exit 1, refused by name)"
-  else
-    echo "tensor past 2^32 values: FAILED (exit $rc)"; fail=1
-  fi
+  refused too-large 512 "count in 32 bits" "tensor past 2^32 values"
 fi
 
 # Where a step's time goes on the device (the fused kernels to write next follow from it):
