@@ -1657,9 +1657,7 @@ fn gemm_cuda<T: gpu::Elem>(
 /// `f` on a contiguous tensor's values on the device.
 #[cfg(feature = "cuda")]
 fn on_cuda_view<T: gpu::Elem, R>(t: &Tensor, f: impl FnOnce(&candle_core::cuda_backend::cudarc::driver::CudaView<T>) -> CResult<R>) -> CResult<R> {
-    let (st, l) = t.storage_and_layout();
-    let candle_core::Storage::Cuda(s) = &*st else { candle_core::bail!("gemm: operand not on cuda") };
-    f(&gpu::view::<T>(s, l, "gemm")?)
+    super::ops::on_storage(t, super::ops::cuda_storage, "cuda", "gemm: operand", |s, l| f(&gpu::view::<T>(s, l, "gemm")?))
 }
 
 /// Whether `t` is a contiguous tensor of `dims` in `dtype`.

@@ -636,7 +636,7 @@ fn cpu_storage(s: &Storage) -> Option<&CpuStorage> {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_storage(s: &Storage) -> Option<&candle_core::CudaStorage> {
+pub(crate) fn cuda_storage(s: &Storage) -> Option<&candle_core::CudaStorage> {
     match s {
         Storage::Cuda(c) => Some(c),
         _ => None,
@@ -645,7 +645,7 @@ fn cuda_storage(s: &Storage) -> Option<&candle_core::CudaStorage> {
 
 /// `f` on a tensor an op holds, as the backend's storage (`pick`: the backend's variant of
 /// [`Storage`]; `device` names it and `what` the tensor in the error).
-fn on_storage<S, R>(t: &Tensor, pick: fn(&Storage) -> Option<&S>, device: &str, what: &str, f: impl FnOnce(&S, &Layout) -> CResult<R>) -> CResult<R> {
+pub(crate) fn on_storage<S, R>(t: &Tensor, pick: fn(&Storage) -> Option<&S>, device: &str, what: &str, f: impl FnOnce(&S, &Layout) -> CResult<R>) -> CResult<R> {
     let (st, l) = t.storage_and_layout();
     let Some(s) = pick(&st) else { candle_core::bail!("{what} not on {device}") };
     f(s, l)
