@@ -220,9 +220,10 @@ pub fn is_out_of_memory(err: &Error) -> bool {
 pub const GPU_TENSOR_VALUES_MAX: u64 = (1 << 32) - 1024;
 
 /// On a GPU, an error naming the settings when a step's widest activation — `batch × seq`
-/// token rows of `width` values (the MLP's intermediate size, or the hidden size) — would hold
-/// more values than [`GPU_TENSOR_VALUES_MAX`]; `None` where it fits (and on the CPU).
-pub fn activation_too_large(device: &Device, batch: usize, seq: usize, width: usize) -> Option<String> {
+/// token rows of the model's widest width (the MLP's intermediate size, or the hidden size) —
+/// would hold more values than [`GPU_TENSOR_VALUES_MAX`]; `None` where it fits (and on the CPU).
+pub fn activation_too_large(device: &Device, batch: usize, seq: usize, model: &crate::model::LlamaConfig) -> Option<String> {
+    let width = model.intermediate_size.max(model.hidden_size);
     let values = values_past_gpu_limit(batch, seq, width).filter(|_| device.is_cuda())?;
     Some(format!(
         "{batch} × {seq} tokens × {width} values a token make tensors of {values} values, more than the {GPU_TENSOR_VALUES_MAX} one tensor may hold on {} (candle's kernels count in 32 bits); lower train.batch_size (and raise train.grad_accum) or data.max_len",
@@ -234,6 +235,15 @@ pub fn activation_too_large(device: &Device, batch: usize, seq: usize, width: us
 fn values_past_gpu_limit(batch: usize, seq: usize, width: usize) -> Option<u64> {
     let values = (batch as u64).saturating_mul(seq as u64).saturating_mul(width as u64);
     (values > GPU_TENSOR_VALUES_MAX).then_some(values)
+}
+
+/// `e` itself, or where it is running out of device memory, the error that says what to try
+/// ([`out_of_memory_advice`]): the trainer's and bench-train's.
+pub fn with_out_of_memory_advice(e: Error, device: &Device, batch_size: usize, max_len: usize, checkpointing: bool, qlora: bool) -> Error {
+    match is_out_of_memory(&e) {
+        true => Error::Training(out_of_memory_advice(device, batch_size, max_len, checkpointing, qlora)),
+        false => e,
+    }
 }
 
 /// What to try after running out of device memory, for a run with these settings.
@@ -284,7 +294,9 @@ mod tests {
         assert_eq!(values_past_gpu_limit(8, 512, 8192), None);
         assert!(values_past_gpu_limit(usize::MAX, 2, 2).is_some(), "no overflow");
         // The CPU counts in 64 bits.
-        assert_eq!(activation_too_large(&Device::Cpu, 512, 4096, 2048), None);
+        let mut llama_1b = crate::model::LlamaConfig::tiny(128256);
+        (llama_1b.hidden_size, llama_1b.intermediate_size) = (2048, 8192);
+        assert_eq!(activation_too_large(&Device::Cpu, 512, 4096, &llama_1b), None);
     }
 
     #[test]

@@ -148,10 +148,7 @@ pub fn run(which: BenchModel, batches_file: Option<&Path>, random: (usize, usize
     let base = o.dtype.base_dtype();
     let qlora = matches!(o.peft, Some(crate::peft::PeftConfig::Qlora(_)));
     // Running out of device memory ends the benchmark with the trainer's advice.
-    let advise = |e: Error, (b, s): (usize, usize)| match crate::device::is_out_of_memory(&e) {
-        true => Error::Training(crate::device::out_of_memory_advice(&device, b, s, o.gradient_checkpointing, qlora)),
-        false => e,
-    };
+    let advise = |e: Error, (b, s): (usize, usize)| crate::device::with_out_of_memory_advice(e, &device, b, s, o.gradient_checkpointing, qlora);
     let random_shape = matches!(which, BenchModel::Shape(_));
     let mut model = match which {
         // As the trainer loads a QLoRA base (its 4-bit blocks kept, the rest cast).
@@ -183,8 +180,7 @@ pub fn run(which: BenchModel, batches_file: Option<&Path>, random: (usize, usize
     };
     let source = batches_file.map(|f| f.display().to_string()).unwrap_or_else(|| "random batches".into());
     let (n, b, s) = ids.dims3().map_err(|_| Error::Msg(format!("{source}: `input_ids` must be [n_batches, batch, seq]")))?;
-    let mc = model.config();
-    if let Some(why) = crate::device::activation_too_large(&device, b, s, mc.intermediate_size.max(mc.hidden_size)) {
+    if let Some(why) = crate::device::activation_too_large(&device, b, s, model.config()) {
         return Err(Error::Msg(why));
     }
     let peft = peft_config(o)?;

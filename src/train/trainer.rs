@@ -148,11 +148,8 @@ pub(super) fn micro_grads(
 
 /// An out-of-memory error becomes one that says what to change.
 fn out_of_memory(e: Error, device: &Device, cfg: &RunConfig) -> Error {
-    if !crate::device::is_out_of_memory(&e) {
-        return e;
-    }
     let qlora = matches!(cfg.peft, crate::peft::PeftConfig::Qlora(_));
-    Error::Training(crate::device::out_of_memory_advice(device, cfg.train.batch_size, cfg.data.max_len, cfg.train.gradient_checkpointing, qlora))
+    crate::device::with_out_of_memory_advice(e, device, cfg.train.batch_size, cfg.data.max_len, cfg.train.gradient_checkpointing, qlora)
 }
 
 /// Runs (or resumes) a training run end to end.
@@ -170,9 +167,8 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions, obs: &mut dyn TrainObserver) 
         m.model.cast(cfg.train.dtype.base_dtype()).map_err(|e| out_of_memory(e, &device, cfg))?;
     }
     // A GPU step's widest activation must fit candle's 32-bit element counts.
-    let mc = m.model.config();
     let rows = cfg.data.max_len + cfg.peft.num_virtual_tokens();
-    if let Some(why) = crate::device::activation_too_large(&device, cfg.train.batch_size, rows, mc.intermediate_size.max(mc.hidden_size)) {
+    if let Some(why) = crate::device::activation_too_large(&device, cfg.train.batch_size, rows, m.model.config()) {
         return Err(Error::config("train.batch_size", why));
     }
     let template = template_for(&m)?;
